@@ -1,0 +1,62 @@
+"""The one exception tree: every error the library raises is a BackfillError carrying its exit code."""
+
+from __future__ import annotations
+
+
+class BackfillError(Exception):
+    """Base of every error this package raises on purpose; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(BackfillError):
+    """A setting is missing or wrong. Names the key, where its value came from, and the fix."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, source: str, problem: str, fix: str) -> None:
+        self.key, self.source, self.problem, self.fix = key, source, problem, fix
+        super().__init__(f"config error: {key} (from {source}): {problem}. Fix: {fix}")
+
+
+class ManifestError(BackfillError):
+    """The manifest as a whole can't be read (bad encoding, missing columns): no row can be trusted."""
+
+    exit_code = 2
+
+
+class OutputError(BackfillError):
+    """The output folder or a file in it can't be created or written."""
+
+    exit_code = 2
+
+
+class CheckpointError(BackfillError):
+    """The checkpoint database can't be opened, or isn't the one for this partner and environment."""
+
+    exit_code = 2
+
+
+class CheckpointLocked(CheckpointError):
+    """Another live run holds the checkpoint."""
+
+    exit_code = 3
+
+
+class SystemicError(BackfillError):
+    """The API answered something that will be the same for every row (bad key, wrong environment)."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class TransportError(BackfillError):
+    """A request got no usable HTTP answer. `may_have_reached` is True when the server may have acted on it."""
+
+    def __init__(self, reason: str, *, may_have_reached: bool) -> None:
+        self.reason = reason
+        self.may_have_reached = may_have_reached
+        super().__init__(reason)

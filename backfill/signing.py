@@ -1,0 +1,32 @@
+"""Smile ID request/response signatures: HMAC-SHA256 over timestamp + partner_id + "sid_request"."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+_SUFFIX = b"sid_request"
+
+
+def utc_timestamp(now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> str:
+    """ISO 8601 in UTC with milliseconds and `Z`, the form the API's own examples use."""
+    moment = now().astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def sign(timestamp: str, partner_id: str, api_key: str) -> str:
+    """The signature for `timestamp`; the key is used as UTF-8 bytes as-is, never base64-decoded."""
+    message = timestamp.encode() + partner_id.encode() + _SUFFIX
+    digest = hmac.new(api_key.encode(), message, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def verify(signature: object, timestamp: object, partner_id: str, api_key: str) -> bool:
+    """True when `signature` is the one for `timestamp`, compared in constant time; False for non-strings."""
+    if not isinstance(signature, str) or not isinstance(timestamp, str):
+        return False
+    expected = sign(timestamp, partner_id, api_key)
+    return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
