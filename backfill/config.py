@@ -1,0 +1,358 @@
+"""Settings: defaults < YAML file < environment < flags, validated and frozen before the run starts."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ENVIRONMENTS: dict[str, str] = {
+    "local": "http://127.0.0.1:8080/v1",
+    "sandbox": "https://testapi.smileidentity.com/v1",
+    "production": "https://api.smileidentity.com/v1",
+}
+COLUMN_KEYS = ("user_id", "user_created_at", "image_path")
+
+
+class Secret:
+    """A value that never shows itself in repr, str, logs or tracebacks; `reveal()` is the only way in."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, resolved. `sources` says where each value came from (for messages)."""
+
+    env: str = "sandbox"
+    base_url: str = ENVIRONMENTS["sandbox"]
+    partner_id: str = ""
+    api_key: Secret = field(default_factory=lambda: Secret(""))
+    concurrency: int = 8
+    rate: float = 10.0
+    max_attempts: int = 5
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    checkpoint: Path | None = None
+    out: Path = Path("backfill-out")
+    dry_run: bool = False
+    limit: int | None = None
+    progress: bool = True
+    columns: Mapping[str, str] = field(default_factory=lambda: {k: k for k in COLUMN_KEYS})
+    user_id_pattern: str = r"[A-Za-z0-9_-]+"
+    max_image_bytes: int = 5 * 1024 * 1024
+    images_root: Path | None = None
+    chunk_rows: int = 10_000
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def checkpoint_path(self) -> Path:
+        """One checkpoint per partner and environment unless one was named."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        return Path(f"backfill-{self.partner_id or 'nopartner'}-{self.env}.sqlite")
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain values with secrets masked, for summaries and `config show`."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Secret):
+                value = "***" if value else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+
+# --- parsing of single values: each returns the value or raises ValueError with a human reason ---
+
+
+def _positive_int(raw: object) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected a whole number")
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{value} is not at least 1")
+    return value
+
+
+def _positive_float(raw: object) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("expected a number")
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{raw!r} is not a positive number")
+    return value
+
+
+def _boolean(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{raw!r} is not true or false")
+
+
+def _text(raw: object) -> str:
+    if not isinstance(raw, str | int) or isinstance(raw, bool):
+        raise ValueError(f"{raw!r} is not text")
+    if isinstance(raw, int):
+        # YAML reads `partner_id: 085` as 85: silently signing with "85" would fail every request.
+        raise ValueError(f'{raw!r} was read as a number; quote it so leading zeros survive, e.g. "0{raw}"')
+    if not raw.strip():
+        raise ValueError("it is empty")
+    return raw.strip()
+
+
+def _path(raw: object) -> Path:
+    return Path(raw if isinstance(raw, os.PathLike) else _text(raw)).expanduser()
+
+
+def _env_name(raw: object) -> str:
+    value = _text(raw).lower()
+    if value not in ENVIRONMENTS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(ENVIRONMENTS)}")
+    return value
+
+
+def _url(raw: object) -> str:
+    value = _text(raw).rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"{raw!r} is not an http(s) URL")
+    return value
+
+
+def _pattern(raw: object) -> str:
+    import re
+
+    value = _text(raw)
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a valid regular expression ({exc})") from None
+    return value
+
+
+_PARSERS: dict[str, Callable[[object], Any]] = {
+    "env": _env_name,
+    "base_url": _url,
+    "partner_id": _text,
+    "concurrency": _positive_int,
+    "rate": _positive_float,
+    "max_attempts": _positive_int,
+    "timeout": _positive_float,
+    "connect_timeout": _positive_float,
+    "backoff_initial": _positive_float,
+    "backoff_max": _positive_float,
+    "checkpoint": _path,
+    "out": _path,
+    "dry_run": _boolean,
+    "limit": _positive_int,
+    "progress": _boolean,
+    "user_id_pattern": _pattern,
+    "max_image_bytes": _positive_int,
+    "images_root": _path,
+    "chunk_rows": _positive_int,
+}
+# Keys only the YAML may set; `api_key` is named so the error can say why it is refused.
+_YAML_ONLY = {"columns", "api_key_file"}
+_FIXES = {
+    "partner_id": "set SMILE_PARTNER_ID or `partner_id:` (quoted) in the config file",
+    "api_key": "export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config file",
+}
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+    *,
+    need_credentials: bool = True,
+) -> Settings:
+    """Resolve settings from every layer; the first problem raises ConfigError naming key, source, fix."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    columns = {k: k for k in COLUMN_KEYS}
+    api_key: Secret | None = None
+
+    def put(key: str, raw: object, source: str) -> None:
+        try:
+            values[key] = _PARSERS[key](raw)
+        except ValueError as exc:
+            raise ConfigError(key, source, str(exc), _FIXES.get(key, f"correct {key} in {source}")) from None
+        sources[key] = source
+
+    if config_file is not None:
+        where = f"config file {config_file}"
+        data = _read_yaml(config_file)
+        for key, raw in data.items():
+            if key == "api_key":
+                raise ConfigError(
+                    "api_key", where, "the API key must never be stored in the config file", _FIXES["api_key"]
+                )
+            if key not in _PARSERS and key not in _YAML_ONLY:
+                close = difflib.get_close_matches(str(key), [*_PARSERS, *_YAML_ONLY], n=1)
+                hint = (
+                    f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(_PARSERS))}"
+                )
+                raise ConfigError(str(key), where, "unknown key", f"remove it or fix its name ({hint})")
+            if key == "columns":
+                columns = _columns(raw, where)
+                sources["columns"] = where
+            elif key == "api_key_file":
+                api_key = _read_key_file(raw, config_file, where)
+                sources["api_key"] = f"{where} (api_key_file)"
+            else:
+                put(key, raw, where)
+
+    for key in _PARSERS:
+        name = f"BACKFILL_{key.upper()}"
+        if name in environ:
+            put(key, environ[name], f"environment {name}")
+    if "SMILE_PARTNER_ID" in environ:
+        put("partner_id", environ["SMILE_PARTNER_ID"], "environment SMILE_PARTNER_ID")
+    if environ.get("SMILE_API_KEY"):
+        api_key = Secret(environ["SMILE_API_KEY"].strip())
+        sources["api_key"] = "environment SMILE_API_KEY"
+
+    for key, raw in (flags or {}).items():
+        if raw is not None:
+            put(key, raw, f"flag --{key.replace('_', '-')}")
+
+    if "base_url" not in values:
+        env = values.get("env", Settings.env)
+        values["base_url"] = ENVIRONMENTS[env]
+        sources["base_url"] = f"derived from env={env}"
+    values["columns"] = columns
+    values["api_key"] = api_key or Secret("")
+    for key in [f.name for f in fields(Settings)]:
+        sources.setdefault(key, "default")
+    settings = Settings(**values, sources=sources)
+    _check_whole(settings, need_credentials)
+    return settings
+
+
+def _check_whole(s: Settings, need_credentials: bool) -> None:
+    if need_credentials and not s.dry_run:
+        if not s.partner_id:
+            raise ConfigError(
+                "partner_id", s.sources["partner_id"], "no partner ID is set", _FIXES["partner_id"]
+            )
+        if not s.api_key:
+            raise ConfigError("api_key", s.sources["api_key"], "no API key is set", _FIXES["api_key"])
+    if s.backoff_max < s.backoff_initial:
+        raise ConfigError(
+            "backoff_max",
+            s.sources["backoff_max"],
+            f"{s.backoff_max} is below backoff_initial ({s.backoff_initial})",
+            "make backoff_max at least backoff_initial",
+        )
+    if s.env == "production" and s.base_url.startswith("http://"):
+        raise ConfigError(
+            "base_url",
+            s.sources["base_url"],
+            "production must be reached over https (TLS verification is always on)",
+            "use the https URL, or drop --base-url to use the documented one",
+        )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    where = f"config file {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--config", where, f"can't read it ({exc.strerror})", "check the path") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", where, f"not valid YAML ({exc})", "fix the YAML syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", where, "the top level must be a mapping of key: value", "see config/")
+    return data
+
+
+def _columns(raw: object, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError("columns", where, "must be a mapping", "e.g. columns: {user_id: customer_ref}")
+    unknown = set(map(str, raw)) - set(COLUMN_KEYS)
+    if unknown:
+        raise ConfigError(
+            "columns",
+            where,
+            f"unknown column role(s) {sorted(unknown)}",
+            f"use only {', '.join(COLUMN_KEYS)}",
+        )
+    out = {k: k for k in COLUMN_KEYS}
+    for role, name in raw.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(
+                f"columns.{role}", where, f"{name!r} is not a column name", "give the CSV header"
+            )
+        out[str(role)] = name.strip()
+    if len(set(out.values())) != len(out):
+        raise ConfigError(
+            "columns", where, "two roles map to the same column", "map each role to its own column"
+        )
+    return out
+
+
+def _read_key_file(raw: object, config_file: Path, where: str) -> Secret:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigError("api_key_file", where, "must be a path", "give the path of a file holding the key")
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = config_file.parent / path
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            "api_key_file", where, f"can't read {path}", "check the path and permissions"
+        ) from exc
+    if not key:
+        raise ConfigError("api_key_file", where, f"{path} is empty", "put the API key in it")
+    return Secret(key)
