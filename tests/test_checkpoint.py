@@ -1,0 +1,89 @@
+"""The checkpoint on real SQLite on disk: group commits, the in-doubt rule, and partner/env ownership."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from backfill.checkpoint import Attempt, Outcome, SqliteStore
+from backfill.errors import CheckpointError
+
+
+def attempt(user_id: str, *, in_doubt: bool = False) -> Attempt:
+    return Attempt(user_id, in_doubt, "ab" * 32, f"/img/{user_id}.jpg", 10, 1, "2021-01-01", "t", "run1")
+
+
+def outcome(user_id: str, state: str, *, in_doubt: bool = False) -> Outcome:
+    return Outcome(user_id, state, in_doubt, 200, "0840", "Enroll User", "000001", "job-1", "t2")
+
+
+async def test_attempt_is_on_disk_when_record_attempt_returns(tmp_path: Path) -> None:
+    path = tmp_path / "cp.sqlite"
+    store = await SqliteStore.open(path, "085", "sandbox")
+    await store.record_attempt(attempt("u1"))
+    # A second, independent connection sees it: it was committed, not just queued.
+    row = sqlite3.connect(path).execute("SELECT state, attempts FROM users WHERE user_id='u1'").fetchone()
+    assert row == ("sending", 1)
+    await store.close()
+
+
+async def test_concurrent_attempts_share_commits(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "cp.sqlite", "085", "sandbox")
+    await asyncio.gather(*(store.record_attempt(attempt(f"u{i}")) for i in range(200)))
+    known = await store.lookup([f"u{i}" for i in range(200)] + ["nobody"])
+    assert len(known) == 200 and all(k.state == "sending" for k in known.values())
+    await store.close()
+
+
+async def test_outcome_and_lookup_round_trip(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "cp.sqlite", "085", "sandbox")
+    await store.record_attempt(attempt("u1"))
+    store.record_outcome(outcome("u1", "enrolled"))
+    await store.flush()
+    k = (await store.lookup(["u1"]))["u1"]
+    assert (k.state, k.attempts, k.in_doubt, k.result_code, k.image_size) == ("enrolled", 1, False, "0840", 10)
+    await store.close()
+
+
+async def test_attempt_over_an_unanswered_one_is_in_doubt(tmp_path: Path) -> None:
+    path = tmp_path / "cp.sqlite"
+    store = await SqliteStore.open(path, "085", "sandbox")
+    await store.record_attempt(attempt("lost"))  # crash: no outcome recorded
+    await store.record_attempt(attempt("answered"))
+    store.record_outcome(outcome("answered", "retry_exhausted"))
+    await store.close()
+    store = await SqliteStore.open(path, "085", "sandbox")
+    await store.record_attempt(attempt("lost"))
+    await store.record_attempt(attempt("answered"))
+    known = await store.lookup(["lost", "answered"])
+    assert known["lost"].in_doubt and known["lost"].attempts == 2
+    assert not known["answered"].in_doubt
+    await store.close()
+
+
+async def test_refuses_another_partner_or_environment(tmp_path: Path) -> None:
+    path = tmp_path / "cp.sqlite"
+    await (await SqliteStore.open(path, "085", "sandbox")).close()
+    for partner, env in (("085", "production"), ("85", "sandbox")):
+        with pytest.raises(CheckpointError, match="belongs to partner '085' in 'sandbox'"):
+            await SqliteStore.open(path, partner, env)
+
+
+async def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "cp.sqlite"
+    path.write_bytes(b"this is not sqlite at all, not even close" * 100)
+    with pytest.raises(CheckpointError, match="is it a backfill checkpoint"):
+        await SqliteStore.open(path, "085", "sandbox")
+
+
+async def test_file_is_owner_only_and_integrity_checks(tmp_path: Path) -> None:
+    path = tmp_path / "cp.sqlite"
+    store = await SqliteStore.open(path, "085", "sandbox")
+    await store.record_attempt(attempt("u1"))
+    await store.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone() == ("ok",)
