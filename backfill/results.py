@@ -1,0 +1,156 @@
+"""A run's outputs: its own folder with results.csv, rejects.csv and summary.json, owner-readable only."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from .checkpoint import ALREADY_ENROLLED, ENROLLED, FAILED, ID_CONFLICT, PENDING, RETRY_EXHAUSTED, UNKNOWN
+from .errors import OutputError
+
+RESULT_FIELDS = (
+    "user_id", "status", "http_status", "result_code", "result_text", "smile_job_id", "job_id",
+    "attempts", "signature_ok", "error", "finished_at",
+)  # fmt: skip
+REJECT_FIELDS = ("line", "user_id", "reason", "message")
+
+# A row's status in a run: the checkpoint's final states, plus these that exist only in a run's outputs.
+SKIPPED = "skipped"  # already enrolled in the checkpoint: not sent again
+DRY_RUN = "dry_run"  # would be sent
+REJECTED = "rejected"
+__all__ = [
+    "ALREADY_ENROLLED", "DRY_RUN", "ENROLLED", "FAILED", "ID_CONFLICT", "OK_STATUSES", "PENDING", "REJECTED",
+    "RETRY_EXHAUSTED", "SKIPPED", "UNKNOWN", "ResultRow", "RunOutput", "Summary",
+]  # fmt: skip
+OK_STATUSES = frozenset({ENROLLED, ALREADY_ENROLLED, SKIPPED})
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRow:
+    user_id: str
+    status: str
+    http_status: int | None = None
+    result_code: str = ""
+    result_text: str = ""
+    smile_job_id: str = ""
+    job_id: str = ""
+    attempts: int = 0
+    signature_ok: bool | None = None
+    error: str = ""
+    finished_at: str = ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    run_id: str
+    out_dir: str
+    manifest: str
+    env: str
+    base_url: str
+    started_at: str
+    finished_at: str
+    duration_s: float
+    total_rows: int
+    counts: dict[str, int]
+    rejected: int
+    sent: int
+    attempts: int
+    not_reached: int
+    rows_per_s: float
+    exit_code: int
+    stop_reason: str = ""
+    dry_run: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_private(path: Path) -> IO[str]:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise OutputError(f"can't create {path}: {exc.strerror}") from exc
+    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+
+def _new_run_dir(root: Path, suffix: str = "") -> tuple[str, Path]:
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    folder = root / (run_id + suffix)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # exist_ok=False: a run never writes into an earlier run's folder.
+        folder.mkdir(mode=0o700)
+    except OSError as exc:
+        raise OutputError(
+            f"can't create the output folder {folder}: {exc.strerror}. Choose a writable folder with --out"
+        ) from exc
+    return run_id, folder
+
+
+class RejectLike(Protocol):
+    line: int
+    user_id: str
+    reason: str
+    message: str
+
+
+def write_rejects(root: Path, rejects: Iterable[RejectLike]) -> Path:
+    """rejects.csv alone, in a folder of its own, for `backfill validate`."""
+    _, folder = _new_run_dir(root, "-validate")
+    path = folder / "rejects.csv"
+    with _open_private(path) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(REJECT_FIELDS)
+        writer.writerows([r.line, r.user_id, r.reason, r.message] for r in rejects)
+    return path
+
+
+class RunOutput:
+    """Creates the run's folder and writes its files. Every row written here goes to exactly one file."""
+
+    def __init__(self, root: Path) -> None:
+        self.run_id, self.dir = _new_run_dir(root)
+        self._results_file = _open_private(self.dir / "results.csv")
+        self._rejects_file = _open_private(self.dir / "rejects.csv")
+        self._results = csv.writer(self._results_file)
+        self._rejects = csv.writer(self._rejects_file)
+        self._results.writerow(RESULT_FIELDS)
+        self._rejects.writerow(REJECT_FIELDS)
+        self.counts: Counter[str] = Counter()
+
+    def result(self, row: ResultRow) -> None:
+        values = asdict(row)
+        if row.signature_ok is not None:
+            values["signature_ok"] = "true" if row.signature_ok else "false"
+        self._write(self._results, [("" if values[k] is None else values[k]) for k in RESULT_FIELDS])
+        self.counts[row.status] += 1
+
+    def reject(self, line: int, user_id: str, reason: str, message: str) -> None:
+        self._write(self._rejects, [line, user_id, reason, message])
+        self.counts[REJECTED] += 1
+
+    def _write(self, writer: Any, values: list[Any]) -> None:
+        try:
+            writer.writerow(values)
+        except OSError as exc:
+            raise OutputError(f"can't write to {self.dir}: {exc.strerror}") from exc
+
+    def flush(self) -> None:
+        for handle in (self._results_file, self._rejects_file):
+            handle.flush()
+
+    def close(self, summary: Summary) -> Path:
+        """Close the CSVs and write summary.json last, so its presence means the run's outputs are whole."""
+        for handle in (self._results_file, self._rejects_file):
+            handle.close()
+        path = self.dir / "summary.json"
+        with _open_private(path) as out:
+            json.dump(asdict(summary), out, indent=2, sort_keys=True)
+            out.write("\n")
+        return path

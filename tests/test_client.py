@@ -1,0 +1,96 @@
+"""Classification of every kind of answer, in the one place that decides it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backfill.client import Kind, classify_answer, parse_retry_after
+from backfill.config import Secret
+from backfill.signing import sign
+
+KEY = Secret("test-key")
+
+
+def classify(status: int, body: object, retry_after: str | None = None, user_id: str = "u1"):  # type: ignore[no-untyped-def]
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return classify_answer(status, raw, retry_after, user_id=user_id, partner_id="085", api_key=KEY)
+
+
+def success(user_id: str = "u1", code: str = "0840", key: str = "test-key") -> dict[str, object]:
+    stamp = "2023-02-14T00:07:49.924Z"
+    return {
+        "ResultCode": code, "ResultText": "Enroll User", "SmileJobID": "0000021007",
+        "PartnerParams": {"job_type": 4, "user_id": user_id, "job_id": "j-1"},
+        "timestamp": stamp, "signature": sign(stamp, "085", key),
+    }  # fmt: skip
+
+
+def test_verified_success() -> None:
+    v = classify(200, success())
+    assert (v.kind, v.signature_ok, v.smile_job_id, v.job_id, v.in_doubt) == (
+        Kind.ENROLLED, True, "0000021007", "j-1", False,
+    )  # fmt: skip
+
+
+def test_success_with_bad_signature_or_other_user_is_not_trusted() -> None:
+    forged = classify(200, success(key="other-key"))
+    assert forged.kind is Kind.UNVERIFIED and forged.signature_ok is False and forged.in_doubt
+    other = classify(200, success(user_id="someone-else"))
+    assert other.kind is Kind.UNVERIFIED and "someone-else" in other.error
+
+
+def test_other_result_code_is_permanent() -> None:
+    v = classify(200, success(code="0001"))
+    assert v.kind is Kind.PERMANENT and v.result_code == "0001"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind"),
+    [
+        (401, "2205", Kind.SYSTEMIC), (400, "2405", Kind.SYSTEMIC), (400, "2220", Kind.SYSTEMIC),
+        (400, "2209", Kind.ALREADY), (400, "2203", Kind.PERMANENT), (400, "2204", Kind.PERMANENT),
+        (400, "2207", Kind.PERMANENT), (400, "2213", Kind.PERMANENT), (500, "2201", Kind.TRANSIENT),
+        (400, "2301", Kind.TRANSIENT), (429, "", Kind.TRANSIENT), (503, "", Kind.TRANSIENT),
+        (408, "", Kind.TRANSIENT),
+    ],
+)  # fmt: skip
+def test_error_codes(status: int, code: str, kind: Kind) -> None:
+    body = {"code": code, "error": "x"} if code else {"error": "x"}
+    assert classify(status, body).kind is kind
+
+
+def test_429_carries_retry_after_and_is_not_in_doubt() -> None:
+    v = classify(429, {"error": "slow down"}, "3")
+    assert v.retry_after == 3.0 and not v.in_doubt
+
+
+def test_gateway_errors_may_have_committed_but_503_did_not() -> None:
+    assert classify(502, b"<html>Bad Gateway</html>").in_doubt
+    assert classify(504, b"").in_doubt
+    assert not classify(503, {"error": "busy"}).in_doubt
+
+
+def test_html_page_with_200_is_transient_and_in_doubt() -> None:
+    v = classify(200, b"<html>maintenance</html>")
+    assert v.kind is Kind.TRANSIENT and v.in_doubt and "not JSON" in v.error
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("2.5") == 2.5
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+@given(status=st.integers(100, 599), body=st.one_of(st.binary(max_size=200), st.builds(
+    lambda d: json.dumps(d).encode(),
+    st.dictionaries(st.sampled_from(["code", "error", "ResultCode", "PartnerParams", "signature", "timestamp"]),
+                    st.one_of(st.none(), st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=2))),
+)), retry_after=st.one_of(st.none(), st.text(max_size=12)))  # fmt: skip
+def test_classification_never_raises(status: int, body: bytes, retry_after: str | None) -> None:
+    v = classify_answer(status, body, retry_after, user_id="u1", partner_id="085", api_key=KEY)
+    assert isinstance(v.kind, Kind)
+    assert v.kind is not Kind.ENROLLED  # nothing random can pass the signature check
