@@ -1,0 +1,767 @@
+"""Reading and checking the manifest CSV: every data row becomes a Row to enroll or a Reject saying why not."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import difflib
+import errno
+import os
+import re
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, timezone
+from itertools import islice
+from pathlib import Path
+from typing import NamedTuple, NoReturn
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from .errors import ManifestError
+
+# How the file is read, and why:
+# - Line numbers are what a spreadsheet shows: the header is 1, the first data row 2. A value with a quoted
+#   newline still counts as one row. Blank lines are rows too (rejected as `empty_value`), because skipping
+#   them would shift every later line number.
+# - Ragged rows. pandas' C parser can't tell how many fields a row had: with `usecols` it drops extra fields
+#   silently, and without it it exempts the first data row (truncating it, or turning column 1 into the
+#   index) and compares every other row with the row before it. So open_manifest reads the file twice in
+#   lockstep, with Python's csv module (exact field counts) and with pandas (which batches() uses), and
+#   compares the user_id of every row. A row with a non-blank value past the header's last column is
+#   rejected as `malformed_row` (most likely an unquoted comma); blank extra fields (trailing commas, common in
+#   exports) lose nothing and are ignored. If the two readers ever disagree (only broken quoting can do
+#   that) the whole file is a ManifestError rather than a risk of rejecting the wrong lines.
+# - Duplicates: every occurrence of a user_id that appears more than once is rejected, so they must be known
+#   before the first batch. The pre-scan keeps one 64-bit hash per row (80 MB at 10M rows, never the
+#   strings), finds repeated hashes with numpy, then a second user_id-only pass confirms the candidates
+#   exactly. The hash is Python's own `hash` (stable within a process): measured 10x faster than
+#   pd.util.hash_pandas_object on these strings, with the same collision odds for this purpose.
+# - Values are never trimmed: user_id and user_created_at are sent exactly as written, so " 123" is a bad id,
+#   not "123". Header names must match the configured column names exactly (the error suggests near misses).
+
+MALFORMED_ROW = "malformed_row"
+EMPTY_VALUE = "empty_value"
+BAD_USER_ID = "bad_user_id"
+DUPLICATE_USER_ID = "duplicate_user_id"
+BAD_DATE = "bad_date"
+FUTURE_DATE = "future_date"
+PATH_OUTSIDE_ROOT = "path_outside_root"
+IMAGE_MISSING = "image_missing"
+IMAGE_NOT_FILE = "image_not_file"
+IMAGE_UNREADABLE = "image_unreadable"
+IMAGE_EMPTY = "image_empty"
+IMAGE_TOO_LARGE = "image_too_large"
+IMAGE_NOT_JPEG_OR_PNG = "image_not_jpeg_or_png"
+IMAGE_TRUNCATED = "image_truncated"
+# In the order they are checked; a row gets the first that applies.
+REASONS = (
+    MALFORMED_ROW, EMPTY_VALUE, BAD_USER_ID, DUPLICATE_USER_ID, BAD_DATE, FUTURE_DATE, PATH_OUTSIDE_ROOT,
+    IMAGE_MISSING, IMAGE_NOT_FILE, IMAGE_UNREADABLE, IMAGE_EMPTY, IMAGE_TOO_LARGE, IMAGE_NOT_JPEG_OR_PNG,
+    IMAGE_TRUNCATED,
+)  # fmt: skip
+
+# Codes for the checks done on whole columns; 0 means "no problem found yet".
+_MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE = 1, 2, 3, 4, 5, 6
+_CODE_REASON = {
+    _MALFORMED: MALFORMED_ROW, _EMPTY: EMPTY_VALUE, _BAD_ID: BAD_USER_ID, _DUPLICATE: DUPLICATE_USER_ID,
+    _BAD_DATE: BAD_DATE, _FUTURE: FUTURE_DATE,
+}  # fmt: skip
+
+_ENCODING = "utf-8-sig"  # UTF-8, with or without the byte order mark Excel writes
+_DUPLICATE_LINES_SHOWN = 10
+_FIELD_LIMIT = 1 << 26
+_JPEG = b"\xff\xd8\xff"
+_JPEG_END = b"\xff\xd9"
+_PNG = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"  # an IEND chunk's type and its CRC, which is fixed because it carries no data
+_TAIL = 1024  # the end marker must be within this many bytes of the end: encoders pad, but not by much
+_WHOLE_FILE = 4096  # files up to this size are read in one call instead of a head and a tail read
+_DIR_CACHE_MAX = 65_536
+_FIRST_PLAUSIBLE_YEAR = 1900
+_ISO = re.compile(
+    r"(?P<y>[0-9]{4})-(?P<m>[0-9]{2})-(?P<d>[0-9]{2})"
+    r"(?:[T ](?P<H>[0-9]{2}):(?P<M>[0-9]{2})(?::(?P<S>[0-9]{2})(?:\.(?P<f>[0-9]{1,9}))?)?"
+    r"(?P<tz>Z|[+-][0-9]{2}:?[0-9]{2})?)?"
+)
+_QUOTING = (
+    "check the quotes there: a value with a comma, quote or line break must be enclosed in double quotes, "
+    'and a quote inside it doubled ("")'
+)
+_DATE_EXAMPLES = "write it like 2021-08-12, 2021-05-18 15:14:43-0700 or 2021-05-18T15:14:43Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    line: int  # as a spreadsheet shows it: header is 1, first data row is 2
+    user_id: str
+    user_created_at: str  # exactly as in the file
+    image_path: Path  # absolute, symlinks resolved
+    image_size: int  # bytes, from the stat done during validation
+    image_mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    line: int
+    user_id: str  # as in the file ("" if empty)
+    reason: str  # one of REASONS
+    message: str  # names the value and the fix
+
+
+@dataclass(frozen=True)
+class ManifestRules:
+    user_id_column: str = "user_id"
+    user_created_at_column: str = "user_created_at"
+    image_path_column: str = "image_path"
+    # Must match the whole id; ids must also be ASCII, whatever the pattern says.
+    user_id_pattern: str = r"[A-Za-z0-9_-]+"
+    max_image_bytes: int = 5 * 1024 * 1024  # of the file's bytes; exactly the limit is allowed
+    images_root: Path | None = None  # when set, an image's real path (symlinks followed) must lie inside it
+    chunk_rows: int = 10_000
+    now: datetime | None = None  # "the future" is after this (naive = UTC); None = the time of open_manifest
+
+    def __post_init__(self) -> None:
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, not {self.chunk_rows}")
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be at least 1, not {self.max_image_bytes}")
+        re.compile(self.user_id_pattern)
+
+
+@dataclass(frozen=True)
+class Batch:
+    rows: list[Row]
+    rejects: list[Reject]
+
+
+class _Problem(NamedTuple):
+    reason: str
+    message: str
+
+
+class _Prescan(NamedTuple):
+    total_rows: int
+    candidates: npt.NDArray[np.int64]  # hashes seen more than once
+    malformed_lines: npt.NDArray[np.int64]  # ascending
+    malformed_fields: npt.NDArray[np.int64]  # each one's field count
+
+
+class Manifest:
+    """An opened, pre-scanned manifest; batches() reads it again, chunk by chunk, checking every row."""
+
+    def __init__(
+        self,
+        path: Path,
+        rules: ManifestRules,
+        header: list[str],
+        positions: tuple[int, int, int],
+        scan: _Prescan,
+        duplicates: dict[str, tuple[int, list[int]]],
+        now: datetime,
+        signature: tuple[int, int],
+    ) -> None:
+        self.path = path
+        self.total_rows = scan.total_rows
+        self.duplicate_ids = len(duplicates)
+        self._rules = rules
+        self._header = header
+        self._positions = positions  # of user_id, user_created_at, image_path
+        self._malformed_lines = scan.malformed_lines
+        self._malformed_fields = scan.malformed_fields
+        self._duplicates = duplicates
+        self._now = now
+        self._signature = signature
+
+    def batches(self) -> Iterator[Batch]:
+        """Every data row, in file order, as a Row or a Reject; one Batch per chunk of `chunk_rows` rows."""
+        if _signature(self.path) != self._signature:
+            raise ManifestError(
+                f"{self.path} changed after it was opened: open it again (run the command again)"
+            )
+        checker = _RowChecker(self)
+        order = sorted(set(self._positions))  # pandas returns the columns in file order
+        uid, created, image = (order.index(p) for p in self._positions)
+        line = 2
+        for frame in _frames(self.path, order, self._rules.chunk_rows):
+            if len(frame):
+                yield checker.check(frame.iloc[:, uid], frame.iloc[:, created], frame.iloc[:, image], line)
+                line += len(frame)
+        if line - 2 != self.total_rows:
+            raise ManifestError(
+                f"{self.path} changed while being read ({line - 2} rows now, {self.total_rows} when opened): "
+                "don't edit the manifest during a run; run again"
+            )
+
+
+def open_manifest(path: Path, rules: ManifestRules) -> Manifest:
+    """Check that the file is usable as a whole and pre-scan it; raises ManifestError when it isn't."""
+    path = Path(os.path.abspath(path))
+    signature = _signature(path)
+    now = _utc(rules.now) if rules.now is not None else datetime.now(UTC)
+    pattern = re.compile(rules.user_id_pattern, re.ASCII)
+    if rules.images_root is not None and not os.path.isdir(rules.images_root):
+        raise ManifestError(
+            f"images_root {str(rules.images_root)!r} is not a folder: set images_root in the config to the "
+            "folder that holds the photos, or remove it"
+        )
+    with _decoding_errors(path), path.open(encoding=_ENCODING, newline="") as text:
+        reader = csv.reader(text)
+        # csv's default limit (128 KB a value) would refuse a file that pandas reads fine, e.g. one with a long
+        # notes column; the limit is process-wide, so it is raised only for the scan.
+        field_limit = csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
+        try:
+            header = _read_header(reader, path)
+            positions = _positions(header, rules, path)
+            scan = _prescan(path, reader, len(header), positions[0], rules.chunk_rows)
+        finally:
+            csv.field_size_limit(field_limit)
+    with _decoding_errors(path):
+        duplicates = _confirm_duplicates(path, positions[0], rules.chunk_rows, scan.candidates, pattern)
+    return Manifest(path, rules, header, positions, scan, duplicates, now, signature)
+
+
+def validate_manifest(path: Path, rules: ManifestRules) -> tuple[int, list[Reject]]:
+    """(number of valid rows, every reject), streaming: valid rows are counted, not kept."""
+    valid = 0
+    rejects: list[Reject] = []
+    for batch in open_manifest(path, rules).batches():
+        valid += len(batch.rows)
+        rejects.extend(batch.rejects)
+    return valid, rejects
+
+
+class _RowChecker:
+    """The per-chunk checks: the cheap ones on whole columns, then the image checks row by row."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        rules = manifest._rules
+        self._manifest = manifest
+        self._pattern = rules.user_id_pattern
+        self._now = manifest._now
+        self._today = manifest._now.date()
+        self._images = _ImageChecker(manifest.path.parent, rules.images_root, rules.max_image_bytes)
+        self._labels = {
+            "user_id": _label(rules.user_id_column, "user_id"),
+            "user_created_at": _label(rules.user_created_at_column, "user_created_at"),
+            "image_path": _label(rules.image_path_column, "image_path"),
+        }
+
+    def check(
+        self, uid: pd.Series[str], created: pd.Series[str], image: pd.Series[str], first_line: int
+    ) -> Batch:
+        n = len(uid)
+        codes = np.zeros(n, dtype=np.int8)
+        m = self._manifest
+        lo, hi = np.searchsorted(m._malformed_lines, [first_line, first_line + n])
+        codes[m._malformed_lines[lo:hi] - first_line] = _MALFORMED
+        uids, dates, images = uid.tolist(), created.tolist(), image.tolist()
+
+        _mark(codes, _blank(uid) | _blank(created) | _blank(image), _EMPTY)
+        good_id = uid.str.fullmatch(self._pattern, flags=re.ASCII).to_numpy(dtype=bool) & np.fromiter(
+            map(str.isascii, uids), dtype=bool, count=n
+        )
+        _mark(codes, ~good_id, _BAD_ID)
+        if m._duplicates:
+            _mark(codes, uid.isin(m._duplicates.keys()).to_numpy(dtype=bool), _DUPLICATE)
+        # Dates repeat a lot (many accounts a day), so each distinct value is parsed once.
+        index, distinct = pd.factorize(created)
+        verdicts = [self._date_verdict(v) for v in distinct]
+        date_codes = np.array([v[0] for v in verdicts], dtype=np.int8)[index]
+        pending = (codes == 0) & (date_codes != 0)
+        codes[pending] = date_codes[pending]
+
+        rows: list[Row] = []
+        rejects: list[Reject] = []
+        check_image = self._images.check
+        for i, code in enumerate(codes.tolist()):
+            line = first_line + i
+            if code:
+                message = self._explain(code, line, uids[i], dates[i], images[i], verdicts[index[i]][1])
+                rejects.append(Reject(line, uids[i], _CODE_REASON[code], message))
+                continue
+            found = check_image(images[i])
+            if isinstance(found, _Problem):
+                rejects.append(Reject(line, uids[i], found.reason, found.message))
+            else:
+                rows.append(Row(line, uids[i], dates[i], Path(found[0]), found[1], found[2]))
+        return Batch(rows, rejects)
+
+    def _date_verdict(self, value: str) -> tuple[int, str]:
+        """(code, message) for one user_created_at value; code 0 means it is fine."""
+        label = self._labels["user_created_at"]
+        match = _ISO.fullmatch(value)
+        if match is None:
+            hint = " without the spaces around it" if _ISO.fullmatch(value.strip()) else ""
+            return (
+                _BAD_DATE,
+                f"{label} {value!r} is not an ISO 8601 date or date-time: {_DATE_EXAMPLES}{hint}",
+            )
+        g = match.groupdict()
+        try:
+            if g["H"] is None:
+                day = date(int(g["y"]), int(g["m"]), int(g["d"]))
+                instant = None
+            else:
+                micro = int((g["f"] or "0")[:6].ljust(6, "0"))
+                zone = _zone(g["tz"])
+                instant = datetime(
+                    int(g["y"]), int(g["m"]), int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"] or 0), micro,
+                    tzinfo=zone,
+                )  # fmt: skip
+                day = instant.date()
+        except ValueError as exc:
+            return _BAD_DATE, f"{label} {value!r} is not a real date or time ({exc}): correct it"
+        if day.year < _FIRST_PLAUSIBLE_YEAR:
+            return _BAD_DATE, (
+                f"{label} {value!r} is before {_FIRST_PLAUSIBLE_YEAR}, not a plausible account creation date: "
+                "check that this column holds when the account was created"
+            )
+        if (instant is None and day > self._today) or (instant is not None and instant > self._now):
+            return _FUTURE, (
+                f"{label} {value!r} is in the future (it is now {self._now:%Y-%m-%d %H:%M:%S} UTC): give the "
+                "date the account was created; if this machine's clock is wrong, fix it"
+            )
+        return 0, ""
+
+    def _explain(self, code: int, line: int, uid: str, created: str, image: str, date_message: str) -> str:
+        labels = self._labels
+        if code == _MALFORMED:
+            m = self._manifest
+            at = int(np.searchsorted(m._malformed_lines, line))
+            fields = int(m._malformed_fields[at])
+            return (
+                f"the row has {fields} values but the header has {len(m._header)} columns: a value probably "
+                "contains a comma without quotes around it; quote that value (or remove the extra values)"
+            )
+        if code == _EMPTY:
+            empty = [
+                labels[k]
+                for k, v in (("user_id", uid), ("user_created_at", created), ("image_path", image))
+                if not v.strip()
+            ]
+            if len(empty) == 3:
+                return "the row is blank: delete it, or fill in the user's id, creation date and photo"
+            return f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: fill in a value"
+        if code == _BAD_ID:
+            hint = ""
+            if uid != uid.strip():
+                hint = " (it has spaces around it)"
+            elif not uid.isascii():
+                hint = " (it has non-ASCII characters, such as look-alike letters)"
+            return (
+                f"{labels['user_id']} {uid!r} doesn't match the allowed pattern {self._pattern!r}{hint}: fix "
+                "the id; if your ids legitimately look like this, set user_id_pattern in the config YAML"
+            )
+        if code == _DUPLICATE:
+            count, lines = self._manifest._duplicates[uid]
+            shown = ", ".join(map(str, lines)) + (
+                f" and {count - len(lines)} more" if count > len(lines) else ""
+            )
+            return (
+                f"{labels['user_id']} {uid!r} appears {count} times in the manifest (lines {shown}): every copy "
+                "is held back because there is no telling which photo is right; keep one row per user"
+            )
+        return date_message
+
+
+class _ImageChecker:
+    """Resolves and inspects one image path: a stat and one or two small reads, nothing more."""
+
+    def __init__(self, base: Path, root: Path | None, limit: int) -> None:
+        self._base = str(base)
+        self._root = os.path.realpath(root) if root is not None else None
+        self._root_prefix = "" if self._root is None else os.path.join(self._root, "")
+        self._limit = limit
+        self._real_dirs: dict[str, str] = {}
+
+    def check(self, raw: str) -> tuple[str, int, int] | _Problem:
+        """(real path, size, mtime_ns) of a usable image, or the problem with it."""
+        if "\x00" in raw:
+            return _Problem(IMAGE_MISSING, f"image path {raw!r} contains a NUL character: correct the path")
+        real, st = self._resolve(raw)
+        if self._root is not None and real != self._root and not real.startswith(self._root_prefix):
+            return _Problem(
+                PATH_OUTSIDE_ROOT,
+                f"image {raw!r} resolves to {real}, outside images_root {self._root}: move the photo into "
+                "images_root (symbolic links count where they point), or change images_root",
+            )
+        if isinstance(st, OSError):
+            return self._stat_problem(raw, real, st)
+        mode = st.st_mode
+        if not stat.S_ISREG(mode):
+            return _Problem(
+                IMAGE_NOT_FILE, f"image {raw!r} is {_kind(mode)}, not a file: point to the photo itself"
+            )
+        size = st.st_size
+        if size == 0:
+            return _Problem(IMAGE_EMPTY, f"image {raw!r} is empty (0 bytes): export the photo again")
+        if size > self._limit:
+            return _Problem(
+                IMAGE_TOO_LARGE,
+                f"image {raw!r} is {size:,} bytes, over the limit of {self._limit:,} bytes: resize or recompress "
+                "it (or change max_image_bytes if the limit is wrong)",
+            )
+        try:
+            # O_NONBLOCK: should the file be swapped for a FIFO after the stat, the open still can't hang.
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            try:
+                if size <= _WHOLE_FILE:
+                    head = tail = os.read(fd, _WHOLE_FILE)
+                else:
+                    head = os.read(fd, 16)
+                    tail = os.pread(fd, _TAIL, size - _TAIL)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return self._stat_problem(raw, real, exc)
+        if head.startswith(_JPEG):
+            if _JPEG_END not in tail[-_TAIL:]:
+                return _Problem(
+                    IMAGE_TRUNCATED,
+                    f"image {raw!r} is a JPEG without its end marker (FF D9): the file was cut short; copy or "
+                    "export it again",
+                )
+        elif head.startswith(_PNG):
+            if _PNG_END not in tail[-_TAIL:]:
+                return _Problem(
+                    IMAGE_TRUNCATED,
+                    f"image {raw!r} is a PNG without its IEND chunk: the file was cut short; copy or export it again",
+                )
+        else:
+            return _Problem(
+                IMAGE_NOT_JPEG_OR_PNG,
+                f"image {raw!r} is not a JPEG or PNG ({_looks_like(head)}): convert it to JPEG or PNG, the only "
+                "formats the API accepts",
+            )
+        return real, size, st.st_mtime_ns
+
+    def _resolve(self, raw: str) -> tuple[str, os.stat_result | OSError]:
+        """The real path and its stat (or why it can't be had); os.path.realpath only for symbolic links."""
+        joined = os.path.join(self._base, raw)
+        folder, name = os.path.split(joined)
+        if name in ("", ".", ".."):
+            real = os.path.realpath(joined)
+        else:
+            # realpath costs ~20 us; photos share a few folders, so resolve each folder once.
+            real_folder = self._real_dirs.get(folder)
+            if real_folder is None:
+                if len(self._real_dirs) >= _DIR_CACHE_MAX:
+                    self._real_dirs.clear()
+                real_folder = self._real_dirs[folder] = os.path.realpath(folder)
+            real = os.path.join(real_folder, name)
+        try:
+            st = os.lstat(real)
+            if not stat.S_ISLNK(st.st_mode):
+                return real, st
+            real = os.path.realpath(real)
+            return real, os.stat(real)
+        except OSError as exc:
+            return real, exc
+
+    def _stat_problem(self, raw: str, real: str, exc: OSError) -> _Problem:
+        """Why a path can't be used; `real` is where it leads (for a broken link, the missing target)."""
+        shown = (
+            repr(raw) if os.path.isabs(raw) else f"{raw!r} (relative to the manifest's folder {self._base})"
+        )
+        if isinstance(exc, PermissionError):
+            return _Problem(
+                IMAGE_UNREADABLE,
+                f"image {shown} can't be read: permission denied; let the user running backfill read it",
+            )
+        if exc.errno == errno.ELOOP:
+            return _Problem(
+                IMAGE_MISSING, f"image {shown} is a symbolic link that loops: point it at the photo"
+            )
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            if os.path.islink(os.path.join(self._base, raw)):
+                return _Problem(
+                    IMAGE_MISSING,
+                    f"image {shown} is a symbolic link to {real}, which doesn't exist: fix the link or the path",
+                )
+            hint = " (note the spaces around the path)" if raw != raw.strip() else ""
+            return _Problem(IMAGE_MISSING, f"image {shown} doesn't exist{hint}: check the path")
+        return _Problem(IMAGE_UNREADABLE, f"image {shown} can't be read: {exc.strerror}")
+
+
+def _read_header(reader: Iterator[list[str]], path: Path) -> list[str]:
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: the header row can't be read ({exc}): check its quotes") from exc
+    if header is None:
+        raise ManifestError(
+            f"{path} is empty: it needs a header row (user_id,user_created_at,image_path) and one row per user"
+        )
+    if not any(name.strip() for name in header):
+        raise ManifestError(
+            f"{path}: line 1 is blank; the header row (e.g. user_id,user_created_at,image_path) must be line 1"
+        )
+    return header
+
+
+def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int, int, int]:
+    """Where the user_id, user_created_at and image_path columns are, or a ManifestError saying what to fix."""
+    wanted = (
+        ("user_id", rules.user_id_column),
+        ("user_created_at", rules.user_created_at_column),
+        ("image_path", rules.image_path_column),
+    )
+    missing = [(role, name) for role, name in wanted if name not in header]
+    if missing:
+        found = ", ".join(repr(h) for h in header)
+        parts = []
+        for role, name in missing:
+            near = difflib.get_close_matches(name, header, n=1, cutoff=0.6)
+            near += [h for h in header if h.strip().casefold() == name.casefold() and h not in near]
+            guess = f" (did you mean {near[0]!r}?)" if near else ""
+            parts.append(f"{name!r} for {role}{guess}" if name != role else f"{name!r}{guess}")
+        raise ManifestError(
+            f"{path} is missing the column{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Columns found: "
+            f"{found}. Fix: rename the column in the file, or map your column names in the config YAML, e.g. "
+            "columns: {user_id: customer_ref}"
+        )
+    repeated = [name for _, name in wanted if header.count(name) > 1]
+    if repeated:
+        raise ManifestError(
+            f"{path} has more than one column named {repeated[0]!r}: there is no telling which one to use; "
+            "rename or delete the extra column"
+        )
+    uid, created, image = (header.index(name) for _, name in wanted)
+    return uid, created, image
+
+
+def _prescan(path: Path, reader: Iterator[list[str]], width: int, uid_at: int, chunk_rows: int) -> _Prescan:
+    """Counts rows, hashes every user_id, finds the rows with extra fields; `reader` is past the header."""
+    hashes: list[npt.NDArray[np.int64]] = []
+    bad_lines: list[int] = []
+    bad_fields: list[int] = []
+    total = 0
+    for frame in _frames(path, [uid_at], chunk_rows):
+        try:
+            rows = list(islice(reader, len(frame)))
+        except csv.Error as exc:
+            raise ManifestError(
+                f"{path}: a row after line {total + 1} can't be read ({exc}). Fix: {_QUOTING}"
+            ) from exc
+        uids = [r[uid_at] if len(r) > uid_at else "" for r in rows]
+        if uids != frame.iloc[:, 0].tolist():
+            _disagreement(path, total, uids, frame.iloc[:, 0].tolist())
+        for i in np.flatnonzero(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)) > width):
+            row = rows[i]
+            if any(value.strip() for value in row[width:]):
+                bad_lines.append(total + 2 + int(i))
+                bad_fields.append(len(row))
+        hashes.append(np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids)))
+        total += len(rows)
+    try:
+        leftover = next(reader, None)
+    except csv.Error:
+        leftover = []
+    if leftover is not None:
+        _disagreement(path, total, [""], [])
+    everything = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
+    del hashes
+    everything.sort()
+    repeated = everything[1:][everything[1:] == everything[:-1]]
+    return _Prescan(
+        total,
+        np.unique(repeated),
+        np.array(bad_lines, dtype=np.int64),
+        np.array(bad_fields, dtype=np.int64),
+    )
+
+
+def _disagreement(path: Path, before: int, ours: list[str], theirs: list[str]) -> NoReturn:
+    at = next(
+        (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
+    )
+    raise ManifestError(
+        f"{path}: the rows around line {before + at + 2} can't be split unambiguously. Fix: {_QUOTING}"
+    )
+
+
+def _confirm_duplicates(
+    path: Path, uid_at: int, chunk_rows: int, candidates: npt.NDArray[np.int64], pattern: re.Pattern[str]
+) -> dict[str, tuple[int, list[int]]]:
+    """{user_id: (count, its first lines)} for the ids that really occur more than once."""
+    # Blank and invalid ids are left out: every row with one is rejected for that reason first anyway.
+    if not candidates.size:
+        return {}
+    seen: dict[str, tuple[int, list[int]]] = {}
+    line = 2
+    for frame in _frames(path, [uid_at], chunk_rows):
+        uids = frame.iloc[:, 0].tolist()
+        hashes = np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids))
+        for i in np.flatnonzero(np.isin(hashes, candidates)).tolist():
+            uid = uids[i]
+            count, lines = seen.get(uid, (0, []))
+            if len(lines) < _DUPLICATE_LINES_SHOWN:
+                lines.append(line + i)
+            seen[uid] = (count + 1, lines)
+        line += len(uids)
+    return {
+        uid: entry
+        for uid, entry in seen.items()
+        if entry[0] > 1 and uid.isascii() and pattern.fullmatch(uid) is not None
+    }
+
+
+def _frames(path: Path, usecols: list[int], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The file's rows, `chunk_rows` at a time, as DataFrames of str; read errors become ManifestErrors."""
+    with _decoding_errors(path):
+        try:
+            # Every value a str exactly as written: no "NA"/"null" to NaN, no "00123" to 123. No compression
+            # guessed from the file name either: the csv module must see the same bytes.
+            reader = pd.read_csv(
+                path, usecols=usecols, chunksize=chunk_rows, dtype=str, keep_default_na=False, na_filter=False,
+                skip_blank_lines=False, index_col=False, header=0, engine="c", encoding=_ENCODING,
+                compression=None,
+            )  # fmt: skip
+            with reader:
+                yield from reader
+        except pd.errors.ParserError as exc:
+            # The C parser counts rows from 0 at the header: its row N is spreadsheet line N + 1.
+            unclosed = re.search(r"EOF inside string starting at row (\d+)", str(exc))
+            problem = (
+                f"the quote opened on line {int(unclosed[1]) + 1} is never closed"
+                if unclosed
+                else f"it can't be parsed as CSV ({str(exc).strip()})"
+            )
+            raise ManifestError(f"{path}: {problem}. Fix: {_QUOTING}") from exc
+        except pd.errors.EmptyDataError as exc:
+            raise ManifestError(f"{path} is empty: it needs a header row and one row per user") from exc
+
+
+@contextmanager
+def _decoding_errors(path: Path) -> Iterator[None]:
+    """Turns a UnicodeDecodeError or OSError while reading the manifest into a ManifestError that says where."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise _encoding_error(path) from exc
+    except OSError as exc:
+        raise ManifestError(f"{path} can't be read: {exc.strerror or exc}") from exc
+
+
+def _encoding_error(path: Path) -> ManifestError:
+    """Finds the first byte that isn't UTF-8: the parser's own offsets are relative to its buffer."""
+    fix = "Fix: save the file as UTF-8 (in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+    with path.open("rb") as raw:
+        start = raw.read(4)
+        if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return ManifestError(f"{path} is UTF-16 text, not UTF-8. {fix}")
+        if start.startswith(b"\x1f\x8b"):
+            return ManifestError(f"{path} is gzip-compressed: decompress it and give the .csv file")
+        if start.startswith(b"PK\x03\x04"):
+            return ManifestError(f"{path} is a ZIP file or an Excel workbook, not CSV. {fix}")
+        raw.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset, newlines = 0, 0
+        while block := raw.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # a character split across blocks, already counted
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                line = newlines + exc.object[: exc.start].count(b"\n") + 1
+                return ManifestError(
+                    f"{path} is not UTF-8: byte 0x{exc.object[exc.start]:02X} at offset "
+                    f"{offset - pending + exc.start} (line {line}) can't be decoded. {fix}"
+                )
+            offset += len(block)
+            newlines += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return ManifestError(f"{path} is not UTF-8: it ends in the middle of a character. {fix}")
+    return ManifestError(f"{path} is not UTF-8. {fix}")
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of the manifest, which must be a regular file (a FIFO would hang the reader)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"manifest {path} doesn't exist: check the path") from exc
+    except OSError as exc:
+        raise ManifestError(f"manifest {path} can't be read: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ManifestError(
+            f"manifest {path} is {_kind(st.st_mode)}, not a file: give the path of the CSV file"
+        )
+    return st.st_size, st.st_mtime_ns
+
+
+def _blank(values: pd.Series[str]) -> npt.NDArray[np.bool_]:
+    return values.str.strip().eq("").to_numpy(dtype=bool)
+
+
+def _mark(codes: npt.NDArray[np.int8], failed: npt.NDArray[np.bool_], code: int) -> None:
+    """Records `code` where a row fails and has no earlier failure: the first failure wins."""
+    codes[failed & (codes == 0)] = code
+
+
+def _label(column: str, role: str) -> str:
+    return role if column == role else f"{column!r} ({role})"
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _zone(text: str | None) -> timezone:
+    if text is None or text == "Z":
+        return UTC
+    hours, minutes = int(text[1:3]), int(text[-2:])
+    if hours > 23 or minutes > 59:
+        raise ValueError(f"UTC offset {text} is out of range")
+    offset = timedelta(hours=hours, minutes=minutes)
+    return timezone(-offset if text[0] == "-" else offset)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _looks_like(head: bytes) -> str:
+    """A guess at what the file is, from its first bytes, for the reject message."""
+    if not head:
+        return "it reads as empty"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "it looks like a GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "it looks like a WebP image"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+            return "it looks like a HEIC/HEIF photo, as iPhones take"
+        if brand in (b"avif", b"avis"):
+            return "it looks like an AVIF image"
+        return "it looks like a video or other ISO media file"
+    if head.startswith(b"BM"):
+        return "it looks like a BMP"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "it looks like a TIFF"
+    if head.startswith(b"%PDF"):
+        return "it looks like a PDF"
+    if head.startswith(b"PK\x03\x04"):
+        return "it looks like a ZIP archive or Office document"
+    if head.startswith(b"\xff\xd8"):
+        return "it starts like a JPEG but is damaged"
+    sample = head[:64]
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in sample):
+        if sample.lstrip().startswith(b"<"):
+            return "it looks like HTML or XML text, perhaps an error page saved instead of the photo"
+        return "it looks like text"
+    return f"it starts with bytes {sample[:8].hex(' ')}"

@@ -1,0 +1,756 @@
+"""The manifest reader: every data row lands once, as a Row or as a Reject with the right reason."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import re
+import struct
+import tempfile
+import threading
+import zlib
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backfill.errors import ManifestError
+from backfill.manifest import ManifestRules, Reject, Row, open_manifest, validate_manifest
+
+HEADER = "user_id,user_created_at,image_path"
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "manifest.csv"
+
+
+def png(seed: int = 0) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = b"".join(b"\x00" + bytes((seed + x + y) % 256 for x in range(6)) for y in range(2))
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(pixels))
+        + chunk(b"IEND", b"")
+    )
+
+
+def jpeg(size: int = 200, *, end: bool = True) -> bytes:
+    """Exactly `size` bytes that start and (unless told not to) end like a JPEG."""
+    return b"\xff\xd8\xff\xe0" + b"\x01" * (size - 6) + (b"\xff\xd9" if end else b"\x01\x01")
+
+
+def rules(**changes: Any) -> ManifestRules:
+    return ManifestRules(now=NOW, **changes)
+
+
+def write(folder: Path, text: str, name: str = "manifest.csv") -> Path:
+    path = folder / name
+    path.write_bytes(text.encode())
+    return path
+
+
+def image(folder: Path, name: str, data: bytes | None = None) -> str:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png() if data is None else data)
+    return name
+
+
+def manifest_of(folder: Path, rows: list[tuple[str, str, str]]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(HEADER.split(","))
+    writer.writerows(rows)
+    return write(folder, buffer.getvalue())
+
+
+def read(path: Path, given_rules: ManifestRules | None = None) -> tuple[list[Row], list[Reject]]:
+    batches = list(open_manifest(path, given_rules or rules()).batches())
+    return [r for b in batches for r in b.rows], [r for b in batches for r in b.rejects]
+
+
+def reasons(path: Path, given_rules: ManifestRules | None = None) -> dict[int, str]:
+    """{line: reason}, with "ok" for a valid row."""
+    rows, rejects = read(path, given_rules)
+    return {r.line: "ok" for r in rows} | {r.line: r.reason for r in rejects}
+
+
+def only_reject(path: Path, given_rules: ManifestRules | None = None) -> Reject:
+    rows, rejects = read(path, given_rules)
+    assert not rows and len(rejects) == 1, (rows, rejects)
+    return rejects[0]
+
+
+def one_row(
+    tmp_path: Path, user_id: str = "u1", created: str = "2021-08-12", path: str | None = None
+) -> Path:
+    if path is None:
+        path = image(tmp_path, "images/u1.png")
+    return manifest_of(tmp_path, [(user_id, created, path)])
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+
+def test_values_come_back_exactly_as_written(tmp_path: Path) -> None:
+    ids = ["00123", "NA", "null", "1e5", "nan", "True", "0x1F", "-0"]
+    path = manifest_of(tmp_path, [(i, "2021-08-12", image(tmp_path, f"{i}.png")) for i in ids])
+    rows, rejects = read(path)
+    assert not rejects
+    assert [r.user_id for r in rows] == ids
+    assert [r.line for r in rows] == list(range(2, 2 + len(ids)))
+
+
+def test_bom_and_crlf(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{HEADER}\r\nu1,2021-08-12,a.png\r\nu2,2021-08-13,a.png\r\n".encode())
+    rows, rejects = read(path)
+    assert not rejects and [(r.line, r.user_id, r.user_created_at) for r in rows] == [
+        (2, "u1", "2021-08-12"),
+        (3, "u2", "2021-08-13"),
+    ]
+
+
+def test_quoted_comma_and_newline_keep_spreadsheet_line_numbers(tmp_path: Path) -> None:
+    image(tmp_path, "smith, john.png")
+    path = write(
+        tmp_path,
+        "user_id,note,user_created_at,image_path\n"
+        'u1,"two\nlines, and a comma",2021-08-12,"smith, john.png"\n'
+        'u2,"",2021-08-12,"smith, john.png"\n',
+    )
+    rows, rejects = read(path)
+    assert not rejects
+    assert [(r.line, r.user_id, r.image_path.name) for r in rows] == [
+        (2, "u1", "smith, john.png"),
+        (3, "u2", "smith, john.png"),
+    ]
+
+
+def test_columns_are_mapped_and_extra_columns_ignored(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    path = write(tmp_path, "photo,name,ref,created\na.png,Ann,c-1,2021-08-12\n")
+    mapped = rules(user_id_column="ref", user_created_at_column="created", image_path_column="photo")
+    rows, rejects = read(path, mapped)
+    assert not rejects and [(r.user_id, r.user_created_at) for r in rows] == [("c-1", "2021-08-12")]
+
+
+def test_missing_column_names_it_the_columns_found_and_the_fix(tmp_path: Path) -> None:
+    path = write(tmp_path, "userid,user_created_at,photo\nu1,2021-08-12,a.png\n")
+    with pytest.raises(ManifestError) as caught:
+        open_manifest(path, rules())
+    message = str(caught.value)
+    assert "'user_id'" in message and "'image_path'" in message
+    assert "did you mean 'userid'" in message
+    assert "'userid', 'user_created_at', 'photo'" in message
+    assert "columns:" in message and "rename" in message
+
+
+def test_header_names_must_match_exactly(tmp_path: Path) -> None:
+    path = write(tmp_path, "user_id ,user_created_at,image_path\nu1,2021-08-12,a.png\n")
+    with pytest.raises(ManifestError, match=r"did you mean 'user_id '"):
+        open_manifest(path, rules())
+
+
+def test_duplicate_header_name_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "user_id,user_created_at,image_path,user_id\nu1,2021-08-12,a.png,u2\n")
+    with pytest.raises(ManifestError, match="more than one column named 'user_id'"):
+        open_manifest(path, rules())
+
+
+def test_undecodable_bytes_name_the_offset_line_and_fix(tmp_path: Path) -> None:
+    data = f"{HEADER}\nu1,2021-08-12,a.png\n".encode()
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(data + b"Jos\xe9,2021-08-12,a.png\n")
+    with pytest.raises(ManifestError) as caught:
+        open_manifest(path, rules())
+    message = str(caught.value)
+    assert str(path) in message and f"offset {len(data) + 3}" in message and "line 3" in message
+    assert "0xE9" in message and "save the file as UTF-8" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "says"),
+    [
+        ("utf16.csv", f"{HEADER}\nu1,2021-08-12,a.png\n".encode("utf-16"), "UTF-16"),
+        ("m.csv.gz", gzip.compress(f"{HEADER}\n".encode()), "gzip"),  # never decompressed behind our back
+        ("m.xlsx", b"PK\x03\x04" + bytes(range(256)), "Excel"),
+    ],
+)
+def test_other_formats_are_recognised(tmp_path: Path, name: str, data: bytes, says: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ManifestError, match=says):
+        open_manifest(path, rules())
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\xef\xbb\xbf", b"\n", b"\nuser_id\n"], ids=["empty", "bom", "nl", "blank1"]
+)
+def test_no_header_is_an_error(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(data)
+    with pytest.raises(ManifestError, match=r"empty|header"):
+        open_manifest(path, rules())
+
+
+def test_header_only(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + "\n")
+    manifest = open_manifest(path, rules())
+    assert (manifest.total_rows, manifest.duplicate_ids) == (0, 0)
+    assert list(manifest.batches()) == []
+    assert validate_manifest(path, rules()) == (0, [])
+
+
+def test_manifest_must_be_a_readable_file(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="doesn't exist"):
+        open_manifest(tmp_path / "nope.csv", rules())
+    with pytest.raises(ManifestError, match="a folder"):
+        open_manifest(tmp_path, rules())
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(ManifestError, match="FIFO"):
+        open_manifest(tmp_path / "pipe.csv", rules())
+
+
+def test_ragged_rows_are_rejected_not_lost(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    path = write(
+        tmp_path,
+        f"{HEADER}\n"
+        "u1,2021-08-12,a.png,surprise\n"  # the first data row: pandas alone would silently drop "surprise"
+        "u2,2021-08-12,a.png\n"
+        "u3,2021-08-12,a.png,,\n"  # trailing commas: nothing is lost, the row is fine
+        "u4,2021-08-12,a.png,, x\n"
+        "Smith, John,2021-08-12,a.png\n"
+        "u6,2021-08-12\n",  # too few fields: image_path is empty
+    )
+    _, rejects = read(path)
+    assert reasons(path) == {
+        2: "malformed_row", 3: "ok", 4: "ok", 5: "malformed_row", 6: "malformed_row", 7: "empty_value"
+    }  # fmt: skip
+    first = next(r for r in rejects if r.line == 2)
+    assert first.user_id == "u1" and "4 values" in first.message and "3 columns" in first.message
+    assert "quote" in first.message
+    assert "image_path" in next(r for r in rejects if r.line == 7).message
+
+
+def test_blank_lines_are_rows_so_line_numbers_stay_true(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    path = write(tmp_path, f"{HEADER}\nu1,2021-08-12,a.png\n\n   \nu2,2021-08-12,a.png\n\n")
+    assert reasons(path) == {2: "ok", 3: "empty_value", 4: "empty_value", 5: "ok", 6: "empty_value"}
+    assert "blank" in {r.line: r for r in read(path)[1]}[3].message
+
+
+def test_unclosed_quote_is_an_error_naming_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, f'{HEADER}\nu1,2021-08-12,a.png\nu2,"2021-08-12,a.png\nu3,2021-08-12,a.png\n')
+    with pytest.raises(ManifestError, match="quote opened on line 3 is never closed"):
+        open_manifest(path, rules())
+
+
+def test_long_values_in_other_columns_are_fine(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    limit = csv.field_size_limit()
+    path = write(tmp_path, f"{HEADER},notes\nu1,2021-08-12,a.png,{'x' * 300_000}\n")
+    rows, rejects = read(path)
+    assert len(rows) == 1 and not rejects
+    assert csv.field_size_limit() == limit  # the process-wide limit is put back
+
+
+def test_a_file_changed_after_open_is_refused(tmp_path: Path) -> None:
+    path = one_row(tmp_path)
+    manifest = open_manifest(path, rules())
+    with path.open("a") as handle:
+        handle.write("u2,2021-08-12,images/u1.png\n")
+    with pytest.raises(ManifestError, match="changed"):
+        list(manifest.batches())
+
+
+# --- validation, rule by rule ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("row", "named"),
+    [
+        (("", "2021-08-12", "images/u1.png"), "user_id"),
+        (("  ", "2021-08-12", "images/u1.png"), "user_id"),
+        (("u1", "", "images/u1.png"), "user_created_at"),
+        (("u1", "2021-08-12", "\t"), "image_path"),
+    ],
+)
+def test_empty_value(tmp_path: Path, row: tuple[str, str, str], named: str) -> None:
+    image(tmp_path, "images/u1.png")
+    reject = only_reject(manifest_of(tmp_path, [row]))
+    assert reject.reason == "empty_value" and named in reject.message and reject.user_id == row[0]
+
+
+def test_empty_value_names_the_mapped_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "ref,created,photo\nu1,,a.png\n")
+    mapped = rules(user_id_column="ref", user_created_at_column="created", image_path_column="photo")
+    assert "'created' (user_created_at)" in only_reject(path, mapped).message
+
+
+@pytest.mark.parametrize(
+    "user_id", ["bad id!", " user1", "user1 ", "us\u00e9r", "\uff55ser", "user.1", "user\n1", "a@b"]
+)
+def test_bad_user_id(tmp_path: Path, user_id: str) -> None:
+    reject = only_reject(one_row(tmp_path, user_id))
+    assert reject.reason == "bad_user_id" and reject.user_id == user_id
+    assert repr(user_id) in reject.message and "[A-Za-z0-9_-]+" in reject.message
+    assert "user_id_pattern" in reject.message
+
+
+def test_user_id_pattern_is_configurable_but_ascii_only(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    path = manifest_of(tmp_path, [("a.b", "2021-08-12", "a.png"), ("\u00e9t\u00e9", "2021-08-12", "a.png")])
+    assert reasons(path, rules(user_id_pattern=r"[\w.]+")) == {2: "ok", 3: "bad_user_id"}
+
+
+def test_every_occurrence_of_a_duplicate_is_rejected_across_chunks(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    ids = ["d1", "u1", "d2", "u2", "d1", "u3", "d2", "u4", "d1", "", "", "bad id", "bad id"]
+    path = manifest_of(tmp_path, [(i, "2021-08-12", "a.png") for i in ids])
+    manifest = open_manifest(path, rules(chunk_rows=2))
+    assert manifest.duplicate_ids == 2  # blank and invalid ids are rejected for what they are, not counted
+    found = {r.line: r for b in manifest.batches() for r in b.rejects}
+    assert {line for line, r in found.items() if r.reason == "duplicate_user_id"} == {2, 4, 6, 8, 10}
+    assert "appears 3 times" in found[2].message and "lines 2, 6, 10" in found[2].message
+    assert "appears 2 times" in found[4].message and "lines 4, 8" in found[4].message
+
+
+def test_duplicate_message_lists_the_first_lines_and_counts_the_rest(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    path = manifest_of(tmp_path, [("same", "2021-08-12", "a.png")] * 25)
+    _, rejects = read(path)
+    assert len(rejects) == 25 and "appears 25 times" in rejects[0].message
+    assert "lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 15 more" in rejects[0].message
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        "2021-08-12",
+        "2021-05-18 15:14:43-0700",
+        "2021-05-18T15:14:43Z",
+        "2021-05-18T15:14:43.123+01:00",
+        "2021-05-18 15:14",
+        "2020-02-29",
+        "1900-01-01",
+        "2030-01-01",  # today (NOW's date) is not the future
+        "2030-01-01T12:00:00Z",  # exactly now
+        "2030-01-01 12:00:00",  # naive = UTC
+        "2030-01-01T13:00:00+02:00",  # 11:00 UTC
+        "2021-05-18T15:14:43.123456789Z",
+    ],
+)
+def test_good_dates(tmp_path: Path, created: str) -> None:
+    rows, rejects = read(one_row(tmp_path, created=created))
+    assert not rejects and rows[0].user_created_at == created
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        "12/08/2021", "2021-8-12", "20210812", " 2021-08-12", "2021-08-12 ", "2021-08-12T", "2021-08-12T15",
+        "2021-13-01", "2021-02-30", "2021-05-18 24:00", "2021-05-18 15:60", "2021-05-18T15:14:43+2500",
+        "2021-05-18T15:14:43+01:60", "2021-05-18T15:14:43 Z", "2021-05-18t15:14:43z", "\uff12021-08-12",
+        "1899-12-31", "0000-01-01", "NA",
+    ],
+)  # fmt: skip
+def test_bad_dates(tmp_path: Path, created: str) -> None:
+    reject = only_reject(one_row(tmp_path, created=created))
+    assert reject.reason == "bad_date" and repr(created) in reject.message
+
+
+def test_bad_date_messages_say_why(tmp_path: Path) -> None:
+    assert "2021-08-12" in only_reject(one_row(tmp_path, created="12/08/2021")).message
+    assert "spaces" in only_reject(one_row(tmp_path, created=" 2021-08-12")).message
+    assert "plausible" in only_reject(one_row(tmp_path, created="1899-12-31")).message
+    assert "not a real date" in only_reject(one_row(tmp_path, created="2021-02-30")).message
+
+
+@pytest.mark.parametrize(
+    "created",
+    ["2030-01-02", "2030-01-01T12:00:01Z", "2030-01-01 12:00:01", "2030-01-01T12:30:00+00:15", "2099-01-01"],
+)
+def test_future_dates(tmp_path: Path, created: str) -> None:
+    reject = only_reject(one_row(tmp_path, created=created))
+    assert reject.reason == "future_date" and "future" in reject.message
+
+
+def test_now_defaults_to_the_time_of_opening(tmp_path: Path) -> None:
+    path = one_row(tmp_path, created="2099-01-01")
+    assert only_reject(path, ManifestRules()).reason == "future_date"
+    rows, _ = read(one_row(tmp_path, created="2021-08-12"), ManifestRules())
+    assert len(rows) == 1
+
+
+def test_relative_paths_resolve_against_the_manifest_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    data = png(3)
+    image(tmp_path, "images/a.png", data)
+    absolute = tmp_path / "b.png"
+    absolute.write_bytes(jpeg())
+    path = manifest_of(tmp_path, [("u1", "2021-08-12", "images/a.png"), ("u2", "2021-08-12", str(absolute))])
+    rows, rejects = read(path)
+    assert not rejects
+    assert rows[0].image_path == (tmp_path / "images/a.png").resolve() and rows[0].image_path.is_absolute()
+    assert rows[0].image_size == len(data)
+    assert rows[0].image_mtime_ns == (tmp_path / "images/a.png").stat().st_mtime_ns
+    assert rows[1].image_path == absolute.resolve()
+
+
+def test_path_outside_root(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    image(root, "in.png")
+    image(tmp_path, "out.png")
+    (root / "link-out.png").symlink_to(tmp_path / "out.png")
+    (root / "link-in.png").symlink_to(root / "in.png")
+    (tmp_path / "photos-evil").mkdir()
+    image(tmp_path, "photos-evil/x.png")
+    path = manifest_of(
+        tmp_path,
+        [
+            ("u1", "2021-08-12", "photos/in.png"),
+            ("u2", "2021-08-12", "out.png"),
+            ("u3", "2021-08-12", "photos/../out.png"),
+            ("u4", "2021-08-12", "photos/link-out.png"),
+            ("u5", "2021-08-12", "photos/link-in.png"),
+            ("u6", "2021-08-12", "photos-evil/x.png"),  # a sibling whose name starts with the root's
+            ("u7", "2021-08-12", "photos/missing.png"),
+        ],
+    )
+    confined = rules(images_root=root)
+    assert reasons(path, confined) == {
+        2: "ok", 3: "path_outside_root", 4: "path_outside_root", 5: "path_outside_root", 6: "ok",
+        7: "path_outside_root", 8: "image_missing",
+    }  # fmt: skip
+    rows, rejects = read(path, confined)
+    assert rows[1].image_path == (root / "in.png").resolve()  # a symbolic link counts where it points
+    assert "images_root" in rejects[0].message
+    assert all(r == "ok" for r in reasons(path).values() if r != "image_missing")  # no root: anything goes
+
+
+def test_images_root_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="images_root"):
+        open_manifest(one_row(tmp_path), rules(images_root=tmp_path / "nope"))
+
+
+def test_missing_images(tmp_path: Path) -> None:
+    image(tmp_path, "file.png")
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop1.png").symlink_to(tmp_path / "loop2.png")
+    (tmp_path / "loop2.png").symlink_to(tmp_path / "loop1.png")
+    names = ["nope.png", "broken.png", "loop1.png", "file.png/inside.png", "x" * 300 + ".png", "nope.png "]
+    path = manifest_of(tmp_path, [(f"u{i}", "2021-08-12", n) for i, n in enumerate(names)])
+    _, rejects = read(path)
+    assert [r.reason for r in rejects] == ["image_missing"] * len(names)
+    messages = [r.message for r in rejects]
+    assert "doesn't exist" in messages[0] and "gone.png" in messages[1] and "loops" in messages[2]
+    assert "spaces" in messages[5]
+
+
+def test_not_a_file(tmp_path: Path) -> None:
+    (tmp_path / "folder.png").mkdir()
+    path = manifest_of(tmp_path, [("u1", "2021-08-12", "folder.png"), ("u2", "2021-08-12", "/dev/null")])
+    _, rejects = read(path)
+    assert [r.reason for r in rejects] == ["image_not_file", "image_not_file"]
+    assert "folder" in rejects[0].message and "device" in rejects[1].message
+
+
+def test_a_fifo_is_rejected_without_opening_it(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")
+    path = manifest_of(tmp_path, [("u1", "2021-08-12", "pipe.jpg")])
+    result: list[Reject] = []
+    worker = threading.Thread(target=lambda: result.extend(validate_manifest(path, rules())[1]), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "reading a FIFO hung"
+    assert [r.reason for r in result] == ["image_not_file"] and "FIFO" in result[0].message
+
+
+def test_unreadable_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image(tmp_path, "locked.png")
+    real_open = os.open
+
+    def refuse(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)  # the image check opens with os.open; pandas and csv do not
+    reject = only_reject(manifest_of(tmp_path, [("u1", "2021-08-12", "locked.png")]))
+    assert reject.reason == "image_unreadable" and "permission denied" in reject.message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
+def test_unreadable_image_for_real(tmp_path: Path) -> None:
+    image(tmp_path, "locked.png")
+    (tmp_path / "locked.png").chmod(0)
+    (tmp_path / "closed").mkdir()
+    image(tmp_path, "closed/a.png")
+    (tmp_path / "closed").chmod(0)
+    try:
+        path = manifest_of(
+            tmp_path, [("u1", "2021-08-12", "locked.png"), ("u2", "2021-08-12", "closed/a.png")]
+        )
+        assert set(reasons(path).values()) == {"image_unreadable"}
+    finally:
+        (tmp_path / "closed").chmod(0o700)
+
+
+def test_empty_image(tmp_path: Path) -> None:
+    image(tmp_path, "empty.jpg", b"")
+    assert only_reject(manifest_of(tmp_path, [("u1", "2021-08-12", "empty.jpg")])).reason == "image_empty"
+
+
+def test_size_limit_is_inclusive(tmp_path: Path) -> None:
+    image(tmp_path, "exact.jpg", jpeg(5000))
+    image(tmp_path, "over.jpg", jpeg(5001))
+    path = manifest_of(tmp_path, [("u1", "2021-08-12", "exact.jpg"), ("u2", "2021-08-12", "over.jpg")])
+    limited = rules(max_image_bytes=5000)
+    assert reasons(path, limited) == {2: "ok", 3: "image_too_large"}
+    message = read(path, limited)[1][0].message
+    assert "5,001" in message and "5,000" in message
+
+
+@pytest.mark.parametrize(
+    ("data", "looks_like"),
+    [
+        (b"just some notes\n", "text"),
+        (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00;", "GIF"),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 ", "WebP"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIC"),
+        (b"<!DOCTYPE html><html>404</html>", "HTML"),
+        (b"%PDF-1.7\n", "PDF"),
+        (b"\x89PNX\r\n\x1a\n" + b"\x00" * 20, "bytes 89 50 4e 58"),
+        (b"\xff\xd8\x00", "damaged"),
+    ],
+)
+def test_not_jpeg_or_png(tmp_path: Path, data: bytes, looks_like: str) -> None:
+    image(tmp_path, "photo.jpg", data)
+    reject = only_reject(manifest_of(tmp_path, [("u1", "2021-08-12", "photo.jpg")]))
+    assert reject.reason == "image_not_jpeg_or_png" and looks_like in reject.message
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (jpeg(300), "ok"),
+        (jpeg(300, end=False), "image_truncated"),
+        (jpeg(300) + b"\x00" * 900, "ok"),  # zero padding after the end marker is common
+        (jpeg(300) + b"\x00" * 2000, "image_truncated"),  # but the marker must be in the last 1 KB
+        (jpeg(20_000), "ok"),  # large enough to be read as head + tail
+        (jpeg(20_000, end=False), "image_truncated"),
+        (png(), "ok"),
+        (png()[:-12], "image_truncated"),
+        (png()[:-12] + b"\x00" * 5000, "image_truncated"),
+        (png() + b"trailing junk", "ok"),
+    ],
+)
+def test_truncated_images(tmp_path: Path, data: bytes, expected: str) -> None:
+    image(tmp_path, "photo", data)
+    assert reasons(manifest_of(tmp_path, [("u1", "2021-08-12", "photo")])) == {2: expected}
+
+
+def test_first_failure_wins(tmp_path: Path) -> None:
+    image(tmp_path, "a.png")
+    path = manifest_of(
+        tmp_path,
+        [
+            ("bad id", "", "missing.png"),  # empty beats bad id
+            ("bad id", "nonsense", "missing.png"),  # bad id beats bad date
+            ("dup", "nonsense", "missing.png"),  # duplicate beats bad date
+            ("dup", "2021-08-12", "missing.png"),  # duplicate beats missing image
+            ("u1", "2099-01-01", "missing.png"),  # future beats missing image
+        ],
+    )
+    assert list(reasons(path).values()) == [
+        "empty_value", "bad_user_id", "duplicate_user_id", "duplicate_user_id", "future_date"
+    ]  # fmt: skip
+
+
+def mixed_manifest(folder: Path) -> Path:
+    image(folder, "ok.png")
+    image(folder, "text.jpg", b"hello")
+    rows = []
+    for i in range(40):
+        kind = i % 8
+        rows.append(
+            (
+                f"u{i}" if kind != 1 else "bad id",
+                "2021-08-12" if kind != 2 else "2021-02-30",
+                "ok.png" if kind not in (3, 4) else ("missing.png" if kind == 3 else "text.jpg"),
+            )
+        )
+    rows[7] = rows[30] = ("twice", "2021-08-12", "ok.png")
+    return manifest_of(folder, rows)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7])
+def test_small_chunks_give_the_same_answer_and_account_for_every_row(tmp_path: Path, chunk_rows: int) -> None:
+    path = mixed_manifest(tmp_path)
+    whole = open_manifest(path, rules(chunk_rows=10_000))
+    assert whole.total_rows == 40 and whole.duplicate_ids == 1
+    expected = list(whole.batches())
+    assert len(expected) == 1
+    chunked = open_manifest(path, rules(chunk_rows=chunk_rows))
+    batches = list(chunked.batches())
+    assert len(batches) == -(-40 // chunk_rows)
+    assert [r for b in batches for r in b.rows] == expected[0].rows
+    assert [r for b in batches for r in b.rejects] == expected[0].rejects
+    lines = sorted([r.line for b in batches for r in b.rows] + [r.line for b in batches for r in b.rejects])
+    assert lines == list(range(2, 42))
+    for batch in batches:
+        assert [r.line for r in batch.rows] == sorted(r.line for r in batch.rows)
+        assert [r.line for r in batch.rejects] == sorted(r.line for r in batch.rejects)
+
+
+def test_validate_manifest_counts_valid_rows_and_keeps_rejects(tmp_path: Path) -> None:
+    path = mixed_manifest(tmp_path)
+    valid, rejects = validate_manifest(path, rules(chunk_rows=4))
+    rows, expected_rejects = read(path)
+    assert valid == len(rows) and rejects == expected_rejects and valid + len(rejects) == 40
+
+
+# --- generated manifests ---------------------------------------------------------------------------------
+
+PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+GOOD_DATES = ["2021-08-12", "2021-05-18 15:14:43-0700", "2021-05-18T15:14:43Z", "2029-12-31T23:59:59.5+01:00"]
+BAD_DATES = ["2021-02-30", "12/08/2021", "1800-01-01", "2021-08-12 ", "x"]
+FUTURE_DATES = ["2031-01-01", "2030-01-01T12:00:01Z"]
+# Image name -> the reason it gives (None: fine). Created once per example by `make_images`.
+IMAGES: dict[str, str | None] = {
+    "a.png": None,
+    "b.jpg": None,
+    "dir/c.jpg": None,
+    "missing.png": "image_missing",
+    "text.jpg": "image_not_jpeg_or_png",
+    "cut.jpg": "image_truncated",
+    "empty.png": "image_empty",
+    "folder": "image_not_file",
+}
+
+
+def make_images(folder: Path) -> None:
+    image(folder, "a.png")
+    image(folder, "b.jpg", jpeg())
+    image(folder, "dir/c.jpg", jpeg(500))
+    image(folder, "text.jpg", b"text")
+    image(folder, "cut.jpg", jpeg(end=False))
+    image(folder, "empty.png", b"")
+    (folder / "folder").mkdir()
+
+
+ids = st.one_of(
+    st.sampled_from(["u1", "u2", "u3", "00123", "NA", "null", "a-b_c"]),
+    st.text(alphabet="abcXYZ019_-", min_size=1, max_size=6),
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=6),
+)
+rows_strategy = st.lists(
+    st.tuples(
+        ids,
+        st.sampled_from(GOOD_DATES + BAD_DATES + FUTURE_DATES + ["", " "]),
+        st.sampled_from([*IMAGES, ""]),
+        st.sampled_from([None, None, None, "", "extra"]),  # an extra field: blank (fine) or not (malformed)
+    ),
+    max_size=25,
+)
+
+
+def expected_reason(row: tuple[str, str, str, str | None], counts: Counter[str]) -> str:
+    """An independent statement of the rules, for the finite pools above."""
+    user_id, created, name, extra = row
+    if extra:
+        return "malformed_row"
+    if not user_id.strip() or not created.strip() or not name.strip():
+        return "empty_value"
+    if not (user_id.isascii() and PATTERN.fullmatch(user_id)):
+        return "bad_user_id"
+    if counts[user_id] > 1:
+        return "duplicate_user_id"
+    if created in BAD_DATES:
+        return "bad_date"
+    if created in FUTURE_DATES:
+        return "future_date"
+    return IMAGES[name] or "ok"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=rows_strategy, chunk_rows=st.integers(min_value=1, max_value=8))
+def test_generated_manifests(rows: list[tuple[str, str, str, str | None]], chunk_rows: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        base = Path(folder)
+        make_images(base)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)  # "\r\n" line ends, so a lone "\r" or "\n" in a value gets quoted
+        writer.writerow(HEADER.split(","))
+        writer.writerows([u, c, n] if x is None else [u, c, n, x] for u, c, n, x in rows)
+        path = write(base, buffer.getvalue())
+        try:
+            manifest = open_manifest(path, rules(chunk_rows=chunk_rows))
+            batches = list(manifest.batches())
+        except ManifestError:
+            return  # allowed: the file as a whole is unusable (never expected with csv-written files)
+        assert manifest.total_rows == len(rows)
+        got = {r.line: "ok" for b in batches for r in b.rows} | {
+            r.line: r.reason for b in batches for r in b.rejects
+        }
+        assert sorted(got) == list(range(2, len(rows) + 2)) and len(got) == sum(
+            len(b.rows) + len(b.rejects) for b in batches
+        )
+        valid_ids = [r.user_id for b in batches for r in b.rows]
+        assert len(valid_ids) == len(set(valid_ids)) and all(PATTERN.fullmatch(i) for i in valid_ids)
+        counts = Counter(u for u, *_ in rows)
+        assert got == {line: expected_reason(row, counts) for line, row in enumerate(rows, start=2)}
+
+
+# --- the sample data -------------------------------------------------------------------------------------
+
+
+def test_sample_data_counts() -> None:
+    # From the rows written by sample_data/make_sample_data.py (see sample_data/README.md).
+    expected = {
+        "ok": 15,
+        "duplicate_user_id": 2,
+        "empty_value": 1,
+        "future_date": 1,
+        "bad_date": 1,
+        "bad_user_id": 1,
+        "image_missing": 1,
+        "image_not_jpeg_or_png": 2,
+    }
+    got = reasons(SAMPLE, ManifestRules())
+    assert Counter(got.values()) == expected
+    assert open_manifest(SAMPLE, ManifestRules()).total_rows == 24
+    rows, _ = read(SAMPLE, ManifestRules())
+    assert "00123" in {r.user_id for r in rows}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.text(alphabet='a1,"\r\n \x00é-', max_size=60), chunk_rows=st.integers(min_value=1, max_value=4)
+)
+def test_arbitrary_text_is_read_or_refused_as_a_whole(body: str, chunk_rows: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = write(Path(folder), f"{HEADER}\n{body}")
+        try:
+            manifest = open_manifest(path, rules(chunk_rows=chunk_rows))
+            batches = list(manifest.batches())
+        except ManifestError:
+            return
+        lines = sorted(
+            [r.line for b in batches for r in b.rows] + [r.line for b in batches for r in b.rejects]
+        )
+        assert lines == list(range(2, manifest.total_rows + 2))
