@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
@@ -53,6 +53,7 @@ _SYSTEMIC_CODES = {
 # Gateway and server errors can arrive after the upstream committed the enrollment; 503 and 429 say the
 # request was not taken on.
 _IN_DOUBT_STATUSES = {500, 502, 504}
+_NOT_TAKEN_STATUSES = {408, 429, 503}
 _TRANSIENT_STATUSES = {408, 429, 500, 502, 503, 504}
 
 
@@ -72,7 +73,10 @@ def classify_answer(
     if code == "2209":
         return Verdict(Kind.ALREADY, False, status, code, text)
     if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES:
-        in_doubt = status in _IN_DOUBT_STATUSES or code in _TRANSIENT_CODES
+        # A system-error code can follow a commit, unless the status itself says the request was refused.
+        in_doubt = status in _IN_DOUBT_STATUSES or (
+            code in _TRANSIENT_CODES and status not in _NOT_TAKEN_STATUSES
+        )
         error = f"HTTP {status}" + (f" code {code}" if code else "") + ("" if payload else _snippet(body))
         return Verdict(Kind.TRANSIENT, in_doubt, status, code, text, error=error, retry_after=pause)
     if payload is None:
@@ -89,22 +93,22 @@ def _classify_result(
 ) -> Verdict:
     code = str(payload.get("ResultCode", ""))
     text = str(payload.get("ResultText", ""))
-    params = payload.get("PartnerParams") if isinstance(payload.get("PartnerParams"), dict) else {}
-    assert isinstance(params, dict)
-    job_id = str(params.get("job_id") or "")
-    smile_job_id = str(payload.get("SmileJobID") or "")
+    raw_params = payload.get("PartnerParams")
+    params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
     signature_ok = verify(payload.get("signature"), payload.get("timestamp"), partner_id, api_key.reveal())
-    echoed = params.get("user_id")
-    fields = {"result_code": code, "result_text": text, "smile_job_id": smile_job_id, "job_id": job_id}
+    base = Verdict(
+        Kind.PERMANENT, False, status, code, text, str(payload.get("SmileJobID") or ""),
+        str(params.get("job_id") or ""), signature_ok=signature_ok,
+    )  # fmt: skip
     if not signature_ok:
         error = "the response's signature did not verify; not trusted as an enrollment"
-        return Verdict(Kind.UNVERIFIED, True, status, signature_ok=False, error=error, **fields)
-    if echoed != user_id:
-        error = f"the response names user_id {echoed!r}, not the one sent; not trusted as an enrollment"
-        return Verdict(Kind.UNVERIFIED, True, status, signature_ok=True, error=error, **fields)
+        return replace(base, kind=Kind.UNVERIFIED, in_doubt=True, error=error)
+    if params.get("user_id") != user_id:
+        error = f"the response names user_id {params.get('user_id')!r}, not the one sent; not trusted"
+        return replace(base, kind=Kind.UNVERIFIED, in_doubt=True, error=error)
     if code == "0840":
-        return Verdict(Kind.ENROLLED, False, status, signature_ok=True, **fields)
-    return Verdict(Kind.PERMANENT, False, status, signature_ok=True, error=f"result {code}: {text}", **fields)
+        return replace(base, kind=Kind.ENROLLED)
+    return replace(base, error=f"result {code}: {text}")
 
 
 def classify_transport(error: TransportError) -> Verdict:

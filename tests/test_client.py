@@ -72,6 +72,9 @@ def test_gateway_errors_may_have_committed_but_503_did_not() -> None:
     assert classify(502, b"<html>Bad Gateway</html>").in_doubt
     assert classify(504, b"").in_doubt
     assert not classify(503, {"error": "busy"}).in_doubt
+    # A refusal status outranks the system-error code it carries (the sandbox's 503s say 2201).
+    assert not classify(503, {"code": "2201", "error": "busy"}).in_doubt
+    assert classify(500, {"code": "2201", "error": "boom"}).in_doubt
 
 
 def test_html_page_with_200_is_transient_and_in_doubt() -> None:
