@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointLocked
 
 SCHEMA_VERSION = "1"
 
@@ -135,8 +136,11 @@ class SqliteStore:
     "recorded before sent" holds, while one fsync is shared by every attempt that arrived meanwhile.
     """
 
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, lock: int | None = None
+    ) -> None:
         self._conn = conn
+        self._lock = lock
         self._executor = executor
         self._queue: list[tuple[str, tuple[Any, ...], asyncio.Future[None] | None]] = []
         self._wake = asyncio.Event()
@@ -145,14 +149,18 @@ class SqliteStore:
 
     @classmethod
     async def open(cls, path: Path, partner_id: str, env: str, *, create: bool = True) -> SqliteStore:
+        """Open (or create) the checkpoint. A writer (create=True) holds the run lock until close()."""
+        lock = acquire_lock(path) if create else None
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         loop = asyncio.get_running_loop()
         try:
             conn = await loop.run_in_executor(executor, _connect, path, partner_id, env, create)
         except BaseException:
             executor.shutdown(wait=False)
+            if lock is not None:
+                os.close(lock)
             raise
-        return cls(conn, executor)
+        return cls(conn, executor, lock)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -198,6 +206,9 @@ class SqliteStore:
                 self._writer.cancel()
             await self._call(self._conn.close)
             self._executor.shutdown(wait=True)
+            if self._lock is not None:
+                os.close(self._lock)  # closing the descriptor releases the flock
+                self._lock = None
 
     def _enqueue(self, sql: str, params: tuple[Any, ...], future: asyncio.Future[None] | None) -> None:
         self._raise_if_failed()
@@ -268,6 +279,37 @@ def _outcome_params(o: Outcome) -> tuple[Any, ...]:
         o.state, int(o.in_doubt), o.http_status, o.result_code, o.result_text, o.smile_job_id, o.job_id,
         o.at, o.user_id,
     )  # fmt: skip
+
+
+def acquire_lock(path: Path) -> int:
+    """Hold `<checkpoint>.lock` for this process, or raise CheckpointLocked naming the live holder.
+
+    flock is released by the kernel when its holder dies, however it dies, so a lock left by a killed
+    run is simply taken over; the file's text only tells a person who holds it.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise CheckpointError(f"can't create the lock file {lock_path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace")
+        os.close(fd)
+        try:
+            info = json.loads(holder)
+            who = f"pid {info['pid']} on {info['host']}, started {info['started_at']}"
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        raise CheckpointLocked(
+            f"the checkpoint {path} is in use by {who}. Wait for that run to finish, or stop it; "
+            "two runs on one checkpoint would interleave"
+        ) from None
+    holder_info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder_info).encode(), 0)
+    return fd
 
 
 # --- functions below run on the checkpoint's own thread only ---

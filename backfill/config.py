@@ -62,6 +62,7 @@ class Settings:
     connect_timeout: float = 10.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    fail_threshold: float = 0.5
     checkpoint: Path | None = None
     out: Path = Path("backfill-out")
     dry_run: bool = False
@@ -121,6 +122,13 @@ def _positive_float(raw: object) -> float:
         raise ValueError(f"{raw!r} is not a number") from None
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{raw!r} is not a positive number")
+    return value
+
+
+def _fraction(raw: object) -> float:
+    value = _positive_float(raw)
+    if value > 1:
+        raise ValueError(f"{raw!r} is not a fraction between 0 and 1")
     return value
 
 
@@ -186,6 +194,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "connect_timeout": _positive_float,
     "backoff_initial": _positive_float,
     "backoff_max": _positive_float,
+    "fail_threshold": _fraction,
     "checkpoint": _path,
     "out": _path,
     "dry_run": _boolean,

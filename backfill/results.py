@@ -94,10 +94,14 @@ def _new_run_dir(root: Path, suffix: str = "") -> tuple[str, Path]:
 
 
 class RejectLike(Protocol):
-    line: int
-    user_id: str
-    reason: str
-    message: str
+    @property
+    def line(self) -> int: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def message(self) -> str: ...
 
 
 def write_rejects(root: Path, rejects: Iterable[RejectLike]) -> Path:

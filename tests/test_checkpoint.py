@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from backfill.checkpoint import Attempt, Outcome, SqliteStore
-from backfill.errors import CheckpointError
+from backfill.checkpoint import Attempt, Outcome, SqliteStore, acquire_lock
+from backfill.errors import CheckpointError, CheckpointLocked
 
 
 def attempt(user_id: str, *, in_doubt: bool = False) -> Attempt:
@@ -45,7 +48,13 @@ async def test_outcome_and_lookup_round_trip(tmp_path: Path) -> None:
     store.record_outcome(outcome("u1", "enrolled"))
     await store.flush()
     k = (await store.lookup(["u1"]))["u1"]
-    assert (k.state, k.attempts, k.in_doubt, k.result_code, k.image_size) == ("enrolled", 1, False, "0840", 10)
+    assert (k.state, k.attempts, k.in_doubt, k.result_code, k.image_size) == (
+        "enrolled",
+        1,
+        False,
+        "0840",
+        10,
+    )
     await store.close()
 
 
@@ -87,3 +96,23 @@ async def test_file_is_owner_only_and_integrity_checks(tmp_path: Path) -> None:
     await store.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    path = tmp_path / "cp.sqlite"
+    first = await SqliteStore.open(path, "085", "sandbox")
+    with pytest.raises(CheckpointLocked) as info:
+        await SqliteStore.open(path, "085", "sandbox")
+    assert f"pid {os.getpid()}" in str(info.value) and info.value.exit_code == 3
+    await first.close()
+    await (await SqliteStore.open(path, "085", "sandbox")).close()  # released on close
+
+
+def test_lock_of_a_killed_process_is_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "cp.sqlite"
+    code = f"from backfill.checkpoint import acquire_lock; from pathlib import Path; acquire_lock(Path({str(path)!r}))\n"
+    code += "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    killed = subprocess.run([sys.executable, "-c", code], check=False)
+    assert killed.returncode == -9
+    assert "pid" in (tmp_path / "cp.sqlite.lock").read_text()  # the dead holder's note is still there
+    os.close(acquire_lock(path))

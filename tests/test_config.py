@@ -86,7 +86,11 @@ def test_missing_credentials_stop_before_anything_runs() -> None:
 def test_columns_mapping(tmp_path: Path) -> None:
     config = write(tmp_path, "columns:\n  user_id: customer_ref\n  image_path: selfie\n")
     s = load_settings(config, CREDS)
-    assert s.columns == {"user_id": "customer_ref", "user_created_at": "user_created_at", "image_path": "selfie"}
+    assert s.columns == {
+        "user_id": "customer_ref",
+        "user_created_at": "user_created_at",
+        "image_path": "selfie",
+    }
     with pytest.raises(ConfigError):
         load_settings(write(tmp_path, "columns:\n  photo: x\n"), CREDS)
 

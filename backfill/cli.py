@@ -1,0 +1,205 @@
+"""The `backfill` command: parse flags, resolve settings, make one library call, map errors to exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from tqdm import tqdm
+
+from . import __version__, runner
+from . import results as rs
+from .config import Settings, load_settings
+from .errors import BackfillError
+from .manifest import validate_manifest
+
+# The local sandbox's credentials when none are given: public values for an emulator, not secrets.
+LOCAL_PARTNER_ID = "000"
+LOCAL_API_KEY = "local-sandbox-key"
+SAMPLE_MANIFEST = Path(__file__).resolve().parent.parent / "sample_data" / "manifest.csv"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(error: BackfillError) -> NoReturn:
+    click.echo(f"backfill: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def _guard(fn: F) -> F:
+    """Turn the library's errors into a one-line message and the error's exit code: no traceback."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BackfillError as error:
+            _fail(error)
+        except KeyboardInterrupt:
+            click.echo("backfill: interrupted", err=True)
+            sys.exit(130)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+class TqdmProgress:
+    """A progress bar on stderr: done/total, rate, ETA and failures; silent when stderr isn't a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled and sys.stderr.isatty()
+        self._bar: tqdm[Any] | None = None
+        self._failures = 0
+
+    def start(self, total: int) -> None:
+        self._bar = tqdm(
+            total=total, unit="row", file=sys.stderr, disable=not self._enabled, dynamic_ncols=True
+        )
+
+    def advance(self, status: str) -> None:
+        assert self._bar is not None
+        if status not in rs.OK_STATUSES and status != rs.DRY_RUN:
+            self._failures += 1
+            self._bar.set_postfix(failed=self._failures, refresh=False)
+        self._bar.update()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@click.group()
+@click.version_option(__version__, prog_name="backfill")
+def main() -> None:
+    """Enroll existing users into Smile ID from a manifest CSV, resumably and at most once per user_id.
+
+    Credentials come from SMILE_PARTNER_ID and SMILE_API_KEY (never a flag).
+    """
+
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="YAML settings file."
+)
+out_option = click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder.")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@config_option
+@out_option
+@_guard
+def validate(manifest: Path, config_file: Path | None, out: Path | None) -> None:
+    """Validate MANIFEST only: write rejects.csv and print counts. Sends nothing."""
+    settings = load_settings(config_file, flags={"out": out}, need_credentials=False)
+    valid, rejects = validate_manifest(manifest, runner.manifest_rules(settings))
+    path = rs.write_rejects(settings.out, rejects)
+    click.echo(f"{valid} valid, {len(rejects)} rejected; rejects: {path}")
+    sys.exit(0 if not rejects else 1)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@config_option
+@click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.")
+@click.option("--base-url", help="API root, e.g. http://127.0.0.1:8080/v1 (overrides --env's URL).")
+@click.option("--concurrency", type=int, help="Requests in flight at once.")
+@click.option("--rate", type=float, help="Requests per second across all workers, retries included.")
+@click.option("--max-attempts", type=int, help="Attempts per row before giving up on transient errors.")
+@click.option("--timeout", type=float, help="Seconds to wait for one answer.")
+@click.option(
+    "--fail-threshold", type=float, help="Stop when this fraction of recent rows fail (default 0.5)."
+)
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
+@out_option
+@click.option(
+    "--dry-run", is_flag=True, default=None, help="Validate, build and sign every request; send none."
+)
+@click.option("--limit", type=int, help="Send at most N rows (a canary).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_guard
+def run(manifest: Path, config_file: Path | None, no_progress: bool, **flags: Any) -> None:
+    """Send every valid row of MANIFEST not already enrolled; resume where an earlier run stopped."""
+    settings = load_settings(config_file, flags=flags)
+    _run(settings, manifest, progress=not no_progress and settings.progress)
+
+
+def _run(settings: Settings, manifest: Path, *, progress: bool) -> NoReturn:
+    bar = TqdmProgress(progress)
+    try:
+        summary = runner.run_blocking(settings, manifest, progress=bar)
+    finally:
+        bar.close()
+    _report(summary)
+    sys.exit(summary.exit_code)
+
+
+def _report(summary: rs.Summary) -> None:
+    counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
+    click.echo(f"{summary.total_rows} rows: {counts}")
+    if summary.not_reached:
+        click.echo(
+            f"{summary.not_reached} rows not reached in this run: run the same command again to continue"
+        )
+    if summary.stop_reason:
+        click.echo(f"stopped: {summary.stop_reason}", err=True)
+    click.echo(f"results: {summary.out_dir}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--latency-ms", default=0.0, show_default=True, type=float, help="Delay added to every answer.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for generated IDs and faults.")
+@click.option("--state-file", type=click.Path(path_type=Path, dir_okay=False), help="Keep enrollments here.")
+@_guard
+def sandbox(host: str, port: int, latency_ms: float, seed: int, state_file: Path | None) -> None:
+    """Serve a local emulator of the backfill_users API (for rehearsals and tests)."""
+    from .sandbox import Faults, serve
+
+    partner_id = os.environ.get("SMILE_PARTNER_ID", LOCAL_PARTNER_ID)
+    api_key = os.environ.get("SMILE_API_KEY", LOCAL_API_KEY)
+    click.echo(f"sandbox on http://{host}:{port}/v1 for partner {partner_id} (Ctrl-C to stop)", err=True)
+    serve(partner_id, api_key, host=host, port=port, faults=Faults(latency_ms=latency_ms), seed=seed,
+          state_file=state_file)  # fmt: skip
+
+
+@main.command()
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_guard
+def demo(no_progress: bool) -> None:
+    """Run the bundled sample data through an in-process sandbox, with a throwaway checkpoint and output."""
+    from .sandbox import start_sandbox
+
+    work = Path(tempfile.mkdtemp(prefix="backfill-demo-"))
+    api_key = secrets.token_urlsafe(24)
+    bar = TqdmProgress(not no_progress)
+
+    async def go() -> rs.Summary:
+        server = await start_sandbox(LOCAL_PARTNER_ID, api_key)
+        try:
+            settings = load_settings(
+                None,
+                environ={"SMILE_PARTNER_ID": LOCAL_PARTNER_ID, "SMILE_API_KEY": api_key},
+                flags={
+                    "env": "local", "base_url": server.base_url, "checkpoint": work / "checkpoint.sqlite",
+                    "out": work / "out", "rate": 50, "concurrency": 4,
+                },
+            )  # fmt: skip
+            return await runner.run(settings, SAMPLE_MANIFEST, progress=bar)
+        finally:
+            await server.stop()
+
+    try:
+        summary = asyncio.run(go())
+    finally:
+        bar.close()
+    _report(summary)
+    click.echo("(the sample manifest has rows that are rejected on purpose: see rejects.csv)")
+    sys.exit(0 if summary.exit_code in (0, 1) else summary.exit_code)

@@ -1,0 +1,438 @@
+"""The backfill itself: validated rows, filtered by the checkpoint, sent by a rate-limited worker pool."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from aiolimiter import AsyncLimiter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from . import checkpoint as cp
+from . import results as rs
+from .checkpoint import Attempt, Known, Outcome, SqliteStore, Store, now_iso
+from .client import Client, Kind, Verdict, read_photo
+from .config import Settings
+from .manifest import Batch, ManifestRules, Row, open_manifest
+
+Sleep = Callable[[float], Awaitable[None]]
+# The circuit breaker looks at the last BREAKER_WINDOW rows sent, once at least BREAKER_MIN_ROWS are in it.
+BREAKER_WINDOW = 100
+BREAKER_MIN_ROWS = 20
+_FAILURES = frozenset({rs.FAILED, rs.RETRY_EXHAUSTED, rs.UNKNOWN})
+
+
+class Progress(Protocol):
+    """What the runner tells whoever shows progress; the library itself never prints."""
+
+    def start(self, total: int) -> None: ...
+    def advance(self, status: str) -> None: ...
+
+
+@dataclass(slots=True)
+class _Work:
+    row: Row
+    in_doubt: bool  # an earlier attempt (this run or before) may have enrolled the user unseen
+    attempts: int = 0
+
+
+def manifest_rules(settings: Settings) -> ManifestRules:
+    return ManifestRules(
+        user_id_column=settings.columns["user_id"],
+        user_created_at_column=settings.columns["user_created_at"],
+        image_path_column=settings.columns["image_path"],
+        user_id_pattern=settings.user_id_pattern,
+        max_image_bytes=settings.max_image_bytes,
+        images_root=settings.images_root,
+        chunk_rows=settings.chunk_rows,
+    )
+
+
+def _status_for(verdict: Verdict, work: _Work, stopped: bool) -> str:
+    """The row's final status from its last verdict; the 2209 rule lives here."""
+    if verdict.kind is Kind.ENROLLED:
+        return rs.ENROLLED
+    if verdict.kind is Kind.ALREADY:
+        # Ours only if an earlier attempt may have reached the server; otherwise someone else holds the ID.
+        return rs.ALREADY_ENROLLED if work.in_doubt else rs.ID_CONFLICT
+    if verdict.kind is Kind.PERMANENT:
+        return rs.FAILED
+    if verdict.kind is Kind.SYSTEMIC:
+        return rs.UNKNOWN if work.in_doubt else rs.PENDING
+    if work.in_doubt or verdict.kind is Kind.UNVERIFIED:
+        return rs.UNKNOWN
+    return rs.PENDING if stopped else rs.RETRY_EXHAUSTED
+
+
+def _same_photo(known: Known, row: Row) -> bool:
+    """Whether the manifest's image is the one the checkpoint recorded, cheaply when the file is unchanged."""
+    if known.photo_sha256 is None:
+        return True
+    if (known.image_path, known.image_size, known.image_mtime_ns) == (
+        str(row.image_path),
+        row.image_size,
+        row.image_mtime_ns,
+    ):
+        return True  # same file, same size and mtime: the rsync quick check, so resume reads no images
+    digest = hashlib.sha256()
+    with row.image_path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == known.photo_sha256
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: Settings,
+        manifest_path: Path,
+        *,
+        progress: Progress | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.settings = settings
+        self.manifest_path = manifest_path
+        self.progress = progress
+        self._sleep = sleep
+        self._stop_reason = ""
+        self._stop_code = 0
+        self._limit_note = ""
+        self._resume_at = 0.0
+        self._sent = 0
+        self._attempts = 0
+        self._run_id = ""
+        self._recent: collections.deque[str] = collections.deque(maxlen=BREAKER_WINDOW)
+        burst = max(1.0, settings.rate * 0.05)
+        # A small bucket: a 1-second bucket would let `rate` requests out at once, which a server that
+        # measures over shorter windows reads as a burst over the limit.
+        self._limiter = AsyncLimiter(burst, burst / settings.rate)
+
+    # --- stopping ---
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self._stop_reason)
+
+    def stop(self, reason: str, exit_code: int) -> None:
+        """Stop taking new rows; in-flight requests finish and are recorded. The first reason wins."""
+        if not self._stop_reason:
+            self._stop_reason, self._stop_code = reason, exit_code
+
+    def interrupt(self, signum: int) -> None:
+        code = 128 + signum
+        if self.stopping and self._stop_code in (130, 143):
+            # Second signal: leave now. Every attempt is already recorded; resume reconciles the rest.
+            os._exit(code)
+        self.stop(f"interrupted by {signal.Signals(signum).name}", code)
+
+    # --- the run ---
+
+    async def run(self) -> rs.Summary:
+        s = self.settings
+        started, t0 = now_iso(), time.monotonic()
+        manifest = open_manifest(self.manifest_path, manifest_rules(s))
+        store = await self._open_store()  # before the output folder: a locked checkpoint leaves no litter
+        try:
+            output = rs.RunOutput(s.out)
+            self._run_id = output.run_id
+            if store is not None:
+                await store.start_run(output.run_id, str(self.manifest_path), started)
+            if self.progress is not None:
+                self.progress.start(manifest.total_rows)
+            client = Client(
+                s.base_url,
+                s.partner_id,
+                s.api_key,
+                timeout=s.timeout,
+                connect_timeout=s.connect_timeout,
+                concurrency=s.concurrency,
+            )
+            queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=s.concurrency * 4)
+            async with client:
+                workers = [
+                    asyncio.create_task(self._worker(queue, client, store, output))
+                    for _ in range(s.concurrency)
+                ]
+                try:
+                    await self._produce(manifest.batches(), queue, store, output)
+                finally:
+                    for _ in workers:
+                        await queue.put(None)
+                    await asyncio.gather(*workers)
+            summary = self._summary(output, manifest.total_rows, started, t0)
+            if store is not None:
+                await store.finish_run(
+                    output.run_id, summary.finished_at, manifest.total_rows, summary.exit_code
+                )
+        finally:
+            if store is not None:
+                await store.close()
+        output.close(summary)
+        return summary
+
+    async def _open_store(self) -> SqliteStore | None:
+        s = self.settings
+        path = s.checkpoint_path()
+        if s.dry_run:
+            # A dry run reads the checkpoint to show what would be skipped, and never creates or writes one.
+            if not path.exists():
+                return None
+            return await SqliteStore.open(path, s.partner_id, s.env, create=False)
+        return await SqliteStore.open(path, s.partner_id, s.env)
+
+    async def _produce(
+        self,
+        batches: Iterator[Batch],
+        queue: asyncio.Queue[_Work | None],
+        store: Store | None,
+        output: rs.RunOutput,
+    ) -> None:
+        queued = 0
+        limit = self.settings.limit
+        while not self.stopping:
+            # Reading a chunk stats thousands of files: off the event loop, so sends keep flowing.
+            batch = await asyncio.to_thread(next, batches, None)
+            if batch is None:
+                return
+            for reject in batch.rejects:
+                output.reject(reject.line, reject.user_id, reject.reason, reject.message)
+                self._advance(rs.REJECTED)
+            known = await store.lookup([r.user_id for r in batch.rows]) if store is not None else {}
+            decisions = await asyncio.to_thread(self._decide, batch.rows, known)
+            for row, decision in zip(batch.rows, decisions, strict=True):
+                if isinstance(decision, _Work):
+                    if self.stopping:
+                        return
+                    if limit is not None and queued >= limit:
+                        # Not a stop: rows already queued still go out; only reading more ends here.
+                        self._limit_note = f"--limit {limit} reached"
+                        return
+                    queued += 1
+                    await queue.put(decision)
+                elif decision[0] == rs.REJECTED:
+                    output.reject(row.line, row.user_id, "user_id_reused", decision[1])
+                    self._advance(rs.REJECTED)
+                else:
+                    k = known[row.user_id]
+                    output.result(
+                        rs.ResultRow(
+                            row.user_id, decision[0], result_code=k.result_code or "", attempts=0,
+                            error=decision[1], finished_at=now_iso(),
+                        )
+                    )  # fmt: skip
+                    self._advance(decision[0])
+
+    def _decide(self, rows: list[Row], known: dict[str, Known]) -> list[_Work | tuple[str, str]]:
+        """For each row: work to send, or (status, message) for a row settled without sending."""
+        out: list[_Work | tuple[str, str]] = []
+        for row in rows:
+            k = known.get(row.user_id)
+            if k is None:
+                out.append(_Work(row, in_doubt=False))
+                continue
+            try:
+                same = _same_photo(k, row)
+            except OSError as exc:
+                out.append((rs.REJECTED, f"image can't be read to compare with the enrolled photo: {exc}"))
+                continue
+            if not same and (k.state in cp.DONE_STATES or k.in_doubt or k.state in (cp.SENDING, cp.UNKNOWN)):
+                out.append((rs.REJECTED, _reused_message(row, k)))
+            elif k.state in cp.DONE_STATES:
+                out.append((rs.SKIPPED, f"already {k.state} in the checkpoint; not sent again"))
+            elif k.state == cp.ID_CONFLICT:
+                out.append((rs.ID_CONFLICT, "the ID is held by another user on Smile ID; not sent again"))
+            elif k.state == cp.FAILED and same:
+                message = f"failed permanently earlier ({k.result_code}); fix the image or use another ID"
+                out.append((rs.FAILED, message))
+            else:
+                in_doubt = k.in_doubt or k.state in (cp.SENDING, cp.UNKNOWN)
+                out.append(_Work(row, in_doubt=in_doubt))
+        return out
+
+    async def _worker(
+        self, queue: asyncio.Queue[_Work | None], client: Client, store: Store | None, output: rs.RunOutput
+    ) -> None:
+        s = self.settings
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(s.max_attempts),
+            wait=self._wait,
+            retry=retry_if_result(lambda v: v.kind is Kind.TRANSIENT and not self.stopping),
+            sleep=self._sleep,
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        while (work := await queue.get()) is not None:
+            if self.stopping:
+                continue  # dequeued but never sent: counted as not reached
+            if s.dry_run:
+                self._dry_run(work, client, output)
+                continue
+            verdict: Verdict = await retrying(self._attempt, work, client, store)
+            self._finish(work, verdict, store, output)
+
+    def _wait(self, state: RetryCallState) -> float:
+        verdict = state.outcome.result() if state.outcome else None
+        if isinstance(verdict, Verdict) and verdict.retry_after is not None:
+            return min(verdict.retry_after, max(self.settings.backoff_max, verdict.retry_after))
+        backoff = wait_random_exponential(
+            multiplier=self.settings.backoff_initial, max=self.settings.backoff_max
+        )
+        return float(backoff(state))
+
+    async def _attempt(self, work: _Work, client: Client, store: Store | None) -> Verdict:
+        loop = asyncio.get_running_loop()
+        pause = self._resume_at - loop.time()
+        if pause > 0:
+            await self._sleep(pause)  # someone got a 429: everyone slows down, not just that row
+        try:
+            photo = await asyncio.to_thread(read_photo, work.row.image_path)
+        except OSError as exc:
+            return Verdict(Kind.PERMANENT, False, error=f"image can't be read now: {exc.strerror}")
+        await self._limiter.acquire()
+        assert store is not None
+        await store.record_attempt(
+            Attempt(
+                work.row.user_id, work.in_doubt, photo.sha256, str(work.row.image_path), work.row.image_size,
+                work.row.image_mtime_ns, work.row.user_created_at, now_iso(), self._run_id,
+            )
+        )  # fmt: skip
+        work.attempts += 1
+        self._attempts += 1
+        if work.attempts == 1:
+            self._sent += 1
+        verdict = await client.send(work.row.user_id, work.row.user_created_at, photo.b64)
+        del photo
+        if verdict.retry_after is not None and verdict.http_status == 429:
+            self._resume_at = max(self._resume_at, loop.time() + verdict.retry_after)
+        if verdict.kind is Kind.SYSTEMIC:
+            self.stop(f"the API answered {verdict.result_code}: {verdict.error}", 4)
+        if verdict.kind is Kind.ALREADY:
+            return verdict  # decided against in_doubt as it stood before this attempt
+        work.in_doubt = work.in_doubt or verdict.in_doubt
+        return verdict
+
+    def _finish(self, work: _Work, verdict: Verdict, store: Store | None, output: rs.RunOutput) -> None:
+        status = _status_for(verdict, work, self.stopping)
+        at = now_iso()
+        if store is not None and work.attempts > 0:
+            state = cp.PENDING if status == rs.PENDING else status
+            store.record_outcome(
+                Outcome(
+                    work.row.user_id, state, work.in_doubt, verdict.http_status, verdict.result_code,
+                    verdict.result_text, verdict.smile_job_id, verdict.job_id, at,
+                )
+            )  # fmt: skip
+        output.result(
+            rs.ResultRow(
+                work.row.user_id, status, verdict.http_status, verdict.result_code, verdict.result_text,
+                verdict.smile_job_id, verdict.job_id, work.attempts, verdict.signature_ok, verdict.error, at,
+            )
+        )  # fmt: skip
+        self._advance(status)
+        self._trip_breaker(status, verdict)
+
+    def _trip_breaker(self, status: str, verdict: Verdict) -> None:
+        """Stop when most recent rows fail: a broken image store or an API outage, not bad luck."""
+        self._recent.append(status)
+        if len(self._recent) < BREAKER_MIN_ROWS or self.stopping:
+            return
+        failed = sum(1 for s in self._recent if s in _FAILURES)
+        if failed / len(self._recent) >= self.settings.fail_threshold:
+            last = verdict.result_code or (
+                f"HTTP {verdict.http_status}" if verdict.http_status else verdict.error
+            )
+            self.stop(
+                f"{failed} of the last {len(self._recent)} rows failed (--fail-threshold "
+                f"{self.settings.fail_threshold}); the latest: {last}. Check the images and the API's status, "
+                "then re-run to resume",
+                4,
+            )
+
+    def _dry_run(self, work: _Work, client: Client, output: rs.RunOutput) -> None:
+        try:
+            client.body(work.row.user_id, work.row.user_created_at, read_photo(work.row.image_path).b64)
+        except OSError as exc:
+            output.result(
+                rs.ResultRow(work.row.user_id, rs.FAILED, error=f"image can't be read: {exc.strerror}")
+            )
+            self._advance(rs.FAILED)
+            return
+        output.result(
+            rs.ResultRow(work.row.user_id, rs.DRY_RUN, error="would be sent", finished_at=now_iso())
+        )
+        self._advance(rs.DRY_RUN)
+
+    def _advance(self, status: str) -> None:
+        if self.progress is not None:
+            self.progress.advance(status)
+
+    def _summary(self, output: rs.RunOutput, total: int, started: str, t0: float) -> rs.Summary:
+        duration = time.monotonic() - t0
+        counts = dict(sorted(output.counts.items()))
+        accounted = sum(counts.values())
+        not_reached = max(0, total - accounted)
+        settled = {status for status, n in counts.items() if n}
+        ok = settled <= (rs.OK_STATUSES | {rs.DRY_RUN}) and not not_reached
+        # A stop on a systemic error or a signal outranks the rows' statuses; a --limit stop does not.
+        exit_code = self._stop_code if self._stop_code in (4, 130, 143) else (0 if ok else 1)
+        return rs.Summary(
+            run_id=output.run_id,
+            out_dir=str(output.dir),
+            manifest=str(self.manifest_path),
+            env=self.settings.env,
+            base_url=self.settings.base_url,
+            started_at=started,
+            finished_at=now_iso(),
+            duration_s=round(duration, 3),
+            total_rows=total,
+            counts=counts,
+            rejected=counts.get(rs.REJECTED, 0),
+            sent=self._sent,
+            attempts=self._attempts,
+            not_reached=not_reached,
+            rows_per_s=round(accounted / duration, 1) if duration > 0 else 0.0,
+            exit_code=exit_code,
+            stop_reason=self._stop_reason or self._limit_note,
+            dry_run=self.settings.dry_run,
+            settings=self.settings.redacted(),
+        )
+
+
+def _reused_message(row: Row, k: Known) -> str:
+    return (
+        f"user_id {row.user_id!r} was already sent with a different photo ({k.image_path}); an ID is never "
+        "reused for another user. Give this user a new user_id, or restore the original image"
+    )
+
+
+async def run(
+    settings: Settings, manifest_path: Path, *, progress: Progress | None = None, sleep: Sleep = asyncio.sleep
+) -> rs.Summary:
+    """Run one backfill in the current event loop."""
+    return await Runner(settings, manifest_path, progress=progress, sleep=sleep).run()
+
+
+def run_blocking(settings: Settings, manifest_path: Path, *, progress: Progress | None = None) -> rs.Summary:
+    """Run one backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143)."""
+
+    async def main() -> rs.Summary:
+        runner = Runner(settings, manifest_path, progress=progress)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, runner.interrupt, signum)
+        return await runner.run()
+
+    return asyncio.run(main())

@@ -1,0 +1,103 @@
+"""The CLI as a user meets it: CliRunner against a real sandbox served from another thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from backfill.checkpoint import acquire_lock
+from backfill.cli import main
+from backfill.sandbox import RunningSandbox, start_sandbox
+
+from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "manifest.csv"
+ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
+
+
+@pytest.fixture
+def threaded_sandbox() -> Iterator[RunningSandbox]:
+    """The sandbox on its own loop in a thread, because the CLI runs its own event loop."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(start_sandbox(PARTNER_ID, API_KEY), loop).result(10)
+    yield server
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), env=env if env is not None else ENV, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_validate_sample_data_writes_rejects(tmp_path: Path) -> None:
+    code, out, _ = run_cli("validate", str(SAMPLE), "--out", str(tmp_path))
+    assert code == 1 and "valid" in out and "rejected" in out
+    rejects = next(tmp_path.glob("*-validate/rejects.csv")).read_text().splitlines()
+    assert rejects[0] == "line,user_id,reason,message" and len(rejects) > 1
+
+
+def test_run_against_the_sandbox_then_resume(tmp_path: Path, threaded_sandbox: RunningSandbox) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(12))
+    args = ["run", str(manifest), "--env", "local", "--base-url", threaded_sandbox.base_url,
+            "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    code, out, _ = run_cli(*args)
+    assert code == 0 and "12 enrolled" in out
+    code, out, _ = run_cli(*args)
+    assert code == 0 and "12 skipped" in out
+    assert threaded_sandbox.state.total_requests == 12
+
+
+def test_api_key_appears_in_no_output(tmp_path: Path, threaded_sandbox: RunningSandbox) -> None:
+    manifest = write_manifest(tmp_path, [*simple_rows(5), ("bad id", "2021-01-01", "x.png")])
+    _, out, err = run_cli(
+        "run", str(manifest), "--env", "local", "--base-url", threaded_sandbox.base_url,
+        "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert API_KEY not in out + err
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts]
+    assert len(written) >= 4  # checkpoint, results, rejects, summary (and the lock file)
+    for path in written:
+        assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_config_error_exits_2_naming_the_key_without_traceback(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    code, _, err = run_cli("run", str(manifest), "--concurrency", "0")
+    assert code == 2 and "concurrency (from flag --concurrency)" in err and "Traceback" not in err
+    code, _, err = run_cli("run", str(manifest), env={"SMILE_PARTNER_ID": "085", "SMILE_API_KEY": ""})
+    assert code == 2 and "SMILE_API_KEY" in err
+
+
+def test_unreadable_manifest_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "m.csv"
+    bad.write_text("id,when,photo\n1,2,3\n")
+    code, _, err = run_cli("run", str(bad), "--env", "local", "--out", str(tmp_path / "o"),
+                           "--checkpoint", str(tmp_path / "cp.sqlite"))  # fmt: skip
+    assert code == 2 and "user_id" in err and "Traceback" not in err
+
+
+def test_locked_checkpoint_exits_3(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    lock = acquire_lock(tmp_path / "cp.sqlite")
+    try:
+        code, _, err = run_cli("run", str(manifest), "--env", "local", "--checkpoint", str(tmp_path / "cp.sqlite"),
+                               "--out", str(tmp_path / "o"))  # fmt: skip
+    finally:
+        os.close(lock)
+    assert code == 3 and f"pid {os.getpid()}" in err
+
+
+def test_demo_runs_the_sample_data(tmp_path: Path) -> None:
+    code, out, _ = run_cli("demo", "--no-progress", env={})
+    assert code == 0 and "enrolled" in out and "results:" in out
+    assert "rejected" in out  # the sample manifest carries bad rows on purpose

@@ -1,0 +1,247 @@
+"""End to end against the real sandbox over HTTP: enroll, resume, 2209 both ways, retries, systemic stop."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from backfill import runner
+from backfill.client import Client
+from backfill.config import Secret, Settings
+from backfill.errors import CheckpointError
+from backfill.results import Summary
+from backfill.sandbox import Faults, RunningSandbox, start_sandbox
+
+from .conftest import API_KEY, PARTNER_ID, Sleeps, png_bytes, simple_rows, write_manifest
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def results(summary: Summary) -> dict[str, dict[str, str]]:
+    return {r["user_id"]: r for r in read_csv(Path(summary.out_dir) / "results.csv")}
+
+
+def rejects(summary: Summary) -> list[dict[str, str]]:
+    return read_csv(Path(summary.out_dir) / "rejects.csv")
+
+
+async def test_every_valid_row_enrolled_and_second_run_sends_nothing(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(30))
+    first = await runner.run(make_settings(sandbox), manifest)
+    assert first.exit_code == 0 and first.counts == {"enrolled": 30}
+    assert set(sandbox.state.enrolled) == {f"user_{i:04d}" for i in range(30)}
+    rows = results(first)
+    assert all(
+        r["signature_ok"] == "true" and r["smile_job_id"] and r["attempts"] == "1" for r in rows.values()
+    )
+    summary_file = json.loads((Path(first.out_dir) / "summary.json").read_text())
+    assert summary_file["counts"] == {"enrolled": 30} and summary_file["total_rows"] == 30
+
+    before = sandbox.state.total_requests
+    second = await runner.run(make_settings(sandbox), manifest)
+    assert sandbox.state.total_requests == before
+    assert second.exit_code == 0 and second.counts == {"skipped": 30} and second.out_dir != first.out_dir
+
+
+async def test_resume_after_a_stopped_run_sends_each_user_once(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(20))
+    canary = await runner.run(make_settings(sandbox, limit=5, concurrency=1), manifest)
+    assert canary.exit_code == 1 and canary.counts == {"enrolled": 5} and canary.not_reached == 15
+    rest = await runner.run(make_settings(sandbox), manifest)
+    assert rest.exit_code == 0 and rest.counts == {"enrolled": 15, "skipped": 5}
+    assert all(n == 1 for n in sandbox.state.requests.values()) and len(sandbox.state.enrolled) == 20
+
+
+async def test_crash_after_send_resumes_as_already_enrolled(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps
+) -> None:
+    # The first request for u1 is committed but its connection is reset: the client never sees the success.
+    server = await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script={"user_0001": ["reset_after"]}))
+    try:
+        manifest = write_manifest(tmp_path, simple_rows(3))
+        summary = await runner.Runner(make_settings(server), manifest, sleep=sleeps).run()
+        row = results(summary)["user_0001"]
+        assert row["status"] == "already_enrolled" and row["attempts"] == "2"
+        assert summary.exit_code == 0 and server.state.requests["user_0001"] == 2
+    finally:
+        await server.stop()
+
+
+async def test_attempt_recorded_before_a_kill_reads_2209_as_ours(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    settings = make_settings(sandbox)
+    await runner.run(settings, manifest)
+    # Emulate a kill between send and outcome: the checkpoint still says "sending".
+    db = sqlite3.connect(settings.checkpoint_path())
+    db.execute("UPDATE users SET state='sending', in_doubt=0 WHERE user_id='user_0000'")
+    db.commit()
+    db.close()
+    again = await runner.run(make_settings(sandbox), manifest)
+    assert results(again)["user_0000"]["status"] == "already_enrolled"
+    assert again.exit_code == 0
+
+
+async def test_2209_for_an_id_never_sent_is_a_conflict(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    # Someone else enrolls user_0001 first, outside this tool.
+    async with Client(
+        sandbox.base_url, PARTNER_ID, Secret(API_KEY), timeout=5, connect_timeout=5, concurrency=1
+    ) as c:
+        import base64
+
+        verdict = await c.send("user_0001", "2020-01-01", base64.b64encode(png_bytes(99)).decode())
+    assert verdict.result_code == "0840"
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    summary = await runner.run(make_settings(sandbox), manifest)
+    assert results(summary)["user_0001"]["status"] == "id_conflict"
+    assert summary.exit_code == 1
+    again = await runner.run(make_settings(sandbox), manifest)
+    assert results(again)["user_0001"]["status"] == "id_conflict" and sandbox.state.requests["user_0001"] == 2
+
+
+async def test_changed_photo_for_an_enrolled_id_is_rejected(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    await runner.run(make_settings(sandbox), manifest)
+    (tmp_path / "images" / "user_0002.png").write_bytes(png_bytes(200))
+    summary = await runner.run(make_settings(sandbox), manifest)
+    assert [(r["user_id"], r["reason"]) for r in rejects(summary)] == [("user_0002", "user_id_reused")]
+    assert summary.counts == {"rejected": 1, "skipped": 2} and summary.exit_code == 1
+    assert sandbox.state.requests["user_0002"] == 1
+
+
+async def test_touched_but_identical_photo_is_not_a_reuse(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    await runner.run(make_settings(sandbox), manifest)
+    image = tmp_path / "images" / "user_0001.png"
+    image.write_bytes(image.read_bytes())  # new mtime, same bytes: the hash decides
+    summary = await runner.run(make_settings(sandbox), manifest)
+    assert summary.counts == {"skipped": 2}
+
+
+async def test_checkpoint_refuses_another_partner_or_environment(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    await runner.run(make_settings(sandbox), manifest)
+    with pytest.raises(CheckpointError, match="belongs to partner '085' in 'local'"):
+        await runner.run(make_settings(sandbox, env="sandbox", base_url=sandbox.base_url), manifest)
+
+
+async def test_429_and_503_are_retried_until_enrolled(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps
+) -> None:
+    script = {"user_0000": [429, 503], "user_0001": [503, 503, 503]}
+    server = await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script=script, retry_after_s=2))
+    try:
+        manifest = write_manifest(tmp_path, simple_rows(3))
+        summary = await runner.Runner(make_settings(server), manifest, sleep=sleeps).run()
+        rows = results(summary)
+        assert summary.counts == {"enrolled": 3} and summary.exit_code == 0
+        assert rows["user_0000"]["attempts"] == "3" and rows["user_0001"]["attempts"] == "4"
+        assert 2.0 in sleeps.calls  # Retry-After honoured
+    finally:
+        await server.stop()
+
+
+async def test_transient_errors_exhaust_into_retry_exhausted_then_resume(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps
+) -> None:
+    server = await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script={"user_0000": [503, 503, 503]}))
+    try:
+        manifest = write_manifest(tmp_path, simple_rows(2))
+        summary = await runner.Runner(make_settings(server, max_attempts=2), manifest, sleep=sleeps).run()
+        assert results(summary)["user_0000"]["status"] == "retry_exhausted" and summary.exit_code == 1
+        again = await runner.Runner(make_settings(server, max_attempts=2), manifest, sleep=sleeps).run()
+        assert results(again)["user_0000"]["status"] == "enrolled" and again.exit_code == 0
+    finally:
+        await server.stop()
+
+
+async def test_bad_key_stops_the_run_early_without_failing_rows(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(200))
+    summary = await runner.run(make_settings(sandbox, key="wrong-key", concurrency=2), manifest)
+    assert summary.exit_code == 4 and "SMILE_API_KEY" in summary.stop_reason
+    assert sandbox.state.total_requests <= 4 and not sandbox.state.enrolled
+    assert "failed" not in summary.counts and summary.not_reached >= 190
+    assert "wrong-key" not in json.dumps(summary.settings)
+
+
+async def test_dry_run_sends_nothing_and_writes_no_checkpoint(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(5))
+    settings = make_settings(sandbox, dry_run=True)
+    summary = await runner.run(settings, manifest)
+    assert sandbox.state.total_requests == 0 and not settings.checkpoint_path().exists()
+    assert summary.counts == {"dry_run": 5} and summary.exit_code == 0
+
+
+async def test_every_manifest_row_lands_in_exactly_one_output(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    rows = [*simple_rows(6), ("bad id!", "2021-01-01", "x.png"), ("user_0000", "2021-01-01", "dup.png"),
+            ("user_0009", "not a date", "user_0009.png"), ("user_0010", "2021-01-01", "missing.png")]  # fmt: skip
+    manifest = write_manifest(tmp_path, rows)
+    (tmp_path / "images" / "missing.png").unlink()
+    summary = await runner.run(make_settings(sandbox), manifest)
+    sent = results(summary)
+    rejected = rejects(summary)
+    assert len(sent) + len(rejected) == len(rows) == summary.total_rows
+    assert {r["reason"] for r in rejected} >= {
+        "bad_user_id",
+        "duplicate_user_id",
+        "bad_date",
+        "image_missing",
+    }
+    assert "user_0000" not in sent and summary.exit_code == 1
+
+
+async def test_outputs_are_owner_only(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    summary = await runner.run(make_settings(sandbox), manifest)
+    folder = Path(summary.out_dir)
+    assert folder.stat().st_mode & 0o077 == 0
+    assert all(p.stat().st_mode & 0o077 == 0 for p in folder.iterdir())
+
+
+async def test_sandbox_sees_a_real_http_client(sandbox: RunningSandbox) -> None:
+    async with aiohttp.ClientSession() as session, session.get(sandbox.base_url + "/_sandbox/state") as resp:
+        assert resp.status == 200 and (await resp.json())["total_requests"] == 0
+
+
+async def test_breaker_stops_a_run_where_most_rows_fail(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps
+) -> None:
+    server = await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(error_rate=1.0))
+    try:
+        manifest = write_manifest(tmp_path, simple_rows(300))
+        settings = make_settings(server, max_attempts=2, fail_threshold=0.5, concurrency=2)
+        summary = await runner.Runner(settings, manifest, sleep=sleeps).run()
+        assert summary.exit_code == 4 and "--fail-threshold" in summary.stop_reason
+        assert summary.sent < 60 and summary.not_reached > 200
+    finally:
+        await server.stop()
