@@ -18,7 +18,7 @@ from .errors import OutputError
 
 RESULT_FIELDS = (
     "user_id", "status", "http_status", "result_code", "result_text", "smile_job_id", "job_id",
-    "attempts", "signature_ok", "error", "finished_at",
+    "attempts", "signature_ok", "error", "finished_at", "latency_ms",
 )  # fmt: skip
 REJECT_FIELDS = ("line", "user_id", "reason", "message")
 
@@ -46,6 +46,7 @@ class ResultRow:
     signature_ok: bool | None = None
     error: str = ""
     finished_at: str = ""
+    latency_ms: int | None = None  # the last attempt's round trip
 
 
 @dataclass(frozen=True)

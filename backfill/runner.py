@@ -48,6 +48,7 @@ class _Work:
     row: Row
     in_doubt: bool  # an earlier attempt (this run or before) may have enrolled the user unseen
     attempts: int = 0
+    latency_ms: int | None = None
 
 
 def manifest_rules(settings: Settings) -> ManifestRules:
@@ -313,7 +314,9 @@ class Runner:
         self._attempts += 1
         if work.attempts == 1:
             self._sent += 1
+        sent_at = time.perf_counter()
         verdict = await client.send(work.row.user_id, work.row.user_created_at, photo.b64)
+        work.latency_ms = round((time.perf_counter() - sent_at) * 1000)
         del photo
         if verdict.retry_after is not None and verdict.http_status == 429:
             self._resume_at = max(self._resume_at, loop.time() + verdict.retry_after)
@@ -339,6 +342,7 @@ class Runner:
             rs.ResultRow(
                 work.row.user_id, status, verdict.http_status, verdict.result_code, verdict.result_text,
                 verdict.smile_job_id, verdict.job_id, work.attempts, verdict.signature_ok, verdict.error, at,
+                work.latency_ms,
             )
         )  # fmt: skip
         self._advance(status)
