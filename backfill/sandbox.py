@@ -14,12 +14,12 @@ import random
 import signal
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from aiohttp import web
 
@@ -158,6 +158,7 @@ class SandboxState:
 
 
 STATE_KEY: Final = web.AppKey("backfill_sandbox_state", SandboxState)
+_USER_ID: Final = web.RequestKey[str | None]("backfill_sandbox_user_id")
 
 
 def sandbox_state(app: web.Application) -> SandboxState:
@@ -175,6 +176,7 @@ class _Sandbox:
         state_file: Path | None,
         max_photo_bytes: int,
         timestamp_window_s: float,
+        request_log: Path | None = None,
     ) -> None:
         self.partner_id = partner_id
         self.api_key = api_key
@@ -192,6 +194,15 @@ class _Sandbox:
         self.refilled_at: float | None = None
         if state_file is not None:
             self._load(state_file)
+        self.request_log: IO[str] | None = None
+        if request_log is not None:
+            try:
+                # Line-buffered, not fsynced: a SIGKILL of this process keeps what write() handed the kernel,
+                # which is what a crash test that kills the sandbox needs.
+                self.request_log = request_log.open("a", encoding="utf-8", buffering=1)
+            except OSError as error:
+                raise ConfigError("request_log", str(request_log), f"can't be opened ({error})",
+                                  "choose a writable path") from error  # fmt: skip
 
     # -- the endpoint --------------------------------------------------------------------------------------
 
@@ -204,28 +215,30 @@ class _Sandbox:
             user_id = None
         else:
             state.requests[user_id] += 1
+        request[_USER_ID] = user_id
+        self._log(request, None)
 
         after: str | None = None
         step = self._scripted(user_id)
         if isinstance(step, int):
-            return await self._answer(_fault_status(step, faults.retry_after_s), str(step))
+            return await self._answer(request, _fault_status(step, faults.retry_after_s), str(step))
         if step == "reset_before":
             return self._reset(request, "reset_before")
         if step in ("reset_after", "slow"):
             after = step
         elif step is not None:
-            return await self._answer(_error(step), step)
+            return await self._answer(request, _error(step), step)
 
         if faults.systemic_code is not None:
-            return await self._answer(_error(faults.systemic_code), faults.systemic_code)
+            return await self._answer(request, _error(faults.systemic_code), faults.systemic_code)
         wait = self._rate_limited(asyncio.get_running_loop().time())
         if wait is not None:
-            return await self._answer(_fault_status(429, math.ceil(wait * 1000) / 1000), "429")
+            return await self._answer(request, _fault_status(429, math.ceil(wait * 1000) / 1000), "429")
         if faults.reset_before_rate and self.rng.random() < faults.reset_before_rate:
             return self._reset(request, "reset_before")
         if faults.error_rate and self.rng.random() < faults.error_rate:
             status = self.rng.choice(_ERROR_STATUSES)
-            return await self._answer(_fault_status(status, 0), str(status))
+            return await self._answer(request, _fault_status(status, 0), str(status))
 
         response, label = await self._process(payload)
         committed = label == "0840"
@@ -240,7 +253,7 @@ class _Sandbox:
             return self._reset(request, "reset_after")
         if after == "slow":
             await self._pause(faults.slow_ms / 1000)
-        return await self._answer(response, label)
+        return await self._answer(request, response, label)
 
     async def report(self, request: web.Request) -> web.Response:
         return web.json_response(self.state.snapshot())
@@ -248,6 +261,8 @@ class _Sandbox:
     async def shutdown(self, app: web.Application) -> None:
         # Wakes slow answers and latency sleeps so stopping never waits out slow_ms.
         self.closing.set()
+        if self.request_log is not None:
+            self.request_log.close()
 
     # -- stages ----------------------------------------------------------------------------------------------
 
@@ -372,17 +387,27 @@ class _Sandbox:
 
     # -- answering -------------------------------------------------------------------------------------------
 
-    async def _answer(self, response: web.Response, label: str) -> web.Response:
+    def _log(self, request: web.Request, label: str | None) -> None:
+        """One line when a request arrives and one when it is answered: a slow answer can come much later."""
+        if self.request_log is not None:
+            record = {"user_id": request.get(_USER_ID), "event": "answer" if label else "request"}
+            if label:
+                record["answer"] = label
+            self.request_log.write(json.dumps(record) + "\n")
+
+    async def _answer(self, request: web.Request, response: web.Response, label: str) -> web.Response:
         faults = self.faults
         delay = faults.latency_ms
         if faults.jitter_ms:
             delay += self.rng.uniform(-faults.jitter_ms, faults.jitter_ms)
         await self._pause(delay / 1000)
         self.state.answers[label] += 1
+        self._log(request, label)
         return response
 
     def _reset(self, request: web.Request, label: str) -> web.Response:
         self.state.answers[label] += 1
+        self._log(request, label)
         if request.transport is not None:
             request.transport.abort()
         # Never written: aiohttp quietly drops a response to a closed transport, which is the point.
@@ -439,6 +464,7 @@ def make_app(
     state_file: Path | None = None,
     max_photo_bytes: int = 5 * 1024 * 1024,
     timestamp_window_s: float = 300.0,
+    request_log: Path | None = None,
 ) -> web.Application:
     """The emulator as an aiohttp app: POST /v1/backfill_users and GET /v1/_sandbox/state."""
     if not partner_id or not api_key:
@@ -452,7 +478,7 @@ def make_app(
         )
     sandbox = _Sandbox(
         partner_id, api_key, faults, seed, Path(state_file) if state_file else None, max_photo_bytes,
-        timestamp_window_s,
+        timestamp_window_s, request_log,
     )  # fmt: skip
     # Room for a photo somewhat over the limit, so it earns the API's 2204 rather than aiohttp's bare 413.
     app = web.Application(client_max_size=2 * max_photo_bytes + 1024 * 1024)
@@ -496,11 +522,12 @@ async def start_sandbox(
     state_file: Path | None = None,
     max_photo_bytes: int = 5 * 1024 * 1024,
     timestamp_window_s: float = 300.0,
+    request_log: Path | None = None,
 ) -> RunningSandbox:
     """Serve a new sandbox on host:port (0 = any free port) in the running loop."""
     app = make_app(
         partner_id, api_key, faults=faults, seed=seed, state_file=state_file, max_photo_bytes=max_photo_bytes,
-        timestamp_window_s=timestamp_window_s,
+        timestamp_window_s=timestamp_window_s, request_log=request_log,
     )  # fmt: skip
     # Held-open slow answers are woken on shutdown; the timeout only bounds a handler stuck elsewhere.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
@@ -529,14 +556,18 @@ def serve(
     state_file: Path | None = None,
     max_photo_bytes: int = 5 * 1024 * 1024,
     timestamp_window_s: float = 300.0,
+    request_log: Path | None = None,
+    ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then stop cleanly. Prints nothing: the CLI says what it is doing."""
+    """Serve until SIGINT or SIGTERM, then stop cleanly. Prints nothing; `ready` hears the base URL."""
 
     async def main() -> None:
         server = await start_sandbox(
             partner_id, api_key, host=host, port=port, faults=faults, seed=seed, state_file=state_file,
-            max_photo_bytes=max_photo_bytes, timestamp_window_s=timestamp_window_s,
+            max_photo_bytes=max_photo_bytes, timestamp_window_s=timestamp_window_s, request_log=request_log,
         )  # fmt: skip
+        if ready is not None:
+            ready(server.base_url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         installed = []

@@ -462,6 +462,20 @@ async def test_state_file_survives_a_restart(tmp_path: Path, session: aiohttp.Cl
     assert [json.loads(line)["user_id"] for line in path.read_text().splitlines()] == ["u1", "half-writ"]
 
 
+async def test_request_log_has_arrival_and_answer_lines(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    log = tmp_path / "requests.jsonl"
+    async with await start_sandbox(PARTNER, KEY, request_log=log) as running:
+        await post(session, running, body("user_1"))
+        await post(session, running, body("user_1"))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines == [
+        {"user_id": "user_1", "event": "request"}, {"user_id": "user_1", "event": "answer", "answer": "0840"},
+        {"user_id": "user_1", "event": "request"}, {"user_id": "user_1", "event": "answer", "answer": "2209"},
+    ]  # fmt: skip
+
+
 def test_corrupt_state_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "state.jsonl"
     path.write_text("not json\n")
