@@ -27,6 +27,7 @@ from . import results as rs
 from .checkpoint import Attempt, Known, Outcome, SqliteStore, Store, now_iso
 from .client import Client, Kind, Verdict, read_photo
 from .config import Settings
+from .errors import ConfigError
 from .manifest import Batch, ManifestRules, Row, open_manifest
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -34,6 +35,35 @@ Sleep = Callable[[float], Awaitable[None]]
 BREAKER_WINDOW = 100
 BREAKER_MIN_ROWS = 20
 _FAILURES = frozenset({rs.FAILED, rs.RETRY_EXHAUSTED, rs.UNKNOWN})
+
+
+# The crash suite's supported test mode: "BOUNDARY:N" kills this process with SIGKILL the Nth time a boundary
+# is reached, so tests can stop a real run exactly where a crash would hurt most.
+CRASH_ENV = "BACKFILL_TEST_CRASH_AT"
+CRASH_BOUNDARIES = ("after_attempt", "in_flight", "before_outcome")
+
+
+class _CrashPoints:
+    def __init__(self, spec: str | None) -> None:
+        self._boundary, self._left = "", 0
+        if spec:
+            boundary, _, count = spec.partition(":")
+            if boundary not in CRASH_BOUNDARIES or not count.isdigit():
+                fix = f"use one of {', '.join(CRASH_BOUNDARIES)} and a count, e.g. in_flight:3, or unset it"
+                raise ConfigError(CRASH_ENV, "environment", f"{spec!r} is not a crash point", fix)
+            self._boundary, self._left = boundary, int(count)
+
+    def reached(self, boundary: str) -> None:
+        if boundary != self._boundary:
+            return
+        self._left -= 1
+        if self._left > 0:
+            return
+        if boundary == "in_flight":
+            # Soon after the request leaves, while the answer is still on its way (the server must be slower).
+            asyncio.get_running_loop().call_later(0.02, os.kill, os.getpid(), signal.SIGKILL)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Progress(Protocol):
@@ -112,6 +142,7 @@ class Runner:
         self._stop_reason = ""
         self._stop_code = 0
         self._limit_note = ""
+        self._crash = _CrashPoints(os.environ.get(CRASH_ENV))
         self._resume_at = 0.0
         self._sent = 0
         self._attempts = 0
@@ -310,10 +341,12 @@ class Runner:
                 work.row.image_mtime_ns, work.row.user_created_at, now_iso(), self._run_id,
             )
         )  # fmt: skip
+        self._crash.reached("after_attempt")
         work.attempts += 1
         self._attempts += 1
         if work.attempts == 1:
             self._sent += 1
+        self._crash.reached("in_flight")
         sent_at = time.perf_counter()
         verdict = await client.send(work.row.user_id, work.row.user_created_at, photo.b64)
         work.latency_ms = round((time.perf_counter() - sent_at) * 1000)
@@ -328,6 +361,7 @@ class Runner:
         return verdict
 
     def _finish(self, work: _Work, verdict: Verdict, store: Store | None, output: rs.RunOutput) -> None:
+        self._crash.reached("before_outcome")
         status = _status_for(verdict, work, self.stopping)
         at = now_iso()
         if store is not None and work.attempts > 0:
