@@ -27,7 +27,7 @@ from . import results as rs
 from .checkpoint import Attempt, Known, Outcome, SqliteStore, Store, now_iso
 from .client import Client, Kind, Verdict, read_photo
 from .config import Settings
-from .errors import ConfigError
+from .errors import BackfillError, ConfigError
 from .manifest import Batch, ManifestRules, Row, open_manifest
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -142,6 +142,8 @@ class Runner:
         self._stop_reason = ""
         self._stop_code = 0
         self._limit_note = ""
+        self._signals = 0
+        self._fatal: BackfillError | None = None
         self._crash = _CrashPoints(os.environ.get(CRASH_ENV))
         self._resume_at = 0.0
         self._sent = 0
@@ -166,10 +168,18 @@ class Runner:
 
     def interrupt(self, signum: int) -> None:
         code = 128 + signum
-        if self.stopping and self._stop_code in (130, 143):
+        self._signals += 1
+        if self._signals > 1:
             # Second signal: leave now. Every attempt is already recorded; resume reconciles the rest.
             os._exit(code)
-        self.stop(f"interrupted by {signal.Signals(signum).name}", code)
+        # A signal outranks an earlier stop's reason: the operator asked, and the exit code should say so.
+        self._stop_reason, self._stop_code = f"interrupted by {signal.Signals(signum).name}", code
+
+    def _fail(self, error: BackfillError) -> None:
+        """A local failure (disk full, checkpoint unwritable): stop cleanly, then raise it once the run ends."""
+        if self._fatal is None:
+            self._fatal = error
+        self.stop(str(error), error.exit_code)
 
     # --- the run ---
 
@@ -201,6 +211,8 @@ class Runner:
                 ]
                 try:
                     await self._produce(manifest.batches(), queue, store, output)
+                except BackfillError as error:
+                    self._fail(error)
                 finally:
                     for _ in workers:
                         await queue.put(None)
@@ -213,6 +225,9 @@ class Runner:
         finally:
             if store is not None:
                 await store.close()
+        if self._fatal is not None:
+            # No summary.json: its absence says this run's outputs are not whole. The checkpoint is.
+            raise self._fatal
         output.close(summary)
         return summary
 
@@ -309,11 +324,17 @@ class Runner:
         while (work := await queue.get()) is not None:
             if self.stopping:
                 continue  # dequeued but never sent: counted as not reached
-            if s.dry_run:
-                self._dry_run(work, client, output)
-                continue
-            verdict: Verdict = await retrying(self._attempt, work, client, store)
-            self._finish(work, verdict, store, output)
+            try:
+                if s.dry_run:
+                    self._dry_run(work, client, output)
+                    continue
+                verdict: Verdict = await retrying(self._attempt, work, client, store)
+                if work.attempts == 0:
+                    continue  # stopped before its first attempt went out: not reached
+                self._finish(work, verdict, store, output)
+            except BackfillError as error:
+                # The row stays as the checkpoint last recorded it (at worst SENDING): resume reconciles it.
+                self._fail(error)
 
     def _wait(self, state: RetryCallState) -> float:
         verdict = state.outcome.result() if state.outcome else None
@@ -334,6 +355,9 @@ class Runner:
         except OSError as exc:
             return Verdict(Kind.PERMANENT, False, error=f"image can't be read now: {exc.strerror}")
         await self._limiter.acquire()
+        if self.stopping:
+            # The stop came while this row waited its turn: don't start a request now.
+            return Verdict(Kind.TRANSIENT, False, error="stopped before this attempt was sent")
         assert store is not None
         await store.record_attempt(
             Attempt(

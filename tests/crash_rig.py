@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class CrashRig:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.sandbox: subprocess.Popen[bytes] | None = None
         self.audit = Audit()
+        self.last_output = ""
         self.env = {
             **os.environ,
             "SMILE_PARTNER_ID": PARTNER_ID,
@@ -142,7 +144,15 @@ class CrashRig:
 
     # --- one cycle: run, maybe kill, check what was sent ---
 
-    def cycle(self, *, crash_at: str | None = None, kill_after: float | None = None) -> int | None:
+    def cycle(
+        self,
+        *,
+        crash_at: str | None = None,
+        kill_after: float | None = None,
+        signals: Sequence[tuple[float, int]] = (),
+        preexec: Callable[[], None] | None = None,
+        expect: Collection[int] = (0, 1, 4),  # 4: the breaker stopped a run while the sandbox was down
+    ) -> int | None:
         """One `backfill run`; returns its exit code, or None when it was killed."""
         held = self.enrolled_in_checkpoint()
         log_start = self.request_log.stat().st_size if self.request_log.exists() else 0
@@ -150,8 +160,11 @@ class CrashRig:
         if crash_at:
             env[CRASH_ENV] = crash_at
         process = subprocess.Popen(
-            self.run_command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.folder
-        )
+            self.run_command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.folder,
+            preexec_fn=preexec,
+        )  # fmt: skip
+        sending_since: float | None = None  # signals are timed from the first request the sandbox sees
+        pending = sorted(signals)
         restart_at = None
         if self.rng.random() < self.chaos.sandbox_kill_rate:
             restart_at = time.monotonic() + self.rng.uniform(0.05, self.chaos.max_kill_after_s)
@@ -164,12 +177,21 @@ class CrashRig:
                 self.start_sandbox()
                 self.audit.sandbox_restarts += 1
                 restart_at = None
+            if (
+                sending_since is None
+                and self.request_log.exists()
+                and self.request_log.stat().st_size > log_start
+            ):
+                sending_since = now
+            while pending and sending_since is not None and now - sending_since >= pending[0][0]:
+                process.send_signal(pending.pop(0)[1])
             if deadline is not None and now >= deadline:
                 process.send_signal(signal.SIGKILL)
                 killed = True
                 break
             time.sleep(0.01)
-        _, err = process.communicate(timeout=120)
+        out, err = process.communicate(timeout=120)
+        self.last_output = (out + err).decode()
         self.audit.runs += 1
         code = process.returncode
         if code == -signal.SIGKILL:
@@ -178,7 +200,7 @@ class CrashRig:
             self.audit.kills += 1
             if crash_at:
                 self.audit.boundary_kills[crash_at.partition(":")[0]] += 1
-        elif code not in (0, 1, 4):  # 4: the breaker stopped a run while the sandbox was down
+        elif code not in expect:
             raise AssertionError(f"backfill run exited {code}: {err.decode()[-2000:]}")
         self._check_sends(held, log_start)
         return None if killed else code
@@ -212,14 +234,18 @@ class CrashRig:
                     self.cycle(crash_at=planned[i])
                 else:
                     self.cycle(kill_after=self.rng.uniform(0.05, self.chaos.max_kill_after_s))
-            for _ in range(max_runs):
-                code = self.cycle()
-                summary = self.last_summary()
-                if code is not None and self._finished(summary):
-                    return summary
-            raise AssertionError(f"not finished after {max_runs} resumes: {self.last_summary()}")
+            return self.resume_until_done(max_runs)
         finally:
             self.kill_sandbox()
+
+    def resume_until_done(self, max_runs: int = 50) -> dict[str, object]:
+        """Re-run the same command until a run finishes with every valid row done."""
+        for _ in range(max_runs):
+            code = self.cycle()
+            summary = self.last_summary()
+            if code is not None and self._finished(summary):
+                return summary
+        raise AssertionError(f"not finished after {max_runs} resumes: {self.last_summary()}")
 
     def _finished(self, summary: dict[str, object]) -> bool:
         counts = summary["counts"]

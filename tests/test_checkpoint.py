@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -103,7 +104,9 @@ async def test_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> Non
     first = await SqliteStore.open(path, "085", "sandbox")
     with pytest.raises(CheckpointLocked) as info:
         await SqliteStore.open(path, "085", "sandbox")
-    assert f"pid {os.getpid()}" in str(info.value) and info.value.exit_code == 3
+    message = str(info.value)
+    assert f"pid {os.getpid()}" in message and socket.gethostname() in message and info.value.exit_code == 3
+    assert "since 20" in message or "started 20" in message  # the holder's start time
     await first.close()
     await (await SqliteStore.open(path, "085", "sandbox")).close()  # released on close
 

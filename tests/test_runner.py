@@ -188,6 +188,16 @@ async def test_bad_key_stops_the_run_early_without_failing_rows(
     assert "wrong-key" not in json.dumps(summary.settings)
 
 
+async def test_production_not_enabled_stops_with_exit_4_naming_the_cause(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    async with await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(systemic_code="2220")) as server:
+        manifest = write_manifest(tmp_path, simple_rows(100))
+        summary = await runner.run(make_settings(server, concurrency=2), manifest)
+        assert summary.exit_code == 4 and "production is not enabled" in summary.stop_reason
+        assert server.state.total_requests <= 4 and summary.not_reached >= 90
+
+
 async def test_dry_run_sends_nothing_and_writes_no_checkpoint(
     tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
 ) -> None:
