@@ -272,6 +272,17 @@ class CrashRig:
             rows = conn.execute(f"SELECT user_id FROM users WHERE state IN ({marks})", tuple(DONE_STATES))
             return {r[0] for r in rows}
 
+    def _check_no_secrets_or_photos(self) -> None:
+        """The key and photo bytes never reach anything the tool wrote: outputs, checkpoint, logs."""
+        photo_marks = [b"iVBORw0KGgo", b"/9j/"]  # how base64 of a PNG and of a JPEG begin
+        for path in self.folder.rglob("*"):
+            if not path.is_file() or "images" in path.parts:
+                continue
+            data = path.read_bytes()
+            assert API_KEY.encode() not in data, f"the API key is in {path}"
+            assert not any(mark in data for mark in photo_marks), f"photo bytes are in {path}"
+        assert API_KEY not in self.last_output
+
     def verify(self, summary: dict[str, object]) -> dict[str, int]:
         """Every promise of the tool, checked from the sandbox's and the checkpoint's own records."""
         sandbox_lines = [
@@ -312,6 +323,7 @@ class CrashRig:
             rejects = Counter(row["user_id"] for row in csv.DictReader(handle))
         assert results == Counter(self.valid_ids), "results.csv does not hold each valid row once"
         assert rejects == Counter(uid for uid, *_ in BAD_ROWS), "rejects.csv does not hold each bad row once"
+        self._check_no_secrets_or_photos()
         return {
             "rows": len(self.valid_ids),
             "runs": self.audit.runs,
