@@ -255,3 +255,57 @@ async def test_breaker_stops_a_run_where_most_rows_fail(
         assert summary.sent < 60 and summary.not_reached > 200
     finally:
         await server.stop()
+
+
+async def test_malformed_answers_are_recorded_as_such_without_crashing(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps
+) -> None:
+    """A hostile or broken server: every answer shape ends as a result row that says what was wrong."""
+    from aiohttp import web
+
+    from backfill.signing import sign, utc_timestamp
+
+    def success(user_id: str, *, key: str = API_KEY, echo: str | None = None) -> web.Response:
+        stamp = utc_timestamp()
+        return web.json_response({
+            "ResultCode": "0840", "ResultText": "Enrolled", "SmileJobID": "1", "timestamp": stamp,
+            "signature": sign(stamp, PARTNER_ID, key), "PartnerParams": {"user_id": echo or user_id, "job_id": "j"},
+        })  # fmt: skip
+
+    answers = {
+        "html": lambda u: web.Response(status=502, text="<html><body>Bad gateway</body></html>"),
+        "notjson": lambda u: web.Response(status=200, text="OK"),
+        "forged": lambda u: success(u, key="someone-else"),
+        "otheruser": lambda u: success(u, echo="somebody_else"),
+        "nofields": lambda u: web.json_response({"ResultCode": "0840"}),
+        "listbody": lambda u: web.json_response([1, 2, 3], status=400),
+    }
+
+    async def handler(request: web.Request) -> web.Response:
+        user_id = (await request.json())["user_id"]
+        return answers[user_id](user_id)
+
+    app = web.Application(client_max_size=10 * 1024 * 1024)
+    app.router.add_post("/v1/backfill_users", handler)
+    app_runner = web.AppRunner(app)
+    await app_runner.setup()
+    site = web.TCPSite(app_runner, "127.0.0.1", 0)
+    await site.start()
+    port = app_runner.addresses[0][1]
+    try:
+        rows = [(name, "2021-08-12", f"{name}.png") for name in answers]
+        manifest = write_manifest(tmp_path, rows)
+        settings = make_settings(base_url=f"http://127.0.0.1:{port}/v1", max_attempts=2, fail_threshold=1.0)
+        summary = await runner.Runner(settings, manifest, sleep=sleeps).run()
+    finally:
+        await app_runner.cleanup()
+    got = results(summary)
+    assert set(got) == set(answers) and not summary.stop_reason
+    assert got["forged"]["status"] == "unknown" and got["forged"]["signature_ok"] == "false"
+    assert "signature" in got["forged"]["error"]
+    assert got["otheruser"]["status"] == "unknown" and "somebody_else" in got["otheruser"]["error"]
+    assert got["html"]["status"] == "unknown" and "502" in got["html"]["error"]
+    assert got["notjson"]["status"] == "unknown" and "not JSON" in got["notjson"]["error"]
+    assert got["nofields"]["status"] == "unknown" and got["nofields"]["signature_ok"] == "false"
+    # A 4xx whose body we cannot read might still have been acted on: resend it, and let 2209 settle it.
+    assert got["listbody"]["status"] == "unknown" and "400" in got["listbody"]["error"]
