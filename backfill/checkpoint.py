@@ -8,7 +8,7 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -383,3 +383,118 @@ def _lookup(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, Known]:
         r[0]: Known(r[0], r[1], bool(r[2]), r[3], r[4], r[5], r[6], r[7], r[8])
         for r in rows
     }  # fmt: skip
+
+
+# --- reading a checkpoint for `status` and `export` (no lock: a live run may be writing) ---
+
+# States a row can be re-sent from with `retry`: the transient ones by default, `failed` only when named.
+RETRYABLE_STATES = frozenset({PENDING, SENDING, RETRY_EXHAUSTED, UNKNOWN, FAILED})
+TRANSIENT_STATES = frozenset({PENDING, SENDING, RETRY_EXHAUSTED, UNKNOWN})
+EXPORT_FIELDS = (
+    "user_id", "user_created_at", "image_path", "state", "in_doubt", "attempts", "http_status", "result_code",
+    "result_text", "smile_job_id", "job_id", "photo_sha256", "first_attempt_at", "last_attempt_at",
+    "finished_at", "run_id",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    started_at: str
+    finished_at: str | None
+    manifest: str | None
+    rows: int | None
+    exit_code: int | None
+    host: str | None
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class Status:
+    """What `backfill status` shows: a checkpoint's counts, its recent runs, and what is left to do."""
+
+    path: str
+    partner_id: str
+    env: str
+    counts: dict[str, int]
+    waiting_for_retry: int
+    oldest_unfinished: dict[str, Any] | None
+    runs: list[RunRecord]
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}. Name it with --checkpoint, or run from its folder")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise CheckpointError(
+            f"can't read the checkpoint {path}: {exc} (is it a backfill checkpoint?)"
+        ) from exc
+    return conn
+
+
+def read_status(path: Path, *, last_runs: int = 10) -> Status:
+    conn = _open_read_only(path)
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        counts = dict(
+            conn.execute("SELECT state, count(*) FROM users GROUP BY state ORDER BY state").fetchall()
+        )
+        marks = ",".join("?" * len(TRANSIENT_STATES))
+        oldest = conn.execute(
+            f"SELECT user_id, state, attempts, first_attempt_at, last_attempt_at, result_code, result_text "
+            f"FROM users WHERE state IN ({marks}) ORDER BY first_attempt_at LIMIT 1",
+            tuple(sorted(TRANSIENT_STATES)),
+        ).fetchone()
+        runs = [
+            RunRecord(*row)
+            for row in conn.execute(
+                "SELECT run_id, started_at, finished_at, manifest, rows, exit_code, host, pid FROM runs "
+                "ORDER BY started_at DESC LIMIT ?",
+                (last_runs,),
+            )
+        ]
+    except sqlite3.DatabaseError as exc:
+        raise CheckpointError(f"can't read the checkpoint {path}: {exc}") from exc
+    finally:
+        conn.close()
+    names = (
+        "user_id",
+        "state",
+        "attempts",
+        "first_attempt_at",
+        "last_attempt_at",
+        "result_code",
+        "result_text",
+    )
+    return Status(
+        path=str(path),
+        partner_id=meta.get("partner_id", ""),
+        env=meta.get("env", ""),
+        counts=counts,
+        waiting_for_retry=sum(n for state, n in counts.items() if state in TRANSIENT_STATES),
+        oldest_unfinished=dict(zip(names, oldest, strict=True)) if oldest else None,
+        runs=runs,
+    )
+
+
+def iter_rows(path: Path, states: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Every row the checkpoint knows (or those in `states`), in user_id order, streamed."""
+    conn = _open_read_only(path)
+    try:
+        sql = f"SELECT {', '.join(EXPORT_FIELDS)} FROM users"
+        params: tuple[str, ...] = ()
+        if states is not None:
+            params = tuple(sorted(set(states)))
+            sql += f" WHERE state IN ({','.join('?' * len(params))})"
+        cursor = conn.execute(sql + " ORDER BY user_id", params)
+        while batch := cursor.fetchmany(1000):
+            for row in batch:
+                yield dict(zip(EXPORT_FIELDS, row, strict=True))
+    except sqlite3.DatabaseError as exc:
+        raise CheckpointError(f"can't read the checkpoint {path}: {exc}") from exc
+    finally:
+        conn.close()

@@ -73,6 +73,11 @@ class Settings:
     max_image_bytes: int = 5 * 1024 * 1024
     images_root: Path | None = None
     chunk_rows: int = 10_000
+    max_duration: float | None = None  # seconds; stop starting new rows after this long
+    log_format: str = "text"
+    log_file: Path | None = None
+    log_level: str = "info"
+    status_every: float = 30.0  # seconds between one-line status logs when there is no progress bar
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def checkpoint_path(self) -> Path:
@@ -172,6 +177,27 @@ def _url(raw: object) -> str:
     return value
 
 
+def _duration(raw: object) -> float:
+    """Seconds, from a number or a number with s, m or h (`90m`, `2h`)."""
+    text = str(raw).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], 0)
+    try:
+        value = _positive_float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a duration like 3600, 90m or 2h") from None
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        value = _text(raw).lower()
+        if value not in allowed:
+            raise ValueError(f"{raw!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
 def _pattern(raw: object) -> str:
     import re
 
@@ -204,6 +230,11 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "max_image_bytes": _positive_int,
     "images_root": _path,
     "chunk_rows": _positive_int,
+    "max_duration": _duration,
+    "log_format": _choice("text", "json"),
+    "log_file": _path,
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "status_every": _positive_float,
 }
 # Keys only the YAML may set; `api_key` is named so the error can say why it is refused.
 _YAML_ONLY = {"columns", "api_key_file"}

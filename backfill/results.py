@@ -7,7 +7,7 @@ import json
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +64,8 @@ class Summary:
     rejected: int
     sent: int
     attempts: int
+    new_rows: int  # rows the checkpoint had never seen: in a nightly run, the day's new users
+    retries: int  # attempts beyond each row's first
     not_reached: int
     rows_per_s: float
     exit_code: int
@@ -81,7 +83,9 @@ def _open_private(path: Path) -> IO[str]:
 
 
 def _new_run_dir(root: Path, suffix: str = "") -> tuple[str, Path]:
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    now = datetime.now(UTC)
+    # Milliseconds in the name, so folders sort in the order runs started even when runs are quick.
+    run_id = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + uuid.uuid4().hex[:6]
     folder = root / (run_id + suffix)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -159,3 +163,44 @@ class RunOutput:
             json.dump(asdict(summary), out, indent=2, sort_keys=True)
             out.write("\n")
         return path
+
+
+def write_retry_manifest(root: Path, columns: Mapping[str, str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """A manifest of checkpoint rows for `backfill retry`, kept beside the runs as a record of what was re-sent."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"can't create the output folder {root}: {exc.strerror}") from exc
+    path = root / (datetime.now(UTC).strftime("retry-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6] + ".csv")
+    with _open_private(path) as handle:
+        writer = csv.writer(handle)
+        writer.writerow([columns["user_id"], columns["user_created_at"], columns["image_path"]])
+        try:
+            writer.writerows([r["user_id"], r["user_created_at"], r["image_path"]] for r in rows)
+        except OSError as exc:
+            raise OutputError(f"can't write {path}: {exc.strerror}") from exc
+    return path
+
+
+def write_export(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], fmt: str, handle: IO[str]) -> int:
+    """Checkpoint rows as CSV (manifest columns first, so it can be fixed and fed back) or JSON lines."""
+    count = 0
+    try:
+        if fmt == "csv":
+            writer = csv.DictWriter(handle, fieldnames=list(fields))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+                count += 1
+        else:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+    except OSError as exc:
+        raise OutputError(f"can't write the export: {exc.strerror}") from exc
+    return count
+
+
+def open_export(path: Path) -> IO[str]:
+    """A new owner-only file for an export; never overwrites (an export is a record)."""
+    return _open_private(path)
