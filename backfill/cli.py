@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import secrets
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -15,9 +19,10 @@ import click
 from tqdm import tqdm
 
 from . import __version__, runner
+from . import checkpoint as cp
 from . import results as rs
 from .config import Settings, load_settings
-from .errors import BackfillError
+from .errors import BackfillError, ConfigError
 from .manifest import validate_manifest
 
 # The local sandbox's credentials when none are given: public values for an emulator, not secrets.
@@ -50,11 +55,89 @@ def _guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event, run_id, message and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", "log"),
+            "run_id": getattr(record, "run_id", ""),
+            "message": record.getMessage(),
+        }
+        document.update(getattr(record, "fields", {}))
+        return json.dumps(document, default=str, ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + "Z"
+        return (
+            f"{stamp} {record.levelname.lower():7} {getattr(record, 'event', 'log'):15} {record.getMessage()}"
+        )
+
+
+class _TerminalFilter(logging.Filter):
+    """What the terminal (stderr) shows: no line per successful row, and no status line under a bar."""
+
+    def __init__(self, bar_shown: bool) -> None:
+        super().__init__()
+        self.bar_shown = bar_shown
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = getattr(record, "event", "")
+        if record.levelno >= logging.WARNING:
+            return True
+        if event in ("row_finished", "retry_scheduled"):
+            return False
+        return not (event == "progress" and self.bar_shown)
+
+
+class _TqdmHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never break a run
+            self.handleError(record)
+
+
+def _setup_logging(settings: Settings, bar_shown: bool) -> None:
+    """stderr gets run-level events and every warning; --log-file gets every event at --log-level."""
+    logger = logging.getLogger("backfill")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    formatter: logging.Formatter = _JsonFormatter() if settings.log_format == "json" else _TextFormatter()
+    formatter.converter = time.gmtime
+    level = getattr(logging, settings.log_level.upper())
+    terminal: logging.Handler = _TqdmHandler() if bar_shown else logging.StreamHandler(sys.stderr)
+    terminal.setFormatter(formatter)
+    terminal.addFilter(_TerminalFilter(bar_shown))
+    terminal.setLevel(level)
+    logger.addHandler(terminal)
+    if settings.log_file is not None:
+        try:
+            fd = os.open(settings.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            source = settings.sources.get("log_file", "--log-file")
+            raise ConfigError("log_file", source, f"can't open {settings.log_file}: {exc.strerror}",
+                              "choose a writable path") from exc  # fmt: skip
+        file_handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+        file_handler.setFormatter(formatter)
+        file_handler.setLevel(level)
+        logger.addHandler(file_handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 class TqdmProgress:
     """A progress bar on stderr: done/total, rate, ETA and failures; silent when stderr isn't a terminal."""
 
     def __init__(self, enabled: bool) -> None:
-        self._enabled = enabled and sys.stderr.isatty()
+        self.enabled = self._enabled = enabled and sys.stderr.isatty()
         self._bar: tqdm[Any] | None = None
         self._failures = 0
 
@@ -90,6 +173,15 @@ config_option = click.option(
 out_option = click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder.")
 
 
+def log_options(fn: F) -> F:
+    fn = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))(fn)
+    fn = click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
+                      help="Also log every event here (appended).")(fn)  # fmt: skip
+    return click.option(
+        "--log-format", type=click.Choice(["text", "json"]), help="json: one object per line."
+    )(fn)
+
+
 @main.command()
 @click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
 @config_option
@@ -122,6 +214,8 @@ def validate(manifest: Path, config_file: Path | None, out: Path | None) -> None
     "--dry-run", is_flag=True, default=None, help="Validate, build and sign every request; send none."
 )
 @click.option("--limit", type=int, help="Send at most N rows (a canary).")
+@click.option("--max-duration", help="Stop starting new rows after this long (3600, 90m, 2h); resumable.")
+@log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_guard
 def run(manifest: Path, config_file: Path | None, no_progress: bool, **flags: Any) -> None:
@@ -130,19 +224,141 @@ def run(manifest: Path, config_file: Path | None, no_progress: bool, **flags: An
     _run(settings, manifest, progress=not no_progress and settings.progress)
 
 
-def _run(settings: Settings, manifest: Path, *, progress: bool) -> NoReturn:
+def _run(settings: Settings, manifest: Path, *, progress: bool, resend_failed: bool = False) -> NoReturn:
     bar = TqdmProgress(progress)
+    _setup_logging(settings, bar.enabled)
     try:
-        summary = runner.run_blocking(settings, manifest, progress=bar)
+        summary = runner.run_blocking(settings, manifest, progress=bar, resend_failed=resend_failed)
     finally:
         bar.close()
     _report(summary)
     sys.exit(summary.exit_code)
 
 
+@main.command()
+@config_option
+@click.option(
+    "--status", "states", default=",".join(sorted(cp.TRANSIENT_STATES)), show_default=True,
+    help="Which rows to re-send: any of pending, sending, retry_exhausted, unknown, failed.",
+)  # fmt: skip
+@click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.")
+@click.option("--base-url", help="API root (overrides --env's URL).")
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
+@out_option
+@click.option("--concurrency", type=int)
+@click.option("--rate", type=float)
+@click.option("--max-attempts", type=int)
+@click.option("--timeout", type=float)
+@click.option("--max-duration")
+@log_options
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_guard
+def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any) -> None:
+    """Re-send rows straight from the checkpoint, without the manifest (same guarantees as `run`).
+
+    Transient failures by default; name `failed` to re-send permanent failures too (after fixing their images).
+    """
+    settings = load_settings(config_file, flags=flags)
+    chosen = [s.strip() for s in states.split(",") if s.strip()]
+    manifest = runner.prepare_retry(settings, chosen)
+    _run(
+        settings, manifest, progress=not no_progress and settings.progress, resend_failed=cp.FAILED in chosen
+    )
+
+
+@main.command()
+@config_option
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
+@click.option(
+    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default checkpoint."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
+    """Counts per state, the last runs, and what is waiting for a retry, from the checkpoint."""
+    settings = load_settings(config_file, flags=flags, need_credentials=False)
+    report = cp.read_status(settings.checkpoint_path())
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2, default=str))
+        return
+    click.echo(f"checkpoint {report.path} (partner {report.partner_id}, {report.env})")
+    click.echo(_table(["state", "rows"], [[k, v] for k, v in report.counts.items()] or [["(empty)", 0]]))
+    click.echo(f"waiting for a retry: {report.waiting_for_retry}")
+    if report.oldest_unfinished:
+        o = report.oldest_unfinished
+        last = f"{o['result_code'] or '-'} {o['result_text'] or ''}".strip()
+        click.echo(
+            f"oldest unfinished: {o['user_id']} ({o['state']}, {o['attempts']} attempts, "
+            f"first tried {o['first_attempt_at']}, last answer {last})"
+        )
+    runs = [[r.run_id, r.started_at, r.finished_at or "(not finished)", r.rows if r.rows is not None else "",
+             r.exit_code if r.exit_code is not None else ""] for r in report.runs]  # fmt: skip
+    click.echo("last runs:")
+    click.echo(_table(["run", "started", "finished", "rows", "exit"], runs or [["(none)", "", "", "", ""]]))
+
+
+@main.command()
+@config_option
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
+@click.option(
+    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default checkpoint."
+)
+@click.option("--status", "states", help="Only rows in these states (comma-separated), e.g. failed.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option(
+    "--out", "out_path", type=click.Path(path_type=Path, dir_okay=False), help="File (default: stdout)."
+)
+@_guard
+def export(
+    config_file: Path | None, states: str | None, fmt: str, out_path: Path | None, **flags: Any
+) -> None:
+    """Everything the checkpoint knows, across runs, as one file; CSV starts with the manifest's columns."""
+    settings = load_settings(config_file, flags=flags, need_credentials=False)
+    chosen = [s.strip() for s in states.split(",") if s.strip()] if states else None
+    rows = cp.iter_rows(settings.checkpoint_path(), chosen)
+    if out_path is None:
+        rs.write_export(rows, cp.EXPORT_FIELDS, fmt, sys.stdout)
+        return
+    with rs.open_export(out_path) as handle:
+        count = rs.write_export(rows, cp.EXPORT_FIELDS, fmt, handle)
+    click.echo(f"{count} rows written to {out_path}", err=True)
+
+
+@main.group()
+def config() -> None:
+    """Inspect settings."""
+
+
+@config.command("show")
+@config_option
+@click.option("--env", type=click.Choice(["local", "sandbox", "production"]))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def config_show(config_file: Path | None, as_json: bool, **flags: Any) -> None:
+    """The resolved settings and where each value came from; secrets redacted."""
+    settings = load_settings(config_file, flags=flags, need_credentials=False)
+    values = settings.redacted()
+    rows = [[k, json.dumps(v, default=str) if not isinstance(v, str) else v, settings.sources.get(k, "default")]
+            for k, v in values.items()]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps({k: {"value": v, "source": src} for k, v, src in rows}, indent=2))
+        return
+    click.echo(_table(["setting", "value", "from"], rows))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _report(summary: rs.Summary) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
     click.echo(f"{summary.total_rows} rows: {counts}")
+    skipped = summary.counts.get(rs.SKIPPED, 0)
+    click.echo(f"new: {summary.new_rows}, skipped (already done): {skipped}, rejected: {summary.rejected}")
     if summary.not_reached:
         click.echo(
             f"{summary.not_reached} rows not reached in this run: run the same command again to continue"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +32,7 @@ from .errors import BackfillError, ConfigError
 from .manifest import Batch, ManifestRules, Row, open_manifest
 
 Sleep = Callable[[float], Awaitable[None]]
+log = logging.getLogger("backfill")
 # The circuit breaker looks at the last BREAKER_WINDOW rows sent, once at least BREAKER_MIN_ROWS are in it.
 BREAKER_WINDOW = 100
 BREAKER_MIN_ROWS = 20
@@ -134,8 +136,11 @@ class Runner:
         *,
         progress: Progress | None = None,
         sleep: Sleep = asyncio.sleep,
+        resend_failed: bool = False,
     ) -> None:
         self.settings = settings
+        # `backfill retry --status failed`: the partner fixed what failed, so send even unchanged photos again.
+        self.resend_failed = resend_failed
         self.manifest_path = manifest_path
         self.progress = progress
         self._sleep = sleep
@@ -147,6 +152,9 @@ class Runner:
         self._crash = _CrashPoints(os.environ.get(CRASH_ENV))
         self._resume_at = 0.0
         self._sent = 0
+        self._new = 0
+        self._done = 0
+        self._failures = 0
         self._attempts = 0
         self._run_id = ""
         self._recent: collections.deque[str] = collections.deque(maxlen=BREAKER_WINDOW)
@@ -181,6 +189,23 @@ class Runner:
             self._fatal = error
         self.stop(str(error), error.exit_code)
 
+    # --- the log: stable event names, one run_id, never a secret or photo bytes ---
+
+    def _event(self, level: int, event: str, message: str, **fields: object) -> None:
+        if log.isEnabledFor(level):
+            log.log(level, message, extra={"event": event, "run_id": self._run_id, "fields": fields})
+
+    async def _status_every(self, total: int, t0: float) -> None:
+        """A one-line status now and then, for logs where no progress bar is shown (cron, CI, files)."""
+        while True:
+            await asyncio.sleep(self.settings.status_every)
+            elapsed = time.monotonic() - t0
+            rate = self._done / elapsed if elapsed > 0 else 0.0
+            self._event(
+                logging.INFO, "progress", f"{self._done}/{total} rows, {rate:.1f} rows/s, {self._failures} failed",
+                done=self._done, total=total, rows_per_s=round(rate, 1), failed=self._failures,
+            )  # fmt: skip
+
     # --- the run ---
 
     async def run(self) -> rs.Summary:
@@ -188,6 +213,7 @@ class Runner:
         started, t0 = now_iso(), time.monotonic()
         manifest = open_manifest(self.manifest_path, manifest_rules(s))
         store = await self._open_store()  # before the output folder: a locked checkpoint leaves no litter
+        ticker: asyncio.Task[None] | None = None
         try:
             output = rs.RunOutput(s.out)
             self._run_id = output.run_id
@@ -195,6 +221,20 @@ class Runner:
                 await store.start_run(output.run_id, str(self.manifest_path), started)
             if self.progress is not None:
                 self.progress.start(manifest.total_rows)
+            self._event(
+                logging.INFO, "run_started", f"run {output.run_id}: {manifest.total_rows} rows from "
+                f"{self.manifest_path} to {s.base_url} ({s.env}); outputs in {output.dir}",
+                manifest=str(self.manifest_path), total_rows=manifest.total_rows, env=s.env,
+                base_url=s.base_url, out_dir=str(output.dir), settings=s.redacted(),
+            )  # fmt: skip
+            ticker = asyncio.create_task(self._status_every(manifest.total_rows, t0))
+            if s.max_duration is not None:
+                asyncio.get_running_loop().call_later(
+                    s.max_duration,
+                    self.stop,
+                    f"--max-duration {s.max_duration:g}s reached; re-run to continue",
+                    0,
+                )
             client = Client(
                 s.base_url,
                 s.partner_id,
@@ -217,12 +257,26 @@ class Runner:
                     for _ in workers:
                         await queue.put(None)
                     await asyncio.gather(*workers)
+            ticker.cancel()  # before run_finished, which must be the run's last event
             summary = self._summary(output, manifest.total_rows, started, t0)
+            if self._stop_reason:
+                self._event(
+                    logging.WARNING, "run_stopped", f"stopped: {self._stop_reason}", reason=self._stop_reason
+                )
+            self._event(
+                logging.INFO, "run_finished",
+                f"run {output.run_id} finished in {summary.duration_s:g}s with exit code {summary.exit_code}: "
+                + (", ".join(f"{n} {k}" for k, n in summary.counts.items()) or "nothing to do"),
+                counts=summary.counts, new_rows=summary.new_rows, not_reached=summary.not_reached,
+                exit_code=summary.exit_code, duration_s=summary.duration_s, rows_per_s=summary.rows_per_s,
+            )  # fmt: skip
             if store is not None:
                 await store.finish_run(
                     output.run_id, summary.finished_at, manifest.total_rows, summary.exit_code
                 )
         finally:
+            if ticker is not None:
+                ticker.cancel()
             if store is not None:
                 await store.close()
         if self._fatal is not None:
@@ -290,6 +344,7 @@ class Runner:
             k = known.get(row.user_id)
             if k is None:
                 out.append(_Work(row, in_doubt=False))
+                self._new += 1
                 continue
             try:
                 same = _same_photo(k, row)
@@ -302,7 +357,7 @@ class Runner:
                 out.append((rs.SKIPPED, f"already {k.state} in the checkpoint; not sent again"))
             elif k.state == cp.ID_CONFLICT:
                 out.append((rs.ID_CONFLICT, "the ID is held by another user on Smile ID; not sent again"))
-            elif k.state == cp.FAILED and same:
+            elif k.state == cp.FAILED and same and not self.resend_failed:
                 message = f"failed permanently earlier ({k.result_code}); fix the image or use another ID"
                 out.append((rs.FAILED, message))
             else:
@@ -320,6 +375,7 @@ class Runner:
             retry=retry_if_result(lambda v: v.kind is Kind.TRANSIENT and not self.stopping),
             sleep=self._sleep,
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+            before_sleep=self._retry_scheduled,
         )
         while (work := await queue.get()) is not None:
             if self.stopping:
@@ -335,6 +391,17 @@ class Runner:
             except BackfillError as error:
                 # The row stays as the checkpoint last recorded it (at worst SENDING): resume reconciles it.
                 self._fail(error)
+
+    def _retry_scheduled(self, state: RetryCallState) -> None:
+        verdict = state.outcome.result() if state.outcome else None
+        work = state.args[0] if state.args else None
+        if isinstance(verdict, Verdict) and isinstance(work, _Work):
+            wait = state.upcoming_sleep
+            self._event(
+                logging.INFO, "retry_scheduled",
+                f"{work.row.user_id}: attempt {work.attempts} got {_describe(verdict)}; retrying in {wait:.2f}s",
+                user_id=work.row.user_id, attempt=work.attempts, wait_s=round(wait, 3), reason=_describe(verdict),
+            )  # fmt: skip
 
     def _wait(self, state: RetryCallState) -> float:
         verdict = state.outcome.result() if state.outcome else None
@@ -376,7 +443,14 @@ class Runner:
         work.latency_ms = round((time.perf_counter() - sent_at) * 1000)
         del photo
         if verdict.retry_after is not None and verdict.http_status == 429:
-            self._resume_at = max(self._resume_at, loop.time() + verdict.retry_after)
+            until = loop.time() + verdict.retry_after
+            if until > self._resume_at + 0.05:
+                self._event(
+                    logging.WARNING, "rate_lowered",
+                    f"the API asked us to slow down (429): all requests pause for {verdict.retry_after:g}s",
+                    pause_s=verdict.retry_after, http_status=429,
+                )  # fmt: skip
+            self._resume_at = max(self._resume_at, until)
         if verdict.kind is Kind.SYSTEMIC:
             self.stop(f"the API answered {verdict.result_code}: {verdict.error}", 4)
         if verdict.kind is Kind.ALREADY:
@@ -404,6 +478,13 @@ class Runner:
             )
         )  # fmt: skip
         self._advance(status)
+        ok = status in rs.OK_STATUSES
+        self._event(
+            logging.INFO if ok else logging.WARNING, "row_finished",
+            f"{work.row.user_id}: {status}" + ("" if ok else f" ({_describe(verdict)})"),
+            user_id=work.row.user_id, status=status, attempts=work.attempts, http_status=verdict.http_status,
+            result_code=verdict.result_code, latency_ms=work.latency_ms, error=verdict.error,
+        )  # fmt: skip
         self._trip_breaker(status, verdict)
 
     def _trip_breaker(self, status: str, verdict: Verdict) -> None:
@@ -438,6 +519,9 @@ class Runner:
         self._advance(rs.DRY_RUN)
 
     def _advance(self, status: str) -> None:
+        self._done += 1
+        if status not in rs.OK_STATUSES and status != rs.DRY_RUN:
+            self._failures += 1
         if self.progress is not None:
             self.progress.advance(status)
 
@@ -463,6 +547,8 @@ class Runner:
             counts=counts,
             rejected=counts.get(rs.REJECTED, 0),
             sent=self._sent,
+            new_rows=self._new,
+            retries=self._attempts - self._sent,
             attempts=self._attempts,
             not_reached=not_reached,
             rows_per_s=round(accounted / duration, 1) if duration > 0 else 0.0,
@@ -473,6 +559,14 @@ class Runner:
         )
 
 
+def _describe(verdict: Verdict) -> str:
+    if verdict.result_code:
+        return f"{verdict.result_code} {verdict.result_text or verdict.error}".strip()
+    if verdict.http_status:
+        return f"HTTP {verdict.http_status}"
+    return verdict.error or "no answer"
+
+
 def _reused_message(row: Row, k: Known) -> str:
     return (
         f"user_id {row.user_id!r} was already sent with a different photo ({k.image_path}); an ID is never "
@@ -481,20 +575,42 @@ def _reused_message(row: Row, k: Known) -> str:
 
 
 async def run(
-    settings: Settings, manifest_path: Path, *, progress: Progress | None = None, sleep: Sleep = asyncio.sleep
+    settings: Settings,
+    manifest_path: Path,
+    *,
+    progress: Progress | None = None,
+    sleep: Sleep = asyncio.sleep,
+    resend_failed: bool = False,
 ) -> rs.Summary:
     """Run one backfill in the current event loop."""
-    return await Runner(settings, manifest_path, progress=progress, sleep=sleep).run()
+    return await Runner(
+        settings, manifest_path, progress=progress, sleep=sleep, resend_failed=resend_failed
+    ).run()
 
 
-def run_blocking(settings: Settings, manifest_path: Path, *, progress: Progress | None = None) -> rs.Summary:
+def run_blocking(
+    settings: Settings, manifest_path: Path, *, progress: Progress | None = None, resend_failed: bool = False
+) -> rs.Summary:
     """Run one backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143)."""
 
     async def main() -> rs.Summary:
-        runner = Runner(settings, manifest_path, progress=progress)
+        runner = Runner(settings, manifest_path, progress=progress, resend_failed=resend_failed)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, runner.interrupt, signum)
         return await runner.run()
 
     return asyncio.run(main())
+
+
+def prepare_retry(settings: Settings, states: Iterable[str]) -> Path:
+    """The manifest `backfill retry` runs: every checkpoint row in `states`, with its recorded image and date."""
+    chosen = set(states)
+    unknown = chosen - cp.RETRYABLE_STATES
+    if unknown or not chosen:
+        raise ConfigError(
+            "--status", "the command line", f"{', '.join(sorted(unknown)) or 'nothing'} can't be retried",
+            f"name some of {', '.join(sorted(cp.RETRYABLE_STATES))}",
+        )  # fmt: skip
+    rows = cp.iter_rows(settings.checkpoint_path(), chosen)
+    return rs.write_retry_manifest(settings.out, settings.columns, rows)

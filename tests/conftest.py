@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import struct
+import threading
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +95,37 @@ class Sleeps:
 @pytest.fixture
 def sleeps() -> Sleeps:
     return Sleeps()
+
+
+class ThreadedSandboxes:
+    """Sandboxes on their own loop in a thread, for code that runs its own event loop (the CLI)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: list[RunningSandbox] = []
+
+    def start(self, **kwargs: Any) -> RunningSandbox:
+        future = asyncio.run_coroutine_threadsafe(start_sandbox(PARTNER_ID, API_KEY, **kwargs), self.loop)
+        server = future.result(10)
+        self.running.append(server)
+        return server
+
+    def close(self) -> None:
+        for server in self.running:
+            asyncio.run_coroutine_threadsafe(server.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def threaded_sandboxes() -> Iterator[ThreadedSandboxes]:
+    sandboxes = ThreadedSandboxes()
+    yield sandboxes
+    sandboxes.close()
+
+
+@pytest.fixture
+def threaded_sandbox(threaded_sandboxes: ThreadedSandboxes) -> RunningSandbox:
+    return threaded_sandboxes.start()

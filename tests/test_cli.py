@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from backfill.checkpoint import acquire_lock
 from backfill.cli import main
-from backfill.sandbox import RunningSandbox, start_sandbox
+from backfill.sandbox import RunningSandbox
 
 from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "manifest.csv"
 ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
-
-
-@pytest.fixture
-def threaded_sandbox() -> Iterator[RunningSandbox]:
-    """The sandbox on its own loop in a thread, because the CLI runs its own event loop."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = asyncio.run_coroutine_threadsafe(start_sandbox(PARTNER_ID, API_KEY), loop).result(10)
-    yield server
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
