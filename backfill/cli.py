@@ -324,6 +324,17 @@ def export(
     click.echo(f"{count} rows written to {out_path}", err=True)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--overwrite", is_flag=True, help="Replace an existing report.html.")
+@_guard
+def report(run_dir: Path, overwrite: bool) -> None:
+    """Write (or rewrite) RUN_DIR/report.html from the run's summary.json and CSVs."""
+    from .report import write_report
+
+    click.echo(str(write_report(run_dir, overwrite=overwrite)))
+
+
 @main.group()
 def config() -> None:
     """Inspect settings."""

@@ -30,6 +30,7 @@ from .client import Client, Kind, Verdict, read_photo
 from .config import Settings
 from .errors import BackfillError, ConfigError
 from .manifest import Batch, ManifestRules, Row, open_manifest
+from .report import write_report
 
 Sleep = Callable[[float], Awaitable[None]]
 log = logging.getLogger("backfill")
@@ -283,6 +284,11 @@ class Runner:
             # No summary.json: its absence says this run's outputs are not whole. The checkpoint is.
             raise self._fatal
         output.close(summary)
+        try:
+            write_report(output.dir)
+        except BackfillError as error:
+            # The report is for reading; results.csv and summary.json are whole, so the run's outcome stands.
+            self._event(logging.WARNING, "report_failed", f"report.html was not written: {error}")
         return summary
 
     async def _open_store(self) -> SqliteStore | None:
