@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backfill.client import Kind, classify_answer, parse_retry_after
+from backfill.client import Client, Kind, classify_answer, parse_retry_after
 from backfill.config import Secret
 from backfill.signing import sign
 
@@ -97,3 +97,32 @@ def test_classification_never_raises(status: int, body: bytes, retry_after: str 
     v = classify_answer(status, body, retry_after, user_id="u1", partner_id="085", api_key=KEY)
     assert isinstance(v.kind, Kind)
     assert v.kind is not Kind.ENROLLED  # nothing random can pass the signature check
+
+
+async def test_tls_is_verified_an_untrusted_certificate_is_refused_before_sending() -> None:
+    """Against HTTPS with a certificate from a CA the machine doesn't trust, nothing is sent or trusted."""
+    import ssl
+
+    import trustme
+    from aiohttp import web
+
+    from backfill.sandbox import make_app, sandbox_state
+
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    app = make_app("085", "k")
+    app_runner = web.AppRunner(app)
+    await app_runner.setup()
+    await web.TCPSite(app_runner, "127.0.0.1", 0, ssl_context=server_context).start()
+    port = app_runner.addresses[0][1]
+    try:
+        client = Client(
+            f"https://127.0.0.1:{port}/v1", "085", Secret("k"), timeout=5, connect_timeout=5, concurrency=1
+        )
+        async with client:
+            verdict = await client.send("user_1", "2021-08-12", "aGVsbG8=")
+    finally:
+        await app_runner.cleanup()
+    assert verdict.kind is Kind.TRANSIENT and not verdict.in_doubt and "certificate" in verdict.error.lower()
+    assert sandbox_state(app).total_requests == 0
