@@ -9,6 +9,7 @@ import errno
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,10 +66,11 @@ REASONS = (
 )  # fmt: skip
 
 # Codes for the checks done on whole columns; 0 means "no problem found yet".
-_MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE = 1, 2, 3, 4, 5, 6
+# _HEADER_AGAIN is a row that repeats the header (two exports joined): a malformed_row with its own message.
+_MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE, _HEADER_AGAIN = 1, 2, 3, 4, 5, 6, 7
 _CODE_REASON = {
     _MALFORMED: MALFORMED_ROW, _EMPTY: EMPTY_VALUE, _BAD_ID: BAD_USER_ID, _DUPLICATE: DUPLICATE_USER_ID,
-    _BAD_DATE: BAD_DATE, _FUTURE: FUTURE_DATE,
+    _BAD_DATE: BAD_DATE, _FUTURE: FUTURE_DATE, _HEADER_AGAIN: MALFORMED_ROW,
 }  # fmt: skip
 
 _ENCODING = "utf-8-sig"  # UTF-8, with or without the byte order mark Excel writes
@@ -260,6 +262,13 @@ class _RowChecker:
         codes[m._malformed_lines[lo:hi] - first_line] = _MALFORMED
         uids, dates, images = uid.tolist(), created.tolist(), image.tolist()
 
+        # A row equal to the header (a second export appended, its BOM and all) is no user: without this it
+        # would be called a bad date ("user_created_at"), which sends the reader looking in the wrong place.
+        names = [m._header[p] for p in m._positions]
+        again = np.ones(n, dtype=bool)
+        for values, name in zip((uid, created, image), names, strict=True):
+            again &= values.str.removeprefix("\ufeff").eq(name).to_numpy(dtype=bool)
+        _mark(codes, again, _HEADER_AGAIN)
         _mark(codes, _blank(uid) | _blank(created) | _blank(image), _EMPTY)
         good_id = uid.str.fullmatch(self._pattern, flags=re.ASCII).to_numpy(dtype=bool) & np.fromiter(
             map(str.isascii, uids), dtype=bool, count=n
@@ -296,6 +305,8 @@ class _RowChecker:
         match = _ISO.fullmatch(value)
         if match is None:
             hint = " without the spaces around it" if _ISO.fullmatch(value.strip()) else ""
+            if not hint and not value.isascii():
+                hint = f" ({_non_ascii(value)}; use ASCII digits)"  # fullwidth digits look almost right
             return (
                 _BAD_DATE,
                 f"{label} {value!r} is not an ISO 8601 date or date-time: {_DATE_EXAMPLES}{hint}",
@@ -337,6 +348,11 @@ class _RowChecker:
                 f"the row has {fields} values but the header has {len(m._header)} columns: a value probably "
                 "contains a comma without quotes around it; quote that value (or remove the extra values)"
             )
+        if code == _HEADER_AGAIN:
+            return (
+                "the row repeats the header row (were two files joined into one?): delete it; the rows after "
+                "it are read as usual"
+            )
         if code == _EMPTY:
             empty = [
                 labels[k]
@@ -351,7 +367,8 @@ class _RowChecker:
             if uid != uid.strip():
                 hint = " (it has spaces around it)"
             elif not uid.isascii():
-                hint = " (it has non-ASCII characters, such as look-alike letters)"
+                # Name the character: a Cyrillic a (U+0430) or a zero-width space is invisible in the quoted id.
+                hint = f" ({_non_ascii(uid)}, not ASCII: a look-alike of an ASCII letter or an invisible character?)"
             return (
                 f"{labels['user_id']} {uid!r} doesn't match the allowed pattern {self._pattern!r}{hint}: fix "
                 "the id; if your ids legitimately look like this, set user_id_pattern in the config YAML"
@@ -484,7 +501,31 @@ class _ImageChecker:
                 )
             hint = " (note the spaces around the path)" if raw != raw.strip() else ""
             return _Problem(IMAGE_MISSING, f"image {shown} doesn't exist{hint}: check the path")
-        return _Problem(IMAGE_UNREADABLE, f"image {shown} can't be read: {exc.strerror}")
+        # Any other error (EIO, a stale network share...): still say what to do, not just what went wrong.
+        return _Problem(
+            IMAGE_UNREADABLE,
+            f"image {shown} can't be read: {exc.strerror or exc}; check the file and the disk or share it is on "
+            "(copy it somewhere readable if need be), then run again",
+        )
+
+
+def _header_problem(header: list[str]) -> str | None:
+    """Why a header lacking the wanted columns isn't a comma-separated UTF-8 header, when that is visible."""
+    if any("\x00" in name for name in header):
+        return (
+            "it is full of NUL bytes, as UTF-16 text without a byte order mark is. Fix: save the file as UTF-8 "
+            "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+        )
+    if len(header) == 1:
+        for separator, called in ((";", "semicolons"), ("\t", "tabs"), ("|", "'|' characters")):
+            if separator in header[0]:
+                return (
+                    f"its values are separated by {called}, not commas. Fix: save it as comma-separated values "
+                    "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+                )
+    if any("\n" in name or "\r" in name for name in header):
+        return f"a quote in it is probably never closed, so it runs on past line 1. Fix: {_QUOTING}"
+    return None
 
 
 def _read_header(reader: Iterator[list[str]], path: Path) -> list[str]:
@@ -513,6 +554,10 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
     missing = [(role, name) for role, name in wanted if name not in header]
     if missing:
         found = ", ".join(repr(h) for h in header)
+        # "Rename the column" is the wrong fix when the header isn't comma-separated UTF-8 at all.
+        problem = _header_problem(header)
+        if problem is not None:
+            raise ManifestError(f"{path} doesn't read as a CSV header row ({found[:200]}): {problem}")
         parts = []
         for role, name in missing:
             near = difflib.get_close_matches(name, header, n=1, cutoff=0.6)
@@ -652,6 +697,8 @@ def _encoding_error(path: Path) -> ManifestError:
     fix = "Fix: save the file as UTF-8 (in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
     with path.open("rb") as raw:
         start = raw.read(4)
+        if start.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # before UTF-16: same first bytes
+            return ManifestError(f"{path} is UTF-32 text, not UTF-8. {fix}")
         if start.startswith((b"\xff\xfe", b"\xfe\xff")):
             return ManifestError(f"{path} is UTF-16 text, not UTF-8. {fix}")
         if start.startswith(b"\x1f\x8b"):
@@ -720,6 +767,12 @@ def _zone(text: str | None) -> timezone:
         raise ValueError(f"UTC offset {text} is out of range")
     offset = timedelta(hours=hours, minutes=minutes)
     return timezone(-offset if text[0] == "-" else offset)
+
+
+def _non_ascii(value: str) -> str:
+    """Names the first non-ASCII character of `value`, e.g. "character 1 is U+0430 CYRILLIC SMALL LETTER A"."""
+    at, char = next((i, c) for i, c in enumerate(value) if not c.isascii())
+    return f"character {at + 1} is U+{ord(char):04X} {unicodedata.name(char, 'with no name')}"
 
 
 def _kind(mode: int) -> str:
