@@ -377,6 +377,9 @@ def _report(summary: rs.Summary) -> None:
     if summary.stop_reason:
         click.echo(f"stopped: {summary.stop_reason}", err=True)
     click.echo(f"results: {summary.out_dir}")
+    report = Path(summary.out_dir) / "report.html"
+    if report.exists():
+        click.echo(f"report:  {report}")
 
 
 @main.command()
