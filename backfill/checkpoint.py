@@ -163,7 +163,13 @@ class SqliteStore:
         return cls(conn, executor, lock)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            # A damaged file can open cleanly and fail on the first read of a users page.
+            raise CheckpointError(
+                f"the checkpoint can't be read: {exc}. Check it with `sqlite3 FILE 'PRAGMA integrity_check'`"
+            ) from exc
 
     async def lookup(self, user_ids: Sequence[str]) -> dict[str, Known]:
         self._raise_if_failed()
@@ -232,7 +238,7 @@ class SqliteStore:
                 continue
             try:
                 await self._call(_commit, self._conn, [(sql, params) for sql, params, _ in batch if sql])
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # any failure: waiters must hear of it, or they wait for ever
                 self._failure = exc
                 error = CheckpointError(f"the checkpoint can no longer be written: {exc}")
                 for _, _, future in [*batch, *self._queue]:
@@ -250,8 +256,9 @@ INSERT INTO users (user_id, state, in_doubt, attempts, photo_sha256, image_path,
 VALUES (?, 'sending', ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(user_id) DO UPDATE SET
     state = 'sending',
-    -- an earlier attempt left SENDING never got its answer recorded: it may have enrolled the user
-    in_doubt = users.in_doubt OR excluded.in_doubt OR users.state = 'sending',
+    -- Doubt only grows. Whether this attempt follows a lost answer is the runner's call (a row left SENDING
+    -- by a crash is in doubt; this run's own earlier 503 is not), so the state alone must not decide it.
+    in_doubt = users.in_doubt OR excluded.in_doubt,
     attempts = users.attempts + 1,
     photo_sha256 = excluded.photo_sha256, image_path = excluded.image_path,
     image_size = excluded.image_size, image_mtime_ns = excluded.image_mtime_ns,
@@ -322,11 +329,17 @@ def _connect(path: Path, partner_id: str, env: str, create: bool) -> sqlite3.Con
         if create and not path.exists():
             # Created owner-only before SQLite opens it: it holds user_ids and file paths.
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(_SCHEMA)
+        if create:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+        else:
+            # A reader (a dry run) never writes: not the schema, not into some other SQLite file.
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.DatabaseError as exc:
         raise CheckpointError(

@@ -59,19 +59,21 @@ async def test_outcome_and_lookup_round_trip(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_attempt_over_an_unanswered_one_is_in_doubt(tmp_path: Path) -> None:
+async def test_doubt_is_what_the_runner_says_and_only_grows(tmp_path: Path) -> None:
     path = tmp_path / "cp.sqlite"
     store = await SqliteStore.open(path, "085", "sandbox")
     await store.record_attempt(attempt("lost"))  # crash: no outcome recorded
-    await store.record_attempt(attempt("answered"))
-    store.record_outcome(outcome("answered", "retry_exhausted"))
+    await store.record_attempt(attempt("retried"))
+    await store.record_attempt(attempt("retried"))  # a second attempt in one run, after a refused one
     await store.close()
     store = await SqliteStore.open(path, "085", "sandbox")
-    await store.record_attempt(attempt("lost"))
-    await store.record_attempt(attempt("answered"))
-    known = await store.lookup(["lost", "answered"])
-    assert known["lost"].in_doubt and known["lost"].attempts == 2
-    assert not known["answered"].in_doubt
+    known = await store.lookup(["lost", "retried"])
+    # Left SENDING: the runner reads that as in doubt; the store never invents doubt from the state.
+    assert known["lost"].state == "sending" and not known["retried"].in_doubt
+    await store.record_attempt(attempt("lost", in_doubt=True))
+    await store.record_attempt(attempt("lost", in_doubt=False))
+    known = await store.lookup(["lost"])
+    assert known["lost"].in_doubt and known["lost"].attempts == 3
     await store.close()
 
 
