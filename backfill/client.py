@@ -68,6 +68,8 @@ def classify_answer(
 
     if status == 200 and payload is not None and "ResultCode" in payload:
         return _classify_result(payload, status, user_id=user_id, partner_id=partner_id, api_key=api_key)
+    if payload is None or (200 <= status < 300 and not code):
+        return _unreadable(status, body, pause)
     if code in _SYSTEMIC_CODES:
         return Verdict(Kind.SYSTEMIC, False, status, code, text, error=_SYSTEMIC_CODES[code])
     if code == "2209":
@@ -79,13 +81,26 @@ def classify_answer(
         )
         error = f"HTTP {status}" + (f" code {code}" if code else "") + ("" if payload else _snippet(body))
         return Verdict(Kind.TRANSIENT, in_doubt, status, code, text, error=error, retry_after=pause)
-    if payload is None:
-        # Not JSON and not a known transient status (e.g. an HTML page from a proxy with a 200 or 4xx):
-        # we can't tell whether the server acted on it.
-        return Verdict(Kind.TRANSIENT, True, status, error=f"HTTP {status}, not JSON{_snippet(body)}")
     return Verdict(
         Kind.PERMANENT, False, status, code, text, error=f"HTTP {status}" + (f" code {code}" if code else "")
     )
+
+
+def _unreadable(status: int, body: bytes, pause: float | None) -> Verdict:
+    """An answer that isn't the API's JSON: a proxy's page, a wrong URL, a success without a result."""
+    error = f"HTTP {status}, not the API's JSON answer{_snippet(body)}"
+    if status in _TRANSIENT_STATUSES or status >= 500:
+        return Verdict(
+            Kind.TRANSIENT, status not in _NOT_TAKEN_STATUSES, status, error=error, retry_after=pause
+        )
+    if status in (401, 403, 404, 405):
+        # Every row would get the same: a wrong --base-url (it must end in /v1) or a proxy refusing us.
+        why = "check --base-url (the API root, ending in /v1) and any proxy between here and the API"
+        return Verdict(Kind.SYSTEMIC, False, status, error=f"{error}; {why}")
+    if 400 <= status < 500:
+        return Verdict(Kind.PERMANENT, False, status, error=error)  # refused before the API acted on it
+    # A 2xx (or 1xx/3xx) we can't read: the server may have acted on it.
+    return Verdict(Kind.TRANSIENT, True, status, error=error)
 
 
 def _classify_result(
@@ -125,11 +140,11 @@ def parse_retry_after(value: str | None) -> float | None:
         pass
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError, OverflowError):
+        return None  # a date past what datetime can hold (found in review: an absurd zone offset)
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

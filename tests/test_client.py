@@ -79,7 +79,7 @@ def test_gateway_errors_may_have_committed_but_503_did_not() -> None:
 
 def test_html_page_with_200_is_transient_and_in_doubt() -> None:
     v = classify(200, b"<html>maintenance</html>")
-    assert v.kind is Kind.TRANSIENT and v.in_doubt and "not JSON" in v.error
+    assert v.kind is Kind.TRANSIENT and v.in_doubt and "not the API's JSON" in v.error
 
 
 def test_retry_after_forms() -> None:
@@ -126,3 +126,19 @@ async def test_tls_is_verified_an_untrusted_certificate_is_refused_before_sendin
         await app_runner.cleanup()
     assert verdict.kind is Kind.TRANSIENT and not verdict.in_doubt and "certificate" in verdict.error.lower()
     assert sandbox_state(app).total_requests == 0
+
+
+def test_unreadable_answers_by_status() -> None:
+    """Found in review: a plain-text 404 (a --base-url without /v1) was 'in doubt', so a later 2209 read as ours."""
+    wrong_url = classify(404, b"404: Not Found")
+    assert wrong_url.kind is Kind.SYSTEMIC and not wrong_url.in_doubt and "--base-url" in wrong_url.error
+    assert classify(413, b"<html>Request Entity Too Large</html>").kind is Kind.PERMANENT
+    assert not classify(413, b"<html>Request Entity Too Large</html>").in_doubt
+    no_result = classify(200, {"status": "ok"})  # JSON, but no ResultCode: a success we can't read
+    assert no_result.kind is Kind.TRANSIENT and no_result.in_doubt
+    throttled = classify(429, b"<html>slow down</html>", "2")
+    assert throttled.kind is Kind.TRANSIENT and not throttled.in_doubt and throttled.retry_after == 2.0
+
+
+def test_retry_after_past_the_calendar_is_ignored() -> None:
+    assert parse_retry_after("Mon, 01 Jan 2024 00:00:00 +99999999999999") is None
