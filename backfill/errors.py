@@ -60,3 +60,9 @@ class TransportError(BackfillError):
         self.reason = reason
         self.may_have_reached = may_have_reached
         super().__init__(reason)
+
+
+class InternalError(BackfillError):
+    """A bug in this tool. The run stops cleanly (every attempt is recorded); please report it."""
+
+    exit_code = 70  # EX_SOFTWARE

@@ -28,7 +28,7 @@ from . import results as rs
 from .checkpoint import Attempt, Known, Outcome, SqliteStore, Store, now_iso
 from .client import Client, Kind, Verdict, read_photo
 from .config import Settings
-from .errors import BackfillError, ConfigError
+from .errors import BackfillError, ConfigError, InternalError
 from .manifest import Batch, ManifestRules, Row, open_manifest
 from .report import write_report
 
@@ -38,6 +38,10 @@ log = logging.getLogger("backfill")
 BREAKER_WINDOW = 100
 BREAKER_MIN_ROWS = 20
 _FAILURES = frozenset({rs.FAILED, rs.RETRY_EXHAUSTED, rs.UNKNOWN})
+# A Retry-After is honoured up to this: a server asking for an hour is broken, and the run would look hung.
+RETRY_AFTER_MAX_S = 300.0
+# What _attempt answers when a stop came before the request left: nothing was sent.
+_NOT_SENT = Verdict(Kind.TRANSIENT, False, error="stopped before this attempt was sent")
 
 
 # The crash suite's supported test mode: "BOUNDARY:N" kills this process with SIGKILL the Nth time a boundary
@@ -149,6 +153,7 @@ class Runner:
         self._stop_code = 0
         self._limit_note = ""
         self._signals = 0
+        self._stopped = asyncio.Event()
         self._fatal: BackfillError | None = None
         self._crash = _CrashPoints(os.environ.get(CRASH_ENV))
         self._resume_at = 0.0
@@ -171,9 +176,26 @@ class Runner:
         return bool(self._stop_reason)
 
     def stop(self, reason: str, exit_code: int) -> None:
-        """Stop taking new rows; in-flight requests finish and are recorded. The first reason wins."""
-        if not self._stop_reason:
+        """Stop taking new rows; in-flight requests finish and are recorded.
+
+        The first reason wins, except that a failure (a systemic answer, a full disk) outranks a planned stop
+        (--max-duration): the exit code must still tell cron something is wrong.
+        """
+        if not self._stop_reason or (self._stop_code == 0 and exit_code != 0):
             self._stop_reason, self._stop_code = reason, exit_code
+        self._stopped.set()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep, but wake at once on a stop: a long backoff or Retry-After must not hold up a shutdown."""
+        if self.stopping:
+            return
+        nap = asyncio.ensure_future(self._sleep(seconds))
+        stop = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({nap, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (nap, stop):
+                task.cancel()
 
     def interrupt(self, signum: int) -> None:
         code = 128 + signum
@@ -183,6 +205,7 @@ class Runner:
             os._exit(code)
         # A signal outranks an earlier stop's reason: the operator asked, and the exit code should say so.
         self._stop_reason, self._stop_code = f"interrupted by {signal.Signals(signum).name}", code
+        self._stopped.set()
 
     def _fail(self, error: BackfillError) -> None:
         """A local failure (disk full, checkpoint unwritable): stop cleanly, then raise it once the run ends."""
@@ -218,7 +241,7 @@ class Runner:
         try:
             output = rs.RunOutput(s.out)
             self._run_id = output.run_id
-            if store is not None:
+            if store is not None and not s.dry_run:
                 await store.start_run(output.run_id, str(self.manifest_path), started)
             if self.progress is not None:
                 self.progress.start(manifest.total_rows)
@@ -271,7 +294,7 @@ class Runner:
                 counts=summary.counts, new_rows=summary.new_rows, not_reached=summary.not_reached,
                 exit_code=summary.exit_code, duration_s=summary.duration_s, rows_per_s=summary.rows_per_s,
             )  # fmt: skip
-            if store is not None:
+            if store is not None and not s.dry_run:
                 await store.finish_run(
                     output.run_id, summary.finished_at, manifest.total_rows, summary.exit_code
                 )
@@ -286,7 +309,7 @@ class Runner:
         output.close(summary)
         try:
             write_report(output.dir)
-        except BackfillError as error:
+        except Exception as error:
             # The report is for reading; results.csv and summary.json are whole, so the run's outcome stands.
             self._event(logging.WARNING, "report_failed", f"report.html was not written: {error}")
         return summary
@@ -331,7 +354,8 @@ class Runner:
                     queued += 1
                     await queue.put(decision)
                 elif decision[0] == rs.REJECTED:
-                    output.reject(row.line, row.user_id, "user_id_reused", decision[1])
+                    reason, _, message = decision[1].partition(": ")
+                    output.reject(row.line, row.user_id, reason, message)
                     self._advance(rs.REJECTED)
                 else:
                     k = known[row.user_id]
@@ -355,10 +379,15 @@ class Runner:
             try:
                 same = _same_photo(k, row)
             except OSError as exc:
-                out.append((rs.REJECTED, f"image can't be read to compare with the enrolled photo: {exc}"))
+                out.append(
+                    (
+                        rs.REJECTED,
+                        f"image_unreadable: can't be read to compare with the photo sent earlier: {exc}",
+                    )
+                )
                 continue
             if not same and (k.state in cp.DONE_STATES or k.in_doubt or k.state in (cp.SENDING, cp.UNKNOWN)):
-                out.append((rs.REJECTED, _reused_message(row, k)))
+                out.append((rs.REJECTED, "user_id_reused: " + _reused_message(row, k)))
             elif k.state in cp.DONE_STATES:
                 out.append((rs.SKIPPED, f"already {k.state} in the checkpoint; not sent again"))
             elif k.state == cp.ID_CONFLICT:
@@ -379,7 +408,7 @@ class Runner:
             stop=stop_after_attempt(s.max_attempts),
             wait=self._wait,
             retry=retry_if_result(lambda v: v.kind is Kind.TRANSIENT and not self.stopping),
-            sleep=self._sleep,
+            sleep=self._nap,
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
             before_sleep=self._retry_scheduled,
         )
@@ -391,12 +420,20 @@ class Runner:
                     self._dry_run(work, client, output)
                     continue
                 verdict: Verdict = await retrying(self._attempt, work, client, store)
-                if work.attempts == 0:
+                if verdict is _NOT_SENT and work.attempts == 0:
                     continue  # stopped before its first attempt went out: not reached
-                self._finish(work, verdict, store, output)
+                status = self._finish(work, verdict, store, output)
+                if status == rs.ID_CONFLICT and store is not None:
+                    # On disk before anything else: lost in a crash, the row would stay SENDING and a
+                    # resend's 2209 would then read as ours.
+                    await store.flush()
             except BackfillError as error:
                 # The row stays as the checkpoint last recorded it (at worst SENDING): resume reconciles it.
                 self._fail(error)
+            except Exception as error:
+                # A bug must not kill this worker silently: with every worker gone the producer would wait
+                # on a full queue for ever. Stop the run as on any local failure, and say what happened.
+                self._fail(InternalError(f"internal error while sending {work.row.user_id!r}: {error!r}"))
 
     def _retry_scheduled(self, state: RetryCallState) -> None:
         verdict = state.outcome.result() if state.outcome else None
@@ -412,7 +449,7 @@ class Runner:
     def _wait(self, state: RetryCallState) -> float:
         verdict = state.outcome.result() if state.outcome else None
         if isinstance(verdict, Verdict) and verdict.retry_after is not None:
-            return min(verdict.retry_after, max(self.settings.backoff_max, verdict.retry_after))
+            return min(verdict.retry_after, RETRY_AFTER_MAX_S)
         backoff = wait_random_exponential(
             multiplier=self.settings.backoff_initial, max=self.settings.backoff_max
         )
@@ -422,15 +459,16 @@ class Runner:
         loop = asyncio.get_running_loop()
         pause = self._resume_at - loop.time()
         if pause > 0:
-            await self._sleep(pause)  # someone got a 429: everyone slows down, not just that row
+            await self._nap(pause)  # someone got a 429: everyone slows down, not just that row
+        if self.stopping:
+            return _NOT_SENT
         try:
             photo = await asyncio.to_thread(read_photo, work.row.image_path)
         except OSError as exc:
             return Verdict(Kind.PERMANENT, False, error=f"image can't be read now: {exc.strerror}")
         await self._limiter.acquire()
         if self.stopping:
-            # The stop came while this row waited its turn: don't start a request now.
-            return Verdict(Kind.TRANSIENT, False, error="stopped before this attempt was sent")
+            return _NOT_SENT  # the stop came while this row waited its turn: don't start a request now
         assert store is not None
         await store.record_attempt(
             Attempt(
@@ -449,7 +487,7 @@ class Runner:
         work.latency_ms = round((time.perf_counter() - sent_at) * 1000)
         del photo
         if verdict.retry_after is not None and verdict.http_status == 429:
-            until = loop.time() + verdict.retry_after
+            until = loop.time() + min(verdict.retry_after, RETRY_AFTER_MAX_S)
             if until > self._resume_at + 0.05:
                 self._event(
                     logging.WARNING, "rate_lowered",
@@ -464,7 +502,7 @@ class Runner:
         work.in_doubt = work.in_doubt or verdict.in_doubt
         return verdict
 
-    def _finish(self, work: _Work, verdict: Verdict, store: Store | None, output: rs.RunOutput) -> None:
+    def _finish(self, work: _Work, verdict: Verdict, store: Store | None, output: rs.RunOutput) -> str:
         self._crash.reached("before_outcome")
         status = _status_for(verdict, work, self.stopping)
         at = now_iso()
@@ -492,6 +530,7 @@ class Runner:
             result_code=verdict.result_code, latency_ms=work.latency_ms, error=verdict.error,
         )  # fmt: skip
         self._trip_breaker(status, verdict)
+        return status
 
     def _trip_breaker(self, status: str, verdict: Verdict) -> None:
         """Stop when most recent rows fail: a broken image store or an API outage, not bad luck."""

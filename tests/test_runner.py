@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from backfill import runner
 from backfill.client import Client
 from backfill.config import Secret, Settings
-from backfill.errors import CheckpointError
+from backfill.errors import CheckpointError, InternalError
 from backfill.results import Summary
 from backfill.sandbox import Faults, RunningSandbox, start_sandbox
 
@@ -305,7 +307,118 @@ async def test_malformed_answers_are_recorded_as_such_without_crashing(
     assert "signature" in got["forged"]["error"]
     assert got["otheruser"]["status"] == "unknown" and "somebody_else" in got["otheruser"]["error"]
     assert got["html"]["status"] == "unknown" and "502" in got["html"]["error"]
-    assert got["notjson"]["status"] == "unknown" and "not JSON" in got["notjson"]["error"]
+    assert got["notjson"]["status"] == "unknown" and "not the API's JSON" in got["notjson"]["error"]
     assert got["nofields"]["status"] == "unknown" and got["nofields"]["signature_ok"] == "false"
-    # A 4xx whose body we cannot read might still have been acted on: resend it, and let 2209 settle it.
-    assert got["listbody"]["status"] == "unknown" and "400" in got["listbody"]["error"]
+    # A 4xx was refused before the API acted on it, whatever its body: not in doubt (found in review).
+    assert got["listbody"]["status"] == "failed" and "400" in got["listbody"]["error"]
+
+
+# --- found in review: each test below failed before its fix ---
+
+
+async def test_a_retry_within_a_run_does_not_make_a_later_2209_ours(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps
+) -> None:
+    # Two refused attempts (503) then, next run, 2209: the ID is someone else's, not an answer we lost.
+    async with await start_sandbox(
+        PARTNER_ID, API_KEY, faults=Faults(script={"user_0000": [503, 503, "2209"]})
+    ) as server:
+        manifest = write_manifest(tmp_path, simple_rows(1))
+        first = await runner.Runner(make_settings(server, max_attempts=2), manifest, sleep=sleeps).run()
+        assert results(first)["user_0000"]["status"] == "retry_exhausted"
+        second = await runner.Runner(make_settings(server, max_attempts=2), manifest, sleep=sleeps).run()
+        assert results(second)["user_0000"]["status"] == "id_conflict"
+
+
+async def test_retry_after_is_capped_and_a_stop_ends_the_wait(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps
+) -> None:
+    async with await start_sandbox(
+        PARTNER_ID, API_KEY, faults=Faults(script={"user_0000": [429]}, retry_after_s=3600)
+    ) as server:
+        manifest = write_manifest(tmp_path, simple_rows(1))
+        summary = await runner.Runner(make_settings(server), manifest, sleep=sleeps).run()
+        assert summary.counts == {"enrolled": 1} and max(sleeps.calls) <= runner.RETRY_AFTER_MAX_S
+        # With the real clock: a 429 asking for an hour, then a --max-duration stop, ends the run promptly.
+        manifest = write_manifest(tmp_path, simple_rows(1, prefix="other_"))
+    async with await start_sandbox(
+        PARTNER_ID, API_KEY, faults=Faults(script={"other_0000": [429, 429]}, retry_after_s=3600)
+    ) as server:
+        settings = make_settings(server, checkpoint=tmp_path / "cp2.sqlite", max_duration=0.3)
+        summary = await asyncio.wait_for(runner.run(settings, manifest), 30)
+        assert summary.counts == {"pending": 1} and "--max-duration" in summary.stop_reason
+
+
+async def test_an_image_unreadable_at_send_time_is_a_failed_row_not_a_lost_one(
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    sandbox: RunningSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    real = runner.read_photo
+
+    def flaky(path: Path) -> Any:
+        if path.name == "user_0001.png":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(runner, "read_photo", flaky)
+    summary = await runner.run(make_settings(sandbox), manifest)
+    got = results(summary)
+    assert summary.counts == {"enrolled": 2, "failed": 1} and summary.not_reached == 0
+    assert "Permission denied" in got["user_0001"]["error"]
+
+
+async def test_a_bug_in_a_worker_stops_the_run_instead_of_hanging_it(
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    sandbox: RunningSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(path: Path) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "read_photo", broken)
+    manifest = write_manifest(tmp_path, simple_rows(50))
+    with pytest.raises(InternalError, match="boom"):
+        await asyncio.wait_for(runner.run(make_settings(sandbox, concurrency=2), manifest), 30)
+    assert sandbox.state.total_requests == 0
+
+
+def test_a_failure_outranks_a_planned_stop(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    r = runner.Runner(make_settings(), tmp_path / "m.csv")
+    r.stop("--max-duration reached", 0)
+    r.stop("the API answered 2205", 4)
+    assert (r._stop_code, r._stop_reason) == (4, "the API answered 2205")
+    r.stop("--limit", 0)
+    assert r._stop_code == 4
+
+
+async def test_dry_run_leaves_an_existing_checkpoint_untouched(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    await runner.run(make_settings(sandbox), manifest)
+    checkpoint = tmp_path / "checkpoint.sqlite"
+    with sqlite3.connect(checkpoint) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = checkpoint.read_bytes()
+    summary = await runner.run(make_settings(sandbox, dry_run=True), manifest)
+    assert summary.counts == {"skipped": 3} and checkpoint.read_bytes() == before
+
+
+async def test_a_damaged_checkpoint_is_a_clear_error(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(400))
+    await runner.run(make_settings(sandbox, concurrency=16), manifest)
+    checkpoint = tmp_path / "checkpoint.sqlite"
+    with sqlite3.connect(checkpoint) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = checkpoint.stat().st_size
+    with checkpoint.open("r+b") as handle:  # scribble over the users pages, keep the meta page
+        handle.seek(size // 2)
+        handle.write(bytes(range(256)) * ((size // 2 - 4096) // 256))
+    with pytest.raises(CheckpointError, match="integrity_check"):
+        await runner.run(make_settings(sandbox), manifest)
