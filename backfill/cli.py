@@ -319,8 +319,7 @@ def export(
     if out_path is None:
         rs.write_export(rows, cp.EXPORT_FIELDS, fmt, sys.stdout)
         return
-    with rs.open_export(out_path) as handle:
-        count = rs.write_export(rows, cp.EXPORT_FIELDS, fmt, handle)
+    count = rs.export_to(out_path, rows, cp.EXPORT_FIELDS, fmt)
     click.echo(f"{count} rows written to {out_path}", err=True)
 
 

@@ -348,7 +348,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("--config", where, f"not valid YAML ({exc})", "fix the YAML syntax") from exc
+        # Only the position and the problem: the parser's message quotes the line, which may hold a secret.
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(
+            "--config", where, f"not valid YAML{at}: {problem}", "fix the YAML syntax"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -471,7 +471,8 @@ class _LatencyTally:
             p90_ms=p90,
             p99_ms=min(p99, self._max),
             max_ms=self._max,
-            bins=_latency_bins(ordered, self._min, p99, self._max),
+            # Binned from the rounded keys' own minimum: the exact minimum can lie above its rounded key.
+            bins=_latency_bins(ordered, ordered[0][0], p99, self._max),
         )
 
 
@@ -496,7 +497,7 @@ def _latency_bins(ordered: list[tuple[int, int]], low: int, p99: int, high: int)
     bins = [0] * count
     overflow = 0
     for value, n in ordered:
-        index = (value - start) // width
+        index = max(0, (value - start) // width)
         if index >= count:
             if tail:
                 overflow += n

@@ -113,10 +113,13 @@ def write_rejects(root: Path, rejects: Iterable[RejectLike]) -> Path:
     """rejects.csv alone, in a folder of its own, for `backfill validate`."""
     _, folder = _new_run_dir(root, "-validate")
     path = folder / "rejects.csv"
-    with _open_private(path) as handle:
-        writer = csv.writer(handle)
-        writer.writerow(REJECT_FIELDS)
-        writer.writerows([r.line, r.user_id, r.reason, r.message] for r in rejects)
+    try:
+        with _open_private(path) as handle:
+            writer = csv.writer(handle)
+            writer.writerow(REJECT_FIELDS)
+            writer.writerows([r.line, r.user_id, r.reason, r.message] for r in rejects)
+    except OSError as exc:
+        raise OutputError(f"can't write {path}: {exc.strerror}") from exc
     return path
 
 
@@ -156,12 +159,17 @@ class RunOutput:
 
     def close(self, summary: Summary) -> Path:
         """Close the CSVs and write summary.json last, so its presence means the run's outputs are whole."""
-        for handle in (self._results_file, self._rejects_file):
-            handle.close()
         path = self.dir / "summary.json"
-        with _open_private(path) as out:
-            json.dump(asdict(summary), out, indent=2, sort_keys=True)
-            out.write("\n")
+        try:
+            # Buffered rows reach the disk here: a full disk shows up at close as often as at write.
+            for handle in (self._results_file, self._rejects_file):
+                handle.close()
+            with _open_private(path) as out:
+                json.dump(asdict(summary), out, indent=2, sort_keys=True)
+                out.write("\n")
+        except OSError as exc:
+            raise OutputError(f"can't finish writing {self.dir}: {exc.strerror}. The checkpoint is intact; "
+                              "free some space and re-run") from exc  # fmt: skip
         return path
 
 
@@ -172,13 +180,13 @@ def write_retry_manifest(root: Path, columns: Mapping[str, str], rows: Iterable[
     except OSError as exc:
         raise OutputError(f"can't create the output folder {root}: {exc.strerror}") from exc
     path = root / (datetime.now(UTC).strftime("retry-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6] + ".csv")
-    with _open_private(path) as handle:
-        writer = csv.writer(handle)
-        writer.writerow([columns["user_id"], columns["user_created_at"], columns["image_path"]])
-        try:
+    try:
+        with _open_private(path) as handle:
+            writer = csv.writer(handle)
+            writer.writerow([columns["user_id"], columns["user_created_at"], columns["image_path"]])
             writer.writerows([r["user_id"], r["user_created_at"], r["image_path"]] for r in rows)
-        except OSError as exc:
-            raise OutputError(f"can't write {path}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise OutputError(f"can't write {path}: {exc.strerror}") from exc
     return path
 
 
@@ -201,6 +209,10 @@ def write_export(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], fmt: 
     return count
 
 
-def open_export(path: Path) -> IO[str]:
-    """A new owner-only file for an export; never overwrites (an export is a record)."""
-    return _open_private(path)
+def export_to(path: Path, rows: Iterable[Mapping[str, Any]], fields: Sequence[str], fmt: str) -> int:
+    """An export into a new owner-only file; never overwrites (an export is a record)."""
+    try:
+        with _open_private(path) as handle:
+            return write_export(rows, fields, fmt, handle)
+    except OSError as exc:
+        raise OutputError(f"can't write {path}: {exc.strerror}") from exc

@@ -104,3 +104,12 @@ def test_production_must_be_https() -> None:
 def test_secret_never_shows() -> None:
     secret = Secret("abc")
     assert "abc" not in repr(secret) and "abc" not in str(secret) and "abc" not in f"{secret}"
+
+
+def test_broken_yaml_is_located_without_quoting_the_line(tmp_path: Path) -> None:
+    # Found in review: the parser's message quoted the offending line, which may hold a pasted key.
+    config = tmp_path / "backfill.yaml"
+    config.write_text('rate: 5\napi_key: "sk_live_0123456789\nconcurrency: 4\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, {"SMILE_PARTNER_ID": "085", "SMILE_API_KEY": "k"}, {})
+    assert "line" in str(info.value) and "sk_live_0123456789" not in str(info.value)

@@ -285,6 +285,14 @@ def test_a_few_slow_rows_get_a_bar_of_their_own(tmp_path: Path) -> None:
     assert len(re.findall(r"<g><title>", latency)) <= report.LATENCY_BINS + 1
 
 
+@pytest.mark.parametrize("latencies", [[1203], [1203, 1207, 2950], [999, 1001, 45_678]])
+def test_slow_answers_over_a_second_are_binned(tmp_path: Path, latencies: list[int]) -> None:
+    # Found in review: rounded keys above 1 s sat below the exact minimum, and the bin index went negative.
+    rows = [result(f"u{i}", "enrolled", attempts=1, latency_ms=ms) for i, ms in enumerate(latencies)]
+    page = write_report(write_run(tmp_path / "run", rows)).read_text(encoding="utf-8")
+    assert 'id="latency"' in page and "MISMATCH" not in page
+
+
 def test_not_a_finished_run_folder(tmp_path: Path) -> None:
     folder = known_run(tmp_path / "run")
     (folder / "summary.json").unlink()
