@@ -1,0 +1,315 @@
+"""What gets measured, each run in a fresh child process so one measurement's heap never skews the next."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import json
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, TypeVar
+
+from backfill import checkpoint as cp
+from backfill import runner
+from backfill.checkpoint import Attempt, Outcome, SqliteStore, now_iso
+from backfill.config import load_settings
+from backfill.manifest import ManifestRules, validate_manifest
+from backfill.signing import sign, utc_timestamp
+
+from .servers import API_KEY, PARTNER_ID, ROOT
+
+T = TypeVar("T")
+Rows = list[tuple[str, str, str]]
+ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
+
+
+def in_child(fn: Callable[..., T], *args: Any) -> T:
+    """Run fn(*args) in a new spawned process and return its result: a clean heap, its own CPU clock."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _clock() -> tuple[float, float]:
+    # process_time counts every thread of this process (the checkpoint's writer and to_thread reads too).
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> dict[str, float]:
+    wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+
+
+# --- the tool itself ------------------------------------------------------------------------------------
+
+
+def settings_flags(base_url: str, work: Path, **flags: Any) -> dict[str, Any]:
+    return {
+        "env": "local",
+        "base_url": base_url,
+        "checkpoint": work / "checkpoint.sqlite",
+        "out": work / "out",
+        "progress": False,
+        **flags,
+    }
+
+
+def run_ours(manifest: str, flags: dict[str, Any], profile_to: str | None = None) -> dict[str, Any]:
+    """One `backfill run` in this process through the library (no CLI start-up in the timing)."""
+    settings = load_settings(None, environ=ENV, flags=flags)
+    profiler = None
+    if profile_to is not None:
+        from pyinstrument import Profiler
+
+        # Every 0.5 ms, the event loop's thread only: that is where the per-request Python runs.
+        profiler = Profiler(interval=0.0005, async_mode="disabled")
+        profiler.start()
+    start = _clock()
+    try:
+        summary = asyncio.run(runner.run(settings, Path(manifest)))
+    finally:
+        if profiler is not None:
+            profiler.stop()  # its sampling thread must not outlive a failed run into interpreter shutdown
+    result: dict[str, Any] = _since(start)
+    if profiler is not None and profile_to is not None:
+        from .profiling import hotspots
+
+        Path(profile_to).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+        result["hotspots"] = hotspots(profiler.last_session, str(ROOT / "backfill"))
+    result["summary"] = {
+        k: v for k, v in asdict(summary).items() if k not in ("settings", "out_dir", "manifest", "base_url")
+    }
+    result["maxrss_mb"] = _maxrss_mb()
+    return result
+
+
+def cli_command(args: list[str]) -> list[str]:
+    """The argv of `backfill ARGS` with this interpreter, whether or not the entry point is on PATH."""
+    code = "import sys; from backfill.cli import main; sys.argv[0] = 'backfill'; main()"
+    return [sys.executable, "-c", code, *args]
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """`backfill ARGS` as a user runs it, in a child process reaped with os.wait4 for its exact peak RSS
+    and CPU time (what /usr/bin/time -v reports), without polling."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            cli_command(args),
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - started > timeout:
+                proc.kill()  # reaped by the next wait4; the result then says it was killed
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never tries to reap it again
+        out.seek(0)
+        printed = out.read().decode(errors="replace")
+    return {
+        "wall_s": wall,
+        "exit_code": proc.returncode,
+        "maxrss_mb": usage.ru_maxrss / 1024,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "output": printed[-2000:],
+    }
+
+
+# --- baselines ------------------------------------------------------------------------------------------
+
+
+def _body(uid: str, created: str, path: str) -> bytes:
+    data = Path(path).read_bytes()
+    stamp = utc_timestamp()
+    document = {
+        "partner_id": PARTNER_ID,
+        "timestamp": stamp,
+        "signature": sign(stamp, PARTNER_ID, API_KEY),
+        "user_id": uid,
+        "user_created_at": created,
+        "photo": base64.b64encode(data).decode("ascii"),
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def bare_aiohttp(rows: Rows, base_url: str, concurrency: int) -> dict[str, Any]:
+    """The floor for any Python client: read, encode, sign, POST, read the answer; nothing else at all."""
+    import aiohttp
+
+    url = base_url + "/backfill_users"
+    ok = 0
+
+    async def main() -> None:
+        nonlocal ok
+        connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+        headers = {"Content-Type": "application/json"}
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+            todo: Iterator[tuple[str, str, str]] = iter(rows)
+
+            async def worker() -> None:
+                nonlocal ok
+                for uid, created, path in todo:
+                    async with session.post(url, data=_body(uid, created, path)) as response:
+                        await response.read()
+                        ok += response.status == 200
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    start = _clock()
+    asyncio.run(main())
+    return {**_since(start), "requests": len(rows), "ok": ok, "maxrss_mb": _maxrss_mb()}
+
+
+def adhoc_script(manifest: str, base_url: str) -> dict[str, Any]:
+    """What the team ran before: read the CSV, POST each row in turn, look at the answer. No retries.
+
+    `requests` with a Session (keep-alive), which flatters the script; stdlib http.client if requests is
+    missing, so the smoke test runs on a bare dev install.
+    """
+    url = base_url + "/backfill_users"
+    start = _clock()
+    ok = 0
+    try:
+        import requests
+
+        client = "requests"
+        with requests.Session() as session, open(manifest, newline="") as handle:
+            for row in csv.DictReader(handle):
+                body = _body(row["user_id"], row["user_created_at"], row["image_path"])
+                response = session.post(url, data=body, headers={"Content-Type": "application/json"})
+                ok += response.status_code == 200 and response.json().get("ResultCode") == "0840"
+    except ImportError:
+        import http.client
+        from urllib.parse import urlsplit
+
+        client = "http.client"
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port)
+        with open(manifest, newline="") as handle:
+            for row in csv.DictReader(handle):
+                body = _body(row["user_id"], row["user_created_at"], row["image_path"])
+                conn.request("POST", parts.path, body, {"Content-Type": "application/json"})
+                answer = conn.getresponse()
+                ok += answer.status == 200 and json.loads(answer.read()).get("ResultCode") == "0840"
+        conn.close()
+    return {**_since(start), "ok": ok, "client": client}
+
+
+# --- validation -----------------------------------------------------------------------------------------
+
+
+def validate(manifest: str) -> dict[str, Any]:
+    """`backfill validate` minus writing rejects.csv: the pre-scan, then every row's checks and file checks."""
+    start = _clock()
+    valid, rejects = validate_manifest(Path(manifest), ManifestRules())
+    return {**_since(start), "valid": valid, "rejected": len(rejects), "maxrss_mb": _maxrss_mb()}
+
+
+def stat_floor(manifest: str) -> dict[str, Any]:
+    """The least any validator with file checks must do: parse the CSV, stat and open-read each file once."""
+    start = _clock()
+    rows = 0
+    with open(manifest, newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader)
+        for _, _, path in reader:
+            os.stat(path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.read(fd, 4096)
+            finally:
+                os.close(fd)
+            rows += 1
+    return {**_since(start), "rows": rows}
+
+
+# --- checkpoint -----------------------------------------------------------------------------------------
+
+
+def _attempt(i: int) -> Attempt:
+    return Attempt(
+        f"u{i:07d}", False, "0" * 64, f"/photos/u{i:07d}.png", 20480, 1, "2021-08-12", now_iso(), "r"
+    )
+
+
+def _outcome(i: int) -> Outcome:
+    return Outcome(
+        f"u{i:07d}", cp.ENROLLED, False, 200, "0840", "Enroll User", "0000021007", "job", now_iso()
+    )
+
+
+def checkpoint_ours(path: str, users: int, concurrency: int) -> dict[str, Any]:
+    """SqliteStore as the runner drives it: each of `concurrency` workers records an attempt (awaiting its
+    group commit, as a send must) then its outcome, user after user."""
+
+    async def main() -> dict[str, float]:
+        store = await SqliteStore.open(Path(path), PARTNER_ID, "local")
+        await store.start_run("r", "bench", now_iso())
+        todo = iter(range(users))
+
+        async def worker() -> None:
+            for i in todo:
+                await store.record_attempt(_attempt(i))
+                store.record_outcome(_outcome(i))
+
+        start = _clock()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await store.flush()  # outcomes are only counted once they are on disk
+        result = _since(start)
+        await store.close()
+        return result
+
+    return {**asyncio.run(main()), "users": users}
+
+
+def _raw_store(path: str, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.executescript(cp._SCHEMA)
+    return conn
+
+
+def checkpoint_naive(path: str, users: int) -> dict[str, Any]:
+    """Durable without group commit: one fsync'd transaction per attempt and one per outcome."""
+    conn = _raw_store(path, "FULL")
+    start = _clock()
+    for i in range(users):
+        conn.execute(cp._UPSERT_ATTEMPT, cp._attempt_params(_attempt(i)))  # autocommit: one fsync each
+        conn.execute(cp._UPDATE_OUTCOME, cp._outcome_params(_outcome(i)))
+    result = _since(start)
+    conn.close()
+    return {**result, "users": users}
+
+
+def checkpoint_ceiling(path: str, users: int) -> dict[str, Any]:
+    """Not durable at all (synchronous=OFF, one transaction): what SQLite does with no fsync to wait for."""
+    conn = _raw_store(path, "OFF")
+    start = _clock()
+    conn.execute("BEGIN")
+    conn.executemany(cp._UPSERT_ATTEMPT, (cp._attempt_params(_attempt(i)) for i in range(users)))
+    conn.executemany(cp._UPDATE_OUTCOME, (cp._outcome_params(_outcome(i)) for i in range(users)))
+    conn.execute("COMMIT")
+    result = _since(start)
+    conn.close()
+    return {**result, "users": users}

@@ -1,0 +1,110 @@
+"""The benchmarks in their smallest mode, so they can't rot: they run, and write sane JSON. No timing targets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _positive(value: Any) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("bench")
+    results = base / "results"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--smoke",
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(base),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = sorted(p for p in results.glob("*.json") if p.name != "latest.json")
+    assert len(written) == 1
+    latest: dict[str, Any] = json.loads((results / "latest.json").read_text())
+    assert json.loads(written[0].read_text()) == latest
+    assert "targets:" in done.stdout  # the table was printed
+    return latest
+
+
+def test_every_benchmark_reported(smoke: dict[str, Any]) -> None:
+    assert smoke["meta"]["mode"] == "smoke"
+    assert set(smoke["results"]) == {"rate_fidelity", "client_overhead", "vs_adhoc", "scale", "retry_storm"}
+    assert smoke["targets"] and all({"name", "value", "target", "met"} <= set(t) for t in smoke["targets"])
+
+
+def test_rate_fidelity(smoke: dict[str, Any]) -> None:
+    r = smoke["results"]["rate_fidelity"]
+    assert r["requests"] == r["rows"]
+    assert r["counts"] == {"enrolled": r["rows"]}
+    assert _positive(r["achieved_over_configured"])
+    assert _positive(r["worst_1s_window_over_configured"])
+    assert r["http_429"] >= 0
+
+
+def test_client_overhead(smoke: dict[str, Any]) -> None:
+    sizes = smoke["results"]["client_overhead"]
+    assert set(sizes) == {"20KB", "200KB", "2MB"}
+    for entry in sizes.values():
+        for who in ("ours", "baseline"):
+            assert entry[who]["ok"] == entry["rows"]  # every signed answer verified and counted
+            assert _positive(entry[who]["cpu_us_per_request"])
+        assert _positive(entry["throughput_ratio"])
+        assert _positive(entry["cpu_per_request_ratio"])
+
+
+def test_vs_adhoc(smoke: dict[str, Any]) -> None:
+    a = smoke["results"]["vs_adhoc"]
+    assert a["script_ok"] == a["ours_enrolled"] == a["rows"]
+    assert _positive(a["speedup"])
+
+
+def test_scale(smoke: dict[str, Any]) -> None:
+    s = smoke["results"]["scale"]
+    sizes = [k for k in s if k.isdigit()]
+    assert sizes
+    for key in sizes:
+        e = s[key]
+        assert e["validate_valid"] == e["rows"]
+        assert e["run_exit_code"] == 0 and e["run_counts"] == {"enrolled": e["rows"]}
+        assert e["resume_exit_code"] == 0 and e["resume_counts"] == {"skipped": e["rows"]}
+        for name in ("validate_rows_per_s", "validate_over_floor", "run_maxrss_mb", "resume_over_validate"):
+            assert _positive(e[name]), name
+    c = s["checkpoint"]
+    assert _positive(c["outcomes_per_s"]) and _positive(c["over_naive_durable"])
+
+
+def test_retry_storm(smoke: dict[str, Any]) -> None:
+    st = smoke["results"]["retry_storm"]
+    assert st["clean"]["counts"] == {"enrolled": st["rows"]}
+    assert st["storm"]["requests"] >= st["rows"]
+    assert _positive(st["completion_ratio"])
+    assert _positive(st["storm"]["worst_1s_window_over_configured"])
