@@ -162,14 +162,14 @@ def _snippet(body: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Photo:
-    b64: str
+    b64: bytes  # ASCII base64, spliced into the request body as it is
     sha256: str
 
 
 def read_photo(path: Path) -> Photo:
     """The image as the API wants it (plain base64, no data URI) and its hash for the checkpoint."""
     data = path.read_bytes()
-    return Photo(base64.b64encode(data).decode("ascii"), hashlib.sha256(data).hexdigest())
+    return Photo(base64.b64encode(data), hashlib.sha256(data).hexdigest())
 
 
 class Client:
@@ -204,7 +204,9 @@ class Client:
         if self._session is not None:
             await self._session.close()
 
-    def body(self, user_id: str, user_created_at: str, photo_b64: str, timestamp: str | None = None) -> bytes:
+    def body(
+        self, user_id: str, user_created_at: str, photo_b64: bytes, timestamp: str | None = None
+    ) -> bytes:
         """The signed JSON body for one attempt; each attempt gets a fresh timestamp and signature."""
         stamp = timestamp or utc_timestamp()
         document = {
@@ -213,11 +215,13 @@ class Client:
             "signature": sign(stamp, self._partner_id, self._api_key.reveal()),
             "user_id": user_id,
             "user_created_at": user_created_at,
-            "photo": photo_b64,
         }
-        return json.dumps(document, separators=(",", ":")).encode()
+        head = json.dumps(document, separators=(",", ":")).encode()
+        # Spliced, not JSON-encoded: base64 never needs escaping, and encoding megabytes of it was the
+        # client's biggest cost after the request itself (benchmarks/README.md). Same bytes as json.dumps.
+        return b"".join((head[:-1], b',"photo":"', photo_b64, b'"}'))
 
-    async def send(self, user_id: str, user_created_at: str, photo_b64: str) -> Verdict:
+    async def send(self, user_id: str, user_created_at: str, photo_b64: bytes) -> Verdict:
         body = self.body(user_id, user_created_at, photo_b64)
         try:
             status, answer, retry_after = await self._post(body)

@@ -121,7 +121,7 @@ async def test_tls_is_verified_an_untrusted_certificate_is_refused_before_sendin
             f"https://127.0.0.1:{port}/v1", "085", Secret("k"), timeout=5, connect_timeout=5, concurrency=1
         )
         async with client:
-            verdict = await client.send("user_1", "2021-08-12", "aGVsbG8=")
+            verdict = await client.send("user_1", "2021-08-12", b"aGVsbG8=")
     finally:
         await app_runner.cleanup()
     assert verdict.kind is Kind.TRANSIENT and not verdict.in_doubt and "certificate" in verdict.error.lower()
@@ -142,3 +142,19 @@ def test_unreadable_answers_by_status() -> None:
 
 def test_retry_after_past_the_calendar_is_ignored() -> None:
     assert parse_retry_after("Mon, 01 Jan 2024 00:00:00 +99999999999999") is None
+
+
+@given(
+    user_id=st.text(min_size=1, max_size=30),
+    created=st.text(max_size=30),
+    photo=st.binary(max_size=300),
+)
+def test_spliced_body_is_exactly_what_json_would_write(user_id: str, created: str, photo: bytes) -> None:
+    import base64
+
+    client = Client("http://x/v1", "085", KEY, timeout=1, connect_timeout=1, concurrency=1)
+    b64 = base64.b64encode(photo)
+    body = client.body(user_id, created, b64, timestamp="2023-02-14T00:07:49.924Z")
+    document = json.loads(body)
+    assert document["photo"] == b64.decode() and document["user_id"] == user_id
+    assert body == json.dumps(document, separators=(",", ":")).encode()

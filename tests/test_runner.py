@@ -107,7 +107,7 @@ async def test_2209_for_an_id_never_sent_is_a_conflict(
     ) as c:
         import base64
 
-        verdict = await c.send("user_0001", "2020-01-01", base64.b64encode(png_bytes(99)).decode())
+        verdict = await c.send("user_0001", "2020-01-01", base64.b64encode(png_bytes(99)))
     assert verdict.result_code == "0840"
     manifest = write_manifest(tmp_path, simple_rows(3))
     summary = await runner.run(make_settings(sandbox), manifest)
