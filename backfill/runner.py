@@ -241,6 +241,7 @@ class Runner:
         manifest = open_manifest(self.manifest_path, manifest_rules(s))
         store = await self._open_store()  # before the output folder: a locked checkpoint leaves no litter
         ticker: asyncio.Task[None] | None = None
+        deadline: asyncio.TimerHandle | None = None
         try:
             output = rs.RunOutput(s.out)
             self._run_id = output.run_id
@@ -256,7 +257,7 @@ class Runner:
             )  # fmt: skip
             ticker = asyncio.create_task(self._status_every(manifest.total_rows, t0))
             if s.max_duration is not None:
-                asyncio.get_running_loop().call_later(
+                deadline = asyncio.get_running_loop().call_later(
                     s.max_duration,
                     self.stop,
                     f"--max-duration {s.max_duration:g}s reached; re-run to continue",
@@ -302,8 +303,9 @@ class Runner:
                     output.run_id, summary.finished_at, manifest.total_rows, summary.exit_code
                 )
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            for pending in (ticker, deadline):
+                if pending is not None:
+                    pending.cancel()  # a library caller's loop lives on after the run
             if store is not None:
                 await store.close()
         if self._fatal is not None:
