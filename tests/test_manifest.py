@@ -7,10 +7,8 @@ import gzip
 import io
 import os
 import re
-import struct
 import tempfile
 import threading
-import zlib
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,23 +21,15 @@ from hypothesis import strategies as st
 from backfill.errors import ManifestError
 from backfill.manifest import ManifestRules, Reject, Row, open_manifest, validate_manifest
 
+from .conftest import png_bytes
+
 HEADER = "user_id,user_created_at,image_path"
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "manifest.csv"
 
 
 def png(seed: int = 0) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    pixels = b"".join(b"\x00" + bytes((seed + x + y) % 256 for x in range(6)) for y in range(2))
-    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(pixels))
-        + chunk(b"IEND", b"")
-    )
+    return png_bytes(seed, size=2)
 
 
 def jpeg(size: int = 200, *, end: bool = True) -> bytes:

@@ -9,12 +9,10 @@ import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,22 +32,14 @@ from backfill.sandbox import (
 )
 from backfill.signing import sign, utc_timestamp, verify
 
+from .conftest import png_bytes
+
 PARTNER = "085"
 KEY = "test-api-key"
 
 
 def png(seed: int = 0) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + bytes((seed + x) % 256 for x in range(6)) for _ in range(2))
-    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
+    return png_bytes(seed, size=2)
 
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 60
