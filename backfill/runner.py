@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from aiolimiter import AsyncLimiter
 from tenacity import (
@@ -89,6 +89,14 @@ class _Work:
     in_doubt: bool  # an earlier attempt (this run or before) may have enrolled the user unseen
     attempts: int = 0
     latency_ms: int | None = None
+
+
+class _Settled(NamedTuple):
+    """A row settled without sending: a status, why, and for a reject its reason code."""
+
+    status: str
+    message: str
+    reason: str = ""
 
 
 def manifest_rules(settings: Settings) -> ManifestRules:
@@ -358,23 +366,22 @@ class Runner:
                         return
                     queued += 1
                     await queue.put(decision)
-                elif decision[0] == rs.REJECTED:
-                    reason, _, message = decision[1].partition(": ")
-                    output.reject(row.line, row.user_id, reason, message)
+                elif decision.status == rs.REJECTED:
+                    output.reject(row.line, row.user_id, decision.reason, decision.message)
                     self._advance(rs.REJECTED)
                 else:
                     k = known[row.user_id]
                     output.result(
                         rs.ResultRow(
-                            row.user_id, decision[0], result_code=k.result_code or "", attempts=0,
-                            error=decision[1], finished_at=now_iso(),
+                            row.user_id, decision.status, result_code=k.result_code or "", attempts=0,
+                            error=decision.message, finished_at=now_iso(),
                         )
                     )  # fmt: skip
-                    self._advance(decision[0])
+                    self._advance(decision.status)
 
-    def _decide(self, rows: list[Row], known: dict[str, Known]) -> list[_Work | tuple[str, str]]:
+    def _decide(self, rows: list[Row], known: dict[str, Known]) -> list[_Work | _Settled]:
         """For each row: work to send, or (status, message) for a row settled without sending."""
-        out: list[_Work | tuple[str, str]] = []
+        out: list[_Work | _Settled] = []
         for row in rows:
             k = known.get(row.user_id)
             if k is None:
@@ -384,22 +391,20 @@ class Runner:
             try:
                 same = _same_photo(k, row)
             except OSError as exc:
-                out.append(
-                    (
-                        rs.REJECTED,
-                        f"image_unreadable: can't be read to compare with the photo sent earlier: {exc}",
-                    )
-                )
+                message = f"can't be read to compare with the photo sent earlier: {exc}"
+                out.append(_Settled(rs.REJECTED, message, "image_unreadable"))
                 continue
             if not same and (k.state in cp.DONE_STATES or k.in_doubt or k.state in (cp.SENDING, cp.UNKNOWN)):
-                out.append((rs.REJECTED, "user_id_reused: " + _reused_message(row, k)))
+                out.append(_Settled(rs.REJECTED, _reused_message(row, k), "user_id_reused"))
             elif k.state in cp.DONE_STATES:
-                out.append((rs.SKIPPED, f"already {k.state} in the checkpoint; not sent again"))
+                out.append(_Settled(rs.SKIPPED, f"already {k.state} in the checkpoint; not sent again"))
             elif k.state == cp.ID_CONFLICT:
-                out.append((rs.ID_CONFLICT, "the ID is held by another user on Smile ID; not sent again"))
+                out.append(
+                    _Settled(rs.ID_CONFLICT, "the ID is held by another user on Smile ID; not sent again")
+                )
             elif k.state == cp.FAILED and same and not self.resend_failed:
                 message = f"failed permanently earlier ({k.result_code}); fix the image or use another ID"
-                out.append((rs.FAILED, message))
+                out.append(_Settled(rs.FAILED, message))
             else:
                 in_doubt = k.in_doubt or k.state in (cp.SENDING, cp.UNKNOWN)
                 out.append(_Work(row, in_doubt=in_doubt))
