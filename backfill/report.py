@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import results as rs
 from .errors import OutputError
+from .outputs import files as rs
 
 __all__ = ["REPORT_NAME", "write_report"]
 

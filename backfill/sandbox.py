@@ -23,8 +23,8 @@ from typing import IO, Any, Final
 
 from aiohttp import web
 
+from .api.signing import sign, utc_timestamp, verify
 from .errors import ConfigError
-from .signing import sign, utc_timestamp, verify
 
 REQUIRED_FIELDS: Final = ("partner_id", "timestamp", "signature", "user_id", "user_created_at", "photo")
 SCRIPT_FAULTS: Final = frozenset({"reset_before", "reset_after", "slow"})

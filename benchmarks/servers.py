@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from backfill.signing import sign
+from backfill.api.signing import sign
 
 PARTNER_ID = "085"
 API_KEY = "bench-api-key"

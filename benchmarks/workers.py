@@ -20,12 +20,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backfill import checkpoint as cp
-from backfill import runner
-from backfill.checkpoint import Attempt, Outcome, SqliteStore, now_iso
+from backfill.api.signing import sign, utc_timestamp
 from backfill.config import load_settings
+from backfill.ledger import sqlite as cp
+from backfill.ledger.sqlite import Attempt, Outcome, SqliteStore, now_iso
 from backfill.manifest import ManifestRules, validate_manifest
-from backfill.signing import sign, utc_timestamp
+from backfill.run import engine as runner
 
 from .servers import API_KEY, PARTNER_ID, ROOT
 

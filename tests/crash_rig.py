@@ -17,8 +17,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backfill.checkpoint import DONE_STATES
-from backfill.runner import CRASH_BOUNDARIES, CRASH_ENV
+from backfill.ledger.sqlite import DONE_STATES
+from backfill.run.engine import CRASH_BOUNDARIES, CRASH_ENV
 
 from .conftest import png_bytes
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from backfill.checkpoint import Attempt, Outcome, SqliteStore, acquire_lock
 from backfill.errors import CheckpointError, CheckpointLocked
+from backfill.ledger.sqlite import Attempt, Outcome, SqliteStore, acquire_lock
 
 
 def attempt(user_id: str, *, in_doubt: bool = False) -> Attempt:
@@ -115,7 +115,7 @@ async def test_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> Non
 
 def test_lock_of_a_killed_process_is_taken_over(tmp_path: Path) -> None:
     path = tmp_path / "cp.sqlite"
-    code = f"from backfill.checkpoint import acquire_lock; from pathlib import Path; acquire_lock(Path({str(path)!r}))\n"
+    code = f"from backfill.ledger.sqlite import acquire_lock; from pathlib import Path; acquire_lock(Path({str(path)!r}))\n"
     code += "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     killed = subprocess.run([sys.executable, "-c", code], check=False)
     assert killed.returncode == -9

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from backfill.checkpoint import acquire_lock
 from backfill.cli import main
+from backfill.ledger.sqlite import acquire_lock
 from backfill.sandbox import RunningSandbox
 
 from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backfill.client import Client, Kind, classify_answer, parse_retry_after
+from backfill.api.client import Client, Kind, classify_answer, parse_retry_after
+from backfill.api.signing import sign
 from backfill.config import Secret
-from backfill.signing import sign
 
 KEY = Secret("test-key")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from backfill.checkpoint import acquire_lock
 from backfill.cli import main
+from backfill.ledger.sqlite import acquire_lock
 from backfill.sandbox import Faults, RunningSandbox
 
 from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, simple_rows, write_manifest

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from backfill import report, runner
+from backfill import report
 from backfill.config import Settings
 from backfill.errors import OutputError
+from backfill.outputs.files import REJECT_FIELDS, RESULT_FIELDS
 from backfill.report import write_report
-from backfill.results import REJECT_FIELDS, RESULT_FIELDS
+from backfill.run import engine as runner
 from backfill.sandbox import Faults, start_sandbox
 
 from .conftest import API_KEY, PARTNER_ID, Sleeps, simple_rows, write_manifest

@@ -13,11 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from backfill import runner
-from backfill.client import Client
+from backfill.api.client import Client
 from backfill.config import Secret, Settings
 from backfill.errors import CheckpointError, InternalError
-from backfill.results import Summary
+from backfill.outputs.files import Summary
+from backfill.run import engine as runner
 from backfill.sandbox import Faults, RunningSandbox, start_sandbox
 
 from .conftest import API_KEY, PARTNER_ID, Sleeps, png_bytes, simple_rows, write_manifest
@@ -265,7 +265,7 @@ async def test_malformed_answers_are_recorded_as_such_without_crashing(
     """A hostile or broken server: every answer shape ends as a result row that says what was wrong."""
     from aiohttp import web
 
-    from backfill.signing import sign, utc_timestamp
+    from backfill.api.signing import sign, utc_timestamp
 
     def success(user_id: str, *, key: str = API_KEY, echo: str | None = None) -> web.Response:
         stamp = utc_timestamp()

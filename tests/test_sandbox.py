@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from backfill.api.signing import sign, utc_timestamp, verify
 from backfill.errors import ConfigError
 from backfill.sandbox import (
     STATE_KEY,
@@ -30,7 +31,6 @@ from backfill.sandbox import (
     sandbox_state,
     start_sandbox,
 )
-from backfill.signing import sign, utc_timestamp, verify
 
 from .conftest import png_bytes
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backfill.signing import sign, utc_timestamp, verify
+from backfill.api.signing import sign, utc_timestamp, verify
 
 VECTORS = [
     ("2023-03-09T21:35:00.279Z", "partner", "apikey", "+S/hVtmFwynoroXQQbjOQ3/l+a5zshNldrQh/iBdxRQ="),

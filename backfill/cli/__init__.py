@@ -4,158 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
 import secrets
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
-from tqdm import tqdm
 
-from . import __version__, runner
-from . import checkpoint as cp
-from . import results as rs
-from .config import Settings, load_settings
-from .errors import BackfillError, ConfigError
-from .manifest import validate_manifest
+from .. import __version__
+from ..config import Settings, load_settings
+from ..ledger import sqlite as cp
+from ..manifest import validate_manifest
+from ..outputs import files as rs
+from ..run import engine as runner
+from ._common import LOCAL_PARTNER_ID, config_option, guard, log_options, out_option
+from .logs import setup_logging
+from .progress import TqdmProgress
+from .sandbox import sandbox
 
-# The local sandbox's credentials when none are given: public values for an emulator, not secrets.
-LOCAL_PARTNER_ID = "000"
-LOCAL_API_KEY = "local-sandbox-key"
-SAMPLE_MANIFEST = Path(__file__).resolve().parent.parent / "sample_data" / "manifest.csv"
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(error: BackfillError) -> NoReturn:
-    click.echo(f"backfill: {error}", err=True)
-    sys.exit(error.exit_code)
-
-
-def _guard(fn: F) -> F:
-    """Turn the library's errors into a one-line message and the error's exit code: no traceback."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BackfillError as error:
-            _fail(error)
-        except KeyboardInterrupt:
-            click.echo("backfill: interrupted", err=True)
-            sys.exit(130)
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper  # type: ignore[return-value]
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, event, run_id, message and the event's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        document: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "event": getattr(record, "event", "log"),
-            "run_id": getattr(record, "run_id", ""),
-            "message": record.getMessage(),
-        }
-        document.update(getattr(record, "fields", {}))
-        return json.dumps(document, default=str, ensure_ascii=False)
-
-
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + "Z"
-        return (
-            f"{stamp} {record.levelname.lower():7} {getattr(record, 'event', 'log'):15} {record.getMessage()}"
-        )
-
-
-class _TerminalFilter(logging.Filter):
-    """What the terminal (stderr) shows: no line per successful row, and no status line under a bar."""
-
-    def __init__(self, bar_shown: bool) -> None:
-        super().__init__()
-        self.bar_shown = bar_shown
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        event = getattr(record, "event", "")
-        if record.levelno >= logging.WARNING:
-            return True
-        if event in ("row_finished", "retry_scheduled"):
-            return False
-        return not (event == "progress" and self.bar_shown)
-
-
-class _TqdmHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes above the progress bar instead of through it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # logging must never break a run
-            self.handleError(record)
-
-
-def _setup_logging(settings: Settings, bar_shown: bool) -> None:
-    """stderr gets run-level events and every warning; --log-file gets every event at --log-level."""
-    logger = logging.getLogger("backfill")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    formatter: logging.Formatter = _JsonFormatter() if settings.log_format == "json" else _TextFormatter()
-    formatter.converter = time.gmtime
-    level = getattr(logging, settings.log_level.upper())
-    terminal: logging.Handler = _TqdmHandler() if bar_shown else logging.StreamHandler(sys.stderr)
-    terminal.setFormatter(formatter)
-    terminal.addFilter(_TerminalFilter(bar_shown))
-    terminal.setLevel(level)
-    logger.addHandler(terminal)
-    if settings.log_file is not None:
-        try:
-            fd = os.open(settings.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        except OSError as exc:
-            source = settings.sources.get("log_file", "--log-file")
-            raise ConfigError("log_file", source, f"can't open {settings.log_file}: {exc.strerror}",
-                              "choose a writable path") from exc  # fmt: skip
-        file_handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
-        file_handler.setFormatter(formatter)
-        file_handler.setLevel(level)
-        logger.addHandler(file_handler)
-    logger.setLevel(level)
-    logger.propagate = False
-
-
-class TqdmProgress:
-    """A progress bar on stderr: done/total, rate, ETA and failures; silent when stderr isn't a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = self._enabled = enabled and sys.stderr.isatty()
-        self._bar: tqdm[Any] | None = None
-        self._failures = 0
-
-    def start(self, total: int) -> None:
-        self._bar = tqdm(
-            total=total, unit="row", file=sys.stderr, disable=not self._enabled, dynamic_ncols=True
-        )
-
-    def advance(self, status: str) -> None:
-        assert self._bar is not None
-        if status not in rs.OK_STATUSES and status != rs.DRY_RUN:
-            self._failures += 1
-            self._bar.set_postfix(failed=self._failures, refresh=False)
-        self._bar.update()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+SAMPLE_MANIFEST = Path(__file__).resolve().parent.parent.parent / "sample_data" / "manifest.csv"
 
 
 @click.group()
@@ -167,26 +36,11 @@ def main() -> None:
     """
 
 
-config_option = click.option(
-    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="YAML settings file."
-)
-out_option = click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder.")
-
-
-def log_options(fn: F) -> F:
-    fn = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))(fn)
-    fn = click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
-                      help="Also log every event here (appended).")(fn)  # fmt: skip
-    return click.option(
-        "--log-format", type=click.Choice(["text", "json"]), help="json: one object per line."
-    )(fn)
-
-
 @main.command()
 @click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
 @config_option
 @out_option
-@_guard
+@guard
 def validate(manifest: Path, config_file: Path | None, out: Path | None) -> None:
     """Validate MANIFEST only: write rejects.csv and print counts. Sends nothing."""
     settings = load_settings(config_file, flags={"out": out}, need_credentials=False)
@@ -217,7 +71,7 @@ def validate(manifest: Path, config_file: Path | None, out: Path | None) -> None
 @click.option("--max-duration", help="Stop starting new rows after this long (3600, 90m, 2h); resumable.")
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@_guard
+@guard
 def run(manifest: Path, config_file: Path | None, no_progress: bool, **flags: Any) -> None:
     """Send every valid row of MANIFEST not already enrolled; resume where an earlier run stopped."""
     settings = load_settings(config_file, flags=flags)
@@ -226,7 +80,7 @@ def run(manifest: Path, config_file: Path | None, no_progress: bool, **flags: An
 
 def _run(settings: Settings, manifest: Path, *, progress: bool, resend_failed: bool = False) -> NoReturn:
     bar = TqdmProgress(progress)
-    _setup_logging(settings, bar.enabled)
+    setup_logging(settings, bar.enabled)
     try:
         summary = runner.run_blocking(settings, manifest, progress=bar, resend_failed=resend_failed)
     finally:
@@ -252,7 +106,7 @@ def _run(settings: Settings, manifest: Path, *, progress: bool, resend_failed: b
 @click.option("--max-duration")
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@_guard
+@guard
 def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any) -> None:
     """Re-send rows straight from the checkpoint, without the manifest (same guarantees as `run`).
 
@@ -273,7 +127,7 @@ def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any
     "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default checkpoint."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_guard
+@guard
 def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """Counts per state, the last runs, and what is waiting for a retry, from the checkpoint."""
     settings = load_settings(config_file, flags=flags, need_credentials=False)
@@ -308,7 +162,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
 @click.option(
     "--out", "out_path", type=click.Path(path_type=Path, dir_okay=False), help="File (default: stdout)."
 )
-@_guard
+@guard
 def export(
     config_file: Path | None, states: str | None, fmt: str, out_path: Path | None, **flags: Any
 ) -> None:
@@ -326,10 +180,10 @@ def export(
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.html.")
-@_guard
+@guard
 def report(run_dir: Path, overwrite: bool) -> None:
     """Write (or rewrite) RUN_DIR/report.html from the run's summary.json and CSVs."""
-    from .report import write_report
+    from ..report import write_report
 
     click.echo(str(write_report(run_dir, overwrite=overwrite)))
 
@@ -343,7 +197,7 @@ def config() -> None:
 @config_option
 @click.option("--env", type=click.Choice(["local", "sandbox", "production"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_guard
+@guard
 def config_show(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """The resolved settings and where each value came from; secrets redacted."""
     settings = load_settings(config_file, flags=flags, need_credentials=False)
@@ -382,55 +236,11 @@ def _report(summary: rs.Summary) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int, help="0 picks a free port.")
-@click.option("--latency-ms", default=0.0, show_default=True, type=float, help="Delay added to every answer.")
-@click.option("--jitter-ms", default=0.0, show_default=True, type=float, help="Latency varies by up to this.")
-@click.option(
-    "--error-rate", default=0.0, show_default=True, type=float, help="Fraction answered 500/502/503."
-)
-@click.option("--rate-limit", type=float, help="Answer 429 with Retry-After above this many requests/s.")
-@click.option(
-    "--retry-after", default=1.0, show_default=True, type=float, help="Retry-After on error answers."
-)
-@click.option("--reset-before-rate", default=0.0, show_default=True, type=float,
-              help="Fraction of connections reset before the request is processed.")  # fmt: skip
-@click.option("--reset-after-rate", default=0.0, show_default=True, type=float,
-              help="Fraction of enrollments committed, then the connection reset (the answer is lost).")  # fmt: skip
-@click.option("--slow-rate", default=0.0, show_default=True, type=float,
-              help="Fraction of enrollments committed, then answered after --slow-ms.")  # fmt: skip
-@click.option("--slow-ms", default=30_000.0, show_default=True, type=float)
-@click.option("--systemic-code", help='Answer every request with this code, e.g. "2205".')
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for generated IDs and faults.")
-@click.option("--state-file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Keep enrollments here, so 2209 stays true across restarts.")  # fmt: skip
-@click.option("--request-log", type=click.Path(path_type=Path, dir_okay=False),
-              help="Append one JSON line per request: user_id and the answer.")  # fmt: skip
-@_guard
-def sandbox(
-    host: str, port: int, seed: int, state_file: Path | None, request_log: Path | None, **faults: Any
-) -> None:
-    """Serve a local emulator of the backfill_users API, with faults to rehearse against."""
-    from .sandbox import Faults, serve
-
-    partner_id = os.environ.get("SMILE_PARTNER_ID", LOCAL_PARTNER_ID)
-    api_key = os.environ.get("SMILE_API_KEY", LOCAL_API_KEY)
-    faults["retry_after_s"] = faults.pop("retry_after")
-    chosen = Faults(**faults)
-
-    def ready(base_url: str) -> None:
-        click.echo(f"sandbox on {base_url} for partner {partner_id} (Ctrl-C to stop)", err=True)
-
-    serve(partner_id, api_key, host=host, port=port, faults=chosen, seed=seed, state_file=state_file,
-          request_log=request_log, ready=ready)  # fmt: skip
-
-
-@main.command()
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@_guard
+@guard
 def demo(no_progress: bool) -> None:
     """Run the bundled sample data through an in-process sandbox, with a throwaway checkpoint and output."""
-    from .sandbox import start_sandbox
+    from ..sandbox import start_sandbox
 
     work = Path(tempfile.mkdtemp(prefix="backfill-demo-"))
     api_key = secrets.token_urlsafe(24)
@@ -458,3 +268,6 @@ def demo(no_progress: bool) -> None:
     _report(summary)
     click.echo("(the sample manifest has rows that are rejected on purpose: see rejects.csv)")
     sys.exit(0 if summary.exit_code in (0, 1) else summary.exit_code)
+
+
+main.add_command(sandbox)

@@ -23,14 +23,14 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from . import checkpoint as cp
-from . import results as rs
-from .checkpoint import Attempt, Known, Outcome, SqliteStore, Store, now_iso
-from .client import Client, Kind, Verdict, read_photo
-from .config import Settings
-from .errors import BackfillError, ConfigError, InternalError
-from .manifest import Batch, ManifestRules, Row, open_manifest
-from .report import write_report
+from ..api.client import Client, Kind, Verdict, read_photo
+from ..config import Settings
+from ..errors import BackfillError, ConfigError, InternalError
+from ..ledger import sqlite as cp
+from ..ledger.sqlite import Attempt, Known, Outcome, SqliteStore, Store, now_iso
+from ..manifest import Batch, ManifestRules, Row, open_manifest
+from ..outputs import files as rs
+from ..report import write_report
 
 Sleep = Callable[[float], Awaitable[None]]
 log = logging.getLogger("backfill")

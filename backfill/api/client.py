@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from .config import Secret
-from .errors import TransportError
+from ..config import Secret
+from ..errors import TransportError
 from .signing import sign, utc_timestamp, verify
 
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import CheckpointError, CheckpointLocked
+from ..errors import CheckpointError, CheckpointLocked
 
 SCHEMA_VERSION = "1"
 

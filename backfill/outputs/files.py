@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from .checkpoint import ALREADY_ENROLLED, ENROLLED, FAILED, ID_CONFLICT, PENDING, RETRY_EXHAUSTED, UNKNOWN
-from .errors import OutputError
+from ..errors import OutputError
+from ..ledger.sqlite import ALREADY_ENROLLED, ENROLLED, FAILED, ID_CONFLICT, PENDING, RETRY_EXHAUSTED, UNKNOWN
 
 RESULT_FIELDS = (
     "user_id", "status", "http_status", "result_code", "result_text", "smile_job_id", "job_id",

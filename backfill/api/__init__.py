@@ -1,0 +1,1 @@
+"""Speaking to Smile ID: signed requests, the HTTP client, and the classification of every answer."""

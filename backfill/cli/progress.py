@@ -1,0 +1,35 @@
+"""The progress bar on stderr (tqdm): done/total, rate, ETA and failures."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from ..vocab import OK_STATUSES, Status
+
+
+class TqdmProgress:
+    """A progress bar on stderr: done/total, rate, ETA and failures; silent when stderr isn't a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = self._enabled = enabled and sys.stderr.isatty()
+        self._bar: tqdm[Any] | None = None
+        self._failures = 0
+
+    def start(self, total: int) -> None:
+        self._bar = tqdm(
+            total=total, unit="row", file=sys.stderr, disable=not self._enabled, dynamic_ncols=True
+        )
+
+    def advance(self, status: str) -> None:
+        assert self._bar is not None
+        if status not in OK_STATUSES and status != Status.DRY_RUN:
+            self._failures += 1
+            self._bar.set_postfix(failed=self._failures, refresh=False)
+        self._bar.update()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

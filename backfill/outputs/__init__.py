@@ -1,0 +1,1 @@
+"""What a run leaves behind: its folder of results, rejects and summary, and the report built from them."""

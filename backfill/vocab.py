@@ -1,0 +1,112 @@
+"""The tool's vocabulary: every status, ledger state, reject reason and exit code, and the sets built from them."""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class State(StrEnum):
+    """Where a user_id stands in the ledger. Transitions between them live in `ledger/transitions.py`."""
+
+    SENDING = "sending"  # an attempt is on the wire (recorded immediately before its bytes left)
+    PENDING = "pending"  # known, not finished, nothing in flight
+    ENROLLED = "enrolled"
+    ALREADY_ENROLLED = "already_enrolled"
+    ID_CONFLICT = "id_conflict"
+    FAILED = "failed"
+    RETRY_EXHAUSTED = "retry_exhausted"
+    UNKNOWN = "unknown"
+
+
+class Status(StrEnum):
+    """A row's status in one run's outputs: the ledger's final states plus those that only a run has."""
+
+    ENROLLED = "enrolled"
+    ALREADY_ENROLLED = "already_enrolled"
+    SKIPPED = "skipped"  # done in the ledger already: not sent again
+    ID_CONFLICT = "id_conflict"
+    FAILED = "failed"
+    RETRY_EXHAUSTED = "retry_exhausted"
+    UNKNOWN = "unknown"
+    PENDING = "pending"
+    DRY_RUN = "dry_run"  # would be sent
+    REJECTED = "rejected"  # in rejects.csv only
+
+
+class Reason(StrEnum):
+    """Why a row is rejected, in the order the checks run; a row gets the first that applies."""
+
+    MALFORMED_ROW = "malformed_row"
+    EMPTY_VALUE = "empty_value"
+    BAD_USER_ID = "bad_user_id"
+    DUPLICATE_USER_ID = "duplicate_user_id"
+    BAD_DATE = "bad_date"
+    FUTURE_DATE = "future_date"
+    PATH_OUTSIDE_ROOT = "path_outside_root"
+    IMAGE_MISSING = "image_missing"
+    IMAGE_NOT_FILE = "image_not_file"
+    IMAGE_UNREADABLE = "image_unreadable"
+    IMAGE_EMPTY = "image_empty"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_NOT_JPEG_OR_PNG = "image_not_jpeg_or_png"
+    IMAGE_TRUNCATED = "image_truncated"
+    USER_ID_REUSED = "user_id_reused"  # the ledger pins another photo to this ID
+
+
+class Kind(StrEnum):
+    """What one answer from the API means, as `api/answers.py` classifies it."""
+
+    ENROLLED = "enrolled"  # a verified 0840
+    ALREADY = "already"  # 2209: ours or someone else's, as the 2209 rule (`run/settle.py`) decides
+    PERMANENT = "permanent"  # this row would get the same answer again
+    TRANSIENT = "transient"  # try again later
+    UNVERIFIED = "unverified"  # looked like success but can't be trusted; the user may be enrolled
+    SYSTEMIC = "systemic"  # every row would get this answer: stop the run
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    ROWS_LEFT = 1  # rejects, rows not done, or a planned stop with rows left
+    LOCAL = 2  # usage, configuration, input, ledger or output problem
+    LOCKED = 3  # another run holds the ledger
+    SYSTEMIC = 4  # a systemic answer or the failure breaker
+    INTERNAL = 70  # EX_SOFTWARE: a bug in this tool
+    SIGINT = 130
+    SIGTERM = 143
+
+
+# A ledger row in one of these is never sent again, whatever the manifest says.
+DONE_STATES = frozenset({State.ENROLLED, State.ALREADY_ENROLLED})
+# States a terminal write can never leave (the ledger refuses any write over them).
+TERMINAL_STATES = frozenset({State.ENROLLED, State.ALREADY_ENROLLED, State.ID_CONFLICT})
+# What `backfill retry` re-sends by default, and what it can re-send when named.
+TRANSIENT_STATES = frozenset({State.PENDING, State.SENDING, State.RETRY_EXHAUSTED, State.UNKNOWN})
+RETRYABLE_STATES = TRANSIENT_STATES | {State.FAILED}
+# Statuses that end a row well; a run whose rows all end in these (and no rejects) exits 0.
+OK_STATUSES = frozenset({Status.ENROLLED, Status.ALREADY_ENROLLED, Status.SKIPPED})
+# Statuses the failure breaker counts.
+FAILURE_STATUSES = frozenset({Status.FAILED, Status.RETRY_EXHAUSTED, Status.UNKNOWN})
+# Reasons found by looking at the image itself (the ImageSource's checks).
+IMAGE_REASONS = frozenset(
+    {
+        Reason.PATH_OUTSIDE_ROOT,
+        Reason.IMAGE_MISSING,
+        Reason.IMAGE_NOT_FILE,
+        Reason.IMAGE_UNREADABLE,
+        Reason.IMAGE_EMPTY,
+        Reason.IMAGE_TOO_LARGE,
+        Reason.IMAGE_NOT_JPEG_OR_PNG,
+        Reason.IMAGE_TRUNCATED,
+    }
+)
+
+
+def parse_states(raw: str, *, allowed: frozenset[State], what: str) -> list[State]:
+    """States named in a comma-separated list; ValueError naming each unknown one and what is allowed."""
+    names = [part.strip() for part in raw.split(",") if part.strip()]
+    known = {s.value: s for s in State}
+    wrong = [n for n in names if n not in known or known[n] not in allowed]
+    if wrong or not names:
+        listed = ", ".join(sorted(allowed))
+        raise ValueError(f"{', '.join(map(repr, wrong)) or 'nothing'} can't be {what}; name some of {listed}")
+    return [known[n] for n in names]
