@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import sys
 import tempfile
@@ -218,7 +219,21 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _write_report(summary: rs.Summary) -> None:
+    """report.html beside the run's files; a report that fails is logged, never a change of exit code."""
+    from ..report import write_report
+
+    try:
+        write_report(Path(summary.out_dir))
+    except Exception as error:
+        # The report is for reading; results.csv and summary.json are whole, so the run's outcome stands.
+        logging.getLogger("backfill").warning(
+            "report.html was not written: %s", error, extra={"event": "report_failed", "fields": {}}
+        )
+
+
 def _report(summary: rs.Summary) -> None:
+    _write_report(summary)
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
     click.echo(f"{summary.total_rows} rows: {counts}")
     skipped = summary.counts.get(rs.SKIPPED, 0)

@@ -30,7 +30,6 @@ from ..ledger import sqlite as cp
 from ..ledger.sqlite import Attempt, Known, Outcome, SqliteStore, Store, now_iso
 from ..manifest import Batch, ManifestRules, Row, open_manifest
 from ..outputs import files as rs
-from ..report import write_report
 
 Sleep = Callable[[float], Awaitable[None]]
 log = logging.getLogger("backfill")
@@ -320,11 +319,6 @@ class Runner:
             # No summary.json: its absence says this run's outputs are not whole. The checkpoint is.
             raise self._fatal
         output.close(summary)
-        try:
-            write_report(output.dir)
-        except Exception as error:
-            # The report is for reading; results.csv and summary.json are whole, so the run's outcome stands.
-            self._event(logging.WARNING, "report_failed", f"report.html was not written: {error}")
         return summary
 
     async def _open_store(self) -> SqliteStore | None:
