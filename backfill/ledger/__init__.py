@@ -1,1 +1,212 @@
-"""The ledger: the durable record of every attempt and outcome, keyed by user_id, that resuming trusts."""
+"""The Store contract: the durable record of every attempt and outcome, keyed by user_id, that resuming trusts.
+
+Every backend (SQLite now, PostgreSQL for fleets) implements `Store`, and one contract suite
+(`tests/test_ledger_contract.py`) checks each. What the promise needs is enforced *here*, not by callers:
+
+- transitions: `transitions.py` is the one table of allowed changes; both `begin_attempt` and `settle` go
+  through it, so a late or duplicated write can never overwrite a newer state or a terminal one;
+- fencing: every attempt has a number, and an outcome is applied only for the attempt it belongs to;
+- the photo pin: the SHA-256 of an ID's first attempt is that ID's photo; an attempt with other bytes is
+  refused before anything is sent, and only a verified "not enrolled" answer releases the pin;
+- earned doubt: an attempt is recorded (durably) immediately before its bytes leave, so only what may really be
+  on the wire is ever in doubt; an outcome that lowers doubt is durable before `settle` returns;
+- one writer and a binding: a writable store is held by one run at a time, whatever path named it, and belongs
+  to one partner and one API endpoint.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ..images import Fingerprint
+from ..vocab import TRANSIENT_STATES, State
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Binding:
+    """Whose ledger this is: one partner on one API endpoint (scheme://host:port), whatever the env label."""
+
+    partner_id: str
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerRow:
+    """Everything the ledger holds for one user_id."""
+
+    user_id: str
+    state: State
+    attempts: int  # attempts begun; the number of the latest one
+    # A settled attempt may have enrolled the user without our seeing it (its answer was lost or untrusted).
+    # An attempt still SENDING counts too: see `in_doubt`.
+    doubt: bool
+    photo_sha256: str | None  # the pin: the bytes this ID was (or is being) sent with; None when released
+    image_ref: str | None  # the photo's fingerprint as last sent: where it really is,
+    image_size: int | None  # its size,
+    image_version: str | None  # and its store's change marker (mtime_ns, ETag...)
+    user_created_at: str | None
+    http_status: int | None = None
+    result_code: str = ""
+    result_text: str = ""
+    smile_job_id: str = ""
+    job_id: str = ""
+    first_attempt_at: str | None = None
+    last_attempt_at: str | None = None
+    finished_at: str | None = None
+    run_id: str | None = None
+
+    @property
+    def in_doubt(self) -> bool:
+        """Whether some attempt of ours may have enrolled this user: the 2209 rule reads this."""
+        return self.doubt or self.state is State.SENDING
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        if self.image_ref is None or self.image_size is None or self.image_version is None:
+            return None
+        return Fingerprint(ref=self.image_ref, size=self.image_size, version=self.image_version)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptRequest:
+    """An attempt about to leave: recorded durably, after its rate slot is taken and its photo read."""
+
+    user_id: str
+    photo_sha256: str  # of the exact bytes about to be sent
+    fingerprint: Fingerprint  # of the photo those bytes were read from
+    user_created_at: str
+    run_id: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ticket:
+    """Leave to send one attempt: its number fences the outcome; `doubt_before` feeds the 2209 rule."""
+
+    user_id: str
+    number: int
+    doubt_before: bool  # an earlier attempt of ours may have enrolled the user
+
+
+class Refusal(StrEnum):
+    """Why the ledger refused to begin an attempt: nothing may be sent."""
+
+    PHOTO_PINNED = "photo_pinned"  # the ID is pinned to other bytes: sending these would reuse the ID
+    TERMINAL = "terminal"  # the ID is enrolled (by us or someone else): it is never sent again
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refused:
+    user_id: str
+    why: Refusal
+    row: LedgerRow  # what the ledger holds, for the message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What one attempt ended in; `state` is the row's state after it (PENDING when it will be tried again)."""
+
+    user_id: str
+    attempt: int  # the Ticket's number: an outcome for any other attempt is not applied
+    state: State
+    may_have_enrolled: bool  # this attempt may have enrolled the user unseen (answer lost or untrusted)
+    proves_not_enrolled: bool  # a verified answer that the user is not enrolled: releases the photo pin
+    http_status: int | None
+    result_code: str
+    result_text: str
+    smile_job_id: str
+    job_id: str
+    at: str
+
+
+class Settled(StrEnum):
+    APPLIED = "applied"  # on disk
+    QUEUED = "queued"  # will be on disk with the next commit; losing it in a crash loses no promise
+    FENCED = "fenced"  # not applied: the attempt is not the row's current one, or the change isn't allowed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRecord:
+    run_id: str
+    started_at: str
+    manifest: str
+    manifest_sha256: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    finished_at: str | None = None
+    rows: int | None = None
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerStatus:
+    """What `backfill status` shows: counts per state, recent runs, and what is left to do."""
+
+    location: str
+    binding: Binding
+    counts: dict[str, int]
+    waiting_for_retry: int
+    oldest_unfinished: LedgerRow | None
+    runs: list[RunRecord]
+
+
+class Store(ABC):
+    """A ledger backend. Writable stores are opened by one run at a time; readers never write."""
+
+    binding: Binding
+    location: str  # for messages: a path, or a URL without its password
+
+    @abstractmethod
+    async def lookup(self, user_ids: Sequence[str]) -> dict[str, LedgerRow]:
+        """The rows the ledger holds for these IDs (absent IDs are simply missing)."""
+
+    @abstractmethod
+    async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
+        """Record an attempt, durably, before its bytes leave; or refuse it (pinned to other bytes, terminal)."""
+
+    @abstractmethod
+    async def settle(self, outcome: Outcome) -> Settled:
+        """Apply an attempt's outcome if it is the row's current attempt and the change is allowed.
+
+        Waits until the outcome is on disk when losing it would overstate doubt (see transitions.py).
+        """
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Wait until every write so far is on disk."""
+
+    @abstractmethod
+    async def start_run(self, record: RunRecord) -> None: ...
+
+    @abstractmethod
+    async def finish_run(self, run_id: str, *, finished_at: str, rows: int, exit_code: int) -> None: ...
+
+    @abstractmethod
+    async def status(self, *, last_runs: int = 10) -> LedgerStatus: ...
+
+    @abstractmethod
+    def rows(self, states: Collection[State] | None = None) -> AsyncIterator[LedgerRow]:
+        """Every row (or those in `states`), in user_id order, streamed."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush, release the writer's hold, and close."""
+
+
+__all__ = [
+    "TRANSIENT_STATES",
+    "AttemptRequest",
+    "Binding",
+    "LedgerRow",
+    "LedgerStatus",
+    "Outcome",
+    "Refusal",
+    "Refused",
+    "RunRecord",
+    "Settled",
+    "Store",
+    "Ticket",
+]

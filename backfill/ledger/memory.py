@@ -1,0 +1,80 @@
+"""An in-memory Store: the contract's reference backend, for tests that hand the engine a ledger of their own."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import replace
+
+from ..vocab import TRANSIENT_STATES, State
+from . import (
+    AttemptRequest,
+    Binding,
+    LedgerRow,
+    LedgerStatus,
+    Outcome,
+    Refused,
+    RunRecord,
+    Settled,
+    Store,
+    Ticket,
+)
+from . import transitions as tr
+
+
+class MemoryStore(Store):
+    """Holds everything in dicts; every write is "durable" the moment it returns. Not for real runs."""
+
+    def __init__(self, binding: Binding, *, location: str = "memory") -> None:
+        self.binding = binding
+        self.location = location
+        self.users: dict[str, LedgerRow] = {}
+        self.runs: dict[str, RunRecord] = {}
+        self.closed = False
+
+    async def lookup(self, user_ids: Sequence[str]) -> dict[str, LedgerRow]:
+        return {uid: self.users[uid] for uid in user_ids if uid in self.users}
+
+    async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
+        result = tr.begin(self.users.get(request.user_id), request)
+        if isinstance(result, Refused):
+            return result
+        self.users[request.user_id], ticket = result
+        return ticket
+
+    async def settle(self, outcome: Outcome) -> Settled:
+        new = tr.settle(self.users.get(outcome.user_id), outcome)
+        if new is None:
+            return Settled.FENCED
+        self.users[outcome.user_id] = new
+        return Settled.APPLIED
+
+    async def flush(self) -> None:
+        return None
+
+    async def start_run(self, record: RunRecord) -> None:
+        self.runs[record.run_id] = record
+
+    async def finish_run(self, run_id: str, *, finished_at: str, rows: int, exit_code: int) -> None:
+        self.runs[run_id] = replace(
+            self.runs[run_id], finished_at=finished_at, rows=rows, exit_code=exit_code
+        )
+
+    async def status(self, *, last_runs: int = 10) -> LedgerStatus:
+        counts = Counter(row.state.value for row in self.users.values())
+        unfinished = [r for r in self.users.values() if r.state in TRANSIENT_STATES]
+        oldest = min(unfinished, key=lambda r: r.first_attempt_at or "", default=None)
+        runs = sorted(self.runs.values(), key=lambda r: r.started_at, reverse=True)[:last_runs]
+        return LedgerStatus(
+            location=self.location, binding=self.binding, counts=dict(sorted(counts.items())),
+            waiting_for_retry=len(unfinished), oldest_unfinished=oldest, runs=runs,
+        )  # fmt: skip
+
+    async def rows(self, states: Collection[State] | None = None) -> AsyncIterator[LedgerRow]:
+        for uid in sorted(self.users):
+            row = self.users[uid]
+            if states is None or row.state in states:
+                yield row
+
+    async def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,87 @@
+"""The ledger's allowed state changes: the one table every backend applies, as pure functions on rows.
+
+    (new) ──begin──▶ SENDING ──settle(attempt n)──▶ PENDING | FAILED | RETRY_EXHAUSTED | UNKNOWN ──begin──▶ SENDING
+                        │                        └▶ ENROLLED | ALREADY_ENROLLED | ID_CONFLICT   (terminal)
+                        └─begin (a crashed attempt, never settled: counts as doubt)──▶ SENDING
+
+Rules, each enforced here rather than by callers:
+- A terminal row never changes again; `begin` on it is refused.
+- `settle` applies only to the row's current attempt while it is SENDING: an outcome arriving late (a lost
+  lease, a duplicate) can never overwrite a newer attempt or a settled one.
+- The photo pin: the first attempt's SHA-256 is the ID's photo; `begin` with other bytes is refused. Only an
+  outcome that *proves* the user is not enrolled (a verified non-0840 answer) releases it.
+- Doubt is earned: it grows only from attempts that were recorded before leaving and whose answer may hide an
+  enrollment; an attempt left SENDING by a crash counts. ALREADY_ENROLLED needs doubt before the attempt (our
+  earlier request may have enrolled the user); ID_CONFLICT needs its absence (someone else holds the ID).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..vocab import TERMINAL_STATES, State
+from . import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Ticket
+
+# What a settled attempt may leave a row in.
+OUTCOME_STATES = frozenset(State) - {State.SENDING}
+# States an attempt may begin from (None: an ID the ledger has never seen).
+BEGIN_FROM = frozenset(State) - TERMINAL_STATES
+
+
+def begin(row: LedgerRow | None, request: AttemptRequest) -> tuple[LedgerRow, Ticket] | Refused:
+    """The row after recording `request`, and the ticket to send it; or why it must not be sent."""
+    fp = request.fingerprint
+    if row is None:
+        new = LedgerRow(
+            user_id=request.user_id, state=State.SENDING, attempts=1, doubt=False,
+            photo_sha256=request.photo_sha256, image_ref=fp.ref, image_size=fp.size, image_version=fp.version,
+            user_created_at=request.user_created_at, first_attempt_at=request.at, last_attempt_at=request.at,
+            run_id=request.run_id,
+        )  # fmt: skip
+        return new, Ticket(user_id=request.user_id, number=1, doubt_before=False)
+    if row.state not in BEGIN_FROM:
+        return Refused(user_id=row.user_id, why=Refusal.TERMINAL, row=row)
+    if row.photo_sha256 is not None and row.photo_sha256 != request.photo_sha256:
+        return Refused(user_id=row.user_id, why=Refusal.PHOTO_PINNED, row=row)
+    # A row still SENDING was never settled (a crash, a killed process): that attempt may be on the server.
+    doubt = row.in_doubt
+    number = row.attempts + 1
+    new = replace(
+        row, state=State.SENDING, attempts=number, doubt=doubt, photo_sha256=request.photo_sha256,
+        image_ref=fp.ref, image_size=fp.size, image_version=fp.version, user_created_at=request.user_created_at,
+        first_attempt_at=row.first_attempt_at or request.at, last_attempt_at=request.at, run_id=request.run_id,
+    )  # fmt: skip
+    return new, Ticket(user_id=row.user_id, number=number, doubt_before=doubt)
+
+
+def settle(row: LedgerRow | None, outcome: Outcome) -> LedgerRow | None:
+    """The row after `outcome`, or None when it must not be applied (fenced, or a change not allowed)."""
+    if row is None or row.state is not State.SENDING or outcome.attempt != row.attempts:
+        return None
+    if outcome.state not in OUTCOME_STATES:
+        return None
+    if outcome.state is State.ALREADY_ENROLLED and not row.doubt:
+        return None  # 2209 for an ID we never may have enrolled: someone else's, never ours
+    if outcome.state is State.ID_CONFLICT and row.doubt:
+        return None  # our earlier attempt may have enrolled it: calling it someone else's would be wrong
+    if outcome.proves_not_enrolled and outcome.state is State.FAILED:
+        doubt, pin = False, None  # the server says, verifiably, that the user is not enrolled
+    else:
+        doubt, pin = row.doubt or outcome.may_have_enrolled, row.photo_sha256
+    return replace(
+        row, state=outcome.state, doubt=doubt, photo_sha256=pin, http_status=outcome.http_status,
+        result_code=outcome.result_code, result_text=outcome.result_text,
+        smile_job_id=outcome.smile_job_id or row.smile_job_id, job_id=outcome.job_id or row.job_id,
+        finished_at=outcome.at,
+    )  # fmt: skip
+
+
+def must_be_durable(outcome: Outcome) -> bool:
+    """Whether `settle` must wait for the disk: when losing the outcome in a crash would overstate doubt.
+
+    A lost outcome leaves its row SENDING, which reads as "may have enrolled". That is the truth for an answer
+    that may hide an enrollment, and harmless for a success (a resend's 2209 then reads as ours, rightly). An
+    outcome saying the attempt did *not* enroll (a refusal, a 2209 for someone else's ID) must not be lost, or
+    a later 2209 for someone else's ID would be called ours.
+    """
+    return not outcome.may_have_enrolled and outcome.state not in (State.ENROLLED, State.ALREADY_ENROLLED)

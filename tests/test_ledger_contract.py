@@ -1,0 +1,402 @@
+"""The Store contract, checked the same way against every backend: a stateful model test and targeted cases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from backfill.errors import CheckpointError, CheckpointLocked
+from backfill.images import Fingerprint
+from backfill.ledger import (
+    AttemptRequest,
+    Binding,
+    Outcome,
+    Refusal,
+    Refused,
+    RunRecord,
+    Settled,
+    Store,
+    Ticket,
+)
+from backfill.ledger.memory import MemoryStore
+from backfill.ledger.sqlite import SqliteStore, acquire_lock
+from backfill.vocab import TERMINAL_STATES, State
+
+T = TypeVar("T")
+BINDING = Binding(partner_id="085", endpoint="https://testapi.smileidentity.com:443")
+BACKENDS = ("memory", "sqlite")
+
+
+async def open_store(kind: str, folder: Path, binding: Binding = BINDING) -> Store:
+    if kind == "memory":
+        return MemoryStore(binding)
+    return await SqliteStore.open(folder / "ledger.sqlite", binding, writable=True)
+
+
+def request(user_id: str, photo: str = "a", *, run: str = "r1") -> AttemptRequest:
+    fp = Fingerprint(ref=f"/img/{user_id}.jpg", size=10, version="1")
+    return AttemptRequest(user_id=user_id, photo_sha256=photo * 64, fingerprint=fp,
+                          user_created_at="2021-01-01", run_id=run, at="2026-01-01T00:00:00.000Z")  # fmt: skip
+
+
+def outcome(user_id: str, attempt: int, state: State, *, may: bool = False, proves: bool = False) -> Outcome:
+    return Outcome(user_id=user_id, attempt=attempt, state=state, may_have_enrolled=may, proves_not_enrolled=proves,
+                   http_status=200, result_code="0840" if state is State.ENROLLED else "x", result_text="t",
+                   smile_job_id="1", job_id="j", at="2026-01-01T00:00:01.000Z")  # fmt: skip
+
+
+# --- the model: what the contract promises, written independently of ledger/transitions.py ---
+
+
+@dataclass
+class ModelRow:
+    state: State
+    attempts: int
+    doubt: bool  # from settled attempts
+    pin: str | None
+
+    @property
+    def in_doubt(self) -> bool:
+        return self.doubt or self.state is State.SENDING
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    kind = "memory"
+    ids = ("u1", "u2", "u3")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.folder = Path(tempfile.mkdtemp(prefix="ledger-contract-"))
+        self.store = self.run(open_store(self.kind, self.folder))
+        self.model: dict[str, ModelRow] = {}
+
+    def run(self, coro: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
+
+    def teardown(self) -> None:
+        self.run(self.store.close())
+        self.loop.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @rule(uid=st.sampled_from(ids), photo=st.sampled_from("ab"))
+    def begin(self, uid: str, photo: str) -> None:
+        result = self.run(self.store.begin_attempt(request(uid, photo)))
+        row = self.model.get(uid)
+        if row is not None and row.state in TERMINAL_STATES:
+            assert isinstance(result, Refused) and result.why is Refusal.TERMINAL
+            return
+        if row is not None and row.pin is not None and row.pin != photo * 64:
+            assert isinstance(result, Refused) and result.why is Refusal.PHOTO_PINNED
+            return
+        assert isinstance(result, Ticket)
+        expected_doubt = row.in_doubt if row is not None else False
+        assert result.doubt_before == expected_doubt
+        assert result.number == (row.attempts + 1 if row else 1)
+        self.model[uid] = ModelRow(State.SENDING, result.number, expected_doubt, photo * 64)
+
+    @rule(
+        uid=st.sampled_from(ids),
+        offset=st.sampled_from([0, 0, 0, -1, 1]),
+        state=st.sampled_from(sorted(set(State) - {State.SENDING})),
+        may=st.booleans(),
+        proves=st.booleans(),
+    )
+    def settle(self, uid: str, offset: int, state: State, may: bool, proves: bool) -> None:
+        row = self.model.get(uid)
+        attempt = (row.attempts if row else 1) + offset
+        result = self.run(self.store.settle(outcome(uid, attempt, state, may=may, proves=proves)))
+        allowed = (
+            row is not None
+            and row.state is State.SENDING
+            and attempt == row.attempts
+            and not (state is State.ALREADY_ENROLLED and not row.doubt)
+            and not (state is State.ID_CONFLICT and row.doubt)
+        )
+        if result is Settled.QUEUED:
+            self.run(self.store.flush())
+        else:
+            assert (result is Settled.APPLIED) == allowed
+        if not allowed or row is None:
+            return
+        if proves and state is State.FAILED:
+            row.doubt, row.pin = False, None
+        else:
+            row.doubt = row.doubt or may
+        row.state = state
+
+    @precondition(lambda self: self.kind == "sqlite")
+    @rule()
+    def reopen(self) -> None:
+        """Close and open again: everything written is still there, and nothing else."""
+        self.run(self.store.close())
+        self.store = self.run(open_store(self.kind, self.folder))
+
+    @invariant()
+    def ledger_matches_model(self) -> None:
+        self.run(self.store.flush())
+        rows = self.run(self.store.lookup(list(self.ids)))
+        assert set(rows) == set(self.model)
+        for uid, expected in self.model.items():
+            got = rows[uid]
+            assert (got.state, got.attempts, got.in_doubt, got.photo_sha256) == (
+                expected.state, expected.attempts, expected.in_doubt, expected.pin,
+            ), uid  # fmt: skip
+
+
+class MemoryLedger(LedgerMachine):
+    kind = "memory"
+
+
+class SqliteLedger(LedgerMachine):
+    kind = "sqlite"
+
+
+_SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+TestMemoryLedger = _SETTINGS(MemoryLedger).TestCase
+TestSqliteLedger = _SETTINGS(SqliteLedger).TestCase
+
+
+# --- targeted cases, every backend ---
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await open_store(request.param, tmp_path)
+    yield opened
+    await opened.close()
+
+
+async def test_a_late_outcome_never_overwrites_a_newer_attempt(store: Store) -> None:
+    first = await store.begin_attempt(request("u1"))
+    assert isinstance(first, Ticket)
+    assert await store.settle(outcome("u1", 1, State.PENDING, may=True)) in (Settled.APPLIED, Settled.QUEUED)
+    second = await store.begin_attempt(request("u1"))
+    assert isinstance(second, Ticket) and second.number == 2 and second.doubt_before
+    # The first attempt's answer arrives late (a lost lease, a duplicate): it is fenced.
+    assert await store.settle(outcome("u1", 1, State.ENROLLED)) in (Settled.FENCED, Settled.QUEUED)
+    await store.flush()
+    assert (await store.lookup(["u1"]))["u1"].state is State.SENDING
+
+
+async def test_enrolled_is_terminal(store: Store) -> None:
+    assert isinstance(await store.begin_attempt(request("u1")), Ticket)
+    await store.settle(outcome("u1", 1, State.ENROLLED))
+    await store.flush()
+    refused = await store.begin_attempt(request("u1"))
+    assert isinstance(refused, Refused) and refused.why is Refusal.TERMINAL
+    assert await store.settle(outcome("u1", 1, State.FAILED)) in (Settled.FENCED, Settled.QUEUED)
+    await store.flush()
+    assert (await store.lookup(["u1"]))["u1"].state is State.ENROLLED
+
+
+async def test_the_photo_is_pinned_until_a_verified_not_enrolled(store: Store) -> None:
+    assert isinstance(await store.begin_attempt(request("u1", "a")), Ticket)
+    await store.settle(outcome("u1", 1, State.RETRY_EXHAUSTED, may=True))
+    refused = await store.begin_attempt(request("u1", "b"))
+    assert isinstance(refused, Refused) and refused.why is Refusal.PHOTO_PINNED
+    # An unverified permanent failure keeps the pin; a verified "not enrolled" releases it.
+    again = await store.begin_attempt(request("u1", "a"))
+    assert isinstance(again, Ticket)
+    assert await store.settle(outcome("u1", 2, State.FAILED)) is Settled.APPLIED
+    assert isinstance(await store.begin_attempt(request("u1", "b")), Refused)
+    third = await store.begin_attempt(request("u1", "a"))
+    assert isinstance(third, Ticket)
+    assert await store.settle(outcome("u1", 3, State.FAILED, proves=True)) is Settled.APPLIED
+    fixed = await store.begin_attempt(request("u1", "b"))
+    assert isinstance(fixed, Ticket) and not fixed.doubt_before
+
+
+async def test_2209_is_ours_only_after_doubt(store: Store) -> None:
+    assert isinstance(await store.begin_attempt(request("u1")), Ticket)
+    # Never in doubt: ALREADY_ENROLLED is refused; ID_CONFLICT is what it is.
+    assert await store.settle(outcome("u1", 1, State.ALREADY_ENROLLED)) in (Settled.FENCED, Settled.QUEUED)
+    await store.flush()
+    assert (await store.lookup(["u1"]))["u1"].state is State.SENDING
+    assert await store.settle(outcome("u1", 1, State.ID_CONFLICT)) is Settled.APPLIED
+    assert isinstance(await store.begin_attempt(request("u2")), Ticket)
+    await store.settle(outcome("u2", 1, State.UNKNOWN, may=True))
+    assert isinstance(await store.begin_attempt(request("u2")), Ticket)
+    assert await store.settle(outcome("u2", 2, State.ID_CONFLICT)) is Settled.FENCED
+
+
+async def test_runs_and_status(store: Store) -> None:
+    await store.start_run(RunRecord(run_id="r1", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+    assert isinstance(await store.begin_attempt(request("u1")), Ticket)
+    assert isinstance(await store.begin_attempt(request("u2")), Ticket)
+    await store.settle(outcome("u1", 1, State.ENROLLED))
+    await store.finish_run("r1", finished_at="2026-01-01T00:01:00Z", rows=2, exit_code=1)
+    await store.flush()
+    status = await store.status()
+    assert status.counts == {"enrolled": 1, "sending": 1}
+    assert status.waiting_for_retry == 1 and status.oldest_unfinished is not None
+    assert status.oldest_unfinished.user_id == "u2"
+    assert [(r.run_id, r.exit_code, r.rows) for r in status.runs] == [("r1", 1, 2)]
+    assert [r.user_id async for r in store.rows([State.ENROLLED])] == ["u1"]
+    assert [r.user_id async for r in store.rows()] == ["u1", "u2"]
+
+
+# --- SQLite: one writer however named, binding, durability, migration ---
+
+
+async def test_sqlite_lock_holds_through_any_name(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "ledger.sqlite"
+    path.parent.mkdir()
+    store = await SqliteStore.open(path, BINDING, writable=True)
+    try:
+        (tmp_path / "link.sqlite").symlink_to(path)
+        os.link(path, tmp_path / "hard.sqlite")
+        (tmp_path / "other").mkdir()
+        names = [
+            tmp_path / "link.sqlite",
+            tmp_path / "hard.sqlite",
+            tmp_path / "other" / ".." / "data" / "ledger.sqlite",
+        ]
+        for name in names:
+            # A hard link has another real path, so the holder's note isn't found; the lock still holds.
+            with pytest.raises(CheckpointLocked, match="in use by"):
+                await SqliteStore.open(name, BINDING, writable=True)
+        cwd = os.getcwd()
+        os.chdir(tmp_path / "other")
+        try:
+            with pytest.raises(CheckpointLocked):
+                await SqliteStore.open(Path("../data/ledger.sqlite"), BINDING, writable=True)
+        finally:
+            os.chdir(cwd)
+    finally:
+        await store.close()
+    again = await SqliteStore.open(tmp_path / "link.sqlite", BINDING, writable=True)
+    await again.close()
+
+
+async def test_sqlite_binding_refuses_another_partner_or_endpoint(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    await (await SqliteStore.open(path, BINDING, writable=True)).close()
+    for other in (Binding(partner_id="85", endpoint=BINDING.endpoint),
+                  Binding(partner_id="085", endpoint="http://127.0.0.1:8080")):  # fmt: skip
+        with pytest.raises(CheckpointError, match="belongs to partner '085' on https://testapi"):
+            await SqliteStore.open(path, other, writable=True)
+    reader = await SqliteStore.open(path, None, writable=False)
+    assert reader.binding == BINDING
+    await reader.close()
+
+
+async def test_sqlite_writes_are_on_disk_when_they_return(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    store = await SqliteStore.open(path, BINDING, writable=True)
+    assert isinstance(await store.begin_attempt(request("u1")), Ticket)
+    # A second, independent connection sees it: committed, not just queued.
+    seen = sqlite3.connect(path).execute("SELECT state, attempts FROM users").fetchall()
+    assert seen == [("sending", 1)]
+    assert await store.settle(outcome("u1", 1, State.PENDING)) is Settled.APPLIED  # lowers doubt: durable
+    assert sqlite3.connect(path).execute("SELECT state FROM users").fetchall() == [("pending",)]
+    await store.close()
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_ledger_contract import BINDING, outcome, request
+from backfill.ledger.sqlite import SqliteStore
+from backfill.vocab import State
+
+async def main() -> None:
+    store = await SqliteStore.open(Path({path!r}), BINDING, writable=True)
+    await store.begin_attempt(request("lost"))
+    await store.begin_attempt(request("refused"))
+    await store.settle(outcome("lost", 1, State.ENROLLED))  # queued, then killed before any flush
+    await store.settle(outcome("refused", 1, State.PENDING))  # durable before it returns
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def test_sqlite_sigkill_keeps_every_attempt_and_every_doubt_lowering_outcome(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    code = textwrap.dedent(_CHILD.format(tests=str(Path(__file__).parent), path=str(path)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+    async def check() -> None:
+        store = await SqliteStore.open(path, BINDING, writable=True)
+        rows = await store.lookup(["lost", "refused"])
+        await store.close()
+        assert rows["lost"].state in (State.SENDING, State.ENROLLED) and rows["lost"].attempts == 1
+        assert rows["lost"].in_doubt or rows["lost"].state is State.ENROLLED
+        assert rows["refused"].state is State.PENDING and not rows["refused"].in_doubt
+
+    asyncio.run(check())
+
+
+_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE users (user_id TEXT PRIMARY KEY, state TEXT NOT NULL, in_doubt INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, http_status INTEGER, result_code TEXT, result_text TEXT,
+    smile_job_id TEXT, job_id TEXT, photo_sha256 TEXT, image_path TEXT, image_size INTEGER,
+    image_mtime_ns INTEGER, user_created_at TEXT, first_attempt_at TEXT, last_attempt_at TEXT,
+    finished_at TEXT, run_id TEXT) WITHOUT ROWID;
+CREATE INDEX users_state ON users(state);
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT, manifest TEXT,
+    rows INTEGER, exit_code INTEGER, pid INTEGER, host TEXT);
+INSERT INTO meta VALUES ('schema', '1'), ('partner_id', '085'), ('env', 'sandbox'), ('created_at', 't');
+INSERT INTO users VALUES ('u1', 'enrolled', 0, 1, 200, '0840', 'Enroll User', '7', 'j', 'ab', '/i/u1.jpg', 10,
+    123, '2021-01-01', 't', 't', 't', 'r');
+INSERT INTO users VALUES ('u2', 'sending', 1, 2, NULL, NULL, NULL, NULL, NULL, 'cd', '/i/u2.jpg', 11, 124,
+    '2021-01-01', 't', 't', NULL, 'r');
+"""
+
+
+async def test_sqlite_migrates_a_schema_1_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA)
+    conn.close()
+    legacy = {"sandbox": BINDING.endpoint}
+    store = await SqliteStore.open(path, BINDING, writable=True, legacy_endpoints=legacy)
+    rows = await store.lookup(["u1", "u2"])
+    await store.close()
+    assert rows["u1"].state is State.ENROLLED and rows["u1"].fingerprint == Fingerprint(
+        ref="/i/u1.jpg", size=10, version="123"
+    )
+    assert rows["u2"].in_doubt and rows["u2"].photo_sha256 == "cd" and rows["u2"].attempts == 2
+
+
+async def test_sqlite_reader_never_creates_or_writes(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no ledger at"):
+        await SqliteStore.open(tmp_path / "none.sqlite", None, writable=False)
+    assert not (tmp_path / "none.sqlite").exists()
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(CheckpointError, match="is it a backfill ledger"):
+        await SqliteStore.open(junk, None, writable=False)
+
+
+def test_acquire_lock_names_the_holder(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    fd = acquire_lock(path)
+    try:
+        with pytest.raises(CheckpointLocked, match=f"pid {os.getpid()}"):
+            acquire_lock(path)
+    finally:
+        os.close(fd)
+    os.close(acquire_lock(path))
