@@ -13,21 +13,27 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
 from backfill.api.signing import sign, utc_timestamp, verify
 from backfill.errors import ConfigError
 from backfill.sandbox import (
     STATE_KEY,
     Faults,
+    OptionKeywords,
     RunningSandbox,
+    SandboxOptions,
+    foreign_draw,
     make_app,
+    read_foreign_ids,
     sandbox_state,
     start_sandbox,
 )
@@ -488,6 +494,7 @@ async def test_state_endpoint_reports_the_records(
         "requests": {"a": 2, "b": 1},
         "conflicts_answered": {"a": 1},
         "total_requests": 4,
+        "foreign_requested": [],
     }
     assert sandbox_state(server.app) is server.app[STATE_KEY] is server.state
 
@@ -531,3 +538,326 @@ async def test_timestamp_within_the_window_is_accepted(session: aiohttp.ClientSe
         inside = await post(session, running, body("a", timestamp=_skewed(-2)))
         outside = await post(session, running, body("b", timestamp=_skewed(-4)))
         assert (inside[0], outside[0]) == (200, 401)
+
+
+# -- options: one record, two call forms -------------------------------------------------------------------
+
+
+async def test_options_record_and_keyword_forms_agree(session: aiohttp.ClientSession) -> None:
+    options = SandboxOptions(partner_id=PARTNER, api_key=KEY, seed=7, faults=Faults(latency_ms=1))
+    job_ids = []
+    async with await start_sandbox(options=options) as by_record:
+        job_ids.append((await post(session, by_record, body("u")))[1]["PartnerParams"]["job_id"])
+    async with await start_sandbox(PARTNER, KEY, seed=7, faults=Faults(latency_ms=1)) as by_keywords:
+        job_ids.append((await post(session, by_keywords, body("u")))[1]["PartnerParams"]["job_id"])
+    assert job_ids[0] == job_ids[1]
+    assert sandbox_state(make_app(options=options)).total_requests == 0
+
+
+def test_option_keywords_match_the_record() -> None:
+    # The keyword form is spelled twice (the dataclass and the TypedDict): this keeps the two in step.
+    record = {f.name for f in fields(SandboxOptions)} - {"partner_id", "api_key"}
+    assert set(OptionKeywords.__optional_keys__) == record
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda options: make_app(PARTNER, KEY, options=options),  # type: ignore[call-overload]
+        lambda options: make_app(options=options, seed=3),  # type: ignore[call-overload]
+        lambda options: make_app(),  # type: ignore[call-overload]
+        lambda options: make_app(PARTNER),  # type: ignore[call-overload]
+    ],
+    ids=["credentials-and-options", "options-and-keywords", "nothing", "no-api-key"],
+)
+def test_options_and_keywords_do_not_mix(call: Any) -> None:
+    with pytest.raises(TypeError, match="make_app"):
+        call(SandboxOptions(partner_id=PARTNER, api_key=KEY))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"partner_id": ""}, {"api_key": ""}, {"max_photo_bytes": 0}, {"timestamp_window_s": -1}],
+)
+def test_bad_options_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="SandboxOptions"):
+        SandboxOptions(**{"partner_id": PARTNER, "api_key": KEY, **options})
+
+
+# -- foreign IDs: held by another partner user from the start ---------------------------------------------
+
+
+def _photo() -> str:
+    return base64.b64encode(png()).decode()
+
+
+async def _post_many(
+    session: aiohttp.ClientSession, server: RunningSandbox, user_ids: Iterable[str]
+) -> dict[str, str]:
+    """Each user_id's answer code (ResultCode or error code), sent 32 at a time with one signature."""
+    timestamp = utc_timestamp()
+    common = {
+        "partner_id": PARTNER, "timestamp": timestamp, "signature": sign(timestamp, PARTNER, KEY),
+        "user_created_at": "2021-08-12", "photo": _photo(),
+    }  # fmt: skip
+    gate = asyncio.Semaphore(32)
+
+    async def one(user_id: str) -> tuple[str, str]:
+        async with gate:
+            _, answer, _ = await post(session, server, {**common, "user_id": user_id})
+        return user_id, answer.get("ResultCode") or answer["code"]
+
+    return dict(await asyncio.gather(*(one(user_id) for user_id in user_ids)))
+
+
+async def test_a_foreign_id_answers_2209_from_the_first_request_and_is_never_enrolled(
+    session: aiohttp.ClientSession,
+) -> None:
+    faults = Faults(foreign_ids=frozenset({"theirs"}))
+    async with await start_sandbox(PARTNER, KEY, faults=faults) as running:
+        answers = [await post(session, running, body("theirs")) for _ in range(3)]
+        assert [(status, answer) for status, answer, _ in answers] == [
+            (400, {"code": "2209", "error": "This user is already enrolled with user_id"})
+        ] * 3
+        assert (await post(session, running, body("ours")))[1]["ResultCode"] == "0840"
+        state = running.state
+        assert set(state.enrolled) == {"ours"} and state.foreign_requested == {"theirs"}
+        assert state.requests == {"theirs": 3, "ours": 1}
+        # Not one of our conflicts: those count 2209s for IDs this sandbox enrolled.
+        assert not state.enroll_attempts_after_enrolled
+        assert state.answers == {"2209": 3, "0840": 1}
+
+
+async def test_a_foreign_id_answers_2209_under_every_rate_fault_that_lets_it_through(
+    session: aiohttp.ClientSession,
+) -> None:
+    # Random lost and slow answers follow commits only, and a foreign ID never commits.
+    faults = Faults(foreign_ids=frozenset({"theirs"}), reset_after_rate=1.0, slow_rate=1.0, slow_ms=20_000)
+    async with await start_sandbox(PARTNER, KEY, faults=faults) as running:
+        status, answer, _ = await post(
+            session, running, body("theirs"), timeout=aiohttp.ClientTimeout(total=5)
+        )
+        assert (status, answer["code"]) == (400, "2209") and not running.state.enrolled
+
+
+async def test_a_scripted_fault_comes_before_the_foreign_2209(session: aiohttp.ClientSession) -> None:
+    faults = Faults(foreign_ids=frozenset({"theirs"}), script={"theirs": [503]})
+    async with await start_sandbox(PARTNER, KEY, faults=faults) as running:
+        assert (await post(session, running, body("theirs")))[0] == 503
+        assert (await post(session, running, body("theirs")))[1]["code"] == "2209"
+        assert running.state.foreign_requested == {"theirs"} and not running.state.enrolled
+
+
+async def test_a_foreign_id_still_needs_a_valid_request(session: aiohttp.ClientSession) -> None:
+    faults = Faults(foreign_ids=frozenset({"theirs"}))
+    async with await start_sandbox(PARTNER, KEY, faults=faults) as running:
+        payload = body("theirs")
+        payload["signature"] = sign(payload["timestamp"], PARTNER, "another-key")
+        assert (await post(session, running, payload))[1]["code"] == "2205"
+        assert running.state.foreign_requested == {"theirs"}
+
+
+async def test_foreign_rate_is_a_seeded_fraction_of_user_ids(session: aiohttp.ClientSession) -> None:
+    user_ids = [f"user_{i:05d}" for i in range(2000)]
+    picked: list[set[str]] = []
+    for seed in (11, 11, 12):
+        faults = Faults(foreign_rate=0.25)
+        async with await start_sandbox(PARTNER, KEY, faults=faults, seed=seed) as running:
+            codes = await _post_many(session, running, user_ids)
+            foreign = {user_id for user_id, code in codes.items() if code == "2209"}
+            assert set(codes.values()) == {"0840", "2209"}
+            assert running.state.foreign_requested == foreign
+            assert set(running.state.enrolled) == set(user_ids) - foreign
+            picked.append(foreign)
+    assert picked[0] == picked[1] != picked[2]
+    assert all(400 <= len(foreign) <= 600 for foreign in picked)  # 500 expected; 5 standard deviations is 97
+    options = SandboxOptions(partner_id=PARTNER, api_key=KEY, seed=11, faults=Faults(foreign_rate=0.25))
+    assert picked[0] == {user_id for user_id in user_ids if options.is_foreign(user_id)}
+
+
+def test_foreign_draw_is_fixed_by_seed_and_user_id_only() -> None:
+    # Pinned: a change to the hash would silently move every recorded rehearsal's foreign IDs.
+    assert (foreign_draw(7, "user_1"), foreign_draw(8, "user_1")) == (0.18501170172687756, 0.0396960042502402)
+    assert 0 <= foreign_draw(7, "\ud800") < 1  # a lone surrogate, which JSON can carry, still hashes
+    extremes = [
+        SandboxOptions(partner_id=PARTNER, api_key=KEY, faults=Faults(foreign_rate=rate)) for rate in (0, 1)
+    ]
+    assert [options.is_foreign("anyone") for options in extremes] == [False, True]
+
+
+async def test_foreign_rate_agrees_across_a_restart_and_the_state_file_never_holds_them(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    path = tmp_path / "state.jsonl"
+    user_ids = [f"u{i}" for i in range(200)]
+    faults = Faults(foreign_rate=0.3)
+    async with await start_sandbox(PARTNER, KEY, faults=faults, seed=5, state_file=path) as first:
+        before = await _post_many(session, first, user_ids)
+        foreign = set(first.state.foreign_requested)
+    assert foreign and {json.loads(line)["user_id"] for line in path.read_text().splitlines()} == (
+        set(user_ids) - foreign
+    )
+    async with await start_sandbox(PARTNER, KEY, faults=faults, seed=5, state_file=path) as second:
+        after = await _post_many(session, second, user_ids)
+        assert second.state.foreign_requested == foreign
+        assert set(second.state.enroll_attempts_after_enrolled) == set(user_ids) - foreign
+    assert {u for u, code in before.items() if code == "2209"} == foreign
+    assert set(after.values()) == {"2209"}
+
+
+def test_a_state_file_enrolling_a_now_foreign_id_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.jsonl"
+    record = {
+        "user_id": "u1", "job_id": "j", "smile_job_id": "0000000001", "photo_sha256": "x",
+        "user_created_at": "2021-08-12", "enrolled_at": "2021-08-12T00:00:00.000Z",
+    }  # fmt: skip
+    path.write_text(json.dumps(record) + "\n")
+    make_app(PARTNER, KEY, state_file=path)  # ours, as written
+    with pytest.raises(ConfigError, match=r"line 1 enrolls 'u1'.*foreign"):
+        make_app(PARTNER, KEY, state_file=path, faults=Faults(foreign_ids=frozenset({"u1"})))
+
+
+async def test_request_log_and_snapshot_show_foreign_ids(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    log = tmp_path / "requests.jsonl"
+    faults = Faults(foreign_ids=frozenset({"theirs", "never-sent"}))
+    async with await start_sandbox(PARTNER, KEY, faults=faults, request_log=log) as running:
+        await post(session, running, body("theirs"))
+        await post(session, running, body("ours"))
+        async with session.get(running.base_url + "/_sandbox/state") as response:
+            report = await response.json()
+    assert report == {
+        "enrolled": ["ours"],
+        "requests": {"theirs": 1, "ours": 1},
+        "conflicts_answered": {},
+        "total_requests": 2,
+        "foreign_requested": ["theirs"],
+    }
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"user_id": "theirs", "event": "request", "foreign": True},
+        {"user_id": "theirs", "event": "answer", "answer": "2209", "foreign": True},
+        {"user_id": "ours", "event": "request"},
+        {"user_id": "ours", "event": "answer", "answer": "0840"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {"foreign_rate": 1.5},
+        {"foreign_rate": -0.1},
+        {"foreign_rate": float("nan")},
+        {"foreign_ids": "user_1"},
+        {"foreign_ids": frozenset({""})},
+        {"foreign_ids": frozenset({7})},
+    ],
+)
+def test_bad_foreign_faults_are_refused(faults: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"faults\.foreign_"):
+        Faults(**faults)
+
+
+def test_foreign_ids_are_a_frozen_copy() -> None:
+    ids = {"a"}
+    faults = Faults(foreign_ids=ids)  # type: ignore[arg-type]
+    ids.add("b")
+    assert faults.foreign_ids == frozenset({"a"}) and isinstance(faults.foreign_ids, frozenset)
+
+
+def test_read_foreign_ids_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.txt"
+    path.write_bytes("\ufeffuser_1\r\n\n  user_2  \n   \nuser_3".encode())
+    assert read_foreign_ids(path) == {"user_1", "user_2", "user_3"}
+    path.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(ConfigError, match="foreign_ids"):
+        read_foreign_ids(path)
+
+
+# -- the `backfill sandbox` command -------------------------------------------------------------------------
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    # Imported here: the CLI package pulls in the whole tool, which the emulator's own tests need not.
+    from backfill.cli.sandbox import sandbox as sandbox_command
+
+    result = CliRunner().invoke(sandbox_command, list(args), env={"SMILE_PARTNER_ID": PARTNER})
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_help_names_the_foreign_options() -> None:
+    code, out, _ = _invoke("--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "--foreign-ids FILE" in text and "--foreign-rate FLOAT" in text
+    assert "answers 2209 from its first request" in text and "picked from --seed" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--foreign-rate", "1.5"], "faults.foreign_rate (from Faults): 1.5 is not a fraction"),
+        (["--foreign-ids", "missing.txt"], "foreign_ids (from missing.txt): can't be read"),
+    ],
+    ids=["bad-rate", "missing-file"],
+)
+def test_cli_bad_foreign_options_are_one_line_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _invoke(*args, "--port", "0")
+    assert code == 2 and out == ""
+    assert err.startswith("backfill: config error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_passes_the_foreign_options_to_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served: dict[str, Any] = {}
+    monkeypatch.setattr("backfill.sandbox.serve", lambda **kwargs: served.update(kwargs))
+    path = tmp_path / "foreign.txt"
+    path.write_text("a\n\nb\n")
+    code, _, err = _invoke("--foreign-ids", str(path), "--foreign-rate", "0.1", "--seed", "4", "--port", "0")
+    assert (code, err) == (0, "")
+    options = served["options"]
+    assert isinstance(options, SandboxOptions) and (served["host"], served["port"]) == ("127.0.0.1", 0)
+    assert options.faults.foreign_ids == {"a", "b"} and options.faults.foreign_rate == 0.1
+    assert (options.seed, options.partner_id) == (4, PARTNER)
+
+
+def test_cli_sandbox_process_answers_2209_for_a_foreign_id(tmp_path: Path) -> None:
+    """The real command in its own process, as the crash rig runs it."""
+    foreign, log = tmp_path / "foreign.txt", tmp_path / "requests.jsonl"
+    foreign.write_text("theirs\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backfill", "sandbox", "--port", "0", "--foreign-ids", str(foreign),
+         "--request-log", str(log)],
+        env={**os.environ, "SMILE_PARTNER_ID": PARTNER, "SMILE_API_KEY": KEY},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline().decode()
+        assert line.startswith("sandbox on http://127.0.0.1:"), line
+        base_url = line.split()[2]
+
+        async def go() -> tuple[int, Any, Any]:
+            async with aiohttp.ClientSession(headers={"Content-Type": "application/json"}) as client:
+                url = base_url + "/backfill_users"
+                async with client.post(url, data=json.dumps(body("theirs")).encode()) as response:
+                    answer = response.status, await response.json()
+                async with client.get(base_url + "/_sandbox/state") as response:
+                    return *answer, await response.json()
+
+        status, answer, report = asyncio.run(go())
+        assert (status, answer["code"]) == (400, "2209")
+        assert report["foreign_requested"] == ["theirs"] and report["enrolled"] == []
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert json.loads(log.read_text().splitlines()[-1]) == {
+        "user_id": "theirs", "event": "answer", "answer": "2209", "foreign": True,
+    }  # fmt: skip
