@@ -1,23 +1,30 @@
-"""report.html against run folders with known figures, and against a real run through the sandbox."""
+"""report.html against run folders with known figures and hostile values, and against a real run through the
+sandbox; its chart geometry, and its templates as installed."""
 
 from __future__ import annotations
 
 import csv
+import html.parser
 import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from backfill import report
+from backfill import compose as runner
 from backfill.config import Settings
 from backfill.errors import OutputError
 from backfill.outputs.files import REJECT_FIELDS, RESULT_FIELDS
-from backfill.report import write_report
-from backfill.run import engine as runner
+from backfill.outputs.report import data as report_data
+from backfill.outputs.report import render, svg, write_report
 from backfill.sandbox import Faults, start_sandbox
 
 from .conftest import API_KEY, PARTNER_ID, Sleeps, simple_rows, write_manifest
@@ -186,7 +193,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     folder = known_run(tmp_path / "run")
     path = write_report(folder)
     first = path.read_text(encoding="utf-8")
-    with pytest.raises(OutputError, match="already exists; pass overwrite=True"):
+    with pytest.raises(OutputError, match="already exists; pass --overwrite to write it again"):
         write_report(folder)
     assert path.read_text(encoding="utf-8") == first
 
@@ -259,7 +266,7 @@ def test_files_that_disagree_with_the_summary_are_flagged(tmp_path: Path) -> Non
 
 
 def test_distinct_error_kinds_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report, "MAX_KINDS", 3)
+    monkeypatch.setattr(report_data, "MAX_KINDS", 3)
     rows = [result(f"u{i}", "unknown", error=f"reset #{i}", attempts=1, latency_ms=5) for i in range(10)]
     page = write_report(write_run(tmp_path / "run", rows)).read_text(encoding="utf-8")
     assert "7 rows had kinds beyond the first 3 and are not itemised" in page
@@ -283,7 +290,7 @@ def test_a_few_slow_rows_get_a_bar_of_their_own(tmp_path: Path) -> None:
     latency = page.split('id="latency"')[1].split("</section>")[0]
     assert "The last bar, shaded differently, holds everything from 300 ms up to the max" in latency
     assert '<td class="n">298 ms</td>' in latency and '<td class="n">60 s</td>' in latency
-    assert len(re.findall(r"<g><title>", latency)) <= report.LATENCY_BINS + 1
+    assert len(re.findall(r"<g><title>", latency)) <= report_data.LATENCY_BINS + 1
 
 
 @pytest.mark.parametrize("latencies", [[1203], [1203, 1207, 2950], [999, 1001, 45_678]])
@@ -314,7 +321,7 @@ async def test_report_of_a_real_run_through_the_sandbox(
     try:
         rows = [*simple_rows(12), (HOSTILE, "2021-01-01", "hostile.png"), ("user_0020", "never", "x.png")]
         manifest = write_manifest(tmp_path, rows)
-        summary = await runner.Runner(make_settings(server), manifest, sleep=sleeps).run()
+        summary = await runner.run(make_settings(server), manifest, sleep=sleeps)
     finally:
         await server.stop()
     assert summary.counts == {"enrolled": 10, "failed": 2, "rejected": 2}
@@ -332,3 +339,216 @@ async def test_report_of_a_real_run_through_the_sandbox(
     assert 'Retries (attempts - rows sent)</th><td class="n">2</td>' in page
     assert "MISMATCH" not in page and summary.run_id in page
     assert_safe(page, summary.base_url, [API_KEY])
+
+
+# --- hostile values ---
+
+# Each tries another way out of text: an element, an attribute, a CDATA end, an entity read as markup.
+HOSTILE_VALUES = (
+    '"><img src=x onerror=alert(1)>',
+    "' onmouseover='alert(1)",
+    "]]><svg onload=alert(1)>",
+    "&amp; &lt;b&gt; & <b>bold</b>",
+)
+PAGE_TAGS = {
+    "html", "head", "meta", "title", "style", "body", "main", "header", "h1", "h2", "h3", "p", "table",
+    "colgroup", "col", "thead", "tbody", "tr", "th", "td", "code", "br", "section", "ul", "li", "strong", "span",
+    "figure", "svg", "line", "text", "g", "rect", "footer",
+}  # fmt: skip
+PAGE_ATTRIBUTES = {
+    "lang", "charset", "http-equiv", "content", "name", "class", "id", "style", "colspan", "data-status",
+    "data-kind", "data-figure", "viewbox", "role", "aria-label", "x", "y", "x1", "x2", "y1", "y2", "width",
+    "height", "text-anchor",
+}  # fmt: skip
+
+
+class _Elements(html.parser.HTMLParser):
+    """Every element and attribute the browser would build from the page, and its text, unescaped."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def elements(page: str) -> _Elements:
+    parsed = _Elements()
+    parsed.feed(page)
+    parsed.close()
+    return parsed
+
+
+def test_hostile_values_stay_text(tmp_path: Path) -> None:
+    one, two, three, four = HOSTILE_VALUES
+    rows = [
+        result(one, "failed", http_status=400, result_code=two, result_text=three, attempts=1, latency_ms=90,
+               finished_at="2025-01-01T00:01:00Z"),
+        result(four, "unknown", error=one, attempts=2, latency_ms=150, finished_at="2025-01-01T00:02:00Z"),
+        result(three, "failed", result_code=four, error=two, attempts=1, latency_ms=80),
+        result("ok_1", "enrolled", attempts=1, latency_ms=100, finished_at="2025-01-01T00:03:00Z"),
+    ]  # fmt: skip
+    rejects = [(2, two, four, three), (3, three, one, two)]
+    folder = write_run(tmp_path / "run", rows, rejects)
+    summary = json.loads((folder / "summary.json").read_text())
+    counts = {**summary["counts"], one: 0}  # a status this version doesn't know gets its own row
+    folder.joinpath("summary.json").write_text(json.dumps({
+        **summary, "counts": counts, "run_id": two, "manifest": three, "env": four, "stop_reason": one,
+        "settings": {"columns": {one: two}, four: three, "note": HOSTILE},
+    }))  # fmt: skip
+
+    page = write_report(folder).read_text(encoding="utf-8")
+    parsed = elements(page)
+    tags = [tag for tag, _ in parsed.elements]
+    assert set(tags) <= PAGE_TAGS and tags.count("svg") == 2 and tags.count("style") == 1
+    for tag, attrs in parsed.elements:
+        assert set(attrs) <= PAGE_ATTRIBUTES, (tag, attrs)
+        if "style" in attrs:
+            assert tag == "col" and re.fullmatch(r"width:\d+%", attrs["style"] or "")
+    # Each value reads back whole, as the text or attribute value it was: nothing was cut out or run.
+    text = "".join(parsed.text)
+    for value in (*HOSTILE_VALUES, HOSTILE):
+        assert value in text
+    kinds = [attrs["data-kind"] for tag, attrs in parsed.elements if "data-kind" in attrs]
+    assert {two, four, one} <= set(kinds)
+    assert one in [attrs.get("data-status") for _, attrs in parsed.elements]
+    assert "]]&gt;&lt;svg onload=alert(1)&gt;" in page
+    assert "&amp;amp; &amp;lt;b&amp;gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+    assert_safe(page, BASE_URL, [])
+
+
+def test_templates_escape_and_refuse_unknown_names() -> None:
+    env = render._environment()
+    assert (
+        env.from_string("{{ v }}").render(v="<a href='x'>&</a>")
+        == "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;"
+    )
+    with pytest.raises(jinja2.UndefinedError):
+        env.from_string("{{ page.nothing }}").render(page=object())
+
+
+# --- where the templates are ---
+
+
+def test_templates_ship_in_the_package() -> None:
+    folder = resources.files("backfill.outputs.report") / "templates"
+    names = {entry.name for entry in folder.iterdir()}
+    assert {"report.html.j2", "macros.html.j2", "charts.html.j2", "report.css.j2"} <= names
+    assert all(name.endswith(".j2") for name in names)  # pyproject ships templates/*.j2, nothing else
+    assert set(render._environment().list_templates()) >= names
+    assert (folder / render.TEMPLATE).read_text(encoding="utf-8").lstrip().startswith("{#")
+
+
+# --- chart geometry ---
+
+
+def assert_inside(chart: svg.Chart) -> None:
+    assert 0 <= chart.plot_left < chart.plot_right <= chart.width
+    assert 0 <= chart.plot_top < chart.plot_bottom <= chart.height
+    for bar in chart.bars:
+        for rect in bar.rects:
+            assert rect.width > 0 and rect.height >= 0
+            assert chart.plot_left <= rect.x and rect.x + rect.width <= chart.plot_right + 1e-6
+            assert chart.plot_top - 1e-6 <= rect.y and rect.y + rect.height <= chart.plot_bottom + 1e-6
+    for label in (*chart.x_labels, chart.caption, *(t.label for t in chart.ticks)):
+        assert 0 <= label.x <= chart.width and 0 <= label.y <= chart.height
+    for mark in chart.marks:
+        assert chart.plot_left <= mark.x <= chart.plot_right
+
+
+def assert_axis(chart: svg.Chart, peak: int) -> None:
+    values = [t.value for t in chart.ticks]
+    ys = [t.y for t in chart.ticks]
+    assert values[0] == 0 and ys[0] == chart.plot_bottom and values[-1] >= peak
+    assert all(a < b for a, b in pairwise(values)), "values rise"
+    assert all(a > b for a, b in pairwise(ys)), "gridlines climb"
+    assert ys[-1] == pytest.approx(chart.plot_top)  # the top gridline is the axis maximum
+    assert [t.label.text for t in chart.ticks] == [f"{v:,}" for v in values]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 10**7)), max_size=report_data.MAX_BUCKETS),
+    st.sampled_from([0.01, 1.0, 10.0, 1800.0, 86400.0]),
+)
+def test_throughput_bars_stay_in_the_chart(buckets: list[tuple[int, int]], bucket_s: float) -> None:
+    chart = svg.throughput_chart(buckets, bucket_s)
+    assert_inside(chart)
+    assert_axis(chart, max((f + b for f, b in buckets), default=0))
+    assert len(chart.bars) == len(buckets)
+    for bar, (fine, bad) in zip(chart.bars, buckets, strict=True):
+        assert [r.tone for r in bar.rects] == [t for t, n in (("fine", fine), ("bad", bad)) if n]
+        if fine and bad:  # stacked: the other statuses sit on the rows that ended well
+            low, high = bar.rects
+            assert high.y + high.height == pytest.approx(low.y)
+
+
+def test_throughput_of_an_empty_and_a_single_bucket_series() -> None:
+    empty = svg.throughput_chart([], 10.0)
+    assert_inside(empty)
+    assert_axis(empty, 0)
+    assert empty.bars == () and [x.text for x in empty.x_labels] == ["0"]
+
+    single = svg.throughput_chart([(3, 1)], 10.0)
+    assert_inside(single)
+    assert_axis(single, 4)
+    (bar,) = single.bars
+    assert bar.title == "0 to 10s: 4 rows (1 in other statuses)"
+    assert [x.text for x in single.x_labels] == ["0", "10s"]
+    assert single.x_labels[-1].x == single.plot_right
+    # A lone bar keeps a margin each side, so it reads as a bar rather than a filled plot.
+    assert bar.rects[0].x > single.plot_left and bar.rects[0].x + bar.rects[0].width < single.plot_right
+
+
+def test_throughput_labels_at_most_every_eighth_of_the_axis() -> None:
+    chart = svg.throughput_chart([(1, 0)] * 60, 10.0)
+    assert [x.text for x in chart.x_labels] == ["0", "1m20s", "2m40s", "4m", "5m20s", "6m40s", "8m", "9m20s"]
+    xs = [x.x for x in chart.x_labels]
+    assert xs == sorted(xs) and len(set(xs)) == len(xs)
+
+
+def bins(counts: Sequence[int], width: int = 10, *, overflow: int | None = None) -> list[report_data.Bin]:
+    out = [report_data.Bin(low=i * width, high=(i + 1) * width, count=n) for i, n in enumerate(counts)]
+    if overflow is not None:
+        edge = len(counts) * width
+        out.append(report_data.Bin(low=edge, high=edge * 20, count=overflow, overflow=True))
+    return out
+
+
+def test_latency_histogram_geometry() -> None:
+    chart = svg.latency_chart(bins([5, 40, 12, 0, 3], overflow=2), p50_ms=14, p99_ms=50)
+    assert_inside(chart)
+    assert_axis(chart, 40)
+    assert [b.rects[0].tone for b in chart.bars] == ["fine"] * 5 + ["bad"]
+    assert chart.bars[-1].title == "≥ 50 ms: 2 rows"
+    assert chart.bars[3].rects[0].height == 0
+    assert chart.x_labels[-1].text == "≥50 ms"
+    p50, p99 = chart.marks
+    assert (p50.label.text, p99.label.text) == ("p50", "p99")
+    assert p50.x < p99.x and p50.label.y != p99.label.y  # two heights: both legible when close
+    # p99 at the edge of the plain bins, not in the overflow bar's slot.
+    assert p99.x == pytest.approx(chart.plot_left + 5 * (chart.plot_right - chart.plot_left) / 6)
+
+
+def test_latency_of_no_bins_and_of_one_bin() -> None:
+    empty = svg.latency_chart([], p50_ms=0, p99_ms=0)
+    assert_inside(empty)
+    assert_axis(empty, 0)
+    assert empty.bars == () and empty.x_labels == () and empty.marks == ()
+
+    single = svg.latency_chart(bins([7], width=1), p50_ms=0, p99_ms=0)
+    assert_inside(single)
+    assert_axis(single, 7)
+    assert len(single.bars) == 1 and [x.text for x in single.x_labels] == ["0 ms"]
+    assert [m.label.text for m in single.marks] == ["p50", "p99"]
+    assert all(m.label.anchor == "start" for m in single.marks)
+
+
+def test_a_mark_near_the_right_edge_is_labelled_on_its_left() -> None:
+    chart = svg.latency_chart(bins([1] * 10), p50_ms=50, p99_ms=100)
+    assert [(m.label.text, m.label.anchor) for m in chart.marks] == [("p50", "start"), ("p99", "end")]
+    assert chart.marks[1].label.x < chart.marks[1].x

@@ -184,7 +184,7 @@ def export(
 @guard
 def report(run_dir: Path, overwrite: bool) -> None:
     """Write (or rewrite) RUN_DIR/report.html from the run's summary.json and CSVs."""
-    from ..report import write_report
+    from ..outputs.report import write_report
 
     click.echo(str(write_report(run_dir, overwrite=overwrite)))
 
@@ -221,7 +221,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _write_report(summary: rs.Summary) -> None:
     """report.html beside the run's files; a report that fails is logged, never a change of exit code."""
-    from ..report import write_report
+    from ..outputs.report import write_report
 
     try:
         write_report(Path(summary.out_dir))

@@ -1,0 +1,63 @@
+"""report.html for a finished run: the figures a person needs to sign off a migration, in one offline file."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ...errors import OutputError
+from .data import read_rejects, read_results, read_summary
+from .page import build_page
+from .render import render_page
+
+__all__ = ["REPORT_NAME", "write_report"]
+
+REPORT_NAME = "report.html"
+
+
+def write_report(run_dir: Path, *, overwrite: bool = False) -> Path:
+    """Write report.html into a finished run folder and return its path.
+
+    Refuses when the report exists unless `overwrite`, so a re-render is a deliberate act. Raises OutputError
+    when the folder isn't a finished run or a file can't be read or written.
+    """
+    target = run_dir / REPORT_NAME
+    if not overwrite and target.exists():
+        raise OutputError(f"{target} already exists; pass --overwrite to write it again")
+    run = read_summary(run_dir / "summary.json")
+    results = read_results(run_dir / "results.csv", run)
+    rejects = read_rejects(run_dir / "rejects.csv")
+    page = render_page(build_page(run, results, rejects, datetime.now(UTC)))
+    _write_private(target, page, overwrite=overwrite)
+    return target
+
+
+def _write_private(target: Path, page: str, *, overwrite: bool) -> None:
+    if not overwrite:
+        _write_new(target, page)  # O_EXCL: a report that appeared since the check above is not clobbered
+        return
+    # A fresh file swapped in whole: a reader never sees half a report, and a symlink planted at the target
+    # is replaced rather than followed.
+    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    _write_new(temp, page)
+    try:
+        os.replace(temp, target)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"can't write {target}: {exc.strerror}") from exc
+
+
+def _write_new(path: Path, page: str) -> None:
+    """Create `path` owner-only with O_EXCL, holding `page`; on failure nothing is left behind."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise OutputError(f"can't create {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+            out.write(page)
+    except OSError as exc:
+        path.unlink(missing_ok=True)  # ours, O_EXCL made it: half a report must not pass for a whole one
+        raise OutputError(f"can't write {path}: {exc.strerror}") from exc

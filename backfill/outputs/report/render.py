@@ -1,0 +1,37 @@
+"""report.html's markup from a Page: jinja2 templates shipped in this package, autoescaped, strict."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import jinja2
+
+from .page import Page
+
+__all__ = ["TEMPLATE", "render_page"]
+
+TEMPLATE = "report.html.j2"
+
+
+def _coord(value: float) -> str:
+    return f"{value:.1f}"
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("backfill.outputs.report", "templates"),
+        # Every value on the page comes from files a partner or an API answer filled in: all of it is text.
+        autoescape=True,
+        # A misspelt field must fail the render, not print as nothing on a page someone signs.
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["coord"] = _coord
+    return env
+
+
+def render_page(page: Page) -> str:
+    return _environment().get_template(TEMPLATE).render(page=page)
