@@ -1,147 +1,123 @@
-"""Classification of every kind of answer, in the one place that decides it."""
+"""The HTTP exchange: the signed body, and every answer a real server can give read into a Verdict."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import gzip
 import json
+import socket
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backfill.api.client import Client, Kind, classify_answer, parse_retry_after
-from backfill.api.signing import sign
+from backfill.api.client import (
+    MAX_ANSWER_BYTES,
+    Client,
+    Kind,
+    Verdict,
+    classify_answer,
+    classify_transport,
+    parse_retry_after,
+)
+from backfill.api.signing import sign, verify
 from backfill.config import Secret
 
+PARTNER = "085"
 KEY = Secret("test-key")
+STAMP = "2023-02-14T00:07:49.924Z"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def classify(status: int, body: object, retry_after: str | None = None, user_id: str = "u1"):  # type: ignore[no-untyped-def]
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return classify_answer(status, raw, retry_after, user_id=user_id, partner_id="085", api_key=KEY)
-
-
-def success(user_id: str = "u1", code: str = "0840", key: str = "test-key") -> dict[str, object]:
-    stamp = "2023-02-14T00:07:49.924Z"
+def success(user_id: str, code: str = "0840") -> dict[str, object]:
     return {
         "ResultCode": code, "ResultText": "Enroll User", "SmileJobID": "0000021007",
         "PartnerParams": {"job_type": 4, "user_id": user_id, "job_id": "j-1"},
-        "timestamp": stamp, "signature": sign(stamp, "085", key),
+        "timestamp": STAMP, "signature": sign(STAMP, PARTNER, KEY.reveal()),
     }  # fmt: skip
 
 
-def test_verified_success() -> None:
-    v = classify(200, success())
-    assert (v.kind, v.signature_ok, v.smile_job_id, v.job_id, v.in_doubt) == (
-        Kind.ENROLLED, True, "0000021007", "j-1", False,
-    )  # fmt: skip
-
-
-def test_success_with_bad_signature_or_other_user_is_not_trusted() -> None:
-    forged = classify(200, success(key="other-key"))
-    assert forged.kind is Kind.UNVERIFIED and forged.signature_ok is False and forged.in_doubt
-    other = classify(200, success(user_id="someone-else"))
-    assert other.kind is Kind.UNVERIFIED and "someone-else" in other.error
-
-
-def test_other_result_code_is_permanent() -> None:
-    v = classify(200, success(code="0001"))
-    assert v.kind is Kind.PERMANENT and v.result_code == "0001"
-
-
-@pytest.mark.parametrize(
-    ("status", "code", "kind"),
-    [
-        (401, "2205", Kind.SYSTEMIC), (400, "2405", Kind.SYSTEMIC), (400, "2220", Kind.SYSTEMIC),
-        (400, "2209", Kind.ALREADY), (400, "2203", Kind.PERMANENT), (400, "2204", Kind.PERMANENT),
-        (400, "2207", Kind.PERMANENT), (400, "2213", Kind.PERMANENT), (500, "2201", Kind.TRANSIENT),
-        (400, "2301", Kind.TRANSIENT), (429, "", Kind.TRANSIENT), (503, "", Kind.TRANSIENT),
-        (408, "", Kind.TRANSIENT),
-    ],
-)  # fmt: skip
-def test_error_codes(status: int, code: str, kind: Kind) -> None:
-    body = {"code": code, "error": "x"} if code else {"error": "x"}
-    assert classify(status, body).kind is kind
-
-
-def test_429_carries_retry_after_and_is_not_in_doubt() -> None:
-    v = classify(429, {"error": "slow down"}, "3")
-    assert v.retry_after == 3.0 and not v.in_doubt
-
-
-def test_gateway_errors_may_have_committed_but_503_did_not() -> None:
-    assert classify(502, b"<html>Bad Gateway</html>").in_doubt
-    assert classify(504, b"").in_doubt
-    assert not classify(503, {"error": "busy"}).in_doubt
-    # A refusal status outranks the system-error code it carries (the sandbox's 503s say 2201).
-    assert not classify(503, {"code": "2201", "error": "busy"}).in_doubt
-    assert classify(500, {"code": "2201", "error": "boom"}).in_doubt
-
-
-def test_html_page_with_200_is_transient_and_in_doubt() -> None:
-    v = classify(200, b"<html>maintenance</html>")
-    assert v.kind is Kind.TRANSIENT and v.in_doubt and "not the API's JSON" in v.error
-
-
-def test_retry_after_forms() -> None:
-    assert parse_retry_after("2.5") == 2.5
-    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
-
-
-@given(status=st.integers(100, 599), body=st.one_of(st.binary(max_size=200), st.builds(
-    lambda d: json.dumps(d).encode(),
-    st.dictionaries(st.sampled_from(["code", "error", "ResultCode", "PartnerParams", "signature", "timestamp"]),
-                    st.one_of(st.none(), st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=2))),
-)), retry_after=st.one_of(st.none(), st.text(max_size=12)))  # fmt: skip
-def test_classification_never_raises(status: int, body: bytes, retry_after: str | None) -> None:
-    v = classify_answer(status, body, retry_after, user_id="u1", partner_id="085", api_key=KEY)
-    assert isinstance(v.kind, Kind)
-    assert v.kind is not Kind.ENROLLED  # nothing random can pass the signature check
-
-
-async def test_tls_is_verified_an_untrusted_certificate_is_refused_before_sending() -> None:
-    """Against HTTPS with a certificate from a CA the machine doesn't trust, nothing is sent or trusted."""
-    import ssl
-
-    import trustme
-    from aiohttp import web
-
-    from backfill.sandbox import make_app, sandbox_state
-
-    authority = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(server_context)
-    app = make_app("085", "k")
-    app_runner = web.AppRunner(app)
-    await app_runner.setup()
-    await web.TCPSite(app_runner, "127.0.0.1", 0, ssl_context=server_context).start()
-    port = app_runner.addresses[0][1]
+@asynccontextmanager
+async def serving(handler: Handler, *, path: str = "/v1/backfill_users") -> AsyncIterator[str]:
+    """A real aiohttp server on 127.0.0.1 (an OS-assigned port) answering `path`; yields the base URL."""
+    app = web.Application()
+    app.router.add_route("*", path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        client = Client(
-            f"https://127.0.0.1:{port}/v1", "085", Secret("k"), timeout=5, connect_timeout=5, concurrency=1
-        )
-        async with client:
-            verdict = await client.send("user_1", "2021-08-12", b"aGVsbG8=")
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
     finally:
-        await app_runner.cleanup()
-    assert verdict.kind is Kind.TRANSIENT and not verdict.in_doubt and "certificate" in verdict.error.lower()
-    assert sandbox_state(app).total_requests == 0
+        await runner.cleanup()
 
 
-def test_unreadable_answers_by_status() -> None:
-    """Found in review: a plain-text 404 (a --base-url without /v1) was 'in doubt', so a later 2209 read as ours."""
-    wrong_url = classify(404, b"404: Not Found")
-    assert wrong_url.kind is Kind.SYSTEMIC and not wrong_url.in_doubt and "--base-url" in wrong_url.error
-    assert classify(413, b"<html>Request Entity Too Large</html>").kind is Kind.PERMANENT
-    assert not classify(413, b"<html>Request Entity Too Large</html>").in_doubt
-    no_result = classify(200, {"status": "ok"})  # JSON, but no ResultCode: a success we can't read
-    assert no_result.kind is Kind.TRANSIENT and no_result.in_doubt
-    throttled = classify(429, b"<html>slow down</html>", "2")
-    assert throttled.kind is Kind.TRANSIENT and not throttled.in_doubt and throttled.retry_after == 2.0
+@asynccontextmanager
+async def serving_raw(respond: bytes | RawHandler) -> AsyncIterator[str]:
+    """A bare TCP server that reads the request and answers whatever bytes it is given, however broken."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        try:
+            if isinstance(respond, bytes):
+                writer.write(respond)
+                await writer.drain()
+            else:
+                await respond(reader, writer)
+        except ConnectionError:
+            pass  # the client hung up first: that's what some tests are for
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
-def test_retry_after_past_the_calendar_is_ignored() -> None:
-    assert parse_retry_after("Mon, 01 Jan 2024 00:00:00 +99999999999999") is None
+async def send(base_url: str, *, timeout: float = 5, photo: bytes = b"hello") -> Verdict:
+    async with Client(base_url, PARTNER, KEY, timeout=timeout, connect_timeout=2, concurrency=1) as client:
+        return await client.send_photo("u1", "2021-08-12", photo)
+
+
+# --- the request ----------------------------------------------------------------------------------
+
+
+async def test_send_photo_encodes_once_and_signs_the_spliced_body() -> None:
+    seen: list[bytes] = []
+    headers: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        headers.append(request.headers.get("Accept-Encoding", ""))
+        return web.json_response(success("u1"), status=201)  # a 201 success is a success (found in review)
+
+    photo = bytes(range(256)) * 40
+    async with serving(handler) as base_url:
+        verdict = await send(base_url, photo=photo)
+        async with Client(base_url, PARTNER, KEY, timeout=5, connect_timeout=2, concurrency=1) as client:
+            by_b64 = await client.send("u1", "2021-08-12", base64.b64encode(photo))
+    assert verdict.kind is Kind.ENROLLED and by_b64.kind is Kind.ENROLLED and not verdict.may_have_enrolled
+    document = json.loads(seen[0])
+    assert document["photo"] == base64.b64encode(photo).decode() and document["user_id"] == "u1"
+    assert verify(document["signature"], document["timestamp"], PARTNER, KEY.reveal())
+    assert seen[0] == json.dumps(document, separators=(",", ":")).encode()
+    assert headers[0] == "identity"  # a compressed answer could inflate far past what was sent
 
 
 @given(
@@ -150,11 +126,221 @@ def test_retry_after_past_the_calendar_is_ignored() -> None:
     photo=st.binary(max_size=300),
 )
 def test_spliced_body_is_exactly_what_json_would_write(user_id: str, created: str, photo: bytes) -> None:
-    import base64
-
-    client = Client("http://x/v1", "085", KEY, timeout=1, connect_timeout=1, concurrency=1)
+    client = Client("http://x/v1", PARTNER, KEY, timeout=1, connect_timeout=1, concurrency=1)
     b64 = base64.b64encode(photo)
-    body = client.body(user_id, created, b64, timestamp="2023-02-14T00:07:49.924Z")
+    body = client.body(user_id, created, b64, timestamp=STAMP)
     document = json.loads(body)
     assert document["photo"] == b64.decode() and document["user_id"] == user_id
     assert body == json.dumps(document, separators=(",", ":")).encode()
+
+
+def test_the_names_callers_used_are_still_here() -> None:
+    v = classify_answer(
+        200, json.dumps(success("u1")).encode(), "1", user_id="u1", partner_id=PARTNER, api_key=KEY
+    )
+    assert v.kind is Kind.ENROLLED and v.in_doubt is False and v.signature_ok is True
+    assert parse_retry_after("2") == 2.0 and classify_transport.__module__ == "backfill.api.answers"
+
+
+# --- transport failures ---------------------------------------------------------------------------
+
+
+async def test_tls_is_verified_an_untrusted_certificate_is_refused_before_sending() -> None:
+    """Against HTTPS with a certificate from a CA the machine doesn't trust, nothing is sent or trusted."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    hits: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(1)
+        return web.json_response(success("u1"))
+
+    app = web.Application()
+    app.router.add_post("/v1/backfill_users", handler)
+    app_runner = web.AppRunner(app)
+    await app_runner.setup()
+    await web.TCPSite(app_runner, "127.0.0.1", 0, ssl_context=server_context).start()
+    port = app_runner.addresses[0][1]
+    try:
+        verdict = await send(f"https://127.0.0.1:{port}/v1")
+    finally:
+        await app_runner.cleanup()
+    assert verdict.kind is Kind.TRANSIENT and not verdict.may_have_enrolled
+    assert "certificate" in verdict.error.lower() and not hits
+
+
+async def test_nothing_listening_never_reached_and_credentials_in_the_url_stay_hidden() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    verdict = await send(f"http://me:hunter2@127.0.0.1:{port}/v1")
+    assert verdict.kind is Kind.TRANSIENT and not verdict.may_have_enrolled and verdict.http_status is None
+    assert "can't connect to http://127.0.0.1:" in verdict.error and "hunter2" not in verdict.error
+
+
+async def test_a_redirect_is_not_followed_the_photo_stays_here() -> None:
+    """Bug: a 307 re-sent the signed body and photo wherever Location pointed (aiohttp follows by default)."""
+    elsewhere: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/elsewhere"):
+            elsewhere.append(await request.read())
+            return web.json_response(success("u1"))
+        raise web.HTTPTemporaryRedirect("/v1/elsewhere")
+
+    async with serving(handler, path="/v1/{tail}") as base_url:
+        verdict = await send(base_url)
+    assert not elsewhere
+    assert verdict.kind is Kind.SYSTEMIC and verdict.http_status == 307 and not verdict.may_have_enrolled
+
+
+# --- answers too large, endless, cut off or broken ------------------------------------------------
+
+TEN_MB = 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "doubt"), [(200, Kind.TRANSIENT, True), (404, Kind.SYSTEMIC, False)]
+)
+async def test_a_10_mb_answer_is_judged_by_its_status_without_reading_it(
+    status: int, kind: Kind, doubt: bool
+) -> None:
+    """Bug: the whole answer was read into memory, however large."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return await stream(request, web.StreamResponse(status=status), total=TEN_MB)
+
+    async with serving(handler) as base_url:
+        verdict, peak = await measured(send(base_url))
+    assert (verdict.kind, verdict.may_have_enrolled, verdict.http_status) == (kind, doubt, status)
+    assert "too large" in verdict.error and peak < TEN_MB // 4, peak
+
+
+async def test_an_endless_chunked_answer_stops_at_the_limit_not_the_timeout() -> None:
+    """Bug: an answer without end was read until the timeout, growing all the while."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=200)
+        response.enable_chunked_encoding()
+        return await stream(request, response, total=None)
+
+    async with serving(handler) as base_url:
+        started = time.monotonic()
+        verdict, peak = await measured(send(base_url, timeout=30))
+    assert time.monotonic() - started < 10
+    assert (verdict.kind, verdict.may_have_enrolled, verdict.http_status) == (Kind.TRANSIENT, True, 200)
+    assert "too large" in verdict.error and peak < 6 * MAX_ANSWER_BYTES, peak
+
+
+async def test_a_chunked_answer_that_never_ends_within_the_timeout() -> None:
+    """Bug: the status that did arrive was lost; the Verdict said only 'timed out'."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=200)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"{")
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            pass
+        return response
+
+    async with serving(handler) as base_url:
+        verdict = await send(base_url, timeout=0.5)
+    assert (verdict.kind, verdict.may_have_enrolled, verdict.http_status) == (Kind.TRANSIENT, True, 200)
+    assert "cut off" in verdict.error and "timed out" in verdict.error
+
+
+async def test_a_compressed_answer_is_bounded_after_inflating() -> None:
+    """A server that ignores Accept-Encoding: identity and sends a gzip bomb gets no further."""
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=200, body=bomb, headers={"Content-Encoding": "gzip"})
+
+    async with serving(handler) as base_url:
+        verdict, peak = await measured(send(base_url))
+    assert verdict.kind is Kind.TRANSIENT and verdict.may_have_enrolled and "too large" in verdict.error
+    assert peak < 16 * MAX_ANSWER_BYTES, peak
+
+
+@pytest.mark.parametrize(("status", "doubt"), [(200, True), (400, False), (503, False)])
+async def test_an_answer_cut_off_midway(status: int, doubt: bool) -> None:
+    """The server closes the connection 100 bytes into a 1000-byte answer."""
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode()
+    async with serving_raw(head + b'{"ResultCode": "0840"' + b" " * 79) as base_url:
+        verdict = await send(base_url)
+    assert (verdict.kind, verdict.may_have_enrolled, verdict.http_status) == (Kind.TRANSIENT, doubt, status)
+    assert "cut off" in verdict.error
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 OK\r\n\r\n",
+        b"HTTP/1.1 2000 Too Much\r\nContent-Length: 0\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"\xff\xfe\x00\x01" * 100,
+        b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 100_000 + b"\r\n\r\n",
+        b"",  # closes without a word
+    ],
+)
+async def test_a_broken_http_answer_is_a_verdict(answer: bytes) -> None:
+    async with serving_raw(answer) as base_url:
+        verdict = await send(base_url)
+    assert (verdict.kind, verdict.may_have_enrolled, verdict.http_status) == (Kind.TRANSIENT, True, None)
+    assert (
+        verdict.error.startswith("connection failed")
+        and len(verdict.error) < 200
+        and "127.0.0.1" not in verdict.error
+    )
+
+
+@pytest.mark.parametrize(
+    ("status_line", "kind"),
+    [(b"HTTP/1.1 100 Continue", Kind.TRANSIENT), (b"HTTP/1.1 666 Beast", Kind.TRANSIENT)],
+)
+async def test_odd_statuses_from_a_real_server(status_line: bytes, kind: Kind) -> None:
+    async with serving_raw(status_line + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi") as base_url:
+        verdict = await send(base_url, timeout=1)
+    assert verdict.kind is kind and verdict.may_have_enrolled
+
+
+async def stream(
+    request: web.Request, response: web.StreamResponse, *, total: int | None
+) -> web.StreamResponse:
+    """Write `total` bytes (None: without end) from one reused piece, so the server itself stays small."""
+    piece = b"<html>" + b"y" * 65530
+    if total is not None:
+        response.content_length = total
+    await response.prepare(request)
+    sent = 0
+    try:
+        while total is None or sent < total:
+            await response.write(piece)
+            sent += len(piece)
+    except ConnectionError:
+        pass  # the client stopped reading and hung up, as it should
+    return response
+
+
+async def measured(work: Awaitable[Verdict]) -> tuple[Verdict, int]:
+    """The Verdict, and the peak memory Python allocated (client and server both) while getting it."""
+    tracemalloc.start()
+    try:
+        verdict = await work
+        return verdict, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

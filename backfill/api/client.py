@@ -1,163 +1,46 @@
-"""The HTTP side: sign and POST one enrollment, and classify every answer, in one place, into a Verdict."""
+"""Sending one enrollment: the signed body and the HTTP exchange; `answers.py` says what the answer means."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 from ..config import Secret
 from ..errors import TransportError
-from .signing import sign, utc_timestamp, verify
+from .answers import (
+    Kind,
+    Verdict,
+    classify_answer,
+    classify_cut_off,
+    classify_transport,
+    parse_retry_after,
+    printable,
+    url_for_messages,
+)
+from .signing import sign, utc_timestamp
 
+# Re-exported: callers written before the split import these from here.
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "Client",
+    "Kind",
+    "Photo",
+    "Verdict",
+    "classify_answer",
+    "classify_transport",
+    "parse_retry_after",
+    "read_photo",
+]
 
-class Kind(Enum):
-    ENROLLED = "enrolled"  # 200 with ResultCode 0840, signature and user_id check out
-    ALREADY = "already"  # 2209: the runner decides between already_enrolled and id_conflict
-    PERMANENT = "permanent"  # this row will get the same answer again
-    TRANSIENT = "transient"  # try again later
-    UNVERIFIED = "unverified"  # looked like success but can't be trusted; the user may be enrolled
-    SYSTEMIC = "systemic"  # every row would get this answer: stop the run
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    kind: Kind
-    # True when the server may have enrolled the user on this attempt without us seeing it (answer lost).
-    in_doubt: bool
-    http_status: int | None = None
-    result_code: str = ""
-    result_text: str = ""
-    smile_job_id: str = ""
-    job_id: str = ""
-    signature_ok: bool | None = None
-    error: str = ""
-    retry_after: float | None = None
-
-
-_TRANSIENT_CODES = {"2201", "2301", "2401"}
-_SYSTEMIC_CODES = {
-    "2205": "not authorized: check SMILE_API_KEY belongs to this environment (sandbox keys only work on "
-    "testapi, production keys on api), that partner_id is right, and that this machine's clock is in sync",
-    "2405": "not authorized: check the API key, partner_id, environment and this machine's clock",
-    "2220": "production is not enabled for this partner: ask Smile ID to enable it, or use --env sandbox",
-}
-# Gateway and server errors can arrive after the upstream committed the enrollment; 503 and 429 say the
-# request was not taken on.
-_IN_DOUBT_STATUSES = {500, 502, 504}
-_NOT_TAKEN_STATUSES = {408, 429, 503}
-_TRANSIENT_STATUSES = {408, 429, 500, 502, 503, 504}
-
-
-def classify_answer(
-    status: int, body: bytes, retry_after: str | None, *, user_id: str, partner_id: str, api_key: Secret
-) -> Verdict:
-    """Turn one HTTP answer into a Verdict. The only place that decides transient/permanent/systemic."""
-    payload = _json_object(body)
-    code = str(payload.get("code") or payload.get("ResultCode") or "") if payload is not None else ""
-    text = str(payload.get("error") or payload.get("ResultText") or "") if payload is not None else ""
-    pause = parse_retry_after(retry_after)
-
-    if status == 200 and payload is not None and "ResultCode" in payload:
-        return _classify_result(payload, status, user_id=user_id, partner_id=partner_id, api_key=api_key)
-    if payload is None or (200 <= status < 300 and not code):
-        return _unreadable(status, body, pause)
-    if code in _SYSTEMIC_CODES:
-        return Verdict(Kind.SYSTEMIC, False, status, code, text, error=_SYSTEMIC_CODES[code])
-    if code == "2209":
-        return Verdict(Kind.ALREADY, False, status, code, text)
-    if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES:
-        # A system-error code can follow a commit, unless the status itself says the request was refused.
-        in_doubt = status in _IN_DOUBT_STATUSES or (
-            code in _TRANSIENT_CODES and status not in _NOT_TAKEN_STATUSES
-        )
-        error = f"HTTP {status}" + (f" code {code}" if code else "") + ("" if payload else _snippet(body))
-        return Verdict(Kind.TRANSIENT, in_doubt, status, code, text, error=error, retry_after=pause)
-    return Verdict(
-        Kind.PERMANENT, False, status, code, text, error=f"HTTP {status}" + (f" code {code}" if code else "")
-    )
-
-
-def _unreadable(status: int, body: bytes, pause: float | None) -> Verdict:
-    """An answer that isn't the API's JSON: a proxy's page, a wrong URL, a success without a result."""
-    error = f"HTTP {status}, not the API's JSON answer{_snippet(body)}"
-    if status in _TRANSIENT_STATUSES or status >= 500:
-        return Verdict(
-            Kind.TRANSIENT, status not in _NOT_TAKEN_STATUSES, status, error=error, retry_after=pause
-        )
-    if status in (401, 403, 404, 405):
-        # Every row would get the same: a wrong --base-url (it must end in /v1) or a proxy refusing us.
-        why = "check --base-url (the API root, ending in /v1) and any proxy between here and the API"
-        return Verdict(Kind.SYSTEMIC, False, status, error=f"{error}; {why}")
-    if 400 <= status < 500:
-        return Verdict(Kind.PERMANENT, False, status, error=error)  # refused before the API acted on it
-    # A 2xx (or 1xx/3xx) we can't read: the server may have acted on it.
-    return Verdict(Kind.TRANSIENT, True, status, error=error)
-
-
-def _classify_result(
-    payload: dict[str, Any], status: int, *, user_id: str, partner_id: str, api_key: Secret
-) -> Verdict:
-    code = str(payload.get("ResultCode", ""))
-    text = str(payload.get("ResultText", ""))
-    raw_params = payload.get("PartnerParams")
-    params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
-    signature_ok = verify(payload.get("signature"), payload.get("timestamp"), partner_id, api_key.reveal())
-    base = Verdict(
-        Kind.PERMANENT, False, status, code, text, str(payload.get("SmileJobID") or ""),
-        str(params.get("job_id") or ""), signature_ok=signature_ok,
-    )  # fmt: skip
-    if not signature_ok:
-        error = "the response's signature did not verify; not trusted as an enrollment"
-        return replace(base, kind=Kind.UNVERIFIED, in_doubt=True, error=error)
-    if params.get("user_id") != user_id:
-        error = f"the response names user_id {params.get('user_id')!r}, not the one sent; not trusted"
-        return replace(base, kind=Kind.UNVERIFIED, in_doubt=True, error=error)
-    if code == "0840":
-        return replace(base, kind=Kind.ENROLLED)
-    return replace(base, error=f"result {code}: {text}")
-
-
-def classify_transport(error: TransportError) -> Verdict:
-    return Verdict(Kind.TRANSIENT, error.may_have_reached, None, error=error.reason)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent or junk."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, (when - datetime.now(UTC)).total_seconds())
-    except (TypeError, ValueError, OverflowError):
-        return None  # a date past what datetime can hold (found in review: an absurd zone offset)
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _snippet(body: bytes) -> str:
-    text = body[:80].decode("utf-8", "replace").replace("\n", " ").strip()
-    return f": {text!r}" if text else ""
+# The API's answers are a few KB of JSON. Reading more than this is never needed to classify one, and an
+# answer with no end (a misrouted download, a broken proxy, a hostile server) must not fill this process's
+# memory, concurrency times over: beyond it the answer is judged by its status alone.
+MAX_ANSWER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +56,7 @@ def read_photo(path: Path) -> Photo:
 
 
 class Client:
-    """One keep-alive aiohttp session for the whole run; `send` is one signed attempt."""
+    """One keep-alive aiohttp session for the whole run; `send_photo` (or `send`) is one signed attempt."""
 
     def __init__(
         self,
@@ -186,6 +69,7 @@ class Client:
         concurrency: int,
     ) -> None:
         self.url = base_url.rstrip("/") + "/backfill_users"
+        self._where = url_for_messages(self.url)  # what messages may show: no credentials or query string
         self._partner_id = partner_id
         self._api_key = api_key
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -195,9 +79,9 @@ class Client:
     async def __aenter__(self) -> Client:
         # TLS verification stays on (aiohttp's default); there is deliberately no switch to turn it off.
         connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=self._concurrency)
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout, connector=connector, headers={"Content-Type": "application/json"}
-        )
+        # identity: answers are small, and a compressed one could inflate far past what was sent.
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector, headers=headers)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -221,25 +105,61 @@ class Client:
         # client's biggest cost after the request itself (benchmarks/README.md). Same bytes as json.dumps.
         return b"".join((head[:-1], b',"photo":"', photo_b64, b'"}'))
 
+    async def send_photo(self, user_id: str, user_created_at: str, photo: bytes) -> Verdict:
+        """One signed attempt with the image's raw bytes, base64-encoded here once."""
+        return await self.send(user_id, user_created_at, base64.b64encode(photo))
+
     async def send(self, user_id: str, user_created_at: str, photo_b64: bytes) -> Verdict:
+        """One signed attempt with the image already in base64. Always a Verdict, whatever comes back."""
+        assert self._session is not None, "use Client as an async context manager"
         body = self.body(user_id, user_created_at, photo_b64)
         try:
-            status, answer, retry_after = await self._post(body)
-        except TransportError as exc:
-            return classify_transport(exc)
-        return classify_answer(
-            status, answer, retry_after, user_id=user_id, partner_id=self._partner_id, api_key=self._api_key
-        )
-
-    async def _post(self, body: bytes) -> tuple[int, bytes, str | None]:
-        assert self._session is not None, "use Client as an async context manager"
-        try:
-            async with self._session.post(self.url, data=body) as response:
-                return response.status, await response.read(), response.headers.get("Retry-After")
+            # Redirects aren't followed: a 307 would re-send the signed body and photo to wherever it points.
+            async with self._session.post(self.url, data=body, allow_redirects=False) as response:
+                status, retry_after = response.status, response.headers.get("Retry-After")
+                try:
+                    answer, complete = await _read_bounded(response)
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    return classify_cut_off(status, retry_after, _failure(exc), url=self.url)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # The connection was never made: the request can't have reached the server.
-            raise TransportError(f"can't connect to {self.url}: {exc}", may_have_reached=False) from exc
-        except TimeoutError as exc:
-            raise TransportError("timed out waiting for the answer", may_have_reached=True) from exc
+            reason = f"can't connect to {self._where}: {printable(str(exc), limit=200)}"
+            return classify_transport(TransportError(reason, may_have_reached=False))
+        except TimeoutError:
+            reason = "timed out waiting for the answer"
+            return classify_transport(TransportError(reason, may_have_reached=True))
         except aiohttp.ClientError as exc:
-            raise TransportError(f"connection failed: {type(exc).__name__}", may_have_reached=True) from exc
+            reason = f"connection failed: {_failure(exc)}"
+            return classify_transport(TransportError(reason, may_have_reached=True))
+        return classify_answer(
+            status, answer, retry_after, user_id=user_id, partner_id=self._partner_id, api_key=self._api_key,
+            url=self.url, complete=complete,
+        )  # fmt: skip
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """At most MAX_ANSWER_BYTES of the answer, and whether that was all of it."""
+    declared = response.content_length
+    if declared is not None and declared > MAX_ANSWER_BYTES:
+        head = await response.content.read(4096)  # enough for a message; the rest is never read
+        response.close()
+        return head, False
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_ANSWER_BYTES:
+        chunk = await response.content.read(MAX_ANSWER_BYTES + 1 - size)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    response.close()  # drop the connection rather than drain an answer that may never end
+    return b"".join(chunks)[:MAX_ANSWER_BYTES], False
+
+
+def _failure(exc: BaseException) -> str:
+    """The failure's kind, and for a malformed answer what was wrong; never the URL aiohttp's str() shows."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientResponseError) and exc.message:
+        return f"{type(exc).__name__}: {printable(str(exc.message), limit=120)}"
+    return type(exc).__name__
