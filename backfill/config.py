@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from . import redact
 from .errors import ConfigError
 
 ENVIRONMENTS: dict[str, str] = {
@@ -28,6 +31,7 @@ class Secret:
 
     def __init__(self, value: str) -> None:
         self._value = value
+        redact.register(value)
 
     def reveal(self) -> str:
         return self._value
@@ -64,6 +68,7 @@ class Settings:
     backoff_max: float = 30.0
     fail_threshold: float = 0.5
     checkpoint: Path | None = None
+    data_dir: Path = Path("~/.local/share/backfill")  # where default ledgers live; resolved at load
     out: Path = Path("backfill-out")
     dry_run: bool = False
     limit: int | None = None
@@ -80,11 +85,23 @@ class Settings:
     status_every: float = 30.0  # seconds between one-line status logs when there is no progress bar
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
+    @property
+    def endpoint(self) -> str:
+        """scheme://host:port of the API actually used: what a ledger is bound to, whatever the env label."""
+        return endpoint_of(self.base_url)
+
     def checkpoint_path(self) -> Path:
-        """One checkpoint per partner and environment unless one was named."""
+        """The ledger: the one named, else one per partner and endpoint in the user's data folder.
+
+        Not in the current folder: the same command run from anywhere must find the same ledger, or a re-run
+        from elsewhere would start afresh and send every enrolled user again.
+        """
         if self.checkpoint is not None:
-            return self.checkpoint
-        return Path(f"backfill-{self.partner_id or 'nopartner'}-{self.env}.sqlite")
+            return Path(os.path.abspath(self.checkpoint))
+        parts = urlsplit(self.base_url)
+        host = f"{parts.hostname or 'nohost'}_{_port(parts)}"
+        name = _SAFE.sub("_", f"{self.partner_id or 'nopartner'}@{host}")
+        return self.data_dir / "ledgers" / f"{name}.sqlite"
 
     def redacted(self) -> dict[str, Any]:
         """The settings as plain values with secrets masked, for summaries and `config show`."""
@@ -101,6 +118,18 @@ class Settings:
                 value = dict(value)
             out[f.name] = value
         return out
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9@._-]")
+
+
+def _port(parts: Any) -> int:
+    return int(parts.port or (443 if parts.scheme == "https" else 80))
+
+
+def endpoint_of(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{_port(parts)}"
 
 
 # --- parsing of single values: each returns the value or raises ValueError with a human reason ---
@@ -222,6 +251,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "backoff_max": _positive_float,
     "fail_threshold": _fraction,
     "checkpoint": _path,
+    "data_dir": _path,
     "out": _path,
     "dry_run": _boolean,
     "limit": _positive_int,
@@ -295,8 +325,11 @@ def load_settings(
     if "SMILE_PARTNER_ID" in environ:
         put("partner_id", environ["SMILE_PARTNER_ID"], "environment SMILE_PARTNER_ID")
     if environ.get("SMILE_API_KEY"):
-        api_key = Secret(environ["SMILE_API_KEY"].strip())
+        api_key = _api_key(environ["SMILE_API_KEY"], "environment SMILE_API_KEY")
         sources["api_key"] = "environment SMILE_API_KEY"
+    if "data_dir" not in values:
+        values["data_dir"] = _data_dir(environ)
+        sources["data_dir"] = "XDG_DATA_HOME" if environ.get("XDG_DATA_HOME") else "default (~/.local/share)"
 
     for key, raw in (flags or {}).items():
         if raw is not None:
@@ -401,4 +434,31 @@ def _read_key_file(raw: object, config_file: Path, where: str) -> Secret:
         ) from exc
     if not key:
         raise ConfigError("api_key_file", where, f"{path} is empty", "put the API key in it")
-    return Secret(key)
+    return _api_key(key, f"{where} (api_key_file {path})")
+
+
+def _api_key(raw: str, source: str) -> Secret:
+    """The key as a Secret, or a ConfigError that describes what is wrong without ever showing the value."""
+    key = raw.strip()
+    # Registered before any check: should a message ever quote it by accident, it is scrubbed all the same.
+    secret = Secret(key)
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        bad = next((c for c in key if not (c.isascii() and c.isprintable()) or c.isspace()), " ")
+        what = f"U+{ord(bad):04X}"
+        raise ConfigError(
+            "api_key", source, f"the key contains a character that can't be in an API key ({what})",
+            "copy the key again from the Smile ID portal, as printable text on one line",
+        )  # fmt: skip
+    if len(key) > 4096:
+        raise ConfigError(
+            "api_key", source, f"the key is {len(key):,} characters long, not an API key (is it a file's contents?)",
+            "copy the key alone from the Smile ID portal",
+        )  # fmt: skip
+    return secret
+
+
+def _data_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_DATA_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "backfill"

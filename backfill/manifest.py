@@ -5,24 +5,26 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
-import errno
+import io
 import os
 import re
 import stat
 import unicodedata
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from itertools import islice
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
 from .errors import ManifestError
+from .vocab import Reason
 
 # How the file is read, and why:
 # - Line numbers are what a spreadsheet shows: the header is 1, the first data row 2. A value with a quoted
@@ -44,45 +46,24 @@ from .errors import ManifestError
 # - Values are never trimmed: user_id and user_created_at are sent exactly as written, so " 123" is a bad id,
 #   not "123". Header names must match the configured column names exactly (the error suggests near misses).
 
-MALFORMED_ROW = "malformed_row"
-EMPTY_VALUE = "empty_value"
-BAD_USER_ID = "bad_user_id"
-DUPLICATE_USER_ID = "duplicate_user_id"
-BAD_DATE = "bad_date"
-FUTURE_DATE = "future_date"
-PATH_OUTSIDE_ROOT = "path_outside_root"
-IMAGE_MISSING = "image_missing"
-IMAGE_NOT_FILE = "image_not_file"
-IMAGE_UNREADABLE = "image_unreadable"
-IMAGE_EMPTY = "image_empty"
-IMAGE_TOO_LARGE = "image_too_large"
-IMAGE_NOT_JPEG_OR_PNG = "image_not_jpeg_or_png"
-IMAGE_TRUNCATED = "image_truncated"
-# In the order they are checked; a row gets the first that applies.
+# The text rules' reasons, in the order they are checked; a row gets the first that applies.
 REASONS = (
-    MALFORMED_ROW, EMPTY_VALUE, BAD_USER_ID, DUPLICATE_USER_ID, BAD_DATE, FUTURE_DATE, PATH_OUTSIDE_ROOT,
-    IMAGE_MISSING, IMAGE_NOT_FILE, IMAGE_UNREADABLE, IMAGE_EMPTY, IMAGE_TOO_LARGE, IMAGE_NOT_JPEG_OR_PNG,
-    IMAGE_TRUNCATED,
+    Reason.MALFORMED_ROW, Reason.EMPTY_VALUE, Reason.BAD_USER_ID, Reason.DUPLICATE_USER_ID, Reason.BAD_DATE,
+    Reason.FUTURE_DATE,
 )  # fmt: skip
 
 # Codes for the checks done on whole columns; 0 means "no problem found yet".
 # _HEADER_AGAIN is a row that repeats the header (two exports joined): a malformed_row with its own message.
 _MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE, _HEADER_AGAIN = 1, 2, 3, 4, 5, 6, 7
 _CODE_REASON = {
-    _MALFORMED: MALFORMED_ROW, _EMPTY: EMPTY_VALUE, _BAD_ID: BAD_USER_ID, _DUPLICATE: DUPLICATE_USER_ID,
-    _BAD_DATE: BAD_DATE, _FUTURE: FUTURE_DATE, _HEADER_AGAIN: MALFORMED_ROW,
+    _MALFORMED: Reason.MALFORMED_ROW, _EMPTY: Reason.EMPTY_VALUE, _BAD_ID: Reason.BAD_USER_ID,
+    _DUPLICATE: Reason.DUPLICATE_USER_ID, _BAD_DATE: Reason.BAD_DATE, _FUTURE: Reason.FUTURE_DATE,
+    _HEADER_AGAIN: Reason.MALFORMED_ROW,
 }  # fmt: skip
 
 _ENCODING = "utf-8-sig"  # UTF-8, with or without the byte order mark Excel writes
 _DUPLICATE_LINES_SHOWN = 10
 _FIELD_LIMIT = 1 << 26
-_JPEG = b"\xff\xd8\xff"
-_JPEG_END = b"\xff\xd9"
-_PNG = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"  # an IEND chunk's type and its CRC, which is fixed because it carries no data
-_TAIL = 1024  # the end marker must be within this many bytes of the end: encoders pad, but not by much
-_WHOLE_FILE = 4096  # files up to this size are read in one call instead of a head and a tail read
-_DIR_CACHE_MAX = 65_536
 _FIRST_PLAUSIBLE_YEAR = 1900
 _ISO = re.compile(
     r"(?P<y>[0-9]{4})-(?P<m>[0-9]{2})-(?P<d>[0-9]{2})"
@@ -96,21 +77,21 @@ _QUOTING = (
 _DATE_EXAMPLES = "write it like 2021-08-12, 2021-05-18 15:14:43-0700 or 2021-05-18T15:14:43Z"
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """A row whose text passed every rule; its image is checked later, after the ledger has had its say."""
+
     line: int  # as a spreadsheet shows it: header is 1, first data row is 2
     user_id: str
     user_created_at: str  # exactly as in the file
-    image_path: Path  # absolute, symlinks resolved
-    image_size: int  # bytes, from the stat done during validation
-    image_mtime_ns: int
+    image: str  # exactly as in the file: resolved by the ImageSource
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Reject:
     line: int
     user_id: str  # as in the file ("" if empty)
-    reason: str  # one of REASONS
+    reason: Reason
     message: str  # names the value and the fix
 
 
@@ -134,15 +115,10 @@ class ManifestRules:
         re.compile(self.user_id_pattern)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Batch:
-    rows: list[Row]
+    candidates: list[Candidate]
     rejects: list[Reject]
-
-
-class _Problem(NamedTuple):
-    reason: str
-    message: str
 
 
 class _Prescan(NamedTuple):
@@ -152,8 +128,70 @@ class _Prescan(NamedTuple):
     malformed_fields: npt.NDArray[np.int64]  # each one's field count
 
 
+class _Bounded(io.RawIOBase):
+    """Reads one descriptor from the start, never past `size`: what was there when the manifest was opened."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._size, self._at = fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._size - self._at)
+        if want <= 0:
+            return 0
+        data = os.pread(self._fd, want, self._at)
+        buffer[: len(data)] = data
+        self._at += len(data)
+        return len(data)
+
+
+class _Snapshot:
+    """The manifest as it was when opened: one descriptor held for the whole run, reads bounded to its size then.
+
+    Rows appended while a run reads the file are past the bound, so they are never seen (the duplicate scan
+    never saw them either); a file replaced by rename is still read as the one opened; an edit in place changes
+    the size or mtime, which `unchanged()` checks before each chunk is let through.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            # O_NONBLOCK: a FIFO given as the manifest must not hang the open; it is refused just below.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise ManifestError(f"manifest {path} doesn't exist: check the path") from exc
+        except OSError as exc:
+            raise ManifestError(f"manifest {path} can't be read: {exc.strerror or exc}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ManifestError(
+                f"manifest {path} is {_kind(st.st_mode)}, not a file: give the path of the CSV file"
+            )
+        self._fd, self.size, self._mtime_ns = fd, st.st_size, st.st_mtime_ns
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def stream(self) -> io.BufferedReader:
+        return io.BufferedReader(_Bounded(self._fd, self.size), 1 << 20)
+
+    def unchanged(self) -> None:
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != (self.size, self._mtime_ns):
+            raise ManifestError(
+                f"{self.path} changed while being read ({self.size:,} bytes when opened, {st.st_size:,} now): "
+                "rows the duplicate scan didn't see must not be sent. Don't edit the manifest during a run; "
+                "write a new file and run that"
+            )
+
+    def close(self) -> None:
+        self._finalizer()
+
+
 class Manifest:
-    """An opened, pre-scanned manifest; batches() reads it again, chunk by chunk, checking every row."""
+    """An opened, pre-scanned manifest; batches() reads it again, chunk by chunk, checking every row's text."""
 
     def __init__(
         self,
@@ -164,7 +202,7 @@ class Manifest:
         scan: _Prescan,
         duplicates: dict[str, tuple[int, list[int]]],
         now: datetime,
-        signature: tuple[int, int],
+        snapshot: _Snapshot,
     ) -> None:
         self.path = path
         self.total_rows = scan.total_rows
@@ -176,22 +214,25 @@ class Manifest:
         self._malformed_fields = scan.malformed_fields
         self._duplicates = duplicates
         self._now = now
-        self._signature = signature
+        self._snapshot = snapshot
 
     def batches(self) -> Iterator[Batch]:
-        """Every data row, in file order, as a Row or a Reject; one Batch per chunk of `chunk_rows` rows."""
-        if _signature(self.path) != self._signature:
-            raise ManifestError(
-                f"{self.path} changed after it was opened: open it again (run the command again)"
-            )
+        """Every data row, in file order, as a Candidate or a Reject; one Batch per chunk of `chunk_rows` rows.
+
+        No row beyond the pre-scan's count is ever yielded, and a file changed in place stops the reading
+        before the chunk that might differ from what the duplicate scan saw.
+        """
         checker = _RowChecker(self)
         order = sorted(set(self._positions))  # pandas returns the columns in file order
         uid, created, image = (order.index(p) for p in self._positions)
         line = 2
-        for frame in _frames(self.path, order, self._rules.chunk_rows):
+        for frame in _frames(self._snapshot, order, self._rules.chunk_rows):
+            self._snapshot.unchanged()
+            frame = frame.iloc[: max(0, self.total_rows - (line - 2))]
             if len(frame):
                 yield checker.check(frame.iloc[:, uid], frame.iloc[:, created], frame.iloc[:, image], line)
                 line += len(frame)
+        self._snapshot.unchanged()
         if line - 2 != self.total_rows:
             raise ManifestError(
                 f"{self.path} changed while being read ({line - 2} rows now, {self.total_rows} when opened): "
@@ -202,7 +243,7 @@ class Manifest:
 def open_manifest(path: Path, rules: ManifestRules) -> Manifest:
     """Check that the file is usable as a whole and pre-scan it; raises ManifestError when it isn't."""
     path = Path(os.path.abspath(path))
-    signature = _signature(path)
+    snapshot = _Snapshot(path)
     now = _utc(rules.now) if rules.now is not None else datetime.now(UTC)
     pattern = re.compile(rules.user_id_pattern, re.ASCII)
     if rules.images_root is not None and not os.path.isdir(rules.images_root):
@@ -210,7 +251,7 @@ def open_manifest(path: Path, rules: ManifestRules) -> Manifest:
             f"images_root {str(rules.images_root)!r} is not a folder: set images_root in the config to the "
             "folder that holds the photos, or remove it"
         )
-    with _decoding_errors(path), path.open(encoding=_ENCODING, newline="") as text:
+    with _decoding_errors(path), io.TextIOWrapper(snapshot.stream(), encoding=_ENCODING, newline="") as text:
         reader = csv.reader(text)
         # csv's default limit (128 KB a value) would refuse a file that pandas reads fine, e.g. one with a long
         # notes column; the limit is process-wide, so it is raised only for the scan.
@@ -218,26 +259,16 @@ def open_manifest(path: Path, rules: ManifestRules) -> Manifest:
         try:
             header = _read_header(reader, path)
             positions = _positions(header, rules, path)
-            scan = _prescan(path, reader, len(header), positions[0], rules.chunk_rows)
+            scan = _prescan(snapshot, reader, len(header), positions[0], rules.chunk_rows)
         finally:
             csv.field_size_limit(field_limit)
     with _decoding_errors(path):
-        duplicates = _confirm_duplicates(path, positions[0], rules.chunk_rows, scan.candidates, pattern)
-    return Manifest(path, rules, header, positions, scan, duplicates, now, signature)
-
-
-def validate_manifest(path: Path, rules: ManifestRules) -> tuple[int, list[Reject]]:
-    """(number of valid rows, every reject), streaming: valid rows are counted, not kept."""
-    valid = 0
-    rejects: list[Reject] = []
-    for batch in open_manifest(path, rules).batches():
-        valid += len(batch.rows)
-        rejects.extend(batch.rejects)
-    return valid, rejects
+        duplicates = _confirm_duplicates(snapshot, positions[0], rules.chunk_rows, scan.candidates, pattern)
+    return Manifest(path, rules, header, positions, scan, duplicates, now, snapshot)
 
 
 class _RowChecker:
-    """The per-chunk checks: the cheap ones on whole columns, then the image checks row by row."""
+    """The per-chunk checks of each row's text, on whole columns; images are the ImageSource's business."""
 
     def __init__(self, manifest: Manifest) -> None:
         rules = manifest._rules
@@ -245,7 +276,6 @@ class _RowChecker:
         self._pattern = rules.user_id_pattern
         self._now = manifest._now
         self._today = manifest._now.date()
-        self._images = _ImageChecker(manifest.path.parent, rules.images_root, rules.max_image_bytes)
         self._labels = {
             "user_id": _label(rules.user_id_column, "user_id"),
             "user_created_at": _label(rules.user_created_at_column, "user_created_at"),
@@ -283,21 +313,18 @@ class _RowChecker:
         pending = (codes == 0) & (date_codes != 0)
         codes[pending] = date_codes[pending]
 
-        rows: list[Row] = []
+        candidates: list[Candidate] = []
         rejects: list[Reject] = []
-        check_image = self._images.check
         for i, code in enumerate(codes.tolist()):
             line = first_line + i
             if code:
                 message = self._explain(code, line, uids[i], dates[i], images[i], verdicts[index[i]][1])
-                rejects.append(Reject(line, uids[i], _CODE_REASON[code], message))
-                continue
-            found = check_image(images[i])
-            if isinstance(found, _Problem):
-                rejects.append(Reject(line, uids[i], found.reason, found.message))
+                rejects.append(Reject(line=line, user_id=uids[i], reason=_CODE_REASON[code], message=message))
             else:
-                rows.append(Row(line, uids[i], dates[i], Path(found[0]), found[1], found[2]))
-        return Batch(rows, rejects)
+                candidates.append(
+                    Candidate(line=line, user_id=uids[i], user_created_at=dates[i], image=images[i])
+                )
+        return Batch(candidates=candidates, rejects=rejects)
 
     def _date_verdict(self, value: str) -> tuple[int, str]:
         """(code, message) for one user_created_at value; code 0 means it is fine."""
@@ -385,130 +412,6 @@ class _RowChecker:
         return date_message
 
 
-class _ImageChecker:
-    """Resolves and inspects one image path: a stat and one or two small reads, nothing more."""
-
-    def __init__(self, base: Path, root: Path | None, limit: int) -> None:
-        self._base = str(base)
-        self._root = os.path.realpath(root) if root is not None else None
-        self._root_prefix = "" if self._root is None else os.path.join(self._root, "")
-        self._limit = limit
-        self._real_dirs: dict[str, str] = {}
-
-    def check(self, raw: str) -> tuple[str, int, int] | _Problem:
-        """(real path, size, mtime_ns) of a usable image, or the problem with it."""
-        if "\x00" in raw:
-            return _Problem(IMAGE_MISSING, f"image path {raw!r} contains a NUL character: correct the path")
-        real, st = self._resolve(raw)
-        if self._root is not None and real != self._root and not real.startswith(self._root_prefix):
-            return _Problem(
-                PATH_OUTSIDE_ROOT,
-                f"image {raw!r} resolves to {real}, outside images_root {self._root}: move the photo into "
-                "images_root (symbolic links count where they point), or change images_root",
-            )
-        if isinstance(st, OSError):
-            return self._stat_problem(raw, real, st)
-        mode = st.st_mode
-        if not stat.S_ISREG(mode):
-            return _Problem(
-                IMAGE_NOT_FILE, f"image {raw!r} is {_kind(mode)}, not a file: point to the photo itself"
-            )
-        size = st.st_size
-        if size == 0:
-            return _Problem(IMAGE_EMPTY, f"image {raw!r} is empty (0 bytes): export the photo again")
-        if size > self._limit:
-            return _Problem(
-                IMAGE_TOO_LARGE,
-                f"image {raw!r} is {size:,} bytes, over the limit of {self._limit:,} bytes: resize or recompress "
-                "it (or change max_image_bytes if the limit is wrong)",
-            )
-        try:
-            # O_NONBLOCK: should the file be swapped for a FIFO after the stat, the open still can't hang.
-            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-            try:
-                if size <= _WHOLE_FILE:
-                    head = tail = os.read(fd, _WHOLE_FILE)
-                else:
-                    head = os.read(fd, 16)
-                    tail = os.pread(fd, _TAIL, size - _TAIL)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            return self._stat_problem(raw, real, exc)
-        if head.startswith(_JPEG):
-            if _JPEG_END not in tail[-_TAIL:]:
-                return _Problem(
-                    IMAGE_TRUNCATED,
-                    f"image {raw!r} is a JPEG without its end marker (FF D9): the file was cut short; copy or "
-                    "export it again",
-                )
-        elif head.startswith(_PNG):
-            if _PNG_END not in tail[-_TAIL:]:
-                return _Problem(
-                    IMAGE_TRUNCATED,
-                    f"image {raw!r} is a PNG without its IEND chunk: the file was cut short; copy or export it again",
-                )
-        else:
-            return _Problem(
-                IMAGE_NOT_JPEG_OR_PNG,
-                f"image {raw!r} is not a JPEG or PNG ({_looks_like(head)}): convert it to JPEG or PNG, the only "
-                "formats the API accepts",
-            )
-        return real, size, st.st_mtime_ns
-
-    def _resolve(self, raw: str) -> tuple[str, os.stat_result | OSError]:
-        """The real path and its stat (or why it can't be had); os.path.realpath only for symbolic links."""
-        joined = os.path.join(self._base, raw)
-        folder, name = os.path.split(joined)
-        if name in ("", ".", ".."):
-            real = os.path.realpath(joined)
-        else:
-            # realpath costs ~20 us; photos share a few folders, so resolve each folder once.
-            real_folder = self._real_dirs.get(folder)
-            if real_folder is None:
-                if len(self._real_dirs) >= _DIR_CACHE_MAX:
-                    self._real_dirs.clear()
-                real_folder = self._real_dirs[folder] = os.path.realpath(folder)
-            real = os.path.join(real_folder, name)
-        try:
-            st = os.lstat(real)
-            if not stat.S_ISLNK(st.st_mode):
-                return real, st
-            real = os.path.realpath(real)
-            return real, os.stat(real)
-        except OSError as exc:
-            return real, exc
-
-    def _stat_problem(self, raw: str, real: str, exc: OSError) -> _Problem:
-        """Why a path can't be used; `real` is where it leads (for a broken link, the missing target)."""
-        shown = (
-            repr(raw) if os.path.isabs(raw) else f"{raw!r} (relative to the manifest's folder {self._base})"
-        )
-        if isinstance(exc, PermissionError):
-            return _Problem(
-                IMAGE_UNREADABLE,
-                f"image {shown} can't be read: permission denied; let the user running backfill read it",
-            )
-        if exc.errno == errno.ELOOP:
-            return _Problem(
-                IMAGE_MISSING, f"image {shown} is a symbolic link that loops: point it at the photo"
-            )
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-            if os.path.islink(os.path.join(self._base, raw)):
-                return _Problem(
-                    IMAGE_MISSING,
-                    f"image {shown} is a symbolic link to {real}, which doesn't exist: fix the link or the path",
-                )
-            hint = " (note the spaces around the path)" if raw != raw.strip() else ""
-            return _Problem(IMAGE_MISSING, f"image {shown} doesn't exist{hint}: check the path")
-        # Any other error (EIO, a stale network share...): still say what to do, not just what went wrong.
-        return _Problem(
-            IMAGE_UNREADABLE,
-            f"image {shown} can't be read: {exc.strerror or exc}; check the file and the disk or share it is on "
-            "(copy it somewhere readable if need be), then run again",
-        )
-
-
 def _header_problem(header: list[str]) -> str | None:
     """Why a header lacking the wanted columns isn't a comma-separated UTF-8 header, when that is visible."""
     if any("\x00" in name for name in header):
@@ -579,13 +482,16 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
     return uid, created, image
 
 
-def _prescan(path: Path, reader: Iterator[list[str]], width: int, uid_at: int, chunk_rows: int) -> _Prescan:
+def _prescan(
+    snapshot: _Snapshot, reader: Iterator[list[str]], width: int, uid_at: int, chunk_rows: int
+) -> _Prescan:
     """Counts rows, hashes every user_id, finds the rows with extra fields; `reader` is past the header."""
     hashes: list[npt.NDArray[np.int64]] = []
     bad_lines: list[int] = []
     bad_fields: list[int] = []
     total = 0
-    for frame in _frames(path, [uid_at], chunk_rows):
+    path = snapshot.path
+    for frame in _frames(snapshot, [uid_at], chunk_rows):
         try:
             rows = list(islice(reader, len(frame)))
         except csv.Error as exc:
@@ -630,7 +536,11 @@ def _disagreement(path: Path, before: int, ours: list[str], theirs: list[str]) -
 
 
 def _confirm_duplicates(
-    path: Path, uid_at: int, chunk_rows: int, candidates: npt.NDArray[np.int64], pattern: re.Pattern[str]
+    snapshot: _Snapshot,
+    uid_at: int,
+    chunk_rows: int,
+    candidates: npt.NDArray[np.int64],
+    pattern: re.Pattern[str],
 ) -> dict[str, tuple[int, list[int]]]:
     """{user_id: (count, its first lines)} for the ids that really occur more than once."""
     # Blank and invalid ids are left out: every row with one is rejected for that reason first anyway.
@@ -638,7 +548,7 @@ def _confirm_duplicates(
         return {}
     seen: dict[str, tuple[int, list[int]]] = {}
     line = 2
-    for frame in _frames(path, [uid_at], chunk_rows):
+    for frame in _frames(snapshot, [uid_at], chunk_rows):
         uids = frame.iloc[:, 0].tolist()
         hashes = np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids))
         for i in np.flatnonzero(np.isin(hashes, candidates)).tolist():
@@ -655,14 +565,15 @@ def _confirm_duplicates(
     }
 
 
-def _frames(path: Path, usecols: list[int], chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _frames(snapshot: _Snapshot, usecols: list[int], chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The file's rows, `chunk_rows` at a time, as DataFrames of str; read errors become ManifestErrors."""
-    with _decoding_errors(path):
+    path = snapshot.path
+    with _decoding_errors(path), snapshot.stream() as stream:
         try:
             # Every value a str exactly as written: no "NA"/"null" to NaN, no "00123" to 123. No compression
             # guessed from the file name either: the csv module must see the same bytes.
             reader = pd.read_csv(
-                path, usecols=usecols, chunksize=chunk_rows, dtype=str, keep_default_na=False, na_filter=False,
+                stream, usecols=usecols, chunksize=chunk_rows, dtype=str, keep_default_na=False, na_filter=False,
                 skip_blank_lines=False, index_col=False, header=0, engine="c", encoding=_ENCODING,
                 compression=None,
             )  # fmt: skip
@@ -727,21 +638,6 @@ def _encoding_error(path: Path) -> ManifestError:
     return ManifestError(f"{path} is not UTF-8. {fix}")
 
 
-def _signature(path: Path) -> tuple[int, int]:
-    """(size, mtime_ns) of the manifest, which must be a regular file (a FIFO would hang the reader)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as exc:
-        raise ManifestError(f"manifest {path} doesn't exist: check the path") from exc
-    except OSError as exc:
-        raise ManifestError(f"manifest {path} can't be read: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise ManifestError(
-            f"manifest {path} is {_kind(st.st_mode)}, not a file: give the path of the CSV file"
-        )
-    return st.st_size, st.st_mtime_ns
-
-
 def _blank(values: pd.Series[str]) -> npt.NDArray[np.bool_]:
     return values.str.strip().eq("").to_numpy(dtype=bool)
 
@@ -785,36 +681,3 @@ def _kind(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a regular file"
-
-
-def _looks_like(head: bytes) -> str:
-    """A guess at what the file is, from its first bytes, for the reject message."""
-    if not head:
-        return "it reads as empty"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "it looks like a GIF"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "it looks like a WebP image"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
-            return "it looks like a HEIC/HEIF photo, as iPhones take"
-        if brand in (b"avif", b"avis"):
-            return "it looks like an AVIF image"
-        return "it looks like a video or other ISO media file"
-    if head.startswith(b"BM"):
-        return "it looks like a BMP"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "it looks like a TIFF"
-    if head.startswith(b"%PDF"):
-        return "it looks like a PDF"
-    if head.startswith(b"PK\x03\x04"):
-        return "it looks like a ZIP archive or Office document"
-    if head.startswith(b"\xff\xd8"):
-        return "it starts like a JPEG but is damaged"
-    sample = head[:64]
-    if all(32 <= b < 127 or b in b"\t\r\n" for b in sample):
-        if sample.lstrip().startswith(b"<"):
-            return "it looks like HTML or XML text, perhaps an error page saved instead of the photo"
-        return "it looks like text"
-    return f"it starts with bytes {sample[:8].hex(' ')}"

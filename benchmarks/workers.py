@@ -20,12 +20,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
+from backfill import compose
 from backfill.api.signing import sign, utc_timestamp
 from backfill.config import load_settings
-from backfill.ledger import sqlite as cp
-from backfill.ledger.sqlite import Attempt, Outcome, SqliteStore, now_iso
-from backfill.manifest import ManifestRules, validate_manifest
-from backfill.run import engine as runner
+from backfill.images import Fingerprint
+from backfill.ledger import AttemptRequest, Binding, Outcome, RunRecord, transitions
+from backfill.ledger.sqlite import _SCHEMA, _UPSERT, SqliteStore, _values, now_iso
+from backfill.vocab import State
 
 from .servers import API_KEY, PARTNER_ID, ROOT
 
@@ -80,7 +81,7 @@ def run_ours(manifest: str, flags: dict[str, Any], profile_to: str | None = None
         profiler.start()
     start = _clock()
     try:
-        summary = asyncio.run(runner.run(settings, Path(manifest)))
+        summary = asyncio.run(compose.run(settings, Path(manifest)))
     finally:
         if profiler is not None:
             profiler.stop()  # its sampling thread must not outlive a failed run into interpreter shutdown
@@ -221,7 +222,8 @@ def adhoc_script(manifest: str, base_url: str) -> dict[str, Any]:
 def validate(manifest: str) -> dict[str, Any]:
     """`backfill validate` minus writing rejects.csv: the pre-scan, then every row's checks and file checks."""
     start = _clock()
-    valid, rejects = validate_manifest(Path(manifest), ManifestRules())
+    settings = load_settings(None, environ=ENV, flags={})
+    valid, rejects = compose.validate(settings, Path(manifest))
     return {**_since(start), "valid": valid, "rejected": len(rejects), "maxrss_mb": _maxrss_mb()}
 
 
@@ -246,16 +248,29 @@ def stat_floor(manifest: str) -> dict[str, Any]:
 # --- checkpoint -----------------------------------------------------------------------------------------
 
 
-def _attempt(i: int) -> Attempt:
-    return Attempt(
-        f"u{i:07d}", False, "0" * 64, f"/photos/u{i:07d}.png", 20480, 1, "2021-08-12", now_iso(), "r"
-    )
+BINDING = Binding(partner_id=PARTNER_ID, endpoint="http://127.0.0.1:8080")
+
+
+def _attempt(i: int) -> AttemptRequest:
+    fp = Fingerprint(ref=f"/photos/u{i:07d}.png", size=20480, version="1")
+    return AttemptRequest(user_id=f"u{i:07d}", photo_sha256="0" * 64, fingerprint=fp,
+                          user_created_at="2021-08-12", run_id="r", at=now_iso())  # fmt: skip
 
 
 def _outcome(i: int) -> Outcome:
-    return Outcome(
-        f"u{i:07d}", cp.ENROLLED, False, 200, "0840", "Enroll User", "0000021007", "job", now_iso()
-    )
+    return Outcome(user_id=f"u{i:07d}", attempt=1, state=State.ENROLLED, may_have_enrolled=False,
+                   proves_not_enrolled=False, http_status=200, result_code="0840", result_text="Enroll User",
+                   smile_job_id="0000021007", job_id="job", at=now_iso())  # fmt: skip
+
+
+def _rows(i: int) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    """The two rows an enrolled user's attempt and outcome write, as the store's transitions make them."""
+    begun = transitions.begin(None, _attempt(i))
+    assert isinstance(begun, tuple)
+    row, _ = begun
+    done = transitions.settle(row, _outcome(i))
+    assert done is not None
+    return _values(row), _values(done)
 
 
 def checkpoint_ours(path: str, users: int, concurrency: int) -> dict[str, Any]:
@@ -263,14 +278,14 @@ def checkpoint_ours(path: str, users: int, concurrency: int) -> dict[str, Any]:
     group commit, as a send must) then its outcome, user after user."""
 
     async def main() -> dict[str, float]:
-        store = await SqliteStore.open(Path(path), PARTNER_ID, "local")
-        await store.start_run("r", "bench", now_iso())
+        store = await SqliteStore.open(Path(path), BINDING, writable=True)
+        await store.start_run(RunRecord(run_id="r", started_at=now_iso(), manifest="bench"))
         todo = iter(range(users))
 
         async def worker() -> None:
             for i in todo:
-                await store.record_attempt(_attempt(i))
-                store.record_outcome(_outcome(i))
+                await store.begin_attempt(_attempt(i))
+                await store.settle(_outcome(i))
 
         start = _clock()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -286,7 +301,7 @@ def _raw_store(path: str, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.executescript(cp._SCHEMA)
+    conn.executescript(_SCHEMA)
     return conn
 
 
@@ -295,8 +310,9 @@ def checkpoint_naive(path: str, users: int) -> dict[str, Any]:
     conn = _raw_store(path, "FULL")
     start = _clock()
     for i in range(users):
-        conn.execute(cp._UPSERT_ATTEMPT, cp._attempt_params(_attempt(i)))  # autocommit: one fsync each
-        conn.execute(cp._UPDATE_OUTCOME, cp._outcome_params(_outcome(i)))
+        begun, done = _rows(i)
+        conn.execute(_UPSERT, begun)  # autocommit: one fsync each
+        conn.execute(_UPSERT, done)
     result = _since(start)
     conn.close()
     return {**result, "users": users}
@@ -307,8 +323,9 @@ def checkpoint_ceiling(path: str, users: int) -> dict[str, Any]:
     conn = _raw_store(path, "OFF")
     start = _clock()
     conn.execute("BEGIN")
-    conn.executemany(cp._UPSERT_ATTEMPT, (cp._attempt_params(_attempt(i)) for i in range(users)))
-    conn.executemany(cp._UPDATE_OUTCOME, (cp._outcome_params(_outcome(i)) for i in range(users)))
+    pairs = [_rows(i) for i in range(users)]
+    conn.executemany(_UPSERT, (begun for begun, _ in pairs))
+    conn.executemany(_UPSERT, (done for _, done in pairs))
     conn.execute("COMMIT")
     result = _since(start)
     conn.close()

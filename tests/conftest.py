@@ -8,12 +8,16 @@ import struct
 import threading
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from backfill.config import Settings, load_settings
+from backfill.images.local import LocalImageSource
+from backfill.manifest import Manifest, ManifestRules, Reject, open_manifest
+from backfill.run import plan
 from backfill.sandbox import RunningSandbox, start_sandbox
 
 PARTNER_ID = "085"
@@ -129,3 +133,53 @@ def threaded_sandboxes() -> Iterator[ThreadedSandboxes]:
 @pytest.fixture
 def threaded_sandbox(threaded_sandboxes: ThreadedSandboxes) -> RunningSandbox:
     return threaded_sandboxes.start()
+
+
+# --- validation as `backfill validate` does it: the manifest's text rules, then the image checks ---
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Valid:
+    """A row that passed every rule, as the tests look at it."""
+
+    line: int
+    user_id: str
+    user_created_at: str
+    image_path: Path
+    image_size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FullBatch:
+    rows: list[Valid]
+    rejects: list[Reject]
+
+
+def full_batches(manifest: Manifest) -> list[FullBatch]:
+    """Every batch of `manifest` with its image checks done, through the same plan stage a run uses."""
+    rules = manifest._rules
+    images = LocalImageSource(
+        base=manifest.path.parent, root=rules.images_root, max_bytes=rules.max_image_bytes
+    )
+
+    async def go() -> list[FullBatch]:
+        out = []
+        for batch in manifest.batches():
+            rows, rejects = [], list(batch.rejects)
+            for d in await plan.decide(batch.candidates, {}, images):
+                if isinstance(d, plan.Send):
+                    rows.append(Valid(line=d.line, user_id=d.user_id, user_created_at=d.user_created_at,
+                                      image_path=Path(d.fingerprint.ref), image_size=d.fingerprint.size))  # fmt: skip
+                else:
+                    assert d.reason is not None
+                    rejects.append(Reject(line=d.line, user_id=d.user_id, reason=d.reason, message=d.message))
+            out.append(FullBatch(rows=rows, rejects=sorted(rejects, key=lambda r: r.line)))
+        await images.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def validate_manifest(path: Path, rules: ManifestRules) -> tuple[int, list[Reject]]:
+    batches = full_batches(open_manifest(path, rules))
+    return sum(len(b.rows) for b in batches), [r for b in batches for r in b.rejects]

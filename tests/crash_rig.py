@@ -17,8 +17,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backfill.ledger.sqlite import DONE_STATES
-from backfill.run.engine import CRASH_BOUNDARIES, CRASH_ENV
+from backfill.run.crash import CRASH_BOUNDARIES, CRASH_ENV
+from backfill.vocab import DONE_STATES
 
 from .conftest import png_bytes
 

@@ -90,7 +90,7 @@ def test_export_is_manifest_shaped_and_feeds_back(
     assert len(lines) == 5 and {line["state"] for line in lines} == {"enrolled", "failed"}
     assert API_KEY not in out
     code, _, err = cli("export", *place(tmp_path), "--out", str(fixed))
-    assert code == 2 and "can't create" in err  # an export never overwrites a file
+    assert code == 2 and "never overwrites" in err  # an export is a record: it never overwrites a file
 
 
 def test_config_show_names_each_source_and_redacts_the_key(tmp_path: Path) -> None:

@@ -8,17 +8,21 @@ import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
+from backfill import compose as runner
 from backfill.api.client import Client
 from backfill.config import Secret, Settings
 from backfill.errors import CheckpointError, InternalError
-from backfill.outputs.files import Summary
-from backfill.run import engine as runner
+from backfill.images import Fingerprint, ImageError, ImageProblem, Photo
+from backfill.images.local import LocalImageSource
+from backfill.run.rate import RETRY_AFTER_MAX_S
+from backfill.run.records import Summary
+from backfill.run.stops import Stops
 from backfill.sandbox import Faults, RunningSandbox, start_sandbox
+from backfill.vocab import Reason
 
 from .conftest import API_KEY, PARTNER_ID, Sleeps, png_bytes, simple_rows, write_manifest
 
@@ -74,7 +78,7 @@ async def test_crash_after_send_resumes_as_already_enrolled(
     server = await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script={"user_0001": ["reset_after"]}))
     try:
         manifest = write_manifest(tmp_path, simple_rows(3))
-        summary = await runner.Runner(make_settings(server), manifest, sleep=sleeps).run()
+        summary = await runner.run(make_settings(server), manifest, sleep=sleeps)
         row = results(summary)["user_0001"]
         assert row["status"] == "already_enrolled" and row["attempts"] == "2"
         assert summary.exit_code == 0 and server.state.requests["user_0001"] == 2
@@ -90,7 +94,7 @@ async def test_attempt_recorded_before_a_kill_reads_2209_as_ours(
     await runner.run(settings, manifest)
     # Emulate a kill between send and outcome: the checkpoint still says "sending".
     db = sqlite3.connect(settings.checkpoint_path())
-    db.execute("UPDATE users SET state='sending', in_doubt=0 WHERE user_id='user_0000'")
+    db.execute("UPDATE users SET state='sending', doubt=0 WHERE user_id='user_0000'")
     db.commit()
     db.close()
     again = await runner.run(make_settings(sandbox), manifest)
@@ -140,13 +144,21 @@ async def test_touched_but_identical_photo_is_not_a_reuse(
     assert summary.counts == {"skipped": 2}
 
 
-async def test_checkpoint_refuses_another_partner_or_environment(
+async def test_the_ledger_is_bound_to_the_endpoint_not_the_env_label(
     tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(1))
     await runner.run(make_settings(sandbox), manifest)
-    with pytest.raises(CheckpointError, match="belongs to partner '085' in 'local'"):
-        await runner.run(make_settings(sandbox, env="sandbox", base_url=sandbox.base_url), manifest)
+    # A rehearsal against another server (here a second sandbox) must not read this one's rows as done.
+    async with await start_sandbox(PARTNER_ID, API_KEY) as other:
+        with pytest.raises(
+            CheckpointError, match="belongs to partner '085' on " + sandbox.base_url.removesuffix("/v1")
+        ):
+            await runner.run(make_settings(other), manifest)
+        assert other.state.total_requests == 0
+    # The same endpoint under another env label is the same ledger: nothing is sent again.
+    again = await runner.run(make_settings(sandbox, env="sandbox", base_url=sandbox.base_url), manifest)
+    assert again.counts == {"skipped": 1}
 
 
 async def test_429_and_503_are_retried_until_enrolled(
@@ -156,7 +168,7 @@ async def test_429_and_503_are_retried_until_enrolled(
     server = await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script=script, retry_after_s=2))
     try:
         manifest = write_manifest(tmp_path, simple_rows(3))
-        summary = await runner.Runner(make_settings(server), manifest, sleep=sleeps).run()
+        summary = await runner.run(make_settings(server), manifest, sleep=sleeps)
         rows = results(summary)
         assert summary.counts == {"enrolled": 3} and summary.exit_code == 0
         assert rows["user_0000"]["attempts"] == "3" and rows["user_0001"]["attempts"] == "4"
@@ -171,9 +183,9 @@ async def test_transient_errors_exhaust_into_retry_exhausted_then_resume(
     server = await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script={"user_0000": [503, 503, 503]}))
     try:
         manifest = write_manifest(tmp_path, simple_rows(2))
-        summary = await runner.Runner(make_settings(server, max_attempts=2), manifest, sleep=sleeps).run()
+        summary = await runner.run(make_settings(server, max_attempts=2), manifest, sleep=sleeps)
         assert results(summary)["user_0000"]["status"] == "retry_exhausted" and summary.exit_code == 1
-        again = await runner.Runner(make_settings(server, max_attempts=2), manifest, sleep=sleeps).run()
+        again = await runner.run(make_settings(server, max_attempts=2), manifest, sleep=sleeps)
         assert results(again)["user_0000"]["status"] == "enrolled" and again.exit_code == 0
     finally:
         await server.stop()
@@ -252,7 +264,7 @@ async def test_breaker_stops_a_run_where_most_rows_fail(
     try:
         manifest = write_manifest(tmp_path, simple_rows(300))
         settings = make_settings(server, max_attempts=2, fail_threshold=0.5, concurrency=2)
-        summary = await runner.Runner(settings, manifest, sleep=sleeps).run()
+        summary = await runner.run(settings, manifest, sleep=sleeps)
         assert summary.exit_code == 4 and "--fail-threshold" in summary.stop_reason
         assert summary.sent < 60 and summary.not_reached > 200
     finally:
@@ -298,7 +310,7 @@ async def test_malformed_answers_are_recorded_as_such_without_crashing(
         rows = [(name, "2021-08-12", f"{name}.png") for name in answers]
         manifest = write_manifest(tmp_path, rows)
         settings = make_settings(base_url=f"http://127.0.0.1:{port}/v1", max_attempts=2, fail_threshold=1.0)
-        summary = await runner.Runner(settings, manifest, sleep=sleeps).run()
+        summary = await runner.run(settings, manifest, sleep=sleeps)
     finally:
         await app_runner.cleanup()
     got = results(summary)
@@ -324,9 +336,9 @@ async def test_a_retry_within_a_run_does_not_make_a_later_2209_ours(
         PARTNER_ID, API_KEY, faults=Faults(script={"user_0000": [503, 503, "2209"]})
     ) as server:
         manifest = write_manifest(tmp_path, simple_rows(1))
-        first = await runner.Runner(make_settings(server, max_attempts=2), manifest, sleep=sleeps).run()
+        first = await runner.run(make_settings(server, max_attempts=2), manifest, sleep=sleeps)
         assert results(first)["user_0000"]["status"] == "retry_exhausted"
-        second = await runner.Runner(make_settings(server, max_attempts=2), manifest, sleep=sleeps).run()
+        second = await runner.run(make_settings(server, max_attempts=2), manifest, sleep=sleeps)
         assert results(second)["user_0000"]["status"] == "id_conflict"
 
 
@@ -337,8 +349,8 @@ async def test_retry_after_is_capped_and_a_stop_ends_the_wait(
         PARTNER_ID, API_KEY, faults=Faults(script={"user_0000": [429]}, retry_after_s=3600)
     ) as server:
         manifest = write_manifest(tmp_path, simple_rows(1))
-        summary = await runner.Runner(make_settings(server), manifest, sleep=sleeps).run()
-        assert summary.counts == {"enrolled": 1} and max(sleeps.calls) <= runner.RETRY_AFTER_MAX_S
+        summary = await runner.run(make_settings(server), manifest, sleep=sleeps)
+        assert summary.counts == {"enrolled": 1} and max(sleeps.calls) <= RETRY_AFTER_MAX_S
         # With the real clock: a 429 asking for an hour, then a --max-duration stop, ends the run promptly.
         manifest = write_manifest(tmp_path, simple_rows(1, prefix="other_"))
     async with await start_sandbox(
@@ -349,50 +361,57 @@ async def test_retry_after_is_capped_and_a_stop_ends_the_wait(
         assert summary.counts == {"pending": 1} and "--max-duration" in summary.stop_reason
 
 
-async def test_an_image_unreadable_at_send_time_is_a_failed_row_not_a_lost_one(
-    tmp_path: Path,
-    make_settings: Callable[..., Settings],
-    sandbox: RunningSandbox,
-    monkeypatch: pytest.MonkeyPatch,
+class FlakyImages(LocalImageSource):
+    """The real local source, except that chosen photos fail (or raise a bug) when read at send time."""
+
+    def __init__(self, base: Path, *, unreadable: str = "", broken: bool = False) -> None:
+        super().__init__(base=base, root=None, max_bytes=5 * 1024 * 1024)
+        self.unreadable, self.broken = unreadable, broken
+
+    async def read(self, fingerprint: Fingerprint) -> Photo:
+        if self.broken:
+            raise RuntimeError("boom")
+        if self.unreadable and fingerprint.ref.endswith(self.unreadable):
+            problem = ImageProblem(
+                reason=Reason.IMAGE_UNREADABLE, message=f"{fingerprint.ref}: Permission denied"
+            )
+            raise ImageError(problem)
+        return await super().read(fingerprint)
+
+
+async def test_an_image_unreadable_at_send_time_is_a_reject_not_a_lost_row(
+    tmp_path: Path, make_settings: Callable[..., Settings], sandbox: RunningSandbox
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(3))
-    real = runner.read_photo
-
-    def flaky(path: Path) -> Any:
-        if path.name == "user_0001.png":
-            raise PermissionError(13, "Permission denied")
-        return real(path)
-
-    monkeypatch.setattr(runner, "read_photo", flaky)
-    summary = await runner.run(make_settings(sandbox), manifest)
-    got = results(summary)
-    assert summary.counts == {"enrolled": 2, "failed": 1} and summary.not_reached == 0
-    assert "Permission denied" in got["user_0001"]["error"]
+    images = FlakyImages(tmp_path, unreadable="user_0001.png")
+    summary = await runner.run(make_settings(sandbox), manifest, images=images)
+    assert summary.counts == {"enrolled": 2, "rejected": 1} and summary.not_reached == 0
+    (reject,) = rejects(summary)
+    assert reject["reason"] == "image_unreadable" and "Permission denied" in reject["message"]
+    assert "user_0001" not in sandbox.state.requests  # nothing was sent for it
 
 
 async def test_a_bug_in_a_worker_stops_the_run_instead_of_hanging_it(
-    tmp_path: Path,
-    make_settings: Callable[..., Settings],
-    sandbox: RunningSandbox,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, make_settings: Callable[..., Settings], sandbox: RunningSandbox
 ) -> None:
-    def broken(path: Path) -> Any:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(runner, "read_photo", broken)
     manifest = write_manifest(tmp_path, simple_rows(50))
     with pytest.raises(InternalError, match="boom"):
-        await asyncio.wait_for(runner.run(make_settings(sandbox, concurrency=2), manifest), 30)
+        await asyncio.wait_for(
+            runner.run(
+                make_settings(sandbox, concurrency=2), manifest, images=FlakyImages(tmp_path, broken=True)
+            ),
+            30,
+        )
     assert sandbox.state.total_requests == 0
 
 
-def test_a_failure_outranks_a_planned_stop(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
-    r = runner.Runner(make_settings(), tmp_path / "m.csv")
-    r.stop("--max-duration reached", 0)
-    r.stop("the API answered 2205", 4)
-    assert (r._stop_code, r._stop_reason) == (4, "the API answered 2205")
-    r.stop("--limit", 0)
-    assert r._stop_code == 4
+def test_a_failure_outranks_a_planned_stop() -> None:
+    stops = Stops()
+    stops.stop("--max-duration reached", 0)
+    stops.stop("the API answered 2205", 4)
+    assert (stops.code, stops.reason) == (4, "the API answered 2205")
+    stops.stop("--limit", 0)
+    assert stops.code == 4
 
 
 async def test_dry_run_leaves_an_existing_checkpoint_untouched(

@@ -14,12 +14,11 @@ from typing import Any, NoReturn
 
 import click
 
-from .. import __version__
+from .. import __version__, compose
 from ..config import Settings, load_settings
-from ..ledger import sqlite as cp
-from ..manifest import validate_manifest
 from ..outputs import files as rs
-from ..run import engine as runner
+from ..run.records import Summary
+from ..vocab import RETRYABLE_STATES, TRANSIENT_STATES, Status
 from ._common import LOCAL_PARTNER_ID, config_option, guard, log_options, out_option
 from .logs import setup_logging
 from .progress import TqdmProgress
@@ -45,7 +44,7 @@ def main() -> None:
 def validate(manifest: Path, config_file: Path | None, out: Path | None) -> None:
     """Validate MANIFEST only: write rejects.csv and print counts. Sends nothing."""
     settings = load_settings(config_file, flags={"out": out}, need_credentials=False)
-    valid, rejects = validate_manifest(manifest, runner.manifest_rules(settings))
+    valid, rejects = compose.validate(settings, manifest)
     path = rs.write_rejects(settings.out, rejects)
     click.echo(f"{valid} valid, {len(rejects)} rejected; rejects: {path}")
     sys.exit(0 if not rejects else 1)
@@ -83,7 +82,7 @@ def _run(settings: Settings, manifest: Path, *, progress: bool, resend_failed: b
     bar = TqdmProgress(progress)
     setup_logging(settings, bar.enabled)
     try:
-        summary = runner.run_blocking(settings, manifest, progress=bar, resend_failed=resend_failed)
+        summary = compose.run_blocking(settings, manifest, progress=bar, resend_failed=resend_failed)
     finally:
         bar.close()
     _report(summary)
@@ -93,7 +92,7 @@ def _run(settings: Settings, manifest: Path, *, progress: bool, resend_failed: b
 @main.command()
 @config_option
 @click.option(
-    "--status", "states", default=",".join(sorted(cp.TRANSIENT_STATES)), show_default=True,
+    "--status", "states", default=",".join(sorted(TRANSIENT_STATES)), show_default=True,
     help="Which rows to re-send: any of pending, sending, retry_exhausted, unknown, failed.",
 )  # fmt: skip
 @click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.")
@@ -114,37 +113,46 @@ def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any
     Transient failures by default; name `failed` to re-send permanent failures too (after fixing their images).
     """
     settings = load_settings(config_file, flags=flags)
-    chosen = [s.strip() for s in states.split(",") if s.strip()]
-    manifest = runner.prepare_retry(settings, chosen)
-    _run(
-        settings, manifest, progress=not no_progress and settings.progress, resend_failed=cp.FAILED in chosen
-    )
+    chosen = compose.parse_status_names(states, allowed=RETRYABLE_STATES, what="retried")
+    bar = TqdmProgress(not no_progress and settings.progress)
+    setup_logging(settings, bar.enabled)
+    try:
+        summary = compose.retry(settings, chosen, progress=bar)
+    finally:
+        bar.close()
+    if summary is None:
+        click.echo("nothing to retry: no ledger row is in " + ", ".join(chosen))
+        return
+    _report(summary)
+    sys.exit(summary.exit_code)
 
 
 @main.command()
 @config_option
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
 @click.option(
-    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default checkpoint."
+    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default ledger."
 )
+@click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guard
 def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """Counts per state, the last runs, and what is waiting for a retry, from the checkpoint."""
     settings = load_settings(config_file, flags=flags, need_credentials=False)
-    report = cp.read_status(settings.checkpoint_path())
+    report = compose.status(settings)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2, default=str))
         return
-    click.echo(f"checkpoint {report.path} (partner {report.partner_id}, {report.env})")
+    b = report.binding
+    click.echo(f"ledger {report.location} (partner {b.partner_id}, {b.endpoint})")
     click.echo(_table(["state", "rows"], [[k, v] for k, v in report.counts.items()] or [["(empty)", 0]]))
     click.echo(f"waiting for a retry: {report.waiting_for_retry}")
     if report.oldest_unfinished:
         o = report.oldest_unfinished
-        last = f"{o['result_code'] or '-'} {o['result_text'] or ''}".strip()
+        last = f"{o.result_code or '-'} {o.result_text or ''}".strip()
         click.echo(
-            f"oldest unfinished: {o['user_id']} ({o['state']}, {o['attempts']} attempts, "
-            f"first tried {o['first_attempt_at']}, last answer {last})"
+            f"oldest unfinished: {o.user_id} ({o.state}, {o.attempts} attempts, "
+            f"first tried {o.first_attempt_at}, last answer {last})"
         )
     runs = [[r.run_id, r.started_at, r.finished_at or "(not finished)", r.rows if r.rows is not None else "",
              r.exit_code if r.exit_code is not None else ""] for r in report.runs]  # fmt: skip
@@ -156,8 +164,9 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
 @config_option
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
 @click.option(
-    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default checkpoint."
+    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default ledger."
 )
+@click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")
 @click.option("--status", "states", help="Only rows in these states (comma-separated), e.g. failed.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option(
@@ -169,12 +178,13 @@ def export(
 ) -> None:
     """Everything the checkpoint knows, across runs, as one file; CSV starts with the manifest's columns."""
     settings = load_settings(config_file, flags=flags, need_credentials=False)
-    chosen = [s.strip() for s in states.split(",") if s.strip()] if states else None
-    rows = cp.iter_rows(settings.checkpoint_path(), chosen)
+    chosen = compose.parse_status_names(states) if states else None
+    rows = compose.export_rows(settings, chosen)  # opens the ledger now: an error comes before any output
+    fields = compose.export_fields(settings)
     if out_path is None:
-        rs.write_export(rows, cp.EXPORT_FIELDS, fmt, sys.stdout)
+        rs.write_export(rows, fields, fmt, sys.stdout)
         return
-    count = rs.export_to(out_path, rows, cp.EXPORT_FIELDS, fmt)
+    count = rs.export_to(out_path, rows, fields, fmt)
     click.echo(f"{count} rows written to {out_path}", err=True)
 
 
@@ -219,7 +229,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_report(summary: rs.Summary) -> None:
+def _write_report(summary: Summary) -> None:
     """report.html beside the run's files; a report that fails is logged, never a change of exit code."""
     from ..outputs.report import write_report
 
@@ -232,11 +242,11 @@ def _write_report(summary: rs.Summary) -> None:
         )
 
 
-def _report(summary: rs.Summary) -> None:
+def _report(summary: Summary) -> None:
     _write_report(summary)
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
     click.echo(f"{summary.total_rows} rows: {counts}")
-    skipped = summary.counts.get(rs.SKIPPED, 0)
+    skipped = summary.counts.get(Status.SKIPPED, 0)
     click.echo(f"new: {summary.new_rows}, skipped (already done): {skipped}, rejected: {summary.rejected}")
     if summary.not_reached:
         click.echo(
@@ -261,7 +271,7 @@ def demo(no_progress: bool) -> None:
     api_key = secrets.token_urlsafe(24)
     bar = TqdmProgress(not no_progress)
 
-    async def go() -> rs.Summary:
+    async def go() -> Summary:
         server = await start_sandbox(LOCAL_PARTNER_ID, api_key)
         try:
             settings = load_settings(
@@ -272,7 +282,7 @@ def demo(no_progress: bool) -> None:
                     "out": work / "out", "rate": 50, "concurrency": 4,
                 },
             )  # fmt: skip
-            return await runner.run(settings, SAMPLE_MANIFEST, progress=bar)
+            return await compose.run(settings, SAMPLE_MANIFEST, progress=bar)
         finally:
             await server.stop()
 

@@ -1,20 +1,26 @@
-"""A run's outputs: its own folder with results.csv, rejects.csv and summary.json, owner-readable only."""
+"""A run's folder: results.csv, rejects.csv and summary.json, owner-only, each file whole once it exists.
+
+Every file is written under a temporary name and renamed into place only when complete (flushed and synced),
+so a file that exists is whole, and summary.json is renamed last: its presence means the run's outputs are
+complete. Every line passes through the secrets scrubber on its way out.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 from ..errors import OutputError
-from ..ledger.sqlite import ALREADY_ENROLLED, ENROLLED, FAILED, ID_CONFLICT, PENDING, RETRY_EXHAUSTED, UNKNOWN
+from ..redact import scrub
+from ..run.records import RejectRow, ResultRow, Summary
 
 RESULT_FIELDS = (
     "user_id", "status", "http_status", "result_code", "result_text", "smile_job_id", "job_id",
@@ -23,75 +29,57 @@ RESULT_FIELDS = (
 REJECT_FIELDS = ("line", "user_id", "reason", "message")
 _SIGNATURE_OK_AT = RESULT_FIELDS.index("signature_ok")
 
-# A row's status in a run: the checkpoint's final states, plus these that exist only in a run's outputs.
-SKIPPED = "skipped"  # already enrolled in the checkpoint: not sent again
-DRY_RUN = "dry_run"  # would be sent
-REJECTED = "rejected"
-__all__ = [
-    "ALREADY_ENROLLED", "DRY_RUN", "ENROLLED", "FAILED", "ID_CONFLICT", "OK_STATUSES", "PENDING", "REJECTED",
-    "RETRY_EXHAUSTED", "SKIPPED", "UNKNOWN", "ResultRow", "RunOutput", "Summary",
-]  # fmt: skip
-OK_STATUSES = frozenset({ENROLLED, ALREADY_ENROLLED, SKIPPED})
+
+class _Scrubbed:
+    """A text handle that scrubs secrets from everything written through it."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self.handle = handle
+
+    def write(self, text: str) -> int:
+        return self.handle.write(scrub(text))
 
 
-@dataclass(frozen=True, slots=True)
-class ResultRow:
-    user_id: str
-    status: str
-    http_status: int | None = None
-    result_code: str = ""
-    result_text: str = ""
-    smile_job_id: str = ""
-    job_id: str = ""
-    attempts: int = 0
-    signature_ok: bool | None = None
-    error: str = ""
-    finished_at: str = ""
-    latency_ms: int | None = None  # the last attempt's round trip
+class _AtomicFile:
+    """A new owner-only file, written under a temporary name in the same folder, renamed into place on commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise OutputError(f"can't create {path}: {exc.strerror}") from exc
+        self.raw = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        self.handle = _Scrubbed(self.raw)
+
+    def commit(self) -> None:
+        try:
+            self.raw.flush()
+            os.fsync(self.raw.fileno())
+            self.raw.close()
+            if self.path.exists():
+                raise FileExistsError(f"{self.path} exists")
+            os.rename(self._tmp, self.path)
+        except OSError as exc:
+            self.abandon()
+            raise OutputError(f"can't finish writing {self.path}: {exc.strerror or exc}") from exc
+
+    def abandon(self) -> None:
+        with contextlib.suppress(OSError):
+            self.raw.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
 
 
-@dataclass(frozen=True)
-class Summary:
-    run_id: str
-    out_dir: str
-    manifest: str
-    env: str
-    base_url: str
-    started_at: str
-    finished_at: str
-    duration_s: float
-    total_rows: int
-    counts: dict[str, int]
-    rejected: int
-    sent: int
-    attempts: int
-    new_rows: int  # rows the checkpoint had never seen: in a nightly run, the day's new users
-    retries: int  # attempts beyond each row's first
-    not_reached: int
-    rows_per_s: float
-    exit_code: int
-    stop_reason: str = ""
-    dry_run: bool = False
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-def _open_private(path: Path) -> IO[str]:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise OutputError(f"can't create {path}: {exc.strerror}") from exc
-    return os.fdopen(fd, "w", encoding="utf-8", newline="")
-
-
-def _new_run_dir(root: Path, suffix: str = "") -> tuple[str, Path]:
+def new_run_dir(root: Path, suffix: str = "") -> tuple[str, Path]:
     now = datetime.now(UTC)
     # Milliseconds in the name, so folders sort in the order runs started even when runs are quick.
     run_id = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + uuid.uuid4().hex[:6]
     folder = root / (run_id + suffix)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        # exist_ok=False: a run never writes into an earlier run's folder.
-        folder.mkdir(mode=0o700)
+        make_private_dirs(root)
+        folder.mkdir(mode=0o700)  # never an earlier run's folder
     except OSError as exc:
         raise OutputError(
             f"can't create the output folder {folder}: {exc.strerror}. Choose a writable folder with --out"
@@ -99,55 +87,52 @@ def _new_run_dir(root: Path, suffix: str = "") -> tuple[str, Path]:
     return run_id, folder
 
 
-class RejectLike(Protocol):
-    @property
-    def line(self) -> int: ...
-    @property
-    def user_id(self) -> str: ...
-    @property
-    def reason(self) -> str: ...
-    @property
-    def message(self) -> str: ...
+def make_private_dirs(folder: Path) -> None:
+    """`folder` and any missing parents, the new ones owner-only."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
 
 
-def write_rejects(root: Path, rejects: Iterable[RejectLike]) -> Path:
+def _result_values(row: ResultRow) -> list[Any]:
+    values: list[Any] = [getattr(row, k) for k in RESULT_FIELDS]
+    if row.signature_ok is not None:
+        values[_SIGNATURE_OK_AT] = "true" if row.signature_ok else "false"
+    return ["" if v is None else v for v in values]
+
+
+def write_rejects(root: Path, rejects: Iterable[RejectRow]) -> Path:
     """rejects.csv alone, in a folder of its own, for `backfill validate`."""
-    _, folder = _new_run_dir(root, "-validate")
-    path = folder / "rejects.csv"
+    _, folder = new_run_dir(root, "-validate")
+    out = _AtomicFile(folder / "rejects.csv")
     try:
-        with _open_private(path) as handle:
-            writer = csv.writer(handle)
-            writer.writerow(REJECT_FIELDS)
-            writer.writerows([r.line, r.user_id, r.reason, r.message] for r in rejects)
+        writer = csv.writer(out.handle)
+        writer.writerow(REJECT_FIELDS)
+        writer.writerows([r.line, r.user_id, r.reason, r.message] for r in rejects)
     except OSError as exc:
-        raise OutputError(f"can't write {path}: {exc.strerror}") from exc
-    return path
+        out.abandon()
+        raise OutputError(f"can't write {out.path}: {exc.strerror}") from exc
+    out.commit()
+    return out.path
 
 
 class RunOutput:
-    """Creates the run's folder and writes its files. Every row written here goes to exactly one file."""
+    """The run's folder and its files: the engine's Sink. Every row written here goes to exactly one file."""
 
     def __init__(self, root: Path) -> None:
-        self.run_id, self.dir = _new_run_dir(root)
-        self._results_file = _open_private(self.dir / "results.csv")
-        self._rejects_file = _open_private(self.dir / "rejects.csv")
-        self._results = csv.writer(self._results_file)
-        self._rejects = csv.writer(self._rejects_file)
-        self._results.writerow(RESULT_FIELDS)
-        self._rejects.writerow(REJECT_FIELDS)
-        self.counts: Counter[str] = Counter()
+        self.run_id, self.dir = new_run_dir(root)
+        self._results = _AtomicFile(self.dir / "results.csv")
+        self._rejects = _AtomicFile(self.dir / "rejects.csv")
+        self._results_csv = csv.writer(self._results.handle)
+        self._rejects_csv = csv.writer(self._rejects.handle)
+        self._write(self._results_csv, list(RESULT_FIELDS))
+        self._write(self._rejects_csv, list(REJECT_FIELDS))
 
     def result(self, row: ResultRow) -> None:
-        # Fields read directly: dataclasses.asdict deep-copies, and it showed in profiles of big resumes.
-        values: list[Any] = [getattr(row, k) for k in RESULT_FIELDS]
-        if row.signature_ok is not None:
-            values[_SIGNATURE_OK_AT] = "true" if row.signature_ok else "false"
-        self._write(self._results, ["" if v is None else v for v in values])
-        self.counts[row.status] += 1
+        self._write(self._results_csv, _result_values(row))
 
-    def reject(self, line: int, user_id: str, reason: str, message: str) -> None:
-        self._write(self._rejects, [line, user_id, reason, message])
-        self.counts[REJECTED] += 1
+    def reject(self, row: RejectRow) -> None:
+        self._write(self._rejects_csv, [row.line, row.user_id, row.reason, row.message])
 
     def _write(self, writer: Any, values: list[Any]) -> None:
         try:
@@ -155,56 +140,59 @@ class RunOutput:
         except OSError as exc:
             raise OutputError(f"can't write to {self.dir}: {exc.strerror}") from exc
 
-    def flush(self) -> None:
-        for handle in (self._results_file, self._rejects_file):
-            handle.flush()
-
     def close(self, summary: Summary) -> Path:
-        """Close the CSVs and write summary.json last, so its presence means the run's outputs are whole."""
-        path = self.dir / "summary.json"
+        """Commit the CSVs, then summary.json last, so its presence means the run's outputs are whole."""
+        self._results.commit()
+        self._rejects.commit()
+        out = _AtomicFile(self.dir / "summary.json")
         try:
-            # Buffered rows reach the disk here: a full disk shows up at close as often as at write.
-            for handle in (self._results_file, self._rejects_file):
-                handle.close()
-            with _open_private(path) as out:
-                json.dump(asdict(summary), out, indent=2, sort_keys=True)
-                out.write("\n")
+            json.dump(asdict(summary), out.handle, indent=2, sort_keys=True)
+            out.handle.write("\n")
         except OSError as exc:
-            raise OutputError(f"can't finish writing {self.dir}: {exc.strerror}. The checkpoint is intact; "
-                              "free some space and re-run") from exc  # fmt: skip
-        return path
+            out.abandon()
+            raise OutputError(f"can't write {out.path}: {exc.strerror}") from exc
+        out.commit()
+        return out.path
+
+    def abandon(self) -> None:
+        """A run that failed: leave no half-written file under a final name (the ledger is whole)."""
+        self._results.abandon()
+        self._rejects.abandon()
 
 
-def write_retry_manifest(root: Path, columns: Mapping[str, str], rows: Iterable[Mapping[str, Any]]) -> Path:
-    """A manifest of checkpoint rows for `backfill retry`, kept beside the runs as a record of what was re-sent."""
+def write_retry_manifest(root: Path, columns: Mapping[str, str], rows: Iterable[Sequence[str]]) -> Path:
+    """A manifest of ledger rows for `backfill retry`, kept beside the runs as a record of what was re-sent."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(root)
     except OSError as exc:
         raise OutputError(f"can't create the output folder {root}: {exc.strerror}") from exc
     path = root / (datetime.now(UTC).strftime("retry-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6] + ".csv")
+    out = _AtomicFile(path)
     try:
-        with _open_private(path) as handle:
-            writer = csv.writer(handle)
-            writer.writerow([columns["user_id"], columns["user_created_at"], columns["image_path"]])
-            writer.writerows([r["user_id"], r["user_created_at"], r["image_path"]] for r in rows)
+        writer = csv.writer(out.handle)
+        writer.writerow([columns["user_id"], columns["user_created_at"], columns["image_path"]])
+        writer.writerows(rows)
     except OSError as exc:
+        out.abandon()
         raise OutputError(f"can't write {path}: {exc.strerror}") from exc
+    out.commit()
     return path
 
 
 def write_export(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], fmt: str, handle: IO[str]) -> int:
-    """Checkpoint rows as CSV (manifest columns first, so it can be fixed and fed back) or JSON lines."""
+    """Ledger rows as CSV (manifest columns first, so it can be fixed and fed back) or JSON lines."""
     count = 0
+    out = _Scrubbed(handle)
     try:
         if fmt == "csv":
-            writer = csv.DictWriter(handle, fieldnames=list(fields))
+            writer = csv.DictWriter(out, fieldnames=list(fields))
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
                 count += 1
         else:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
     except OSError as exc:
         raise OutputError(f"can't write the export: {exc.strerror}") from exc
@@ -213,8 +201,17 @@ def write_export(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], fmt: 
 
 def export_to(path: Path, rows: Iterable[Mapping[str, Any]], fields: Sequence[str], fmt: str) -> int:
     """An export into a new owner-only file; never overwrites (an export is a record)."""
+    if path.exists():
+        raise OutputError(f"{path} exists: an export never overwrites; choose a new --out")
     try:
-        with _open_private(path) as handle:
-            return write_export(rows, fields, fmt, handle)
+        make_private_dirs(path.parent)
     except OSError as exc:
-        raise OutputError(f"can't write {path}: {exc.strerror}") from exc
+        raise OutputError(f"can't create the folder {path.parent}: {exc.strerror}") from exc
+    out = _AtomicFile(path)
+    try:
+        count = write_export(rows, fields, fmt, out.raw)
+    except BaseException:
+        out.abandon()
+        raise
+    out.commit()
+    return count

@@ -1,0 +1,259 @@
+"""The composition root: builds every collaborator of a run from frozen Settings, wires them, and runs it.
+
+The CLI makes one call here per command. Tests call the same functions, or build an `Engine` with collaborators
+of their own (an in-memory ledger, a fake image source).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+from .api.client import Client
+from .config import ENVIRONMENTS, Settings, endpoint_of
+from .errors import CheckpointError, ConfigError
+from .images import ImageSource
+from .images.local import LocalImageSource
+from .ledger import Binding, LedgerRow, LedgerStatus, Store
+from .ledger.sqlite import SqliteStore
+from .manifest import ManifestRules, open_manifest
+from .outputs.files import RunOutput, write_retry_manifest
+from .run import plan
+from .run.engine import Collaborators, Engine, Progress, Sleep
+from .run.records import RejectRow, Summary
+from .vocab import RETRYABLE_STATES, State, parse_states
+
+
+def manifest_rules(settings: Settings) -> ManifestRules:
+    return ManifestRules(
+        user_id_column=settings.columns["user_id"],
+        user_created_at_column=settings.columns["user_created_at"],
+        image_path_column=settings.columns["image_path"],
+        user_id_pattern=settings.user_id_pattern,
+        max_image_bytes=settings.max_image_bytes,
+        images_root=settings.images_root,
+        chunk_rows=settings.chunk_rows,
+    )
+
+
+def binding(settings: Settings) -> Binding:
+    return Binding(partner_id=settings.partner_id, endpoint=settings.endpoint)
+
+
+def image_source(settings: Settings, manifest_path: Path) -> ImageSource:
+    """Photos resolve against the manifest's own folder, as relative paths in a CSV naturally do."""
+    base = Path(manifest_path).absolute().parent
+    return LocalImageSource(base=base, root=settings.images_root, max_bytes=settings.max_image_bytes)
+
+
+async def open_store(settings: Settings, *, writable: bool, bound: bool = True) -> Store:
+    """The ledger the settings name. `bound`: refuse one that belongs to another partner or endpoint."""
+    legacy = {env: endpoint_of(url) for env, url in ENVIRONMENTS.items()}
+    return await SqliteStore.open(
+        settings.checkpoint_path(),
+        binding(settings) if bound else None,
+        writable=writable,
+        legacy_endpoints=legacy,
+    )
+
+
+async def run(
+    settings: Settings,
+    manifest_path: Path,
+    *,
+    progress: Progress | None = None,
+    sleep: Sleep = asyncio.sleep,
+    resend_failed: bool = False,
+    store: Store | None = None,
+    images: ImageSource | None = None,
+    engine_ready: Any = None,
+) -> Summary:
+    """One backfill in the current event loop. `store`/`images` replace the ones the settings would build."""
+    manifest = open_manifest(Path(manifest_path), manifest_rules(settings))
+    own_store = store is None
+    if store is None:
+        # Before the output folder: a locked ledger leaves no litter. A dry run only reads, and may find none.
+        if settings.dry_run:
+            with contextlib.suppress(CheckpointError):
+                store = (
+                    await open_store(settings, writable=False)
+                    if settings.checkpoint_path().exists()
+                    else None
+                )
+        else:
+            store = await open_store(settings, writable=True)
+    images = images or image_source(settings, manifest.path)
+    try:
+        output = RunOutput(settings.out)
+        client = Client(settings.base_url, settings.partner_id, settings.api_key, timeout=settings.timeout,
+                        connect_timeout=settings.connect_timeout, concurrency=settings.concurrency)  # fmt: skip
+        parts = Collaborators(manifest=manifest, store=store, images=images, client=client, sink=output,
+                              run_id=output.run_id, out_dir=str(output.dir))  # fmt: skip
+        engine = Engine(settings, parts, progress=progress, sleep=sleep, resend_failed=resend_failed)
+        if engine_ready is not None:
+            engine_ready(engine)
+        try:
+            async with client:
+                summary = await engine.run()
+        except BaseException:
+            output.abandon()
+            raise
+        output.close(summary)
+        return summary
+    finally:
+        await images.close()
+        if own_store and store is not None:
+            await store.close()
+
+
+def run_blocking(
+    settings: Settings, manifest_path: Path, *, progress: Progress | None = None, resend_failed: bool = False
+) -> Summary:
+    """One backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143)."""
+
+    def ready(engine: Engine) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, engine.interrupt, signum)
+
+    return asyncio.run(
+        run(settings, manifest_path, progress=progress, resend_failed=resend_failed, engine_ready=ready)
+    )
+
+
+def validate(settings: Settings, manifest_path: Path) -> tuple[int, list[RejectRow]]:
+    """(number of valid rows, every reject): every rule, text and image, with no ledger and nothing sent."""
+
+    async def go() -> tuple[int, list[RejectRow]]:
+        manifest = open_manifest(Path(manifest_path), manifest_rules(settings))
+        images = image_source(settings, manifest.path)
+        valid, rejects = 0, []
+        try:
+            for batch in manifest.batches():
+                rejects += [RejectRow(line=r.line, user_id=r.user_id, reason=r.reason, message=r.message)
+                            for r in batch.rejects]  # fmt: skip
+                for d in await plan.decide(batch.candidates, {}, images):
+                    if isinstance(d, plan.Send):
+                        valid += 1
+                    elif d.reason is not None:
+                        rejects.append(
+                            RejectRow(line=d.line, user_id=d.user_id, reason=d.reason, message=d.message)
+                        )
+        finally:
+            await images.close()
+        rejects.sort(key=lambda r: r.line)
+        return valid, rejects
+
+    return asyncio.run(go())
+
+
+def status(settings: Settings) -> LedgerStatus:
+    async def go() -> LedgerStatus:
+        store = await open_store(settings, writable=False, bound=False)
+        try:
+            return await store.status()
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+EXPORT_FIELDS = (
+    "user_id", "user_created_at", "image_path", "state", "in_doubt", "attempts", "http_status", "result_code",
+    "result_text", "smile_job_id", "job_id", "photo_sha256", "first_attempt_at", "last_attempt_at",
+    "finished_at", "run_id",
+)  # fmt: skip
+
+
+def export_fields(settings: Settings) -> tuple[str, ...]:
+    """The export's columns: the manifest's three under the names `run` with the same settings reads."""
+    names = {"user_id": settings.columns["user_id"], "user_created_at": settings.columns["user_created_at"],
+             "image_path": settings.columns["image_path"]}  # fmt: skip
+    return tuple(names.get(f, f) for f in EXPORT_FIELDS)
+
+
+def _export_row(row: LedgerRow, fields: tuple[str, ...]) -> dict[str, Any]:
+    values = (
+        row.user_id, row.user_created_at, row.image_ref, row.state.value, row.in_doubt, row.attempts,
+        row.http_status, row.result_code, row.result_text, row.smile_job_id, row.job_id, row.photo_sha256,
+        row.first_attempt_at, row.last_attempt_at, row.finished_at, row.run_id,
+    )  # fmt: skip
+    return dict(zip(fields, values, strict=True))
+
+
+def parse_status_names(
+    raw: str, *, allowed: frozenset[State] = frozenset(State), what: str = "exported"
+) -> list[State]:
+    try:
+        return parse_states(raw, allowed=allowed, what=what)
+    except ValueError as exc:
+        raise ConfigError("--status", "the command line", str(exc), "correct the state names") from None
+
+
+def export_rows(settings: Settings, states: Collection[State] | None) -> Iterator[dict[str, Any]]:
+    """Every ledger row (or those in `states`), streamed, as export dicts. Opens the ledger before yielding."""
+    fields = export_fields(settings)
+    loop = asyncio.new_event_loop()
+    store = loop.run_until_complete(open_store(settings, writable=False, bound=False))
+
+    def rows() -> Iterator[dict[str, Any]]:
+        source: AsyncIterator[LedgerRow] = store.rows(states)
+        try:
+            while True:
+                try:
+                    row = loop.run_until_complete(anext(source))
+                except StopAsyncIteration:
+                    return
+                yield _export_row(row, fields)
+        finally:
+            loop.run_until_complete(store.close())
+            loop.close()
+
+    return rows()
+
+
+def retry(
+    settings: Settings, states: Collection[State], *, progress: Progress | None = None
+) -> Summary | None:
+    """`backfill retry`: re-send ledger rows in `states` through a run, with every guarantee of `run`.
+
+    The ledger is locked first, so a retry refused as "in use" leaves no record of a send that never happened;
+    with nothing to retry, no run folder is made (None).
+    """
+    wrong = set(states) - RETRYABLE_STATES
+    if wrong or not states:
+        raise _bad_states(wrong)
+
+    async def go() -> Summary | None:
+        store = await open_store(settings, writable=True)
+        try:
+            chosen = [r async for r in store.rows(states)]
+            if not chosen:
+                return None
+            path = write_retry_manifest(
+                settings.out, settings.columns,
+                ([r.user_id, r.user_created_at or "", r.image_ref or ""] for r in chosen),
+            )  # fmt: skip
+            loop = asyncio.get_running_loop()
+
+            def ready(engine: Engine) -> None:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(signum, engine.interrupt, signum)
+
+            return await run(settings, path, progress=progress, resend_failed=State.FAILED in states, store=store,
+                             engine_ready=ready)  # fmt: skip
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _bad_states(wrong: Collection[State]) -> Exception:
+    return ConfigError(
+        "--status", "the command line", f"{', '.join(sorted(wrong)) or 'nothing'} can't be retried",
+        f"name some of {', '.join(sorted(RETRYABLE_STATES))}",
+    )  # fmt: skip

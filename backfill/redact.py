@@ -1,0 +1,28 @@
+"""The last line of defence for secrets: every secret value the process has seen is scrubbed from what it writes."""
+
+from __future__ import annotations
+
+import threading
+
+MASK = "***"
+# Shorter values are too likely to occur by chance in ordinary text (and are refused as API keys anyway).
+_MIN_LENGTH = 4
+_values: set[str] = set()
+_lock = threading.Lock()
+
+
+def register(value: str) -> None:
+    """Remember a secret so `scrub` removes it from any text, wherever that text came from."""
+    if len(value) >= _MIN_LENGTH:
+        with _lock:
+            _values.add(value)
+
+
+def scrub(text: str) -> str:
+    """`text` with every registered secret replaced by ***; the longest first, so none leaves a fragment."""
+    if not _values:
+        return text
+    for value in sorted(_values, key=len, reverse=True):
+        if value in text:
+            text = text.replace(value, MASK)
+    return text

@@ -1,0 +1,132 @@
+"""The resume decision: for each candidate row, send it, settle it from the ledger, or reject it, and why.
+
+The ledger is asked first, so a row already done with an unchanged photo costs one stat and no read: resuming
+a finished million-row job reads no image. Only rows that may be sent get the full image checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..images import Fingerprint, ImageError, ImageProblem, ImageSource
+from ..ledger import LedgerRow
+from ..manifest import Candidate
+from ..vocab import DONE_STATES, Reason, State, Status
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Send:
+    """A row to send: its checked photo's fingerprint, and what the ledger knew of it (None: a new ID)."""
+
+    line: int
+    user_id: str
+    user_created_at: str
+    image: str
+    fingerprint: Fingerprint
+    known: LedgerRow | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settle:
+    """A row settled without sending: a status (or a reject's reason) and a message saying why."""
+
+    line: int
+    user_id: str
+    status: Status  # REJECTED with `reason` set, or a status for results.csv
+    message: str
+    reason: Reason | None = None
+    known: LedgerRow | None = None
+
+
+Decision = Send | Settle
+
+
+async def decide(
+    candidates: Sequence[Candidate],
+    known: Mapping[str, LedgerRow],
+    images: ImageSource,
+    *,
+    resend_failed: bool = False,
+) -> list[Decision]:
+    """One decision per candidate, in order. `resend_failed`: `retry --status failed`, send even unchanged."""
+    decisions: list[Decision | None] = [None] * len(candidates)
+    to_check: list[int] = []
+    to_compare: list[int] = []
+    for i, c in enumerate(candidates):
+        k = known.get(c.user_id)
+        if k is None or k.state not in (*DONE_STATES, State.ID_CONFLICT, State.FAILED):
+            to_check.append(i)
+        elif k.state is State.ID_CONFLICT:
+            message = "the ID is held by another user on Smile ID; not sent again. A person must look"
+            decisions[i] = Settle(
+                line=c.line, user_id=c.user_id, status=Status.ID_CONFLICT, message=message, known=k
+            )
+        elif k.state is State.FAILED and resend_failed:
+            to_check.append(i)  # named for a resend: the partner fixed what failed
+        else:
+            to_compare.append(i)  # done or failed: is the manifest's photo still the one sent?
+
+    if to_compare:
+        prints = await images.fingerprint_many([candidates[i].image for i in to_compare])
+        for i, found in zip(to_compare, prints, strict=True):
+            decision = await _compare(candidates[i], known[candidates[i].user_id], found, images)
+            if decision is None:
+                to_check.append(i)
+            else:
+                decisions[i] = decision
+    if to_check:
+        to_check.sort()
+        checked = await images.check_many([candidates[i].image for i in to_check])
+        for i, found in zip(to_check, checked, strict=True):
+            c = candidates[i]
+            k = known.get(c.user_id)
+            if isinstance(found, ImageProblem):
+                decisions[i] = Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED,
+                                      message=found.message, reason=found.reason, known=k)  # fmt: skip
+            else:
+                decisions[i] = Send(line=c.line, user_id=c.user_id, user_created_at=c.user_created_at,
+                                    image=c.image, fingerprint=found, known=k)  # fmt: skip
+    return [d for d in decisions if d is not None]
+
+
+async def _compare(
+    c: Candidate, k: LedgerRow, found: Fingerprint | ImageProblem, images: ImageSource
+) -> Decision | None:
+    """A done or failed row: settle it if its photo is the one pinned; None to check and send it after all."""
+    done = k.state in DONE_STATES
+    if isinstance(found, ImageProblem):
+        if done:
+            # Nothing is sent for an enrolled user, so its photo may be gone: a nightly cron must not fail on it.
+            message = f"already {k.state} in the ledger; not sent again (its photo is no longer usable: {found.reason})"
+            return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
+        return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=found.message,
+                      reason=found.reason, known=k)  # fmt: skip
+    same = found == k.fingerprint
+    if not same and k.photo_sha256 is None:
+        return None  # a verified "not enrolled" released the pin: a fixed photo may be sent for this ID
+    if not same:
+        # Changed by the quick check: only the bytes can say whether it is another photo.
+        try:
+            same = (await images.read(found)).sha256 == k.photo_sha256
+        except ImageError as exc:
+            if done:
+                message = f"already {k.state} in the ledger; not sent again ({exc.problem.reason})"
+                return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
+            return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=exc.problem.message,
+                          reason=exc.problem.reason, known=k)  # fmt: skip
+    if not same:
+        return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, reason=Reason.USER_ID_REUSED,
+                      message=reused_message(c.user_id, k), known=k)  # fmt: skip
+    if done:
+        message = f"already {k.state} in the ledger; not sent again"
+        return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
+    message = f"failed permanently earlier ({k.result_code or 'no code'}); fix the image or use another ID"
+    return Settle(line=c.line, user_id=c.user_id, status=Status.FAILED, message=message, known=k)
+
+
+def reused_message(user_id: str, k: LedgerRow) -> str:
+    return (
+        f"user_id {user_id!r} was already sent with a different photo ({k.image_ref}); an ID is never reused "
+        "for another user. Give this user a new user_id, or restore the original image"
+    )

@@ -1,0 +1,65 @@
+"""What the engine hands its outputs: one record per row settled, rejected or sent, and the run's summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..vocab import Reason, Status
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultRow:
+    user_id: str
+    status: Status
+    http_status: int | None = None
+    result_code: str = ""
+    result_text: str = ""
+    smile_job_id: str = ""
+    job_id: str = ""
+    attempts: int = 0  # made in this run
+    signature_ok: bool | None = None
+    error: str = ""
+    finished_at: str = ""
+    latency_ms: int | None = None  # the last attempt's round trip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectRow:
+    line: int  # as a spreadsheet numbers it: the header is line 1
+    user_id: str
+    reason: Reason
+    message: str
+
+
+class Sink(Protocol):
+    """Where every row ends: exactly one call per manifest row, `result` or `reject`."""
+
+    def result(self, row: ResultRow) -> None: ...
+    def reject(self, row: RejectRow) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Summary:
+    run_id: str
+    out_dir: str
+    manifest: str
+    ledger: str
+    env: str
+    base_url: str
+    started_at: str
+    finished_at: str
+    duration_s: float
+    total_rows: int
+    counts: dict[str, int]
+    rejected: int
+    sent: int  # rows with at least one attempt in this run
+    attempts: int
+    new_rows: int  # rows whose first attempt ever was made in this run: in a nightly run, the day's new users
+    retries: int  # attempts beyond each row's first in this run
+    not_reached: int
+    rows_per_s: float
+    exit_code: int
+    stop_reason: str = ""
+    dry_run: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,208 @@
+"""Sending one row: its attempts, each taking a rate slot, reading the photo, being recorded, then posted."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from tenacity import RetryCallState
+
+from ..api.answers import Verdict
+from ..api.client import Client
+from ..images import ImageError, ImageSource
+from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store
+from ..ledger.sqlite import now_iso
+from ..vocab import Kind, Reason, State, Status
+from .crash import Boundary, CrashPoints
+from .plan import Send, reused_message
+from .policy import RetryPolicy
+from .rate import RateGate
+from .settle import final_status, ledger_state
+
+log = logging.getLogger("backfill")
+
+
+@dataclass(slots=True, kw_only=True)
+class Sent:
+    """How one row ended: a status (REJECTED with a reason when nothing could be sent) and its last answer."""
+
+    status: Status
+    verdict: Verdict | None = None
+    attempts: int = 0  # made in this run
+    first_ever: bool = False  # this run made the ID's very first attempt
+    latency_ms: int | None = None
+    reason: Reason | None = None
+    message: str = ""
+
+
+@dataclass(slots=True)
+class _Row:
+    send: Send
+    attempts: int = 0
+    first_ever: bool = False
+    latency_ms: int | None = None
+    last: Sent | None = None  # set when an attempt ended the row without an answer to return
+
+
+class _Ended(Exception):
+    """An attempt that ended its row before anything was sent (a pinned photo, an unreadable image, a stop)."""
+
+
+class Sender:
+    """Everything one row's sending needs, injected; `send` is the whole of a row's attempts."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        images: ImageSource,
+        client: Client,
+        gate: RateGate,
+        policy: RetryPolicy,
+        crash: CrashPoints,
+        run_id: str,
+        stopping: Callable[[], bool],
+        nap: Callable[[float], Awaitable[None]],
+        on_systemic: Callable[[Verdict], None],
+        event: Callable[..., None],
+    ) -> None:
+        self._store, self._images, self._client, self._gate = store, images, client, gate
+        self._policy, self._crash, self._run_id = policy, crash, run_id
+        self._stopping, self._nap, self._on_systemic, self._event = stopping, nap, on_systemic, event
+        self.attempts = 0  # in this run, every row
+
+    async def send(self, row: Send) -> Sent | None:
+        """The row's end, or None when a stop came before its first attempt left (it was not reached)."""
+        work = _Row(row)
+        retrying = self._policy.retrying(
+            stopping=self._stopping, sleep=self._nap, before_sleep=self._retrying
+        )
+        try:
+            verdict: Verdict = await retrying(self._attempt, work)
+        except _Ended:
+            return work.last
+        # No `last`: the attempt settled as "to be tried again", then a stop came before the retry.
+        return work.last or Sent(
+            status=Status.PENDING, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
+            latency_ms=work.latency_ms,
+        )  # fmt: skip
+
+    async def _attempt(self, work: _Row) -> Verdict:
+        row = work.send
+        # The rate slot first, then the photo, then the record: a row that waits holds nothing in doubt.
+        await self._gate.wait_turn(self._nap)
+        if self._stopping():
+            work.last = self._not_sent(work)
+            raise _Ended
+        try:
+            photo = await self._images.read(row.fingerprint)
+        except ImageError as exc:
+            work.last = self._reject(work, exc.problem.reason, f"at send time: {exc.problem.message}")
+            raise _Ended from None
+        self._crash.reached(Boundary.WAITING)
+        ticket = await self._store.begin_attempt(
+            AttemptRequest(
+                user_id=row.user_id,
+                photo_sha256=photo.sha256,
+                fingerprint=photo.fingerprint,
+                user_created_at=row.user_created_at,
+                run_id=self._run_id,
+                at=now_iso(),
+            )
+        )
+        if isinstance(ticket, Refused):
+            work.last = self._refused(work, ticket)
+            raise _Ended
+        # Recorded means sent: a stop arriving from here on still lets this request go.
+        self._crash.reached(Boundary.AFTER_ATTEMPT)
+        work.attempts += 1
+        work.first_ever = work.first_ever or ticket.number == 1
+        self.attempts += 1
+        self._crash.reached(Boundary.IN_FLIGHT)
+        sent_at = time.perf_counter()
+        verdict = await self._client.send_photo(row.user_id, row.user_created_at, photo.data)
+        work.latency_ms = round((time.perf_counter() - sent_at) * 1000)
+        del photo
+        if verdict.http_status == 429 and verdict.retry_after is not None:
+            paused = self._gate.pause(verdict.retry_after)
+            if paused is not None:
+                self._event(
+                    logging.WARNING, "rate_lowered",
+                    f"the API asked us to slow down (429): all requests pause for {paused:g}s",
+                    pause_s=paused, http_status=429,
+                )  # fmt: skip
+        if verdict.kind is Kind.SYSTEMIC:
+            self._on_systemic(verdict)
+        again = self._policy.should_retry(verdict, attempt=work.attempts, stopping=self._stopping())
+        status = (
+            Status.PENDING
+            if again
+            else final_status(verdict, doubt_before=ticket.doubt_before, stopped=self._stopping())
+        )
+        self._crash.reached(Boundary.BEFORE_OUTCOME)
+        settled = await self._store.settle(
+            Outcome(
+                user_id=row.user_id,
+                attempt=ticket.number,
+                state=ledger_state(status),
+                may_have_enrolled=verdict.may_have_enrolled,
+                proves_not_enrolled=verdict.proves_not_enrolled,
+                http_status=verdict.http_status,
+                result_code=verdict.result_code,
+                result_text=verdict.result_text,
+                smile_job_id=verdict.smile_job_id,
+                job_id=verdict.job_id,
+                at=now_iso(),
+            )
+        )
+        if settled is Settled.FENCED:
+            self._event(logging.WARNING, "outcome_fenced",
+                        f"{row.user_id}: the ledger refused attempt {ticket.number}'s outcome {status}",
+                        user_id=row.user_id, attempt=ticket.number, status=status)  # fmt: skip
+        if not again:
+            work.last = Sent(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
+                             latency_ms=work.latency_ms)  # fmt: skip
+        return verdict
+
+    def _not_sent(self, work: _Row) -> Sent | None:
+        """A stop before this attempt left: nothing more of the row goes; it stays as the ledger has it."""
+        if work.attempts == 0:
+            return None
+        return work.last or Sent(status=Status.PENDING, attempts=work.attempts, first_ever=work.first_ever,
+                                 latency_ms=work.latency_ms, message="stopped before the next attempt")  # fmt: skip
+
+    def _reject(self, work: _Row, reason: Reason, message: str) -> Sent:
+        if work.attempts:
+            # An earlier attempt of this run went out: the row ends as the ledger has it, with the reason told.
+            return Sent(status=Status.FAILED, attempts=work.attempts, first_ever=work.first_ever,
+                        latency_ms=work.latency_ms, message=message)  # fmt: skip
+        return Sent(status=Status.REJECTED, reason=reason, message=message)
+
+    def _refused(self, work: _Row, refused: Refused) -> Sent:
+        if refused.why is Refusal.PHOTO_PINNED:
+            message = reused_message(refused.user_id, refused.row) + " (the bytes about to be sent differ)"
+            return self._reject(work, Reason.USER_ID_REUSED, message)
+        status = Status.ID_CONFLICT if refused.row.state is State.ID_CONFLICT else Status.SKIPPED
+        return Sent(status=status, attempts=work.attempts, first_ever=work.first_ever,
+                    message=f"already {refused.row.state} in the ledger; not sent")  # fmt: skip
+
+    def _retrying(self, state: RetryCallState) -> None:
+        verdict = state.outcome.result() if state.outcome is not None and not state.outcome.failed else None
+        work = state.args[0] if state.args else None
+        if isinstance(verdict, Verdict) and isinstance(work, _Row):
+            wait = state.upcoming_sleep
+            self._event(
+                logging.INFO, "retry_scheduled",
+                f"{work.send.user_id}: attempt {work.attempts} got {describe(verdict)}; retrying in {wait:.2f}s",
+                user_id=work.send.user_id, attempt=work.attempts, wait_s=round(wait, 3), reason=describe(verdict),
+            )  # fmt: skip
+
+
+def describe(verdict: Verdict) -> str:
+    if verdict.result_code:
+        return f"{verdict.result_code} {verdict.result_text or verdict.error}".strip()
+    if verdict.http_status:
+        return f"HTTP {verdict.http_status}"
+    return verdict.error or "no answer"

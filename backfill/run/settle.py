@@ -1,0 +1,29 @@
+"""The final status of a row from its last answer; the 2209 rule lives here and nowhere else."""
+
+from __future__ import annotations
+
+from ..api.answers import Verdict
+from ..vocab import Kind, State, Status
+
+
+def final_status(verdict: Verdict, *, doubt_before: bool, stopped: bool) -> Status:
+    """`doubt_before`: the ledger's word that an earlier attempt of ours may have enrolled this user."""
+    doubt_after = doubt_before or verdict.may_have_enrolled
+    if verdict.kind is Kind.ENROLLED:
+        return Status.ENROLLED
+    if verdict.kind is Kind.ALREADY:
+        # The 2209 rule: "already enrolled" is ours only if our own earlier request may have reached the
+        # server; otherwise someone else holds the ID, which a person must look at.
+        return Status.ALREADY_ENROLLED if doubt_before else Status.ID_CONFLICT
+    if verdict.kind is Kind.PERMANENT:
+        return Status.FAILED
+    if verdict.kind is Kind.UNVERIFIED or doubt_after:
+        return Status.UNKNOWN
+    if verdict.kind is Kind.SYSTEMIC or stopped:
+        return Status.PENDING
+    return Status.RETRY_EXHAUSTED
+
+
+def ledger_state(status: Status) -> State:
+    """The ledger state a sent row's status is recorded as (a run-only status never reaches the ledger)."""
+    return State(status.value)

@@ -1,0 +1,60 @@
+"""Why and how a run stops: the first reason wins, a failure outranks a planned stop, a second signal leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+
+class Stops:
+    def __init__(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.reason = ""
+        self.code = 0
+        self._signals = 0
+        self._sleep = sleep
+        self._event: asyncio.Event | None = None
+
+    @property
+    def event(self) -> asyncio.Event:
+        if self._event is None:  # made lazily: the object may be built outside the run's event loop
+            self._event = asyncio.Event()
+        return self._event
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.reason)
+
+    def stop(self, reason: str, code: int) -> None:
+        """Stop taking new rows; in-flight requests finish and are recorded.
+
+        The first reason wins, except that a failure (a systemic answer, a full disk) outranks a planned stop
+        (--max-duration, exit 0): the exit code must still tell cron something is wrong.
+        """
+        if not self.reason or (self.code == 0 and code != 0):
+            self.reason, self.code = reason, code
+        if self._event is not None:
+            self._event.set()
+
+    def interrupt(self, signum: int) -> None:
+        code = 128 + signum
+        self._signals += 1
+        if self._signals > 1:
+            # Second signal: leave now. Every attempt is already recorded; resume reconciles the rest.
+            os._exit(code)
+        # A signal outranks an earlier stop's reason: the operator asked, and the exit code should say so.
+        self.reason, self.code = f"interrupted by {signal.Signals(signum).name}", code
+        self.event.set()
+
+    async def nap(self, seconds: float) -> None:
+        """Sleep, but wake at once on a stop: a long backoff or Retry-After must not hold up a shutdown."""
+        if self.stopping:
+            return
+        nap = asyncio.ensure_future(self._sleep(seconds))
+        stop = asyncio.ensure_future(self.event.wait())
+        try:
+            await asyncio.wait({nap, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (nap, stop):
+                task.cancel()
