@@ -372,8 +372,8 @@ def test_text_from_the_body_is_bounded_and_never_shows_the_key_or_a_signature() 
     limit=st.integers(1, 120),
 )
 def test_printable_never_shows_any_part_of_the_secret(before: str, after: str, limit: int) -> None:
-    """Found in review: a base64 run swallowing the secret's first letters left the rest of it on show; a
-    window cut mid-secret could leave a prefix. No character of this secret occurs in the text around it."""
+    """Found in review: redacting, then cutting, let a hidden base64 run's shrinking pull the prefix of a
+    secret cut off at the window's end into view. No character of this secret occurs in the text around it."""
     secret = "XYZ-789_XYZ-789"
     shown = printable(before + secret + after, secret=secret, limit=limit)
     assert not set(shown) & set(secret) and len(shown) <= max(limit, 3)
@@ -384,6 +384,7 @@ def test_printable() -> None:
     assert len(printable("word " * 200)) == SHOWN_MAX and printable("word " * 200).endswith("…")
     assert printable("sig " + "A" * 43 + "= end") == "sig *** end"  # a signature's shape is never shown
     assert printable("pre SECRET post", secret="SECRET") == "pre *** post"
+    assert printable("a" * 100 + " " * 34 + "XYZ-789", secret="XYZ-789", limit=60) == "***…"
 
 
 # --- Retry-After ----------------------------------------------------------------------------------

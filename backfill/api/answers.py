@@ -130,17 +130,16 @@ def classify_answer(
     """
     secret = api_key.reveal()
     pause = parse_retry_after(retry_after)
-    where = url_for_messages(url)
     payload = _json_object(body) if complete else None
     if payload is None:
-        return _unreadable(status, body, pause, where, secret, oversized=not complete)
+        return _unreadable(status, body, pause, url, secret, oversized=not complete)
     if 200 <= status < 300 and "ResultCode" in payload:
         return _classify_result(payload, status, user_id=user_id, partner_id=partner_id, secret=secret)
     code = _error_code(payload.get("code"), secret) or _error_code(payload.get("ResultCode"), secret)
     text = _text(payload.get("error"), secret) or _text(payload.get("ResultText"), secret)
     if not code:
         # The API's own error bodies always carry a code; JSON without one came from something else.
-        return _unreadable(status, body, pause, where, secret, oversized=False)
+        return _unreadable(status, body, pause, url, secret, oversized=False)
     said = f"HTTP {status} code {code}" + (f": {text}" if text else "")
     decided = _by_error_code(code, status, text, pause, said)
     if decided is not None:
@@ -196,6 +195,10 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def printable(text: str, *, secret: str = "", limit: int = SHOWN_MAX) -> str:
     """`text` made safe to show: never `secret` or a signature-like run, one line, at most `limit` chars."""
+    # The API's own codes, IDs and texts are short and clean: every answer pays for what follows, so skip it.
+    short = len(text) < min(limit, 40)
+    if short and text.isprintable() and " ".join(text.split()) == text and not (secret and secret in text):
+        return text
     # Hidden spans are found in a window long enough to hold any that starts inside what is shown, and marked
     # by position, so neither a cut nor an overlap between a secret and a base64 run can leave part of one.
     window = text[: limit + len(secret) + 64]
@@ -215,7 +218,7 @@ def printable(text: str, *, secret: str = "", limit: int = SHOWN_MAX) -> str:
         )
     else:
         kept = window[:limit]
-    shown = _UNPRINTABLE.sub(" ", kept).strip()
+    shown = " ".join(_UNPRINTABLE.sub(" ", kept).split())  # one line, one space at a time
     if len(text) > limit or len(shown) > limit:
         shown = shown[: limit - 1].rstrip() + "…"
     return shown
@@ -309,9 +312,10 @@ def _transient(
 
 
 def _unreadable(
-    status: int, body: bytes, pause: float | None, where: str, secret: str, *, oversized: bool
+    status: int, body: bytes, pause: float | None, url: str, secret: str, *, oversized: bool
 ) -> Verdict:
     """An answer that isn't the API's JSON: a proxy's page, a wrong URL, a success without a result."""
+    where = url_for_messages(url)
     said = f"HTTP {status}" + (f" from {where}" if where else "")
     said += ", an answer too large to read" if oversized else ", not the API's JSON answer"
     snippet = _snippet(body, secret)
@@ -330,8 +334,10 @@ def _unreadable(
     if 300 <= status < 400:
         # The API never redirects, and redirects aren't followed (that would send the photo elsewhere): every
         # row would get the same. Only 303 ("see other") says the request was acted on.
-        why = "the API doesn't redirect; " + _CHECK_BASE_URL + " (https://, not http://)"
-        return verdict(Kind.SYSTEMIC, status == 303, f"{said}; {why}{seen}")
+        moved = f"HTTP {status} from {where}" if where else f"HTTP {status}"
+        why = "a redirect, which the API never sends; check --base-url (https://, the API root, ending /v1)"
+        error = f"{moved}: {why} and any proxy between here and the API{seen}"
+        return verdict(Kind.SYSTEMIC, status == 303, error)
     if 400 <= status < 500:
         return verdict(Kind.PERMANENT, False, said + seen)  # refused before the API acted on it
     # A 2xx (or 1xx) we can't read: the server may have acted on it.

@@ -105,6 +105,10 @@ class Client:
         # client's biggest cost after the request itself (benchmarks/README.md). Same bytes as json.dumps.
         return b"".join((head[:-1], b',"photo":"', photo_b64, b'"}'))
 
+    def photo_body(self, user_id: str, user_created_at: str, photo: bytes) -> bytes:
+        """The signed body for the image's raw bytes: what a dry run builds, and what send_photo posts."""
+        return self.body(user_id, user_created_at, base64.b64encode(photo))
+
     async def send_photo(self, user_id: str, user_created_at: str, photo: bytes) -> Verdict:
         """One signed attempt with the image's raw bytes, base64-encoded here once."""
         return await self.send(user_id, user_created_at, base64.b64encode(photo))
