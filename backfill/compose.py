@@ -100,7 +100,7 @@ async def run(
             async with client:
                 summary = await engine.run()
         except BaseException:
-            output.abandon()
+            output.close_incomplete()
             raise
         output.close(summary)
         return summary

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backfill.run.crash import CRASH_BOUNDARIES, CRASH_ENV
-from backfill.vocab import DONE_STATES
+from backfill.vocab import DONE_STATES, TERMINAL_STATES, State
 
 from .conftest import png_bytes
 
@@ -57,6 +57,14 @@ class Audit:
     sandbox_restarts: int = 0
     requests: int = 0
     sent_after_enrolled: list[str] = field(default_factory=list)
+    # IDs the ledger held as id_conflict (terminal: someone else's) that a later run still sent.
+    sent_after_conflict: list[str] = field(default_factory=list)
+    # Foreign IDs sent by a client run that was then killed: it may have died before hearing or recording the
+    # 2209, so the promise lets a resume read that 2209 as ours.
+    foreign_sent_in_killed_run: set[str] = field(default_factory=set)
+    # Foreign IDs a killed run left SENDING in the ledger: recorded, perhaps not yet on the wire (the
+    # after_attempt window), which the ledger must count as "may have reached the server".
+    foreign_left_sending_by_kill: set[str] = field(default_factory=set)
 
 
 def free_port() -> int:
@@ -67,13 +75,20 @@ def free_port() -> int:
 
 
 class CrashRig:
-    def __init__(self, folder: Path, rows: int, chaos: Chaos, seed: int) -> None:
+    """`foreign`: how many of the `rows` valid manifest IDs another partner user already holds on the sandbox."""
+
+    def __init__(self, folder: Path, rows: int, chaos: Chaos, seed: int, *, foreign: int = 0) -> None:
         self.folder = folder
         self.chaos = chaos
         self.rng = random.Random(seed)
         self.seed = seed
         self.valid_ids = [f"u{i:06d}" for i in range(rows)]
         self.manifest = self._write_manifest()
+        # Named like every other ID, so nothing but the ledger's own attempt records can tell them apart.
+        self.foreign_ids = frozenset(self.rng.sample(self.valid_ids, foreign)) if foreign else frozenset()
+        self.own_ids = [u for u in self.valid_ids if u not in self.foreign_ids]
+        self.foreign_file = folder / "foreign-ids.txt"
+        self.foreign_file.write_text("".join(f"{u}\n" for u in sorted(self.foreign_ids)))
         self.checkpoint = folder / "checkpoint.sqlite"
         self.out = folder / "out"
         self.state_file = folder / "sandbox-state.jsonl"
@@ -83,6 +98,7 @@ class CrashRig:
         self.sandbox: subprocess.Popen[bytes] | None = None
         self.audit = Audit()
         self.last_output = ""
+        self.last_log_start = 0  # where the latest run's requests begin in the request log
         self.env = {
             **os.environ,
             "SMILE_PARTNER_ID": PARTNER_ID,
@@ -121,6 +137,9 @@ class CrashRig:
             "--seed", str(self.rng.randrange(1 << 30)), "--state-file", str(self.state_file),
             "--request-log", str(self.request_log),
         ]  # fmt: skip
+        if self.foreign_ids:
+            # An explicit set, so every restart's new --seed keeps the same IDs foreign.
+            command += ["--foreign-ids", str(self.foreign_file)]
         self.sandbox = subprocess.Popen(
             command, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
         )
@@ -155,6 +174,7 @@ class CrashRig:
     ) -> int | None:
         """One `backfill run`; returns its exit code, or None when it was killed."""
         held = self.enrolled_in_checkpoint()
+        conflicts = self.states_in_checkpoint({State.ID_CONFLICT})
         log_start = self.request_log.stat().st_size if self.request_log.exists() else 0
         env = dict(self.env)
         if crash_at:
@@ -202,18 +222,27 @@ class CrashRig:
                 self.audit.boundary_kills[crash_at.partition(":")[0]] += 1
         elif code not in expect:
             raise AssertionError(f"backfill run exited {code}: {err.decode()[-2000:]}")
-        self._check_sends(held, log_start)
+        self.last_log_start = log_start
+        self._check_sends(held, conflicts, log_start, killed=killed)
         return None if killed else code
 
-    def _check_sends(self, held: set[str], log_start: int) -> None:
+    def _check_sends(self, held: set[str], conflicts: set[str], log_start: int, *, killed: bool) -> None:
+        sent = set()
         for record in self._log_records(log_start):
             if record["event"] != "request":
                 continue
             self.audit.requests += 1
-            if record["user_id"] in held:
-                self.audit.sent_after_enrolled.append(record["user_id"])
+            user_id = record["user_id"]
+            sent.add(user_id)
+            if user_id in held:
+                self.audit.sent_after_enrolled.append(user_id)
+            if user_id in conflicts:
+                self.audit.sent_after_conflict.append(user_id)
+        if killed and self.foreign_ids:
+            self.audit.foreign_sent_in_killed_run |= sent & self.foreign_ids
+            self.audit.foreign_left_sending_by_kill |= self.states_in_checkpoint({State.SENDING}) & self.foreign_ids
 
-    def _log_records(self, start: int = 0) -> list[dict[str, str]]:
+    def _log_records(self, start: int = 0) -> list[dict[str, str | bool]]:
         if not self.request_log.exists():
             return []
         with self.request_log.open("rb") as handle:
@@ -250,12 +279,12 @@ class CrashRig:
     def _finished(self, summary: dict[str, object]) -> bool:
         counts = summary["counts"]
         assert isinstance(counts, dict)
-        return summary["not_reached"] == 0 and set(counts) <= {
-            "enrolled",
-            "already_enrolled",
-            "skipped",
-            "rejected",
-        }
+        ends = {"enrolled", "already_enrolled", "skipped", "rejected"}
+        if self.foreign_ids:
+            # A foreign ID's right end is id_conflict: a run can finish with some (and exits 1 for them);
+            # verify() checks that only foreign IDs are among them.
+            ends.add("id_conflict")
+        return summary["not_reached"] == 0 and set(counts) <= ends
 
     def last_summary(self) -> dict[str, object]:
         runs = sorted(self.out.glob("*/summary.json"))
@@ -265,12 +294,53 @@ class CrashRig:
     # --- the audit ---
 
     def enrolled_in_checkpoint(self) -> set[str]:
+        return self.states_in_checkpoint(DONE_STATES)
+
+    def states_in_checkpoint(self, states: Collection[State]) -> set[str]:
+        """The IDs the ledger holds in any of `states` (read by a plain sqlite3 reader, as a person would)."""
+        return {user_id for user_id, row in self.ledger_rows().items() if row["state"] in states}
+
+    def ledger_rows(self) -> dict[str, dict[str, object]]:
+        """Every ledger row as the sqlite `users` table holds it, by user_id."""
         if not self.checkpoint.exists():
-            return set()
-        with sqlite3.connect(self.checkpoint) as conn:
-            marks = ",".join("?" * len(DONE_STATES))
-            rows = conn.execute(f"SELECT user_id FROM users WHERE state IN ({marks})", tuple(DONE_STATES))
-            return {r[0] for r in rows}
+            return {}
+        conn = sqlite3.connect(self.checkpoint)
+        try:
+            conn.row_factory = sqlite3.Row
+            try:
+                rows = conn.execute("SELECT * FROM users").fetchall()
+            except sqlite3.OperationalError:
+                return {}  # killed before the schema was made
+            return {row["user_id"]: dict(row) for row in rows}
+        finally:
+            conn.close()
+
+    def requests_by_user(self, start: int = 0) -> Counter[str]:
+        """How many requests the sandbox received per user_id, from byte `start` of its request log on."""
+        return Counter(
+            str(r["user_id"]) for r in self._log_records(start) if r["event"] == "request"
+        )
+
+    def foreign_answers_lost(self) -> set[str]:
+        """Foreign IDs with a request whose answer the sandbox never wrote, or wrote as a fault (not 2209).
+
+        Faults a foreign ID can meet here: a reset before processing, a 500/502/503, or the sandbox killed
+        mid-request; "slow" and "reset_after" only follow an enrollment, which a foreign ID never gets.
+        """
+        requests: Counter[str] = Counter()
+        answers: Counter[str] = Counter()
+        faulted = set()
+        for r in self._log_records():
+            user_id = str(r["user_id"])
+            if user_id not in self.foreign_ids:
+                continue
+            if r["event"] == "request":
+                requests[user_id] += 1
+            else:
+                answers[user_id] += 1
+                if r.get("answer") != "2209":
+                    faulted.add(user_id)
+        return faulted | {u for u, n in requests.items() if n > answers[u]}
 
     def _check_no_secrets_or_photos(self) -> None:
         """The key and photo bytes never reach anything the tool wrote: outputs, checkpoint, logs."""
@@ -293,11 +363,16 @@ class CrashRig:
         assert duplicates == 0, (
             f"enrolled twice on the sandbox: {[u for u, n in enrolled_counts.items() if n > 1]}"
         )
-        assert set(enrolled_counts) == set(self.valid_ids), (
+        enrolled_foreign = sorted(set(enrolled_counts) & self.foreign_ids)
+        assert not enrolled_foreign, f"the sandbox enrolled foreign IDs: {enrolled_foreign[:5]}"
+        assert set(enrolled_counts) == set(self.own_ids), (
             "the sandbox's enrolled users are not the valid rows"
         )
         assert not self.audit.sent_after_enrolled, (
             f"sent after enrolled: {self.audit.sent_after_enrolled[:5]}"
+        )
+        assert not self.audit.sent_after_conflict, (
+            f"sent after id_conflict: {self.audit.sent_after_conflict[:5]}"
         )
 
         with sqlite3.connect(self.checkpoint) as conn:
@@ -306,23 +381,36 @@ class CrashRig:
             jobs = dict(
                 conn.execute("SELECT user_id, smile_job_id FROM users WHERE state = 'enrolled'").fetchall()
             )
-        lost = [u for u in self.valid_ids if states.get(u) not in DONE_STATES]
-        assert not lost, f"not enrolled in the checkpoint: {lost[:5]}"
+        lost = [u for u in self.own_ids if states.get(u) not in DONE_STATES]
+        lost += [u for u in self.foreign_ids if states.get(u) not in TERMINAL_STATES]
+        assert not lost, f"not enrolled (or, foreign, not settled) in the checkpoint: {lost[:5]}"
         by_user = {line["user_id"]: line["smile_job_id"] for line in sandbox_lines}
         assert all(by_user[u] == job for u, job in jobs.items()), "a checkpoint's job id isn't the sandbox's"
-        conflicted = {r["user_id"] for r in self._log_records() if r.get("answer") == "2209"}
-        # Every 2209 followed an attempt of ours that was recorded, so none may read as someone else's ID.
+        records = self._log_records()
+        flagged = {str(r["user_id"]) for r in records if r.get("foreign")}
+        assert flagged <= self.foreign_ids, f"the sandbox flags IDs not made foreign: {sorted(flagged)[:5]}"
+        assert all(r.get("foreign") for r in records if r["user_id"] in self.foreign_ids), (
+            "a request for a foreign ID was not flagged foreign in the request log"
+        )
+        conflicted = {
+            str(r["user_id"]) for r in records if r.get("answer") == "2209" and r["user_id"] not in self.foreign_ids
+        }
+        # Every 2209 for one of our own IDs followed an attempt of ours that was recorded, so none may read as
+        # someone else's ID.
         assert all(states[u] in DONE_STATES for u in conflicted)
-        assert "id_conflict" not in states.values()
+        own_conflicts = [u for u in self.own_ids if states.get(u) == State.ID_CONFLICT]
+        assert not own_conflicts, f"our own IDs read as someone else's: {own_conflicts[:5]}"
 
         # The finished run's outputs cover every manifest line exactly once.
         folder = self.out / str(summary["run_id"])
         with (folder / "results.csv").open() as handle:
-            results = Counter(row["user_id"] for row in csv.DictReader(handle))
+            result_rows = list(csv.DictReader(handle))
+        results = Counter(row["user_id"] for row in result_rows)
         with (folder / "rejects.csv").open() as handle:
             rejects = Counter(row["user_id"] for row in csv.DictReader(handle))
         assert results == Counter(self.valid_ids), "results.csv does not hold each valid row once"
         assert rejects == Counter(uid for uid, *_ in BAD_ROWS), "rejects.csv does not hold each bad row once"
+        foreign = self._verify_foreign(states, {row["user_id"]: row["status"] for row in result_rows})
         self._check_no_secrets_or_photos()
         return {
             "rows": len(self.valid_ids),
@@ -333,4 +421,42 @@ class CrashRig:
             "answers_2209": len(conflicted),
             "duplicates": duplicates,
             "lost": len(lost),
+            **foreign,
+        }
+
+    def _verify_foreign(self, states: dict[str, str], final: dict[str, str]) -> dict[str, int]:
+        """Foreign IDs: never enrolled (checked with the sandbox's enrollments), each someone else's in the
+        ledger and the final results, unless an attempt of ours for it may have been lost in transit.
+
+        The promise reads a 2209 as ours only if our own request for it may have reached the server. From the
+        sandbox's side that is a request whose answer is missing or a fault; from the client's side, a request
+        made by a run that was killed before it could record the answer, or an attempt a killed run recorded
+        and left SENDING (it may have been on its way). For every other foreign ID, already_enrolled would
+        be a claim on someone else's user.
+        """
+        if not self.foreign_ids:
+            return {}
+        lost_per_sandbox = self.foreign_answers_lost()
+        audit = self.audit
+        may_be_ours = lost_per_sandbox | audit.foreign_sent_in_killed_run | audit.foreign_left_sending_by_kill
+        ours = {u for u in self.foreign_ids if states[u] == State.ALREADY_ENROLLED}
+        wrongly_ours = sorted(ours - may_be_ours)
+        assert not wrongly_ours, (
+            f"foreign IDs read as ours though no attempt of ours for them may have been lost: {wrongly_ours[:5]}"
+        )
+        for user_id in self.foreign_ids:
+            # A foreign ID settled as ours in an earlier run is skipped by the final one, like any enrolled ID.
+            expected = {"already_enrolled", "skipped"} if user_id in ours else {"id_conflict"}
+            assert final[user_id] in expected, f"{user_id}: final status {final[user_id]}, expected {expected}"
+        requests = self.requests_by_user()
+        return {
+            "foreign": len(self.foreign_ids),
+            "foreign_requests": sum(requests[u] for u in self.foreign_ids),
+            "foreign_id_conflict": len(self.foreign_ids) - len(ours),
+            "foreign_already_enrolled": len(ours),
+            "foreign_answer_lost_per_sandbox": len(lost_per_sandbox),
+            "foreign_sent_in_killed_run": len(audit.foreign_sent_in_killed_run),
+            "foreign_left_sending_by_kill": len(audit.foreign_left_sending_by_kill),
+            # Read as ours with no lost answer in the sandbox's log: allowed only by a client kill.
+            "foreign_ours_by_client_kill_only": len(ours - lost_per_sandbox),
         }

@@ -142,8 +142,12 @@ class RunOutput:
 
     def close(self, summary: Summary) -> Path:
         """Commit the CSVs, then summary.json last, so its presence means the run's outputs are whole."""
-        self._results.commit()
-        self._rejects.commit()
+        try:
+            self._results.commit()
+            self._rejects.commit()
+        except OutputError:
+            self.abandon()
+            raise
         out = _AtomicFile(self.dir / "summary.json")
         try:
             json.dump(asdict(summary), out.handle, indent=2, sort_keys=True)
@@ -154,8 +158,16 @@ class RunOutput:
         out.commit()
         return out.path
 
+    def close_incomplete(self) -> None:
+        """A run that failed: keep the rows written so far (each file whole), and no summary.json, whose absence
+        says the run did not finish. If even that can't be written, leave nothing under a final name."""
+        try:
+            self._results.commit()
+            self._rejects.commit()
+        except OutputError:
+            self.abandon()
+
     def abandon(self) -> None:
-        """A run that failed: leave no half-written file under a final name (the ledger is whole)."""
         self._results.abandon()
         self._rejects.abandon()
 

@@ -103,8 +103,7 @@ class Engine:
         self.stop(str(error), error.exit_code)
 
     def _systemic(self, verdict: Verdict) -> None:
-        self.stop(f"the API answered {verdict.result_code or verdict.http_status}: {verdict.error}",
-                  ExitCode.SYSTEMIC)  # fmt: skip
+        self.stop(f"the API answered {verdict.error}", ExitCode.SYSTEMIC)
 
     # --- the log: stable event names, one run_id, never a secret or photo bytes ---
 
@@ -249,14 +248,14 @@ class Engine:
                 self._fail(InternalError(f"internal error while sending {row.user_id!r}: {error!r}"))
 
     def _finish(self, row: plan.Send, sent: Sent) -> None:
+        if sent.attempts:
+            self._tally.sent += 1
+            self._tally.new += int(sent.first_ever)
         if sent.status is Status.REJECTED and sent.reason is not None:
             self._reject(
                 RejectRow(line=row.line, user_id=row.user_id, reason=sent.reason, message=sent.message)
             )
             return
-        if sent.attempts:
-            self._tally.sent += 1
-            self._tally.new += int(sent.first_ever)
         v = sent.verdict
         result = ResultRow(
             user_id=row.user_id, status=sent.status, http_status=v.http_status if v else None,
@@ -293,7 +292,7 @@ class Engine:
             self._reject(RejectRow(line=row.line, user_id=row.user_id, reason=exc.problem.reason,
                                    message=f"at send time: {exc.problem.message}"))  # fmt: skip
             return
-        self.parts.client.body(row.user_id, row.user_created_at, photo.data)
+        self.parts.client.photo_body(row.user_id, row.user_created_at, photo.data)
         self._result(ResultRow(user_id=row.user_id, status=Status.DRY_RUN, error="would be sent",
                                finished_at=now_iso()))  # fmt: skip
 

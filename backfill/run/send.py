@@ -174,11 +174,9 @@ class Sender:
                                  latency_ms=work.latency_ms, message="stopped before the next attempt")  # fmt: skip
 
     def _reject(self, work: _Row, reason: Reason, message: str) -> Sent:
-        if work.attempts:
-            # An earlier attempt of this run went out: the row ends as the ledger has it, with the reason told.
-            return Sent(status=Status.FAILED, attempts=work.attempts, first_ever=work.first_ever,
-                        latency_ms=work.latency_ms, message=message)  # fmt: skip
-        return Sent(status=Status.REJECTED, reason=reason, message=message)
+        """Nothing can be sent now: the row goes to rejects.csv with the reason, whatever went out before it."""
+        return Sent(status=Status.REJECTED, reason=reason, message=message, attempts=work.attempts,
+                    first_ever=work.first_ever)  # fmt: skip
 
     def _refused(self, work: _Row, refused: Refused) -> Sent:
         if refused.why is Refusal.PHOTO_PINNED:
