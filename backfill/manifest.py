@@ -1,4 +1,4 @@
-"""Reading and checking the manifest CSV: every data row becomes a Row to enroll or a Reject saying why not."""
+"""Reading the manifest CSV and checking each row's text: every data row becomes a Candidate or a Reject saying why."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from .errors import ManifestError
+from .images import file_kind
 from .vocab import Reason
 
 # How the file is read, and why:
@@ -169,7 +170,7 @@ class _Snapshot:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise ManifestError(
-                f"manifest {path} is {_kind(st.st_mode)}, not a file: give the path of the CSV file"
+                f"manifest {path} is {file_kind(st.st_mode)}, not a file: give the path of the CSV file"
             )
         self._fd, self.size, self._mtime_ns = fd, st.st_size, st.st_mtime_ns
         self._finalizer = weakref.finalize(self, os.close, fd)
@@ -669,15 +670,3 @@ def _non_ascii(value: str) -> str:
     """Names the first non-ASCII character of `value`, e.g. "character 1 is U+0430 CYRILLIC SMALL LETTER A"."""
     at, char = next((i, c) for i, c in enumerate(value) if not c.isascii())
     return f"character {at + 1} is U+{ord(char):04X} {unicodedata.name(char, 'with no name')}"
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import errno
 import hashlib
@@ -18,9 +17,9 @@ from backfill import compose
 from backfill.api.client import Client
 from backfill.config import Settings, load_settings
 from backfill.errors import ConfigError, ManifestError, OutputError
-from backfill.images import Fingerprint, ImageProblem, Photo
+from backfill.images import Fingerprint, ImageProblem, ImageSource, Photo
 from backfill.images.local import LocalImageSource
-from backfill.ledger import Binding
+from backfill.ledger import Binding, Store
 from backfill.ledger.memory import MemoryStore
 from backfill.manifest import open_manifest
 from backfill.outputs.files import RunOutput
@@ -40,6 +39,28 @@ def results(summary: Summary) -> dict[str, dict[str, str]]:
 def rejects(summary: Summary) -> dict[str, dict[str, str]]:
     with (Path(summary.out_dir) / "rejects.csv").open(newline="") as handle:
         return {r["user_id"]: r for r in csv.DictReader(handle)}
+
+
+async def run_by_hand(
+    settings: Settings,
+    manifest: Path,
+    *,
+    store: Store | None,
+    images: ImageSource,
+    client_class: type[Client] = Client,
+) -> tuple[Summary, RunOutput]:
+    """The engine built from collaborators of the test's choosing, as compose.run would build it."""
+    output = RunOutput(settings.out)
+    client = client_class(settings.base_url, settings.partner_id, settings.api_key, timeout=5, connect_timeout=5,
+                          concurrency=2)  # fmt: skip
+    parts = Collaborators(
+        manifest=open_manifest(manifest, compose.manifest_rules(settings)), store=store, images=images,
+        client=client, sink=output, run_id=output.run_id, out_dir=str(output.dir),
+    )  # fmt: skip
+    async with client:
+        summary = await Engine(settings, parts).run()
+    output.close(summary)
+    return summary, output
 
 
 class CountingImages(LocalImageSource):
@@ -275,20 +296,11 @@ async def test_an_engine_built_by_hand_runs_with_a_fake_image_source(
     manifest = write_manifest(tmp_path, simple_rows(3), images=False)
     settings = make_settings(sandbox)
     store = MemoryStore(Binding(partner_id=PARTNER_ID, endpoint=settings.endpoint))
-    output = RunOutput(settings.out)
-    client = Client(settings.base_url, settings.partner_id, settings.api_key, timeout=5, connect_timeout=5,
-                    concurrency=2)  # fmt: skip
-    parts = Collaborators(
-        manifest=open_manifest(manifest, compose.manifest_rules(settings)), store=store,
-        images=MemoryImages(base=tmp_path, root=None, max_bytes=1 << 20), client=client, sink=output,
-        run_id=output.run_id, out_dir=str(output.dir),
-    )  # fmt: skip
-    async with client:
-        summary = await Engine(settings, parts).run()
-    output.close(summary)
+    images = MemoryImages(base=tmp_path, root=None, max_bytes=1 << 20)
+    summary, output = await run_by_hand(settings, manifest, store=store, images=images)
     assert summary.counts == {"enrolled": 3}
     assert json.loads((output.dir / "summary.json").read_text())["counts"] == {"enrolled": 3}
-    await asyncio.sleep(0)
+    assert {r.state for r in store.users.values()} == {State.ENROLLED}
 
 
 async def test_a_dry_run_builds_the_exact_signed_request_and_sends_nothing(
@@ -308,16 +320,8 @@ async def test_a_dry_run_builds_the_exact_signed_request_and_sends_nothing(
 
     manifest = write_manifest(tmp_path, simple_rows(2))
     settings = make_settings(sandbox, dry_run=True)
-    output = RunOutput(settings.out)
-    client = Recording(settings.base_url, settings.partner_id, settings.api_key, timeout=5, connect_timeout=5,
-                       concurrency=2)  # fmt: skip
-    parts = Collaborators(
-        manifest=open_manifest(manifest, compose.manifest_rules(settings)), store=None,
-        images=LocalImageSource(base=tmp_path, root=None, max_bytes=1 << 20), client=client, sink=output,
-        run_id=output.run_id, out_dir=str(output.dir),
-    )  # fmt: skip
-    async with client:
-        summary = await Engine(settings, parts).run()
+    images = LocalImageSource(base=tmp_path, root=None, max_bytes=1 << 20)
+    summary, _ = await run_by_hand(settings, manifest, store=None, images=images, client_class=Recording)
     assert summary.counts == {"dry_run": 2} and sandbox.state.total_requests == 0
     for body in built:
         request = json.loads(body)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..vocab import Reason
-from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo
+from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, file_kind
 from .content import examine, looks_like, problem, run, sniff
 
 _T = TypeVar("_T")
@@ -146,7 +146,7 @@ class LocalImageSource(ImageSource):
         if not stat.S_ISREG(st.st_mode):
             return ImageProblem(
                 reason=Reason.IMAGE_NOT_FILE,
-                message=f"image {raw!r} is {_kind(st.st_mode)}, not a file: point to the photo itself",
+                message=f"image {raw!r} is {file_kind(st.st_mode)}, not a file: point to the photo itself",
             )
         return real, st
 
@@ -236,7 +236,7 @@ class LocalImageSource(ImageSource):
         if not stat.S_ISREG(st.st_mode):
             return ImageProblem(
                 reason=Reason.IMAGE_NOT_FILE,
-                message=f"image {ref} is now {_kind(st.st_mode)}, not a file (it was replaced after it was "
+                message=f"image {ref} is now {file_kind(st.st_mode)}, not a file (it was replaced after it was "
                 "checked): put the photo back, then run again",
             )
         if st.st_size == 0:
@@ -337,17 +337,3 @@ def _read_upto(fd: int, cap: int, expected: int) -> bytes:
         left -= len(chunk)
         ask = min(left, 64 * 1024)
     return b"".join(chunks)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return "not a regular file"

@@ -11,10 +11,10 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..clock import now_iso
 from ..errors import CheckpointError, CheckpointLocked
 from ..vocab import TRANSIENT_STATES, State
 from . import (
@@ -74,10 +74,6 @@ _COLUMNS = tuple(f.name for f in fields(LedgerRow))
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM users"
 _UPSERT = f"INSERT OR REPLACE INTO users ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _RUN_COLUMNS = tuple(f.name for f in fields(RunRecord))
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _row(values: Sequence[Any]) -> LedgerRow:

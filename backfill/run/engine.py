@@ -20,11 +20,11 @@ from typing import Protocol
 
 from ..api.answers import Verdict
 from ..api.client import Client
+from ..clock import now_iso
 from ..config import Settings
 from ..errors import BackfillError, InternalError
 from ..images import ImageError, ImageSource
 from ..ledger import RunRecord, Store
-from ..ledger.sqlite import now_iso
 from ..manifest import Manifest
 from ..vocab import OK_STATUSES, ExitCode, Status
 from . import plan

@@ -11,9 +11,9 @@ from tenacity import RetryCallState
 
 from ..api.answers import Verdict
 from ..api.client import Client
+from ..clock import now_iso
 from ..images import ImageError, ImageSource
 from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store
-from ..ledger.sqlite import now_iso
 from ..vocab import Kind, Reason, State, Status
 from .crash import Boundary, CrashPoints
 from .plan import Send, reused_message
