@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 
 from backfill import compose
 from backfill.api.signing import sign, utc_timestamp
+from backfill.clock import now_iso
 from backfill.config import load_settings
 from backfill.images import Fingerprint
 from backfill.ledger import AttemptRequest, Binding, Outcome, RunRecord, transitions
-from backfill.ledger.sqlite import _SCHEMA, _UPSERT, SqliteStore, _values, now_iso
+from backfill.ledger.sqlite import _SCHEMA, _UPSERT, SqliteStore, _values
 from backfill.vocab import State
 
 from .servers import API_KEY, PARTNER_ID, ROOT
