@@ -7,7 +7,6 @@ of their own (an in-memory ledger, a fake image source).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from .api.client import Client
 from .config import ENVIRONMENTS, Settings, endpoint_of
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .images import ImageSource
 from .images.local import LocalImageSource
 from .ledger import Binding, LedgerRow, LedgerStatus, Store
@@ -78,12 +77,9 @@ async def run(
     if store is None:
         # Before the output folder: a locked ledger leaves no litter. A dry run only reads, and may find none.
         if settings.dry_run:
-            with contextlib.suppress(CheckpointError):
-                store = (
-                    await open_store(settings, writable=False)
-                    if settings.checkpoint_path().exists()
-                    else None
-                )
+            # What would be skipped needs the ledger; one bound to another partner or endpoint is an error.
+            if settings.checkpoint_path().exists():
+                store = await open_store(settings, writable=False)
         else:
             store = await open_store(settings, writable=True)
     images = images or image_source(settings, manifest.path)

@@ -328,3 +328,17 @@ async def test_a_dry_run_builds_the_exact_signed_request_and_sends_nothing(
         photo = (tmp_path / "images" / f"{request['user_id']}.png").read_bytes()
         assert base64.b64decode(request["photo"], validate=True) == photo
         assert verify(request["signature"], request["timestamp"], PARTNER_ID, API_KEY)
+
+
+async def test_a_dry_run_refuses_a_ledger_bound_elsewhere(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    from backfill.errors import CheckpointError
+
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    await compose.run(make_settings(sandbox), manifest)
+    async with await start_sandbox(PARTNER_ID, API_KEY) as other:
+        # "What would be sent" read from another endpoint's ledger would be a lie: it is an error instead.
+        with pytest.raises(CheckpointError, match="belongs to partner"):
+            await compose.run(make_settings(other, dry_run=True), manifest)
+        assert other.state.total_requests == 0
