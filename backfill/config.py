@@ -329,7 +329,9 @@ def load_settings(
         sources["api_key"] = "environment SMILE_API_KEY"
     if "data_dir" not in values:
         values["data_dir"] = _data_dir(environ)
-        sources["data_dir"] = "XDG_DATA_HOME" if environ.get("XDG_DATA_HOME") else "default (~/.local/share)"
+        sources["data_dir"] = (
+            "XDG_DATA_HOME" if os.path.isabs(environ.get("XDG_DATA_HOME") or "") else "default (~/.local/share)"
+        )
 
     for key, raw in (flags or {}).items():
         if raw is not None:
@@ -458,7 +460,9 @@ def _api_key(raw: str, source: str) -> Secret:
 
 
 def _data_dir(environ: Mapping[str, str]) -> Path:
-    base = environ.get("XDG_DATA_HOME") or os.path.join(
-        environ.get("HOME") or os.path.expanduser("~"), ".local", "share"
-    )
+    """$XDG_DATA_HOME/backfill, else ~/.local/share/backfill. A relative XDG_DATA_HOME is ignored, as the XDG
+    spec says: it would put the ledger under whatever folder the command ran from."""
+    xdg = environ.get("XDG_DATA_HOME") or ""
+    home = environ.get("HOME") or os.path.expanduser("~")
+    base = xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "share")
     return Path(base) / "backfill"

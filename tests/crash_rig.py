@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -65,6 +66,16 @@ class Audit:
     # Foreign IDs a killed run left SENDING in the ledger: recorded, perhaps not yet on the wire (the
     # after_attempt window), which the ledger must count as "may have reached the server".
     foreign_left_sending_by_kill: set[str] = field(default_factory=set)
+    # Per kind of kill, rows a killed run left SENDING with more attempts recorded in that run than the sandbox
+    # received from it: recorded, never arrived. A kill between the record and the send (after_attempt) leaves
+    # them, as does one that lands while the sandbox is down (the connection refused, the outcome not written).
+    recorded_unsent_by_kill: Counter[str] = field(default_factory=Counter)
+    foreign_recorded_unsent_by_kill: set[str] = field(default_factory=set)
+
+
+def _int(value: object) -> int:
+    assert isinstance(value, int), value
+    return value
 
 
 def free_port() -> int:
@@ -90,6 +101,9 @@ class CrashRig:
         self.foreign_file = folder / "foreign-ids.txt"
         self.foreign_file.write_text("".join(f"{u}\n" for u in sorted(self.foreign_ids)))
         self.checkpoint = folder / "checkpoint.sqlite"
+        # What runs are told with --checkpoint, when not `checkpoint` itself (a link to it, a relative path); the
+        # rig always reads the ledger at `checkpoint`.
+        self.checkpoint_name: str | None = None
         self.out = folder / "out"
         self.state_file = folder / "sandbox-state.jsonl"
         self.request_log = folder / "requests.jsonl"
@@ -99,6 +113,7 @@ class CrashRig:
         self.audit = Audit()
         self.last_output = ""
         self.last_log_start = 0  # where the latest run's requests begin in the request log
+        self.last_kill = ""  # how the latest run was killed: a boundary, "random", or "" when it wasn't
         self.env = {
             **os.environ,
             "SMILE_PARTNER_ID": PARTNER_ID,
@@ -156,7 +171,8 @@ class CrashRig:
     def run_command(self) -> list[str]:
         return [
             sys.executable, "-m", "backfill", "run", str(self.manifest), "--env", "local",
-            "--base-url", self.base_url, "--checkpoint", str(self.checkpoint), "--out", str(self.out),
+            "--base-url", self.base_url, "--checkpoint", self.checkpoint_name or str(self.checkpoint),
+            "--out", str(self.out),
             "--no-progress", "--timeout", str(self.chaos.timeout_s), "--max-attempts", "4",
             "--concurrency", "8", "--rate", str(self.chaos.rate), "--fail-threshold", "1",
         ]  # fmt: skip
@@ -173,8 +189,9 @@ class CrashRig:
         expect: Collection[int] = (0, 1, 4),  # 4: the breaker stopped a run while the sandbox was down
     ) -> int | None:
         """One `backfill run`; returns its exit code, or None when it was killed."""
-        held = self.enrolled_in_checkpoint()
-        conflicts = self.states_in_checkpoint({State.ID_CONFLICT})
+        before = self.ledger_rows()
+        held = {u for u, row in before.items() if row["state"] in DONE_STATES}
+        conflicts = {u for u, row in before.items() if row["state"] == State.ID_CONFLICT}
         log_start = self.request_log.stat().st_size if self.request_log.exists() else 0
         env = dict(self.env)
         if crash_at:
@@ -216,31 +233,61 @@ class CrashRig:
         code = process.returncode
         if code == -signal.SIGKILL:
             killed = True
+        self.last_kill = ""
         if killed:
             self.audit.kills += 1
+            self.last_kill = crash_at.partition(":")[0] if crash_at else "random"
             if crash_at:
-                self.audit.boundary_kills[crash_at.partition(":")[0]] += 1
+                self.audit.boundary_kills[self.last_kill] += 1
         elif code not in expect:
             raise AssertionError(f"backfill run exited {code}: {err.decode()[-2000:]}")
         self.last_log_start = log_start
-        self._check_sends(held, conflicts, log_start, killed=killed)
+        self._check_sends(held, conflicts, log_start, killed=killed, before=before)
         return None if killed else code
 
-    def _check_sends(self, held: set[str], conflicts: set[str], log_start: int, *, killed: bool) -> None:
-        sent = set()
+    def _check_sends(
+        self,
+        held: set[str],
+        conflicts: set[str],
+        log_start: int,
+        *,
+        killed: bool,
+        before: dict[str, dict[str, object]],
+    ) -> None:
+        sent: set[str] = set()
         for record in self._log_records(log_start):
             if record["event"] != "request":
                 continue
             self.audit.requests += 1
-            user_id = record["user_id"]
+            user_id = str(record["user_id"])
             sent.add(user_id)
             if user_id in held:
                 self.audit.sent_after_enrolled.append(user_id)
             if user_id in conflicts:
                 self.audit.sent_after_conflict.append(user_id)
-        if killed and self.foreign_ids:
-            self.audit.foreign_sent_in_killed_run |= sent & self.foreign_ids
-            self.audit.foreign_left_sending_by_kill |= self.states_in_checkpoint({State.SENDING}) & self.foreign_ids
+        if not killed:
+            return
+        unsent = self.recorded_not_received(before, log_start)
+        self.audit.recorded_unsent_by_kill[self.last_kill] += len(unsent)
+        if self.foreign_ids:
+            audit = self.audit
+            audit.foreign_sent_in_killed_run |= sent & self.foreign_ids
+            audit.foreign_left_sending_by_kill |= (
+                self.states_in_checkpoint({State.SENDING}) & self.foreign_ids
+            )
+            audit.foreign_recorded_unsent_by_kill |= unsent & self.foreign_ids
+
+    def recorded_not_received(self, before: dict[str, dict[str, object]], log_start: int) -> set[str]:
+        """Rows SENDING in the ledger for which the latest run recorded more attempts than the sandbox received
+        from it: `before` is the ledger as that run found it, `log_start` where its requests begin in the log."""
+        received = self.requests_by_user(log_start)
+        found = set()
+        for user_id, row in self.ledger_rows().items():
+            earlier = before.get(user_id)
+            recorded = _int(row["attempts"]) - (_int(earlier["attempts"]) if earlier else 0)
+            if row["state"] == State.SENDING and recorded > received[user_id]:
+                found.add(user_id)
+        return found
 
     def _log_records(self, start: int = 0) -> list[dict[str, str | bool]]:
         if not self.request_log.exists():
@@ -304,7 +351,7 @@ class CrashRig:
         """Every ledger row as the sqlite `users` table holds it, by user_id."""
         if not self.checkpoint.exists():
             return {}
-        conn = sqlite3.connect(self.checkpoint)
+        conn = self._read_only()
         try:
             conn.row_factory = sqlite3.Row
             try:
@@ -315,11 +362,14 @@ class CrashRig:
         finally:
             conn.close()
 
+    def _read_only(self) -> sqlite3.Connection:
+        """A reader that leaves the files as a crash left them. A read-write connection's close checkpoints the
+        WAL into the database and deletes it, so the next run would never meet a killed run's hot WAL."""
+        return sqlite3.connect(f"{self.checkpoint.absolute().as_uri()}?mode=ro", uri=True)
+
     def requests_by_user(self, start: int = 0) -> Counter[str]:
         """How many requests the sandbox received per user_id, from byte `start` of its request log on."""
-        return Counter(
-            str(r["user_id"]) for r in self._log_records(start) if r["event"] == "request"
-        )
+        return Counter(str(r["user_id"]) for r in self._log_records(start) if r["event"] == "request")
 
     def foreign_answers_lost(self) -> set[str]:
         """Foreign IDs with a request whose answer the sandbox never wrote, or wrote as a fault (not 2209).
@@ -375,7 +425,7 @@ class CrashRig:
             f"sent after id_conflict: {self.audit.sent_after_conflict[:5]}"
         )
 
-        with sqlite3.connect(self.checkpoint) as conn:
+        with contextlib.closing(self._read_only()) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             states = dict(conn.execute("SELECT user_id, state FROM users").fetchall())
             jobs = dict(
@@ -393,7 +443,9 @@ class CrashRig:
             "a request for a foreign ID was not flagged foreign in the request log"
         )
         conflicted = {
-            str(r["user_id"]) for r in records if r.get("answer") == "2209" and r["user_id"] not in self.foreign_ids
+            str(r["user_id"])
+            for r in records
+            if r.get("answer") == "2209" and r["user_id"] not in self.foreign_ids
         }
         # Every 2209 for one of our own IDs followed an attempt of ours that was recorded, so none may read as
         # someone else's ID.
@@ -421,6 +473,7 @@ class CrashRig:
             "answers_2209": len(conflicted),
             "duplicates": duplicates,
             "lost": len(lost),
+            "recorded_unsent_at_kill": sum(self.audit.recorded_unsent_by_kill.values()),
             **foreign,
         }
 
@@ -447,7 +500,9 @@ class CrashRig:
         for user_id in self.foreign_ids:
             # A foreign ID settled as ours in an earlier run is skipped by the final one, like any enrolled ID.
             expected = {"already_enrolled", "skipped"} if user_id in ours else {"id_conflict"}
-            assert final[user_id] in expected, f"{user_id}: final status {final[user_id]}, expected {expected}"
+            assert final[user_id] in expected, (
+                f"{user_id}: final status {final[user_id]}, expected {expected}"
+            )
         requests = self.requests_by_user()
         return {
             "foreign": len(self.foreign_ids),
@@ -459,4 +514,6 @@ class CrashRig:
             "foreign_left_sending_by_kill": len(audit.foreign_left_sending_by_kill),
             # Read as ours with no lost answer in the sandbox's log: allowed only by a client kill.
             "foreign_ours_by_client_kill_only": len(ours - lost_per_sandbox),
+            # ...of which recorded by a killed run and never received: the after_attempt window.
+            "foreign_ours_recorded_unsent": len(ours & audit.foreign_recorded_unsent_by_kill),
         }

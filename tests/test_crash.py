@@ -13,12 +13,15 @@ from .crash_rig import Chaos, CrashRig
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_kills_and_faults_never_enroll_twice_or_lose_a_row(tmp_path: Path, seed: int) -> None:
-    rig = CrashRig(tmp_path, rows=60, chaos=Chaos(), seed=seed)
+    # 8 of the 60 IDs are held by another partner user: verify() checks they are never enrolled and end
+    # id_conflict unless an attempt of ours for them may have been lost in transit.
+    rig = CrashRig(tmp_path, rows=60, chaos=Chaos(), seed=seed, foreign=8)
     summary = rig.until_done(kills=6)
     figures = rig.verify(summary)
     # Each boundary's kill lands (the random ones may come after a run already finished).
     assert set(rig.audit.boundary_kills) == set(CRASH_BOUNDARIES)
     assert figures["kills"] >= 3 and figures["duplicates"] == 0 and figures["lost"] == 0
+    assert figures["foreign_id_conflict"] + figures["foreign_already_enrolled"] == 8
 
 
 def test_every_answer_lost_after_commit_still_ends_enrolled_once(tmp_path: Path) -> None:

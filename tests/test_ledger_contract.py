@@ -262,16 +262,13 @@ async def test_sqlite_lock_holds_through_any_name(tmp_path: Path) -> None:
     store = await SqliteStore.open(path, BINDING, writable=True)
     try:
         (tmp_path / "link.sqlite").symlink_to(path)
-        os.link(path, tmp_path / "hard.sqlite")
         (tmp_path / "other").mkdir()
         names = [
             tmp_path / "link.sqlite",
-            tmp_path / "hard.sqlite",
             tmp_path / "other" / ".." / "data" / "ledger.sqlite",
         ]
         for name in names:
-            # A hard link has another real path, so the holder's note isn't found; the lock still holds.
-            with pytest.raises(CheckpointLocked, match="in use by"):
+            with pytest.raises(CheckpointLocked, match="in use by pid"):
                 await SqliteStore.open(name, BINDING, writable=True)
         cwd = os.getcwd()
         os.chdir(tmp_path / "other")
@@ -284,6 +281,14 @@ async def test_sqlite_lock_holds_through_any_name(tmp_path: Path) -> None:
         await store.close()
     again = await SqliteStore.open(tmp_path / "link.sqlite", BINDING, writable=True)
     await again.close()
+    # A hard link is refused outright: SQLite names the WAL after the path used, so the two names could see
+    # two different ledgers after a crash.
+    os.link(path, tmp_path / "hard.sqlite")
+    for name in (tmp_path / "hard.sqlite", path):
+        with pytest.raises(CheckpointError, match="2 hard links"):
+            await SqliteStore.open(name, BINDING, writable=True)
+        with pytest.raises(CheckpointError, match="2 hard links"):
+            await SqliteStore.open(name, None, writable=False)
 
 
 async def test_sqlite_binding_refuses_another_partner_or_endpoint(tmp_path: Path) -> None:
@@ -400,3 +405,11 @@ def test_acquire_lock_names_the_holder(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     os.close(acquire_lock(path))
+
+
+async def test_sqlite_creates_the_ledgers_folder_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "backfill" / "ledgers" / "085@host_443.sqlite"
+    store = await SqliteStore.open(path, BINDING, writable=True)
+    await store.close()
+    for folder in (tmp_path / "data", tmp_path / "data" / "backfill", path.parent):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder

@@ -128,10 +128,23 @@ class SqliteStore(Store):
         same ledger reached through a symlink, a relative path or `..` is still one ledger with one writer.
         `legacy_endpoints` maps a schema-1 ledger's env label to its endpoint, to migrate it forward.
         """
-        path = Path(os.path.abspath(path))
-        if not writable and not path.is_file():
-            raise CheckpointError(f"no ledger at {path}. Name it with --checkpoint")
+        named = Path(os.path.abspath(path))
+        if not writable and not named.is_file():
+            raise CheckpointError(f"no ledger at {named}. Name it with --checkpoint")
+        # SQLite names the WAL after the path it is given: opened by another name, a ledger whose last commits
+        # are still in its WAL (as a killed run leaves them) would read as empty. A symlink is resolved here; a
+        # hard link can't be, so it is refused, before the lock, so that nothing about it is half-done.
+        if writable:
+            _make_private_parents(named.parent)
+        path = Path(os.path.realpath(named))
+        _refuse_hard_links(named, path)
         lock = acquire_lock(path) if writable else None
+        try:
+            _refuse_hard_links(named, path)  # made between the check and the lock
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         loop = asyncio.get_running_loop()
         try:
@@ -276,6 +289,33 @@ class SqliteStore(Store):
             for op, result in zip(batch, results, strict=True):
                 if op.future is not None and not op.future.done():
                     op.future.set_result(result)
+
+
+def _make_private_parents(folder: Path) -> None:
+    """The ledger's folder and any missing parents, new ones owner-only: it holds user_ids and file paths."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        for parent in reversed(missing):
+            parent.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"can't create the ledger's folder {folder}: {exc.strerror}. Name a writable place with --checkpoint"
+        ) from exc
+
+
+def _refuse_hard_links(named: Path, path: Path) -> None:
+    try:
+        links = os.stat(path).st_nlink
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CheckpointError(f"can't open the ledger {named}: {exc.strerror}") from exc
+    if links > 1:
+        raise CheckpointError(
+            f"the ledger {named} has {links} hard links: SQLite keeps its latest commits in a file named after "
+            "the path used, so two names could see two different ledgers. Remove the extra links and name the "
+            "ledger by one path (a symbolic link is fine)"
+        )
 
 
 def acquire_lock(path: Path) -> int:
