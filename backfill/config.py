@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,12 +80,15 @@ class Settings:
     max_image_bytes: int = 5 * 1024 * 1024
     images_root: Path | None = None
     chunk_rows: int = 10_000
+    read_concurrency: int = 32  # photos in object storage checked or listed at once (not --concurrency)
     max_duration: float | None = None  # seconds; stop starting new rows after this long
     log_format: str = "text"
     log_file: Path | None = None
     log_level: str = "info"
     status_every: float = 30.0  # seconds between one-line status logs when there is no progress bar
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # What was ignored but looks meant (an unknown BACKFILL_* variable): the CLI prints these; nothing else does.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def endpoint(self) -> str:
@@ -107,7 +112,7 @@ class Settings:
         """The settings as plain values with secrets masked, for summaries and `config show`."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "sources":
+            if f.name in ("sources", "warnings"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, Secret):
@@ -178,11 +183,11 @@ def _boolean(raw: object) -> bool:
 
 
 def _text(raw: object) -> str:
-    if not isinstance(raw, str | int) or isinstance(raw, bool):
+    # A YAML value read as a number never gets here (see _not_text, which quotes it as written).
+    if raw is None:
+        raise ValueError("it is empty")
+    if not isinstance(raw, str):
         raise ValueError(f"{raw!r} is not text")
-    if isinstance(raw, int):
-        # YAML reads `partner_id: 085` as 85: silently signing with "85" would fail every request.
-        raise ValueError(f'{raw!r} was read as a number; quote it so leading zeros survive, e.g. "0{raw}"')
     if not raw.strip():
         raise ValueError("it is empty")
     return raw.strip()
@@ -203,6 +208,16 @@ def _url(raw: object) -> str:
     value = _text(raw).rstrip("/")
     if not value.startswith(("http://", "https://")):
         raise ValueError(f"{raw!r} is not an http(s) URL")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that isn't a number from 0 to 65535
+    except ValueError as exc:
+        raise ValueError(f"{raw!r} is not a usable URL ({exc})") from None
+    if not parts.hostname:
+        raise ValueError(f"{raw!r} names no host")
+    if parts.username or parts.password:
+        # The URL goes into summaries, logs and the ledger's binding: credentials have no place in it.
+        raise ValueError("the URL holds a user name or password; give the API root without them")
     return value
 
 
@@ -260,12 +275,18 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "max_image_bytes": _positive_int,
     "images_root": _path,
     "chunk_rows": _positive_int,
+    "read_concurrency": _positive_int,
     "max_duration": _duration,
     "log_format": _choice("text", "json"),
     "log_file": _path,
     "log_level": _choice("debug", "info", "warning", "error"),
     "status_every": _positive_float,
 }
+# Keys whose value is text: a YAML value read as a number (`partner_id: 012` is 10) is refused, quoting it as written.
+_TEXT_KEYS = frozenset(
+    {"env", "base_url", "partner_id", "checkpoint", "data_dir", "out", "user_id_pattern", "images_root",
+     "log_format", "log_file", "log_level"}
+)  # fmt: skip
 # Keys only the YAML may set; `api_key` is named so the error can say why it is refused.
 _YAML_ONLY = {"columns", "api_key_file"}
 _FIXES = {
@@ -297,7 +318,7 @@ def load_settings(
 
     if config_file is not None:
         where = f"config file {config_file}"
-        data = _read_yaml(config_file)
+        data, written = _read_yaml(config_file)
         for key, raw in data.items():
             if key == "api_key":
                 raise ConfigError(
@@ -309,8 +330,10 @@ def load_settings(
                     f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(_PARSERS))}"
                 )
                 raise ConfigError(str(key), where, "unknown key", f"remove it or fix its name ({hint})")
+            if key in _TEXT_KEYS and isinstance(raw, bool | int | float | date):
+                raise _not_text(key, raw, written.get(key), where)
             if key == "columns":
-                columns = _columns(raw, where)
+                columns = _columns(raw, where, written)
                 sources["columns"] = where
             elif key == "api_key_file":
                 api_key = _read_key_file(raw, config_file, where)
@@ -322,6 +345,7 @@ def load_settings(
         name = f"BACKFILL_{key.upper()}"
         if name in environ:
             put(key, environ[name], f"environment {name}")
+    warnings = environment_warnings(environ)
     if "SMILE_PARTNER_ID" in environ:
         put("partner_id", environ["SMILE_PARTNER_ID"], "environment SMILE_PARTNER_ID")
     if environ.get("SMILE_API_KEY"):
@@ -330,7 +354,9 @@ def load_settings(
     if "data_dir" not in values:
         values["data_dir"] = _data_dir(environ)
         sources["data_dir"] = (
-            "XDG_DATA_HOME" if os.path.isabs(environ.get("XDG_DATA_HOME") or "") else "default (~/.local/share)"
+            "XDG_DATA_HOME"
+            if os.path.isabs(environ.get("XDG_DATA_HOME") or "")
+            else "default (~/.local/share)"
         )
 
     for key, raw in (flags or {}).items():
@@ -345,19 +371,59 @@ def load_settings(
     values["api_key"] = api_key or Secret("")
     for key in [f.name for f in fields(Settings)]:
         sources.setdefault(key, "default")
-    settings = Settings(**values, sources=sources)
+    settings = Settings(**values, sources=sources, warnings=warnings)
     _check_whole(settings, need_credentials)
     return settings
 
 
+# BACKFILL_* variables that are not settings but are read elsewhere: never warned about.
+# BACKFILL_TEST_CRASH_AT: the crash suite's test mode (`backfill.run.crash.CRASH_ENV`).
+KNOWN_NON_SETTINGS = frozenset({"BACKFILL_TEST_CRASH_AT"})
+_ENV_PREFIX = "BACKFILL_"
+
+
+def environment_warnings(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """One line per BACKFILL_* variable that is not a setting (a typo is ignored, so it must be said)."""
+    return tuple(_unknown_variable(name) for name in sorted(environ) if _looks_unknown(name))
+
+
+def _looks_unknown(name: str) -> bool:
+    return (
+        name.upper().startswith(_ENV_PREFIX)
+        and name not in KNOWN_NON_SETTINGS
+        and not (name.startswith(_ENV_PREFIX) and name[len(_ENV_PREFIX) :].lower() in _PARSERS)
+    )
+
+
+def _unknown_variable(name: str) -> str:
+    """Why the environment variable `name` (BACKFILL_-prefixed, not a setting) was ignored, and the likely fix."""
+    key = name[len(_ENV_PREFIX) :].lower()
+    said = f"environment {name} is not a setting and was ignored"
+    if name.upper() != name and key in _PARSERS:
+        return f"{said} (did you mean {_ENV_PREFIX}{key.upper()}? names are case-sensitive)"
+    if key == "api_key":
+        return f"{said}: the API key is read from SMILE_API_KEY only"
+    if key in _YAML_ONLY:
+        return f"{said}: {key} can only be set in the config file (--config)"
+    close = difflib.get_close_matches(key, list(_PARSERS), n=1)
+    return f"{said} (did you mean {_ENV_PREFIX}{close[0].upper()}?)" if close else said
+
+
 def _check_whole(s: Settings, need_credentials: bool) -> None:
-    if need_credentials and not s.dry_run:
+    if need_credentials:
+        # A dry run signs every request it builds: without credentials it would check nothing it claims to.
+        dry = (
+            "; a dry run signs every request with SMILE_PARTNER_ID and SMILE_API_KEY, so it needs both "
+            "(`backfill validate` checks the manifest without credentials)"
+            if s.dry_run
+            else ""
+        )
         if not s.partner_id:
             raise ConfigError(
-                "partner_id", s.sources["partner_id"], "no partner ID is set", _FIXES["partner_id"]
+                "partner_id", s.sources["partner_id"], "no partner ID is set", _FIXES["partner_id"] + dry
             )
         if not s.api_key:
-            raise ConfigError("api_key", s.sources["api_key"], "no API key is set", _FIXES["api_key"])
+            raise ConfigError("api_key", s.sources["api_key"], "no API key is set", _FIXES["api_key"] + dry)
     if s.backoff_max < s.backoff_initial:
         raise ConfigError(
             "backoff_max",
@@ -372,16 +438,31 @@ def _check_whole(s: Settings, need_credentials: bool) -> None:
             "production must be reached over https (TLS verification is always on)",
             "use the https URL, or drop --base-url to use the documented one",
         )
+    # A label and a URL that disagree about which Smile ID is meant: one of them is a mistake, and guessing
+    # which could send real users to the sandbox or rehearsal data to production. Private URLs (a proxy, the
+    # local emulator) are the user's to label.
+    for other in ("sandbox", "production"):
+        if other != s.env and s.endpoint == endpoint_of(ENVIRONMENTS[other]):
+            raise ConfigError(
+                "base_url", s.sources["base_url"],
+                f"{s.base_url} is Smile ID's {other} API, but env is {s.env} (from {s.sources['env']})",
+                f"make them agree: set env to {other}, or remove base_url so env {s.env}'s documented URL is used",
+            )  # fmt: skip
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's mapping, and the text of each plain scalar in it as written (see `_plain_scalars`)."""
     where = f"config file {path}"
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("--config", where, f"can't read it ({exc.strerror})", "check the path") from exc
+    # Composed, then constructed, so the text of each plain scalar as written is kept beside its value: a
+    # `partner_id: 012` that YAML reads as the number 10 is reported as the 012 the user typed.
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         # Only the position and the problem: the parser's message quotes the line, which may hold a secret.
         mark = getattr(exc, "problem_mark", None)
@@ -390,14 +471,55 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             "--config", where, f"not valid YAML{at}: {problem}", "fix the YAML syntax"
         ) from None
+    finally:
+        loader.dispose()
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError("--config", where, "the top level must be a mapping of key: value", "see config/")
-    return data
+    return data, _plain_scalars(node)
 
 
-def _columns(raw: object, where: str) -> dict[str, str]:
+def _plain_scalars(node: yaml.Node | None, prefix: str = "") -> dict[str, str]:
+    """{dotted key: the unquoted scalar's text exactly as written}, for the mappings in `node`."""
+    written: dict[str, str] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            if isinstance(value, yaml.ScalarNode) and value.style is None:
+                written[prefix + key.value] = value.value
+            elif isinstance(value, yaml.MappingNode):
+                written.update(_plain_scalars(value, f"{prefix}{key.value}."))
+    return written
+
+
+def _not_text(key: str, raw: object, written: str | None, where: str) -> ConfigError:
+    """The error for a YAML value that should be text but was read as something else (012 as the number 10)."""
+    as_written = written if written is not None else str(raw)
+    if isinstance(raw, bool):
+        read_as = "a true/false value"
+    elif isinstance(raw, int | float):
+        read_as = f"the number {raw}"
+        digits = as_written.lstrip("+-").lower()
+        why = (
+            "0x makes it hexadecimal" if digits.startswith("0x")
+            else "0b makes it binary" if digits.startswith("0b")
+            else "YAML 1.1 reads a:b as base 60" if ":" in digits
+            else "a leading 0 makes it octal" if re.fullmatch(r"0[0-7_]+", digits)
+            else "YAML drops the _ in a number" if "_" in digits
+            else ""
+        )  # fmt: skip
+        read_as += f" ({why})" if why else ""
+    elif isinstance(raw, date):
+        read_as = "a date"
+    else:
+        read_as = f"a {type(raw).__name__}"
+    problem = f"{as_written} was read as {read_as}, not text"
+    return ConfigError(key, where, problem, f"quote it: {key.rsplit('.', 1)[-1]}: {json.dumps(as_written)}")
+
+
+def _columns(raw: object, where: str, written: Mapping[str, str]) -> dict[str, str]:
     if not isinstance(raw, dict):
         raise ConfigError("columns", where, "must be a mapping", "e.g. columns: {user_id: customer_ref}")
     unknown = set(map(str, raw)) - set(COLUMN_KEYS)
@@ -410,6 +532,8 @@ def _columns(raw: object, where: str) -> dict[str, str]:
         )
     out = {k: k for k in COLUMN_KEYS}
     for role, name in raw.items():
+        if isinstance(name, bool | int | float | date):
+            raise _not_text(f"columns.{role}", name, written.get(f"columns.{role}"), where)
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(
                 f"columns.{role}", where, f"{name!r} is not a column name", "give the CSV header"

@@ -6,6 +6,7 @@ import codecs
 import csv
 import difflib
 import io
+import json
 import os
 import re
 import stat
@@ -66,15 +67,28 @@ _ENCODING = "utf-8-sig"  # UTF-8, with or without the byte order mark Excel writ
 _DUPLICATE_LINES_SHOWN = 10
 _FIELD_LIMIT = 1 << 26
 _FIRST_PLAUSIBLE_YEAR = 1900
+# Dates and date-times in ISO 8601's extended format, as databases and languages write them (RFC 3339 and the
+# forms around it): `T`, `t` or a space between date and time; the time as hours, hours:minutes or
+# hours:minutes:seconds, with a fraction of any length after `.` or `,` (PostgreSQL writes 6 digits, .NET 7,
+# Python's logging a comma); a zone of `Z`/`z`, or an offset of hours alone (`+00`, as PostgreSQL writes it),
+# `+0530` or `+05:30`; or no zone (the partner's wall time, see `_RowChecker`). The value is sent exactly as
+# written. Not accepted: the basic format (`20210518T151443Z`), week and ordinal dates, and a space before the
+# zone; each gets a message saying how to write it.
 _ISO = re.compile(
     r"(?P<y>[0-9]{4})-(?P<m>[0-9]{2})-(?P<d>[0-9]{2})"
-    r"(?:[T ](?P<H>[0-9]{2}):(?P<M>[0-9]{2})(?::(?P<S>[0-9]{2})(?:\.(?P<f>[0-9]{1,9}))?)?"
-    r"(?P<tz>Z|[+-][0-9]{2}:?[0-9]{2})?)?"
+    r"(?:[Tt ](?P<H>[0-9]{2})(?::(?P<M>[0-9]{2})(?::(?P<S>[0-9]{2})(?:[.,](?P<f>[0-9]+))?)?)?"
+    r"(?P<tz>[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)?)?"
 )
+_BASIC = re.compile(r"[0-9]{8}(?:[Tt][0-9]{2,6}(?:[.,][0-9]+)?(?:[Zz]|[+-][0-9]{2,4})?)?")
+_SPACED_ZONE = re.compile(r"(?P<time>.+[0-9]) (?P<tz>[Zz]|[+-][0-9:]+|UTC|GMT)")
+# No place on Earth is more than 14 hours ahead of UTC (Kiribati, UTC+14): a wall time with no zone, or a
+# date, is in the future only once it is later than that everywhere.
+_MOST_AHEAD = timedelta(hours=14)
 _QUOTING = (
     "check the quotes there: a value with a comma, quote or line break must be enclosed in double quotes, "
     'and a quote inside it doubled ("")'
 )
+_YAML_WORDS = frozenset({"yes", "no", "y", "n", "true", "false", "on", "off", "null"})  # not text to YAML 1.1
 _DATE_EXAMPLES = "write it like 2021-08-12, 2021-05-18 15:14:43-0700 or 2021-05-18T15:14:43Z"
 
 
@@ -276,7 +290,8 @@ class _RowChecker:
         self._manifest = manifest
         self._pattern = rules.user_id_pattern
         self._now = manifest._now
-        self._today = manifest._now.date()
+        # The present where it is latest: what a zoneless date-time or a date must not be after.
+        self._latest_wall = (manifest._now + _MOST_AHEAD).replace(tzinfo=None)
         self._labels = {
             "user_id": _label(rules.user_id_column, "user_id"),
             "user_created_at": _label(rules.user_created_at_column, "user_created_at"),
@@ -332,37 +347,46 @@ class _RowChecker:
         label = self._labels["user_created_at"]
         match = _ISO.fullmatch(value)
         if match is None:
-            hint = " without the spaces around it" if _ISO.fullmatch(value.strip()) else ""
-            if not hint and not value.isascii():
-                hint = f" ({_non_ascii(value)}; use ASCII digits)"  # fullwidth digits look almost right
             return (
                 _BAD_DATE,
-                f"{label} {value!r} is not an ISO 8601 date or date-time: {_DATE_EXAMPLES}{hint}",
+                f"{label} {value!r} is not an ISO 8601 date or date-time: {_DATE_EXAMPLES}{_hint(value)}",
             )
         g = match.groupdict()
         try:
-            if g["H"] is None:
-                day = date(int(g["y"]), int(g["m"]), int(g["d"]))
-                instant = None
-            else:
+            day = date(int(g["y"]), int(g["m"]), int(g["d"]))
+            moment = None
+            if g["H"] is not None:
+                second = int(g["S"] or 0)
+                leap = second == 60 and g["M"] == "59"  # RFC 3339's leap second, 23:59:60 UTC at most
                 micro = int((g["f"] or "0")[:6].ljust(6, "0"))
-                zone = _zone(g["tz"])
-                instant = datetime(
-                    int(g["y"]), int(g["m"]), int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"] or 0), micro,
-                    tzinfo=zone,
-                )  # fmt: skip
-                day = instant.date()
-        except ValueError as exc:
+                moment = datetime(
+                    day.year, day.month, day.day, int(g["H"]), int(g["M"] or 0), 59 if leap else second,
+                    micro, tzinfo=_zone(g["tz"]) if g["tz"] else None,
+                ) + timedelta(seconds=leap)  # fmt: skip
+        except (ValueError, OverflowError) as exc:  # OverflowError: a leap second after 9999-12-31T23:59:59
             return _BAD_DATE, f"{label} {value!r} is not a real date or time ({exc}): correct it"
         if day.year < _FIRST_PLAUSIBLE_YEAR:
             return _BAD_DATE, (
                 f"{label} {value!r} is before {_FIRST_PLAUSIBLE_YEAR}, not a plausible account creation date: "
                 "check that this column holds when the account was created"
             )
-        if (instant is None and day > self._today) or (instant is not None and instant > self._now):
+        fix = "give the date the account was created; if this machine's clock is wrong, fix it"
+        now = f"{self._now:%Y-%m-%d %H:%M:%S} UTC"
+        if moment is not None and moment.tzinfo is not None:
+            if moment > self._now:
+                return _FUTURE, f"{label} {value!r} is in the future (it is now {now}): {fix}"
+        elif moment is not None:
+            # No zone: the partner's wall time, wherever that is. Only later than the latest clock on Earth
+            # is surely the future (read as UTC, a nightly export from Nairobi would have three hours of it).
+            if moment > self._latest_wall:
+                return _FUTURE, (
+                    f"{label} {value!r} has no time zone and is in the future everywhere on Earth (it is now "
+                    f"{now}, {self._latest_wall:%Y-%m-%d %H:%M:%S} at UTC+14): {fix}"
+                )
+        elif day > self._latest_wall.date():
             return _FUTURE, (
-                f"{label} {value!r} is in the future (it is now {self._now:%Y-%m-%d %H:%M:%S} UTC): give the "
-                "date the account was created; if this machine's clock is wrong, fix it"
+                f"{label} {value!r} is in the future: after today everywhere on Earth (it is now {now}, "
+                f"{self._latest_wall:%Y-%m-%d} at UTC+14): {fix}"
             )
         return 0, ""
 
@@ -463,15 +487,17 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
         if problem is not None:
             raise ManifestError(f"{path} doesn't read as a CSV header row ({found[:200]}): {problem}")
         parts = []
+        guesses: dict[str, str | None] = {}
         for role, name in missing:
             near = difflib.get_close_matches(name, header, n=1, cutoff=0.6)
             near += [h for h in header if h.strip().casefold() == name.casefold() and h not in near]
             guess = f" (did you mean {near[0]!r}?)" if near else ""
             parts.append(f"{name!r} for {role}{guess}" if name != role else f"{name!r}{guess}")
+            guesses[role] = near[0] if near else None
         raise ManifestError(
             f"{path} is missing the column{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Columns found: "
             f"{found}. Fix: rename the column in the file, or map your column names in the config YAML, e.g. "
-            "columns: {user_id: customer_ref}"
+            f"{_columns_example(guesses, header, [name for _, name in wanted])}"
         )
     repeated = [name for _, name in wanted if header.count(name) > 1]
     if repeated:
@@ -481,6 +507,26 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
         )
     uid, created, image = (header.index(name) for _, name in wanted)
     return uid, created, image
+
+
+def _columns_example(guesses: dict[str, str | None], header: list[str], wanted: list[str]) -> str:
+    """`columns: {image_path: photo_file}` for the roles missing: each with its near miss in the header, or the
+    one column nobody claims when a single role is left over, else a placeholder."""
+    claimed = {*wanted, *(g for g in guesses.values() if g is not None)}
+    unclaimed = [h for h in header if h not in claimed and h.strip()]
+    open_roles = [role for role, guess in guesses.items() if guess is None]
+    if len(open_roles) == 1 and len(unclaimed) == 1:
+        guesses[open_roles[0]] = unclaimed[0]
+    pairs = ", ".join(
+        f"{role}: {_yaml_text(g) if g is not None else '<its column>'}" for role, g in guesses.items()
+    )
+    return f"columns: {{{pairs}}}"
+
+
+def _yaml_text(name: str) -> str:
+    """`name` as a YAML value: bare when YAML reads it back as that same text, else double-quoted."""
+    bare = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name) and name.lower() not in _YAML_WORDS
+    return name if bare else json.dumps(name)
 
 
 def _prescan(
@@ -656,10 +702,29 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _zone(text: str | None) -> timezone:
-    if text is None or text == "Z":
+def _hint(value: str) -> str:
+    """What is wrong with a user_created_at that isn't ISO 8601 extended format, when it can be told."""
+    if _ISO.fullmatch(value.strip()):
+        return " without the spaces around it"
+    if not value.isascii():
+        return f" ({_non_ascii(value)}; use ASCII digits)"  # fullwidth digits look almost right
+    if _BASIC.fullmatch(value):
+        return (
+            " (the basic format without - and : isn't accepted: 2021-05-18T15:14:43Z, not 20210518T151443Z)"
+        )
+    spaced = _SPACED_ZONE.fullmatch(value)
+    if spaced and _ISO.fullmatch(spaced["time"]):
+        if spaced["tz"] in ("UTC", "GMT"):
+            return f" (for {spaced['tz']} write Z or +00:00 right after the time)"
+        return " (remove the space before the time zone)"
+    return ""
+
+
+def _zone(text: str) -> timezone:
+    """The UTC offset of `Z`, `z`, `+05`, `+0530` or `+05:30`."""
+    if text in ("Z", "z"):
         return UTC
-    hours, minutes = int(text[1:3]), int(text[-2:])
+    hours, minutes = int(text[1:3]), int(text[3:].lstrip(":") or 0)
     if hours > 23 or minutes > 59:
         raise ValueError(f"UTC offset {text} is out of range")
     offset = timedelta(hours=hours, minutes=minutes)

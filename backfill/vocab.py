@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from enum import IntEnum, StrEnum
 
 
@@ -72,6 +73,7 @@ class ExitCode(IntEnum):
     SYSTEMIC = 4  # a systemic answer or the failure breaker
     INTERNAL = 70  # EX_SOFTWARE: a bug in this tool
     SIGINT = 130
+    SIGPIPE = 141  # the reader of stdout went away (`export | head`): as a shell reports for `cat`, `grep`
     SIGTERM = 143
 
 
@@ -105,8 +107,17 @@ def parse_states(raw: str, *, allowed: frozenset[State], what: str) -> list[Stat
     """States named in a comma-separated list; ValueError naming each unknown one and what is allowed."""
     names = [part.strip() for part in raw.split(",") if part.strip()]
     known = {s.value: s for s in State}
-    wrong = [n for n in names if n not in known or known[n] not in allowed]
-    if wrong or not names:
-        listed = ", ".join(sorted(allowed))
-        raise ValueError(f"{', '.join(map(repr, wrong)) or 'nothing'} can't be {what}; name some of {listed}")
+    listed = ", ".join(sorted(allowed))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        said = []
+        for name in unknown:
+            near = difflib.get_close_matches(name.lower(), sorted(allowed), n=1)
+            said.append(f"{name!r} is not a state" + (f" (did you mean {near[0]}?)" if near else ""))
+        raise ValueError(f"{'; '.join(said)}: name some of {listed}")
+    if not names:
+        raise ValueError(f"no state is named: name some of {listed}")
+    wrong = [n for n in names if known[n] not in allowed]
+    if wrong:
+        raise ValueError(f"{', '.join(map(repr, wrong))} can't be {what}; name some of {listed}")
     return [known[n] for n in names]

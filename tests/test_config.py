@@ -73,7 +73,48 @@ def test_unquoted_partner_id_that_lost_its_zero_is_refused(tmp_path: Path) -> No
     config = write(tmp_path, "partner_id: 85\n")
     with pytest.raises(ConfigError) as info:
         load_settings(config, {"SMILE_API_KEY": "k"})
-    assert info.value.key == "partner_id" and "quote" in info.value.problem
+    assert info.value.key == "partner_id" and 'quote it: partner_id: "85"' in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("written", "read_as"),
+    [
+        ("012", "the number 10 (a leading 0 makes it octal)"),
+        ("0x1F", "the number 31 (0x makes it hexadecimal)"),
+        ("1_000", "the number 1000 (YAML drops the _ in a number)"),
+        ("1:20", "the number 80 (YAML 1.1 reads a:b as base 60)"),
+        ("1.5e+3", "the number 1500.0"),
+        ("true", "a true/false value"),
+        ("2021-05-18", "a date"),
+    ],
+)
+def test_a_yaml_value_read_as_a_number_is_quoted_as_written(
+    tmp_path: Path, written: str, read_as: str
+) -> None:
+    # Found by a new user: `partner_id: 012` suggested quoting it as "010", YAML's octal 10 with a zero put back.
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, f"partner_id: {written}  # ours\n"), {"SMILE_API_KEY": "k"})
+    assert info.value.key == "partner_id"
+    assert info.value.problem == f"{written} was read as {read_as}, not text"
+    assert info.value.fix == f'quote it: partner_id: "{written}"'
+
+
+@pytest.mark.parametrize("written", ["085", "1e3", "1.5e3", '"012"', "'012'"])
+def test_yaml_values_that_stay_text_are_taken_as_written(tmp_path: Path, written: str) -> None:
+    # YAML 1.1 (PyYAML) reads 085 (8 is no octal digit), 1e3 (no dot) and 1.5e3 (no sign) as strings.
+    s = load_settings(write(tmp_path, f"partner_id: {written}\n"), {"SMILE_API_KEY": "k"})
+    assert s.partner_id == written.strip("'\"")
+
+
+def test_other_text_settings_and_columns_are_quoted_as_written_too(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, "out: 0777\n"), CREDS)
+    assert info.value.key == "out" and info.value.fix == 'quote it: out: "0777"'
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, "columns:\n  user_id: 007\n"), CREDS)
+    assert info.value.key == "columns.user_id" and info.value.fix == 'quote it: user_id: "007"'
+    # Numbers where numbers belong are still numbers.
+    assert load_settings(write(tmp_path, "rate: 1_000\nconcurrency: 0x10\n"), CREDS).concurrency == 16
 
 
 def test_missing_credentials_stop_before_anything_runs() -> None:
@@ -81,6 +122,63 @@ def test_missing_credentials_stop_before_anything_runs() -> None:
         load_settings(None, {"SMILE_PARTNER_ID": "085"})
     assert info.value.key == "api_key"
     assert load_settings(None, {}, need_credentials=False).partner_id == ""
+
+
+@pytest.mark.parametrize(("environ", "key"), [({}, "partner_id"), ({"SMILE_PARTNER_ID": "085"}, "api_key")])
+def test_a_dry_run_needs_credentials_too(environ: dict[str, str], key: str) -> None:
+    # A dry run signs every request: without credentials it passed while checking nothing it claimed to.
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, environ, {"dry_run": True})
+    assert info.value.key == key
+    assert "SMILE_PARTNER_ID" in info.value.fix and "SMILE_API_KEY" in info.value.fix
+    assert "backfill validate" in info.value.fix
+    assert load_settings(None, CREDS, {"dry_run": True}).dry_run
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "flags", "env", "env_from", "url_from"),
+    [
+        ("", {"env": "production", "base_url": ENVIRONMENTS["sandbox"]}, "production", "flag --env", "flag --base-url"),
+        ("", {"base_url": "https://API.smileidentity.com/v1/"}, "sandbox", "default", "flag --base-url"),
+        ("env: local\n", {"base_url": ENVIRONMENTS["production"]}, "local", "config file", "flag --base-url"),
+        ("env: sandbox\nbase_url: https://api.smileidentity.com:443/v1\n", {}, "sandbox", "config file",
+         "config file"),
+    ],
+)  # fmt: skip
+def test_an_env_and_a_base_url_that_disagree_are_refused(
+    tmp_path: Path, yaml_text: str, flags: dict[str, str], env: str, env_from: str, url_from: str
+) -> None:
+    config = write(tmp_path, yaml_text) if yaml_text else None
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, CREDS, flags)
+    assert info.value.key == "base_url" and info.value.source.startswith(url_from)
+    assert f"but env is {env} (from {env_from}" in info.value.problem and "make them agree" in info.value.fix
+
+
+def test_a_base_url_of_ones_own_is_any_envs_to_label() -> None:
+    for env in ENVIRONMENTS:
+        assert load_settings(None, CREDS, {"env": env, "base_url": "https://proxy.example/v1"}).env == env
+        assert load_settings(None, CREDS, {"env": env, "base_url": ENVIRONMENTS[env]}).env == env
+    assert load_settings(None, CREDS, {"env": "sandbox", "base_url": ENVIRONMENTS["local"]}).env == "sandbox"
+
+
+def test_an_unknown_backfill_variable_is_a_warning_with_the_nearest_name() -> None:
+    s = load_settings(None, {**CREDS, "BACKFILL_RAET": "20", "BACKFILL_TEST_CRASH_AT": "in_flight:3"})
+    assert s.rate == 10.0  # ignored, as it always was, but now said
+    assert s.warnings == (
+        "environment BACKFILL_RAET is not a setting and was ignored (did you mean BACKFILL_RATE?)",
+    )
+    assert "warnings" not in s.redacted()
+    said = "\n".join(load_settings(None, {**CREDS, "backfill_rate": "1", "BACKFILL_API_KEY": "k-9"}).warnings)
+    assert "case-sensitive" in said and "SMILE_API_KEY only" in said and "k-9" not in said
+    assert load_settings(None, {**CREDS, "BACKFILL_RATE": "20", "OTHER_RAET": "1"}).warnings == ()
+
+
+def test_known_non_setting_variables_match_the_code_that_reads_them() -> None:
+    from backfill.config import KNOWN_NON_SETTINGS
+    from backfill.run.crash import CRASH_ENV
+
+    assert CRASH_ENV in KNOWN_NON_SETTINGS
 
 
 def test_columns_mapping(tmp_path: Path) -> None:

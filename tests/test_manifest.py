@@ -10,7 +10,7 @@ import re
 import tempfile
 import threading
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,22 @@ def test_missing_column_names_it_the_columns_found_and_the_fix(tmp_path: Path) -
     assert "did you mean 'userid'" in message
     assert "'userid', 'user_created_at', 'photo'" in message
     assert "columns:" in message and "rename" in message
+
+
+@pytest.mark.parametrize(
+    ("header", "example"),
+    [
+        ("user_id,user_created_at,photo_file", "columns: {image_path: photo_file}"),  # the one column left
+        ("userid,user_created_at,photo", "columns: {user_id: userid, image_path: photo}"),
+        ("user_id,signup,image_path,notes", "columns: {user_created_at: <its column>}"),  # two candidates
+        ("user_id,user_created_at,selfie path", 'columns: {image_path: "selfie path"}'),  # quoted for YAML
+        ("user_id,user_created_at,no", 'columns: {image_path: "no"}'),  # YAML would read a bare no as false
+    ],
+)
+def test_missing_column_fix_maps_the_role_that_is_missing(tmp_path: Path, header: str, example: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        open_manifest(write(tmp_path, header + "\n"), rules())
+    assert example in str(caught.value) and "customer_ref" not in str(caught.value)
 
 
 def test_header_names_must_match_exactly(tmp_path: Path) -> None:
@@ -342,9 +358,24 @@ def test_duplicate_message_lists_the_first_lines_and_counts_the_rest(tmp_path: P
         "1900-01-01",
         "2030-01-01",  # today (NOW's date) is not the future
         "2030-01-01T12:00:00Z",  # exactly now
-        "2030-01-01 12:00:00",  # naive = UTC
         "2030-01-01T13:00:00+02:00",  # 11:00 UTC
         "2021-05-18T15:14:43.123456789Z",
+        # No zone: the partner's wall time. Only later than the latest clock on Earth (UTC+14) is the future.
+        "2030-01-01 15:00:00",  # Nairobi (UTC+3) at NOW: a nightly export's last users
+        "2030-01-02 02:00:00",  # exactly now at UTC+14
+        "2030-01-02",  # today at UTC+14
+        # As databases and languages write them (see test_dates_as_systems_write_them for more).
+        "2021-05-18 15:14:43.924617+00",  # PostgreSQL timestamptz: an hour-only offset
+        "2021-05-18 15:14:43.924617+05:30",
+        "2021-05-18 15:14:43-0330",
+        "2021-05-18T15:14:43.9246170Z",  # .NET "o"
+        "2021-05-18T15:14:43.924Z",  # JavaScript toISOString()
+        "2021-05-18 15:14:43,924",  # Python logging: ISO 8601's comma
+        "2021-05-18t15:14:43z",  # RFC 3339 allows lower case
+        "2021-08-12T15",  # isoformat(timespec="hours")
+        "2021-08-12T15+05:00",
+        "2016-12-31T23:59:60Z",  # a leap second
+        "2021-05-18T15:14:43.12345678901234567890+01",  # a fraction of any length
     ],
 )
 def test_good_dates(tmp_path: Path, created: str) -> None:
@@ -355,10 +386,12 @@ def test_good_dates(tmp_path: Path, created: str) -> None:
 @pytest.mark.parametrize(
     "created",
     [
-        "12/08/2021", "2021-8-12", "20210812", " 2021-08-12", "2021-08-12 ", "2021-08-12T", "2021-08-12T15",
+        "12/08/2021", "2021-8-12", "20210812", " 2021-08-12", "2021-08-12 ", "2021-08-12T", "2021-08-12T1",
         "2021-13-01", "2021-02-30", "2021-05-18 24:00", "2021-05-18 15:60", "2021-05-18T15:14:43+2500",
-        "2021-05-18T15:14:43+01:60", "2021-05-18T15:14:43 Z", "2021-05-18t15:14:43z", "\uff12021-08-12",
-        "1899-12-31", "0000-01-01", "NA",
+        "2021-05-18T15:14:43+01:60", "2021-05-18T15:14:43 Z", "\uff12021-08-12", "1899-12-31", "0000-01-01",
+        "NA", "20210518T151443Z", "2021-W20-2", "2021-138", "2021-05-18T15:14:43.", "2021-05-18T15:14:43+5",
+        "2021-05-18T15:14:43+05:3", "2021-05-18T15:14:60Z", "9999-12-31T23:59:60", "2021-05-18T1514",
+        "2021-05-18 15:14:43 UTC", "2021-05-18T15:14:43+05:30[Asia/Kolkata]",
     ],
 )  # fmt: skip
 def test_bad_dates(tmp_path: Path, created: str) -> None:
@@ -371,12 +404,22 @@ def test_bad_date_messages_say_why(tmp_path: Path) -> None:
     assert "spaces" in only_reject(one_row(tmp_path, created=" 2021-08-12")).message
     assert "plausible" in only_reject(one_row(tmp_path, created="1899-12-31")).message
     assert "not a real date" in only_reject(one_row(tmp_path, created="2021-02-30")).message
+    basic = only_reject(one_row(tmp_path, created="20210518T151443Z")).message
+    assert "2021-05-18T15:14:43Z, not 20210518T151443Z" in basic
+    spaced = "2021-05-18 15:14:43.9246170 +05:30"  # SQL Server's datetimeoffset as text
+    assert "remove the space before the time zone" in only_reject(one_row(tmp_path, created=spaced)).message
+    utc = only_reject(one_row(tmp_path, created="2021-05-18 15:14:43 UTC")).message
+    assert "write Z or +00:00" in utc
 
 
 @pytest.mark.parametrize(
     "created",
-    ["2030-01-02", "2030-01-01T12:00:01Z", "2030-01-01 12:00:01", "2030-01-01T12:30:00+00:15", "2099-01-01"],
-)
+    [
+        "2030-01-03", "2030-01-01T12:00:01Z", "2030-01-01T12:30:00+00:15", "2099-01-01",
+        "2030-01-02 02:00:01",  # one second past the present at UTC+14
+        "2030-01-02T02:00:00.000001", "2030-01-02 03",
+    ],
+)  # fmt: skip
 def test_future_dates(tmp_path: Path, created: str) -> None:
     reject = only_reject(one_row(tmp_path, created=created))
     assert reject.reason == "future_date" and "future" in reject.message
@@ -709,6 +752,83 @@ def test_generated_manifests(rows: list[tuple[str, str, str, str | None]], chunk
         assert len(valid_ids) == len(set(valid_ids)) and all(PATTERN.fullmatch(i) for i in valid_ids)
         counts = Counter(u for u, *_ in rows)
         assert got == {line: expected_reason(row, counts) for line, row in enumerate(rows, start=2)}
+
+
+# --- dates as databases and languages write them -----------------------------------------------------------
+
+# Whole-minute offsets from UTC-12 to UTC+14, the range of real zones.
+offsets = st.one_of(st.none(), st.integers(-12 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m))))
+moments = st.builds(
+    lambda naive, zone: naive.replace(tzinfo=zone),
+    st.datetimes(min_value=datetime(1900, 1, 2), max_value=datetime(2029, 12, 30)),
+    offsets,
+)
+
+
+def _hours_offset(moment: datetime, *, colon: bool = True) -> str:
+    """+05:30, or +00 when the minutes are zero, as PostgreSQL writes a timestamptz's offset."""
+    text = moment.strftime("%z")  # +0530
+    if text[3:] == "00":
+        return text[:3]
+    return f"{text[:3]}:{text[3:]}" if colon else text
+
+
+def _fraction(moment: datetime, digits: int) -> str:
+    return f"{moment.microsecond:06d}{'0' * max(0, digits - 6)}"[:digits]
+
+
+def written_by_systems(moment: datetime) -> list[str]:
+    """`moment` as Python, PostgreSQL, MySQL, JavaScript and .NET write it."""
+    utc = moment.astimezone(UTC) if moment.tzinfo is not None else moment
+    plain = moment.strftime("%Y-%m-%d %H:%M:%S")
+    out = [moment.isoformat(sep=sep, timespec=spec) for sep in "T " for spec in
+           ("auto", "hours", "minutes", "seconds", "milliseconds", "microseconds")]  # fmt: skip
+    out.append(moment.date().isoformat())
+    # PostgreSQL: timestamp(tz) as text, trailing zeros of the fraction dropped, an hour-only offset when it can.
+    pg = plain + (f".{moment.microsecond:06d}".rstrip("0").rstrip(".") if moment.microsecond else "")
+    out.append(pg + (_hours_offset(moment) if moment.tzinfo is not None else ""))
+    # MySQL: DATETIME, DATETIME(3), DATETIME(6).
+    out += [plain, f"{plain}.{_fraction(moment, 3)}", f"{plain}.{_fraction(moment, 6)}"]
+    # JavaScript: Date.prototype.toISOString(), always UTC with milliseconds.
+    out.append(utc.strftime("%Y-%m-%dT%H:%M:%S.") + _fraction(utc, 3) + "Z")
+    # .NET: DateTime.ToString("o"), 7 digits, "Z" for UTC, an offset for local, nothing for unspecified.
+    dotnet = moment.strftime("%Y-%m-%dT%H:%M:%S.") + _fraction(moment, 7)
+    out += [utc.strftime("%Y-%m-%dT%H:%M:%S.") + _fraction(utc, 7) + "Z"]
+    out += [dotnet + (moment.strftime("%z")[:3] + ":" + moment.strftime("%z")[3:] if moment.tzinfo else "")]
+    # Java Instant/OffsetDateTime.toString(), Go time.RFC3339, a basic "+0530" offset.
+    if moment.tzinfo is not None:
+        out += [moment.strftime("%Y-%m-%dT%H:%M:%S%z"), utc.strftime("%Y-%m-%dT%H:%M:%SZ").lower()]
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(moment=moments)
+def test_dates_as_systems_write_them(moment: datetime) -> None:
+    values = written_by_systems(moment)
+    with tempfile.TemporaryDirectory() as folder:
+        path = manifest_of(Path(folder), [(f"u{i}", v, "a.png") for i, v in enumerate(values)])
+        batches = list(open_manifest(path, rules()).batches())
+    rejects = [r for b in batches for r in b.rejects]
+    assert not rejects, rejects[0].message
+    # Sent exactly as written.
+    assert [c.user_created_at for b in batches for c in b.candidates] == values
+
+
+def test_a_zoneless_time_is_the_partners_wall_time(tmp_path: Path) -> None:
+    # Found by a partner in Nairobi (UTC+3): its 23:00 export, read as UTC, had three hours of "future" users.
+    nairobi_now = NOW.astimezone(timezone(timedelta(hours=3))).replace(tzinfo=None)
+    rows, rejects = read(one_row(tmp_path, created=nairobi_now.isoformat(sep=" ")))
+    assert len(rows) == 1 and not rejects
+    latest = (NOW + timedelta(hours=14)).replace(tzinfo=None)  # the present at UTC+14
+    assert not read(one_row(tmp_path, created=latest.isoformat()))[1]
+    later = only_reject(one_row(tmp_path, created=(latest + timedelta(seconds=1)).isoformat()))
+    assert later.reason == "future_date" and "no time zone" in later.message and "UTC+14" in later.message
+    # A date: the future only after today at UTC+14.
+    assert not read(one_row(tmp_path, created=latest.date().isoformat()))[1]
+    tomorrow = only_reject(one_row(tmp_path, created=(latest.date() + timedelta(days=1)).isoformat()))
+    assert tomorrow.reason == "future_date" and "UTC+14" in tomorrow.message
+    # With a zone, the instant is known: a second past now is the future.
+    assert only_reject(one_row(tmp_path, created="2030-01-01T15:00:01+03:00")).reason == "future_date"
 
 
 # --- the sample data -------------------------------------------------------------------------------------

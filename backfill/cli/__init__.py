@@ -15,16 +15,29 @@ from typing import Any, NoReturn
 import click
 
 from .. import __version__, compose
-from ..config import Settings, load_settings
+from ..config import Settings
 from ..outputs import files as rs
 from ..run.records import Summary
 from ..vocab import RETRYABLE_STATES, TRANSIENT_STATES, Status
-from ._common import LOCAL_PARTNER_ID, config_option, guard, log_options, out_option
+from ._common import LOCAL_PARTNER_ID, config_option, guard, load_settings, log_options, out_option, shown
 from .logs import setup_logging
 from .progress import TqdmProgress
 from .sandbox import sandbox
 
 SAMPLE_MANIFEST = Path(__file__).resolve().parent.parent.parent / "sample_data" / "manifest.csv"
+
+
+def manifest_arg(value: str) -> Path | str:
+    """A manifest's local path, or its object-storage URL kept as written (a Path would fold its "//")."""
+    from ..images.urls import is_url
+
+    return value if is_url(value) else Path(value)
+
+
+read_concurrency_option = click.option(
+    "--read-concurrency", type=int, show_default=shown("read_concurrency"),
+    help="Photos in object storage checked at once (ranged reads), apart from --concurrency.",
+)  # fmt: skip
 
 
 @click.group()
@@ -37,48 +50,59 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("manifest")
 @config_option
 @out_option
+@read_concurrency_option
 @guard
-def validate(manifest: Path, config_file: Path | None, out: Path | None) -> None:
-    """Validate MANIFEST only: write rejects.csv and print counts. Sends nothing."""
-    settings = load_settings(config_file, flags={"out": out}, need_credentials=False)
-    valid, rejects = compose.validate(settings, manifest)
+def validate(manifest: str, config_file: Path | None, out: Path | None, read_concurrency: int | None) -> None:
+    """Validate MANIFEST (a path, or an s3://, gs://, az:// or https:// URL) only: write rejects.csv and print
+    counts. Sends nothing."""
+    settings = load_settings(config_file, flags={"out": out, "read_concurrency": read_concurrency},
+                             need_credentials=False)  # fmt: skip
+    valid, rejects = compose.validate(settings, manifest_arg(manifest))
     path = rs.write_rejects(settings.out, rejects)
     click.echo(f"{valid} valid, {len(rejects)} rejected; rejects: {path}")
     sys.exit(0 if not rejects else 1)
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("manifest")
 @config_option
-@click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.")
+@click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.",
+              show_default=shown("env"))  # fmt: skip
 @click.option("--base-url", help="API root, e.g. http://127.0.0.1:8080/v1 (overrides --env's URL).")
-@click.option("--concurrency", type=int, help="Requests in flight at once.")
-@click.option("--rate", type=float, help="Requests per second across all workers, retries included.")
-@click.option("--max-attempts", type=int, help="Attempts per row before giving up on transient errors.")
-@click.option("--timeout", type=float, help="Seconds to wait for one answer.")
 @click.option(
-    "--fail-threshold", type=float, help="Stop when this fraction of recent rows fail (default 0.5)."
+    "--concurrency", type=int, help="Requests in flight at once.", show_default=shown("concurrency")
 )
-@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
+@click.option("--rate", type=float, help="Requests per second across all workers, retries included.",
+              show_default=shown("rate"))  # fmt: skip
+@click.option("--max-attempts", type=int, help="Attempts per row before giving up on transient errors.",
+              show_default=shown("max_attempts"))  # fmt: skip
+@click.option("--timeout", type=float, help="Seconds to wait for one answer.", show_default=shown("timeout"))
+@click.option("--fail-threshold", type=float, help="Stop when this fraction of recent rows fail.",
+              show_default=shown("fail_threshold"))  # fmt: skip
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.",
+              show_default=f"{shown('data_dir')}/ledgers/<partner_id>@<host>_<port>.sqlite")  # fmt: skip
 @out_option
 @click.option(
     "--dry-run", is_flag=True, default=None, help="Validate, build and sign every request; send none."
 )
 @click.option("--limit", type=int, help="Send at most N rows (a canary).")
 @click.option("--max-duration", help="Stop starting new rows after this long (3600, 90m, 2h); resumable.")
+@read_concurrency_option
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @guard
-def run(manifest: Path, config_file: Path | None, no_progress: bool, **flags: Any) -> None:
+def run(manifest: str, config_file: Path | None, no_progress: bool, **flags: Any) -> None:
     """Send every valid row of MANIFEST not already enrolled; resume where an earlier run stopped."""
     settings = load_settings(config_file, flags=flags)
-    _run(settings, manifest, progress=not no_progress and settings.progress)
+    _run(settings, manifest_arg(manifest), progress=not no_progress and settings.progress)
 
 
-def _run(settings: Settings, manifest: Path, *, progress: bool, resend_failed: bool = False) -> NoReturn:
+def _run(
+    settings: Settings, manifest: Path | str, *, progress: bool, resend_failed: bool = False
+) -> NoReturn:
     bar = TqdmProgress(progress)
     setup_logging(settings, bar.enabled)
     try:
@@ -99,11 +123,12 @@ def _run(settings: Settings, manifest: Path, *, progress: bool, resend_failed: b
 @click.option("--base-url", help="API root (overrides --env's URL).")
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
 @out_option
-@click.option("--concurrency", type=int)
-@click.option("--rate", type=float)
-@click.option("--max-attempts", type=int)
-@click.option("--timeout", type=float)
+@click.option("--concurrency", type=int, show_default=shown("concurrency"))
+@click.option("--rate", type=float, show_default=shown("rate"))
+@click.option("--max-attempts", type=int, show_default=shown("max_attempts"))
+@click.option("--timeout", type=float, show_default=shown("timeout"))
 @click.option("--max-duration")
+@read_concurrency_option
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @guard
@@ -112,8 +137,8 @@ def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any
 
     Transient failures by default; name `failed` to re-send permanent failures too (after fixing their images).
     """
-    settings = load_settings(config_file, flags=flags)
     chosen = compose.parse_status_names(states, allowed=RETRYABLE_STATES, what="retried")
+    settings = load_settings(config_file, flags=flags)
     bar = TqdmProgress(not no_progress and settings.progress)
     setup_logging(settings, bar.enabled)
     try:
@@ -177,12 +202,13 @@ def export(
     config_file: Path | None, states: str | None, fmt: str, out_path: Path | None, **flags: Any
 ) -> None:
     """Everything the checkpoint knows, across runs, as one file; CSV starts with the manifest's columns."""
+    chosen = compose.parse_status_names(states) if states is not None else None
     settings = load_settings(config_file, flags=flags, need_credentials=False)
-    chosen = compose.parse_status_names(states) if states else None
     rows = compose.export_rows(settings, chosen)  # opens the ledger now: an error comes before any output
     fields = compose.export_fields(settings)
     if out_path is None:
         rs.write_export(rows, fields, fmt, sys.stdout)
+        sys.stdout.flush()  # here, where a reader gone away (`| head`) is a quiet exit, not at interpreter exit
         return
     count = rs.export_to(out_path, rows, fields, fmt)
     click.echo(f"{count} rows written to {out_path}", err=True)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import select
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import fields
 from functools import wraps
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
-from ..errors import BackfillError
+from .. import config
+from ..config import Settings
+from ..errors import BackfillError, ConfigError
+from ..redact import scrub
 from ..vocab import ExitCode
 
 # The local sandbox's credentials when none are given: public values for an emulator, not secrets.
@@ -21,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(error: BackfillError) -> NoReturn:
-    click.echo(f"backfill: {error}", err=True)
+    click.echo(scrub(f"backfill: {error}"), err=True)
     sys.exit(error.exit_code)
 
 
@@ -37,20 +43,88 @@ def guard(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("backfill: interrupted", err=True)
             sys.exit(ExitCode.SIGINT)
+        except BrokenPipeError as error:
+            if not _stdout_gone():
+                _internal(error)  # some other pipe or socket: a bug, not a reader that left
+        # Here once the error (and the frames it holds, an open ledger's among them) is gone. The reader of our
+        # output went away (`backfill export | head`): stop quietly, as `cat` or `grep` do when SIGPIPE ends
+        # them (a shell reports 141 for them too). Nothing was wrong with what was written.
+        except Exception as error:
+            _internal(error)
+        _silence_stdout()
+        sys.exit(ExitCode.SIGPIPE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal(error: BaseException) -> NoReturn:
+    """A bug: one line saying so and exit 70, not Python's traceback and 1 (which reads as "rows left")."""
+    click.echo(scrub(f"backfill: internal error: {error!r}. Please report it; re-run to resume"), err=True)
+    sys.exit(ExitCode.INTERNAL)
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has gone (a pipe whose read end is closed polls as an error)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):
+        return True  # no descriptor to ask (a test's runner): the error is the only word there is
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is still buffered can't fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real descriptor behind stdout (a test's runner): nothing to flush
+        pass
+
+
+def load_settings(
+    config_file: Path | None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+    *,
+    need_credentials: bool = True,
+) -> Settings:
+    """`config.load_settings`, with its warnings (an unknown BACKFILL_* variable) on stderr, error or not."""
+    try:
+        settings = config.load_settings(config_file, environ, flags, need_credentials=need_credentials)
+    except ConfigError:
+        _warn(config.environment_warnings(os.environ if environ is None else environ))
+        raise
+    _warn(settings.warnings)
+    return settings
+
+
+def _warn(warnings: Iterable[str]) -> None:
+    for warning in warnings:
+        click.echo(f"backfill: warning: {warning}", err=True)
+
+
+def shown(key: str) -> str:
+    """A setting's built-in default, for --help: the flags default to None, so YAML and BACKFILL_* still apply."""
+    value = next(f.default for f in fields(Settings) if f.name == key)
+    return str(value)
 
 
 config_option = click.option(
     "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="YAML settings file."
 )
-out_option = click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder.")
+out_option = click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder.",
+                          show_default=shown("out"))  # fmt: skip
 
 
 def log_options(fn: F) -> F:
-    fn = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))(fn)
+    fn = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+                      show_default=shown("log_level"))(fn)  # fmt: skip
     fn = click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
                       help="Also log every event here (appended).")(fn)  # fmt: skip
     return click.option(
-        "--log-format", type=click.Choice(["text", "json"]), help="json: one object per line."
-    )(fn)
+        "--log-format", type=click.Choice(["text", "json"]), help="json: one object per line.",
+        show_default=shown("log_format"),
+    )(fn)  # fmt: skip

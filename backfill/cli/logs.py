@@ -13,6 +13,8 @@ from tqdm import tqdm
 
 from ..config import Settings
 from ..errors import ConfigError
+from ..outputs.files import make_private_dirs
+from ..redact import scrub
 
 
 class _JsonFormatter(logging.Formatter):
@@ -27,13 +29,13 @@ class _JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         document.update(getattr(record, "fields", {}))
-        return json.dumps(document, default=str, ensure_ascii=False)
+        return scrub(json.dumps(document, default=str, ensure_ascii=False))
 
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + "Z"
-        return (
+        return scrub(
             f"{stamp} {record.levelname.lower():7} {getattr(record, 'event', 'log'):15} {record.getMessage()}"
         )
 
@@ -80,6 +82,7 @@ def setup_logging(settings: Settings, bar_shown: bool) -> None:
     logger.addHandler(terminal)
     if settings.log_file is not None:
         try:
+            make_private_dirs(settings.log_file.parent)  # missing folders, owner-only, as for every output
             fd = os.open(settings.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as exc:
             source = settings.sources.get("log_file", "--log-file")

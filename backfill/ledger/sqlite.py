@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -32,6 +33,7 @@ from . import (
 from . import transitions as tr
 
 SCHEMA_VERSION = "2"
+log = logging.getLogger("backfill")
 _STATES = ", ".join(f"'{s.value}'" for s in State)
 _USERS = f"""
 CREATE TABLE IF NOT EXISTS users (
@@ -189,7 +191,9 @@ class SqliteStore(Store):
         if tr.must_be_durable(outcome):
             result: Settled = await self._submit(apply, wait=True)
             return result
-        await self._submit(apply, wait=False)
+        # Not awaited: the next commit takes it with whatever else is queued. A refusal is still told.
+        queued = self._submit(apply, wait=False)
+        queued.add_done_callback(lambda f: _tell_if_fenced(f, outcome))
         return Settled.QUEUED
 
     async def flush(self) -> None:
@@ -289,6 +293,20 @@ class SqliteStore(Store):
             for op, result in zip(batch, results, strict=True):
                 if op.future is not None and not op.future.done():
                     op.future.set_result(result)
+
+
+def _tell_if_fenced(future: asyncio.Future[Any], outcome: Outcome) -> None:
+    if not future.cancelled() and future.exception() is None and future.result() is Settled.FENCED:
+        log.warning(
+            "%s: the ledger refused attempt %s's outcome %s",
+            outcome.user_id,
+            outcome.attempt,
+            outcome.state,
+            extra={
+                "event": "outcome_fenced",
+                "fields": {"user_id": outcome.user_id, "attempt": outcome.attempt},
+            },
+        )
 
 
 def _make_private_parents(folder: Path) -> None:

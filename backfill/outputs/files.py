@@ -206,6 +206,8 @@ def write_export(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], fmt: 
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
+    except BrokenPipeError:
+        raise  # the reader went away (`export | head`): not a failure to report; the CLI exits quietly
     except OSError as exc:
         raise OutputError(f"can't write the export: {exc.strerror}") from exc
     return count

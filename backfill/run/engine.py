@@ -156,7 +156,7 @@ class Engine:
             if store is not None and not s.dry_run:
                 self._sender = Sender(
                     store=store, images=parts.images, client=parts.client, gate=self._gate, policy=self._policy,
-                    crash=self._crash, run_id=parts.run_id, stopping=lambda: self.stopping, nap=self._stops.nap,
+                    crash=self._crash, run_id=parts.run_id, stops=self._stops,
                     on_systemic=self._systemic, event=self._event,
                 )  # fmt: skip
             queue: asyncio.Queue[plan.Send | None] = asyncio.Queue(maxsize=s.concurrency * 4)

@@ -10,12 +10,13 @@ the run would look hung); a worker that is already waiting simply waits for the 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiolimiter import AsyncLimiter
 
+from .stops import Stops
+
 RETRY_AFTER_MAX_S = 300.0
-Nap = Callable[[float], Awaitable[None]]
 
 
 class RateGate:
@@ -25,12 +26,23 @@ class RateGate:
         self._clock = clock
         self._resume_at = 0.0
 
-    async def wait_turn(self, nap: Nap) -> None:
-        """Wait out any shared pause (through `nap`, which wakes on a stop), then take one slot."""
-        pause = self._resume_at - self._clock()
-        if pause > 0:
-            await nap(pause)
-        await self._limiter.acquire()
+    async def wait_turn(self, stops: Stops) -> None:
+        """Wait out any shared pause, then take one slot; both waits end at once on a stop.
+
+        A pause that began while this worker queued for its slot is waited out too (and a new slot taken after
+        it): otherwise every worker already queued would send during the server's Retry-After.
+        """
+        waited = None  # the pause already waited out: with a fake sleep in tests, the clock hasn't moved
+        while not stops.stopping:
+            resume = self._resume_at
+            if resume != waited and resume > self._clock():
+                await stops.nap(resume - self._clock())
+                waited = resume
+                continue
+            if not await stops.until_stopped(self._limiter.acquire()):
+                return
+            if self._resume_at in (resume, waited) or self._resume_at <= self._clock():
+                return
 
     def pause(self, seconds: float) -> float | None:
         """Hold everyone for `seconds` (capped); the pause now in force if this lengthened it, else None."""

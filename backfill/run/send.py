@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tenacity import RetryCallState
@@ -20,6 +20,7 @@ from .plan import Send, reused_message
 from .policy import RetryPolicy
 from .rate import RateGate
 from .settle import final_status, ledger_state
+from .stops import Stops
 
 log = logging.getLogger("backfill")
 
@@ -63,21 +64,23 @@ class Sender:
         policy: RetryPolicy,
         crash: CrashPoints,
         run_id: str,
-        stopping: Callable[[], bool],
-        nap: Callable[[float], Awaitable[None]],
+        stops: Stops,
         on_systemic: Callable[[Verdict], None],
         event: Callable[..., None],
     ) -> None:
         self._store, self._images, self._client, self._gate = store, images, client, gate
         self._policy, self._crash, self._run_id = policy, crash, run_id
-        self._stopping, self._nap, self._on_systemic, self._event = stopping, nap, on_systemic, event
+        self._stops, self._on_systemic, self._event = stops, on_systemic, event
         self.attempts = 0  # in this run, every row
+
+    def _stopping(self) -> bool:
+        return self._stops.stopping
 
     async def send(self, row: Send) -> Sent | None:
         """The row's end, or None when a stop came before its first attempt left (it was not reached)."""
         work = _Row(row)
         retrying = self._policy.retrying(
-            stopping=self._stopping, sleep=self._nap, before_sleep=self._retrying
+            stopping=self._stopping, sleep=self._stops.nap, before_sleep=self._retrying
         )
         try:
             verdict: Verdict = await retrying(self._attempt, work)
@@ -92,7 +95,7 @@ class Sender:
     async def _attempt(self, work: _Row) -> Verdict:
         row = work.send
         # The rate slot first, then the photo, then the record: a row that waits holds nothing in doubt.
-        await self._gate.wait_turn(self._nap)
+        await self._gate.wait_turn(self._stops)
         if self._stopping():
             work.last = self._not_sent(work)
             raise _Ended

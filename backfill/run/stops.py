@@ -58,3 +58,20 @@ class Stops:
         finally:
             for task in (nap, stop):
                 task.cancel()
+
+    async def until_stopped(self, awaitable: Awaitable[None]) -> bool:
+        """Await `awaitable` unless a stop comes first (it is then cancelled); True when it completed."""
+        if self.stopping:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            return False
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.event.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if work.done():
+            return True
+        work.cancel()
+        return False
