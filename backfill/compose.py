@@ -7,24 +7,31 @@ of their own (an in-memory ledger, a fake image source).
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .api.client import Client
 from .config import ENVIRONMENTS, Settings, endpoint_of
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .images import ImageSource
+from .images.dispatch import DispatchingImageSource
 from .images.local import LocalImageSource
+from .images.urls import is_url, prefix_of
 from .ledger import Binding, LedgerRow, LedgerStatus, Store
 from .ledger.sqlite import SqliteStore
-from .manifest import ManifestRules, open_manifest
-from .outputs.files import RunOutput, write_retry_manifest
+from .manifest import Manifest, ManifestRules, open_manifest
+from .outputs.files import RunOutput, make_private_dirs, write_retry_manifest
 from .run import plan
 from .run.engine import Collaborators, Engine, Progress, Sleep
+from .run.policy import RetryPolicy
 from .run.records import RejectRow, Summary
 from .vocab import RETRYABLE_STATES, State, parse_states
+
+if TYPE_CHECKING:
+    from .images.remote import RemoteImageSource
 
 
 def manifest_rules(settings: Settings) -> ManifestRules:
@@ -43,15 +50,55 @@ def binding(settings: Settings) -> Binding:
     return Binding(partner_id=settings.partner_id, endpoint=settings.endpoint)
 
 
-def image_source(settings: Settings, manifest_path: Path) -> ImageSource:
-    """Photos resolve against the manifest's own folder, as relative paths in a CSV naturally do."""
-    base = Path(manifest_path).absolute().parent
-    return LocalImageSource(base=base, root=settings.images_root, max_bytes=settings.max_image_bytes)
+def image_source(
+    settings: Settings, manifest_path: Path | str, *, remote: RemoteImageSource | None = None
+) -> ImageSource:
+    """Photos resolve against the manifest's own folder (or URL prefix), as relative paths in a CSV naturally
+    do; each is read from where it is named, local or object storage (`remote`, else one made on first use)."""
+    where = str(manifest_path)
+    remote_base = prefix_of(where) if is_url(where) else None
+    base = Path.cwd() if remote_base is not None else Path(manifest_path).absolute().parent
+    local = LocalImageSource(base=base, root=settings.images_root, max_bytes=settings.max_image_bytes)
+    return DispatchingImageSource(
+        local=local, remote=lambda: remote or remote_image_source(settings), base=remote_base,
+        root=str(settings.images_root) if settings.images_root is not None else None,
+    )  # fmt: skip
+
+
+def remote_image_source(settings: Settings) -> RemoteImageSource:
+    """Photos in object storage, with the run's timeouts and its retry policy's attempts and backoff."""
+    from .images.remote import RemoteImageSource, StoreOptions  # obstore is loaded only when a URL is used
+
+    policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_initial=settings.backoff_initial,
+                         backoff_max=settings.backoff_max)  # fmt: skip
+    return RemoteImageSource(
+        max_bytes=settings.max_image_bytes, read_concurrency=settings.read_concurrency,
+        options=StoreOptions(timeout=settings.timeout, connect_timeout=settings.connect_timeout),
+        attempts=policy.max_attempts, wait=functools.partial(policy.wait, None),
+    )  # fmt: skip
+
+
+async def load_manifest(
+    settings: Settings, manifest_path: Path | str
+) -> tuple[Manifest, RemoteImageSource | None]:
+    """The manifest, opened and pre-scanned, from a local path or an object URL; for a URL, the source it was
+    fetched through, so that its photos reuse the same store per bucket."""
+    if isinstance(manifest_path, str) and is_url(manifest_path):
+        from .remote_manifest import open_remote_manifest
+
+        remote = remote_image_source(settings)
+        return await open_remote_manifest(manifest_path, manifest_rules(settings), remote), remote
+    return open_manifest(Path(manifest_path), manifest_rules(settings)), None
 
 
 async def open_store(settings: Settings, *, writable: bool, bound: bool = True) -> Store:
     """The ledger the settings name. `bound`: refuse one that belongs to another partner or endpoint."""
     legacy = {env: endpoint_of(url) for env, url in ENVIRONMENTS.items()}
+    if writable:  # a new ledger's folder (the default ledgers/ one too) and its missing parents, owner-only
+        try:
+            make_private_dirs(settings.checkpoint_path().parent)
+        except OSError as exc:
+            raise CheckpointError(f"can't create the folder {exc.filename}: {exc.strerror}") from exc
     return await SqliteStore.open(
         settings.checkpoint_path(),
         binding(settings) if bound else None,
@@ -62,7 +109,7 @@ async def open_store(settings: Settings, *, writable: bool, bound: bool = True) 
 
 async def run(
     settings: Settings,
-    manifest_path: Path,
+    manifest_path: Path | str,
     *,
     progress: Progress | None = None,
     sleep: Sleep = asyncio.sleep,
@@ -72,7 +119,7 @@ async def run(
     engine_ready: Any = None,
 ) -> Summary:
     """One backfill in the current event loop. `store`/`images` replace the ones the settings would build."""
-    manifest = open_manifest(Path(manifest_path), manifest_rules(settings))
+    manifest, remote = await load_manifest(settings, manifest_path)
     own_store = store is None
     if store is None:
         # Before the output folder: a locked ledger leaves no litter. A dry run only reads, and may find none.
@@ -82,7 +129,7 @@ async def run(
                 store = await open_store(settings, writable=False)
         else:
             store = await open_store(settings, writable=True)
-    images = images or image_source(settings, manifest.path)
+    images = images or image_source(settings, manifest.path, remote=remote)
     try:
         output = RunOutput(settings.out)
         client = Client(settings.base_url, settings.partner_id, settings.api_key, timeout=settings.timeout,
@@ -107,7 +154,11 @@ async def run(
 
 
 def run_blocking(
-    settings: Settings, manifest_path: Path, *, progress: Progress | None = None, resend_failed: bool = False
+    settings: Settings,
+    manifest_path: Path | str,
+    *,
+    progress: Progress | None = None,
+    resend_failed: bool = False,
 ) -> Summary:
     """One backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143)."""
 
@@ -121,12 +172,12 @@ def run_blocking(
     )
 
 
-def validate(settings: Settings, manifest_path: Path) -> tuple[int, list[RejectRow]]:
+def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[RejectRow]]:
     """(number of valid rows, every reject): every rule, text and image, with no ledger and nothing sent."""
 
     async def go() -> tuple[int, list[RejectRow]]:
-        manifest = open_manifest(Path(manifest_path), manifest_rules(settings))
-        images = image_source(settings, manifest.path)
+        manifest, remote = await load_manifest(settings, manifest_path)
+        images = image_source(settings, manifest.path, remote=remote)
         valid, rejects = 0, []
         try:
             for batch in manifest.batches():
