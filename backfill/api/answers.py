@@ -27,6 +27,7 @@ __all__ = [
     "classify_transport",
     "parse_retry_after",
     "printable",
+    "unreachable_from_the_start",
     "url_for_messages",
 ]
 
@@ -61,6 +62,8 @@ class Verdict:
     error: str = ""
     # Seconds the server asked us to wait (Retry-After), finite and >= 0; None if it didn't ask.
     retry_after: float | None = None
+    # No connection could be made at all (refused, no such host, TLS refused): the request never left.
+    unreachable: bool = False
 
     def __post_init__(self) -> None:
         if self.may_have_enrolled and self.proves_not_enrolled:
@@ -166,11 +169,28 @@ def classify_cut_off(status: int, retry_after: str | None, reason: str, *, url: 
     )  # fmt: skip
 
 
-def classify_transport(error: TransportError) -> Verdict:
-    """No HTTP answer at all; the request may have reached the server only if the connection was made."""
+def classify_transport(error: TransportError, *, unreachable: bool = False) -> Verdict:
+    """No HTTP answer at all; the request may have reached the server only if the connection was made.
+
+    `unreachable`: no connection could be made (refused, DNS): a blip mid-run, retried like any transport
+    failure, unless nothing has answered yet (see `unreachable_from_the_start`).
+    """
     return Verdict(
-        kind=Kind.TRANSIENT, may_have_enrolled=error.may_have_reached, proves_not_enrolled=False,
-        error=error.reason,
+        kind=Kind.TRANSIENT, may_have_enrolled=error.may_have_reached and not unreachable,
+        proves_not_enrolled=False, error=error.reason, unreachable=unreachable,
+    )  # fmt: skip
+
+
+def unreachable_from_the_start(verdict: Verdict) -> Verdict:
+    """An `unreachable` verdict before any answer of this run: the URL or the network is wrong, not the row.
+
+    Every row would get the same, so the run stops at once (systemic) rather than trying each row in turn.
+    """
+    return replace(
+        verdict, kind=Kind.SYSTEMIC, may_have_enrolled=False,
+        error=f"{verdict.error}; nothing of this run has reached the API yet: check --base-url / --env (the URL "
+        "above), that the API is reachable from this machine (DNS, firewall, VPN), and whether it needs a "
+        "proxy (HTTPS_PROXY is not read)",
     )  # fmt: skip
 
 

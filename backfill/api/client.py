@@ -125,7 +125,11 @@ class Client:
                     answer, complete = await _read_bounded(response)
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     return classify_cut_off(status, retry_after, _failure(exc), url=self.url)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except aiohttp.ClientConnectorError as exc:
+            # Refused, no such host, TLS refused: the request never left. The sender decides if that is systemic.
+            reason = f"can't connect to {self._where}: {printable(str(exc), limit=200)}"
+            return classify_transport(TransportError(reason, may_have_reached=False), unreachable=True)
+        except aiohttp.ConnectionTimeoutError as exc:
             # The connection was never made: the request can't have reached the server.
             reason = f"can't connect to {self._where}: {printable(str(exc), limit=200)}"
             return classify_transport(TransportError(reason, may_have_reached=False))

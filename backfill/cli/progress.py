@@ -17,6 +17,7 @@ class TqdmProgress:
         self.enabled = self._enabled = enabled and sys.stderr.isatty()
         self._bar: tqdm[Any] | None = None
         self._failures = 0
+        self._postfix: dict[str, object] = {}
 
     def start(self, total: int) -> None:
         self._bar = tqdm(
@@ -27,8 +28,15 @@ class TqdmProgress:
         assert self._bar is not None
         if status not in OK_STATUSES and status != Status.DRY_RUN:
             self._failures += 1
-            self._bar.set_postfix(failed=self._failures, refresh=False)
+            self._postfix["failed"] = self._failures
+            self._bar.set_postfix(self._postfix, refresh=False)
         self._bar.update()
+
+    def rate(self, current: float) -> None:
+        """The adaptive rate limit changed (a 429 lowered it, or good answers raise it back)."""
+        assert self._bar is not None
+        self._postfix["limit"] = f"{current:.3g}/s"
+        self._bar.set_postfix(self._postfix, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -41,7 +41,10 @@ log = logging.getLogger("backfill")
 
 
 class Progress(Protocol):
-    """What the engine tells whoever shows progress; the library itself never prints."""
+    """What the engine tells whoever shows progress; the library itself never prints.
+
+    Optional: a `rate(current: float) -> None` method is told the adaptive rate limit each time it changes.
+    """
 
     def start(self, total: int) -> None: ...
     def advance(self, status: str) -> None: ...
@@ -80,6 +83,7 @@ class Engine:
         self._crash = CrashPoints(os.environ.get(CRASH_ENV))
         self._tally = Tally()
         self._gate = RateGate(settings.rate)
+        self._shown_rate = settings.rate  # the adaptive rate the progress bar last showed
         self._policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_initial=settings.backoff_initial,
                                    backoff_max=settings.backoff_max)  # fmt: skip
         self._sender: Sender | None = None
@@ -96,6 +100,11 @@ class Engine:
     def interrupt(self, signum: int) -> None:
         self._stops.interrupt(signum)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests on the wire now (sent, not yet answered): what a stop waits for, up to --timeout."""
+        return self._sender.in_flight if self._sender is not None else 0
+
     def _fail(self, error: BackfillError) -> None:
         """A local failure (disk full, ledger unwritable): stop cleanly, then raise it once the run ends."""
         if self._fatal is None:
@@ -103,7 +112,9 @@ class Engine:
         self.stop(str(error), error.exit_code)
 
     def _systemic(self, verdict: Verdict) -> None:
-        self.stop(f"the API answered {verdict.error}", ExitCode.SYSTEMIC)
+        # No answer at all (the API unreachable from the start): the error says so itself.
+        said = verdict.error if verdict.http_status is None else f"the API answered {verdict.error}"
+        self.stop(said, ExitCode.SYSTEMIC)
 
     # --- the log: stable event names, one run_id, never a secret or photo bytes ---
 
@@ -118,9 +129,11 @@ class Engine:
             t = self._tally
             elapsed = t.elapsed()
             rate = t.done / elapsed if elapsed > 0 else 0.0
+            allowed = self._gate.rate
             self._event(
-                logging.INFO, "progress", f"{t.done}/{total} rows, {rate:.1f} rows/s, {t.failures} failed",
-                done=t.done, total=total, rows_per_s=round(rate, 1), failed=t.failures,
+                logging.INFO, "progress", f"{t.done}/{total} rows, {rate:.1f} rows/s, {t.failures} failed, "
+                f"rate limit {allowed:.3g}/s", done=t.done, total=total, rows_per_s=round(rate, 1),
+                failed=t.failures, effective_rate=round(allowed, 3),
             )  # fmt: skip
 
     # --- the run ---
@@ -134,7 +147,12 @@ class Engine:
         try:
             if store is not None and not s.dry_run:
                 await store.start_run(
-                    RunRecord(run_id=parts.run_id, started_at=started, manifest=str(manifest.path))
+                    RunRecord(
+                        run_id=parts.run_id,
+                        started_at=started,
+                        manifest=str(manifest.path),
+                        manifest_sha256=manifest.sha256,
+                    )
                 )
             if self.progress is not None:
                 self.progress.start(manifest.total_rows)
@@ -308,6 +326,11 @@ class Engine:
         self._tally.add(status)
         if self.progress is not None:
             self.progress.advance(status)
+            # Optional: a Progress that shows the adaptive rate has `rate(current)`; told only of changes.
+            show_rate = getattr(self.progress, "rate", None)
+            if show_rate is not None and self._gate.rate != self._shown_rate:
+                self._shown_rate = self._gate.rate
+                show_rate(self._shown_rate)
 
     def _summary(self, started: str) -> Summary:
         t, s, parts = self._tally, self.settings, self.parts
@@ -318,6 +341,7 @@ class Engine:
         attempts = self._sender.attempts if self._sender is not None else 0
         return Summary(
             run_id=parts.run_id, out_dir=parts.out_dir, manifest=str(parts.manifest.path),
+            manifest_sha256=parts.manifest.sha256,
             ledger=parts.store.location if parts.store is not None else "", env=s.env, base_url=s.base_url,
             started_at=started, finished_at=now_iso(), duration_s=round(duration, 3), total_rows=total,
             counts={str(k): n for k, n in sorted(t.counts.items())}, rejected=t.counts.get(Status.REJECTED, 0),
@@ -325,4 +349,5 @@ class Engine:
             rows_per_s=round(accounted / duration, 1) if duration > 0 else 0.0,
             exit_code=exit_code(t.counts, not_reached=not_reached, stop_code=self._stops.code),
             stop_reason=self._stops.reason or self._limit_note, dry_run=s.dry_run, settings=s.redacted(),
+            effective_rate_min=round(self._gate.rate_min, 3), effective_rate_final=round(self._gate.rate, 3),
         )  # fmt: skip

@@ -21,10 +21,20 @@ class RetryPolicy:
     backoff_initial: float = 0.5  # seconds: exponential backoff with full jitter starts here
     backoff_max: float = 30.0
     retry_after_max: float = RETRY_AFTER_MAX_S  # a server's Retry-After is honoured up to this
+    # 429s don't spend max_attempts (the row was fine, only too fast), but a server that 429s for ever must
+    # still let the row end: this many 429s for one row, and it is retry_exhausted.
+    max_throttled: int = 50
 
-    def should_retry(self, verdict: Verdict, *, attempt: int, stopping: bool) -> bool:
-        """Only transient answers are tried again: anything else would get the same answer, or is settled."""
-        return verdict.kind is Kind.TRANSIENT and attempt < self.max_attempts and not stopping
+    def should_retry(self, verdict: Verdict, *, attempt: int, stopping: bool, throttled: int = 0) -> bool:
+        """Only transient answers are tried again: anything else would get the same answer, or is settled.
+
+        `attempt`: the row's attempts so far that were not 429s; `throttled`: those that were.
+        """
+        if verdict.kind is not Kind.TRANSIENT or stopping:
+            return False
+        if is_throttled(verdict):
+            return throttled < self.max_throttled
+        return attempt < self.max_attempts
 
     def wait(self, verdict: Verdict | None, state: RetryCallState) -> float:
         if verdict is not None and verdict.retry_after is not None:
@@ -46,17 +56,23 @@ class RetryPolicy:
             )
             return result if isinstance(result, Verdict) else None
 
+        throttled = 0  # this row's 429s: `retry` sees every attempt's outcome once, in order
+
         def retry(state: RetryCallState) -> bool:
+            nonlocal throttled
             verdict = verdict_of(state)
-            return verdict is not None and self.should_retry(
-                verdict, attempt=state.attempt_number, stopping=stopping()
+            if verdict is None:
+                return False
+            throttled += is_throttled(verdict)
+            return self.should_retry(
+                verdict, attempt=state.attempt_number - throttled, throttled=throttled, stopping=stopping()
             )
 
         def last(state: RetryCallState) -> Any:
             return state.outcome.result() if state.outcome is not None else None
 
         return AsyncRetrying(
-            stop=lambda state: state.attempt_number >= self.max_attempts,
+            stop=lambda state: False,  # `retry` decides, both budgets included
             wait=lambda state: self.wait(verdict_of(state), state),
             retry=retry,
             sleep=sleep,
@@ -64,3 +80,8 @@ class RetryPolicy:
             before_sleep=before_sleep,
             reraise=True,
         )
+
+
+def is_throttled(verdict: Verdict) -> bool:
+    """A 429: the server wants us slower; the row itself is fine."""
+    return verdict.http_status == 429

@@ -44,6 +44,7 @@ class Summary:
     run_id: str
     out_dir: str
     manifest: str
+    manifest_sha256: str = ""  # of the manifest's bytes as this run read them
     ledger: str
     env: str
     base_url: str
@@ -63,3 +64,6 @@ class Summary:
     stop_reason: str = ""
     dry_run: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    # requests/s: the lowest the adaptive rate went after 429s, and where it ended (both --rate without any)
+    effective_rate_min: float = 0.0
+    effective_rate_final: float = 0.0

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from tenacity import RetryCallState
 
-from ..api.answers import Verdict
+from ..api.answers import Verdict, unreachable_from_the_start
 from ..api.client import Client
 from ..clock import now_iso
 from ..images import ImageError, ImageSource
@@ -17,7 +17,7 @@ from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store
 from ..vocab import Kind, Reason, State, Status
 from .crash import Boundary, CrashPoints
 from .plan import Send, reused_message
-from .policy import RetryPolicy
+from .policy import RetryPolicy, is_throttled
 from .rate import RateGate
 from .settle import final_status, ledger_state
 from .stops import Stops
@@ -42,6 +42,7 @@ class Sent:
 class _Row:
     send: Send
     attempts: int = 0
+    throttled: int = 0  # of `attempts`, those answered 429: they don't spend the row's retry budget
     first_ever: bool = False
     latency_ms: int | None = None
     last: Sent | None = None  # set when an attempt ended the row without an answer to return
@@ -72,6 +73,9 @@ class Sender:
         self._policy, self._crash, self._run_id = policy, crash, run_id
         self._stops, self._on_systemic, self._event = stops, on_systemic, event
         self.attempts = 0  # in this run, every row
+        self.in_flight = 0  # requests sent whose answer hasn't come: what a stop still waits for
+        # Some request of this run got an HTTP answer: from then on "can't connect" is a blip, retried.
+        self.connected = False
 
     def _stopping(self) -> bool:
         return self._stops.stopping
@@ -95,7 +99,7 @@ class Sender:
     async def _attempt(self, work: _Row) -> Verdict:
         row = work.send
         # The rate slot first, then the photo, then the record: a row that waits holds nothing in doubt.
-        await self._gate.wait_turn(self._stops)
+        generation = await self._gate.wait_turn(self._stops)
         if self._stopping():
             work.last = self._not_sent(work)
             raise _Ended
@@ -125,20 +129,27 @@ class Sender:
         self.attempts += 1
         self._crash.reached(Boundary.IN_FLIGHT)
         sent_at = time.perf_counter()
-        verdict = await self._client.send_photo(row.user_id, row.user_created_at, photo.data)
+        self.in_flight += 1
+        try:
+            verdict = await self._client.send_photo(row.user_id, row.user_created_at, photo.data)
+        finally:
+            self.in_flight -= 1
         work.latency_ms = round((time.perf_counter() - sent_at) * 1000)
         del photo
-        if verdict.http_status == 429 and verdict.retry_after is not None:
-            paused = self._gate.pause(verdict.retry_after)
-            if paused is not None:
-                self._event(
-                    logging.WARNING, "rate_lowered",
-                    f"the API asked us to slow down (429): all requests pause for {paused:g}s",
-                    pause_s=paused, http_status=429,
-                )  # fmt: skip
+        if verdict.unreachable and not self.connected:
+            # Refused or no such host before anything answered: a wrong URL or network, not this row.
+            verdict = unreachable_from_the_start(verdict)
+        elif verdict.http_status is not None:
+            self.connected = True
+        if is_throttled(verdict):
+            work.throttled += 1
+            self._slow_down(verdict, generation)
+        elif verdict.http_status is not None:
+            self._gate.answered()
         if verdict.kind is Kind.SYSTEMIC:
             self._on_systemic(verdict)
-        again = self._policy.should_retry(verdict, attempt=work.attempts, stopping=self._stopping())
+        again = self._policy.should_retry(verdict, attempt=work.attempts - work.throttled,
+                                          throttled=work.throttled, stopping=self._stopping())  # fmt: skip
         status = (
             Status.PENDING
             if again
@@ -168,6 +179,19 @@ class Sender:
             work.last = Sent(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
                              latency_ms=work.latency_ms)  # fmt: skip
         return verdict
+
+    def _slow_down(self, verdict: Verdict, generation: int) -> None:
+        """A 429: the shared rate drops (once per generation), and everyone pauses for its Retry-After."""
+        lowered = self._gate.throttled(generation)
+        paused = self._gate.pause(verdict.retry_after) if verdict.retry_after is not None else None
+        if lowered is None and paused is None:
+            return
+        rate, ceiling = self._gate.rate, self._gate.ceiling
+        said = f"the API asked us to slow down (429): {rate:.3g} requests/s now (--rate {ceiling:g})"
+        if paused is not None:
+            said += f"; all requests pause for {paused:g}s"
+        self._event(logging.WARNING, "rate_lowered", said, pause_s=paused, rate=round(rate, 3),
+                    http_status=429)  # fmt: skip
 
     def _not_sent(self, work: _Row) -> Sent | None:
         """A stop before this attempt left: nothing more of the row goes; it stays as the ledger has it."""
