@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,17 +159,40 @@ def run_blocking(
     *,
     progress: Progress | None = None,
     resend_failed: bool = False,
+    on_interrupt: OnInterrupt | None = None,
 ) -> Summary:
-    """One backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143)."""
+    """One backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143).
+
+    `on_interrupt(signum, in_flight)` hears the first signal at once, before the rows in flight finish.
+    """
 
     def ready(engine: Engine) -> None:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, engine.interrupt, signum)
+        _stop_on_signals(engine, on_interrupt)
 
     return asyncio.run(
         run(settings, manifest_path, progress=progress, resend_failed=resend_failed, engine_ready=ready)
     )
+
+
+# The first SIGINT/SIGTERM of a run, and how many requests it still waits for: the caller's to show.
+OnInterrupt = Callable[[int, int], None]
+
+
+def _stop_on_signals(engine: Engine, on_interrupt: OnInterrupt | None) -> None:
+    """SIGINT/SIGTERM stop the run cleanly; a second one leaves at once (see run/stops.py)."""
+    loop = asyncio.get_running_loop()
+    heard = 0
+
+    def handle(signum: int) -> None:
+        nonlocal heard
+        heard += 1
+        if heard == 1 and on_interrupt is not None:
+            # Told before the engine stops: a stop can wait up to --timeout for answers, in silence otherwise.
+            on_interrupt(signum, engine.in_flight)
+        engine.interrupt(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, handle, signum)
 
 
 def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[RejectRow]]:
@@ -205,6 +228,22 @@ def status(settings: Settings) -> LedgerStatus:
             return await store.status()
         finally:
             await store.close()
+
+    return asyncio.run(go())
+
+
+def migration_report(settings: Settings, output: Path | None, *, overwrite: bool = False) -> Path:
+    """`backfill report --checkpoint`: one report across the whole ledger the settings name; its path."""
+    from .outputs.report import write_migration_report
+    from .outputs.report.migration import read_ledger
+
+    async def go() -> Path:
+        store = await open_store(settings, writable=False, bound=False)
+        try:
+            view = await read_ledger(store)
+        finally:
+            await store.close()
+        return write_migration_report(view, out_dir=settings.out, output=output, overwrite=overwrite)
 
     return asyncio.run(go())
 
@@ -264,7 +303,11 @@ def export_rows(settings: Settings, states: Collection[State] | None) -> Iterato
 
 
 def retry(
-    settings: Settings, states: Collection[State], *, progress: Progress | None = None
+    settings: Settings,
+    states: Collection[State],
+    *,
+    progress: Progress | None = None,
+    on_interrupt: OnInterrupt | None = None,
 ) -> Summary | None:
     """`backfill retry`: re-send ledger rows in `states` through a run, with every guarantee of `run`.
 
@@ -285,11 +328,9 @@ def retry(
                 settings.out, settings.columns,
                 ([r.user_id, r.user_created_at or "", r.image_ref or ""] for r in chosen),
             )  # fmt: skip
-            loop = asyncio.get_running_loop()
 
             def ready(engine: Engine) -> None:
-                for signum in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(signum, engine.interrupt, signum)
+                _stop_on_signals(engine, on_interrupt)
 
             return await run(settings, path, progress=progress, resend_failed=State.FAILED in states, store=store,
                              engine_ready=ready)  # fmt: skip

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import logging
 import secrets
+import signal
 import sys
 import tempfile
 from dataclasses import asdict
@@ -16,7 +18,10 @@ import click
 
 from .. import __version__, compose
 from ..config import Settings
+from ..errors import ConfigError
+from ..ledger import LedgerStatus, RunRecord
 from ..outputs import files as rs
+from ..redact import scrub
 from ..run.records import Summary
 from ..vocab import RETRYABLE_STATES, TRANSIENT_STATES, Status
 from ._common import LOCAL_PARTNER_ID, config_option, guard, load_settings, log_options, out_option, shown
@@ -24,7 +29,8 @@ from .logs import setup_logging
 from .progress import TqdmProgress
 from .sandbox import sandbox
 
-SAMPLE_MANIFEST = Path(__file__).resolve().parent.parent.parent / "sample_data" / "manifest.csv"
+# The sample data ships in the package (backfill/demo), so an ordinary install finds it from any folder.
+DEMO_PACKAGE = "backfill.demo"
 
 
 def manifest_arg(value: str) -> Path | str:
@@ -71,6 +77,38 @@ def validate(manifest: str, config_file: Path | None, out: Path | None, read_con
 @config_option
 @click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.",
               show_default=shown("env"))  # fmt: skip
+@click.option("--base-url", help="API root (overrides --env's URL).")
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
+@read_concurrency_option
+@guard
+def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
+    """Preflight for `run` with the same settings: credentials, ledger, API host, TLS, clock, a sample of
+    MANIFEST's photos. Sends nothing that could enroll anyone (one GET of the API root); writes nothing."""
+    from .. import preflight
+    from ..errors import ConfigError
+
+    try:
+        settings = load_settings(config_file, flags=flags, need_credentials=False)
+    except ConfigError as error:
+        click.echo(scrub(f"problem  settings: {error.key} (from {error.source}): {error.problem}"))
+        click.echo(scrub(f"         fix: {error.fix}"))
+        sys.exit(error.exit_code)
+    checks = preflight.run_checks(settings, manifest_arg(manifest))
+    for c in checks:
+        click.echo(scrub(f"{'ok     ' if c.ok else 'problem'}  {c.name}: {c.detail}"))
+        if not c.ok and c.fix:
+            click.echo(scrub(f"         fix: {c.fix}"))
+    code = preflight.exit_code(checks)
+    problems = sum(not c.ok for c in checks)
+    click.echo("all checks passed" if code == 0 else f"{problems} problem(s): exit {code}")
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("manifest")
+@config_option
+@click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.",
+              show_default=shown("env"))  # fmt: skip
 @click.option("--base-url", help="API root, e.g. http://127.0.0.1:8080/v1 (overrides --env's URL).")
 @click.option(
     "--concurrency", type=int, help="Requests in flight at once.", show_default=shown("concurrency")
@@ -106,11 +144,19 @@ def _run(
     bar = TqdmProgress(progress)
     setup_logging(settings, bar.enabled)
     try:
-        summary = compose.run_blocking(settings, manifest, progress=bar, resend_failed=resend_failed)
+        summary = compose.run_blocking(settings, manifest, progress=bar, resend_failed=resend_failed,
+                                       on_interrupt=_acknowledge)  # fmt: skip
     finally:
         bar.close()
     _report(summary)
     sys.exit(summary.exit_code)
+
+
+def _acknowledge(signum: int, in_flight: int) -> None:
+    """The first signal, said at once: the stop itself waits for the answers in flight (up to --timeout)."""
+    again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {signal.Signals(signum).name} again"
+    requests = "1 request" if in_flight == 1 else f"{in_flight} requests"
+    click.echo(f"\nstopping: {requests} in flight, {again} to leave now", err=True)
 
 
 @main.command()
@@ -142,7 +188,7 @@ def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any
     bar = TqdmProgress(not no_progress and settings.progress)
     setup_logging(settings, bar.enabled)
     try:
-        summary = compose.retry(settings, chosen, progress=bar)
+        summary = compose.retry(settings, chosen, progress=bar, on_interrupt=_acknowledge)
     finally:
         bar.close()
     if summary is None:
@@ -179,10 +225,17 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
             f"oldest unfinished: {o.user_id} ({o.state}, {o.attempts} attempts, "
             f"first tried {o.first_attempt_at}, last answer {last})"
         )
-    runs = [[r.run_id, r.started_at, r.finished_at or "(not finished)", r.rows if r.rows is not None else "",
+    runs = [[r.run_id, r.started_at, r.finished_at or _unfinished(report, r), r.rows if r.rows is not None else "",
              r.exit_code if r.exit_code is not None else ""] for r in report.runs]  # fmt: skip
     click.echo("last runs:")
     click.echo(_table(["run", "started", "finished", "rows", "exit"], runs or [["(none)", "", "", "", ""]]))
+
+
+def _unfinished(report: LedgerStatus, run: RunRecord) -> str:
+    """A run with no finish time: still going only if it is the newest such and its lock is held now (one writer
+    at a time); otherwise it died (SIGKILL, power loss) without finishing. Re-running resumes it either way."""
+    newest = next((r for r in report.runs if not r.finished_at), None)
+    return "(running)" if report.writer_alive and run is newest else "died"
 
 
 @main.command()
@@ -215,11 +268,37 @@ def export(
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
-@click.option("--overwrite", is_flag=True, help="Replace an existing report.html.")
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path, file_okay=False, exists=True))
+@config_option
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False),
+              help="Without RUN_DIR: report on this ledger, across every run.")  # fmt: skip
+@click.option(
+    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default ledger."
+)
+@click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")
+@out_option
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="The migration report's file (default: migration-report-<UTC>.html in --out).")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace an existing report.")
 @guard
-def report(run_dir: Path, overwrite: bool) -> None:
-    """Write (or rewrite) RUN_DIR/report.html from the run's summary.json and CSVs."""
+def report(
+    run_dir: Path | None, config_file: Path | None, output: Path | None, overwrite: bool, **flags: Any
+) -> None:
+    """Write (or rewrite) RUN_DIR/report.html from the run's summary.json and CSVs.
+
+    Without RUN_DIR: one report across the whole ledger (--checkpoint, or the default one as `status` finds
+    it): every user_id's final state, every run with its manifest's SHA-256, and the open items.
+    """
+    if run_dir is None:
+        settings = load_settings(config_file, flags=flags, need_credentials=False)
+        click.echo(str(compose.migration_report(settings, output, overwrite=overwrite)))
+        return
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    if given or output is not None or config_file is not None:
+        raise ConfigError(
+            "RUN_DIR", "the command line", f"a run folder's report takes none of {', '.join(given) or '--output'}",
+            "give RUN_DIR alone for a run's report.html, or leave it out for the whole ledger's report",
+        )  # fmt: skip
     from ..outputs.report import write_report
 
     click.echo(str(write_report(run_dir, overwrite=overwrite)))
@@ -308,7 +387,10 @@ def demo(no_progress: bool) -> None:
                     "out": work / "out", "rate": 50, "concurrency": 4,
                 },
             )  # fmt: skip
-            return await compose.run(settings, SAMPLE_MANIFEST, progress=bar)
+            # A real folder: the manifest's relative image paths resolve against it. (Installed packages are
+            # files on disk; a zipped one would be extracted for the run.)
+            with importlib.resources.as_file(importlib.resources.files(DEMO_PACKAGE)) as folder:
+                return await compose.run(settings, folder / "manifest.csv", progress=bar)
         finally:
             await server.stop()
 

@@ -151,6 +151,8 @@ class LedgerStatus:
     waiting_for_retry: int
     oldest_unfinished: LedgerRow | None
     runs: list[RunRecord]
+    # Whether a live process holds the writer's lock now: a run not finished while this is False has died.
+    writer_alive: bool = False
 
 
 class Store(ABC):

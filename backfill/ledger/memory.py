@@ -68,6 +68,7 @@ class MemoryStore(Store):
         return LedgerStatus(
             location=self.location, binding=self.binding, counts=dict(sorted(counts.items())),
             waiting_for_retry=len(unfinished), oldest_unfinished=oldest, runs=runs,
+            writer_alive=not self.closed,  # in memory, the store lives exactly as long as its writer
         )  # fmt: skip
 
     async def rows(self, states: Collection[State] | None = None) -> AsyncIterator[LedgerRow]:

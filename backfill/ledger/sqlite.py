@@ -216,6 +216,7 @@ class SqliteStore(Store):
             location=self.location, binding=self.binding, counts=counts,
             waiting_for_retry=sum(n for s, n in counts.items() if s in TRANSIENT_STATES),
             oldest_unfinished=oldest, runs=runs,
+            writer_alive=self._lock is not None or writer_alive(Path(self.location)),
         )  # fmt: skip
 
     async def rows(self, states: Collection[State] | None = None) -> AsyncIterator[LedgerRow]:
@@ -370,6 +371,27 @@ def acquire_lock(path: Path) -> int:
     except OSError:
         pass  # the note is for people; the flock is the lock
     return fd
+
+
+def writer_alive(path: Path) -> bool:
+    """Whether some live process holds the ledger's writer lock now: a shared probe, released at once.
+
+    The kernel drops a flock when its holder dies, so a run whose row says "not finished" while this is False
+    died without finishing (SIGKILL, power loss). A probe that can't open the file holds nothing: False.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing the descriptor releases the probe's shared lock, if it got one
+    return False
 
 
 # --- functions below run on the ledger's own thread only ---

@@ -1,0 +1,257 @@
+"""`backfill check`: everything a production run needs, tested without sending anything that could enroll anyone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from . import compose
+from .api.answers import printable, url_for_messages
+from .config import Settings
+from .errors import BackfillError
+from .images import ImageProblem, ImageSource
+from .ledger import Store
+from .ledger.sqlite import writer_alive
+from .manifest import Candidate, Manifest
+from .vocab import ExitCode
+
+SAMPLE = 20  # photos checked from the head of the manifest, and as many again drawn at random
+MAX_SKEW_S = 60.0  # the server checks each signature's timestamp; no tolerance is documented (API.md)
+_SHOWN_SETTINGS = ("env", "base_url", "partner_id", "api_key", "checkpoint", "rate", "concurrency")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Check:
+    """One line of the preflight: `severity` is the exit code a failure of it means (2 local, 3, 4 systemic)."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    severity: ExitCode = ExitCode.LOCAL
+
+
+def exit_code(checks: list[Check]) -> int:
+    """As for `run`: 0 when all is well, else the gravest failure's code (a systemic one outranks a local one)."""
+    return max((int(c.severity) for c in checks if not c.ok), default=int(ExitCode.OK))
+
+
+def run_checks(settings: Settings, manifest: Path | str) -> list[Check]:
+    """Every check, in the order an operator fixes things; nothing is POSTed and the ledger is never written."""
+    return asyncio.run(_checks(settings, manifest))
+
+
+async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
+    checks = [_settings_check(settings), _credentials_check(settings)]
+    manifest: Manifest | None = None
+    try:
+        manifest, remote = await compose.load_manifest(settings, manifest_path)
+    except BackfillError as exc:
+        checks.append(Check(name="manifest", ok=False, detail=str(exc), fix="fix what the message names"))
+        remote = None
+    sample: list[Candidate] = []
+    ids: list[str] | None = None
+    if manifest is not None:
+        rows, rejected, sample, ids = _scan(manifest)
+        checks.append(Check(
+            name="manifest", ok=True,
+            detail=f"{manifest.path}: {rows} rows, {len(ids)} pass the text rules, {rejected} don't"
+            + (" (`backfill validate` lists them)" if rejected else ""),
+        ))  # fmt: skip
+    checks += await _ledger_checks(settings, ids)
+    checks += await _api_checks(settings)
+    if manifest is not None:
+        images = compose.image_source(settings, manifest.path, remote=remote)
+        try:
+            checks.append(await _images_check(sample, images))
+        finally:
+            await images.close()
+    return checks
+
+
+def _settings_check(settings: Settings) -> Check:
+    shown = settings.redacted()
+    parts = [f"{k}={shown[k] if k != 'checkpoint' else settings.checkpoint_path()} "
+             f"(from {settings.sources.get(k, 'default')})" for k in _SHOWN_SETTINGS]  # fmt: skip
+    return Check(name="settings", ok=True, detail="; ".join(parts))
+
+
+def _credentials_check(settings: Settings) -> Check:
+    src = settings.sources
+    where_id, where_key = src.get("partner_id", "default"), src.get("api_key", "default")
+    if not settings.partner_id:
+        return Check(name="credentials", ok=False, detail="no partner ID is set",
+                     fix="export SMILE_PARTNER_ID (as a string, e.g. 085)")  # fmt: skip
+    if not settings.partner_id.isdigit():
+        return Check(name="credentials", ok=False,
+                     detail=f"partner ID {printable(settings.partner_id, limit=40)!r} (from {where_id}) is not digits",
+                     fix="set SMILE_PARTNER_ID to the partner ID Smile ID gave you, e.g. 085")  # fmt: skip
+    if not settings.api_key:
+        return Check(name="credentials", ok=False, detail="no API key is set",
+                     fix="export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config")  # fmt: skip
+    # Printable and on one line was checked as the settings resolved; only the API can say the key is right.
+    return Check(name="credentials", ok=True,
+                 detail=f"partner {settings.partner_id} (from {where_id}); API key set (from {where_key}), one "
+                 "printable line; whether the API accepts it is seen on the first row sent")  # fmt: skip
+
+
+def _scan(manifest: Manifest) -> tuple[int, int, list[Candidate], list[str]]:
+    """(rows, rows rejected by the text rules, the photo sample, every candidate's user_id), in one pass."""
+    head: list[Candidate] = []
+    drawn: list[Candidate] = []
+    ids: list[str] = []
+    rejected = 0
+    draw = random.Random()
+    for batch in manifest.batches():
+        rejected += len(batch.rejects)
+        for candidate in batch.candidates:
+            ids.append(candidate.user_id)
+            if len(head) < SAMPLE:
+                head.append(candidate)
+                continue
+            # A reservoir over the rest: a uniform draw without knowing the length in advance.
+            seen = len(ids) - SAMPLE
+            if len(drawn) < SAMPLE:
+                drawn.append(candidate)
+            elif (slot := draw.randrange(seen)) < SAMPLE:
+                drawn[slot] = candidate
+    return manifest.total_rows, rejected, head + drawn, ids
+
+
+async def _ledger_checks(settings: Settings, ids: list[str] | None) -> list[Check]:
+    path = settings.checkpoint_path()
+    if not path.exists():
+        folder = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            what = "is not writable" if folder.is_dir() else "is not a folder"
+            return [Check(name="ledger", ok=False, detail=f"no ledger at {path}, and {folder} {what}",
+                          fix="make the folder writable, or name another ledger with --checkpoint")]  # fmt: skip
+        return [Check(name="ledger", ok=True, detail=f"no ledger yet at {path}: the first run creates it "
+                      f"(bound to partner {settings.partner_id} on {settings.endpoint})")]  # fmt: skip
+    if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+        return [Check(name="ledger", ok=False, detail=f"the ledger {path} (or its folder) is not writable",
+                      fix="fix its permissions (runs record every attempt there), or use another --checkpoint")]  # fmt: skip
+    try:
+        store = await compose.open_store(settings, writable=False)
+    except BackfillError as exc:
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")]
+    try:
+        checks = [Check(name="ledger", ok=True,
+                        detail=f"{store.location} opens; bound to partner {store.binding.partner_id} on "
+                        f"{store.binding.endpoint}")]  # fmt: skip
+        if writer_alive(Path(store.location)):
+            checks.append(Check(name="ledger lock", ok=False, severity=ExitCode.LOCKED,
+                                detail=f"another run is writing {store.location} now",
+                                fix="wait for it to finish, or stop it (`backfill status` shows its run)"))  # fmt: skip
+        if ids is not None:
+            checks.append(await _held(store, ids))
+        return checks
+    except BackfillError as exc:
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")]
+    finally:
+        await store.close()
+
+
+async def _held(store: Store, ids: list[str]) -> Check:
+    """What the ledger already holds for this manifest's IDs, per state: what a run will skip or resume."""
+    counts: Counter[str] = Counter()
+    for start in range(0, len(ids), 1000):
+        found = await store.lookup(ids[start : start + 1000])
+        counts.update(row.state.value for row in found.values())
+    new = len(ids) - sum(counts.values())
+    held = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    return Check(name="ledger holds", ok=True,
+                 detail=f"of this manifest's {len(ids)} IDs: {held or 'none'}; {new} not in the ledger")  # fmt: skip
+
+
+async def _api_checks(settings: Settings) -> list[Check]:
+    """DNS, connection, TLS and the clock, from one GET of the API root: a GET enrolls nobody."""
+    parts = urlsplit(settings.base_url)
+    where = url_for_messages(settings.base_url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        return [Check(name="api host", ok=False, severity=ExitCode.SYSTEMIC,
+                      detail=f"{host} (from {where}) doesn't resolve: {exc}",
+                      fix="check base_url / --env and this machine's DNS")]  # fmt: skip
+    addresses = sorted({str(a[4][0]) for a in found})
+    checks = [Check(name="api host", ok=True, detail=f"{host} resolves to {', '.join(addresses[:4])}")]
+    timeout = aiohttp.ClientTimeout(total=settings.timeout, sock_connect=settings.connect_timeout)
+    before = time.time()
+    try:
+        # TLS verification as the run does it (aiohttp's default context); redirects not followed.
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(settings.base_url, allow_redirects=False) as response,
+        ):
+            status, date = response.status, response.headers.get("Date")
+    except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError) as exc:
+        checks.append(Check(name="api tls", ok=False, severity=ExitCode.SYSTEMIC,
+                            detail=f"{where}: TLS doesn't verify: {printable(str(exc), limit=200)}",
+                            fix="the certificate must chain to a CA this machine trusts; check for a proxy "
+                            "intercepting TLS, or the system's CA bundle"))  # fmt: skip
+        return checks
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else printable(str(exc) or repr(exc), limit=200)
+        checks.append(Check(name="api connects", ok=False, severity=ExitCode.SYSTEMIC,
+                            detail=f"can't reach {where}: {why}",
+                            fix="check base_url / --env, the port, firewalls and proxies"))  # fmt: skip
+        return checks
+    after = time.time()
+    checks.append(Check(name="api connects", ok=True, detail=f"GET {where} answered HTTP {status}"))
+    checks.append(Check(name="api tls", ok=True,
+                        detail="the certificate verifies" if parts.scheme == "https"
+                        else "plain http (no TLS): fine for a local sandbox only"))  # fmt: skip
+    checks.append(_clock_check(date, (before + after) / 2))
+    return checks
+
+
+def _clock_check(date: str | None, local: float) -> Check:
+    if not date:
+        return Check(name="clock", ok=False, severity=ExitCode.SYSTEMIC, detail="the API sent no Date header",
+                     fix="compare this machine's clock with an NTP source by hand")  # fmt: skip
+    try:
+        server = parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return Check(name="clock", ok=False, severity=ExitCode.SYSTEMIC,
+                     detail=f"the API's Date header {printable(date, limit=60)!r} can't be read",
+                     fix="compare this machine's clock with an NTP source by hand")  # fmt: skip
+    if server.tzinfo is None:
+        server = server.replace(tzinfo=UTC)
+    skew = local - server.timestamp()  # Date has whole seconds: up to 1 s of this is rounding
+    said = f"this machine's clock is {abs(skew):.1f}s {'ahead of' if skew > 0 else 'behind'} the API's"
+    if abs(skew) >= MAX_SKEW_S:
+        return Check(name="clock", ok=False, severity=ExitCode.SYSTEMIC,
+                     detail=f"{said} (at {datetime.fromtimestamp(local, UTC):%H:%M:%S}Z): the API refuses "
+                     "signatures with a stale timestamp (2205)",
+                     fix="sync the clock (chrony / systemd-timesyncd / ntpd)")  # fmt: skip
+    return Check(name="clock", ok=True, detail=f"{said}, within {MAX_SKEW_S:g}s")
+
+
+async def _images_check(sample: list[Candidate], images: ImageSource) -> Check:
+    if not sample:
+        return Check(name="images", ok=True, detail="no row passes the text rules: no photo to check")
+    results = await images.check_many([c.image for c in sample])
+    bad = [(c, r) for c, r in zip(sample, results, strict=True) if isinstance(r, ImageProblem)]
+    if bad:
+        said = "; ".join(f"line {c.line} ({c.user_id}): {r.reason}: {r.message}"
+                         for c, r in bad[:5])  # fmt: skip
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        return Check(name="images", ok=False, detail=f"{len(bad)} of {len(sample)} sampled photos can't be used: "
+                     f"{said}{more}", fix="fix those photos (`backfill validate` checks every one)")  # fmt: skip
+    return Check(name="images", ok=True,
+                 detail=f"{len(sample)} photos (the first {min(SAMPLE, len(sample))} and a random draw) are "
+                 "readable, complete JPEG/PNG within the size limit")  # fmt: skip
