@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
+import hashlib
 import io
 import json
 import os
@@ -192,6 +193,17 @@ class _Snapshot:
     def stream(self) -> io.BufferedReader:
         return io.BufferedReader(_Bounded(self._fd, self.size), 1 << 20)
 
+    def sha256(self) -> str:
+        """The SHA-256 of the bytes this snapshot reads (up to its bound), from the held descriptor."""
+        digest, at = hashlib.sha256(), 0
+        while at < self.size:
+            data = os.pread(self._fd, min(1 << 20, self.size - at), at)
+            if not data:  # truncated in place: unchanged() stops the run before the next chunk
+                break
+            digest.update(data)
+            at += len(data)
+        return digest.hexdigest()
+
     def unchanged(self) -> None:
         st = os.fstat(self._fd)
         if (st.st_size, st.st_mtime_ns) != (self.size, self._mtime_ns):
@@ -230,6 +242,8 @@ class Manifest:
         self._duplicates = duplicates
         self._now = now
         self._snapshot = snapshot
+        # Of the file as this run reads it (a file replaced by rename since is not what was sent): for the record.
+        self.sha256 = snapshot.sha256()
 
     def batches(self) -> Iterator[Batch]:
         """Every data row, in file order, as a Candidate or a Reject; one Batch per chunk of `chunk_rows` rows.

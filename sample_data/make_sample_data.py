@@ -1,4 +1,4 @@
-"""Regenerates sample_data/: small real photos and a manifest with a few rows that are rejected on purpose."""
+"""Regenerates the sample data: small real photos and a manifest with a few rows rejected on purpose."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import struct
 import zlib
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-IMAGES = HERE / "images"
+# The one copy lives in the package, so that `backfill demo` finds it from any install; sample_data/manifest.csv
+# and sample_data/images are links to it, for the README's commands.
+DEMO = Path(__file__).resolve().parent.parent / "backfill" / "demo"
+IMAGES = DEMO / "images"
 
 # An 8x8 grey baseline JPEG, made once with Pillow so that neither this script nor the project needs it.
 # Each user's copy gets its own comment segment, so every photo has different bytes (and a different hash).
@@ -98,11 +100,11 @@ def main() -> None:
         data = content(kind, f"{user_id} ({name})", seed)
         if data is not None:
             (IMAGES / name).write_bytes(data)
-    with (HERE / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
+    with (DEMO / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["user_id", "user_created_at", "image_path"])
         writer.writerows([user_id, created, f"images/{name}"] for user_id, created, name, _ in ROWS)
-    print(f"wrote {len(ROWS)} rows to {HERE / 'manifest.csv'} and {len(list(IMAGES.iterdir()))} images")
+    print(f"wrote {len(ROWS)} rows to {DEMO / 'manifest.csv'} and {len(list(IMAGES.iterdir()))} images")
 
 
 if __name__ == "__main__":

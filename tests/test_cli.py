@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
+import backfill.demo
 from backfill.cli import main
 from backfill.ledger.sqlite import acquire_lock
 from backfill.sandbox import RunningSandbox
@@ -84,3 +88,16 @@ def test_demo_runs_the_sample_data(tmp_path: Path) -> None:
     code, out, _ = run_cli("demo", "--no-progress", env={})
     assert code == 0 and "enrolled" in out and "results:" in out
     assert "rejected" in out  # the sample manifest carries bad rows on purpose
+
+
+def test_demo_reads_the_sample_data_from_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # From any folder: the data ships inside the package (.ci/wheel-check runs it from an installed wheel).
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli("demo", "--no-progress", env={})
+    folder = Path(out.split("results: ", 1)[1].split("\n", 1)[0])
+    summary = json.loads((folder / "summary.json").read_text())
+    demo = Path(backfill.demo.__file__).parent / "manifest.csv"
+    assert code == 0 and Path(summary["manifest"]) == demo and not list(tmp_path.iterdir())
+    assert summary["manifest_sha256"] == hashlib.sha256(demo.read_bytes()).hexdigest()
+    # sample_data/, the README's documented sample, is the same files.
+    assert (SAMPLE.resolve() == demo.resolve()) and SAMPLE.read_bytes() == demo.read_bytes()

@@ -8,11 +8,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ...errors import OutputError
+from ..files import make_private_dirs
 from .data import read_rejects, read_results, read_summary
+from .migration import LedgerView, build_migration
 from .page import build_page
-from .render import render_page
+from .render import render_migration, render_page
 
-__all__ = ["REPORT_NAME", "write_report"]
+__all__ = ["REPORT_NAME", "write_migration_report", "write_report"]
 
 REPORT_NAME = "report.html"
 
@@ -31,6 +33,26 @@ def write_report(run_dir: Path, *, overwrite: bool = False) -> Path:
     rejects = read_rejects(run_dir / "rejects.csv")
     page = render_page(build_page(run, results, rejects, datetime.now(UTC)))
     _write_private(target, page, overwrite=overwrite)
+    return target
+
+
+def write_migration_report(
+    view: LedgerView, *, out_dir: Path, output: Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write the report across a whole ledger: to `output`, else a new migration-report-<UTC>.html in `out_dir`.
+
+    Owner-only, like every output; an existing `output` is replaced only when `overwrite`.
+    """
+    now = datetime.now(UTC)
+    stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"  # as a run folder is named
+    target = output or out_dir / f"migration-report-{stamp}.html"
+    try:
+        make_private_dirs(target.parent)
+    except OSError as exc:
+        raise OutputError(f"can't create the folder {exc.filename}: {exc.strerror}") from exc
+    if not overwrite and target.exists():
+        raise OutputError(f"{target} already exists; pass --overwrite to write it again")
+    _write_private(target, render_migration(build_migration(view, now)), overwrite=overwrite)
     return target
 
 

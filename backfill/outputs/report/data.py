@@ -126,6 +126,8 @@ class Run:
     env: str
     base_url: str
     manifest: str
+    manifest_sha256: str
+    ledger: str
     out_dir: str
     started_at: str
     finished_at: str
@@ -166,6 +168,8 @@ def read_summary(path: Path) -> Run:
         env=_text(raw, "env"),
         base_url=_text(raw, "base_url"),
         manifest=_text(raw, "manifest"),
+        manifest_sha256=_text(raw, "manifest_sha256"),
+        ledger=_text(raw, "ledger"),
         out_dir=_text(raw, "out_dir"),
         started_at=_text(raw, "started_at"),
         finished_at=_text(raw, "finished_at"),

@@ -213,6 +213,8 @@ def _header(run: Run) -> Header:
         ("Environment", run.env),
         ("Base URL", run.base_url),
         ("Manifest", run.manifest),
+        ("Manifest SHA-256", run.manifest_sha256 or _NOT_RECORDED),
+        ("Checkpoint", run.ledger or _NOT_RECORDED),
         ("Output folder", run.out_dir),
         ("Started (UTC)", run.started_at or _NOT_RECORDED),
         ("Finished (UTC)", run.finished_at or _NOT_RECORDED),
@@ -223,7 +225,7 @@ def _header(run: Run) -> Header:
         ("Dry run", "yes: nothing was sent" if run.dry_run else "no"),
     ]
     if run.new_rows is not None:
-        facts.insert(9, ("New rows (not in the checkpoint before)", fmt.count(run.new_rows)))
+        facts.insert(11, ("New rows (not in the checkpoint before)", fmt.count(run.new_rows)))
     return Header(verdict=line, tone=tone, facts=tuple(Fact(label=k, value=v) for k, v in facts))
 
 

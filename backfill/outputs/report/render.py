@@ -6,11 +6,13 @@ from functools import cache
 
 import jinja2
 
+from .migration import MigrationPage
 from .page import Page
 
-__all__ = ["TEMPLATE", "render_page"]
+__all__ = ["MIGRATION_TEMPLATE", "TEMPLATE", "render_migration", "render_page"]
 
 TEMPLATE = "report.html.j2"
+MIGRATION_TEMPLATE = "migration.html.j2"
 
 
 def _coord(value: float) -> str:
@@ -35,3 +37,7 @@ def _environment() -> jinja2.Environment:
 
 def render_page(page: Page) -> str:
     return _environment().get_template(TEMPLATE).render(page=page)
+
+
+def render_migration(page: MigrationPage) -> str:
+    return _environment().get_template(MIGRATION_TEMPLATE).render(page=page)
