@@ -101,3 +101,15 @@ def test_demo_reads_the_sample_data_from_the_package(tmp_path: Path, monkeypatch
     assert summary["manifest_sha256"] == hashlib.sha256(demo.read_bytes()).hexdigest()
     # sample_data/, the README's documented sample, is the same files.
     assert (SAMPLE.resolve() == demo.resolve()) and SAMPLE.read_bytes() == demo.read_bytes()
+
+
+def test_the_progress_bar_counts_rejects_apart_from_failures() -> None:
+    from backfill.cli.progress import TqdmProgress
+
+    bar = TqdmProgress(enabled=False)
+    bar.start(5)
+    for status in ("rejected", "rejected", "enrolled", "failed", "skipped"):
+        bar.advance(status)
+    assert (bar._rejected, bar._failures) == (2, 1)
+    assert bar._postfix == {"rejected": 2, "failed": 1}
+    bar.close()

@@ -182,3 +182,46 @@ def test_exit_codes(tmp_path: Path, threaded_sandboxes: ThreadedSandboxes, case:
         import os
 
         os.close(lock)
+
+
+def test_export_with_mapped_columns_feeds_back_into_run_with_the_same_config(
+    tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
+) -> None:
+    """A partner who maps column names: what `export --status failed` writes, `run` with that config reads."""
+    server = threaded_sandboxes.start(faults=Faults(script={"user_0001": ["2213"]}))
+    config = tmp_path / "backfill.yaml"
+    config.write_text("columns: {user_id: customer_ref, user_created_at: opened_on, image_path: selfie}\n")
+    source = write_manifest(tmp_path, simple_rows(3))
+    mapped = tmp_path / "mapped.csv"
+    mapped.write_text(
+        source.read_text().replace("user_id,user_created_at,image_path", "customer_ref,opened_on,selfie", 1)
+    )
+    code, _, err = cli("run", str(mapped), "--config", str(config), *run_flags(tmp_path, server))
+    assert code == 1, err
+    fixed = tmp_path / "failed.csv"
+    code, _, err = cli(
+        "export", "--config", str(config), *place(tmp_path), "--status", "failed", "--out", str(fixed)
+    )
+    assert code == 0, err
+    assert fixed.read_text().splitlines()[0].startswith("customer_ref,opened_on,selfie")
+    code, out, err = cli("validate", str(fixed), "--config", str(config), "--out", str(tmp_path / "v"))
+    assert code == 0 and out.startswith("1 valid, 0 rejected"), err
+
+
+def test_a_retry_refused_by_the_lock_leaves_no_record_of_a_send(
+    tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
+) -> None:
+    """retry writes retry-*.csv ("a record of what was re-sent") only once it holds the ledger."""
+    server = threaded_sandboxes.start(faults=Faults(script={"user_0000": [503, 503]}))
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    code, _, _ = cli("run", str(manifest), *run_flags(tmp_path, server), "--max-attempts", "2")
+    assert code == 1
+    lock = acquire_lock(tmp_path / "cp.sqlite")
+    try:
+        code, _, err = cli("retry", *run_flags(tmp_path, server))
+    finally:
+        import os
+
+        os.close(lock)
+    assert code == 3 and "in use" in err
+    assert not list((tmp_path / "out").glob("retry-*.csv"))

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..vocab import OK_STATUSES, Status
+from ..vocab import FAILURE_STATUSES, Status
 
 
 class TqdmProgress:
@@ -17,6 +17,7 @@ class TqdmProgress:
         self.enabled = self._enabled = enabled and sys.stderr.isatty()
         self._bar: tqdm[Any] | None = None
         self._failures = 0
+        self._rejected = 0
         self._postfix: dict[str, object] = {}
 
     def start(self, total: int) -> None:
@@ -26,7 +27,12 @@ class TqdmProgress:
 
     def advance(self, status: str) -> None:
         assert self._bar is not None
-        if status not in OK_STATUSES and status != Status.DRY_RUN:
+        # A reject is the manifest's problem, counted apart: calling it a failure (of sending) misleads.
+        if status == Status.REJECTED:
+            self._rejected += 1
+            self._postfix["rejected"] = self._rejected
+            self._bar.set_postfix(self._postfix, refresh=False)
+        elif status in FAILURE_STATUSES or status == Status.ID_CONFLICT:
             self._failures += 1
             self._postfix["failed"] = self._failures
             self._bar.set_postfix(self._postfix, refresh=False)
