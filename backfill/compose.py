@@ -32,6 +32,7 @@ from .vocab import RETRYABLE_STATES, State, parse_states
 
 if TYPE_CHECKING:
     from .images.remote import RemoteImageSource
+    from .outputs.metrics import RunMetrics
 
 
 def manifest_rules(settings: Settings) -> ManifestRules:
@@ -130,12 +131,18 @@ async def run(
         else:
             store = await open_store(settings, writable=True)
     images = images or image_source(settings, manifest.path, remote=remote)
+    metrics: RunMetrics | None = None
     try:
+        # Before the output folder: a port already taken leaves no litter.
+        metrics = serve_metrics(settings)
         output = RunOutput(settings.out)
+        if metrics is not None:
+            metrics.describe(run_id=output.run_id, env=settings.env)
         client = Client(settings.base_url, settings.partner_id, settings.api_key, timeout=settings.timeout,
                         connect_timeout=settings.connect_timeout, concurrency=settings.concurrency)  # fmt: skip
         parts = Collaborators(manifest=manifest, store=store, images=images, client=client, sink=output,
-                              run_id=output.run_id, out_dir=str(output.dir))  # fmt: skip
+                              run_id=output.run_id, out_dir=str(output.dir),
+                              **({"observer": metrics} if metrics is not None else {}))  # fmt: skip
         engine = Engine(settings, parts, progress=progress, sleep=sleep, resend_failed=resend_failed)
         if engine_ready is not None:
             engine_ready(engine)
@@ -148,9 +155,22 @@ async def run(
         output.close(summary)
         return summary
     finally:
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)  # waits for the listener's thread: off the event loop
         await images.close()
         if own_store and store is not None:
             await store.close()
+
+
+def serve_metrics(settings: Settings) -> RunMetrics | None:
+    """The run's Prometheus listener when `metrics_addr` is set (prometheus_client is loaded only then)."""
+    if settings.metrics_addr is None:
+        return None
+    from .outputs.metrics import RunMetrics
+
+    metrics = RunMetrics()
+    metrics.serve(settings.metrics_addr, source=settings.sources.get("metrics_addr", "flag --metrics-addr"))
+    return metrics
 
 
 def run_blocking(

@@ -86,6 +86,7 @@ class Settings:
     log_file: Path | None = None
     log_level: str = "info"
     status_every: float = 30.0  # seconds between one-line status logs when there is no progress bar
+    metrics_addr: str | None = None  # HOST:PORT to serve Prometheus metrics on during a run; off when None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # What was ignored but looks meant (an unknown BACKFILL_* variable): the CLI prints these; nothing else does.
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -232,6 +233,20 @@ def _duration(raw: object) -> float:
     return value
 
 
+def _host_port(raw: object) -> str:
+    """HOST:PORT to listen on (`127.0.0.1:9464`, `[::1]:9464`, `0.0.0.0:9464`); the port from 1 to 65535."""
+    value = _text(raw)
+    host, colon, port = value.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not bare or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT with a port from 1 to 65535 (e.g. 127.0.0.1:9464)")
+    if ":" in bare and bare == host:
+        raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:9464")
+    if any(c.isspace() or c in "/[]" for c in bare):
+        raise ValueError(f"{value!r} names no usable host")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[object], str]:
     def parse(raw: object) -> str:
         value = _text(raw).lower()
@@ -281,11 +296,12 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "log_file": _path,
     "log_level": _choice("debug", "info", "warning", "error"),
     "status_every": _positive_float,
+    "metrics_addr": _host_port,
 }
 # Keys whose value is text: a YAML value read as a number (`partner_id: 012` is 10) is refused, quoting it as written.
 _TEXT_KEYS = frozenset(
     {"env", "base_url", "partner_id", "checkpoint", "data_dir", "out", "user_id_pattern", "images_root",
-     "log_format", "log_file", "log_level"}
+     "log_format", "log_file", "log_level", "metrics_addr"}
 )  # fmt: skip
 # Keys only the YAML may set; `api_key` is named so the error can say why it is refused.
 _YAML_ONLY = {"columns", "api_key_file"}

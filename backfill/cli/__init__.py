@@ -44,6 +44,9 @@ read_concurrency_option = click.option(
     "--read-concurrency", type=int, show_default=shown("read_concurrency"),
     help="Photos in object storage checked at once (ranged reads), apart from --concurrency.",
 )  # fmt: skip
+metrics_option = click.option(
+    "--metrics-addr", help="Serve Prometheus metrics on HOST:PORT during the run (e.g. 127.0.0.1:9464); off by default.",
+)  # fmt: skip
 
 
 @click.group()
@@ -128,6 +131,7 @@ def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
 )
 @click.option("--limit", type=int, help="Send at most N rows (a canary).")
 @click.option("--max-duration", help="Stop starting new rows after this long (3600, 90m, 2h); resumable.")
+@metrics_option
 @read_concurrency_option
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -174,6 +178,7 @@ def _acknowledge(signum: int, in_flight: int) -> None:
 @click.option("--max-attempts", type=int, show_default=shown("max_attempts"))
 @click.option("--timeout", type=float, show_default=shown("timeout"))
 @click.option("--max-duration")
+@metrics_option
 @read_concurrency_option
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

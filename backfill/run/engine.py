@@ -29,6 +29,7 @@ from ..manifest import Manifest
 from ..vocab import OK_STATUSES, ExitCode, Status
 from . import plan
 from .crash import CRASH_ENV, CrashPoints
+from .observe import NO_OBSERVER, Observer
 from .policy import RetryPolicy
 from .rate import RateGate
 from .records import RejectRow, ResultRow, Sink, Summary
@@ -61,6 +62,7 @@ class Collaborators:
     sink: Sink
     run_id: str
     out_dir: str
+    observer: Observer = NO_OBSERVER  # metrics, when --metrics-addr is set
 
 
 class Engine:
@@ -156,6 +158,9 @@ class Engine:
                 )
             if self.progress is not None:
                 self.progress.start(manifest.total_rows)
+            # Read from the exporter's thread at each scrape: plain ints and floats, never a dict iterated.
+            parts.observer.watch(remaining=lambda: max(0, manifest.total_rows - self._tally.done),
+                                 in_flight=lambda: self.in_flight, rate=lambda: self._gate.rate)  # fmt: skip
             self._event(
                 logging.INFO, "run_started", f"run {parts.run_id}: {manifest.total_rows} rows from "
                 f"{manifest.path} to {s.base_url} ({s.env}); outputs in {parts.out_dir}",
@@ -175,7 +180,7 @@ class Engine:
                 self._sender = Sender(
                     store=store, images=parts.images, client=parts.client, gate=self._gate, policy=self._policy,
                     crash=self._crash, run_id=parts.run_id, stops=self._stops,
-                    on_systemic=self._systemic, event=self._event,
+                    on_systemic=self._systemic, event=self._event, observer=parts.observer,
                 )  # fmt: skip
             queue: asyncio.Queue[plan.Send | None] = asyncio.Queue(maxsize=s.concurrency * 4)
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(s.concurrency)]
@@ -324,6 +329,7 @@ class Engine:
 
     def _advance(self, status: Status) -> None:
         self._tally.add(status)
+        self.parts.observer.row_settled(status)
         if self.progress is not None:
             self.progress.advance(status)
             # Optional: a Progress that shows the adaptive rate has `rate(current)`; told only of changes.

@@ -16,6 +16,7 @@ from ..images import ImageError, ImageSource
 from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store
 from ..vocab import Kind, Reason, State, Status
 from .crash import Boundary, CrashPoints
+from .observe import NO_OBSERVER, Observer
 from .plan import Send, reused_message
 from .policy import RetryPolicy, is_throttled
 from .rate import RateGate
@@ -68,10 +69,12 @@ class Sender:
         stops: Stops,
         on_systemic: Callable[[Verdict], None],
         event: Callable[..., None],
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self._store, self._images, self._client, self._gate = store, images, client, gate
         self._policy, self._crash, self._run_id = policy, crash, run_id
         self._stops, self._on_systemic, self._event = stops, on_systemic, event
+        self._observer = observer
         self.attempts = 0  # in this run, every row
         self.in_flight = 0  # requests sent whose answer hasn't come: what a stop still waits for
         # Some request of this run got an HTTP answer: from then on "can't connect" is a blip, retried.
@@ -134,15 +137,18 @@ class Sender:
             verdict = await self._client.send_photo(row.user_id, row.user_created_at, photo.data)
         finally:
             self.in_flight -= 1
-        work.latency_ms = round((time.perf_counter() - sent_at) * 1000)
+        took = time.perf_counter() - sent_at
+        work.latency_ms = round(took * 1000)
         del photo
         if verdict.unreachable and not self.connected:
             # Refused or no such host before anything answered: a wrong URL or network, not this row.
             verdict = unreachable_from_the_start(verdict)
         elif verdict.http_status is not None:
             self.connected = True
+        self._observer.attempt(verdict.kind, took)
         if is_throttled(verdict):
             work.throttled += 1
+            self._observer.throttled()
             self._slow_down(verdict, generation)
         elif verdict.http_status is not None:
             self._gate.answered()
@@ -217,12 +223,22 @@ class Sender:
         verdict = state.outcome.result() if state.outcome is not None and not state.outcome.failed else None
         work = state.args[0] if state.args else None
         if isinstance(verdict, Verdict) and isinstance(work, _Row):
+            self._observer.retry(retry_reason(verdict))
             wait = state.upcoming_sleep
             self._event(
                 logging.INFO, "retry_scheduled",
                 f"{work.send.user_id}: attempt {work.attempts} got {describe(verdict)}; retrying in {wait:.2f}s",
                 user_id=work.send.user_id, attempt=work.attempts, wait_s=round(wait, 3), reason=describe(verdict),
             )  # fmt: skip
+
+
+def retry_reason(verdict: Verdict) -> str:
+    """A retry's cause as a metric label: few distinct values (a code, an HTTP status), never free text."""
+    if verdict.result_code:
+        # The API's codes are short and digits; anything else a broken server sent is one label, not many.
+        code = verdict.result_code
+        return code if code.isdigit() and len(code) <= 6 else "other"
+    return f"http_{verdict.http_status}" if verdict.http_status else "no_answer"
 
 
 def describe(verdict: Verdict) -> str:
