@@ -24,7 +24,16 @@ from ..outputs import files as rs
 from ..redact import scrub
 from ..run.records import Summary
 from ..vocab import RETRYABLE_STATES, TRANSIENT_STATES, Status
-from ._common import LOCAL_PARTNER_ID, config_option, guard, load_settings, log_options, out_option, shown
+from ._common import (
+    LOCAL_PARTNER_ID,
+    config_option,
+    guard,
+    ledger_options,
+    load_settings,
+    log_options,
+    out_option,
+    shown,
+)
 from .logs import setup_logging
 from .progress import TqdmProgress
 from .sandbox import sandbox
@@ -205,15 +214,11 @@ def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any
 
 @main.command()
 @config_option
-@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
-@click.option(
-    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default ledger."
-)
-@click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")
+@ledger_options()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guard
 def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
-    """Counts per state, the last runs, and what is waiting for a retry, from the checkpoint."""
+    """Counts per state, the last runs, and what is waiting for a retry, from the ledger."""
     settings = load_settings(config_file, flags=flags, need_credentials=False)
     report = compose.status(settings)
     if as_json:
@@ -245,11 +250,7 @@ def _unfinished(report: LedgerStatus, run: RunRecord) -> str:
 
 @main.command()
 @config_option
-@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
-@click.option(
-    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default ledger."
-)
-@click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")
+@ledger_options()
 @click.option("--status", "states", help="Only rows in these states (comma-separated), e.g. failed.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option(
@@ -275,12 +276,7 @@ def export(
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path, file_okay=False, exists=True))
 @config_option
-@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False),
-              help="Without RUN_DIR: report on this ledger, across every run.")  # fmt: skip
-@click.option(
-    "--env", type=click.Choice(["local", "sandbox", "production"]), help="Picks the default ledger."
-)
-@click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")
+@ledger_options(checkpoint_help="Without RUN_DIR: report on this ledger, across every run.")
 @out_option
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
               help="The migration report's file (default: migration-report-<UTC>.html in --out).")  # fmt: skip

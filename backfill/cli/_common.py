@@ -128,3 +128,19 @@ def log_options(fn: F) -> F:
         "--log-format", type=click.Choice(["text", "json"]), help="json: one object per line.",
         show_default=shown("log_format"),
     )(fn)  # fmt: skip
+
+
+def ledger_options(
+    checkpoint_help: str = "The ledger (default: one per partner and endpoint).",
+) -> Callable[[F], F]:
+    """--checkpoint, --env and --base-url: how a command that only reads finds the ledger `run` would use."""
+
+    def add(fn: F) -> F:
+        fn = click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")(fn)
+        fn = click.option("--env", type=click.Choice(["local", "sandbox", "production"]),
+                          help="Picks the default ledger.")(fn)  # fmt: skip
+        return click.option(
+            "--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help=checkpoint_help
+        )(fn)
+
+    return add
