@@ -193,7 +193,7 @@ def _acknowledge(signum: int, in_flight: int) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @guard
 def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any) -> None:
-    """Re-send rows straight from the checkpoint, without the manifest (same guarantees as `run`).
+    """Re-send rows straight from the ledger, without the manifest (same guarantees as `run`).
 
     Transient failures by default; name `failed` to re-send permanent failures too (after fixing their images).
     """
@@ -260,7 +260,7 @@ def _unfinished(report: LedgerStatus, run: RunRecord) -> str:
 def export(
     config_file: Path | None, states: str | None, fmt: str, out_path: Path | None, **flags: Any
 ) -> None:
-    """Everything the checkpoint knows, across runs, as one file; CSV starts with the manifest's columns."""
+    """Everything the ledger knows, across runs, as one file; CSV starts with the manifest's columns."""
     chosen = compose.parse_status_names(states) if states is not None else None
     settings = load_settings(config_file, flags=flags, need_credentials=False)
     rows = compose.export_rows(settings, chosen)  # opens the ledger now: an error comes before any output
@@ -370,7 +370,7 @@ def _report(summary: Summary) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @guard
 def demo(no_progress: bool) -> None:
-    """Run the bundled sample data through an in-process sandbox, with a throwaway checkpoint and output."""
+    """Run the bundled sample data through an in-process sandbox, with a throwaway ledger and output."""
     from ..sandbox import start_sandbox
 
     work = Path(tempfile.mkdtemp(prefix="backfill-demo-"))
