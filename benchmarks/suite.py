@@ -65,7 +65,7 @@ PLANS = {
         overhead_rows={"20KB": 5000, "200KB": 1000, "2MB": 100},
         repeats=1,
         adhoc_rows=200,
-        scale_rows=(10_000,),
+        scale_rows=(100_000,),
         checkpoint_users=5000,
         naive_users=300,
         storm_rows=600,
@@ -119,10 +119,17 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
 
 
 class Suite:
-    def __init__(self, plan: Plan, data_dir: Path, work_dir: Path) -> None:
+    def __init__(
+        self, plan: Plan, data_dir: Path, work_dir: Path, *, results_dir: Path | None = None, stamp: str = "",
+        profile_resume: bool = False,
+    ) -> None:  # fmt: skip
         self.plan = plan
         self.data_dir = data_dir
         self.work = work_dir
+        self.results_dir = results_dir
+        self.stamp = stamp
+        # With the profile benchmark chosen, the largest resume is also run once under py-spy (untimed).
+        self.profile_resume = profile_resume
         self._photos: dict[str, list[Path]] = {}
 
     def photos(self, label: str) -> list[Path]:
@@ -347,20 +354,24 @@ class Suite:
             # runs DAMON reclaim), and whichever of validator and baseline ran first would pay for it.
             log(f"scale {n:,}: first touch (warms the inode and page caches; reported, not compared)")
             first = in_child(workers.stat_floor, str(manifest))
-            log(f"scale {n:,}: baseline (csv + stat + read of each file)")
-            floor = in_child(workers.stat_floor, str(manifest))
+            log(f"scale {n:,}: baselines (csv + stat + read of each file; csv + stat of each file)")
+            floor = _child(workers.stat_floor, str(manifest))
+            stat_only = _child(workers.stat_only_floor, str(manifest))
             log(f"scale {n:,}: validation")
-            checked = in_child(workers.validate, str(manifest))
+            checked = _child(workers.validate, str(manifest))
             entry: dict[str, Any] = {
                 "rows": n,
                 "validate_s": checked["wall_s"],
                 "validate_rows_per_s": n / checked["wall_s"],
                 "validate_valid": checked["valid"],
                 "validate_maxrss_mb": checked["maxrss_mb"],
+                "validate_cpu_stall_share": checked["cpu_stall_share"],
                 "first_touch_rows_per_s": n / first["wall_s"],
                 "floor_s": floor["wall_s"],
                 "floor_rows_per_s": n / floor["wall_s"],
                 "validate_over_floor": ratio(n / checked["wall_s"], n / floor["wall_s"]),
+                "stat_floor_s": stat_only["wall_s"],
+                "stat_floor_rows_per_s": n / stat_only["wall_s"],
             }
             with ServerProcess("fast") as server:
                 args = [
@@ -371,12 +382,23 @@ class Suite:
                 full = workers.run_cli(
                     [*args, "--out", str(folder / "out-run")], ENV, self.plan.run_timeout_s
                 )
-                log(f"scale {n:,}: resume of the completed job")
-                resume = workers.run_cli(
-                    [*args, "--out", str(folder / "out-resume")], ENV, self.plan.run_timeout_s
-                )
+                # The job is now complete: every row enrolled in the checkpoint. Resuming it must settle every
+                # row as skipped from the ledger and one stat of its photo; it sends nothing and writes nothing
+                # to the users table, so each repeat resumes the very same completed job.
+                resumes = []
+                for attempt in range(self.plan.repeats):
+                    log(f"scale {n:,}: resume of the completed job, run {attempt + 1}/{self.plan.repeats}")
+                    out = folder / f"out-resume-{attempt}"
+                    resume = workers.run_cli([*args, "--out", str(out)], ENV, self.plan.run_timeout_s)
+                    resume["counts"] = _summary(out).get("counts")
+                    resumes.append(resume)
+                if self.profile_resume and n == max(sizes):
+                    entry["resume_profile"] = self._profile_cli(
+                        [*args, "--out", str(folder / "out-resume-profile")], f"resume-{n}", gil=False
+                    )
             full_summary = _summary(folder / "out-run")
-            resume_summary = _summary(folder / "out-resume")
+            complete = full["exit_code"] == 0 and full_summary.get("counts") == {"enrolled": n}
+            best = min(resumes, key=lambda r: float(r["wall_s"]))
             entry.update(
                 {
                     "run_s": full["wall_s"],
@@ -385,25 +407,67 @@ class Suite:
                     "run_counts": full_summary.get("counts"),
                     "run_maxrss_mb": full["maxrss_mb"],
                     "run_cpu_s": full["cpu_s"],
-                    "resume_s": resume["wall_s"],
-                    "resume_exit_code": resume["exit_code"],
-                    "resume_counts": resume_summary.get("counts"),
-                    "resume_maxrss_mb": resume["maxrss_mb"],
-                    # Resuming can't beat validating: every row is checked again before the checkpoint says skip.
-                    "resume_over_validate": ratio(resume["wall_s"], checked["wall_s"]),
+                    "run_cpu_stall_share": full["cpu_stall_share"],
+                    # What the resume figures are of: a job the full run finished, every row enrolled.
+                    "resume_of_complete_job": complete,
+                    "resume_s": best["wall_s"],
+                    "resume_runs_s": [r["wall_s"] for r in resumes],
+                    "resume_cpu_s": best["cpu_s"],
+                    "resume_cpu_stall_share": best["cpu_stall_share"],
+                    "resume_exit_code": best["exit_code"],
+                    "resume_counts": best["counts"],
+                    "resume_maxrss_mb": max(r["maxrss_mb"] for r in resumes),
+                    "resume_rows_per_s": n / best["wall_s"],
+                    # Baselines from this run: the same manifest validated (every row checked, every photo's
+                    # head and tail read; in-process, so it pays no CLI start-up), and parsed + stat'ed.
+                    "resume_over_validate": ratio(best["wall_s"], checked["wall_s"]),
+                    "resume_over_stat_floor": ratio(best["wall_s"], stat_only["wall_s"]),
+                    "resume_rss_over_startup": ratio(max(r["maxrss_mb"] for r in resumes), idle["maxrss_mb"]),
                 }
             )
             if full["exit_code"] != 0:
                 entry["run_output"] = full["output"]
+            if best["exit_code"] != 0:
+                entry["resume_output"] = best["output"]
             per_size[str(n)] = entry
-            for leftover in ("out-run", "out-resume"):
-                shutil.rmtree(folder / leftover, ignore_errors=True)
+            for leftover in folder.glob("out-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
             (folder / "checkpoint.sqlite").unlink(missing_ok=True)
         if len(sizes) > 1:
             small, large = per_size[str(sizes[0])], per_size[str(sizes[-1])]
             per_size["rss_large_over_small"] = ratio(large["run_maxrss_mb"], small["run_maxrss_mb"])
+            per_size["resume_rss_large_over_small"] = ratio(
+                large["resume_maxrss_mb"], small["resume_maxrss_mb"]
+            )
         per_size["checkpoint"] = self.checkpoint()
         return per_size
+
+    def _profile_cli(self, args: list[str], name: str, *, gil: bool) -> dict[str, Any]:
+        """`backfill ARGS` once under py-spy (untimed: sampling slows it); hot spots charged to backfill/ lines.
+
+        gil=True samples only the thread holding the GIL (where a send-bound run's Python waits its turn);
+        gil=False samples every thread that is on a CPU (a resume's stats and SQLite run in threads).
+        """
+        spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if spy is None or self.results_dir is None:
+            return {"tool": None, "skipped": "py-spy is not installed"}
+        report = self.results_dir / f"profile-{self.stamp}-{name}.pyspy.txt"
+        log(f"profile: `backfill {args[0]}` ({name}) under py-spy -> {report}")
+        spy_args = ["record", "--format", "raw", "--full-filenames", "--rate", "250", "-o", str(report)]
+        if gil:
+            spy_args.insert(1, "--gil")
+        started = time.perf_counter()
+        subprocess.run(
+            [spy, *spy_args, "--", *workers.cli_command(args)], env={**os.environ, **ENV}, cwd=ROOT,
+            capture_output=True, check=True, timeout=self.plan.run_timeout_s,
+        )  # fmt: skip
+        return {
+            "tool": "py-spy",
+            "threads": "GIL holder" if gil else "all on CPU",
+            "report": str(report),
+            "wall_s": time.perf_counter() - started,
+            "hotspots": pyspy_hotspots(report.read_text(), str(ROOT / "backfill") + "/"),
+        }
 
     def checkpoint(self) -> dict[str, Any]:
         """Outcomes per second through SqliteStore (durable, group commits) vs one fsync per write."""
@@ -472,6 +536,16 @@ class Suite:
             "completion_ratio": ratio(runs["storm"]["wall_s"], runs["clean"]["wall_s"]),
             "attempts_ratio": ratio(runs["storm"]["attempts"], runs["clean"]["attempts"]),
         }
+
+
+def _child(fn: Any, *args: Any) -> dict[str, Any]:
+    """in_child(fn, *args), with the share of its wall time the machine spent short of CPU (see workers)."""
+    before, started = workers.cpu_stall_us(), time.perf_counter()
+    result: dict[str, Any] = in_child(fn, *args)
+    # Over the window sampled (the child's start-up included), so the share stays a share.
+    window = time.perf_counter() - started
+    result["cpu_stall_share"] = workers.stall_share(before, workers.cpu_stall_us(), window)
+    return result
 
 
 def _summary(out: Path) -> dict[str, Any]:

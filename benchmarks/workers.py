@@ -56,6 +56,28 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
 
 
+def cpu_stall_us() -> float | None:
+    """Microseconds some runnable task on this machine has waited for a CPU (Linux PSI), or None if unknown.
+
+    Sampled before and after a measurement: the fraction of its wall time spent stalled says whether the
+    figure was taken on a quiet machine, or while something else (another job, another tenant) held the CPUs.
+    """
+    try:
+        with open("/proc/pressure/cpu") as handle:
+            some = handle.readline().split()
+    except OSError:
+        return None
+    fields = dict(part.split("=", 1) for part in some[1:] if "=" in part)
+    return float(fields["total"]) if "total" in fields else None
+
+
+def stall_share(before: float | None, after: float | None, wall_s: float) -> float | None:
+    """Fraction of `wall_s` during which some task waited for a CPU (0: quiet; near 1: contended throughout)."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    return round((after - before) / 1e6 / wall_s, 3)
+
+
 # --- the tool itself ------------------------------------------------------------------------------------
 
 
@@ -109,6 +131,7 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float) -> dict[str, A
     """`backfill ARGS` as a user runs it, in a child process reaped with os.wait4 for its exact peak RSS
     and CPU time (what /usr/bin/time -v reports), without polling."""
     started = time.perf_counter()
+    stall0 = cpu_stall_us()
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
             cli_command(args),
@@ -133,6 +156,7 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float) -> dict[str, A
         "exit_code": proc.returncode,
         "maxrss_mb": usage.ru_maxrss / 1024,
         "cpu_s": usage.ru_utime + usage.ru_stime,
+        "cpu_stall_share": stall_share(stall0, cpu_stall_us(), wall),
         "output": printed[-2000:],
     }
 
@@ -226,6 +250,19 @@ def validate(manifest: str) -> dict[str, Any]:
     settings = load_settings(None, environ=ENV, flags={})
     valid, rejects = compose.validate(settings, Path(manifest))
     return {**_since(start), "valid": valid, "rejected": len(rejects), "maxrss_mb": _maxrss_mb()}
+
+
+def stat_only_floor(manifest: str) -> dict[str, Any]:
+    """The least a resume must do: parse the CSV and stat each file (an unchanged photo is one stat, no read)."""
+    start = _clock()
+    rows = 0
+    with open(manifest, newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader)
+        for _, _, path in reader:
+            os.stat(path)
+            rows += 1
+    return {**_since(start), "rows": rows}
 
 
 def stat_floor(manifest: str) -> dict[str, Any]:

@@ -96,8 +96,19 @@ def test_scale(smoke: dict[str, Any]) -> None:
         assert e["validate_valid"] == e["rows"]
         assert e["run_exit_code"] == 0 and e["run_counts"] == {"enrolled": e["rows"]}
         assert e["resume_exit_code"] == 0 and e["resume_counts"] == {"skipped": e["rows"]}
-        for name in ("validate_rows_per_s", "validate_over_floor", "run_maxrss_mb", "resume_over_validate"):
+        # The resume measured is of a job the full run completed, against baselines from the same run.
+        assert e["resume_of_complete_job"] is True
+        assert len(e["resume_runs_s"]) >= 1 and min(e["resume_runs_s"]) == e["resume_s"]
+        for name in (
+            "validate_rows_per_s", "validate_over_floor", "run_maxrss_mb", "resume_over_validate",
+            "stat_floor_s", "resume_over_stat_floor", "resume_cpu_s", "resume_maxrss_mb",
+            "resume_rss_over_startup",
+        ):  # fmt: skip
             assert _positive(e[name]), name
+        share = e["resume_cpu_stall_share"]
+        assert share is None or (isinstance(share, float) and share >= 0)
+    names = {t["name"] for t in smoke["targets"]}
+    assert any(n.startswith(f"scale {int(sizes[0]):,}: validation") for n in names)
     c = s["checkpoint"]
     assert _positive(c["outcomes_per_s"]) and _positive(c["over_naive_durable"])
 
@@ -108,3 +119,23 @@ def test_retry_storm(smoke: dict[str, Any]) -> None:
     assert st["storm"]["requests"] >= st["rows"]
     assert _positive(st["completion_ratio"])
     assert _positive(st["storm"]["worst_1s_window_over_configured"])
+
+
+def test_resume_targets_read_the_figures_they_name() -> None:
+    """The 1M resume target reads the resume of a *completed* job; memory flat compares the two resumes."""
+    from benchmarks.run import RESUME_RSS_FLAT, RESUME_TARGET_S, targets
+
+    def scale(resume_s: float, complete: bool, rss_ratio: float) -> dict[str, Any]:
+        entry = {"validate_rows_per_s": 1.0, "run_maxrss_mb": 1.0, "resume_s": resume_s,
+                 "resume_of_complete_job": complete}  # fmt: skip
+        return {"scale": {"1000000": entry, "resume_rss_large_over_small": rss_ratio}}
+
+    def met(results: dict[str, Any], prefix: str) -> bool | None:
+        found = [t["met"] for t in targets(results) if t["name"].startswith(prefix)]
+        assert len(found) == 1, prefix
+        return found[0]
+
+    assert met(scale(RESUME_TARGET_S, True, 1.0), "scale 1M: resume") is True
+    assert met(scale(RESUME_TARGET_S + 1, True, 1.0), "scale 1M: resume") is False
+    assert met(scale(1.0, False, 1.0), "scale 1M: resume") is None  # not a completed job: not measured
+    assert met(scale(1.0, True, RESUME_RSS_FLAT + 0.1), "scale: resume peak RSS") is False
