@@ -122,7 +122,7 @@ def test_any_other_2xx_is_in_doubt(status: int, body: object, kind: Kind) -> Non
 
 
 def test_in_doubt_is_an_alias_of_may_have_enrolled() -> None:
-    assert classify(502, b"").in_doubt is True and classify(200, result()).in_doubt is False
+    assert classify(502, b"").may_have_enrolled is True and classify(200, result()).may_have_enrolled is False
 
 
 def test_wrong_user_id_is_named_but_bounded() -> None:

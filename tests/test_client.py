@@ -17,15 +17,8 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backfill.api.client import (
-    MAX_ANSWER_BYTES,
-    Client,
-    Kind,
-    Verdict,
-    classify_answer,
-    classify_transport,
-    parse_retry_after,
-)
+from backfill.api.answers import Kind, Verdict, classify_answer, classify_transport, parse_retry_after
+from backfill.api.client import MAX_ANSWER_BYTES, Client
 from backfill.api.signing import sign, verify
 from backfill.config import Secret
 
@@ -138,7 +131,7 @@ def test_the_names_callers_used_are_still_here() -> None:
     v = classify_answer(
         200, json.dumps(success("u1")).encode(), "1", user_id="u1", partner_id=PARTNER, api_key=KEY
     )
-    assert v.kind is Kind.ENROLLED and v.in_doubt is False and v.signature_ok is True
+    assert v.kind is Kind.ENROLLED and v.may_have_enrolled is False and v.signature_ok is True
     assert parse_retry_after("2") == 2.0 and classify_transport.__module__ == "backfill.api.answers"
 
 

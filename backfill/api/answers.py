@@ -71,11 +71,6 @@ class Verdict:
         if self.proves_not_enrolled and (self.kind is not Kind.PERMANENT or self.signature_ok is not True):
             raise ValueError("only a verified permanent result proves a user is not enrolled")
 
-    @property
-    def in_doubt(self) -> bool:
-        """The old name of `may_have_enrolled`, kept while callers move over."""
-        return self.may_have_enrolled
-
 
 ENROLLED_CODE = "0840"
 # The API's result codes are four ASCII digits; anything else in a ResultCode can't be read as a result.

@@ -3,56 +3,26 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 
 from ..config import Secret
 from ..errors import TransportError
 from .answers import (
-    Kind,
     Verdict,
     classify_answer,
     classify_cut_off,
     classify_transport,
-    parse_retry_after,
     printable,
     url_for_messages,
 )
 from .signing import sign, utc_timestamp
 
-# Re-exported: callers written before the split import these from here.
-__all__ = [
-    "MAX_ANSWER_BYTES",
-    "Client",
-    "Kind",
-    "Photo",
-    "Verdict",
-    "classify_answer",
-    "classify_transport",
-    "parse_retry_after",
-    "read_photo",
-]
-
 # The API's answers are a few KB of JSON. Reading more than this is never needed to classify one, and an
 # answer with no end (a misrouted download, a broken proxy, a hostile server) must not fill this process's
 # memory, concurrency times over: beyond it the answer is judged by its status alone.
 MAX_ANSWER_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Photo:
-    b64: bytes  # ASCII base64, spliced into the request body as it is
-    sha256: str
-
-
-def read_photo(path: Path) -> Photo:
-    """The image as the API wants it (plain base64, no data URI) and its hash for the checkpoint."""
-    data = path.read_bytes()
-    return Photo(base64.b64encode(data), hashlib.sha256(data).hexdigest())
 
 
 class Client:
