@@ -25,18 +25,18 @@ class TqdmProgress:
             total=total, unit="row", file=sys.stderr, disable=not self._enabled, dynamic_ncols=True
         )
 
-    def advance(self, status: str) -> None:
+    def advance(self, status: str, n: int = 1) -> None:
         assert self._bar is not None
         # A reject is the manifest's problem, counted apart: calling it a failure (of sending) misleads.
         if status == Status.REJECTED:
-            self._rejected += 1
+            self._rejected += n
             self._postfix["rejected"] = self._rejected
             self._bar.set_postfix(self._postfix, refresh=False)
         elif status in FAILURE_STATUSES or status == Status.ID_CONFLICT:
-            self._failures += 1
+            self._failures += n
             self._postfix["failed"] = self._failures
             self._bar.set_postfix(self._postfix, refresh=False)
-        self._bar.update()
+        self._bar.update(n)
 
     def rate(self, current: float) -> None:
         """The adaptive rate limit changed (a 429 lowered it, or good answers raise it back)."""

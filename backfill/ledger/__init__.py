@@ -16,13 +16,15 @@ Every backend (SQLite now, PostgreSQL for fleets) implements `Store`, and one co
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
+from typing import Any, NamedTuple
 
 from ..images import Fingerprint
-from ..vocab import TRANSIENT_STATES, State
+from ..vocab import DONE_STATES, TRANSIENT_STATES, State
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +70,47 @@ class LedgerRow:
         if self.image_ref is None or self.image_size is None or self.image_version is None:
             return None
         return Fingerprint(ref=self.image_ref, size=self.image_size, version=self.image_version)
+
+
+class DoneRow(NamedTuple):
+    """What a resume reads of a done row first: enough to settle it as skipped when its photo is unchanged."""
+
+    state: State  # one of DONE_STATES
+    image_ref: str | None  # the fingerprint of the photo it was sent with
+    image_size: int | None
+    image_version: str | None
+    result_code: str
+
+
+_FIELDS = tuple(f.name for f in fields(LedgerRow))
+_FIELD_AT = {name: i for i, name in enumerate(_FIELDS)}
+_GET_ALL = operator.attrgetter(*_FIELDS)
+_SET_SLOT = tuple(getattr(LedgerRow, name).__set__ for name in _FIELDS)
+
+
+def row_values(row: LedgerRow) -> list[Any]:
+    """Every field of `row`, in declaration order."""
+    return list(_GET_ALL(row))
+
+
+def row_of(values: Sequence[Any]) -> LedgerRow:
+    """A LedgerRow from every field's value in declaration order, already of the right types.
+
+    The slots are set directly: `LedgerRow(**dict(zip(...)))` cost ~6.5 us (a dict, 18 keyword arguments, a
+    frozen __setattr__ each), this ~2.5 us, for the same frozen object. A resume builds one per manifest row.
+    """
+    row: LedgerRow = object.__new__(LedgerRow)
+    for set_slot, value in zip(_SET_SLOT, values, strict=True):
+        set_slot(row, value)
+    return row
+
+
+def evolve(row: LedgerRow, **changes: Any) -> LedgerRow:
+    """dataclasses.replace(row, **changes) at half its cost (no __init__ round trip); same checks of names."""
+    values = list(_GET_ALL(row))
+    for name, value in changes.items():
+        values[_FIELD_AT[name]] = value  # KeyError for a field that doesn't exist, as replace's TypeError
+    return row_of(values)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +208,16 @@ class Store(ABC):
     async def lookup(self, user_ids: Sequence[str]) -> dict[str, LedgerRow]:
         """The rows the ledger holds for these IDs (absent IDs are simply missing)."""
 
+    async def done(self, user_ids: Sequence[str]) -> dict[str, DoneRow]:
+        """For those of these IDs the ledger holds as done (DONE_STATES): their quick-check facts.
+
+        A resume settles most rows from this alone, so a backend should answer it without building whole rows;
+        this default derives it from `lookup`.
+        """
+        rows = await self.lookup(user_ids)
+        return {uid: DoneRow(r.state, r.image_ref, r.image_size, r.image_version, r.result_code)
+                for uid, r in rows.items() if r.state in DONE_STATES}  # fmt: skip
+
     @abstractmethod
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         """Record an attempt, durably, before its bytes leave; or refuse it (pinned to other bytes, terminal)."""
@@ -202,6 +255,7 @@ __all__ = [
     "TRANSIENT_STATES",
     "AttemptRequest",
     "Binding",
+    "DoneRow",
     "LedgerRow",
     "LedgerStatus",
     "Outcome",

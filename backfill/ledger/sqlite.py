@@ -17,10 +17,11 @@ from typing import Any
 
 from ..clock import now_iso
 from ..errors import CheckpointError, CheckpointLocked
-from ..vocab import TRANSIENT_STATES, State
+from ..vocab import DONE_STATES, TRANSIENT_STATES, State
 from . import (
     AttemptRequest,
     Binding,
+    DoneRow,
     LedgerRow,
     LedgerStatus,
     Outcome,
@@ -29,6 +30,8 @@ from . import (
     Settled,
     Store,
     Ticket,
+    row_of,
+    row_values,
 )
 from . import transitions as tr
 
@@ -78,15 +81,22 @@ _UPSERT = f"INSERT OR REPLACE INTO users ({', '.join(_COLUMNS)}) VALUES ({', '.j
 _RUN_COLUMNS = tuple(f.name for f in fields(RunRecord))
 
 
+_BEGUN_MAX = 65_536
+_STATE_OF = {s.value: s for s in State}
+_STATE_AT, _DOUBT_AT = _COLUMNS.index("state"), _COLUMNS.index("doubt")
+
+
 def _row(values: Sequence[Any]) -> LedgerRow:
-    data = dict(zip(_COLUMNS, values, strict=True))
-    data["state"] = State(data["state"])
-    data["doubt"] = bool(data["doubt"])
-    return LedgerRow(**data)
+    typed = list(values)
+    typed[_STATE_AT] = _STATE_OF[typed[_STATE_AT]]
+    typed[_DOUBT_AT] = bool(typed[_DOUBT_AT])
+    return row_of(typed)
 
 
-def _values(row: LedgerRow) -> tuple[Any, ...]:
-    return tuple(int(v) if isinstance(v, bool) else v for v in (getattr(row, c) for c in _COLUMNS))
+def _values(row: LedgerRow) -> list[Any]:
+    values = row_values(row)
+    values[_DOUBT_AT] = int(values[_DOUBT_AT])
+    return values
 
 
 @dataclass(slots=True)
@@ -119,6 +129,10 @@ class SqliteStore(Store):
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        # Rows written by begin_attempt and not yet settled, as written: settle reads its row here instead of
+        # SELECTing it again. Touched only on the writer thread, inside the group transactions; exact, because
+        # this store is the ledger's one writer (the flock) and every write to users goes through begin/settle.
+        self._begun: dict[str, LedgerRow] = {}
 
     @classmethod
     async def open(
@@ -167,13 +181,22 @@ class SqliteStore(Store):
         found: dict[str, LedgerRow] = await self._call(_lookup, self._conn, list(user_ids))
         return found
 
+    async def done(self, user_ids: Sequence[str]) -> dict[str, DoneRow]:
+        self._raise_if_failed()
+        found: dict[str, DoneRow] = await self._call(_done, self._conn, list(user_ids))
+        return found
+
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         def apply(conn: sqlite3.Connection) -> Ticket | Refused:
-            result = tr.begin(_get(conn, request.user_id), request)
+            begun = self._begun.pop(request.user_id, None)
+            result = tr.begin(begun if begun is not None else _get(conn, request.user_id), request)
             if isinstance(result, Refused):
                 return result
             row, ticket = result
             conn.execute(_UPSERT, _values(row))
+            if len(self._begun) >= _BEGUN_MAX:
+                self._begun.clear()  # rows begun and never settled (a stop): bounded, and _get still works
+            self._begun[request.user_id] = row
             return ticket
 
         # Waited for: "recorded before sent" is the whole point.
@@ -182,7 +205,8 @@ class SqliteStore(Store):
 
     async def settle(self, outcome: Outcome) -> Settled:
         def apply(conn: sqlite3.Connection) -> Settled:
-            new = tr.settle(_get(conn, outcome.user_id), outcome)
+            begun = self._begun.pop(outcome.user_id, None)
+            new = tr.settle(begun if begun is not None else _get(conn, outcome.user_id), outcome)
             if new is None:
                 return Settled.FENCED
             conn.execute(_UPSERT, _values(new))
@@ -286,6 +310,7 @@ class SqliteStore(Store):
                 )
             except Exception as exc:  # any failure: waiters must hear of it, or they wait for ever
                 self._failure = exc
+                self._begun.clear()  # the group was rolled back: none of its rows is on disk
                 error = CheckpointError(f"the ledger can no longer be written: {exc}")
                 for op in [*batch, *self._queue]:
                     if op.future is not None and not op.future.done():
@@ -501,6 +526,23 @@ def _get(conn: sqlite3.Connection, user_id: str) -> LedgerRow | None:
 def _lookup(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, LedgerRow]:
     sql = _SELECT + " WHERE user_id IN (SELECT value FROM json_each(?))"
     return {r[0]: _row(r) for r in conn.execute(sql, (json.dumps(user_ids),)).fetchall()}
+
+
+_DONE_IN = ", ".join(repr(str(s)) for s in sorted(DONE_STATES))
+_DONE_SQL = (
+    "SELECT user_id, state, image_ref, image_size, image_version, result_code FROM users "
+    f"WHERE user_id IN (SELECT value FROM json_each(?)) AND state IN ({_DONE_IN})"
+)
+
+
+def _done(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, DoneRow]:
+    # Six columns and a tuple per row, not eighteen and a LedgerRow: a resume asks this of every manifest row.
+    # (tuple.__new__ builds the NamedTuple in C: its generated __new__ cost a third of this function.)
+    state_of, make = _STATE_OF, tuple.__new__
+    return {
+        uid: make(DoneRow, (state_of[state], ref, size, version, code))
+        for uid, state, ref, size, version, code in conn.execute(_DONE_SQL, (json.dumps(user_ids),))
+    }
 
 
 def _page(conn: sqlite3.Connection, states: list[str] | None, after: str, size: int) -> list[LedgerRow]:

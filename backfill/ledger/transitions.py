@@ -17,10 +17,9 @@ Rules, each enforced here rather than by callers:
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ..vocab import TERMINAL_STATES, State
 from . import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Ticket
+from . import evolve as replace  # dataclasses.replace, faster
 
 # What a settled attempt may leave a row in.
 OUTCOME_STATES = frozenset(State) - {State.SENDING}

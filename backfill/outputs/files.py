@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
+import operator
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
@@ -21,6 +24,7 @@ from typing import IO, Any
 from ..errors import OutputError
 from ..redact import scrub
 from ..run.records import RejectRow, ResultRow, Summary
+from ..vocab import Status
 
 RESULT_FIELDS = (
     "user_id", "status", "http_status", "result_code", "result_text", "smile_job_id", "job_id",
@@ -94,11 +98,27 @@ def make_private_dirs(folder: Path) -> None:
         path.mkdir(mode=0o700, exist_ok=True)
 
 
-def _result_values(row: ResultRow) -> list[Any]:
-    values: list[Any] = [getattr(row, k) for k in RESULT_FIELDS]
-    if row.signature_ok is not None:
-        values[_SIGNATURE_OK_AT] = "true" if row.signature_ok else "false"
-    return ["" if v is None else v for v in values]
+_RESULT_VALUES = operator.attrgetter(*RESULT_FIELDS)
+
+
+# A field the csv writer (QUOTE_MINIMAL, "\r\n") writes as it is: no delimiter, quote or line break in it.
+_PLAIN_FIELD = re.compile(r"[^,\"\r\n]+")
+
+
+def _csv_line(values: Sequence[Any]) -> str:
+    out = io.StringIO()
+    csv.writer(out).writerow(values)
+    return out.getvalue()
+
+
+def _result_values(row: ResultRow) -> Sequence[Any]:
+    # One C call for the twelve fields; the csv module writes None as an empty field.
+    values: tuple[Any, ...] = _RESULT_VALUES(row)
+    if row.signature_ok is None:
+        return values
+    listed = list(values)
+    listed[_SIGNATURE_OK_AT] = "true" if row.signature_ok else "false"
+    return listed
 
 
 def write_rejects(root: Path, rejects: Iterable[RejectRow]) -> Path:
@@ -134,7 +154,32 @@ class RunOutput:
     def reject(self, row: RejectRow) -> None:
         self._write(self._rejects_csv, [row.line, row.user_id, row.reason, row.message])
 
-    def _write(self, writer: Any, values: list[Any]) -> None:
+    def skipped(self, rows: Sequence[tuple[str, str, str]], finished_at: str) -> None:
+        """The lines `result` would write for these skipped rows, byte for byte, without a ResultRow each.
+
+        Everything after the user_id is the same for rows with the same result code and message, so it is
+        formatted by the csv writer once; the user_id is quoted by it too whenever it needs quoting.
+        """
+        tails: dict[tuple[str, str], str] = {}
+        lines = []
+        for user_id, code, message in rows:
+            tail = tails.get((code, message))
+            if tail is None:
+                values = _result_values(ResultRow(user_id="", status=Status.SKIPPED, result_code=code,
+                                                  error=message, finished_at=finished_at))  # fmt: skip
+                tail = tails[(code, message)] = _csv_line(values)  # from the comma after the empty user_id
+            if _PLAIN_FIELD.fullmatch(user_id) is None:
+                lines.append(_csv_line([user_id]).rstrip("\r\n") + tail)
+            else:
+                lines.append(user_id + tail)
+        try:
+            write = self._results.handle.write
+            for line in lines:
+                write(line)  # each line through the scrubber, exactly as the csv writer's would be
+        except OSError as exc:
+            raise OutputError(f"can't write to {self.dir}: {exc.strerror}") from exc
+
+    def _write(self, writer: Any, values: Sequence[Any]) -> None:
         try:
             writer.writerow(values)
         except OSError as exc:

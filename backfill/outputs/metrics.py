@@ -57,8 +57,8 @@ class RunMetrics:
         self._in_flight.set_function(in_flight)
         self._rate.set_function(rate)
 
-    def row_settled(self, status: str) -> None:
-        self._rows.labels(status=status).inc()
+    def row_settled(self, status: str, n: int = 1) -> None:
+        self._rows.labels(status=status).inc(n)
         self._progress.set(time.time())
 
     def attempt(self, kind: str, seconds: float) -> None:

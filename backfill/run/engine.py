@@ -12,9 +12,10 @@ it tells the sink about every row, the progress object about every status, and l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,7 +26,7 @@ from ..config import Settings
 from ..errors import BackfillError, InternalError
 from ..images import ImageError, ImageSource
 from ..ledger import RunRecord, Store
-from ..manifest import Manifest
+from ..manifest import Batch, Manifest
 from ..vocab import OK_STATUSES, ExitCode, Status
 from . import plan
 from .crash import CRASH_ENV, CrashPoints
@@ -48,7 +49,7 @@ class Progress(Protocol):
     """
 
     def start(self, total: int) -> None: ...
-    def advance(self, status: str) -> None: ...
+    def advance(self, status: str, n: int = 1) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,40 +217,69 @@ class Engine:
             raise self._fatal
         return summary
 
+    async def _plan(
+        self, batches: Iterator[Batch]
+    ) -> tuple[Batch, list[plan.Skipped], list[plan.Decision]] | None:
+        """The next chunk and its decisions: read off the event loop, looked up, its photos stat'ed or checked."""
+        # Reading a chunk parses thousands of rows: off the event loop, so sends keep flowing.
+        batch = await asyncio.to_thread(next, batches, None)
+        if batch is None:
+            return None
+        skipped, decisions = await plan.decide_batch(batch.candidates, self.parts.store, self.parts.images,
+                                                     resend_failed=self.resend_failed)  # fmt: skip
+        return batch, skipped, decisions
+
     async def _produce(self, queue: asyncio.Queue[plan.Send | None]) -> None:
-        s, store = self.settings, self.parts.store
+        s = self.settings
         queued = 0
         batches = self.parts.manifest.batches()
-        while not self.stopping:
-            # Reading a chunk parses thousands of rows: off the event loop, so sends keep flowing.
-            batch = await asyncio.to_thread(next, batches, None)
-            if batch is None:
-                return
-            for reject in batch.rejects:
-                self._reject(RejectRow(line=reject.line, user_id=reject.user_id, reason=reject.reason,
-                                       message=reject.message))  # fmt: skip
-            ids = [c.user_id for c in batch.candidates]
-            known = await store.lookup(ids) if store is not None and ids else {}
-            decisions = await plan.decide(batch.candidates, known, self.parts.images,
-                                          resend_failed=self.resend_failed)  # fmt: skip
-            for decision in decisions:
-                if isinstance(decision, plan.Send):
-                    if self.stopping:
-                        return
-                    if s.limit is not None and queued >= s.limit:
-                        # Not a stop: rows already queued still go out; only reading more ends here.
-                        self._limit_note = f"--limit {s.limit} reached"
-                        return
-                    queued += 1
-                    await queue.put(decision)
-                elif decision.status is Status.REJECTED and decision.reason is not None:
-                    self._reject(RejectRow(line=decision.line, user_id=decision.user_id, reason=decision.reason,
-                                           message=decision.message))  # fmt: skip
-                else:
-                    k = decision.known
-                    self._result(ResultRow(user_id=decision.user_id, status=decision.status,
-                                           result_code=k.result_code if k else "", error=decision.message,
-                                           finished_at=now_iso()))  # fmt: skip
+        # One chunk planned ahead: its reading, lookup and photo checks overlap with this chunk's rows being
+        # queued (workers never wait at a chunk's end). A chunk planned but never used sent nothing: not reached.
+        ahead = asyncio.ensure_future(self._plan(batches))
+        try:
+            while not self.stopping:
+                planned = await ahead
+                if planned is None:
+                    return
+                ahead = asyncio.ensure_future(self._plan(batches))
+                batch, skipped, decisions = planned
+                for reject in batch.rejects:
+                    self._reject(RejectRow(line=reject.line, user_id=reject.user_id, reason=reject.reason,
+                                           message=reject.message))  # fmt: skip
+                # The batch was settled at once: one timestamp for its settled rows, not a clock read per row.
+                settled_at = now_iso()
+                if skipped:
+                    message = plan.NOT_SENT_AGAIN
+                    self.parts.sink.skipped([(r.user_id, r.result_code, message[r.state]) for r in skipped],
+                                            settled_at)  # fmt: skip
+                    self._advance_many(Status.SKIPPED, len(skipped))
+                    await asyncio.sleep(0)  # let the next chunk's planning take its next step
+                for n, decision in enumerate(decisions, 1):
+                    if isinstance(decision, plan.Send):
+                        if self.stopping:
+                            return
+                        if s.limit is not None and queued >= s.limit:
+                            # Not a stop: rows already queued still go out; only reading more ends here.
+                            self._limit_note = f"--limit {s.limit} reached"
+                            return
+                        queued += 1
+                        await queue.put(decision)
+                        continue
+                    if decision.status is Status.REJECTED and decision.reason is not None:
+                        self._reject(RejectRow(line=decision.line, user_id=decision.user_id,
+                                               reason=decision.reason, message=decision.message))  # fmt: skip
+                    else:
+                        k = decision.known
+                        self._result(ResultRow(user_id=decision.user_id, status=decision.status,
+                                               result_code=k.result_code if k else "", error=decision.message,
+                                               finished_at=settled_at))  # fmt: skip
+                    if not n % 1024:
+                        await asyncio.sleep(0)  # let the next chunk's planning take its next step
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BackfillError):
+                await ahead  # its error, if any, belongs to a chunk that was never used
 
     async def _worker(self, queue: asyncio.Queue[plan.Send | None]) -> None:
         while (row := await queue.get()) is not None:
@@ -326,6 +356,13 @@ class Engine:
     def _reject(self, row: RejectRow) -> None:
         self.parts.sink.reject(row)
         self._advance(Status.REJECTED)
+
+    def _advance_many(self, status: Status, n: int) -> None:
+        """`_advance(status)` n times over, told once to each listener."""
+        self._tally.add_many(status, n)
+        self.parts.observer.row_settled(status, n)
+        if self.progress is not None:
+            self.progress.advance(status, n)
 
     def _advance(self, status: Status) -> None:
         self._tally.add(status)

@@ -64,6 +64,7 @@ class RateGate:
         self._clock, self._sleep = clock, sleep
         self._tat = 0.0
         self._lock: asyncio.Lock | None = None  # made lazily, in the run's event loop
+        self._queued = 0  # callers inside take(): waiting for the lock or for their slot
         self._resume_at = 0.0
         self._grown_at = 0.0
         self.generation = 0
@@ -87,26 +88,43 @@ class RateGate:
                 await stops.nap(resume - self._clock())
                 waited = resume
                 continue
-            if not await stops.until_stopped(self.take()):
+            if not (self._take_now() or await stops.until_stopped(self.take())):
                 break
             if self._resume_at in (resume, waited) or self._resume_at <= self._clock():
                 break
         return self.generation
 
+    def _take_now(self) -> bool:
+        """A slot at once when one is due and nobody queues for one: the common case, with no task to make
+        (`until_stopped` makes two and waits on them, ~6% of a 20 KB row's CPU). Else False: queue in take()."""
+        if self._queued:
+            return False  # first come first served: behind whoever waits
+        now = self._clock()
+        interval = 1.0 / self._rate
+        tolerance = (max(1.0, self._rate * BURST_SHARE) - 1.0) * interval
+        if self._tat - tolerance - now > 0:
+            return False
+        self._tat = max(self._tat, now) + interval
+        return True
+
     async def take(self) -> None:
         """One slot of the bucket, first come first served."""
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            while True:
-                now = self._clock()
-                interval = 1.0 / self._rate
-                tolerance = (max(1.0, self._rate * BURST_SHARE) - 1.0) * interval
-                early = self._tat - tolerance - now
-                if early <= 0:
-                    self._tat = max(self._tat, now) + interval
-                    return
-                await self._sleep(early)
+        self._queued += 1
+        try:
+            async with self._lock:
+                while True:
+                    now = self._clock()
+                    interval = 1.0 / self._rate
+                    tolerance = (max(1.0, self._rate * BURST_SHARE) - 1.0) * interval
+                    early = self._tat - tolerance - now
+                    if early <= 0:
+                        self._tat = max(self._tat, now) + interval
+                        return
+                    await self._sleep(early)
+        finally:
+            self._queued -= 1
 
     def throttled(self, generation: int) -> float | None:
         """A 429 to a request whose slot was taken in `generation`: the lowered rate, or None if unchanged."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +38,9 @@ class Sink(Protocol):
 
     def result(self, row: ResultRow) -> None: ...
     def reject(self, row: RejectRow) -> None: ...
+    def skipped(self, rows: Sequence[tuple[str, str, str]], finished_at: str) -> None:
+        """Many `result`s at once of rows settled as skipped: (user_id, result_code, message) each."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,6 +25,13 @@ class Tally:
     recent: collections.deque[Status] = field(
         default_factory=lambda: collections.deque(maxlen=BREAKER_WINDOW)
     )
+    recent_failed: int = 0  # how many of `recent` are failures, kept as rows come and go
+
+    def add_many(self, status: Status, n: int) -> None:
+        self.counts[status] += n
+        self.done += n
+        if status in FAILURE_STATUSES or status is Status.ID_CONFLICT:
+            self.failures += n
 
     def add(self, status: Status) -> None:
         self.counts[status] += 1
@@ -35,10 +42,13 @@ class Tally:
 
     def breaker_tripped(self, status: Status, threshold: float) -> int | None:
         """After a row was sent: how many of the recent ones failed, when that reaches the threshold."""
+        if len(self.recent) == BREAKER_WINDOW:
+            self.recent_failed -= self.recent[0] in FAILURE_STATUSES  # about to leave the window
         self.recent.append(status)
+        self.recent_failed += status in FAILURE_STATUSES
         if len(self.recent) < BREAKER_MIN_ROWS:
             return None
-        failed = sum(1 for s in self.recent if s in FAILURE_STATUSES)
+        failed = self.recent_failed
         return failed if failed / len(self.recent) >= threshold else None
 
     def elapsed(self) -> float:

@@ -269,13 +269,16 @@ def read_results(path: Path, run: Run) -> Results:
     attempts_per_row: Counter[int] = Counter()
     timeline = _Timeline.for_run(run)
     rows = sent_rows = attempts = multi = 0
+    # Rows per status, in the order statuses first appear: the tally gets each status once, with its count.
+    per_status: dict[str, int] = {}
     for fields in records:
         if not fields:
             continue
         rows += 1
         user_id, status = _cell(fields, i_user), _cell(fields, i_status)
-        statuses.add(status, "", "", "")
-        tries = _int_or_none(_cell(fields, i_attempts)) or 0
+        per_status[status] = per_status.get(status, 0) + 1
+        raw_tries = _cell(fields, i_attempts)
+        tries = (int(raw_tries) if raw_tries.isdigit() else _int_or_none(raw_tries)) or 0
         attempts += tries
         attempts_per_row[min(tries, MAX_ATTEMPTS_KEY)] += 1
         if tries > 0:
@@ -293,11 +296,15 @@ def read_results(path: Path, run: Run) -> Results:
                 or ("not sent" if not tries else "no answer")
             )
             errors.add(label, user_id, error or text, status)
-        ms = _int_or_none(_cell(fields, i_latency))
-        if ms is not None and ms >= 0:
-            latency.add(ms)
+        raw_ms = _cell(fields, i_latency)
+        if raw_ms:  # empty for every row that sent nothing
+            ms = _int_or_none(raw_ms)
+            if ms is not None and ms >= 0:
+                latency.add(ms)
         if timeline is not None:
             timeline.add(_cell(fields, i_finished), fine)
+    for status, count in per_status.items():
+        statuses.add(status, "", "", "", count=count)
     return Results(
         rows=rows,
         counts=tuple((k.label, k.count) for k in statuses.top(MAX_KINDS).top),
@@ -327,6 +334,8 @@ def read_rejects(path: Path) -> Kinds:
 
 
 def _int_or_none(raw: str) -> int | None:
+    if not raw:
+        return None  # most cells of a resume's rows: no exception raised and caught a million times over
     try:
         return int(raw)
     except ValueError:
@@ -347,21 +356,22 @@ class _KindTally:
         self._examples: dict[str, list[str]] = {}
         self._untracked = 0
 
-    def add(self, label: str, example: str, message: str, status: str) -> None:
+    def add(self, label: str, example: str, message: str, status: str, *, count: int = 1) -> None:
+        """`count` rows of kind `label` (status, example and message, if given, count once per call)."""
         # Kinds are told apart by their start: a long error text must not be held whole, 10,000 times over.
         label = label[: MAX_SHOWN_CHARS + 1]
         if label not in self._counts:
             if len(self._counts) >= self._limit:
-                self._untracked += 1
+                self._untracked += count
                 return
             self._counts[label] = 0
             self._statuses[label] = Counter()
             # Only the start is kept: the page shows no more, and a huge field must not be held.
             self._messages[label] = message[: MAX_SHOWN_CHARS + 1]
             self._examples[label] = []
-        self._counts[label] += 1
+        self._counts[label] += count
         if status:
-            self._statuses[label][status] += 1
+            self._statuses[label][status] += count
         examples = self._examples[label]
         if example and len(examples) < EXAMPLES:
             examples.append(example[: MAX_SHOWN_CHARS + 1])
@@ -499,6 +509,7 @@ class _Timeline:
         self._fine = [0] * count
         self._bad = [0] * count
         self._untimed = 0
+        self._last_text, self._last_index = "", 0
 
     @classmethod
     def for_run(cls, run: Run) -> _Timeline | None:
@@ -508,12 +519,16 @@ class _Timeline:
         return cls(start, end)
 
     def add(self, finished_at: str, fine: bool) -> None:
-        moment = _parse_time(finished_at)
-        if moment is None:
-            self._untimed += 1
-            return
-        index = int((moment - self._start).total_seconds() // self._size)
-        index = min(max(index, 0), len(self._fine) - 1)
+        if finished_at == self._last_text:
+            index = self._last_index  # rows settled together share a timestamp: parse it once
+        else:
+            moment = _parse_time(finished_at)
+            if moment is None:
+                self._untimed += 1
+                return
+            index = int((moment - self._start).total_seconds() // self._size)
+            index = min(max(index, 0), len(self._fine) - 1)
+            self._last_text, self._last_index = finished_at, index
         if fine:
             self._fine[index] += 1
         else:
