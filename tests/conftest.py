@@ -183,3 +183,22 @@ def full_batches(manifest: Manifest) -> list[FullBatch]:
 def validate_manifest(path: Path, rules: ManifestRules) -> tuple[int, list[Reject]]:
     batches = full_batches(open_manifest(path, rules))
     return sum(len(b.rows) for b in batches), [r for b in batches for r in b.rejects]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster (tests/pg_server.py), shared by the session; skipped where absent."""
+    from .pg_server import shared_cluster
+
+    cluster = shared_cluster()
+    if cluster is None:
+        pytest.skip("no PostgreSQL binaries on this machine (Debian: apt-get install postgresql)")
+    yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> str:
+    """An empty database of its own for each test."""
+    from .pg_server import fresh_database
+
+    return fresh_database()

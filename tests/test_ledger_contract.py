@@ -40,12 +40,24 @@ from backfill.vocab import TERMINAL_STATES, State
 
 T = TypeVar("T")
 BINDING = Binding(partner_id="085", endpoint="https://testapi.smileidentity.com:443")
-BACKENDS = ("memory", "sqlite")
+BACKENDS = ("memory", "sqlite", "postgres")
 
 
 async def open_store(kind: str, folder: Path, binding: Binding = BINDING) -> Store:
+    """A store of `kind` whose data lives in `folder` (for PostgreSQL: a database named in folder/url)."""
     if kind == "memory":
         return MemoryStore(binding)
+    if kind == "postgres":
+        from backfill.ledger.postgres import PostgresStore
+
+        from .pg_server import fresh_database, shared_cluster
+
+        named = folder / "url"
+        if not named.exists():
+            if shared_cluster() is None:
+                pytest.skip("no PostgreSQL binaries on this machine")
+            named.write_text(fresh_database())
+        return await PostgresStore.open(named.read_text(), binding, writable=True)
     return await SqliteStore.open(folder / "ledger.sqlite", binding, writable=True)
 
 
@@ -141,7 +153,7 @@ class LedgerMachine(RuleBasedStateMachine):
             row.doubt = row.doubt or may
         row.state = state
 
-    @precondition(lambda self: self.kind == "sqlite")
+    @precondition(lambda self: self.kind in ("sqlite", "postgres"))
     @rule()
     def reopen(self) -> None:
         """Close and open again: everything written is still there, and nothing else."""
@@ -168,10 +180,16 @@ class SqliteLedger(LedgerMachine):
     kind = "sqlite"
 
 
+class PostgresLedger(LedgerMachine):
+    kind = "postgres"
+
+
 _SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 TestMemoryLedger = _SETTINGS(MemoryLedger).TestCase
 TestSqliteLedger = _SETTINGS(SqliteLedger).TestCase
+# Fewer examples: each one makes a database of its own on the shared cluster.
+TestPostgresLedger = settings(_SETTINGS, max_examples=25)(PostgresLedger).TestCase
 
 
 # --- targeted cases, every backend ---

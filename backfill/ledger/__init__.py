@@ -1,6 +1,6 @@
 """The Store contract: the durable record of every attempt and outcome, keyed by user_id, that resuming trusts.
 
-Every backend (SQLite now, PostgreSQL for fleets) implements `Store`, and one contract suite
+Every backend (SQLite, the embedded default; PostgreSQL, for fleets) implements `Store`, and one contract suite
 (`tests/test_ledger_contract.py`) checks each. What the promise needs is enforced *here*, not by callers:
 
 - transitions: `transitions.py` is the one table of allowed changes; both `begin_attempt` and `settle` go
@@ -10,20 +10,22 @@ Every backend (SQLite now, PostgreSQL for fleets) implements `Store`, and one co
   refused before anything is sent, and only a verified "not enrolled" answer releases the pin;
 - earned doubt: an attempt is recorded (durably) immediately before its bytes leave, so only what may really be
   on the wire is ever in doubt; an outcome that lowers doubt is durable before `settle` returns;
-- one writer and a binding: a writable store is held by one run at a time, whatever path named it, and belongs
-  to one partner and one API endpoint.
+- one writer and a binding: a writable SQLite store is held by one run at a time, whatever path named it; a
+  PostgreSQL one is shared by a fleet, each row held by one process at a time through `Fleet`'s claims. Either
+  belongs to one partner and one API endpoint.
 """
 
 from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Collection, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ..images import Fingerprint
+from ..manifest import Batch
 from ..vocab import DONE_STATES, TRANSIENT_STATES, State
 
 
@@ -139,6 +141,7 @@ class Refusal(StrEnum):
 
     PHOTO_PINNED = "photo_pinned"  # the ID is pinned to other bytes: sending these would reuse the ID
     TERMINAL = "terminal"  # the ID is enrolled (by us or someone else): it is never sent again
+    CLAIM_LOST = "claim_lost"  # a fleet's row whose claim this process no longer holds: another one sends it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,6 +199,86 @@ class LedgerStatus:
     runs: list[RunRecord]
     # Whether a live process holds the writer's lock now: a run not finished while this is False has died.
     writer_alive: bool = False
+    # A shared ledger's fleet: the processes alive now, and the one rate they share (None: not a fleet's).
+    processes: list[Process] = field(default_factory=list)
+    fleet_rate: float | None = None
+    fleet_ceiling: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Process:
+    """One live process of a fleet, as `status` shows it."""
+
+    run_id: str
+    host: str
+    pid: int
+    started_at: str
+    claimed: int  # rows it holds claims on now
+    heartbeat_age_s: float  # since it last renewed its claims
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateState:
+    """The fleet's one rate limit, as the ledger keeps it; times are the database server's, in epoch seconds.
+
+    `run/rate.py` owns what these mean (a GCRA with AIMD); the ledger only keeps them, changed atomically.
+    """
+
+    ceiling: float
+    rate: float
+    tat: float  # the theoretical arrival time of the next slot
+    paused_until: float  # a Retry-After every process waits out
+    generation: int  # bumped by each decrease: a 429 to an older slot doesn't lower the rate again
+    grown_at: float  # when the rate last grew (or dropped)
+
+
+T = TypeVar("T")
+RateChange = Callable[[RateState | None, float], tuple[RateState, T]]
+
+
+class Fleet(ABC):
+    """What a ledger shared by many processes adds to Store: it is their work queue and their rate limit.
+
+    A manifest is loaded once; then every process claims rows in batches. A claim carries a lease its owner
+    renews while it lives; `begin_attempt` on a claimed row is refused unless this process still holds the
+    claim (so a process that lost its lease can't start an attempt another process may be making), and the
+    attempt number fences every outcome. A dead process's claims expire and are claimed again: those whose
+    attempt was recorded are SENDING, so in doubt, and go through the 2209 rule; those never begun sent
+    nothing and are not in doubt.
+    """
+
+    lease_s: float
+
+    @abstractmethod
+    async def load(self, manifest_sha256: str, path: str, rows: AsyncIterator[Batch]) -> bool:
+        """Load the manifest's rows into the queue once: True if this process loaded it.
+
+        Every row is queued, the ones its text rules rejected too: a reject is claimed and written to rejects.csv
+        like any other row, so a loader killed before its outputs were written loses no row.
+
+        False when it was loaded already (`rows` is then never read). A manifest every row of which is done
+        starts a new pass, as a re-run on SQLite does: done rows are skipped again, transient ones retried.
+        """
+
+    @abstractmethod
+    async def claim(self, manifest_sha256: str, n: int) -> Batch:
+        """Up to `n` rows of the manifest that no live process holds, claimed by this one, in line order."""
+
+    @abstractmethod
+    async def unfinished(self, manifest_sha256: str) -> int:
+        """Rows of the manifest not yet finished by any process (claimed or not)."""
+
+    @abstractmethod
+    async def finish(self, manifest_sha256: str, lines: Sequence[int]) -> None:
+        """These claimed rows are finished (in this process's results or rejects): never claimed again."""
+
+    @abstractmethod
+    async def release(self) -> None:
+        """Give back every claim this process holds on unfinished rows (a clean stop): others take them now."""
+
+    @abstractmethod
+    async def change_rate(self, change: RateChange[T]) -> T:
+        """Apply `change(current, server_now)` to the shared rate atomically; what it returns beside the state."""
 
 
 class Store(ABC):
@@ -256,9 +339,13 @@ __all__ = [
     "AttemptRequest",
     "Binding",
     "DoneRow",
+    "Fleet",
     "LedgerRow",
     "LedgerStatus",
     "Outcome",
+    "Process",
+    "RateChange",
+    "RateState",
     "Refusal",
     "Refused",
     "RunRecord",
