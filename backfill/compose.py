@@ -96,6 +96,8 @@ async def load_manifest(
 
 async def open_store(settings: Settings, *, writable: bool, bound: bool = True) -> Store:
     """The ledger the settings name. `bound`: refuse one that belongs to another partner or endpoint."""
+    if settings.ledger_url is not None:
+        return await open_postgres(settings, writable=writable, bound=bound)
     legacy = {env: endpoint_of(url) for env, url in ENVIRONMENTS.items()}
     if writable:  # a new ledger's folder (the default ledgers/ one too) and its missing parents, owner-only
         try:
@@ -108,6 +110,21 @@ async def open_store(settings: Settings, *, writable: bool, bound: bool = True) 
         writable=writable,
         legacy_endpoints=legacy,
     )
+
+
+async def open_postgres(settings: Settings, *, writable: bool, bound: bool = True) -> Store:
+    """A fleet's shared ledger (psycopg is loaded only when one is named)."""
+    url = settings.ledger_url
+    assert url is not None
+    try:
+        from .ledger.postgres import PostgresStore
+    except ImportError as exc:
+        raise CheckpointError(
+            f"a PostgreSQL ledger needs psycopg ({exc.name} is missing). Install it with "
+            "pip install 'backfill[postgres]'"
+        ) from exc
+    return await PostgresStore.open(url, binding(settings) if bound else None, writable=writable,
+                                    pool_size=settings.concurrency + 4, lease_s=settings.lease)  # fmt: skip
 
 
 async def run(
@@ -159,7 +176,7 @@ async def _run(
         # Before the output folder: a locked ledger leaves no litter. A dry run only reads, and may find none.
         if settings.dry_run:
             # What would be skipped needs the ledger; one bound to another partner or endpoint is an error.
-            if settings.checkpoint_path().exists():
+            if settings.ledger_url is not None or settings.checkpoint_path().exists():
                 store = await open_store(settings, writable=False)
         else:
             store = await open_store(settings, writable=True)

@@ -69,7 +69,8 @@ class Settings:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     fail_threshold: float = 0.5
-    checkpoint: Path | None = None
+    checkpoint: Path | str | None = None  # a SQLite file, or a postgresql:// URL (str) for a fleet's ledger
+    lease: float = 30.0  # seconds a PostgreSQL claim lasts unless its owner renews it (a third as often)
     data_dir: Path = Path("~/.local/share/backfill")  # where default ledgers live; resolved at load
     out: Path = Path("backfill-out")
     dry_run: bool = False
@@ -96,12 +97,19 @@ class Settings:
         """scheme://host:port of the API actually used: what a ledger is bound to, whatever the env label."""
         return endpoint_of(self.base_url)
 
+    @property
+    def ledger_url(self) -> str | None:
+        """The PostgreSQL ledger's URL (never with a password) when --checkpoint names one, else None."""
+        return self.checkpoint if isinstance(self.checkpoint, str) else None
+
     def checkpoint_path(self) -> Path:
         """The ledger: the one named, else one per partner and endpoint in the user's data folder.
 
         Not in the current folder: the same command run from anywhere must find the same ledger, or a re-run
         from elsewhere would start afresh and send every enrolled user again.
         """
+        if isinstance(self.checkpoint, str):
+            raise ValueError("the ledger is a PostgreSQL database, not a file: see ledger_url")
         if self.checkpoint is not None:
             return Path(os.path.abspath(self.checkpoint))
         parts = urlsplit(self.base_url)
@@ -198,6 +206,34 @@ def _path(raw: object) -> Path:
     return Path(raw if isinstance(raw, os.PathLike) else _text(raw)).expanduser()
 
 
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _checkpoint(raw: object) -> Path | str:
+    """A SQLite file's path, or a PostgreSQL URL whose password lives where libpq finds it, never in argv."""
+    if isinstance(raw, os.PathLike):
+        return _path(raw)
+    text = _text(raw)
+    if not text.lower().startswith(PG_SCHEMES):
+        return _path(text)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that isn't a number
+    except ValueError as exc:
+        raise ValueError(f"{raw!r} is not a usable PostgreSQL URL ({exc})") from None
+    if parts.password is not None or "password=" in parts.query.lower():
+        # Anything on the command line is visible to every user of the machine (ps, /proc) and ends up in logs.
+        raise ValueError(
+            "the URL holds a password: put it in PGPASSWORD, ~/.pgpass or a service file (PGSERVICE) instead, "
+            "where libpq and psql read it, and give the URL without it (postgresql://user@host:port/dbname)"
+        )
+    if not parts.path.strip("/") and "service=" not in parts.query.lower():
+        raise ValueError(
+            f"{text!r} names no database: add /dbname (it must exist; the tool makes its own schema)"
+        )
+    return text
+
+
 def _env_name(raw: object) -> str:
     value = _text(raw).lower()
     if value not in ENVIRONMENTS:
@@ -280,7 +316,8 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "backoff_initial": _positive_float,
     "backoff_max": _positive_float,
     "fail_threshold": _fraction,
-    "checkpoint": _path,
+    "checkpoint": _checkpoint,
+    "lease": _positive_float,
     "data_dir": _path,
     "out": _path,
     "dry_run": _boolean,

@@ -83,7 +83,7 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
 
 def _settings_check(settings: Settings) -> Check:
     shown = settings.redacted()
-    parts = [f"{k}={shown[k] if k != 'checkpoint' else settings.checkpoint_path()} "
+    parts = [f"{k}={shown[k] if k != 'checkpoint' else (settings.ledger_url or settings.checkpoint_path())} "
              f"(from {settings.sources.get(k, 'default')})" for k in _SHOWN_SETTINGS]  # fmt: skip
     return Check(name="settings", ok=True, detail="; ".join(parts))
 
@@ -130,7 +130,29 @@ def _scan(manifest: Manifest) -> tuple[int, int, list[Candidate], list[str]]:
     return manifest.total_rows, rejected, head + drawn, ids
 
 
+async def _shared_ledger_checks(settings: Settings, ids: list[str] | None) -> list[Check]:
+    """A PostgreSQL ledger: it connects and is bound to this partner; other live runs are a fleet, not a lock."""
+    try:
+        store = await compose.open_store(settings, writable=False)
+    except BackfillError as exc:
+        if "no backfill ledger" in str(exc):
+            return [Check(name="ledger", ok=True, detail=f"{exc}: the first run creates it")]
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")]
+    try:
+        status = await store.status()
+        checks = [Check(name="ledger", ok=True,
+                        detail=f"{store.location} opens; bound to partner {store.binding.partner_id} on "
+                        f"{store.binding.endpoint}; {len(status.processes)} run(s) of a fleet live now")]  # fmt: skip
+        if ids is not None:
+            checks.append(await _held(store, ids))
+        return checks
+    finally:
+        await store.close()
+
+
 async def _ledger_checks(settings: Settings, ids: list[str] | None) -> list[Check]:
+    if settings.ledger_url is not None:
+        return await _shared_ledger_checks(settings, ids)
     path = settings.checkpoint_path()
     if not path.exists():
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)

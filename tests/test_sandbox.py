@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -466,10 +467,16 @@ async def test_request_log_has_arrival_and_answer_lines(
         await post(session, running, body("user_1"))
         await post(session, running, body("user_1"))
     lines = [json.loads(line) for line in log.read_text().splitlines()]
+    # Arrivals carry their wall-clock time (a fleet's rate is audited from these) and the photo's digest.
+    times = [line.pop("t") for line in lines if line["event"] == "request"]
+    assert len(times) == 2 and times[0] <= times[1]
+    photo = hashlib.sha256(body("user_1")["photo"].encode()).hexdigest()[:16]
     assert lines == [
-        {"user_id": "user_1", "event": "request"}, {"user_id": "user_1", "event": "answer", "answer": "0840"},
-        {"user_id": "user_1", "event": "request"}, {"user_id": "user_1", "event": "answer", "answer": "2209"},
-    ]  # fmt: skip
+        {"user_id": "user_1", "event": "request", "photo": photo},
+        {"user_id": "user_1", "event": "answer", "answer": "0840"},
+        {"user_id": "user_1", "event": "request", "photo": photo},
+        {"user_id": "user_1", "event": "answer", "answer": "2209"},
+    ]
 
 
 def test_corrupt_state_file_is_a_config_error(tmp_path: Path) -> None:
@@ -734,7 +741,11 @@ async def test_request_log_and_snapshot_show_foreign_ids(
         "total_requests": 2,
         "foreign_requested": ["theirs"],
     }
-    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    for line in lines:
+        if line["event"] == "request":
+            del line["t"], line["photo"]  # see test_request_log_has_arrival_and_answer_lines
+    assert lines == [
         {"user_id": "theirs", "event": "request", "foreign": True},
         {"user_id": "theirs", "event": "answer", "answer": "2209", "foreign": True},
         {"user_id": "ours", "event": "request"},

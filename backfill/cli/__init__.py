@@ -49,6 +49,14 @@ def manifest_arg(value: str) -> Path | str:
     return value if is_url(value) else Path(value)
 
 
+CHECKPOINT_HELP = (
+    "The ledger: a SQLite file, or postgresql://user@host:port/dbname for a fleet of runs sharing one "
+    "(password from PGPASSWORD, ~/.pgpass or a service file)."
+)
+lease_option = click.option(
+    "--lease", type=float, show_default=shown("lease"),
+    help="PostgreSQL ledger: seconds a claim on rows lasts unless renewed; a dead run's rows return after it.",
+)  # fmt: skip
 read_concurrency_option = click.option(
     "--read-concurrency", type=int, show_default=shown("read_concurrency"),
     help="Photos in object storage checked at once (ranged reads), apart from --concurrency.",
@@ -90,7 +98,7 @@ def validate(manifest: str, config_file: Path | None, out: Path | None, read_con
 @click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.",
               show_default=shown("env"))  # fmt: skip
 @click.option("--base-url", help="API root (overrides --env's URL).")
-@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
+@click.option("--checkpoint", metavar="PATH|URL", help=CHECKPOINT_HELP)
 @read_concurrency_option
 @guard
 def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
@@ -132,8 +140,9 @@ def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
 @click.option("--timeout", type=float, help="Seconds to wait for one answer.", show_default=shown("timeout"))
 @click.option("--fail-threshold", type=float, help="Stop when this fraction of recent rows fail.",
               show_default=shown("fail_threshold"))  # fmt: skip
-@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.",
+@click.option("--checkpoint", metavar="PATH|URL", help=CHECKPOINT_HELP,
               show_default=f"{shown('data_dir')}/ledgers/<partner_id>@<host>_<port>.sqlite")  # fmt: skip
+@lease_option
 @out_option
 @click.option(
     "--dry-run", is_flag=True, default=None, help="Validate, build and sign every request; send none."
@@ -180,7 +189,8 @@ def _acknowledge(signum: int, in_flight: int) -> None:
 )  # fmt: skip
 @click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.")
 @click.option("--base-url", help="API root (overrides --env's URL).")
-@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help="Checkpoint database.")
+@click.option("--checkpoint", metavar="PATH|URL", help=CHECKPOINT_HELP)
+@lease_option
 @out_option
 @click.option("--concurrency", type=int, show_default=shown("concurrency"))
 @click.option("--rate", type=float, show_default=shown("rate"))
@@ -239,11 +249,25 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
              r.exit_code if r.exit_code is not None else ""] for r in report.runs]  # fmt: skip
     click.echo("last runs:")
     click.echo(_table(["run", "started", "finished", "rows", "exit"], runs or [["(none)", "", "", "", ""]]))
+    if report.fleet_rate is not None or report.processes:
+        rate = (
+            ""
+            if report.fleet_rate is None
+            else f"; rate {report.fleet_rate:.3g}/s of {report.fleet_ceiling:g}/s"
+        )
+        click.echo(f"fleet: {len(report.processes)} process(es) live{rate}")
+        live = [[p.run_id, p.host, p.pid, p.started_at, p.claimed, f"{p.heartbeat_age_s:g}s ago"]
+                for p in report.processes]  # fmt: skip
+        if live:
+            click.echo(_table(["run", "host", "pid", "started", "rows claimed", "heartbeat"], live))
 
 
 def _unfinished(report: LedgerStatus, run: RunRecord) -> str:
-    """A run with no finish time: still going only if it is the newest such and its lock is held now (one writer
-    at a time); otherwise it died (SIGKILL, power loss) without finishing. Re-running resumes it either way."""
+    """A run with no finish time: still going if a live process holds it (SQLite: the newest such, with its lock
+    held now, as there is one writer at a time; PostgreSQL: its heartbeat is recent); otherwise it died
+    (SIGKILL, power loss) without finishing. Re-running resumes it either way."""
+    if report.fleet_rate is not None or report.processes:
+        return "(running)" if any(p.run_id == run.run_id for p in report.processes) else "died"
     newest = next((r for r in report.runs if not r.finished_at), None)
     return "(running)" if report.writer_alive and run is newest else "died"
 

@@ -131,7 +131,7 @@ def log_options(fn: F) -> F:
 
 
 def ledger_options(
-    checkpoint_help: str = "The ledger (default: one per partner and endpoint).",
+    checkpoint_help: str = "The ledger, a file or a postgresql:// URL (default: one per partner and endpoint).",
 ) -> Callable[[F], F]:
     """--checkpoint, --env and --base-url: how a command that only reads finds the ledger `run` would use."""
 
@@ -139,8 +139,6 @@ def ledger_options(
         fn = click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")(fn)
         fn = click.option("--env", type=click.Choice(["local", "sandbox", "production"]),
                           help="Picks the default ledger.")(fn)  # fmt: skip
-        return click.option(
-            "--checkpoint", type=click.Path(path_type=Path, dir_okay=False), help=checkpoint_help
-        )(fn)
+        return click.option("--checkpoint", metavar="PATH|URL", help=checkpoint_help)(fn)
 
     return add

@@ -20,7 +20,7 @@ class TqdmProgress:
         self._rejected = 0
         self._postfix: dict[str, object] = {}
 
-    def start(self, total: int) -> None:
+    def start(self, total: int | None) -> None:
         self._bar = tqdm(
             total=total, unit="row", file=sys.stderr, disable=not self._enabled, dynamic_ncols=True
         )

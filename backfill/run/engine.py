@@ -25,14 +25,15 @@ from ..clock import now_iso
 from ..config import Settings
 from ..errors import BackfillError, InternalError
 from ..images import ImageError, ImageSource
-from ..ledger import RunRecord, Store
+from ..ledger import Fleet, RunRecord, Store
 from ..manifest import Batch, Manifest
 from ..vocab import OK_STATUSES, ExitCode, Status
 from . import plan
+from .claims import Claims, FinishingSink
 from .crash import CRASH_ENV, CrashPoints
 from .observe import NO_OBSERVER, Observer
 from .policy import RetryPolicy
-from .rate import RateGate
+from .rate import FleetGate, Gate, RateGate
 from .records import RejectRow, ResultRow, Sink, Summary
 from .send import Sender, Sent, describe
 from .stats import Tally, exit_code
@@ -48,7 +49,7 @@ class Progress(Protocol):
     Optional: a `rate(current: float) -> None` method is told the adaptive rate limit each time it changes.
     """
 
-    def start(self, total: int) -> None: ...
+    def start(self, total: int | None) -> None: ...  # None: not known (a fleet's process)
     def advance(self, status: str, n: int = 1) -> None: ...
 
 
@@ -85,7 +86,9 @@ class Engine:
         self._fatal: BackfillError | None = None
         self._crash = CrashPoints(os.environ.get(CRASH_ENV))
         self._tally = Tally()
-        self._gate = RateGate(settings.rate)
+        self._gate: Gate = RateGate(settings.rate)
+        self._claims: Claims | None = None  # a fleet's process: its rows come from claims, not the manifest
+        self._sink: Sink = parts.sink
         self._shown_rate = settings.rate  # the adaptive rate the progress bar last showed
         self._policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_initial=settings.backoff_initial,
                                    backoff_max=settings.backoff_max)  # fmt: skip
@@ -157,8 +160,10 @@ class Engine:
                         manifest_sha256=manifest.sha256,
                     )
                 )
+            if isinstance(store, Fleet) and not s.dry_run:
+                self._join(store)
             if self.progress is not None:
-                self.progress.start(manifest.total_rows)
+                self.progress.start(None if self._claims is not None else manifest.total_rows)
             # Read from the exporter's thread at each scrape: plain ints and floats, never a dict iterated.
             parts.observer.watch(remaining=lambda: max(0, manifest.total_rows - self._tally.done),
                                  in_flight=lambda: self.in_flight, rate=lambda: self._gate.rate)  # fmt: skip
@@ -193,6 +198,11 @@ class Engine:
                 for _ in workers:
                     await queue.put(None)
                 await asyncio.gather(*workers)
+            if self._claims is not None:
+                try:
+                    await self._claims.close()  # every finished row told; the rest given back to the fleet
+                except BackfillError as error:
+                    self._fail(error)
             ticker.cancel()  # before run_finished, which must be the run's last event
             summary = self._summary(started)
             if self._stops.reason:
@@ -206,7 +216,7 @@ class Engine:
                 exit_code=summary.exit_code, duration_s=summary.duration_s, rows_per_s=summary.rows_per_s,
             )  # fmt: skip
             if store is not None and not s.dry_run:
-                await store.finish_run(parts.run_id, finished_at=summary.finished_at, rows=manifest.total_rows,
+                await store.finish_run(parts.run_id, finished_at=summary.finished_at, rows=summary.total_rows,
                                        exit_code=summary.exit_code)  # fmt: skip
         finally:
             for pending in (ticker, deadline):
@@ -217,12 +227,25 @@ class Engine:
             raise self._fatal
         return summary
 
+    def _join(self, fleet: Fleet) -> None:
+        """A process of a fleet: rows are claimed from the shared ledger, and the rate is the fleet's."""
+        s = self.settings
+
+        def told(error: BaseException) -> None:
+            self._event(logging.WARNING, "fleet_rate_unsaid", f"can't tell the fleet's rate limit: {error}")
+
+        self._claims = Claims(
+            fleet, self.parts.manifest, batch=max(16, min(s.chunk_rows, s.concurrency * 4)),
+            stopping=lambda: self.stopping, nap=self._stops.nap,
+        )  # fmt: skip
+        self._sink = FinishingSink(self.parts.sink, self._claims)
+        self._gate = FleetGate(fleet, s.rate, on_error=told)
+
     async def _plan(
-        self, batches: Iterator[Batch]
+        self, next_batch: Callable[[], Awaitable[Batch | None]]
     ) -> tuple[Batch, list[plan.Skipped], list[plan.Decision]] | None:
         """The next chunk and its decisions: read off the event loop, looked up, its photos stat'ed or checked."""
-        # Reading a chunk parses thousands of rows: off the event loop, so sends keep flowing.
-        batch = await asyncio.to_thread(next, batches, None)
+        batch = await next_batch()
         if batch is None:
             return None
         skipped, decisions = await plan.decide_batch(batch.candidates, self.parts.store, self.parts.images,
@@ -232,16 +255,24 @@ class Engine:
     async def _produce(self, queue: asyncio.Queue[plan.Send | None]) -> None:
         s = self.settings
         queued = 0
-        batches = self.parts.manifest.batches()
+        if self._claims is not None:
+            next_batch: Callable[[], Awaitable[Batch | None]] = self._claims.next_batch
+        else:
+            batches: Iterator[Batch] = self.parts.manifest.batches()
+
+            def next_batch() -> Awaitable[Batch | None]:
+                # Reading a chunk parses thousands of rows: off the event loop, so sends keep flowing.
+                return asyncio.to_thread(next, batches, None)
+
         # One chunk planned ahead: its reading, lookup and photo checks overlap with this chunk's rows being
         # queued (workers never wait at a chunk's end). A chunk planned but never used sent nothing: not reached.
-        ahead = asyncio.ensure_future(self._plan(batches))
+        ahead = asyncio.ensure_future(self._plan(next_batch))
         try:
             while not self.stopping:
                 planned = await ahead
                 if planned is None:
                     return
-                ahead = asyncio.ensure_future(self._plan(batches))
+                ahead = asyncio.ensure_future(self._plan(next_batch))
                 batch, skipped, decisions = planned
                 for reject in batch.rejects:
                     self._reject(RejectRow(line=reject.line, user_id=reject.user_id, reason=reject.reason,
@@ -250,7 +281,7 @@ class Engine:
                 settled_at = now_iso()
                 if skipped:
                     message = plan.NOT_SENT_AGAIN
-                    self.parts.sink.skipped([(r.user_id, r.result_code, message[r.state]) for r in skipped],
+                    self._sink.skipped([(r.user_id, r.result_code, message[r.state]) for r in skipped],
                                             settled_at)  # fmt: skip
                     self._advance_many(Status.SKIPPED, len(skipped))
                     await asyncio.sleep(0)  # let the next chunk's planning take its next step
@@ -350,11 +381,11 @@ class Engine:
                                finished_at=now_iso()))  # fmt: skip
 
     def _result(self, row: ResultRow) -> None:
-        self.parts.sink.result(row)
+        self._sink.result(row)
         self._advance(row.status)
 
     def _reject(self, row: RejectRow) -> None:
-        self.parts.sink.reject(row)
+        self._sink.reject(row)
         self._advance(Status.REJECTED)
 
     def _advance_many(self, status: Status, n: int) -> None:
@@ -378,7 +409,7 @@ class Engine:
     def _summary(self, started: str) -> Summary:
         t, s, parts = self._tally, self.settings, self.parts
         duration = t.elapsed()
-        total = parts.manifest.total_rows
+        total = self._claims.responsible if self._claims is not None else parts.manifest.total_rows
         accounted = sum(t.counts.values())
         not_reached = max(0, total - accounted)
         attempts = self._sender.attempts if self._sender is not None else 0

@@ -1,11 +1,16 @@
-"""The rate limit: one adaptive bucket all attempts take slots from; a 429 slows and pauses everyone."""
+"""The rate limit: one adaptive bucket every attempt takes a slot from (a fleet's lives in its ledger)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
+from ..ledger import Fleet, RateState
 from .stops import Stops
 
 RETRY_AFTER_MAX_S = 300.0
@@ -13,6 +18,21 @@ BURST_SHARE = 0.05  # the bucket holds this share of a second's worth of slots (
 DECREASE = 0.5  # a 429 multiplies the rate by this
 GROWTH = 0.05  # each second of good answers adds this share of --rate back
 RATE_FLOOR = 0.1  # requests/s: the rate never drops below this (or --rate, if that is lower)
+
+
+class Gate(Protocol):
+    """What the Sender asks of a rate limit: RateGate for one process, FleetGate for a fleet's."""
+
+    ceiling: float
+    rate_min: float
+    generation: int
+
+    @property
+    def rate(self) -> float: ...
+    async def wait_turn(self, stops: Stops) -> int: ...
+    def throttled(self, generation: int) -> float | None: ...
+    def answered(self) -> None: ...
+    def pause(self, seconds: float) -> float | None: ...
 
 
 class RateGate:
@@ -153,3 +173,195 @@ class RateGate:
             return None
         self._resume_at = until
         return seconds
+
+
+# --- the fleet's one rate: the same GCRA and AIMD, kept in the shared ledger ---
+
+RESERVE_S = (
+    0.1  # a process reserves this long's worth of slots at a time (at least one): the ledger isn't hit
+)
+RESERVE_MAX = 64  # per request, and a process that dies wastes at most this many slots
+STALE_S = 0.02  # a reserved slot this far in the past (or one interval, if longer) is dropped, not used
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reservation:
+    """Slots `first + i * interval` for i < count, on the database server's clock (`now` as it read it)."""
+
+    first: float
+    interval: float
+    count: int
+    now: float
+    state: RateState
+
+
+def reserve(
+    state: RateState | None, now: float, *, count: int, ceiling: float, good: int, floor: float = RATE_FLOOR
+) -> tuple[RateState, Reservation]:
+    """Take `count` consecutive slots of the fleet's bucket; `good` answers since the last call grow the rate.
+
+    Slots are spaced exactly 1/rate apart on one clock (the server's), whichever process takes them, so all
+    processes together send at most `rate` a second plus the error of each one's clock offset (a fraction of a
+    round trip). No burst allowance: a fleet's processes are the burst. A reservation starts no earlier than
+    now, nor than the shared pause's end. `ceiling` is this process's --rate: the last process to reserve sets
+    the fleet's (give every process the same --rate).
+    """
+    if state is None:
+        state = RateState(
+            ceiling=ceiling, rate=ceiling, tat=now, paused_until=0.0, generation=0, grown_at=now
+        )
+    rate = min(state.rate, ceiling)
+    grown_at = state.grown_at
+    if good and rate < ceiling:
+        elapsed = min(1.0, max(0.0, now - max(grown_at, state.paused_until)))
+        rate = min(ceiling, rate + GROWTH * ceiling * elapsed)
+        grown_at = max(grown_at, now)
+    rate = max(rate, min(floor, ceiling))
+    interval = 1.0 / rate
+    first = max(state.tat, now, state.paused_until)
+    new = replace(state, ceiling=ceiling, rate=rate, tat=first + count * interval, grown_at=grown_at)
+    return new, Reservation(first=first, interval=interval, count=count, now=now, state=new)
+
+
+def throttle(
+    state: RateState | None,
+    now: float,
+    *,
+    generation: int,
+    retry_after: float | None,
+    floor: float = RATE_FLOOR,
+) -> tuple[RateState, RateState]:
+    """A 429 seen by any process: the fleet's rate halves once per generation; Retry-After pauses everyone."""
+    if state is None:
+        raise ValueError("a 429 before any slot was reserved")
+    rate, gen, grown_at = state.rate, state.generation, state.grown_at
+    if generation == gen and rate > floor:
+        rate, gen, grown_at = max(floor, rate * DECREASE), gen + 1, now
+    paused = state.paused_until
+    if retry_after is not None:
+        paused = max(paused, now + min(max(0.0, retry_after), RETRY_AFTER_MAX_S))
+    new = replace(state, rate=rate, generation=gen, grown_at=grown_at, paused_until=paused,
+                  tat=max(state.tat, paused))  # fmt: skip
+    return new, new
+
+
+class FleetGate:
+    """The rate limit of one process of a fleet: slots reserved in small blocks from the shared ledger's bucket.
+
+    Same face as RateGate (the Sender can't tell them apart). Each reservation reads the fleet's rate, pause
+    and generation, and maps the slots from the server's clock to this process's monotonic clock by the offset
+    measured around that round trip. A slot more than one interval in the past is dropped, not used: a process
+    that fell behind must not send its backlog at once. A 429 here drops this process's reserved slots, and is
+    told to the ledger, so the whole fleet slows at its next reservation (within RESERVE_S).
+    """
+
+    def __init__(
+        self,
+        shared: Fleet,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        floor: float = RATE_FLOOR,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.ceiling = rate
+        self._rate = rate
+        self.rate_min = rate
+        self._floor = min(floor, rate)
+        self._shared, self._clock, self._sleep = shared, clock, sleep
+        self._slots: collections.deque[float] = collections.deque()
+        self._lock: asyncio.Lock | None = None
+        self._good = 0
+        self._resume_at = 0.0  # on this process's clock
+        self._offset = 0.0  # server clock minus ours, as last measured
+        self.generation = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._on_error = on_error
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    async def wait_turn(self, stops: Stops) -> int:
+        if not stops.stopping:
+            await stops.until_stopped(self.take())
+        return self.generation
+
+    async def take(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            while True:
+                now = self._clock()
+                if self._resume_at > now:
+                    self._slots.clear()  # a pause this process heard of: no slot before its end
+                    await self._sleep(self._resume_at - now)
+                    continue
+                if not self._slots:
+                    await self._reserve()
+                    continue
+                at = self._slots.popleft()
+                if at < now - max(1.0 / self._rate, STALE_S):
+                    continue  # stale: a process that fell behind never sends its backlog in a bunch
+                if at > now:
+                    await self._sleep(at - now)
+                if at >= self._resume_at:
+                    return
+
+    async def _reserve(self) -> None:
+        count = max(1, min(RESERVE_MAX, round(self._rate * RESERVE_S)))
+        good, self._good = self._good, 0
+        before = self._clock()
+        got = await self._shared.change_rate(
+            functools.partial(reserve, count=count, ceiling=self.ceiling, good=good, floor=self._floor)
+        )
+        after = self._clock()
+        self._offset = got.now - (before + after) / 2
+        self._learn(got.state)
+        first = got.first - self._offset
+        self._slots.extend(first + i * got.interval for i in range(got.count))
+
+    def _learn(self, state: RateState) -> None:
+        self._rate = state.rate
+        self.rate_min = min(self.rate_min, state.rate)
+        self.generation = state.generation
+        self._resume_at = max(self._resume_at, state.paused_until - self._offset)
+
+    def throttled(self, generation: int) -> float | None:
+        if generation != self.generation or self._rate <= self._floor:
+            return None
+        self._rate = max(self._floor, self._rate * DECREASE)
+        self.rate_min = min(self.rate_min, self._rate)
+        self.generation += 1
+        self._slots.clear()  # reserved at the rate the server just refused
+        self._tell(functools.partial(throttle, generation=generation, retry_after=None, floor=self._floor))
+        return self._rate
+
+    def answered(self) -> None:
+        self._good += 1
+
+    def pause(self, seconds: float) -> float | None:
+        seconds = min(max(0.0, seconds), RETRY_AFTER_MAX_S)
+        until = self._clock() + seconds
+        if until <= self._resume_at + 0.05:
+            return None
+        self._resume_at = until
+        self._tell(functools.partial(throttle, generation=-1, retry_after=seconds, floor=self._floor))
+        return seconds
+
+    def _tell(self, change: Callable[[RateState | None, float], tuple[RateState, RateState]]) -> None:
+        """Send a change to the fleet's bucket without holding up the worker that saw the 429."""
+        task = asyncio.get_running_loop().create_task(self._shared.change_rate(change))
+        self._tasks.add(task)
+        task.add_done_callback(self._told)
+
+    def _told(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and self._on_error is not None:
+            self._on_error(error)
+        elif error is None:
+            self._learn(task.result())

@@ -19,7 +19,7 @@ from .crash import Boundary, CrashPoints
 from .observe import NO_OBSERVER, Observer
 from .plan import Send, reused_message
 from .policy import RetryPolicy, is_throttled
-from .rate import RateGate
+from .rate import Gate
 from .settle import final_status, ledger_state
 from .stops import Stops
 
@@ -62,7 +62,7 @@ class Sender:
         store: Store,
         images: ImageSource,
         client: Client,
-        gate: RateGate,
+        gate: Gate,
         policy: RetryPolicy,
         crash: CrashPoints,
         run_id: str,
@@ -211,7 +211,13 @@ class Sender:
         return Sent(status=Status.REJECTED, reason=reason, message=message, attempts=work.attempts,
                     first_ever=work.first_ever)  # fmt: skip
 
-    def _refused(self, work: _Row, refused: Refused) -> Sent:
+    def _refused(self, work: _Row, refused: Refused) -> Sent | None:
+        if refused.why is Refusal.CLAIM_LOST:
+            # Its lease ended (this process stalled, or lost the database for longer): another process holds
+            # the row now and will account for it. Nothing was sent for this attempt; none is told here.
+            self._event(logging.WARNING, "claim_lost", f"{refused.user_id}: its claim passed to another process; "
+                        "not sent from here", user_id=refused.user_id)  # fmt: skip
+            return None
         if refused.why is Refusal.PHOTO_PINNED:
             message = reused_message(refused.user_id, refused.row) + " (the bytes about to be sent differ)"
             return self._reject(work, Reason.USER_ID_REUSED, message)

@@ -64,7 +64,10 @@ class _Sandbox:
                 state.foreign_requested.add(user_id)
         request[_USER_ID] = user_id
         request[_FOREIGN] = foreign
-        self._log(request, None)
+        if self.request_log is not None:
+            photo = payload.get("photo") if payload is not None else None
+            digest = hashlib.sha256(photo.encode()).hexdigest()[:16] if isinstance(photo, str) else None
+            self.request_log.write(user_id, None, foreign=foreign, photo=digest)
 
         after: str | None = None
         step = self._scripted(user_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -122,10 +123,20 @@ class RequestLog:
             raise ConfigError("request_log", str(path), f"can't be opened ({error})",
                               "choose a writable path") from error  # fmt: skip
 
-    def write(self, user_id: str | None, answer: str | None, *, foreign: bool) -> None:
-        """The arrival line when `answer` is None, else the answer line."""
+    def write(
+        self, user_id: str | None, answer: str | None, *, foreign: bool, photo: str | None = None
+    ) -> None:
+        """The arrival line when `answer` is None, else the answer line.
+
+        An arrival carries its wall-clock time (a fleet's rate is audited across processes from these) and a
+        short digest of the photo as sent (an audit checks no ID ever arrives with a second photo).
+        """
         event = "answer" if answer else "request"
-        record: dict[str, str | bool | None] = {"user_id": user_id, "event": event}
+        record: dict[str, str | bool | float | None] = {"user_id": user_id, "event": event}
+        if not answer:
+            record["t"] = time.time()
+            if photo is not None:
+                record["photo"] = photo
         if answer:
             record["answer"] = answer
         if foreign:

@@ -1,0 +1,479 @@
+"""A fleet on one PostgreSQL ledger: claims, fencing, the one rate, and real processes killed under faults."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import heapq
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from backfill.cli import main
+from backfill.config import load_settings
+from backfill.errors import ConfigError
+from backfill.images import Fingerprint
+from backfill.ledger import (
+    AttemptRequest,
+    Binding,
+    Outcome,
+    RateState,
+    Refusal,
+    Refused,
+    RunRecord,
+    Settled,
+    Ticket,
+)
+from backfill.ledger.postgres import PostgresStore
+from backfill.manifest import Batch, Candidate
+from backfill.run.rate import FleetGate, throttle
+from backfill.run.stops import Stops
+from backfill.vocab import State
+
+from .conftest import png_bytes
+from .pg_server import ROLE_PASSWORD, PgCluster
+
+PARTNER_ID = "085"
+API_KEY = "fleet-test-key-93be1"
+BINDING = Binding(partner_id=PARTNER_ID, endpoint="http://127.0.0.1:1")
+
+
+# --- settings: a URL, never a password on the command line ---
+
+
+def test_a_url_with_a_password_is_refused_and_says_where_the_password_goes() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(flags={"checkpoint": "postgresql://app:hunter2-pw@db.example:5432/migration"},
+                      environ={}, need_credentials=False)  # fmt: skip
+    error = caught.value
+    assert error.key == "checkpoint" and "flag --checkpoint" in error.source
+    assert "PGPASSWORD" in str(error) and "~/.pgpass" in str(error)
+    assert "hunter2-pw" not in str(error)
+    with pytest.raises(ConfigError, match="password"):
+        load_settings(flags={"checkpoint": "postgres://app@db/migration?password=hunter2-pw"}, environ={},
+                      need_credentials=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="names no database"):
+        load_settings(flags={"checkpoint": "postgresql://app@db.example"}, environ={}, need_credentials=False)
+
+
+def test_both_schemes_are_kept_as_urls_from_flags_and_the_environment() -> None:
+    s = load_settings(
+        flags={"checkpoint": "postgres://app@db.example:6432/m"}, environ={}, need_credentials=False
+    )
+    assert s.ledger_url == "postgres://app@db.example:6432/m"
+    s = load_settings(environ={"BACKFILL_CHECKPOINT": "postgresql://app@db/m", "BACKFILL_LEASE": "5"},
+                      need_credentials=False)  # fmt: skip
+    assert s.ledger_url == "postgresql://app@db/m" and s.lease == 5.0
+    file_ledger = load_settings(flags={"checkpoint": "ledger.sqlite"}, environ={}, need_credentials=False)
+    assert file_ledger.ledger_url is None and file_ledger.checkpoint_path().name == "ledger.sqlite"
+
+
+def test_the_cli_never_echoes_a_password_given_in_the_url(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["status", "--checkpoint", "postgresql://app:Zq81-secret@127.0.0.1:1/m"]
+    )
+    assert result.exit_code == 2
+    assert "PGPASSWORD" in result.output and "Zq81-secret" not in result.output
+
+
+# --- the one rate: every process of a fleet together, on virtual time ---
+
+
+class VirtualTime:
+    """Discrete-event time: `sleep` parks the caller until the clock reaches its wake-up; the driver jumps the
+    clock to the next wake-up once every task is parked."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._wakeups: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = 0
+
+    async def sleep(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._wakeups, (self.now + max(0.0, seconds), self._seq, future))
+        await future
+
+    async def drive(self, until: float) -> None:
+        while self.now < until:
+            for _ in range(20):
+                await asyncio.sleep(0)  # let every runnable task reach its next sleep
+            if not self._wakeups:
+                return
+            at, _, future = heapq.heappop(self._wakeups)
+            self.now = max(self.now, at)
+            if not future.done():
+                future.set_result(None)
+
+
+class SharedBucket:
+    """The ledger's side of the fleet's rate, in memory: one row changed atomically, on the 'server' clock,
+    with a round trip of `rtt` that the caller's offset estimate has to see through."""
+
+    def __init__(self, time_: VirtualTime, rng: random.Random) -> None:
+        self.state: RateState | None = None
+        self.time, self.rng = time_, rng
+        self.lease_s = 30.0
+        self.lock = asyncio.Lock()
+
+    async def change_rate(self, change: Callable[[RateState | None, float], tuple[RateState, Any]]) -> Any:
+        await self.time.sleep(self.rng.uniform(0.0002, 0.002))
+        async with self.lock:
+            self.state, result = change(self.state, self.time.now)
+        await self.time.sleep(self.rng.uniform(0.0002, 0.002))
+        return result
+
+
+def worst_window(times: list[float], width: float = 1.0) -> int:
+    times = sorted(times)
+    worst, start = 0, 0
+    for end, t in enumerate(times):
+        while times[start] <= t - width:
+            start += 1
+        worst = max(worst, end - start + 1)
+    return worst
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_a_fleet_joining_leaving_and_dying_stays_within_its_one_rate(seed: int) -> None:
+    rng = random.Random(seed)
+    vt = VirtualTime()
+    bucket = SharedBucket(vt, rng)
+    rate = rng.choice([5.0, 20.0, 100.0, 400.0])
+    sent: list[float] = []  # server time of every slot used, by any process
+    stops = Stops(vt.sleep)
+
+    async def process(joins: float, leaves: float, skew: float, workers: int) -> None:
+        await vt.sleep(joins - vt.now)
+        # Each process has its own clock: the server's plus a skew of up to a few seconds.
+        gate = FleetGate(bucket, rate, clock=lambda: vt.now + skew, sleep=vt.sleep)  # type: ignore[arg-type]
+
+        async def worker() -> None:
+            while vt.now < leaves:
+                await gate.wait_turn(stops)
+                if vt.now >= leaves:
+                    return  # it died holding reserved slots: they are never used
+                sent.append(vt.now)
+                if rng.random() < 0.002:
+                    gate.throttled(gate.generation)  # a 429 now and then: the fleet slows, never speeds up
+                else:
+                    gate.answered()  # and climbs back
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+
+    plans = [(1000.0 + rng.uniform(0, 3), 1000.0 + rng.uniform(4, 12), rng.uniform(-5, 5), rng.randint(1, 16))
+             for _ in range(rng.randint(2, 6))]  # fmt: skip
+    tasks = [asyncio.ensure_future(process(*p)) for p in plans]
+    await vt.drive(until=1013.0)
+    for t in tasks:
+        t.cancel()
+    assert len(sent) > rate  # it did send, for several seconds
+    assert worst_window(sent) <= rate * 1.1 + 1, (rate, worst_window(sent))
+
+
+def test_a_429_anywhere_pauses_the_fleet_until_retry_after() -> None:
+    state = RateState(ceiling=10, rate=10, tat=100.0, paused_until=0.0, generation=3, grown_at=90.0)
+    after, _ = throttle(state, 100.0, generation=3, retry_after=7.0)
+    assert after.rate == 5 and after.generation == 4 and after.paused_until == 107.0 and after.tat >= 107.0
+    again, _ = throttle(after, 100.1, generation=3, retry_after=None)  # an older slot's 429: not halved again
+    assert again.rate == 5 and again.generation == 4
+
+
+# --- claims and fencing, on a real PostgreSQL ---
+
+
+def _request(user_id: str, run: str, photo: str = "a") -> AttemptRequest:
+    fp = Fingerprint(ref=f"/img/{user_id}.png", size=10, version="1")
+    return AttemptRequest(user_id=user_id, photo_sha256=photo * 64, fingerprint=fp, user_created_at="2021-01-01",
+                          run_id=run, at="2026-01-01T00:00:00.000Z")  # fmt: skip
+
+
+def _outcome(user_id: str, attempt: int, state: State) -> Outcome:
+    return Outcome(user_id=user_id, attempt=attempt, state=state, may_have_enrolled=False, proves_not_enrolled=False,
+                   http_status=200, result_code="0840", result_text="ok", smile_job_id="1", job_id="j",
+                   at="2026-01-01T00:00:01.000Z")  # fmt: skip
+
+
+async def _rows(candidates: list[Candidate]) -> AsyncIterator[Batch]:
+    yield Batch(candidates=candidates, rejects=[])
+
+
+async def test_a_process_whose_lease_ended_cannot_write_over_a_newer_attempt(pg_url: str) -> None:
+    a = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
+    b = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
+    try:
+        for store, run in ((a, "run-a"), (b, "run-b")):
+            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        rows = [Candidate(line=2, user_id="u1", user_created_at="2021-01-01", image="u1.png")]
+        assert await a.load("m1", "m.csv", _rows(rows)) is True
+        assert await b.load("m1", "m.csv", _rows(rows)) is False  # joined: not loaded twice
+        assert [c.user_id for c in (await a.claim("m1", 10)).candidates] == ["u1"]
+        assert (await b.claim("m1", 10)).candidates == []  # held by A
+        first = await a.begin_attempt(_request("u1", "run-a"))
+        assert isinstance(first, Ticket) and first.number == 1
+        # A stalls (its renewals stop) past its lease; B claims the row and sends it again.
+        assert a._heartbeat is not None
+        a._heartbeat.cancel()
+        await asyncio.sleep(0.8)
+        assert [c.user_id for c in (await b.claim("m1", 10)).candidates] == ["u1"]
+        second = await b.begin_attempt(_request("u1", "run-b"))
+        assert isinstance(second, Ticket) and second.number == 2
+        assert second.doubt_before  # A's attempt was recorded and never settled: it may have enrolled u1
+        # A wakes up: its late answer is fenced, and it may not start another attempt.
+        assert await a.settle(_outcome("u1", 1, State.ENROLLED)) is Settled.FENCED
+        refused = await a.begin_attempt(_request("u1", "run-a"))
+        assert isinstance(refused, Refused) and refused.why is Refusal.CLAIM_LOST
+        await a.finish("m1", [2])  # A's "finished" doesn't end B's claim either
+        assert await a.unfinished("m1") == 1
+        assert await b.settle(_outcome("u1", 2, State.ENROLLED)) in (Settled.APPLIED, Settled.QUEUED)
+        await b.finish("m1", [2])
+        assert await b.unfinished("m1") == 0
+        row = (await b.lookup(["u1"]))["u1"]
+        assert (row.state, row.attempts, row.run_id) == (State.ENROLLED, 2, "run-b")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_claims_split_the_rows_and_a_clean_stop_gives_its_claims_back(pg_url: str) -> None:
+    a = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=30)
+    b = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=30)
+    try:
+        for store, run in ((a, "run-a"), (b, "run-b")):
+            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
+                for i in range(10)]  # fmt: skip
+        await a.load("m1", "m.csv", _rows(rows))
+        await b.load("m1", "m.csv", _rows(rows))
+        got_a = (await a.claim("m1", 4)).candidates
+        got_b = (await b.claim("m1", 4)).candidates
+        assert [c.line for c in got_a] == [2, 3, 4, 5] and [c.line for c in got_b] == [6, 7, 8, 9]
+        status = await a.status()
+        assert sorted(p.claimed for p in status.processes) == [4, 4] and status.writer_alive
+        await a.release()  # a clean stop: B takes A's rows at once, not after a lease
+        assert [c.line for c in (await b.claim("m1", 10)).candidates] == [2, 3, 4, 5, 10, 11]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_manifest_every_row_of_which_is_done_starts_a_new_pass(pg_url: str) -> None:
+    store = await PostgresStore.open(pg_url, BINDING, writable=True)
+    try:
+        await store.start_run(RunRecord(run_id="r", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        rows = [Candidate(line=2, user_id="u1", user_created_at="2021-01-01", image="u1.png")]
+        await store.load("m1", "m.csv", _rows(rows))
+        await store.finish("m1", [c.line for c in (await store.claim("m1", 10)).candidates])
+        assert await store.unfinished("m1") == 0
+        # Run again (a cron re-run): every row is claimed again, and the ledger decides each one as on SQLite.
+        assert await store.load("m1", "m.csv", _rows(rows)) is False
+        assert [c.user_id for c in (await store.claim("m1", 10)).candidates] == ["u1"]
+    finally:
+        await store.close()
+
+
+# --- real processes: a fleet killed at random, the database restarted under it ---
+
+BAD_ROWS = [("bad id!", "2021-01-01", "ok_0.png"), ("future_user", "2999-01-01", "ok_0.png"),
+            ("missing_image", "2021-01-01", "nowhere.png")]  # fmt: skip
+
+
+class Fleet:
+    def __init__(
+        self, folder: Path, cluster: PgCluster, url: str, *, rows: int, foreign: int, seed: int
+    ) -> None:
+        self.folder, self.cluster, self.url = folder, cluster, url
+        self.rng = random.Random(seed)
+        self.valid = [f"f{i:05d}" for i in range(rows)]
+        self.foreign = set(self.rng.sample(self.valid, foreign))
+        (folder / "foreign.txt").write_text("".join(f"{u}\n" for u in sorted(self.foreign)))
+        self.manifest = self._manifest()
+        self.request_log = folder / "requests.jsonl"
+        self.env = {**os.environ, **cluster.env(), "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY,
+                    "BACKFILL_BACKOFF_INITIAL": "0.05", "BACKFILL_BACKOFF_MAX": "0.3"}  # fmt: skip
+        self.sandbox: subprocess.Popen[bytes] | None = None
+        self.base_url = ""
+        self.runs = 0
+        self.logs: list[Path] = []
+        # Rows a killed process left `sending`: its attempt may have reached the server (or its answer was lost
+        # with it), so a later 2209 may rightly be read as ours, as the crash suite allows on SQLite.
+        self.left_sending: set[str] = set()
+
+    def kill(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        run_ids = (
+            {json.loads(line).get("run_id") for line in log.read_text().splitlines()}
+            if log.exists()
+            else set()
+        )
+        with psycopg.connect(self.url) as conn:
+            if conn.execute("SELECT to_regclass('backfill.users')").fetchone() == (None,):
+                return  # killed before any process made the schema: nothing was sent
+            found = conn.execute(
+                "SELECT user_id FROM backfill.users WHERE state = 'sending' AND run_id = ANY(%s)",
+                (sorted(r for r in run_ids if r),),
+            ).fetchall()
+        self.left_sending |= {u for (u,) in found}
+
+    def _manifest(self) -> Path:
+        (self.folder / "images").mkdir()
+        rows = [(u, "2021-08-12", f"{u}.png") for u in self.valid] + BAD_ROWS
+        self.rng.shuffle(rows)
+        path = self.folder / "manifest.csv"
+        with path.open("w", newline="") as handle:
+            out = csv.writer(handle)
+            out.writerow(["user_id", "user_created_at", "image_path"])
+            for i, (uid, created, image) in enumerate(rows):
+                out.writerow([uid, created, f"images/{image}"])
+                if image != "nowhere.png":
+                    (self.folder / "images" / image).write_bytes(png_bytes(i))
+        return path
+
+    def start_sandbox(self) -> None:
+        self.sandbox = subprocess.Popen(
+            [sys.executable, "-m", "backfill", "sandbox", "--port", "0", "--latency-ms", "40", "--jitter-ms", "30",
+             "--error-rate", "0.08", "--reset-before-rate", "0.04", "--reset-after-rate", "0.04",
+             "--retry-after", "0.05", "--seed", str(self.rng.randrange(1 << 30)),
+             "--state-file", str(self.folder / "sandbox-state.jsonl"), "--request-log", str(self.request_log),
+             "--foreign-ids", str(self.folder / "foreign.txt")],
+            env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self.sandbox.stderr is not None
+        line = self.sandbox.stderr.readline().decode()
+        found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+        assert found, line
+        self.base_url = found.group(1)
+
+    def start_run(self, rate: float) -> subprocess.Popen[bytes]:
+        self.runs += 1
+        self.logs.append(self.folder / f"run{self.runs}.log")
+        return subprocess.Popen(
+            [sys.executable, "-m", "backfill", "run", str(self.manifest), "--env", "local", "--base-url",
+             self.base_url, "--checkpoint", self.url, "--out", str(self.folder / "out"), "--no-progress",
+             "--timeout", "1", "--max-attempts", "6", "--concurrency", "4", "--rate", str(rate),
+             "--fail-threshold", "1", "--lease", "2", "--log-format", "json",
+             "--log-file", str(self.folder / f"run{self.runs}.log")],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.folder,
+        )  # fmt: skip
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.request_log.read_text().splitlines() if line.strip()]
+
+    def ledger(self) -> dict[str, str]:
+        with psycopg.connect(self.url) as conn:
+            return dict(conn.execute("SELECT user_id, state FROM backfill.users").fetchall())
+
+    def outputs(self) -> tuple[set[int], set[str]]:
+        """Manifest lines in any run's rejects.csv, and user_ids in any run's results.csv."""
+        lines: set[int] = set()
+        ids: set[str] = set()
+        for path in (self.folder / "out").rglob("rejects.csv"):
+            with path.open(newline="") as handle:
+                lines |= {int(r["line"]) for r in csv.DictReader(handle)}
+        for path in (self.folder / "out").rglob("results.csv"):
+            with path.open(newline="") as handle:
+                ids |= {r["user_id"] for r in csv.DictReader(handle)}
+        return lines, ids
+
+
+def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_keeps_its_rate(
+    tmp_path: Path, pg_cluster: PgCluster, pg_url: str
+) -> None:
+    rate = 40.0
+    fleet = Fleet(tmp_path, pg_cluster, pg_url, rows=240, foreign=12, seed=11)
+    fleet.start_sandbox()
+    procs = [fleet.start_run(rate) for _ in range(3)]
+    logs = list(fleet.logs)
+    kills = restarts = 0
+    status_seen = ""
+    began = time.monotonic()
+    try:
+        restart_at = began + 3.0
+        while time.monotonic() - began < 9.0:
+            time.sleep(fleet.rng.uniform(0.3, 0.9))
+            victim = fleet.rng.randrange(len(procs))
+            if procs[victim].poll() is None:
+                fleet.kill(procs[victim], logs[victim])
+                kills += 1
+            procs[victim] = fleet.start_run(rate)  # restarted at once: the fleet keeps 3 processes
+            logs[victim] = fleet.logs[-1]
+            if restarts == 0 and time.monotonic() >= restart_at:
+                pg_cluster.restart_immediate(down_for=1.0)  # every connection drops mid-run
+                restarts += 1
+            if not status_seen:
+                seen = subprocess.run([sys.executable, "-m", "backfill", "status", "--checkpoint", pg_url],
+                                      env=fleet.env, capture_output=True, text=True, timeout=60)  # fmt: skip
+                if "process(es) live" in seen.stdout:
+                    status_seen = seen.stdout
+        codes = [p.wait(timeout=240) for p in procs]
+        assert all(c in (0, 1) for c in codes), [p.stderr.read().decode()[-3000:] for p in procs if p.stderr]
+        # Whatever the kills left (rows claimed by a process killed last), one more process finishes.
+        final = fleet.start_run(rate)
+        assert final.wait(timeout=240) in (0, 1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        if fleet.sandbox is not None:
+            fleet.sandbox.kill()
+    assert kills >= 5 and restarts == 1
+    assert "rows claimed" in status_seen
+
+    ledger = fleet.ledger()
+    own = set(fleet.valid) - fleet.foreign
+    ours = {u for u, s in ledger.items() if s in ("enrolled", "already_enrolled")}
+    # Every own row enrolled, and no false id_conflict: an own ID is never called someone else's.
+    assert own <= ours
+    assert not {u for u, s in ledger.items() if s == "id_conflict"} & own
+    # Another partner's user is called ours only where our own request may have reached the server unseen:
+    # its answer was a fault (a reset, a 5xx) or never came, or a killed process left its attempt `sending`.
+    arrived, answered, faulted = defaultdict(int), defaultdict(int), set()
+    for r in fleet.requests():
+        if r["user_id"] in fleet.foreign:
+            if r["event"] == "request":
+                arrived[r["user_id"]] += 1
+            else:
+                answered[r["user_id"]] += 1
+                faulted |= {r["user_id"]} if r["answer"] != "2209" else set()
+    unseen = faulted | {u for u, n in arrived.items() if n > answered[u]} | fleet.left_sending
+    assert ours - own <= unseen
+    assert {u for u, s in ledger.items() if s == "id_conflict"} == fleet.foreign - ours
+    assert fleet.foreign - ours  # and the rule did call someone else's IDs theirs
+    enrolled_by_sandbox = {
+        json.loads(line)["user_id"] for line in (tmp_path / "sandbox-state.jsonl").read_text().splitlines()
+    }
+    assert enrolled_by_sandbox == own
+    # No ID ever arrived with a second photo.
+    photos: dict[str, set[str]] = defaultdict(set)
+    arrivals = [r for r in fleet.requests() if r["event"] == "request"]
+    for r in arrivals:
+        photos[r["user_id"]].add(r["photo"])
+    assert all(len(p) == 1 for p in photos.values())
+    # No row lost: every manifest row is in some run's results or rejects.
+    rejected_lines, result_ids = fleet.outputs()
+    assert len(rejected_lines) == len(BAD_ROWS)
+    assert set(fleet.valid) <= result_ids
+    # The database password (from PGPASSWORD) is in nothing the fleet wrote: outputs, logs.
+    for path in [*(tmp_path / "out").rglob("*"), *tmp_path.glob("run*.log")]:
+        if path.is_file():
+            assert ROLE_PASSWORD.encode() not in path.read_bytes(), path
+    with psycopg.connect(pg_url) as conn:
+        dumped = conn.execute("SELECT string_agg(r::text, '') FROM backfill.runs r").fetchone()
+    assert dumped is not None and ROLE_PASSWORD not in (dumped[0] or "")
+    # The fleet's worst second at the server, while processes joined, died and the database restarted.
+    times = sorted(float(r["t"]) for r in arrivals)
+    assert worst_window(times) <= rate * 1.1, worst_window(times)
