@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from .api.client import Client
 from .config import ENVIRONMENTS, Settings, endpoint_of
-from .errors import CheckpointError, ConfigError
+from .errors import BackfillError, CheckpointError, ConfigError
 from .images import ImageSource
 from .images.dispatch import DispatchingImageSource
 from .images.local import LocalImageSource
 from .images.urls import is_url, prefix_of
-from .ledger import Binding, LedgerRow, LedgerStatus, Store
+from .ledger import Binding, Fleet, LedgerRow, LedgerStatus, Store
 from .ledger.sqlite import SqliteStore
 from .manifest import Manifest, ManifestRules, open_manifest
 from .outputs.files import RunOutput, make_private_dirs, write_retry_manifest
@@ -200,9 +200,13 @@ async def _run(
             async with client:
                 summary = await engine.run()
         except BaseException:
-            output.close_incomplete()
+            if output.close_incomplete():
+                # Best effort: if the ledger can't hear it, this run's rows are claimed again later, and skipped.
+                with contextlib.suppress(BackfillError):
+                    await _outputs_written(store, settings)
             raise
         output.close(summary)
+        await _outputs_written(store, settings)
         return summary
     finally:
         if metrics is not None:
@@ -210,6 +214,12 @@ async def _run(
         await images.close()
         if own_store and store is not None:
             await store.close()
+
+
+async def _outputs_written(store: Store | None, settings: Settings) -> None:
+    """A fleet's run tells the ledger its outputs are whole: only then are the rows it finished safe."""
+    if isinstance(store, Fleet) and not settings.dry_run:
+        await store.outputs_written()
 
 
 def serve_metrics(settings: Settings) -> RunMetrics | None:

@@ -370,6 +370,18 @@ class Fleet:
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.folder,
         )  # fmt: skip
 
+    def unfinished(self) -> int:
+        async def count() -> int:
+            store = await PostgresStore.open(self.url, None, writable=False)
+            try:
+                with psycopg.connect(self.url) as conn:
+                    (sha,) = conn.execute("SELECT sha256 FROM backfill.manifests").fetchone() or ("",)
+                return await store.unfinished(sha)
+            finally:
+                await store.close()
+
+        return asyncio.run(count())
+
     def requests(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.request_log.read_text().splitlines() if line.strip()]
 
@@ -421,9 +433,9 @@ def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_
                     status_seen = seen.stdout
         codes = [p.wait(timeout=240) for p in procs]
         assert all(c in (0, 1) for c in codes), [p.stderr.read().decode()[-3000:] for p in procs if p.stderr]
-        # Whatever the kills left (rows claimed by a process killed last), one more process finishes.
-        final = fleet.start_run(rate)
-        assert final.wait(timeout=240) in (0, 1)
+        # The fleet waits for the rows a dead process held, so nothing should be left. (Another run now would
+        # start a new pass over a finished manifest and hide a row lost from the outputs: none is started.)
+        assert fleet.unfinished() == 0
     finally:
         for p in procs:
             if p.poll() is None:
@@ -463,7 +475,8 @@ def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_
     for r in arrivals:
         photos[r["user_id"]].add(r["photo"])
     assert all(len(p) == 1 for p in photos.values())
-    # No row lost: every manifest row is in some run's results or rejects.
+    # No row lost: every manifest row is in the results or rejects of some run, as files that exist (a killed
+    # run's never do: the rows it finished were claimed again by the living).
     rejected_lines, result_ids = fleet.outputs()
     assert len(rejected_lines) == len(BAD_ROWS)
     assert set(fleet.valid) <= result_ids
@@ -477,3 +490,92 @@ def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_
     # The fleet's worst second at the server, while processes joined, died and the database restarted.
     times = sorted(float(r["t"]) for r in arrivals)
     assert worst_window(times) <= rate * 1.1, worst_window(times)
+
+
+# --- every command on a PostgreSQL ledger, as a user meets it ---
+
+
+def test_run_status_export_retry_report_and_check_all_take_a_postgresql_ledger(
+    tmp_path: Path, threaded_sandboxes: Any, pg_url: str
+) -> None:
+    from backfill.sandbox import Faults
+
+    from .conftest import simple_rows, write_manifest
+
+    server = threaded_sandboxes.start(faults=Faults(script={"user_0001": [503, 503]}))
+    manifest = write_manifest(tmp_path, simple_rows(8))
+    env = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": "test-api-key", "PGPASSWORD": ROLE_PASSWORD}
+    where = ["--env", "local", "--base-url", server.base_url, "--checkpoint", pg_url]
+    runner = CliRunner()
+
+    def cli(*args: str) -> tuple[int, str]:
+        result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
+        return result.exit_code, result.output
+
+    code, out = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress",
+                    "--max-attempts", "2")  # fmt: skip
+    assert code == 1 and "7 enrolled" in out, out  # user_0001 got two 503s: left for a retry
+    code, out = cli("status", *where)
+    assert code == 0 and re.search(r"enrolled +7", out) and "fleet: 0 process(es) live; rate" in out, out
+    code, out = cli("export", *where, "--status", "unknown,retry_exhausted")
+    assert code == 0 and "user_0001" in out and "user_0002" not in out, out
+    code, out = cli("retry", *where, "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 0 and ("1 enrolled" in out or "1 already_enrolled" in out), out
+    code, out = cli("report", *where, "--out", str(tmp_path / "reports"))
+    assert code == 0 and f"from the ledger {pg_url}" in Path(out.strip()).read_text()
+    code, out = cli("check", str(manifest), *where)
+    assert code == 0 and "run(s) of a fleet live now" in out, out
+    assert server.state.total_requests == 7 + 2 + 1  # nothing sent twice but the row that was retried
+
+
+# --- the database goes away: outcomes wait for it, up to a bound, then the run stops cleanly ---
+
+
+@pytest.fixture(scope="module")
+def own_cluster(pg_cluster: PgCluster) -> Any:
+    """A cluster of this module's own, to stop and start without disturbing the shared one."""
+    cluster = PgCluster.create()
+    yield cluster
+    cluster.destroy()
+
+
+async def test_an_outcome_waits_for_a_restarted_database_and_a_longer_outage_is_a_clean_error(
+    own_cluster: PgCluster,
+) -> None:
+    from backfill.errors import CheckpointError
+
+    url = own_cluster.create_database(f"outage{os.getpid()}")
+    store = await PostgresStore.open(url, BINDING, writable=True, outage_s=2.0)
+    try:
+        await store.start_run(RunRecord(run_id="r", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        assert isinstance(await store.begin_attempt(_request("u1", "r")), Ticket)
+        assert isinstance(await store.begin_attempt(_request("u2", "r")), Ticket)
+        # Down for less than the bound: the outcome is written once the server is back.
+        own_cluster.stop("immediate")
+        loop = asyncio.get_running_loop()
+        back = loop.run_in_executor(None, lambda: (time.sleep(0.8), own_cluster.start()))
+        failed = Outcome(user_id="u1", attempt=1, state=State.FAILED, may_have_enrolled=False,
+                         proves_not_enrolled=True, http_status=200, result_code="0001", result_text="no face",
+                         smile_job_id="1", job_id="j", at="2026-01-01T00:00:01.000Z")  # fmt: skip
+        assert await store.settle(failed) is Settled.APPLIED
+        await back
+        # Down for longer: a CheckpointError (exit 2), not a hang or a traceback; the attempt stays recorded.
+        own_cluster.stop("immediate")
+        began = time.monotonic()
+        with pytest.raises(CheckpointError, match="can't be reached"):
+            await store.settle(_outcome("u2", 1, State.ENROLLED))
+        assert 1.5 < time.monotonic() - began < 30
+    finally:
+        own_cluster.start()
+        await store.close()
+    again = await PostgresStore.open(url, BINDING, writable=False)
+    try:
+        rows = await again.lookup(["u1", "u2"])
+        assert (
+            rows["u1"].state is State.FAILED and rows["u1"].photo_sha256 is None
+        )  # written after the restart
+        assert (
+            rows["u2"].state is State.SENDING and rows["u2"].in_doubt
+        )  # the next run reads it as maybe sent
+    finally:
+        await again.close()

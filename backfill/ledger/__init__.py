@@ -270,7 +270,17 @@ class Fleet(ABC):
 
     @abstractmethod
     async def finish(self, manifest_sha256: str, lines: Sequence[int]) -> None:
-        """These claimed rows are finished (in this process's results or rejects): never claimed again."""
+        """These claimed rows are finished (in this run's results or rejects): not claimed again, unless this run
+        dies before its outputs are written (see `outputs_written`)."""
+
+    @abstractmethod
+    async def outputs_written(self) -> None:
+        """This run's results.csv and rejects.csv are on disk: the rows it finished are told for good.
+
+        Until then a finished row counts as finished only while this run lives: if it dies first, its finished
+        rows are claimed again by another process (and skipped, when the ledger holds them done), so that every
+        row ends in some output that exists.
+        """
 
     @abstractmethod
     async def release(self) -> None:

@@ -100,7 +100,8 @@ CREATE TABLE IF NOT EXISTS backfill.runs (
     finished_at text,
     rows bigint,
     exit_code integer,
-    heartbeat_at timestamptz
+    heartbeat_at timestamptz,
+    outputs_at timestamptz  -- its results.csv and rejects.csv are written: the rows it finished are told
 );
 CREATE TABLE IF NOT EXISTS backfill.manifests (
     sha256 text PRIMARY KEY,
@@ -121,10 +122,12 @@ CREATE TABLE IF NOT EXISTS backfill.queue (
     claimed_by text,
     lease_until timestamptz,
     done boolean NOT NULL DEFAULT false,
+    finished_by text,  -- the run whose outputs tell this row; until they are written, the row is not safe
     PRIMARY KEY (manifest_sha256, line)
 );
 CREATE INDEX IF NOT EXISTS queue_todo ON backfill.queue (manifest_sha256, line) WHERE NOT done;
 CREATE INDEX IF NOT EXISTS queue_claims ON backfill.queue (claimed_by) WHERE NOT done;
+CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHERE done;
 CREATE TABLE IF NOT EXISTS backfill.rate (
     id integer PRIMARY KEY CHECK (id = 1),
     ceiling double precision NOT NULL,
@@ -441,13 +444,16 @@ class PostgresStore(Store, Fleet):
             "SELECT 1 FROM backfill.manifests WHERE sha256 = %s FOR UPDATE", (manifest_sha256,)
         )
         cur = await conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM backfill.queue WHERE manifest_sha256 = %s AND NOT done)",
-            (manifest_sha256,),
+            "SELECT EXISTS (SELECT 1 FROM backfill.queue WHERE manifest_sha256 = %s "
+            "AND (NOT done OR finished_by = ANY(%s)))",
+            (manifest_sha256, await _dead_runs(conn, self.lease_s)),
         )
         left = await cur.fetchone()
         if left is not None and not left[0]:
-            await conn.execute("UPDATE backfill.queue SET done = false, claimed_by = NULL, lease_until = NULL "
-                               "WHERE manifest_sha256 = %s", (manifest_sha256,))  # fmt: skip
+            await conn.execute(
+                "UPDATE backfill.queue SET done = false, finished_by = NULL, claimed_by = NULL, lease_until = NULL "
+                "WHERE manifest_sha256 = %s", (manifest_sha256,),
+            )  # fmt: skip
             await conn.execute(
                 "UPDATE backfill.manifests SET pass = pass + 1 WHERE sha256 = %s", (manifest_sha256,)
             )
@@ -456,17 +462,18 @@ class PostgresStore(Store, Fleet):
         me = self._require_run()
 
         async def work(conn: Conn, retried: bool) -> Batch:
-            cur = await conn.execute(
-                "WITH c AS (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND NOT done "
-                " AND (lease_until IS NULL OR lease_until < now()) ORDER BY line LIMIT %(n)s "
-                " FOR UPDATE SKIP LOCKED) "
-                "UPDATE backfill.queue q SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(l)s) "
-                "FROM c WHERE q.manifest_sha256 = %(m)s AND q.line = c.line "
-                "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message",
-                {"m": manifest_sha256, "n": n, "me": me, "l": self.lease_s},
-            )
+            params = {"m": manifest_sha256, "n": n, "me": me, "l": self.lease_s}
+            cur = await conn.execute(_CLAIM_OPEN, params)
+            found = await cur.fetchall()
+            if len(found) < n:
+                # Rows finished by a run that died before its outputs were written are in no results.csv:
+                # they are claimed again (the ledger then skips the done ones), or they would be lost.
+                dead = await _dead_runs(conn, self.lease_s)
+                if dead:
+                    cur = await conn.execute(_CLAIM_ORPHANED, {**params, "n": n - len(found), "dead": dead})
+                    found += await cur.fetchall()
             batch = Batch(candidates=[], rejects=[])
-            for line, uid, created, image, reason, message in sorted(await cur.fetchall()):
+            for line, uid, created, image, reason, message in sorted(found):
                 if reason is None:
                     batch.candidates.append(
                         Candidate(line=line, user_id=uid, user_created_at=created, image=image)
@@ -486,8 +493,9 @@ class PostgresStore(Store, Fleet):
     async def unfinished(self, manifest_sha256: str) -> int:
         async def work(conn: Conn, retried: bool) -> int:
             cur = await conn.execute(
-                "SELECT count(*) FROM backfill.queue WHERE manifest_sha256 = %s AND NOT done",
-                (manifest_sha256,),
+                "SELECT count(*) FILTER (WHERE NOT done) + count(*) FILTER (WHERE done AND finished_by = ANY(%s)) "
+                "FROM backfill.queue WHERE manifest_sha256 = %s",
+                (await _dead_runs(conn, self.lease_s), manifest_sha256),
             )
             found = await cur.fetchone()
             return int(found[0]) if found else 0
@@ -501,9 +509,9 @@ class PostgresStore(Store, Fleet):
 
         async def work(conn: Conn, retried: bool) -> None:
             await conn.execute(
-                "UPDATE backfill.queue SET done = true, claimed_by = NULL, lease_until = NULL "
+                "UPDATE backfill.queue SET done = true, finished_by = %s, claimed_by = NULL, lease_until = NULL "
                 "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s",
-                (manifest_sha256, list(lines), me),
+                (me, manifest_sha256, list(lines), me),
             )
 
         # Not durable: a finish lost in a crash makes the row claimed again, and the ledger then skips it.
@@ -522,6 +530,14 @@ class PostgresStore(Store, Fleet):
 
         await self._tx(work)
         self._claims.clear()
+
+    async def outputs_written(self) -> None:
+        me = self._require_run()
+
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute("UPDATE backfill.runs SET outputs_at = now() WHERE run_id = %s", (me,))
+
+        await self._tx(work)
 
     async def change_rate(self, change: RateChange[T]) -> T:
         async def work(conn: Conn, retried: bool) -> T:
@@ -632,6 +648,32 @@ class PostgresStore(Store, Fleet):
 
 
 # --- one transaction's statements ---
+
+_CLAIM_OPEN = (
+    "WITH c AS (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND NOT done "
+    " AND (lease_until IS NULL OR lease_until < now()) ORDER BY line LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+    "UPDATE backfill.queue q SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(l)s) "
+    "FROM c WHERE q.manifest_sha256 = %(m)s AND q.line = c.line "
+    "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message"
+)
+_CLAIM_ORPHANED = (
+    "WITH c AS (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND done "
+    " AND finished_by = ANY(%(dead)s) ORDER BY line LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+    "UPDATE backfill.queue q SET done = false, finished_by = NULL, claimed_by = %(me)s, "
+    " lease_until = now() + make_interval(secs => %(l)s) "
+    "FROM c WHERE q.manifest_sha256 = %(m)s AND q.line = c.line "
+    "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message"
+)
+
+
+async def _dead_runs(conn: Conn, lease_s: float) -> list[str]:
+    """Runs that stopped renewing (they died) before their outputs were written."""
+    cur = await conn.execute(
+        "SELECT run_id FROM backfill.runs WHERE outputs_at IS NULL "
+        "AND heartbeat_at < now() - make_interval(secs => %s)",
+        (lease_s,),
+    )
+    return [r for (r,) in await cur.fetchall()]
 
 
 async def _get(conn: Conn, user_id: str) -> LedgerRow | None:

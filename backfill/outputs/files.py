@@ -203,14 +203,16 @@ class RunOutput:
         out.commit()
         return out.path
 
-    def close_incomplete(self) -> None:
+    def close_incomplete(self) -> bool:
         """A run that failed: keep the rows written so far (each file whole), and no summary.json, whose absence
-        says the run did not finish. If even that can't be written, leave nothing under a final name."""
+        says the run did not finish. If even that can't be written, leave nothing under a final name (False)."""
         try:
             self._results.commit()
             self._rejects.commit()
         except OutputError:
             self.abandon()
+            return False
+        return True
 
     def abandon(self) -> None:
         self._results.abandon()
