@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -221,7 +221,8 @@ def _checkpoint(raw: object) -> Path | str:
         parts.port  # noqa: B018 - raises on a port that isn't a number
     except ValueError as exc:
         raise ValueError(f"{raw!r} is not a usable PostgreSQL URL ({exc})") from None
-    if parts.password is not None or "password=" in parts.query.lower():
+    keys = {k.strip().lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if parts.password is not None or "password" in keys:
         # Anything on the command line is visible to every user of the machine (ps, /proc) and ends up in logs.
         raise ValueError(
             "the URL holds a password: put it in PGPASSWORD, ~/.pgpass or a service file (PGSERVICE) instead, "

@@ -142,6 +142,9 @@ class Refusal(StrEnum):
     PHOTO_PINNED = "photo_pinned"  # the ID is pinned to other bytes: sending these would reuse the ID
     TERMINAL = "terminal"  # the ID is enrolled (by us or someone else): it is never sent again
     CLAIM_LOST = "claim_lost"  # a fleet's row whose claim this process no longer holds: another one sends it
+    # Another live process has an attempt of this ID on the wire now (an overlapping manifest, a retry): this
+    # one must not send it at the same time. The claim goes back to the queue, to be taken again shortly.
+    SENT_ELSEWHERE = "sent_elsewhere"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

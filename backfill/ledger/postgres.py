@@ -61,6 +61,7 @@ OUTAGE_S = (
     60.0  # how long a lost database is waited for before the run stops (exit 2), every attempt recorded
 )
 LEASE_S = 30.0
+HAND_BACK_S = 2.0  # a row another live process is sending is left alone this long before it is claimed again
 log = logging.getLogger("backfill")
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
@@ -69,7 +70,7 @@ _SCHEMA = f"""
 CREATE SCHEMA IF NOT EXISTS backfill;
 CREATE TABLE IF NOT EXISTS backfill.meta (key text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE IF NOT EXISTS backfill.users (
-    user_id text PRIMARY KEY,
+    user_id text COLLATE "C" PRIMARY KEY,  -- byte order, whatever the database's: keyset pages rely on it
     state text NOT NULL CHECK (state IN ({_STATES})),
     attempts integer NOT NULL CHECK (attempts >= 0),
     doubt boolean NOT NULL DEFAULT false,
@@ -196,6 +197,9 @@ class PostgresStore(Store, Fleet):
         self._run_id: str | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._claims: dict[str, tuple[str, int]] = {}  # user_id -> (manifest, line) this process claimed
+        # Every line this process holds a claim on (rejects too), until it is finished or given back: only these
+        # are renewed, so a claim it has forgotten (one whose answer an outage swallowed) expires for others.
+        self._held: dict[str, set[int]] = {}
         self._fleet = False  # set once a manifest is loaded or joined: every attempt then needs its claim
         self._unflushed = False
         self._closed = False
@@ -260,9 +264,18 @@ class PostgresStore(Store, Fleet):
                 # The commit was lost to the outage, yet it happened: this very attempt is recorded.
                 return Ticket(user_id=row.user_id, number=row.attempts, doubt_before=row.doubt)
             if self._fleet and not await self._holds_claim(conn, request.user_id):
-                if row is None:
-                    row = _placeholder(request)
-                return Refused(user_id=request.user_id, why=Refusal.CLAIM_LOST, row=row)
+                self._forget(request.user_id)
+                return Refused(
+                    user_id=request.user_id, why=Refusal.CLAIM_LOST, row=row or _placeholder(request)
+                )
+            if (
+                row is not None and row.state is State.SENDING and row.run_id != request.run_id
+                and row.run_id is not None and await _alive(conn, row.run_id, self.lease_s)
+            ):  # fmt: skip
+                # Claims are per manifest line: two manifests (or retries) holding one ID could send it twice at
+                # once. The row is given back for a moment; by then the other attempt has its answer.
+                await self._hand_back(conn, request.user_id)
+                return Refused(user_id=request.user_id, why=Refusal.SENT_ELSEWHERE, row=row)
             result = tr.begin(row, request)
             if isinstance(result, Refused):
                 return result
@@ -377,7 +390,7 @@ class PostgresStore(Store, Fleet):
                 if chosen is not None:
                     where += " AND state = ANY(%s)"
                     params.append(chosen)  # type: ignore[arg-type]
-                cur = await conn.execute(f"{_SELECT} WHERE {where} ORDER BY user_id COLLATE \"C\" LIMIT 1000",
+                cur = await conn.execute(f"{_SELECT} WHERE {where} ORDER BY user_id LIMIT 1000",
                                          params)  # fmt: skip
                 return [_row(r) for r in await cur.fetchall()]
 
@@ -463,6 +476,13 @@ class PostgresStore(Store, Fleet):
 
         async def work(conn: Conn, retried: bool) -> Batch:
             params = {"m": manifest_sha256, "n": n, "me": me, "l": self.lease_s}
+            if retried:
+                # An earlier try may have claimed rows whose answer the outage swallowed: give them back now.
+                held = sorted(self._held.get(manifest_sha256, ()))
+                await conn.execute(
+                    "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL WHERE manifest_sha256 = %s "
+                    "AND claimed_by = %s AND NOT done AND NOT (line = ANY(%s))", (manifest_sha256, me, held),
+                )  # fmt: skip
             cur = await conn.execute(_CLAIM_OPEN, params)
             found = await cur.fetchall()
             if len(found) < n:
@@ -488,6 +508,9 @@ class PostgresStore(Store, Fleet):
         claimed = await self._tx(work, durable=False)
         for c in claimed.candidates:
             self._claims[c.user_id] = (manifest_sha256, c.line)
+        self._held.setdefault(manifest_sha256, set()).update(
+            [c.line for c in claimed.candidates] + [r.line for r in claimed.rejects]
+        )
         return claimed
 
     async def unfinished(self, manifest_sha256: str) -> int:
@@ -518,6 +541,7 @@ class PostgresStore(Store, Fleet):
         await self._tx(work, durable=False)
         self._unflushed = True
         done = set(lines)
+        self._held.get(manifest_sha256, set()).difference_update(done)
         for uid in [u for u, (m, line) in self._claims.items() if m == manifest_sha256 and line in done]:
             del self._claims[uid]
 
@@ -530,6 +554,7 @@ class PostgresStore(Store, Fleet):
 
         await self._tx(work)
         self._claims.clear()
+        self._held.clear()
 
     async def outputs_written(self) -> None:
         me = self._require_run()
@@ -588,6 +613,23 @@ class PostgresStore(Store, Fleet):
         )
         return await cur.fetchone() is not None
 
+    def _forget(self, user_id: str) -> None:
+        """A claim this process no longer holds: not renewed, not counted as its own."""
+        held = self._claims.pop(user_id, None)
+        if held is not None:
+            self._held.get(held[0], set()).discard(held[1])
+
+    async def _hand_back(self, conn: Conn, user_id: str) -> None:
+        """Give the row's claim back to the queue, not to be claimed again for a moment."""
+        held = self._claims.get(user_id)
+        if held is not None:
+            await conn.execute(
+                "UPDATE backfill.queue SET claimed_by = NULL, lease_until = now() + make_interval(secs => %s) "
+                "WHERE manifest_sha256 = %s AND line = %s AND claimed_by = %s",
+                (HAND_BACK_S, held[0], held[1], self._run_id),
+            )
+        self._forget(user_id)
+
     async def _beat(self) -> None:
         """Renew this process's claims and heartbeat while it lives: a third of the lease at a time."""
         while True:
@@ -597,11 +639,12 @@ class PostgresStore(Store, Fleet):
                 async def work(conn: Conn, retried: bool) -> None:
                     await conn.execute("UPDATE backfill.runs SET heartbeat_at = now() WHERE run_id = %s",
                                        (self._run_id,))  # fmt: skip
-                    await conn.execute(
-                        "UPDATE backfill.queue SET lease_until = now() + make_interval(secs => %s) "
-                        "WHERE claimed_by = %s AND NOT done",
-                        (self.lease_s, self._run_id),
-                    )
+                    for manifest, lines in list(self._held.items()):
+                        await conn.execute(
+                            "UPDATE backfill.queue SET lease_until = now() + make_interval(secs => %s) "
+                            "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                            (self.lease_s, manifest, sorted(lines), self._run_id),
+                        )
 
                 await self._tx(work, durable=False)
             except CheckpointError as exc:
@@ -618,8 +661,9 @@ class PostgresStore(Store, Fleet):
         while True:
             try:
                 async with self._pool.connection() as conn, conn.transaction():
-                    if not durable:
-                        await conn.execute("SET LOCAL synchronous_commit TO off")
+                    # Said either way: a role or database set to `synchronous_commit = off` (a common tuning)
+                    # must not make "recorded before sent" a write that a crash of the server can lose.
+                    await conn.execute(_DURABLE if durable else _NOT_DURABLE)
                     return await work(conn, retried)
             except (_Again, pg_errors.UniqueViolation) as exc:
                 # A row inserted by another process since we read it: read it again (a few times at most).
@@ -649,6 +693,8 @@ class PostgresStore(Store, Fleet):
 
 # --- one transaction's statements ---
 
+_DURABLE = "SET LOCAL synchronous_commit TO on"
+_NOT_DURABLE = "SET LOCAL synchronous_commit TO off"
 _CLAIM_OPEN = (
     "WITH c AS (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND NOT done "
     " AND (lease_until IS NULL OR lease_until < now()) ORDER BY line LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
@@ -664,6 +710,16 @@ _CLAIM_ORPHANED = (
     "FROM c WHERE q.manifest_sha256 = %(m)s AND q.line = c.line "
     "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message"
 )
+
+
+async def _alive(conn: Conn, run_id: str, lease_s: float) -> bool:
+    """Whether the run is still going: not finished, and it renewed its heartbeat within a lease."""
+    cur = await conn.execute(
+        "SELECT 1 FROM backfill.runs WHERE run_id = %s AND finished_at IS NULL "
+        "AND heartbeat_at > now() - make_interval(secs => %s)",
+        (run_id, lease_s),
+    )
+    return await cur.fetchone() is not None
 
 
 async def _dead_runs(conn: Conn, lease_s: float) -> list[str]:

@@ -81,6 +81,11 @@ class Claims:
         while (batch := await asyncio.to_thread(next, batches, None)) is not None:
             yield batch
 
+    def handed_back(self, user_id: str) -> None:
+        """A claimed row another process holds now (it tells the row): no longer this process's to account for."""
+        if self._lines.pop(user_id, None) is not None:
+            self.responsible -= 1
+
     def finished(self, user_ids: Sequence[str] = (), lines: Sequence[int] = ()) -> None:
         """These rows ended (in results or rejects): the ledger hears so within FINISH_EVERY_S.
 
@@ -97,25 +102,31 @@ class Claims:
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FINISH_EVERY_S)
-        self._flusher = None
         try:
             await self._flush()
         except BackfillError as exc:
-            # Those rows keep their claim until its lease ends; then a process claims them and skips them.
+            # Kept for the next flush; if none succeeds, the claims expire and another process skips the rows.
             log.warning(
                 "can't tell the ledger which rows finished: %s", exc, extra={"event": "finish_failed"}
             )
+        finally:
+            self._flusher = None
 
     async def _flush(self) -> None:
         lines, self._finished = self._finished, []
-        if lines:
-            await self._fleet.finish(self._manifest.sha256, lines)
+        if not lines:
+            return
+        try:
+            await asyncio.shield(self._fleet.finish(self._manifest.sha256, lines))
+        except BaseException:
+            self._finished = lines + self._finished  # not told: tried again, never dropped
+            raise
 
     async def close(self) -> None:
         """Tell the ledger every finished row, then give back the claims of rows this process won't finish."""
         if self._flusher is not None:
-            self._flusher.cancel()
-            self._flusher = None
+            # Waited for, not cancelled: a finish cut off half-way would hand back rows already in results.csv.
+            await asyncio.gather(self._flusher, return_exceptions=True)
         await self._flush()
         await self._fleet.release()
 

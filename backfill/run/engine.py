@@ -187,6 +187,7 @@ class Engine:
                     store=store, images=parts.images, client=parts.client, gate=self._gate, policy=self._policy,
                     crash=self._crash, run_id=parts.run_id, stops=self._stops,
                     on_systemic=self._systemic, event=self._event, observer=parts.observer,
+                    fleet=self._claims is not None,
                 )  # fmt: skip
             queue: asyncio.Queue[plan.Send | None] = asyncio.Queue(maxsize=s.concurrency * 4)
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(s.concurrency)]
@@ -332,6 +333,9 @@ class Engine:
                 self._fail(InternalError(f"internal error while sending {row.user_id!r}: {error!r}"))
 
     def _finish(self, row: plan.Send, sent: Sent) -> None:
+        if sent.elsewhere and self._claims is not None:
+            self._claims.handed_back(row.user_id)  # another process tells this row; not this one's to count
+            return
         if sent.attempts:
             self._tally.sent += 1
             self._tally.new += int(sent.first_ever)

@@ -205,6 +205,10 @@ def reserve(
     round trip). No burst allowance: a fleet's processes are the burst. A reservation starts no earlier than
     now, nor than the shared pause's end. `ceiling` is this process's --rate: the last process to reserve sets
     the fleet's (give every process the same --rate).
+
+    The bucket is never booked more than RESERVE_S ahead: while it is, the answer has no slot (`count` 0) and
+    says when to ask again (`first`). So no process holds slots far in the future, and a 429's pause or halving
+    reaches every process within about RESERVE_S, at its next reservation.
     """
     if state is None:
         state = RateState(
@@ -219,6 +223,8 @@ def reserve(
     rate = max(rate, min(floor, ceiling))
     interval = 1.0 / rate
     first = max(state.tat, now, state.paused_until)
+    if first - now > RESERVE_S:
+        return state, Reservation(first=first - RESERVE_S, interval=interval, count=0, now=now, state=state)
     new = replace(state, ceiling=ceiling, rate=rate, tat=first + count * interval, grown_at=grown_at)
     return new, Reservation(first=first, interval=interval, count=count, now=now, state=new)
 
@@ -278,6 +284,7 @@ class FleetGate:
         self.generation = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_error = on_error
+        self._waiting = 0  # callers in take(): a reservation is sized by them, not only by the rate
 
     @property
     def rate(self) -> float:
@@ -291,7 +298,14 @@ class FleetGate:
     async def take(self) -> None:
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
+        self._waiting += 1
+        try:
+            await self._take(self._lock)
+        finally:
+            self._waiting -= 1
+
+    async def _take(self, lock: asyncio.Lock) -> None:
+        async with lock:
             while True:
                 now = self._clock()
                 if self._resume_at > now:
@@ -310,16 +324,23 @@ class FleetGate:
                     return
 
     async def _reserve(self) -> None:
-        count = max(1, min(RESERVE_MAX, round(self._rate * RESERVE_S)))
+        # As many slots as callers wait for (a slot reserved and not used still spends the fleet's rate).
+        count = max(1, min(RESERVE_MAX, round(self._rate * RESERVE_S), self._waiting))
         good, self._good = self._good, 0
-        before = self._clock()
         got = await self._shared.change_rate(
             functools.partial(reserve, count=count, ceiling=self.ceiling, good=good, floor=self._floor)
         )
+        # The server read its clock after any wait for a connection or the bucket's lock, and just before
+        # answering: so `after` is the closest local moment to it. Mapped so, a slot goes a little late, never
+        # early (early would break the fleet's bound; late only spaces it out).
         after = self._clock()
-        self._offset = got.now - (before + after) / 2
+        self._offset = got.now - after
         self._learn(got.state)
         first = got.first - self._offset
+        if got.count == 0:
+            # The bucket is booked ahead: come back when it isn't (the shared pause, too, is in `first`).
+            await self._sleep(max(0.0, first - self._clock()))
+            return
         self._slots.extend(first + i * got.interval for i in range(got.count))
 
     def _learn(self, state: RateState) -> None:

@@ -37,6 +37,9 @@ class Sent:
     latency_ms: int | None = None
     reason: Reason | None = None
     message: str = ""
+    # A fleet's row that another process holds now (its claim passed, or it is sending the ID itself): that
+    # process tells it; this one writes nothing for it.
+    elsewhere: bool = False
 
 
 @dataclass(slots=True)
@@ -70,8 +73,10 @@ class Sender:
         on_systemic: Callable[[Verdict], None],
         event: Callable[..., None],
         observer: Observer = NO_OBSERVER,
+        fleet: bool = False,
     ) -> None:
         self._store, self._images, self._client, self._gate = store, images, client, gate
+        self._fleet = fleet  # the ledger is shared: a fenced outcome means another process owns the row now
         self._policy, self._crash, self._run_id = policy, crash, run_id
         self._stops, self._on_systemic, self._event = stops, on_systemic, event
         self._observer = observer
@@ -181,6 +186,10 @@ class Sender:
             self._event(logging.WARNING, "outcome_fenced",
                         f"{row.user_id}: the ledger refused attempt {ticket.number}'s outcome {status}",
                         user_id=row.user_id, attempt=ticket.number, status=status)  # fmt: skip
+            if self._fleet:
+                # A newer attempt by another process superseded this one: its verdict, not ours, is the row's.
+                work.last = self._elsewhere(work)
+                raise _Ended
         if not again:
             work.last = Sent(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
                              latency_ms=work.latency_ms)  # fmt: skip
@@ -211,13 +220,18 @@ class Sender:
         return Sent(status=Status.REJECTED, reason=reason, message=message, attempts=work.attempts,
                     first_ever=work.first_ever)  # fmt: skip
 
+    def _elsewhere(self, work: _Row) -> Sent:
+        return Sent(status=Status.PENDING, attempts=work.attempts, first_ever=work.first_ever, elsewhere=True)
+
     def _refused(self, work: _Row, refused: Refused) -> Sent | None:
-        if refused.why is Refusal.CLAIM_LOST:
-            # Its lease ended (this process stalled, or lost the database for longer): another process holds
-            # the row now and will account for it. Nothing was sent for this attempt; none is told here.
-            self._event(logging.WARNING, "claim_lost", f"{refused.user_id}: its claim passed to another process; "
-                        "not sent from here", user_id=refused.user_id)  # fmt: skip
-            return None
+        if refused.why in (Refusal.CLAIM_LOST, Refusal.SENT_ELSEWHERE):
+            # Its lease ended (this process stalled, or lost the database for longer), or another live process
+            # is sending the ID right now: the row is another process's to tell. Nothing was sent for it here.
+            said = ("its claim passed to another process" if refused.why is Refusal.CLAIM_LOST
+                    else "another process is sending this ID now; given back to the queue")  # fmt: skip
+            self._event(logging.WARNING, str(refused.why), f"{refused.user_id}: {said}; not sent from here",
+                        user_id=refused.user_id)  # fmt: skip
+            return self._elsewhere(work)
         if refused.why is Refusal.PHOTO_PINNED:
             message = reused_message(refused.user_id, refused.row) + " (the bytes about to be sent differ)"
             return self._reject(work, Reason.USER_ID_REUSED, message)

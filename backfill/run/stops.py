@@ -72,6 +72,8 @@ class Stops:
         finally:
             stop.cancel()
         if work.done():
+            if not work.cancelled():
+                work.result()  # its failure is the caller's: never swallowed (a rate slot that failed is no slot)
             return True
         work.cancel()
         return False
