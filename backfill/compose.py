@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .api.client import Client
 from .config import ENVIRONMENTS, Settings, endpoint_of
-from .errors import BackfillError, CheckpointError, ConfigError
+from .errors import BackfillError, CheckpointError, ConfigError, LedgerAbsent
 from .images import ImageSource
 from .images.dispatch import DispatchingImageSource
 from .images.local import LocalImageSource
@@ -176,7 +176,10 @@ async def _run(
         # Before the output folder: a locked ledger leaves no litter. A dry run only reads, and may find none.
         if settings.dry_run:
             # What would be skipped needs the ledger; one bound to another partner or endpoint is an error.
-            if settings.ledger_url is not None or settings.checkpoint_path().exists():
+            if settings.ledger_url is not None:
+                with contextlib.suppress(LedgerAbsent):  # no ledger yet: nothing would be skipped
+                    store = await open_store(settings, writable=False)
+            elif settings.checkpoint_path().exists():
                 store = await open_store(settings, writable=False)
         else:
             store = await open_store(settings, writable=True)

@@ -37,6 +37,10 @@ class CheckpointError(BackfillError):
     exit_code = 2
 
 
+class LedgerAbsent(CheckpointError):
+    """The named database holds no ledger yet: a writing command creates it; a reader finds nothing."""
+
+
 class CheckpointLocked(CheckpointError):
     """Another live run holds the checkpoint."""
 

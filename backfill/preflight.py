@@ -20,7 +20,7 @@ import aiohttp
 from . import compose
 from .api.answers import printable, url_for_messages
 from .config import Settings
-from .errors import BackfillError
+from .errors import BackfillError, LedgerAbsent
 from .images import ImageProblem, ImageSource
 from .ledger import Store
 from .ledger.sqlite import writer_alive
@@ -134,9 +134,9 @@ async def _shared_ledger_checks(settings: Settings, ids: list[str] | None) -> li
     """A PostgreSQL ledger: it connects and is bound to this partner; other live runs are a fleet, not a lock."""
     try:
         store = await compose.open_store(settings, writable=False)
+    except LedgerAbsent as exc:
+        return [Check(name="ledger", ok=True, detail=f"{exc}; the first run creates it")]
     except BackfillError as exc:
-        if "no backfill ledger" in str(exc):
-            return [Check(name="ledger", ok=True, detail=f"{exc}: the first run creates it")]
         return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")]
     try:
         status = await store.status()

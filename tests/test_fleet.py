@@ -520,6 +520,12 @@ def test_run_status_export_retry_report_and_check_all_take_a_postgresql_ledger(
         result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
         return result.exit_code, result.output
 
+    code, out = cli("check", str(manifest), *where)  # before any run: no ledger yet is no problem
+    assert code == 0 and "the first run creates it" in out, out
+    code, out = cli(
+        "run", str(manifest), *where, "--dry-run", "--out", str(tmp_path / "out"), "--no-progress"
+    )
+    assert code == 0 and "8 dry_run" in out and server.state.total_requests == 0, out
     code, out = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress",
                     "--max-attempts", "2")  # fmt: skip
     assert code == 1 and "7 enrolled" in out, out  # user_0001 got two 503s: left for a retry

@@ -30,7 +30,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
 
 from .. import redact
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LedgerAbsent
 from ..manifest import Batch, Candidate, Reject
 from ..vocab import DONE_STATES, TRANSIENT_STATES, Reason, State
 from . import (
@@ -784,8 +784,8 @@ async def _prepare(conn: Conn, binding: Binding | None, *, writable: bool, locat
         cur = await conn.execute("SELECT to_regclass('backfill.meta') IS NOT NULL")
         exists = await cur.fetchone()
         if exists is None or not exists[0]:
-            raise CheckpointError(f"no backfill ledger in {location} (its schema `backfill` is absent). "
-                                  "A run with this --checkpoint creates it")  # fmt: skip
+            raise LedgerAbsent(f"no backfill ledger in {location} (its schema `backfill` is absent). "
+                               "A run with this --checkpoint creates it")  # fmt: skip
         cur = await conn.execute("SELECT key, value FROM backfill.meta")
         meta = dict(await cur.fetchall())
     if not meta:
