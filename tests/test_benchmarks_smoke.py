@@ -139,3 +139,24 @@ def test_resume_targets_read_the_figures_they_name() -> None:
     assert met(scale(RESUME_TARGET_S + 1, True, 1.0), "scale 1M: resume") is False
     assert met(scale(1.0, False, 1.0), "scale 1M: resume") is None  # not a completed job: not measured
     assert met(scale(1.0, True, RESUME_RSS_FLAT + 0.1), "scale: resume peak RSS") is False
+
+
+def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_cluster: Any) -> None:
+    """`python -m benchmarks.fleet --smoke`: tiny sizes, its own PostgreSQL; the figures exist and are sane."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fleet", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = tmp_path.glob("fleet-*.json")
+    results = json.loads(written.read_text())
+    scaling, fidelity, cost = results["scaling"], results["fidelity"], results["ledger_cost"]
+    assert all(scaling[n]["requests"] == scaling[n]["rows"] for n in ("1", "2", "4"))  # every row sent once
+    assert all(_positive(scaling[n]["ratio_to_one"]) for n in ("2", "4"))
+    assert _positive(fidelity["worst_ratio_to_rate"])
+    assert all(_positive(cost[k]) for k in ("sqlite_rows_per_s", "postgres_rows_per_s",
+                                            "postgres_with_claims_rows_per_s"))  # fmt: skip
