@@ -124,7 +124,8 @@ async def open_postgres(settings: Settings, *, writable: bool, bound: bool = Tru
             "pip install 'backfill[postgres]'"
         ) from exc
     return await PostgresStore.open(url, binding(settings) if bound else None, writable=writable,
-                                    pool_size=settings.concurrency + 4, lease_s=settings.lease)  # fmt: skip
+                                    pool_size=settings.concurrency + 4, lease_s=settings.lease,
+                                    outage_s=settings.ledger_outage)  # fmt: skip
 
 
 async def run(

@@ -71,6 +71,7 @@ class Settings:
     fail_threshold: float = 0.5
     checkpoint: Path | str | None = None  # a SQLite file, or a postgresql:// URL (str) for a fleet's ledger
     lease: float = 30.0  # seconds a PostgreSQL claim lasts unless its owner renews it (a third as often)
+    ledger_outage: float = 60.0  # seconds a lost PostgreSQL ledger is waited for before a run stops (exit 2)
     data_dir: Path = Path("~/.local/share/backfill")  # where default ledgers live; resolved at load
     out: Path = Path("backfill-out")
     dry_run: bool = False
@@ -209,18 +210,33 @@ def _path(raw: object) -> Path:
 PG_SCHEMES = ("postgresql://", "postgres://")
 
 
+_DSN_KEYWORD = re.compile(
+    r"(?:^|\s)(?:host|hostaddr|dbname|user|port|password|passfile|service|sslmode)\s*=", re.I
+)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+_PG_FORM = "postgresql://user@host:port/dbname (the password from PGPASSWORD, ~/.pgpass or a service file)"
+
+
 def _checkpoint(raw: object) -> Path | str:
-    """A SQLite file's path, or a PostgreSQL URL whose password lives where libpq finds it, never in argv."""
+    """A SQLite file's path, or a PostgreSQL URL whose password lives where libpq finds it, never in argv.
+
+    Nothing that looks like a connection string becomes a file: a libpq `host=... dbname=...` string or a
+    mistyped scheme would otherwise make a new, empty SQLite ledger under that name (with any password in its
+    name), and a run on it would send every enrolled user again. None of these errors repeats the value.
+    """
     if isinstance(raw, os.PathLike):
         return _path(raw)
     text = _text(raw)
     if not text.lower().startswith(PG_SCHEMES):
+        if _DSN_KEYWORD.search(text):
+            raise ValueError(f"this looks like a libpq connection string; give it as a URL: {_PG_FORM}")
+        scheme = _SCHEME.match(text)
+        if scheme:
+            raise ValueError(
+                f"the scheme {scheme.group(1)!r}: is not a ledger's; a ledger is a file path, or {_PG_FORM}"
+            )
         return _path(text)
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises on a port that isn't a number
-    except ValueError as exc:
-        raise ValueError(f"{raw!r} is not a usable PostgreSQL URL ({exc})") from None
+    parts = urlsplit(text)
     keys = {k.strip().lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True)}
     if parts.password is not None or "password" in keys:
         # Anything on the command line is visible to every user of the machine (ps, /proc) and ends up in logs.
@@ -228,7 +244,11 @@ def _checkpoint(raw: object) -> Path | str:
             "the URL holds a password: put it in PGPASSWORD, ~/.pgpass or a service file (PGSERVICE) instead, "
             "where libpq and psql read it, and give the URL without it (postgresql://user@host:port/dbname)"
         )
-    if not parts.path.strip("/") and "service=" not in parts.query.lower():
+    try:
+        parts.port  # noqa: B018 - raises on a port that isn't a number
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a usable PostgreSQL URL ({exc})") from None
+    if not parts.path.strip("/") and "service" not in keys:
         raise ValueError(
             f"{text!r} names no database: add /dbname (it must exist; the tool makes its own schema)"
         )
@@ -319,6 +339,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "fail_threshold": _fraction,
     "checkpoint": _checkpoint,
     "lease": _positive_float,
+    "ledger_outage": _positive_float,
     "data_dir": _path,
     "out": _path,
     "dry_run": _boolean,

@@ -579,6 +579,11 @@ async def test_an_outcome_waits_for_a_restarted_database_and_a_longer_outage_is_
         with pytest.raises(CheckpointError, match="can't be reached"):
             await store.settle(_outcome("u2", 1, State.ENROLLED))
         assert 1.5 < time.monotonic() - began < 30
+        # Past the bound, each further step tries once, briefly: a run stops within the bound, not a multiple.
+        began = time.monotonic()
+        with pytest.raises(CheckpointError, match="can't be reached"):
+            await store.finish_run("r", finished_at="2026-01-01T00:01:00Z", rows=2, exit_code=2)
+        assert time.monotonic() - began < 1.9
     finally:
         own_cluster.start()
         await store.close()
@@ -734,3 +739,109 @@ async def test_rows_pages_through_every_id_whatever_the_databases_collation(pg_c
         assert [r.user_id async for r in store.rows()] == sorted(ids)
     finally:
         await store.close()
+
+
+# --- found by trying it as a new user ---
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "host=127.0.0.1 port=5432 dbname=migration user=bf password=Kq9-secret",  # libpq's keyword form
+        "dbname=migration",
+        "postgresq://bf@127.0.0.1:5432/migration",  # a typo of the scheme
+        "pg://bf@127.0.0.1/migration",
+    ],
+)
+def test_a_connection_string_that_isnt_a_postgresql_url_never_becomes_a_sqlite_file(value: str) -> None:
+    # As a file, it would be a new empty ledger: every enrolled user sent again, their 2209s called conflicts.
+    with pytest.raises(ConfigError) as caught:
+        load_settings(flags={"checkpoint": value}, environ={}, need_credentials=False)
+    assert "postgresql://user@host:port/dbname" in str(caught.value)
+    assert "Kq9-secret" not in str(caught.value) and "migration" not in str(caught.value)
+    for fine in ("ledger.sqlite", "/srv/ledgers/085.sqlite", "a=b.sqlite"):
+        assert (
+            load_settings(flags={"checkpoint": fine}, environ={}, need_credentials=False).ledger_url is None
+        )
+
+
+async def test_a_row_stopped_before_its_retry_goes_back_to_the_fleet_not_finished(pg_url: str) -> None:
+    from types import SimpleNamespace
+
+    from backfill.run.claims import Claims, FinishingSink
+    from backfill.run.records import ResultRow
+    from backfill.vocab import Status
+
+    a = await PostgresStore.open(pg_url, BINDING, writable=True)
+    b = await PostgresStore.open(pg_url, BINDING, writable=True)
+    try:
+        for store, run in ((a, "run-a"), (b, "run-b")):
+            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
+                for i in range(2)]  # fmt: skip
+        await a.load("m1", "m.csv", _rows(rows))
+        manifest = SimpleNamespace(sha256="m1", path="m.csv")
+        claims = Claims(a, manifest, batch=10, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
+        assert [c.user_id for c in (await claims.next_batch() or Batch(candidates=[], rejects=[])).candidates] == [
+            "u0", "u1"
+        ]  # fmt: skip
+
+        class Collect:
+            def result(self, row: Any) -> None: ...
+            def reject(self, row: Any) -> None: ...
+            def skipped(self, rows: Any, finished_at: str) -> None: ...
+
+        sink = FinishingSink(Collect(), claims)  # type: ignore[arg-type]
+        sink.result(ResultRow(user_id="u0", status=Status.ENROLLED))
+        sink.result(ResultRow(user_id="u1", status=Status.PENDING))  # SIGTERM came during its backoff
+        await claims.close()  # a drain: finished rows told, the rest given back
+        assert await a.unfinished("m1") == 1
+        assert [c.user_id for c in (await b.claim("m1", 10)).candidates] == [
+            "u1"
+        ]  # another process retries it
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_a_run_that_loses_its_ledger_for_longer_than_the_bound_exits_2_soon_and_says_so(
+    tmp_path: Path, own_cluster: PgCluster, threaded_sandboxes: Any
+) -> None:
+    from backfill.sandbox import Faults
+
+    from .conftest import simple_rows, write_manifest
+
+    url = own_cluster.create_database(f"gone{os.getpid()}")
+    server = threaded_sandboxes.start(faults=Faults(latency_ms=100))
+    manifest = write_manifest(tmp_path, simple_rows(200))
+    env = {**os.environ, **own_cluster.env(), "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": "test-api-key",
+           "BACKFILL_LEDGER_OUTAGE": "2"}  # fmt: skip
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", server.base_url,
+         "--checkpoint", url, "--out", str(tmp_path / "out"), "--no-progress", "--rate", "20",
+         "--log-format", "json", "--log-file", str(log)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        while server.state.total_requests < 10:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        own_cluster.stop("immediate")  # and it stays down
+        began = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        own_cluster.start()
+    assert proc.returncode == 2, err.decode()[-2000:]
+    assert took < 20  # the bound once (2 s), then each remaining step tries once: not the bound per step
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    finished = [e for e in events if e["event"] == "run_finished"]
+    assert finished and "exit code 2" in finished[0]["message"]  # what the process exits with, said
+    assert b"discarding closed connection" not in err and b"error connecting in" not in err  # no pool chatter
+    assert "can't be reached" in err.decode()
+    # Its results.csv is whole (no summary.json: the run did not finish), and every attempt it sent is recorded.
+    (results,) = (tmp_path / "out").rglob("results.csv")
+    assert not (results.parent / "summary.json").exists()

@@ -63,6 +63,9 @@ OUTAGE_S = (
 LEASE_S = 30.0
 HAND_BACK_S = 2.0  # a row another live process is sending is left alone this long before it is claimed again
 log = logging.getLogger("backfill")
+# psycopg's pool logs every failed reconnect in an outage, in its own format, to stderr (Python's last-resort
+# handler) and in between the lines of a JSON log: this module says what matters itself, once, in the run's log.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 _STATES = ", ".join(f"'{s.value}'" for s in State)
@@ -167,10 +170,21 @@ def _row(values: Sequence[Any]) -> LedgerRow:
     return row_of(typed)
 
 
-def _said(exc: BaseException) -> str:
-    """A driver error in one line, without the libpq noise (and never a password: libpq doesn't echo one)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _said(exc: BaseException, *, hints: bool = False) -> str:
+    """A driver error in one line (never a password: libpq doesn't echo one); `hints`: with libpq's own hint
+    ("Is the server running...") and ours for a refused password or a missing database."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if not hints:
+        return lines[0]
+    said = " ".join(lines)
+    lowered = said.lower()
+    if "password" in lowered:
+        said += ". The password comes from PGPASSWORD, ~/.pgpass or a service file (PGSERVICE), as for psql"
+    elif "does not exist" in lowered and "database" in lowered:
+        said += ". The database must exist (createdb NAME); the tool makes its own schema in it"
+    return said
 
 
 def location_of(url: str) -> str:
@@ -203,6 +217,10 @@ class PostgresStore(Store, Fleet):
         self._fleet = False  # set once a manifest is loaded or joined: every attempt then needs its claim
         self._unflushed = False
         self._closed = False
+        # When the database was first found unreachable (None: it isn't). One outage, one bound, for every
+        # operation: ones that start late in it don't each wait the whole bound again, and once it has passed
+        # each operation tries once, briefly, so that a run stops within the bound, not a multiple of it.
+        self._outage_since: float | None = None
 
     @classmethod
     async def open(
@@ -218,17 +236,23 @@ class PostgresStore(Store, Fleet):
                                                          application_name="backfill")  # fmt: skip
         except psycopg.Error as exc:
             raise CheckpointError(
-                f"can't connect to the ledger {location}: {_said(exc)}. The database must exist; the password "
-                "comes from PGPASSWORD, ~/.pgpass or a service file (PGSERVICE), as for psql"
+                f"can't connect to the ledger {location}: {_said(exc, hints=True)}"
             ) from exc
         try:
             held = await _prepare(conn, binding, writable=writable, location=location)
+        except pg_errors.InsufficientPrivilege as exc:
+            raise CheckpointError(
+                f"can't open the ledger {location}: {_said(exc)}. The first run creates the schema `backfill`: "
+                "the role needs CREATE on the database then (GRANT CREATE ON DATABASE <db> TO <role>), and "
+                "USAGE and read/write on that schema's tables after"
+            ) from exc
         except psycopg.Error as exc:
             raise CheckpointError(f"can't open the ledger {location}: {_said(exc)}") from exc
         finally:
             await conn.close()
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, timeout=10, name="backfill-ledger",
+            reconnect_timeout=outage_s,
             kwargs={"autocommit": True, "connect_timeout": 10, "application_name": "backfill"},
         )  # fmt: skip
         await pool.open(wait=False)
@@ -654,17 +678,27 @@ class PostgresStore(Store, Fleet):
     async def _tx(
         self, work: Callable[[Conn, bool], Awaitable[T]], *, durable: bool = True, what: str = "write"
     ) -> T:
-        """`work` in one transaction; a lost connection is retried until `outage_s` have passed."""
-        deadline: float | None = None
+        """`work` in one transaction; a lost connection is retried until the outage is `outage_s` old."""
         retried = False
         races = 0
         while True:
+            gave_up = (
+                self._outage_since is not None and time.monotonic() >= self._outage_since + self._outage_s
+            )
             try:
-                async with self._pool.connection() as conn, conn.transaction():
+                async with (
+                    self._pool.connection(timeout=1.0 if gave_up else None) as conn,
+                    conn.transaction(),
+                ):
                     # Said either way: a role or database set to `synchronous_commit = off` (a common tuning)
                     # must not make "recorded before sent" a write that a crash of the server can lose.
                     await conn.execute(_DURABLE if durable else _NOT_DURABLE)
-                    return await work(conn, retried)
+                    result = await work(conn, retried)
+                if self._outage_since is not None:
+                    log.warning("the ledger %s is reachable again, after %.1fs", self.location,
+                                time.monotonic() - self._outage_since, extra={"event": "ledger_reachable"})  # fmt: skip
+                    self._outage_since = None
+                return result
             except (_Again, pg_errors.UniqueViolation) as exc:
                 # A row inserted by another process since we read it: read it again (a few times at most).
                 races += 1
@@ -674,19 +708,20 @@ class PostgresStore(Store, Fleet):
                     ) from exc
             except psycopg.OperationalError as exc:
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self._outage_s
+                if self._outage_since is None:
+                    self._outage_since = now
                     log.warning(
                         "the ledger %s can't be reached (%s); retrying for up to %gs", self.location,
                         _said(exc), self._outage_s, extra={"event": "ledger_unreachable"},
                     )  # fmt: skip
+                deadline = self._outage_since + self._outage_s
                 if now >= deadline or self._closed:
                     raise CheckpointError(
                         f"the ledger {self.location} can't be reached ({_said(exc)}) after {self._outage_s:g}s; "
                         "every attempt sent is recorded. Re-run once the database is back to continue"
                     ) from exc
                 retried = True
-                await asyncio.sleep(min(1.0, 0.05 * 2 ** min(5, int(now - deadline + self._outage_s))))
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** min(5, int(now - self._outage_since))))
             except psycopg.Error as exc:
                 raise CheckpointError(f"the ledger {self.location} refused a {what}: {_said(exc)}") from exc
 

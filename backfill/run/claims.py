@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from ..errors import BackfillError
 from ..ledger import Fleet
 from ..manifest import Batch, Manifest
+from ..vocab import Status
 from .records import RejectRow, ResultRow, Sink
 
 log = logging.getLogger("backfill")
@@ -139,7 +140,10 @@ class FinishingSink:
 
     def result(self, row: ResultRow) -> None:
         self._sink.result(row)
-        self._claims.finished((row.user_id,))
+        if row.status is not Status.PENDING:
+            self._claims.finished((row.user_id,))
+        # PENDING: a stop came before its next attempt. Not finished: the claim goes back with the others at
+        # close, so another process tries it, as a re-run would on SQLite.
 
     def reject(self, row: RejectRow) -> None:
         self._sink.reject(row)

@@ -136,8 +136,12 @@ class Engine:
             elapsed = t.elapsed()
             rate = t.done / elapsed if elapsed > 0 else 0.0
             allowed = self._gate.rate
+            # A fleet's process handles a share of the manifest, whose size is not its own total.
+            done = (
+                f"{t.done}/{total} rows" if self._claims is None else f"{t.done} rows (of a fleet's {total})"
+            )
             self._event(
-                logging.INFO, "progress", f"{t.done}/{total} rows, {rate:.1f} rows/s, {t.failures} failed, "
+                logging.INFO, "progress", f"{done}, {rate:.1f} rows/s, {t.failures} failed, "
                 f"rate limit {allowed:.3g}/s", done=t.done, total=total, rows_per_s=round(rate, 1),
                 failed=t.failures, effective_rate=round(allowed, 3),
             )  # fmt: skip
@@ -206,19 +210,27 @@ class Engine:
                     self._fail(error)
             ticker.cancel()  # before run_finished, which must be the run's last event
             summary = self._summary(started)
+            # A fatal error (the ledger gone, the disk full) is what the process exits with: say that code.
+            code = self._fatal.exit_code if self._fatal is not None else summary.exit_code
             if self._stops.reason:
                 self._event(logging.WARNING, "run_stopped", f"stopped: {self._stops.reason}",
                             reason=self._stops.reason)  # fmt: skip
             self._event(
                 logging.INFO, "run_finished",
-                f"run {parts.run_id} finished in {summary.duration_s:g}s with exit code {summary.exit_code}: "
+                f"run {parts.run_id} finished in {summary.duration_s:g}s with exit code {code}: "
                 + (", ".join(f"{n} {k}" for k, n in summary.counts.items()) or "nothing to do"),
                 counts=summary.counts, new_rows=summary.new_rows, not_reached=summary.not_reached,
-                exit_code=summary.exit_code, duration_s=summary.duration_s, rows_per_s=summary.rows_per_s,
+                exit_code=code, duration_s=summary.duration_s, rows_per_s=summary.rows_per_s,
             )  # fmt: skip
             if store is not None and not s.dry_run:
-                await store.finish_run(parts.run_id, finished_at=summary.finished_at, rows=summary.total_rows,
-                                       exit_code=summary.exit_code)  # fmt: skip
+                try:
+                    await store.finish_run(parts.run_id, finished_at=summary.finished_at,
+                                           rows=summary.total_rows, exit_code=code)  # fmt: skip
+                except BackfillError as error:
+                    if self._fatal is None:
+                        raise
+                    # The ledger is why the run stops: its run row stays unfinished, which `status` calls died.
+                    self._event(logging.WARNING, "run_not_recorded", f"the run's end isn't recorded: {error}")
         finally:
             for pending in (ticker, deadline):
                 if pending is not None:
