@@ -215,6 +215,16 @@ class Engine:
             if self._stops.reason:
                 self._event(logging.WARNING, "run_stopped", f"stopped: {self._stops.reason}",
                             reason=self._stops.reason)  # fmt: skip
+            if store is not None and not s.dry_run:
+                try:
+                    await store.finish_run(parts.run_id, finished_at=summary.finished_at,
+                                           rows=summary.total_rows, exit_code=code)  # fmt: skip
+                except BackfillError as error:
+                    # The ledger failed at the very end, or is why the run stops: the run's row stays unfinished,
+                    # which `status` calls died; the rows themselves are recorded.
+                    self._event(logging.WARNING, "run_not_recorded", f"the run's end isn't recorded: {error}")
+                    if self._fatal is None:
+                        self._fatal, code = error, error.exit_code
             self._event(
                 logging.INFO, "run_finished",
                 f"run {parts.run_id} finished in {summary.duration_s:g}s with exit code {code}: "
@@ -222,15 +232,6 @@ class Engine:
                 counts=summary.counts, new_rows=summary.new_rows, not_reached=summary.not_reached,
                 exit_code=code, duration_s=summary.duration_s, rows_per_s=summary.rows_per_s,
             )  # fmt: skip
-            if store is not None and not s.dry_run:
-                try:
-                    await store.finish_run(parts.run_id, finished_at=summary.finished_at,
-                                           rows=summary.total_rows, exit_code=code)  # fmt: skip
-                except BackfillError as error:
-                    if self._fatal is None:
-                        raise
-                    # The ledger is why the run stops: its run row stays unfinished, which `status` calls died.
-                    self._event(logging.WARNING, "run_not_recorded", f"the run's end isn't recorded: {error}")
         finally:
             for pending in (ticker, deadline):
                 if pending is not None:
