@@ -271,6 +271,8 @@ async def test_claims_split_the_rows_and_a_clean_stop_gives_its_claims_back(pg_u
         assert [c.line for c in got_a] == [2, 3, 4, 5] and [c.line for c in got_b] == [6, 7, 8, 9]
         status = await a.status()
         assert sorted(p.claimed for p in status.processes) == [4, 4] and status.writer_alive
+        (queue,) = status.queues  # rows never attempted are counted here: the ledger's states don't have them
+        assert (queue.manifest_sha256, queue.rows, queue.finished, queue.claimed) == ("m1", 10, 0, 8)
         await a.release()  # a clean stop: B takes A's rows at once, not after a lease
         assert [c.line for c in (await b.claim("m1", 10)).candidates] == [2, 3, 4, 5, 10, 11]
     finally:
@@ -531,6 +533,7 @@ def test_run_status_export_retry_report_and_check_all_take_a_postgresql_ledger(
     assert code == 1 and "7 enrolled" in out, out  # user_0001 got two 503s: left for a retry
     code, out = cli("status", *where)
     assert code == 0 and re.search(r"enrolled +7", out) and "fleet: 0 process(es) live; rate" in out, out
+    assert "8 of 8 rows finished, 0 claimed now" in out, out  # retry_exhausted ends its row for this pass
     code, out = cli("export", *where, "--status", "unknown,retry_exhausted")
     assert code == 0 and "user_0001" in out and "user_0002" not in out, out
     code, out = cli("retry", *where, "--out", str(tmp_path / "out"), "--no-progress")

@@ -260,6 +260,9 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
                 for p in report.processes]  # fmt: skip
         if live:
             click.echo(_table(["run", "host", "pid", "started", "rows claimed", "heartbeat"], live))
+        for q in report.queues:
+            click.echo(f"manifest {q.manifest_sha256[:12]} ({q.path}, loaded {q.loaded_at}): {q.finished:,} of "
+                       f"{q.rows:,} rows finished, {q.claimed:,} claimed now")  # fmt: skip
 
 
 def _unfinished(report: LedgerStatus, run: RunRecord) -> str:

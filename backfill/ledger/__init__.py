@@ -206,6 +206,19 @@ class LedgerStatus:
     processes: list[Process] = field(default_factory=list)
     fleet_rate: float | None = None
     fleet_ceiling: float | None = None
+    queues: list[QueueState] = field(default_factory=list)  # the manifests loaded last, newest first
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueState:
+    """How far a fleet is through one manifest: rows never attempted are counted here, not in the states."""
+
+    manifest_sha256: str
+    path: str
+    rows: int
+    finished: int
+    claimed: int  # held by a live claim now
+    loaded_at: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -357,6 +370,7 @@ __all__ = [
     "LedgerStatus",
     "Outcome",
     "Process",
+    "QueueState",
     "RateChange",
     "RateState",
     "Refusal",

@@ -42,6 +42,7 @@ from . import (
     LedgerStatus,
     Outcome,
     Process,
+    QueueState,
     RateChange,
     RateState,
     Refusal,
@@ -393,13 +394,23 @@ class PostgresStore(Store, Fleet):
                          for rid, host, pid, started, age, claimed in await cur.fetchall()]  # fmt: skip
             cur = await conn.execute("SELECT rate, ceiling FROM backfill.rate WHERE id = 1")
             rate = await cur.fetchone()
+            cur = await conn.execute(
+                "SELECT m.sha256, m.path, m.rows, to_char(m.loaded_at AT TIME ZONE 'UTC', "
+                '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\'), count(q.line) FILTER (WHERE q.done), '
+                "count(q.line) FILTER (WHERE NOT q.done AND q.claimed_by IS NOT NULL AND q.lease_until > now()) "
+                "FROM backfill.manifests m LEFT JOIN backfill.queue q ON q.manifest_sha256 = m.sha256 "
+                "GROUP BY m.sha256 ORDER BY m.loaded_at DESC LIMIT 5"
+            )
+            queues = [QueueState(manifest_sha256=sha, path=path, rows=int(rows), finished=int(done),
+                                 claimed=int(claimed), loaded_at=loaded)
+                      for sha, path, rows, loaded, done, claimed in await cur.fetchall()]  # fmt: skip
             return LedgerStatus(
                 location=self.location, binding=self.binding, counts=counts,
                 waiting_for_retry=sum(n for s, n in counts.items() if s in TRANSIENT_STATES),
                 oldest_unfinished=None if oldest is None else _row(oldest), runs=runs,
                 writer_alive=bool(processes), processes=processes,
                 fleet_rate=None if rate is None else float(rate[0]),
-                fleet_ceiling=None if rate is None else float(rate[1]),
+                fleet_ceiling=None if rate is None else float(rate[1]), queues=queues,
             )  # fmt: skip
 
         return await self._tx(work, what="read")
