@@ -238,7 +238,7 @@ def _checkpoint(raw: object) -> Path | str:
         return _path(text)
     parts = urlsplit(text)
     keys = {k.strip().lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True)}
-    if parts.password is not None or "password" in keys:
+    if parts.password is not None or any("password" in k for k in keys):  # password, sslpassword
         # Anything on the command line is visible to every user of the machine (ps, /proc) and ends up in logs.
         raise ValueError(
             "the URL holds a password: put it in PGPASSWORD, ~/.pgpass or a service file (PGSERVICE) instead, "
@@ -247,10 +247,10 @@ def _checkpoint(raw: object) -> Path | str:
     try:
         parts.port  # noqa: B018 - raises on a port that isn't a number
     except ValueError as exc:
-        raise ValueError(f"{text!r} is not a usable PostgreSQL URL ({exc})") from None
+        raise ValueError(f"the PostgreSQL URL's port is not usable ({exc}): {_PG_FORM}") from None
     if not parts.path.strip("/") and "service" not in keys:
         raise ValueError(
-            f"{text!r} names no database: add /dbname (it must exist; the tool makes its own schema)"
+            "the URL names no database: add /dbname (it must exist; the tool makes its own schema)"
         )
     return text
 

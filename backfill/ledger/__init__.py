@@ -299,6 +299,10 @@ class Fleet(ABC):
         """
 
     @abstractmethod
+    async def give_back(self, manifest_sha256: str, lines: Sequence[int]) -> None:
+        """Give these claimed rows back unfinished (another process tells them now): claimable again at once."""
+
+    @abstractmethod
     async def release(self) -> None:
         """Give back every claim this process holds on unfinished rows (a clean stop): others take them now."""
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .. import redact
 from ..errors import CheckpointError, LedgerAbsent
@@ -62,6 +62,9 @@ OUTAGE_S = (
     60.0  # how long a lost database is waited for before the run stops (exit 2), every attempt recorded
 )
 LEASE_S = 30.0
+GAVE_UP_TRY_S = (
+    2.0  # past the outage bound, each step waits this long for a connection, once (a TLS connect fits)
+)
 HAND_BACK_S = 2.0  # a row another live process is sending is left alone this long before it is claimed again
 log = logging.getLogger("backfill")
 # psycopg's pool logs every failed reconnect in an outage, in its own format, to stderr (Python's last-resort
@@ -510,7 +513,10 @@ class PostgresStore(Store, Fleet):
         me = self._require_run()
 
         async def work(conn: Conn, retried: bool) -> Batch:
-            params = {"m": manifest_sha256, "n": n, "me": me, "l": self.lease_s}
+            # Lines this process holds are never claimed again by it, even with their lease run out (an outage
+            # longer than the lease): the same row twice in one process would be sent twice at once.
+            held_now = sorted(self._held.get(manifest_sha256, ()))
+            params = {"m": manifest_sha256, "n": n, "me": me, "l": self.lease_s, "held": held_now}
             if retried:
                 # An earlier try may have claimed rows whose answer the outage swallowed: give them back now.
                 held = sorted(self._held.get(manifest_sha256, ()))
@@ -578,6 +584,24 @@ class PostgresStore(Store, Fleet):
         done = set(lines)
         self._held.get(manifest_sha256, set()).difference_update(done)
         for uid in [u for u, (m, line) in self._claims.items() if m == manifest_sha256 and line in done]:
+            del self._claims[uid]
+
+    async def give_back(self, manifest_sha256: str, lines: Sequence[int]) -> None:
+        if not lines:
+            return
+        me = self._require_run()
+
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute(
+                "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
+                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                (manifest_sha256, list(lines), me),
+            )
+
+        await self._tx(work, durable=False)  # lost in a crash, the claims simply expire
+        back = set(lines)
+        self._held.get(manifest_sha256, set()).difference_update(back)
+        for uid in [u for u, (m, line) in self._claims.items() if m == manifest_sha256 and line in back]:
             del self._claims[uid]
 
     async def release(self) -> None:
@@ -698,7 +722,7 @@ class PostgresStore(Store, Fleet):
             )
             try:
                 async with (
-                    self._pool.connection(timeout=1.0 if gave_up else None) as conn,
+                    self._pool.connection(timeout=GAVE_UP_TRY_S if gave_up else None) as conn,
                     conn.transaction(),
                 ):
                     # Said either way: a role or database set to `synchronous_commit = off` (a common tuning)
@@ -718,6 +742,18 @@ class PostgresStore(Store, Fleet):
                         f"the ledger {self.location} kept refusing a {what}: {_said(exc)}"
                     ) from exc
             except psycopg.OperationalError as exc:
+                if _is_race(exc):
+                    races += 1
+                    if races > 20:
+                        raise CheckpointError(
+                            f"the ledger {self.location} kept refusing a {what}: {_said(exc)}"
+                        ) from exc
+                    continue
+                if not _is_lost_connection(exc):
+                    # The server answered, and said no (a statement timeout, a full disk): not an outage to wait out.
+                    raise CheckpointError(
+                        f"the ledger {self.location} refused a {what}: {_said(exc)}"
+                    ) from exc
                 now = time.monotonic()
                 if self._outage_since is None:
                     self._outage_since = now
@@ -743,7 +779,8 @@ _DURABLE = "SET LOCAL synchronous_commit TO on"
 _NOT_DURABLE = "SET LOCAL synchronous_commit TO off"
 _CLAIM_OPEN = (
     "WITH c AS (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND NOT done "
-    " AND (lease_until IS NULL OR lease_until < now()) ORDER BY line LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+    " AND (lease_until IS NULL OR lease_until < now()) AND NOT (claimed_by = %(me)s AND line = ANY(%(held)s)) "
+    " ORDER BY line LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
     "UPDATE backfill.queue q SET claimed_by = %(me)s, lease_until = now() + make_interval(secs => %(l)s) "
     "FROM c WHERE q.manifest_sha256 = %(m)s AND q.line = c.line "
     "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message"
@@ -756,6 +793,24 @@ _CLAIM_ORPHANED = (
     "FROM c WHERE q.manifest_sha256 = %(m)s AND q.line = c.line "
     "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message"
 )
+
+
+def _is_race(exc: psycopg.Error) -> bool:
+    """A deadlock or serialization failure: another transaction won; this one is simply run again."""
+    return exc.sqlstate in ("40P01", "40001")
+
+
+def _is_lost_connection(exc: psycopg.Error) -> bool:
+    """No server to talk to (refused, dropped, shutting down, starting up, no pooled connection in time)."""
+    state = exc.sqlstate
+    return (
+        isinstance(exc, PoolTimeout) or state is None or state.startswith("08") or state in _SHUTDOWN_STATES
+    )
+
+
+_SHUTDOWN_STATES = frozenset(
+    {"57P01", "57P02", "57P03"}
+)  # admin shutdown, crash shutdown, cannot connect now
 
 
 async def _alive(conn: Conn, run_id: str, lease_s: float) -> bool:

@@ -43,6 +43,8 @@ class Claims:
         self.responsible = 0  # rows this process must account for: the ones it claimed
         self._lines: dict[str, int] = {}  # claimed rows to send, not yet finished: user_id -> line
         self._finished: list[int] = []
+        self._given_back: list[int] = []
+        self._closing = False
         self._flusher: asyncio.Task[None] | None = None
 
     @property
@@ -83,9 +85,16 @@ class Claims:
             yield batch
 
     def handed_back(self, user_id: str) -> None:
-        """A claimed row another process holds now (it tells the row): no longer this process's to account for."""
-        if self._lines.pop(user_id, None) is not None:
+        """A claimed row another process holds now (it tells the row): no longer this process's to account for.
+
+        Its claim is given back too (with the next flush): a claim this process kept would be renewed for as long
+        as it lives, and the manifest would never be finished.
+        """
+        line = self._lines.pop(user_id, None)
+        if line is not None:
             self.responsible -= 1
+            self._given_back.append(line)
+            self._schedule()
 
     def finished(self, user_ids: Sequence[str] = (), lines: Sequence[int] = ()) -> None:
         """These rows ended (in results or rejects): the ledger hears so within FINISH_EVERY_S.
@@ -98,7 +107,10 @@ class Claims:
             if line is not None:
                 self._finished.append(line)
         self._finished.extend(lines)
-        if self._finished and self._flusher is None:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if (self._finished or self._given_back) and self._flusher is None and not self._closing:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
@@ -112,8 +124,16 @@ class Claims:
             )
         finally:
             self._flusher = None
+            self._schedule()  # rows that ended while this flush ran
 
     async def _flush(self) -> None:
+        back, self._given_back = self._given_back, []
+        if back:
+            try:
+                await asyncio.shield(self._fleet.give_back(self._manifest.sha256, back))
+            except BaseException:
+                self._given_back = back + self._given_back
+                raise
         lines, self._finished = self._finished, []
         if not lines:
             return
@@ -125,6 +145,7 @@ class Claims:
 
     async def close(self) -> None:
         """Tell the ledger every finished row, then give back the claims of rows this process won't finish."""
+        self._closing = True
         if self._flusher is not None:
             # Waited for, not cancelled: a finish cut off half-way would hand back rows already in results.csv.
             await asyncio.gather(self._flusher, return_exceptions=True)

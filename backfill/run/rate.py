@@ -338,7 +338,9 @@ class FleetGate:
         self._learn(got.state)
         first = got.first - self._offset
         if got.count == 0:
-            # The bucket is booked ahead: come back when it isn't (the shared pause, too, is in `first`).
+            # The bucket is booked ahead: come back when it isn't (the shared pause, too, is in `first`). The
+            # good answers weren't counted (nothing changed): they go with the next reservation.
+            self._good += good
             await self._sleep(max(0.0, first - self._clock()))
             return
         self._slots.extend(first + i * got.interval for i in range(got.count))
