@@ -35,7 +35,62 @@ class Gate(Protocol):
     def pause(self, seconds: float) -> float | None: ...
 
 
-class RateGate:
+PAUSE_SLACK_S = 0.05  # a Retry-After within this of the pause in force doesn't lengthen it
+
+
+def lowered(rate: float, floor: float) -> float:
+    """A 429's decrease: multiplicative, never below the floor."""
+    return max(floor, rate * DECREASE)
+
+
+def grown(rate: float, ceiling: float, *, since: float, now: float) -> float:
+    """Good answers' increase: GROWTH of the ceiling per second since `since`, at most one second's worth."""
+    elapsed = min(1.0, max(0.0, now - since))
+    return min(ceiling, rate + GROWTH * ceiling * elapsed)
+
+
+def capped(seconds: float) -> float:
+    """A Retry-After as obeyed: a server asking for an hour is broken, and the run would look hung."""
+    return min(max(0.0, seconds), RETRY_AFTER_MAX_S)
+
+
+class _Adaptive:
+    """What RateGate and FleetGate share: the rate in force, its lowest, and the 429 generations."""
+
+    def __init__(self, rate: float, floor: float, clock: Callable[[], float]) -> None:
+        self.ceiling = rate
+        self._rate = rate
+        self.rate_min = rate  # the lowest the rate went in this run
+        self._floor = min(floor, rate)
+        self._clock = clock
+        self._resume_at = 0.0  # the shared pause's end, on this process's clock
+        self.generation = 0
+
+    @property
+    def rate(self) -> float:
+        """The rate in force now, requests per second."""
+        return self._rate
+
+    def _lower(self, generation: int) -> float | None:
+        """Halve the rate for a 429 to a slot of the current generation; the new rate, or None if unchanged."""
+        if generation != self.generation or self._rate <= self._floor:
+            return None
+        self._rate = lowered(self._rate, self._floor)
+        self.rate_min = min(self.rate_min, self._rate)
+        self.generation += 1
+        return self._rate
+
+    def _lengthen_pause(self, seconds: float) -> float | None:
+        """Hold everyone for `seconds` (capped): the pause now in force if this lengthened it, else None."""
+        seconds = capped(seconds)
+        until = self._clock() + seconds
+        if until <= self._resume_at + PAUSE_SLACK_S:
+            return None
+        self._resume_at = until
+        return seconds
+
+
+class RateGate(_Adaptive):
     """An adaptive rate limit shared by every worker: AIMD, as in the AWS SDKs' adaptive retry mode.
 
     **The bucket** is a GCRA (the "virtual scheduling" form of a leaky bucket): `_tat` is the theoretical
@@ -77,22 +132,12 @@ class RateGate:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         floor: float = RATE_FLOOR,
     ) -> None:
-        self.ceiling = rate
-        self._rate = rate
-        self.rate_min = rate  # the lowest the rate went in this run
-        self._floor = min(floor, rate)
-        self._clock, self._sleep = clock, sleep
+        super().__init__(rate, floor, clock)
+        self._sleep = sleep
         self._tat = 0.0
         self._lock: asyncio.Lock | None = None  # made lazily, in the run's event loop
         self._queued = 0  # callers inside take(): waiting for the lock or for their slot
-        self._resume_at = 0.0
         self._grown_at = 0.0
-        self.generation = 0
-
-    @property
-    def rate(self) -> float:
-        """The rate in force now, requests per second."""
-        return self._rate
 
     async def wait_turn(self, stops: Stops) -> int:
         """Wait out any shared pause, then take one slot; both waits end at once on a stop.
@@ -148,31 +193,22 @@ class RateGate:
 
     def throttled(self, generation: int) -> float | None:
         """A 429 to a request whose slot was taken in `generation`: the lowered rate, or None if unchanged."""
-        if generation != self.generation or self._rate <= self._floor:
-            return None
-        self._rate = max(self._floor, self._rate * DECREASE)
-        self.rate_min = min(self.rate_min, self._rate)
-        self.generation += 1
-        self._grown_at = self._clock()
-        return self._rate
+        lower = self._lower(generation)
+        if lower is not None:
+            self._grown_at = self._clock()
+        return lower
 
     def answered(self) -> None:
         """A good answer (anything but a 429): the rate climbs back towards the ceiling."""
         if self._rate >= self.ceiling:
             return
         now = self._clock()
-        elapsed = min(1.0, max(0.0, now - max(self._grown_at, self._resume_at)))
+        self._rate = grown(self._rate, self.ceiling, since=max(self._grown_at, self._resume_at), now=now)
         self._grown_at = max(self._grown_at, now)
-        self._rate = min(self.ceiling, self._rate + GROWTH * self.ceiling * elapsed)
 
     def pause(self, seconds: float) -> float | None:
         """Hold everyone for `seconds` (capped); the pause now in force if this lengthened it, else None."""
-        seconds = min(max(0.0, seconds), RETRY_AFTER_MAX_S)
-        until = self._clock() + seconds
-        if until <= self._resume_at + 0.05:
-            return None
-        self._resume_at = until
-        return seconds
+        return self._lengthen_pause(seconds)
 
 
 # --- the fleet's one rate: the same GCRA and AIMD, kept in the shared ledger ---
@@ -217,8 +253,7 @@ def reserve(
     rate = min(state.rate, ceiling)
     grown_at = state.grown_at
     if good and rate < ceiling:
-        elapsed = min(1.0, max(0.0, now - max(grown_at, state.paused_until)))
-        rate = min(ceiling, rate + GROWTH * ceiling * elapsed)
+        rate = grown(rate, ceiling, since=max(grown_at, state.paused_until), now=now)
         grown_at = max(grown_at, now)
     rate = max(rate, min(floor, ceiling))
     interval = 1.0 / rate
@@ -242,16 +277,16 @@ def throttle(
         raise ValueError("a 429 before any slot was reserved")
     rate, gen, grown_at = state.rate, state.generation, state.grown_at
     if generation == gen and rate > floor:
-        rate, gen, grown_at = max(floor, rate * DECREASE), gen + 1, now
+        rate, gen, grown_at = lowered(rate, floor), gen + 1, now
     paused = state.paused_until
     if retry_after is not None:
-        paused = max(paused, now + min(max(0.0, retry_after), RETRY_AFTER_MAX_S))
+        paused = max(paused, now + capped(retry_after))
     new = replace(state, rate=rate, generation=gen, grown_at=grown_at, paused_until=paused,
                   tat=max(state.tat, paused))  # fmt: skip
     return new, new
 
 
-class FleetGate:
+class FleetGate(_Adaptive):
     """The rate limit of one process of a fleet: slots reserved in small blocks from the shared ledger's bucket.
 
     Same face as RateGate (the Sender can't tell them apart). Each reservation reads the fleet's rate, pause
@@ -271,24 +306,15 @@ class FleetGate:
         floor: float = RATE_FLOOR,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
-        self.ceiling = rate
-        self._rate = rate
-        self.rate_min = rate
-        self._floor = min(floor, rate)
-        self._shared, self._clock, self._sleep = shared, clock, sleep
+        super().__init__(rate, floor, clock)
+        self._shared, self._sleep = shared, sleep
         self._slots: collections.deque[float] = collections.deque()
         self._lock: asyncio.Lock | None = None
         self._good = 0
-        self._resume_at = 0.0  # on this process's clock
         self._offset = 0.0  # server clock minus ours, as last measured
-        self.generation = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._on_error = on_error
         self._waiting = 0  # callers in take(): a reservation is sized by them, not only by the rate
-
-    @property
-    def rate(self) -> float:
-        return self._rate
 
     async def wait_turn(self, stops: Stops) -> int:
         if not stops.stopping:
@@ -352,11 +378,9 @@ class FleetGate:
         self._resume_at = max(self._resume_at, state.paused_until - self._offset)
 
     def throttled(self, generation: int) -> float | None:
-        if generation != self.generation or self._rate <= self._floor:
+        lower = self._lower(generation)
+        if lower is None:
             return None
-        self._rate = max(self._floor, self._rate * DECREASE)
-        self.rate_min = min(self.rate_min, self._rate)
-        self.generation += 1
         self._slots.clear()  # reserved at the rate the server just refused
         self._tell(functools.partial(throttle, generation=generation, retry_after=None, floor=self._floor))
         return self._rate
@@ -365,13 +389,11 @@ class FleetGate:
         self._good += 1
 
     def pause(self, seconds: float) -> float | None:
-        seconds = min(max(0.0, seconds), RETRY_AFTER_MAX_S)
-        until = self._clock() + seconds
-        if until <= self._resume_at + 0.05:
+        paused = self._lengthen_pause(seconds)
+        if paused is None:
             return None
-        self._resume_at = until
-        self._tell(functools.partial(throttle, generation=-1, retry_after=seconds, floor=self._floor))
-        return seconds
+        self._tell(functools.partial(throttle, generation=-1, retry_after=paused, floor=self._floor))
+        return paused
 
     def _tell(self, change: Callable[[RateState | None, float], tuple[RateState, RateState]]) -> None:
         """Send a change to the fleet's bucket without holding up the worker that saw the 429."""
