@@ -16,7 +16,6 @@ import asyncio
 import csv
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .suite import max_in_window
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTNER_ID, API_KEY = "085", "fleet-bench-key-5c1d"
@@ -45,21 +46,17 @@ def _manifest(folder: Path, rows: int) -> Path:
 
 class Sandbox:
     def __init__(self, folder: Path, latency_ms: float) -> None:
+        from tests.conftest import spawn_sandbox
+
         self.log = folder / "requests.jsonl"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backfill", "sandbox", "--port", "0", "--latency-ms", str(latency_ms),
-             "--request-log", str(self.log)],
-            env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline().decode()
-        found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
-        assert found, line
-        self.base_url = found.group(1)
+        self.proc, self.base_url = spawn_sandbox(
+            ["--latency-ms", str(latency_ms), "--request-log", str(self.log)], _env()
+        )
 
     def arrivals(self) -> list[float]:
-        lines = [json.loads(x) for x in self.log.read_text().splitlines() if x.strip()]
-        return sorted(float(r["t"]) for r in lines if r["event"] == "request")
+        from tests.conftest import request_log
+
+        return sorted(float(r["t"]) for r in request_log(self.log) if r["event"] == "request")
 
     def close(self) -> None:
         self.proc.kill()
@@ -78,15 +75,6 @@ def _run(manifest: Path, url: str, base_url: str, out: Path, *, rate: float, con
          str(concurrency), "--lease", "10"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-
-
-def worst_window(times: list[float], width: float = 1.0) -> int:
-    worst, start = 0, 0
-    for end, t in enumerate(times):
-        while times[start] <= t - width:
-            start += 1
-        worst = max(worst, end - start + 1)
-    return worst
 
 
 def scaling(cluster: Any, folder: Path, *, per_process: int, latency_ms: float) -> dict[str, Any]:
@@ -138,7 +126,7 @@ def fidelity(cluster: Any, folder: Path, *, rate: float, rows: int, latency_ms: 
         times = sandbox.arrivals()
     finally:
         sandbox.close()
-    worst = worst_window(times)
+    worst = max_in_window(times)
     busy = [t for t in times if times[0] + 3 <= t <= times[-1] - 1]  # all four running, before the tail
     mean = (len(busy) - 1) / (busy[-1] - busy[0]) / rate if len(busy) > 2 else None
     return {

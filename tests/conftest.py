@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
+import re
 import struct
+import subprocess
+import sys
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,3 +206,21 @@ def pg_url(pg_cluster: Any) -> str:
     from .pg_server import fresh_database
 
     return fresh_database()
+
+
+def spawn_sandbox(options: Sequence[str], env: Mapping[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """`backfill sandbox --port 0 OPTIONS` as a process of its own: the process, and the API root it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backfill", "sandbox", "--port", "0", *options],
+        env=dict(env), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+    assert found, f"the sandbox did not start: {line!r}"
+    return proc, found.group(1)
+
+
+def request_log(path: Path) -> list[dict[str, Any]]:
+    """The sandbox's --request-log: one record per arrival (with its time `t`) and per answer."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import heapq
 import json
@@ -43,8 +44,9 @@ from backfill.run.rate import FleetGate, throttle
 from backfill.run.stops import Stops
 from backfill.vocab import State
 
-from .conftest import png_bytes
+from .conftest import png_bytes, request_log, spawn_sandbox
 from .pg_server import ROLE_PASSWORD, PgCluster
+from .test_adaptive_rate import worst_window
 
 PARTNER_ID = "085"
 API_KEY = "fleet-test-key-93be1"
@@ -147,16 +149,6 @@ class SharedBucket:
         return result
 
 
-def worst_window(times: list[float], width: float = 1.0) -> int:
-    times = sorted(times)
-    worst, start = 0, 0
-    for end, t in enumerate(times):
-        while times[start] <= t - width:
-            start += 1
-        worst = max(worst, end - start + 1)
-    return worst
-
-
 @pytest.mark.parametrize("seed", range(8))
 async def test_a_fleet_joining_leaving_and_dying_stays_within_its_one_rate(seed: int) -> None:
     rng = random.Random(seed)
@@ -222,12 +214,22 @@ async def _rows(candidates: list[Candidate]) -> AsyncIterator[Batch]:
     yield Batch(candidates=candidates, rejects=[])
 
 
-async def test_a_process_whose_lease_ended_cannot_write_over_a_newer_attempt(pg_url: str) -> None:
-    a = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
-    b = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
+@contextlib.asynccontextmanager
+async def two_processes(pg_url: str, **options: Any) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two processes of a fleet on one ledger, runs "run-a" and "run-b" started: what the fleet tests share."""
+    a = await PostgresStore.open(pg_url, BINDING, writable=True, **options)
+    b = await PostgresStore.open(pg_url, BINDING, writable=True, **options)
     try:
         for store, run in ((a, "run-a"), (b, "run-b")):
             await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_process_whose_lease_ended_cannot_write_over_a_newer_attempt(pg_url: str) -> None:
+    async with two_processes(pg_url, lease_s=0.6) as (a, b):
         rows = [Candidate(line=2, user_id="u1", user_created_at="2021-01-01", image="u1.png")]
         assert await a.load("m1", "m.csv", _rows(rows)) is True
         assert await b.load("m1", "m.csv", _rows(rows)) is False  # joined: not loaded twice
@@ -254,17 +256,10 @@ async def test_a_process_whose_lease_ended_cannot_write_over_a_newer_attempt(pg_
         assert await b.unfinished("m1") == 0
         row = (await b.lookup(["u1"]))["u1"]
         assert (row.state, row.attempts, row.run_id) == (State.ENROLLED, 2, "run-b")
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_claims_split_the_rows_and_a_clean_stop_gives_its_claims_back(pg_url: str) -> None:
-    a = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=30)
-    b = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=30)
-    try:
-        for store, run in ((a, "run-a"), (b, "run-b")):
-            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+    async with two_processes(pg_url, lease_s=30) as (a, b):
         rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
                 for i in range(10)]  # fmt: skip
         await a.load("m1", "m.csv", _rows(rows))
@@ -278,9 +273,6 @@ async def test_claims_split_the_rows_and_a_clean_stop_gives_its_claims_back(pg_u
         assert (queue.manifest_sha256, queue.rows, queue.finished, queue.claimed) == ("m1", 10, 0, 8)
         await a.release()  # a clean stop: B takes A's rows at once, not after a lease
         assert [c.line for c in (await b.claim("m1", 10)).candidates] == [2, 3, 4, 5, 10, 11]
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_manifest_every_row_of_which_is_done_starts_a_new_pass(pg_url: str) -> None:
@@ -357,19 +349,13 @@ class Fleet:
         return path
 
     def start_sandbox(self) -> None:
-        self.sandbox = subprocess.Popen(
-            [sys.executable, "-m", "backfill", "sandbox", "--port", "0", "--latency-ms", "40", "--jitter-ms", "30",
-             "--error-rate", "0.08", "--reset-before-rate", "0.04", "--reset-after-rate", "0.04",
-             "--retry-after", "0.05", "--seed", str(self.rng.randrange(1 << 30)),
+        self.sandbox, self.base_url = spawn_sandbox(
+            ["--latency-ms", "40", "--jitter-ms", "30", "--error-rate", "0.08", "--reset-before-rate", "0.04",
+             "--reset-after-rate", "0.04", "--retry-after", "0.05", "--seed", str(self.rng.randrange(1 << 30)),
              "--state-file", str(self.folder / "sandbox-state.jsonl"), "--request-log", str(self.request_log),
              "--foreign-ids", str(self.folder / "foreign.txt")],
-            env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            self.env,
         )  # fmt: skip
-        assert self.sandbox.stderr is not None
-        line = self.sandbox.stderr.readline().decode()
-        found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
-        assert found, line
-        self.base_url = found.group(1)
 
     def start_run(self, rate: float) -> subprocess.Popen[bytes]:
         self.runs += 1
@@ -396,7 +382,7 @@ class Fleet:
         return asyncio.run(count())
 
     def requests(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.request_log.read_text().splitlines() if line.strip()]
+        return request_log(self.request_log)
 
     def ledger(self) -> dict[str, str]:
         with psycopg.connect(self.url) as conn:
@@ -685,11 +671,7 @@ async def test_a_reservation_the_ledger_refuses_is_an_error_not_a_free_slot() ->
 
 
 async def test_a_claim_this_process_has_forgotten_expires_instead_of_holding_the_fleet(pg_url: str) -> None:
-    a = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
-    b = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
-    try:
-        for store, run in ((a, "run-a"), (b, "run-b")):
-            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+    async with two_processes(pg_url, lease_s=0.6) as (a, b):
         rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
                 for i in range(3)]  # fmt: skip
         await a.load("m1", "m.csv", _rows(rows))
@@ -702,17 +684,10 @@ async def test_a_claim_this_process_has_forgotten_expires_instead_of_holding_the
         await asyncio.sleep(1.2)  # A renews (every 0.2 s) what it knows of
         got = await b.claim("m1", 10)
         assert [c.line for c in got.candidates] == [3, 4]  # line 2 still A's; the forgotten line 3 came back
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_one_id_in_two_manifests_is_never_sent_by_two_processes_at_once(pg_url: str) -> None:
-    a = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=30)
-    b = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=30)
-    try:
-        for store, run in ((a, "run-a"), (b, "run-b")):
-            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+    async with two_processes(pg_url, lease_s=30) as (a, b):
         row = [Candidate(line=2, user_id="u1", user_created_at="2021-01-01", image="u1.png")]
         await a.load("v1", "v1.csv", _rows(row))  # yesterday's manifest, still running
         await b.load("v2", "v2.csv", _rows(row))  # today's, holding the same user
@@ -727,9 +702,6 @@ async def test_one_id_in_two_manifests_is_never_sent_by_two_processes_at_once(pg
         assert [c.user_id for c in (await b.claim("v2", 10)).candidates] == ["u1"]
         done = await b.begin_attempt(_request("u1", "run-b"))
         assert isinstance(done, Refused) and done.why is Refusal.TERMINAL  # B skips it: never sent twice
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_rows_pages_through_every_id_whatever_the_databases_collation(pg_cluster: PgCluster) -> None:
@@ -778,11 +750,7 @@ async def test_a_row_stopped_before_its_retry_goes_back_to_the_fleet_not_finishe
     from backfill.run.records import ResultRow
     from backfill.vocab import Status
 
-    a = await PostgresStore.open(pg_url, BINDING, writable=True)
-    b = await PostgresStore.open(pg_url, BINDING, writable=True)
-    try:
-        for store, run in ((a, "run-a"), (b, "run-b")):
-            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+    async with two_processes(pg_url) as (a, b):
         rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
                 for i in range(2)]  # fmt: skip
         await a.load("m1", "m.csv", _rows(rows))
@@ -805,9 +773,6 @@ async def test_a_row_stopped_before_its_retry_goes_back_to_the_fleet_not_finishe
         assert [c.user_id for c in (await b.claim("m1", 10)).candidates] == [
             "u1"
         ]  # another process retries it
-    finally:
-        await a.close()
-        await b.close()
 
 
 def test_a_run_that_loses_its_ledger_for_longer_than_the_bound_exits_2_soon_and_says_so(
@@ -857,11 +822,7 @@ def test_a_run_that_loses_its_ledger_for_longer_than_the_bound_exits_2_soon_and_
 
 
 async def test_a_process_never_claims_again_a_line_it_still_holds(pg_url: str) -> None:
-    a = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
-    b = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
-    try:
-        for store, run in ((a, "run-a"), (b, "run-b")):
-            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+    async with two_processes(pg_url, lease_s=0.6) as (a, b):
         rows = [Candidate(line=2, user_id="u0", user_created_at="2021-01-01", image="u0.png")]
         await a.load("m1", "m.csv", _rows(rows))
         assert [c.line for c in (await a.claim("m1", 10)).candidates] == [2]
@@ -873,9 +834,6 @@ async def test_a_process_never_claims_again_a_line_it_still_holds(pg_url: str) -
         assert [c.line for c in (await b.claim("m1", 10)).candidates] == [
             2
         ]  # another process may take it over
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_row_handed_to_another_process_gives_its_claim_back(pg_url: str) -> None:
@@ -883,11 +841,7 @@ async def test_a_row_handed_to_another_process_gives_its_claim_back(pg_url: str)
 
     from backfill.run.claims import Claims
 
-    a = await PostgresStore.open(pg_url, BINDING, writable=True)
-    b = await PostgresStore.open(pg_url, BINDING, writable=True)
-    try:
-        for store, run in ((a, "run-a"), (b, "run-b")):
-            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+    async with two_processes(pg_url) as (a, b):
         await a.load("m1", "m.csv", _rows([Candidate(line=2, user_id="u0", user_created_at="2021-01-01",
                                                      image="u0.png")]))  # fmt: skip
         manifest = SimpleNamespace(sha256="m1", path="m.csv")
@@ -899,9 +853,6 @@ async def test_a_row_handed_to_another_process_gives_its_claim_back(pg_url: str)
         await asyncio.sleep(0.8)  # the next flush
         assert [c.line for c in (await b.claim("m1", 10)).candidates] == [2]
         await claims.close()
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_server_that_answers_no_is_an_error_at_once_not_an_outage_to_wait_out(pg_url: str) -> None:
