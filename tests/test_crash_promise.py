@@ -337,9 +337,13 @@ def test_c_the_ledger_named_another_way_is_still_locked(
     the symlink and hard-link runs then start and send. Also: exit 3 (errors.CheckpointLocked) before any
     output folder is made (compose.run opens the store first).
     """
-    server = threaded_sandboxes.start()
-    state = server.state
     rows = 30
+    # The last row's answer is held until the refusals are seen: the first run holds the ledger for as long as
+    # the test needs, on a busy machine too, and finishes when released (not after a wait).
+    server = threaded_sandboxes.start(
+        faults=Faults(script={f"user_{rows - 1:04d}": ["slow"]}, slow_ms=600_000)
+    )
+    state = server.state
     manifest = write_manifest(tmp_path, simple_rows(rows))
     (tmp_path / "dir").mkdir()
     (tmp_path / "x").mkdir()
@@ -347,9 +351,8 @@ def test_c_the_ledger_named_another_way_is_still_locked(
     (tmp_path / "elsewhere").mkdir()
     ledger = tmp_path / "dir" / "ledger.sqlite"
     env = cli_env(tmp_path)
-    # 5 requests/s: the first run takes ~6 s, long enough for the three others to start and be refused.
     first = subprocess.Popen(
-        run_command(manifest, server.base_url, "--checkpoint", str(ledger), "--rate", "5", "--out",
+        run_command(manifest, server.base_url, "--checkpoint", str(ledger), "--timeout", "900", "--out",
                     str(tmp_path / "out")),
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -386,8 +389,9 @@ def test_c_the_ledger_named_another_way_is_still_locked(
         assert hard.returncode == 2 and "hard links" in hard.stderr, hard.stderr[-800:]
         (tmp_path / "links" / "hard.sqlite").unlink()
         # Otherwise the refusals proved nothing: the first run must still have been holding the ledger.
-        assert first.poll() is None, "the first run finished before the others were refused; slow it down"
-        _, first_said = first.communicate(timeout=60)
+        assert first.poll() is None, "the first run finished before the others were refused"
+        threaded_sandboxes.loop.call_soon_threadsafe(server.release_held)
+        _, first_said = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
             first.kill()

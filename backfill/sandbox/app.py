@@ -28,6 +28,7 @@ _PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 _ERROR_STATUSES: Final = (500, 502, 503)
 _USER_ID: Final = web.RequestKey[str | None]("backfill_sandbox_user_id")
 _FOREIGN: Final = web.RequestKey[bool]("backfill_sandbox_foreign")
+WAKE_KEY: Final = web.AppKey("backfill_sandbox_wake_held", asyncio.Event)
 
 
 class _Sandbox:
@@ -38,7 +39,8 @@ class _Sandbox:
         self.rng = random.Random(options.seed)
         # Longer base64 can't decode within the limit: refuse it before spending time decoding it.
         self.max_photo_chars = 4 * math.ceil(options.max_photo_bytes / 3)
-        self.closing = asyncio.Event()
+        # Set at shutdown, or by a test that held answers on purpose: slow answers and latency sleeps end now.
+        self.wake_held = asyncio.Event()
         self.tokens = max(1.0, self.faults.rate_limit or 1.0)
         self.refilled_at: float | None = None
         self.state_file: StateFile | None = None
@@ -111,7 +113,7 @@ class _Sandbox:
 
     async def shutdown(self, app: web.Application) -> None:
         # Wakes slow answers and latency sleeps so stopping never waits out slow_ms.
-        self.closing.set()
+        self.wake_held.set()
         if self.request_log is not None:
             self.request_log.close()
 
@@ -253,11 +255,11 @@ class _Sandbox:
         return web.Response(status=500)
 
     async def _pause(self, seconds: float) -> None:
-        if seconds <= 0 or self.closing.is_set():
+        if seconds <= 0 or self.wake_held.is_set():
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self.closing.wait()
+                await self.wake_held.wait()
 
 
 @overload
@@ -280,6 +282,7 @@ def make_app(
     # Room for a photo somewhat over the limit, so it earns the API's 2204 rather than aiohttp's bare 413.
     app = web.Application(client_max_size=2 * chosen.max_photo_bytes + 1024 * 1024)
     app[STATE_KEY] = sandbox.state
+    app[WAKE_KEY] = sandbox.wake_held
     app.router.add_post("/v1/backfill_users", sandbox.enroll)
     app.router.add_get("/v1/_sandbox/state", sandbox.report)
     app.on_shutdown.append(sandbox.shutdown)

@@ -11,7 +11,7 @@ from typing import Unpack, overload
 from aiohttp import web
 
 from ..errors import ConfigError
-from .app import make_app
+from .app import WAKE_KEY, make_app
 from .options import OptionKeywords, SandboxOptions, resolve_options
 from .state import STATE_KEY
 
@@ -25,6 +25,11 @@ class RunningSandbox:
         self.state = app[STATE_KEY]
         self._runner = runner
         self._stopped = False
+
+    def release_held(self) -> None:
+        """Answer every held (slow) answer now, and every later one at once: a test that held a run on purpose
+        lets it finish at the moment it chooses, not after a wait. Call it on the sandbox's own loop."""
+        self.app[WAKE_KEY].set()
 
     async def stop(self) -> None:
         if not self._stopped:
