@@ -783,12 +783,12 @@ async def test_a_row_stopped_before_its_retry_goes_back_to_the_fleet_not_finishe
 
     async with two_processes(pg_url) as (a, b):
         rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
-                for i in range(2)]  # fmt: skip
+                for i in range(3)]  # fmt: skip
         await a.load("m1", "m.csv", _rows(rows))
         manifest = SimpleNamespace(sha256="m1", path="m.csv")
         claims = Claims(a, manifest, batch=10, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
         assert [c.user_id for c in (await claims.next_batch() or Batch(candidates=[], rejects=[])).candidates] == [
-            "u0", "u1"
+            "u0", "u1", "u2"
         ]  # fmt: skip
 
         class Collect:
@@ -798,12 +798,15 @@ async def test_a_row_stopped_before_its_retry_goes_back_to_the_fleet_not_finishe
 
         sink = FinishingSink(Collect(), claims)  # type: ignore[arg-type]
         sink.result(ResultRow(user_id="u0", status=Status.ENROLLED))
-        sink.result(ResultRow(user_id="u1", status=Status.PENDING))  # SIGTERM came during its backoff
+        # SIGTERM came during their backoff: after a refusal (pending), after a lost answer (in doubt).
+        sink.result(ResultRow(user_id="u1", status=Status.PENDING, unfinished=True))
+        sink.result(ResultRow(user_id="u2", status=Status.UNKNOWN, unfinished=True))
         await claims.close()  # a drain: finished rows told, the rest given back
-        assert await a.unfinished("m1") == 1
+        assert await a.unfinished("m1") == 2
         assert [c.user_id for c in (await b.claim("m1", 10)).candidates] == [
-            "u1"
-        ]  # another process retries it
+            "u1",
+            "u2",
+        ]  # another process retries them
 
 
 def test_a_run_that_loses_its_ledger_for_longer_than_the_bound_exits_2_soon_and_says_so(

@@ -8,6 +8,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -359,6 +360,34 @@ async def test_retry_after_is_capped_and_a_stop_ends_the_wait(
         settings = make_settings(server, checkpoint=tmp_path / "cp2.sqlite", max_duration=0.3)
         summary = await asyncio.wait_for(runner.run(settings, manifest), 30)
         assert summary.counts == {"pending": 1} and "--max-duration" in summary.stop_reason
+
+
+async def test_a_stop_during_a_retry_after_a_lost_answer_leaves_the_row_in_doubt_not_pending(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """A timeout may hide an enrollment (the sandbox enrolls, then holds the answer past --timeout). A stop that
+    comes while the row waits for its retry must say so: `unknown` in results.csv and the summary, never
+    `pending` (the word for a row nothing of ours may have enrolled); a re-run settles it as ours. (A row stopped
+    after 429s, which prove nothing was enrolled, stays `pending`: test_retry_after_is_capped_*.)"""
+    engine: list[Any] = []
+
+    async def stop_at_the_backoff(seconds: float) -> None:
+        engine[0].stop(
+            "--max-duration 1s reached; re-run to continue", 0
+        )  # as the deadline does, mid-backoff
+        await asyncio.sleep(0)
+
+    async with await start_sandbox(
+        PARTNER_ID, API_KEY, faults=Faults(script={"user_0000": ["slow"]}, slow_ms=60_000)
+    ) as server:
+        manifest = write_manifest(tmp_path, simple_rows(1))
+        settings = make_settings(server, timeout=0.3)
+        first = await runner.run(settings, manifest, sleep=stop_at_the_backoff, engine_ready=engine.append)
+        assert (first.counts, first.exit_code) == ({"unknown": 1}, 1)
+        assert "may have reached the server" in results(first)["user_0000"]["error"]
+        second = await runner.run(settings, manifest)
+        assert results(second)["user_0000"]["status"] == "already_enrolled"
+        assert server.state.requests["user_0000"] == 2
 
 
 class FlakyImages(LocalImageSource):

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from ..errors import BackfillError
 from ..ledger import Fleet
 from ..manifest import Batch, Manifest
-from ..vocab import Status
 from .records import RejectRow, ResultRow, Sink
 
 log = logging.getLogger("backfill")
@@ -161,10 +160,10 @@ class FinishingSink:
 
     def result(self, row: ResultRow) -> None:
         self._sink.result(row)
-        if row.status is not Status.PENDING:
+        if not row.unfinished:
             self._claims.finished((row.user_id,))
-        # PENDING: a stop came before its next attempt. Not finished: the claim goes back with the others at
-        # close, so another process tries it, as a re-run would on SQLite.
+        # Unfinished: a stop came before its next attempt. The claim goes back with the others at close, so
+        # another process tries it, as a re-run would on SQLite.
 
     def reject(self, row: RejectRow) -> None:
         self._sink.reject(row)

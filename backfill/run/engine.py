@@ -364,6 +364,7 @@ class Engine:
             smile_job_id=v.smile_job_id if v else "", job_id=v.job_id if v else "", attempts=sent.attempts,
             signature_ok=v.signature_ok if v else None, error=(v.error if v else "") or sent.message,
             finished_at=now_iso(), latency_ms=sent.latency_ms,
+            unfinished=sent.cut_short or sent.status is Status.PENDING,
         )  # fmt: skip
         self._result(result)
         ok = sent.status in OK_STATUSES

@@ -23,6 +23,9 @@ class ResultRow:
     error: str = ""
     finished_at: str = ""
     latency_ms: int | None = None  # the last attempt's round trip
+    # Not a column: a stop left the row's attempts unfinished (pending, or in doubt before its retry), so a
+    # fleet hands its claim back for another process instead of counting it finished.
+    unfinished: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,7 +20,7 @@ from .observe import NO_OBSERVER, Observer
 from .plan import Send, reused_message
 from .policy import RetryPolicy, is_throttled
 from .rate import Gate
-from .settle import final_status, ledger_state
+from .settle import final_status, ledger_state, unfinished_status
 from .stops import Stops
 
 log = logging.getLogger("backfill")
@@ -40,6 +40,8 @@ class Sent:
     # A fleet's row that another process holds now (its claim passed, or it is sending the ID itself): that
     # process tells it; this one writes nothing for it.
     elsewhere: bool = False
+    # A stop came before the row's next attempt: whatever its status says, its attempts are not over.
+    cut_short: bool = False
 
 
 @dataclass(slots=True)
@@ -50,6 +52,9 @@ class _Row:
     first_ever: bool = False
     latency_ms: int | None = None
     last: Sent | None = None  # set when an attempt ended the row without an answer to return
+    # A request of ours for this ID may have reached the server (this run's or an earlier one's, as the ledger
+    # said at the last attempt): a stop before the next attempt leaves the row in doubt, not merely pending.
+    doubt: bool = False
 
 
 class _Ended(Exception):
@@ -99,10 +104,7 @@ class Sender:
         except _Ended:
             return work.last
         # No `last`: the attempt settled as "to be tried again", then a stop came before the retry.
-        return work.last or Sent(
-            status=Status.PENDING, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
-            latency_ms=work.latency_ms,
-        )  # fmt: skip
+        return work.last or self._stopped(work, verdict)
 
     async def _attempt(self, work: _Row) -> Verdict:
         row = work.send
@@ -144,6 +146,7 @@ class Sender:
             self.in_flight -= 1
         took = time.perf_counter() - sent_at
         work.latency_ms = round(took * 1000)
+        work.doubt = ticket.doubt_before or verdict.may_have_enrolled
         del photo
         if verdict.unreachable and not self.connected:
             # Refused or no such host before anything answered: a wrong URL or network, not this row.
@@ -162,7 +165,7 @@ class Sender:
         again = self._policy.should_retry(verdict, attempt=work.attempts - work.throttled,
                                           throttled=work.throttled, stopping=self._stopping())  # fmt: skip
         status = (
-            Status.PENDING
+            unfinished_status(doubt=work.doubt)
             if again
             else final_status(verdict, doubt_before=ticket.doubt_before, stopped=self._stopping())
         )
@@ -212,8 +215,16 @@ class Sender:
         """A stop before this attempt left: nothing more of the row goes; it stays as the ledger has it."""
         if work.attempts == 0:
             return None
-        return work.last or Sent(status=Status.PENDING, attempts=work.attempts, first_ever=work.first_ever,
-                                 latency_ms=work.latency_ms, message="stopped before the next attempt")  # fmt: skip
+        return work.last or self._stopped(work, None)
+
+    def _stopped(self, work: _Row, verdict: Verdict | None) -> Sent:
+        """A row whose retry a stop cancelled: in doubt if an attempt of ours may have enrolled it, else pending."""
+        status = unfinished_status(doubt=work.doubt)
+        said = "stopped before the next attempt"
+        if status is Status.UNKNOWN:
+            said += "; an earlier request may have reached the server: a re-run settles it"
+        return Sent(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
+                    latency_ms=work.latency_ms, message=said, cut_short=True)  # fmt: skip
 
     def _reject(self, work: _Row, reason: Reason, message: str) -> Sent:
         """Nothing can be sent now: the row goes to rejects.csv with the reason, whatever went out before it."""

@@ -20,8 +20,15 @@ def final_status(verdict: Verdict, *, doubt_before: bool, stopped: bool) -> Stat
     if verdict.kind is Kind.UNVERIFIED or doubt_after:
         return Status.UNKNOWN
     if verdict.kind is Kind.SYSTEMIC or stopped:
-        return Status.PENDING
+        return unfinished_status(doubt=False)
     return Status.RETRY_EXHAUSTED
+
+
+def unfinished_status(*, doubt: bool) -> Status:
+    """A row whose attempts aren't over (a retry is planned, or a stop cut them short): in doubt (UNKNOWN) when a
+    request of ours for it may have reached the server, PENDING only when nothing sent for it can have enrolled
+    anyone. The ledger and results.csv say the same, so a crash or a stop mid-backoff never hides doubt."""
+    return Status.UNKNOWN if doubt else Status.PENDING
 
 
 def ledger_state(status: Status) -> State:

@@ -23,7 +23,8 @@ _MEANINGS: dict[str, str] = {
     State.FAILED: "a permanent answer; backfill retry --status failed after fixing the photo",
     State.RETRY_EXHAUSTED: "transient errors on every attempt; nothing enrolled; backfill retry re-sends",
     State.UNKNOWN: "the last answer was lost or untrusted: the user may be enrolled; backfill retry resolves it",
-    State.PENDING: "a run stopped before this row finished; backfill retry sends it",
+    State.PENDING: "a run stopped before this row finished, and nothing sent for it can have enrolled it; "
+    "backfill retry sends it",
     State.SENDING: "an attempt was on the wire when its run ended; backfill retry resolves it",
 }
 

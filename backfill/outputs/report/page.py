@@ -19,8 +19,10 @@ _STATUS_MEANINGS: dict[str, str] = {
     Status.ID_CONFLICT: "2209 for an ID this tool never sent: someone else holds it; a person must look",
     Status.FAILED: "a permanent answer: see the error codes below",
     Status.RETRY_EXHAUSTED: "transient errors on every attempt; nothing enrolled; a re-run retries",
-    Status.UNKNOWN: "the last answer was lost or untrusted: the user may be enrolled; a re-run resolves it",
-    Status.PENDING: "the run stopped before this row finished; a re-run sends it",
+    Status.UNKNOWN: "an answer was lost or untrusted (or a stop came before the retry after one): the user may be "
+    "enrolled; a re-run resolves it",
+    Status.PENDING: "the run stopped before this row finished, and nothing sent for it can have enrolled it; a "
+    "re-run sends it",
     Status.DRY_RUN: "--dry-run: built and signed, not sent",
 }
 _EXIT_MEANINGS: dict[int, str] = {
