@@ -48,20 +48,24 @@ from .vocab import Reason
 #   pd.util.hash_pandas_object on these strings, with the same collision odds for this purpose.
 # - Values are never trimmed: user_id and user_created_at are sent exactly as written, so " 123" is a bad id,
 #   not "123". Header names must match the configured column names exactly (the error suggests near misses).
+# - A NUL character can't be part of any id, date, file name or object key, and PostgreSQL text can't hold one
+#   (a fleet's ledger queues every row, rejects too): a row with one in a column that is used is rejected, and
+#   a reject's user_id shows it as U+2400, never the NUL itself (see Reject).
 
-# The text rules' reasons, in the order they are checked; a row gets the first that applies.
+# The text rules' reasons, in the order they are checked; a row gets the first that applies. IMAGE_MISSING: an
+# image_path with a NUL, which names no file (last, so the row gets the reason the image checks would give it).
 REASONS = (
     Reason.MALFORMED_ROW, Reason.EMPTY_VALUE, Reason.BAD_USER_ID, Reason.DUPLICATE_USER_ID, Reason.BAD_DATE,
-    Reason.FUTURE_DATE,
+    Reason.FUTURE_DATE, Reason.IMAGE_MISSING,
 )  # fmt: skip
 
 # Codes for the checks done on whole columns; 0 means "no problem found yet".
 # _HEADER_AGAIN is a row that repeats the header (two exports joined): a malformed_row with its own message.
-_MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE, _HEADER_AGAIN = 1, 2, 3, 4, 5, 6, 7
+_MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE, _HEADER_AGAIN, _NUL_IMAGE = range(1, 9)
 _CODE_REASON = {
     _MALFORMED: Reason.MALFORMED_ROW, _EMPTY: Reason.EMPTY_VALUE, _BAD_ID: Reason.BAD_USER_ID,
     _DUPLICATE: Reason.DUPLICATE_USER_ID, _BAD_DATE: Reason.BAD_DATE, _FUTURE: Reason.FUTURE_DATE,
-    _HEADER_AGAIN: Reason.MALFORMED_ROW,
+    _HEADER_AGAIN: Reason.MALFORMED_ROW, _NUL_IMAGE: Reason.IMAGE_MISSING,
 }  # fmt: skip
 
 _ENCODING = "utf-8-sig"  # UTF-8, with or without the byte order mark Excel writes
@@ -111,7 +115,9 @@ _CANDIDATE_SETTERS = tuple(
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reject:
     line: int
-    user_id: str  # as in the file ("" if empty)
+    # As in the file ("" if empty), but a NUL shown as U+2400 SYMBOL FOR NULL: readable in rejects.csv, storable
+    # in PostgreSQL, and never equal to a sendable id (those are ASCII), by which a fleet knows a sent row.
+    user_id: str
     reason: Reason
     message: str  # names the value and the fix
 
@@ -121,7 +127,7 @@ class ManifestRules:
     user_id_column: str = "user_id"
     user_created_at_column: str = "user_created_at"
     image_path_column: str = "image_path"
-    # Must match the whole id; ids must also be ASCII, whatever the pattern says.
+    # Must match the whole id; ids must also be ASCII and free of NUL, whatever the pattern says.
     user_id_pattern: str = r"[A-Za-z0-9_-]+"
     max_image_bytes: int = 5 * 1024 * 1024  # of the file's bytes; exactly the limit is allowed
     images_root: Path | None = None  # when set, an image's real path (symlinks followed) must lie inside it
@@ -338,7 +344,7 @@ class _RowChecker:
         good_id = uid.str.fullmatch(self._pattern, flags=re.ASCII).to_numpy(dtype=bool) & np.fromiter(
             map(str.isascii, uids), dtype=bool, count=n
         )
-        _mark(codes, ~good_id, _BAD_ID)
+        _mark(codes, ~good_id | _nul(uids), _BAD_ID)
         if m._duplicates:
             _mark(codes, uid.isin(m._duplicates.keys()).to_numpy(dtype=bool), _DUPLICATE)
         # Dates repeat a lot (many accounts a day), so each distinct value is parsed once.
@@ -347,6 +353,7 @@ class _RowChecker:
         date_codes = np.array([v[0] for v in verdicts], dtype=np.int8)[index]
         pending = (codes == 0) & (date_codes != 0)
         codes[pending] = date_codes[pending]
+        _mark(codes, _nul(images), _NUL_IMAGE)
 
         candidates: list[Candidate] = []
         rejects: list[Reject] = []
@@ -355,7 +362,8 @@ class _RowChecker:
             line = first_line + i
             if code:
                 message = self._explain(code, line, uids[i], dates[i], images[i], verdicts[index[i]][1])
-                rejects.append(Reject(line=line, user_id=uids[i], reason=_CODE_REASON[code], message=message))
+                shown = uids[i].replace("\x00", "\u2400")
+                rejects.append(Reject(line=line, user_id=shown, reason=_CODE_REASON[code], message=message))
             else:
                 # Its slots set directly (a frozen __init__ per row cost ~1 us of every manifest row's time).
                 candidate = new(Candidate)
@@ -439,6 +447,12 @@ class _RowChecker:
                 return "the row is blank: delete it, or fill in the user's id, creation date and photo"
             return f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: fill in a value"
         if code == _BAD_ID:
+            if "\x00" in uid:
+                at = uid.index("\x00") + 1
+                return (
+                    f"{labels['user_id']} {uid!r} contains a NUL character (character {at}), which no id can: "
+                    "fix the id in the export"
+                )
             hint = ""
             if uid != uid.strip():
                 hint = " (it has spaces around it)"
@@ -457,6 +471,11 @@ class _RowChecker:
             return (
                 f"{labels['user_id']} {uid!r} appears {count} times in the manifest (lines {shown}): every copy "
                 "is held back because there is no telling which photo is right; keep one row per user"
+            )
+        if code == _NUL_IMAGE:
+            return (
+                f"{labels['image_path']} {image!r} contains a NUL character, which no file or object name can: "
+                "correct the path"
             )
         return date_message
 
@@ -632,7 +651,7 @@ def _confirm_duplicates(
     return {
         uid: entry
         for uid, entry in seen.items()
-        if entry[0] > 1 and uid.isascii() and pattern.fullmatch(uid) is not None
+        if entry[0] > 1 and uid.isascii() and "\x00" not in uid and pattern.fullmatch(uid) is not None
     }
 
 
@@ -707,6 +726,13 @@ def _encoding_error(path: Path) -> ManifestError:
         except UnicodeDecodeError:
             return ManifestError(f"{path} is not UTF-8: it ends in the middle of a character. {fix}")
     return ManifestError(f"{path} is not UTF-8. {fix}")
+
+
+def _nul(values: list[str]) -> npt.NDArray[np.bool_]:
+    """Where a value holds a NUL; a chunk without any (nearly every one) is told by one scan of its text."""
+    if "\x00" not in "".join(values):
+        return np.zeros(len(values), dtype=bool)
+    return np.fromiter(("\x00" in v for v in values), dtype=bool, count=len(values))
 
 
 def _blank(values: pd.Series[str]) -> npt.NDArray[np.bool_]:

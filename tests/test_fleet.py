@@ -573,6 +573,59 @@ def test_run_status_export_retry_report_and_check_all_take_a_postgresql_ledger(
     assert server.state.total_requests == 7 + 2 + 1  # nothing sent twice but the row that was retried
 
 
+def test_a_nul_byte_in_a_manifest_is_a_reject_on_a_fleet_as_on_sqlite(
+    tmp_path: Path, threaded_sandboxes: Any, pg_url: str
+) -> None:
+    # PostgreSQL text can't hold a NUL, and the fleet queues every row of the manifest, rejects too: one NUL
+    # must cost its row, not stop every process of the fleet before anything is sent.
+    (tmp_path / "images").mkdir()
+    rows = [
+        ("good_1", "2021-08-12", "images/good_1.png", ""),
+        ("nul\x00id", "2021-08-12", "images/good_2.png", ""),
+        ("nul_image", "2021-08-12", "images/nul\x00.png", ""),
+        ("nul_date", "2021-08-12\x00", "images/good_3.png", ""),
+        ("good_4", "2021-08-12", "images/good_4.png", "a note\x00 in a column that isn't read"),
+    ]
+    for i, name in enumerate(("good_1", "good_2", "good_3", "good_4")):
+        (tmp_path / "images" / f"{name}.png").write_bytes(png_bytes(i))
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["user_id", "user_created_at", "image_path", "notes"])
+        out.writerows(rows)
+    env = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": "test-api-key", "PGPASSWORD": ROLE_PASSWORD}
+
+    def run(ledger: str, name: str) -> tuple[list[dict[str, str]], dict[str, str], bytes]:
+        server = threaded_sandboxes.start()  # a sandbox each: the second run must not meet the first's users
+        result = CliRunner().invoke(
+            main, ["run", str(manifest), "--env", "local", "--base-url", server.base_url, "--checkpoint", ledger,
+                   "--out", str(tmp_path / name), "--no-progress"], env=env, catch_exceptions=False,
+        )  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert server.state.total_requests == 2  # the good rows only, once each
+        (rejects,) = (tmp_path / name).rglob("rejects.csv")
+        (results,) = (tmp_path / name).rglob("results.csv")
+        with rejects.open(newline="") as r, results.open(newline="") as s:
+            return (
+                list(csv.DictReader(r)),
+                {x["user_id"]: x["status"] for x in csv.DictReader(s)},
+                rejects.read_bytes(),
+            )
+
+    fleet_rejects, fleet_results, fleet_raw = run(pg_url, "fleet")
+    assert [(r["line"], r["user_id"], r["reason"]) for r in fleet_rejects] == [
+        ("3", "nul\u2400id", "bad_user_id"), ("4", "nul_image", "image_missing"), ("5", "nul_date", "bad_date"),
+    ]  # fmt: skip
+    assert "NUL" in fleet_rejects[1]["message"] and r"'2021-08-12\x00'" in fleet_rejects[2]["message"]
+    assert b"\x00" not in fleet_raw  # the NUL shown as a symbol: readable in rejects.csv, as in the ledger
+    assert r"'nul\x00id' contains a NUL character (character 4)" in fleet_rejects[0]["message"]
+    assert fleet_results == {"good_1": "enrolled", "good_4": "enrolled"}
+    # The same manifest on one machine's SQLite ledger: the same rejects, said the same way, and the same sends.
+    sqlite_rejects, sqlite_results, _ = run(str(tmp_path / "ledger.sqlite"), "sqlite")
+    assert sqlite_rejects == fleet_rejects
+    assert sqlite_results == fleet_results
+
+
 # --- the database goes away: outcomes wait for it, up to a bound, then the run stops cleanly ---
 
 
