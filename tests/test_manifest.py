@@ -326,6 +326,27 @@ def test_user_id_pattern_is_configurable_but_ascii_only(tmp_path: Path) -> None:
     assert reasons(path, rules(user_id_pattern=r"[\w.]+")) == {2: "ok", 3: "bad_user_id"}
 
 
+def test_a_nul_is_refused_in_every_column_used_whatever_the_pattern(tmp_path: Path) -> None:
+    # No API takes a NUL, and a fleet's PostgreSQL ledger can't store one, even in a reject's user_id.
+    image(tmp_path, "a.png")
+    path = manifest_of(
+        tmp_path,
+        [
+            ("a\x00", "2021-08-12", "a.png"),
+            ("b", "2021-08-12", "a\x00.png"),
+            ("c", "2021-08-12\x00", "a.png"),
+        ],
+    )
+    rows, rejects = read(path, rules(user_id_pattern=r"[^,]+"))  # a pattern that a NUL matches
+    assert not rows
+    assert [(r.line, r.reason, r.user_id) for r in rejects] == [
+        (2, "bad_user_id", "a\u2400"), (3, "image_missing", "b"), (4, "bad_date", "c"),
+    ]  # fmt: skip
+    assert "'a\\x00' contains a NUL character (character 2)" in rejects[0].message
+    assert "'a\\x00.png' contains a NUL character" in rejects[1].message
+    assert not any("\x00" in r.user_id + r.message for r in rejects)
+
+
 def test_every_occurrence_of_a_duplicate_is_rejected_across_chunks(tmp_path: Path) -> None:
     image(tmp_path, "a.png")
     ids = ["d1", "u1", "d2", "u2", "d1", "u3", "d2", "u4", "d1", "", "", "bad id", "bad id"]
