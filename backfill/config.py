@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
@@ -92,6 +93,9 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # What was ignored but looks meant (an unknown BACKFILL_* variable): the CLI prints these; nothing else does.
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # Credentials that were given but can't be used, held back for `check` (load_settings(defer_credentials=True))
+    # so that it names every one in a run, not one per re-run; the credential itself is left unset.
+    credential_problems: tuple[ConfigError, ...] = field(default=(), compare=False)
 
     @property
     def endpoint(self) -> str:
@@ -122,7 +126,7 @@ class Settings:
         """The settings as plain values with secrets masked, for summaries and `config show`."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name in ("sources", "warnings"):
+            if f.name in ("sources", "warnings", "credential_problems"):
                 continue
             value = getattr(self, f.name)
             if isinstance(value, Secret):
@@ -364,6 +368,7 @@ _TEXT_KEYS = frozenset(
 )  # fmt: skip
 # Keys only the YAML may set; `api_key` is named so the error can say why it is refused.
 _YAML_ONLY = {"columns", "api_key_file"}
+_CREDENTIALS = frozenset({"partner_id", "api_key", "api_key_file"})
 _FIXES = {
     "partner_id": "set SMILE_PARTNER_ID or `partner_id:` (quoted) in the config file",
     "api_key": "export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config file",
@@ -376,29 +381,51 @@ def load_settings(
     flags: Mapping[str, object] | None = None,
     *,
     need_credentials: bool = True,
+    defer_credentials: bool = False,
 ) -> Settings:
-    """Resolve settings from every layer; the first problem raises ConfigError naming key, source, fix."""
+    """Resolve settings from every layer; the first problem raises ConfigError naming key, source, fix.
+
+    `defer_credentials` (with need_credentials=False): a credential given but unusable doesn't raise; it is
+    left unset and its error kept in `credential_problems`, for a caller that reports every problem at once.
+    """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     columns = {k: k for k in COLUMN_KEYS}
     api_key: Secret | None = None
+    deferred: list[ConfigError] = []
+
+    def refuse(error: ConfigError) -> None:
+        if not (defer_credentials and error.key in _CREDENTIALS):
+            raise error
+        deferred.append(error)
 
     def put(key: str, raw: object, source: str) -> None:
         try:
             values[key] = _PARSERS[key](raw)
         except ValueError as exc:
-            raise ConfigError(key, source, str(exc), _FIXES.get(key, f"correct {key} in {source}")) from None
+            refuse(ConfigError(key, source, str(exc), _FIXES.get(key, f"correct {key} in {source}")))
+            values.pop(key, None)  # an earlier layer's value is not the one meant: leave it unset
         sources[key] = source
+
+    def key_from(read: Callable[[], Secret], source: str) -> None:
+        nonlocal api_key
+        try:
+            api_key = read()
+        except ConfigError as error:
+            refuse(error)
+            api_key = None
+        sources["api_key"] = source
 
     if config_file is not None:
         where = f"config file {config_file}"
         data, written = _read_yaml(config_file)
         for key, raw in data.items():
             if key == "api_key":
-                raise ConfigError(
+                refuse(ConfigError(
                     "api_key", where, "the API key must never be stored in the config file", _FIXES["api_key"]
-                )
+                ))  # fmt: skip
+                continue
             if key not in _PARSERS and key not in _YAML_ONLY:
                 close = difflib.get_close_matches(str(key), [*_PARSERS, *_YAML_ONLY], n=1)
                 hint = (
@@ -406,13 +433,15 @@ def load_settings(
                 )
                 raise ConfigError(str(key), where, "unknown key", f"remove it or fix its name ({hint})")
             if key in _TEXT_KEYS and isinstance(raw, bool | int | float | date):
-                raise _not_text(key, raw, written.get(key), where)
+                refuse(_not_text(key, raw, written.get(key), where))
+                continue
             if key == "columns":
                 columns = _columns(raw, where, written)
                 sources["columns"] = where
             elif key == "api_key_file":
-                api_key = _read_key_file(raw, config_file, where)
-                sources["api_key"] = f"{where} (api_key_file)"
+                key_from(
+                    functools.partial(_read_key_file, raw, config_file, where), f"{where} (api_key_file)"
+                )
             else:
                 put(key, raw, where)
 
@@ -424,8 +453,8 @@ def load_settings(
     if "SMILE_PARTNER_ID" in environ:
         put("partner_id", environ["SMILE_PARTNER_ID"], "environment SMILE_PARTNER_ID")
     if environ.get("SMILE_API_KEY"):
-        api_key = _api_key(environ["SMILE_API_KEY"], "environment SMILE_API_KEY")
-        sources["api_key"] = "environment SMILE_API_KEY"
+        key_from(lambda: _api_key(environ["SMILE_API_KEY"], "environment SMILE_API_KEY"),
+                 "environment SMILE_API_KEY")  # fmt: skip
     if "data_dir" not in values:
         values["data_dir"] = _data_dir(environ)
         sources["data_dir"] = (
@@ -441,12 +470,12 @@ def load_settings(
     if "base_url" not in values:
         env = values.get("env", Settings.env)
         values["base_url"] = ENVIRONMENTS[env]
-        sources["base_url"] = f"derived from env={env}"
+        sources["base_url"] = f"env={env}"  # read after "from" in every message: "(from env=local)"
     values["columns"] = columns
     values["api_key"] = api_key or Secret("")
     for key in [f.name for f in fields(Settings)]:
         sources.setdefault(key, "default")
-    settings = Settings(**values, sources=sources, warnings=warnings)
+    settings = Settings(**values, sources=sources, warnings=warnings, credential_problems=tuple(deferred))
     _check_whole(settings, need_credentials)
     return settings
 

@@ -20,12 +20,13 @@ import aiohttp
 from . import compose
 from .api.answers import printable, url_for_messages
 from .config import Settings
-from .errors import BackfillError, LedgerAbsent
+from .errors import BackfillError, ConfigError, LedgerAbsent
 from .images import ImageProblem, ImageSource
-from .ledger import Store
+from .ledger import LedgerRow, Store
 from .ledger.sqlite import writer_alive
 from .manifest import Candidate, Manifest
-from .vocab import ExitCode
+from .run import plan
+from .vocab import ExitCode, Reason
 
 SAMPLE = 20  # photos checked from the head of the manifest, and as many again drawn at random
 MAX_SKEW_S = 60.0  # the server checks each signature's timestamp; no tolerance is documented (API.md)
@@ -54,7 +55,7 @@ def run_checks(settings: Settings, manifest: Path | str) -> list[Check]:
 
 
 async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
-    checks = [_settings_check(settings), _credentials_check(settings)]
+    checks = [_settings_check(settings), *_credentials_checks(settings)]
     manifest: Manifest | None = None
     try:
         manifest, remote = await compose.load_manifest(settings, manifest_path)
@@ -70,12 +71,15 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
             detail=f"{manifest.path}: {rows} rows, {len(ids)} pass the text rules, {rejected} don't"
             + (" (`backfill validate` lists them)" if rejected else ""),
         ))  # fmt: skip
-    checks += await _ledger_checks(settings, ids)
+    ledger, known = await _ledger_checks(settings, ids, sample)
+    checks += ledger
     checks += await _api_checks(settings)
     if manifest is not None:
         images = compose.image_source(settings, manifest.path, remote=remote)
         try:
             checks.append(await _images_check(sample, images))
+            if known:
+                checks.append(await _pins_check(sample, known, images))
         finally:
             await images.close()
     return checks
@@ -83,28 +87,60 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
 
 def _settings_check(settings: Settings) -> Check:
     shown = settings.redacted()
-    parts = [f"{k}={shown[k] if k != 'checkpoint' else (settings.ledger_url or settings.checkpoint_path())} "
-             f"(from {settings.sources.get(k, 'default')})" for k in _SHOWN_SETTINGS]  # fmt: skip
+    parts = [f"{k}={_shown_setting(settings, k, shown[k])} (from {settings.sources.get(k, 'default')})"
+             for k in _SHOWN_SETTINGS]  # fmt: skip
     return Check(name="settings", ok=True, detail="; ".join(parts))
 
 
-def _credentials_check(settings: Settings) -> Check:
+def _shown_setting(settings: Settings, key: str, value: object) -> str:
+    if key != "checkpoint":
+        return str(value) if value != "" else "(not set)"
+    if settings.ledger_url is not None:
+        return settings.ledger_url
+    return str(_default_ledger(settings) or "(named after the partner ID, which is not set)")
+
+
+def _default_ledger(settings: Settings) -> Path | None:
+    """The SQLite ledger's path, or None when it can't be named: the default one is named after the partner."""
+    if settings.checkpoint is None and not settings.partner_id:
+        return None
+    return settings.checkpoint_path()
+
+
+def _credentials_checks(settings: Settings) -> list[Check]:
+    """One line per credential problem, all of them: fixing one and re-running to learn of the next wastes a
+    round trip per credential."""
     src = settings.sources
     where_id, where_key = src.get("partner_id", "default"), src.get("api_key", "default")
-    if not settings.partner_id:
-        return Check(name="credentials", ok=False, detail="no partner ID is set",
-                     fix="export SMILE_PARTNER_ID (as a string, e.g. 085)")  # fmt: skip
-    if not settings.partner_id.isdigit():
-        return Check(name="credentials", ok=False,
-                     detail=f"partner ID {printable(settings.partner_id, limit=40)!r} (from {where_id}) is not digits",
-                     fix="set SMILE_PARTNER_ID to the partner ID Smile ID gave you, e.g. 085")  # fmt: skip
-    if not settings.api_key:
-        return Check(name="credentials", ok=False, detail="no API key is set",
-                     fix="export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config")  # fmt: skip
+    given = {"api_key" if e.key == "api_key_file" else e.key: e for e in settings.credential_problems}
+    checks = []
+    if "partner_id" in given:
+        checks.append(_refused(given["partner_id"]))
+    elif not settings.partner_id:
+        checks.append(Check(name="credentials", ok=False, detail="no partner ID is set",
+                            fix="export SMILE_PARTNER_ID (as a string, e.g. 085)"))  # fmt: skip
+    elif not settings.partner_id.isdigit():
+        checks.append(Check(name="credentials", ok=False,
+                            detail=f"partner ID {printable(settings.partner_id, limit=40)!r} (from {where_id}) is "
+                            "not digits",
+                            fix="set SMILE_PARTNER_ID to the partner ID Smile ID gave you, e.g. 085"))  # fmt: skip
+    if "api_key" in given:
+        checks.append(_refused(given["api_key"]))
+    elif not settings.api_key:
+        checks.append(Check(name="credentials", ok=False, detail="no API key is set",
+                            fix="export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the "
+                            "config"))  # fmt: skip
+    if checks:
+        return checks
     # Printable and on one line was checked as the settings resolved; only the API can say the key is right.
-    return Check(name="credentials", ok=True,
-                 detail=f"partner {settings.partner_id} (from {where_id}); API key set (from {where_key}), one "
-                 "printable line; whether the API accepts it is seen on the first row sent")  # fmt: skip
+    return [Check(name="credentials", ok=True,
+                  detail=f"partner {settings.partner_id} (from {where_id}); API key set (from {where_key}), one "
+                  "printable line; whether the API accepts it is seen on the first row sent")]  # fmt: skip
+
+
+def _refused(error: ConfigError) -> Check:
+    return Check(name="credentials", ok=False, detail=f"{error.key} (from {error.source}): {error.problem}",
+                 fix=error.fix)  # fmt: skip
 
 
 def _scan(manifest: Manifest) -> tuple[int, int, list[Candidate], list[str]]:
@@ -130,14 +166,20 @@ def _scan(manifest: Manifest) -> tuple[int, int, list[Candidate], list[str]]:
     return manifest.total_rows, rejected, head + drawn, ids
 
 
-async def _shared_ledger_checks(settings: Settings, ids: list[str] | None) -> list[Check]:
+# The ledger's checks, and its rows for the sampled IDs (what `run` would decide those rows from).
+LedgerChecks = tuple[list[Check], dict[str, LedgerRow]]
+
+
+async def _shared_ledger_checks(
+    settings: Settings, ids: list[str] | None, sample: list[Candidate]
+) -> LedgerChecks:
     """A PostgreSQL ledger: it connects and is bound to this partner; other live runs are a fleet, not a lock."""
     try:
         store = await compose.open_store(settings, writable=False)
     except LedgerAbsent as exc:
-        return [Check(name="ledger", ok=True, detail=f"{exc}; the first run creates it")]
+        return [Check(name="ledger", ok=True, detail=f"{exc}; the first run creates it")], {}
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")]
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}
     try:
         status = await store.status()
         checks = [Check(name="ledger", ok=True,
@@ -145,30 +187,39 @@ async def _shared_ledger_checks(settings: Settings, ids: list[str] | None) -> li
                         f"{store.binding.endpoint}; {len(status.processes)} run(s) of a fleet live now")]  # fmt: skip
         if ids is not None:
             checks.append(await _held(store, ids))
-        return checks
+        return checks, await store.lookup([c.user_id for c in sample])
     finally:
         await store.close()
 
 
-async def _ledger_checks(settings: Settings, ids: list[str] | None) -> list[Check]:
+async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list[Candidate]) -> LedgerChecks:
     if settings.ledger_url is not None:
-        return await _shared_ledger_checks(settings, ids)
-    path = settings.checkpoint_path()
+        return await _shared_ledger_checks(settings, ids, sample)
+    path = _default_ledger(settings)
+    if path is None:
+        return [Check(name="ledger", ok=False,
+                      detail="the default ledger is named after the partner ID, so it can't be named until the "
+                      "partner ID is known: whether it exists, and what it holds, is not checked",
+                      fix="set SMILE_PARTNER_ID (see credentials), or name the ledger with --checkpoint")], {}  # fmt: skip
     if not path.exists():
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             what = "is not writable" if folder.is_dir() else "is not a folder"
             return [Check(name="ledger", ok=False, detail=f"no ledger at {path}, and {folder} {what}",
-                          fix="make the folder writable, or name another ledger with --checkpoint")]  # fmt: skip
+                          fix="make the folder writable, or name another ledger with --checkpoint")], {}  # fmt: skip
+        bound = (f"bound to partner {settings.partner_id} on {settings.endpoint}" if settings.partner_id
+                 else f"bound to {settings.endpoint} and to the partner ID the run is given: no partner ID is "
+                 "set yet")  # fmt: skip
         return [Check(name="ledger", ok=True, detail=f"no ledger yet at {path}: the first run creates it "
-                      f"(bound to partner {settings.partner_id} on {settings.endpoint})")]  # fmt: skip
+                      f"({bound})")], {}  # fmt: skip
     if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
         return [Check(name="ledger", ok=False, detail=f"the ledger {path} (or its folder) is not writable",
-                      fix="fix its permissions (runs record every attempt there), or use another --checkpoint")]  # fmt: skip
+                      fix="fix its permissions (runs record every attempt there), or use another --checkpoint")
+                ], {}  # fmt: skip
     try:
         store = await compose.open_store(settings, writable=False)
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")]
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}
     try:
         checks = [Check(name="ledger", ok=True,
                         detail=f"{store.location} opens; bound to partner {store.binding.partner_id} on "
@@ -179,9 +230,9 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None) -> list[Chec
                                 fix="wait for it to finish, or stop it (`backfill status` shows its run)"))  # fmt: skip
         if ids is not None:
             checks.append(await _held(store, ids))
-        return checks
+        return checks, await store.lookup([c.user_id for c in sample])
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")]
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}
     finally:
         await store.close()
 
@@ -277,3 +328,21 @@ async def _images_check(sample: list[Candidate], images: ImageSource) -> Check:
     return Check(name="images", ok=True,
                  detail=f"{len(sample)} photos (the first {min(SAMPLE, len(sample))} and a random draw) are "
                  "readable, complete JPEG/PNG within the size limit")  # fmt: skip
+
+
+async def _pins_check(sample: list[Candidate], known: dict[str, LedgerRow], images: ImageSource) -> Check:
+    """The sampled rows the ledger already holds, decided by the run's own code (`plan.decide`, which only
+    reads): an ID the ledger pins to another photo is refused by `run`, so it is a problem here too."""
+    held = [c for c in sample if c.user_id in known]
+    decisions = await plan.decide(held, known, images)
+    reused = [d for d in decisions if isinstance(d, plan.Settle) and d.reason is Reason.USER_ID_REUSED]
+    if not reused:
+        return Check(name="ledger pins", ok=True,
+                     detail=f"{len(held)} sampled rows the ledger already holds: none names another photo than "
+                     "the one its user_id was sent with")  # fmt: skip
+    said = "; ".join(f"line {d.line} ({d.user_id}): {d.reason}: {d.message}" for d in reused[:5])
+    more = f" (and {len(reused) - 5} more)" if len(reused) > 5 else ""
+    return Check(name="ledger pins", ok=False,
+                 detail=f"{len(reused)} of {len(held)} sampled rows the ledger already holds name another photo "
+                 f"than the one sent for their user_id, and `run` rejects them: {said}{more}",
+                 fix="give each of those users a new user_id, or restore the photo first sent for it")  # fmt: skip

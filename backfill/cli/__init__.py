@@ -102,13 +102,15 @@ def validate(manifest: str, config_file: Path | None, out: Path | None, read_con
 @read_concurrency_option
 @guard
 def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
-    """Preflight for `run` with the same settings: credentials, ledger, API host, TLS, clock, a sample of
-    MANIFEST's photos. Sends nothing that could enroll anyone (one GET of the API root); writes nothing."""
+    """Preflight for `run` with the same settings: credentials (every problem at once), ledger, API host, TLS,
+    clock, a sample of MANIFEST's photos, and whether the ledger pins a sampled user_id to another photo. Sends
+    nothing that could enroll anyone (one GET of the API root); writes nothing."""
     from .. import preflight
     from ..errors import ConfigError
 
     try:
-        settings = load_settings(config_file, flags=flags, need_credentials=False)
+        # A credential that can't be used is one of the checks, beside the others, not the end of the check.
+        settings = load_settings(config_file, flags=flags, need_credentials=False, defer_credentials=True)
     except ConfigError as error:
         click.echo(scrub(f"problem  settings: {error.key} (from {error.source}): {error.problem}"))
         click.echo(scrub(f"         fix: {error.fix}"))

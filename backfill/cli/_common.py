@@ -90,10 +90,12 @@ def load_settings(
     flags: Mapping[str, object] | None = None,
     *,
     need_credentials: bool = True,
+    defer_credentials: bool = False,
 ) -> Settings:
     """`config.load_settings`, with its warnings (an unknown BACKFILL_* variable) on stderr, error or not."""
     try:
-        settings = config.load_settings(config_file, environ, flags, need_credentials=need_credentials)
+        settings = config.load_settings(config_file, environ, flags, need_credentials=need_credentials,
+                                        defer_credentials=defer_credentials)  # fmt: skip
     except ConfigError:
         _warn(config.environment_warnings(os.environ if environ is None else environ))
         raise
