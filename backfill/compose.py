@@ -12,12 +12,13 @@ import functools
 import gc
 import signal
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .api.client import Client
+from .api.client import Client, request_url
 from .config import ENVIRONMENTS, Settings, endpoint_of
-from .errors import BackfillError, CheckpointError, ConfigError, LedgerAbsent
+from .errors import BackfillError, CheckpointError, ConfigError, Declined, LedgerAbsent
 from .images import ImageSource
 from .images.dispatch import DispatchingImageSource
 from .images.local import LocalImageSource
@@ -35,6 +36,31 @@ from .vocab import RETRYABLE_STATES, State, parse_states
 if TYPE_CHECKING:
     from .images.remote import RemoteImageSource
     from .outputs.metrics import RunMetrics
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outbound:
+    """What a run is about to send, told before anything is sent or written: for a caller that asks first."""
+
+    rows: int
+    source: str  # where the rows come from (the manifest, or the ledger's rows being retried), as said
+    partner_id: str
+    url: str  # where every request goes
+    ledger: str
+    limit: int | None
+
+
+# Asked with what a run is about to send; False stops it (Declined) before its first request or ledger write.
+Confirm = Callable[[Outbound], bool]
+
+
+def _ask(confirm: Confirm, settings: Settings, *, rows: int, source: str) -> None:
+    ledger = settings.ledger_url or str(settings.checkpoint_path())
+    outbound = Outbound(rows=rows, source=source, partner_id=settings.partner_id,
+                        url=request_url(settings.base_url), ledger=ledger, limit=settings.limit)  # fmt: skip
+    if not confirm(outbound):
+        raise Declined("nothing sent, and the ledger untouched: the answer was not yes. Answer y to send, or "
+                       "pass --yes to send without being asked")  # fmt: skip
 
 
 def manifest_rules(settings: Settings) -> ManifestRules:
@@ -138,11 +164,15 @@ async def run(
     store: Store | None = None,
     images: ImageSource | None = None,
     engine_ready: Any = None,
+    confirm: Confirm | None = None,
 ) -> Summary:
-    """One backfill in the current event loop. `store`/`images` replace the ones the settings would build."""
+    """One backfill in the current event loop. `store`/`images` replace the ones the settings would build.
+
+    `confirm`: asked once the manifest is read, before the ledger is opened (or made) and anything is sent.
+    """
     with _fewer_collections():
         return await _run(settings, manifest_path, progress=progress, sleep=sleep, resend_failed=resend_failed,
-                          store=store, images=images, engine_ready=engine_ready)  # fmt: skip
+                          store=store, images=images, engine_ready=engine_ready, confirm=confirm)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -170,8 +200,13 @@ async def _run(
     store: Store | None,
     images: ImageSource | None,
     engine_ready: Any,
+    confirm: Confirm | None,
 ) -> Summary:
     manifest, remote = await load_manifest(settings, manifest_path)
+    if confirm is not None:
+        # The manifest is read for its row count first: a question without the number is not worth answering.
+        _ask(confirm, settings, rows=manifest.total_rows,
+             source=f"the manifest {manifest_path}; those the ledger holds as done are skipped")  # fmt: skip
     own_store = store is None
     if store is None:
         # Before the output folder: a locked ledger leaves no litter. A dry run only reads, and may find none.
@@ -244,6 +279,7 @@ def run_blocking(
     progress: Progress | None = None,
     resend_failed: bool = False,
     on_interrupt: OnInterrupt | None = None,
+    confirm: Confirm | None = None,
 ) -> Summary:
     """One backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143).
 
@@ -253,9 +289,8 @@ def run_blocking(
     def ready(engine: Engine) -> None:
         _stop_on_signals(engine, on_interrupt)
 
-    return asyncio.run(
-        run(settings, manifest_path, progress=progress, resend_failed=resend_failed, engine_ready=ready)
-    )
+    return asyncio.run(run(settings, manifest_path, progress=progress, resend_failed=resend_failed,
+                           engine_ready=ready, confirm=confirm))  # fmt: skip
 
 
 # The first SIGINT/SIGTERM of a run, and how many requests it still waits for: the caller's to show.
@@ -392,17 +427,24 @@ def retry(
     *,
     progress: Progress | None = None,
     on_interrupt: OnInterrupt | None = None,
+    confirm: Confirm | None = None,
 ) -> Summary | None:
     """`backfill retry`: re-send ledger rows in `states` through a run, with every guarantee of `run`.
 
     The ledger is locked first, so a retry refused as "in use" leaves no record of a send that never happened;
-    with nothing to retry, no run folder is made (None).
+    with nothing to retry, no run folder is made (None). `confirm` is asked before the ledger is opened to
+    write, from a reader's count of the rows (nothing to retry: nothing is asked).
     """
     wrong = set(states) - RETRYABLE_STATES
     if wrong or not states:
         raise _bad_states(wrong)
 
     async def go() -> Summary | None:
+        if confirm is not None:
+            rows = await _count_rows(settings, states)
+            if not rows:
+                return None
+            _ask(confirm, settings, rows=rows, source=f"the ledger, in {', '.join(sorted(states))}")
         store = await open_store(settings, writable=True)
         try:
             chosen = [r async for r in store.rows(states)]
@@ -422,6 +464,21 @@ def retry(
             await store.close()
 
     return asyncio.run(go())
+
+
+async def _count_rows(settings: Settings, states: Collection[State]) -> int:
+    """The ledger's rows in `states`, read without writing (none when there is no ledger yet)."""
+    if settings.ledger_url is None and not settings.checkpoint_path().exists():
+        return 0
+    try:
+        store = await open_store(settings, writable=False)
+    except LedgerAbsent:
+        return 0
+    try:
+        counts = (await store.status()).counts
+    finally:
+        await store.close()
+    return sum(counts.get(state.value, 0) for state in states)
 
 
 def _bad_states(wrong: Collection[State]) -> Exception:

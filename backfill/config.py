@@ -103,6 +103,12 @@ class Settings:
         return endpoint_of(self.base_url)
 
     @property
+    def production(self) -> bool:
+        """Whether requests go to Smile ID's production API. Decided by the endpoint actually used, whatever the
+        env label; a URL of its own labelled production (a proxy or tunnel in front of it) counts too."""
+        return self.endpoint == endpoint_of(ENVIRONMENTS["production"]) or self.env == "production"
+
+    @property
     def ledger_url(self) -> str | None:
         """The PostgreSQL ledger's URL (never with a password) when --checkpoint names one, else None."""
         return self.checkpoint if isinstance(self.checkpoint, str) else None

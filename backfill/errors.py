@@ -47,6 +47,15 @@ class CheckpointLocked(CheckpointError):
     exit_code = 3
 
 
+class Declined(BackfillError):
+    """Asked before sending to production, the operator didn't say yes: nothing was sent or written.
+
+    Exit 1, not 2: nothing is wrong that needs fixing, and the rows are simply left, as with --limit.
+    """
+
+    exit_code = 1
+
+
 class SystemicError(BackfillError):
     """The API answered something that will be the same for every row (bad key, wrong environment)."""
 

@@ -25,6 +25,11 @@ from .signing import sign, utc_timestamp
 MAX_ANSWER_BYTES = 1024 * 1024
 
 
+def request_url(base_url: str) -> str:
+    """Where every enrollment is POSTed."""
+    return base_url.rstrip("/") + "/backfill_users"
+
+
 class Client:
     """One keep-alive aiohttp session for the whole run; `send_photo` (or `send`) is one signed attempt."""
 
@@ -38,7 +43,7 @@ class Client:
         connect_timeout: float,
         concurrency: int,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/backfill_users"
+        self.url = request_url(base_url)
         self._where = url_for_messages(self.url)  # what messages may show: no credentials or query string
         self._partner_id = partner_id
         self._api_key = api_key

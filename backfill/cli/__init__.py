@@ -61,6 +61,10 @@ read_concurrency_option = click.option(
     "--read-concurrency", type=int, show_default=shown("read_concurrency"),
     help="Photos in object storage checked at once (ranged reads), apart from --concurrency.",
 )  # fmt: skip
+yes_option = click.option(
+    "--yes", is_flag=True,
+    help="Send to production without asking (asked only when stdin and stderr are a terminal).",
+)  # fmt: skip
 metrics_option = click.option(
     "--metrics-addr", help="Serve Prometheus metrics on HOST:PORT during the run (e.g. 127.0.0.1:9464); off by default.",
 )  # fmt: skip
@@ -155,25 +159,59 @@ def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
 @read_concurrency_option
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@yes_option
 @guard
-def run(manifest: str, config_file: Path | None, no_progress: bool, **flags: Any) -> None:
-    """Send every valid row of MANIFEST not already enrolled; resume where an earlier run stopped."""
+def run(manifest: str, config_file: Path | None, no_progress: bool, yes: bool, **flags: Any) -> None:
+    """Send every valid row of MANIFEST not already enrolled; resume where an earlier run stopped.
+
+    Against production from a terminal, says what it will send and asks first (--yes: don't ask).
+    """
     settings = load_settings(config_file, flags=flags)
-    _run(settings, manifest_arg(manifest), progress=not no_progress and settings.progress)
+    _run(settings, manifest_arg(manifest), progress=not no_progress and settings.progress,
+         confirm=_production_question(settings, yes=yes))  # fmt: skip
 
 
 def _run(
-    settings: Settings, manifest: Path | str, *, progress: bool, resend_failed: bool = False
+    settings: Settings, manifest: Path | str, *, progress: bool, confirm: compose.Confirm | None
 ) -> NoReturn:
     bar = TqdmProgress(progress)
     setup_logging(settings, bar.enabled)
     try:
-        summary = compose.run_blocking(settings, manifest, progress=bar, resend_failed=resend_failed,
-                                       on_interrupt=_acknowledge)  # fmt: skip
+        summary = compose.run_blocking(settings, manifest, progress=bar, on_interrupt=_acknowledge,
+                                       confirm=confirm)  # fmt: skip
     finally:
         bar.close()
     _report(summary)
     sys.exit(summary.exit_code)
+
+
+def interactive() -> bool:
+    """Whether someone is there to answer: stdin and stderr both terminals. Not so under cron, CI, a pipe."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _production_question(settings: Settings, *, yes: bool) -> compose.Confirm | None:
+    """The question before a production run, or None when there is none to ask: --yes, a dry run (it sends
+    nothing), another API, or nobody at a terminal (a job must never wait for an answer)."""
+    if yes or settings.dry_run or not settings.production or not interactive():
+        return None
+    return _ask_production
+
+
+def _ask_production(outbound: compose.Outbound) -> bool:
+    """Once, on stderr: anything but y or yes (an empty line, end of input) is no."""
+    rows = f"{outbound.rows:,} row{'' if outbound.rows == 1 else 's'}"
+    limit = f"  limit:    at most {outbound.limit:,} sent (--limit)\n" if outbound.limit is not None else ""
+    click.echo(
+        "About to send to Smile ID's production API:\n"
+        f"  rows:     {rows} in {outbound.source}\n{limit}"
+        f"  partner:  {outbound.partner_id}\n"
+        f"  endpoint: {outbound.url}\n"
+        f"  ledger:   {outbound.ledger}",
+        err=True,
+    )
+    click.echo("Send to production? [y/N] ", nl=False, err=True)
+    return sys.stdin.readline().strip().lower() in {"y", "yes"}
 
 
 def _acknowledge(signum: int, in_flight: int) -> None:
@@ -203,18 +241,21 @@ def _acknowledge(signum: int, in_flight: int) -> None:
 @read_concurrency_option
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@yes_option
 @guard
-def retry(config_file: Path | None, states: str, no_progress: bool, **flags: Any) -> None:
+def retry(config_file: Path | None, states: str, no_progress: bool, yes: bool, **flags: Any) -> None:
     """Re-send rows straight from the ledger, without the manifest (same guarantees as `run`).
 
     Transient failures by default; name `failed` to re-send permanent failures too (after fixing their images).
+    Against production from a terminal, says what it will send and asks first (--yes: don't ask).
     """
     chosen = compose.parse_status_names(states, allowed=RETRYABLE_STATES, what="retried")
     settings = load_settings(config_file, flags=flags)
     bar = TqdmProgress(not no_progress and settings.progress)
     setup_logging(settings, bar.enabled)
     try:
-        summary = compose.retry(settings, chosen, progress=bar, on_interrupt=_acknowledge)
+        summary = compose.retry(settings, chosen, progress=bar, on_interrupt=_acknowledge,
+                                confirm=_production_question(settings, yes=yes))  # fmt: skip
     finally:
         bar.close()
     if summary is None:
