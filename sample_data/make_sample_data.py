@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 # The one copy lives in the package, so that `backfill demo` finds it from any install; sample_data/manifest.csv
-# and sample_data/images are links to it, for the README's commands.
+# and sample_data/images are links to it, for the commands in README.md and docs/.
 DEMO = Path(__file__).resolve().parent.parent / "backfill" / "demo"
 IMAGES = DEMO / "images"
 

@@ -143,7 +143,7 @@ def make_store(obj: ObjectUrl, options: StoreOptions) -> ObjectStore:
         # A configuration obstore refuses (an Azure container with no account name, say): nothing can be read.
         raise ConfigError(
             f"{obj.scheme}:// storage", "the environment", redact.scrub(_first_line(exc)),
-            f"set {_PROVIDER[obj.scheme]}'s standard environment variables (see README, Photos in object storage)",
+            f"set {_PROVIDER[obj.scheme]}'s standard environment variables (see docs/storage.md, Photos in object storage)",
         ) from exc  # fmt: skip
 
 
