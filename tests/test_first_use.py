@@ -46,7 +46,7 @@ def private(path: Path) -> bool:
 
 # --- 2. the cron example's alert names the exit code of backfill, not of `test` ------------------------------
 
-# The README's nightly job, after the command: `$?` read once, into a variable, before anything else runs.
+# The nightly job in docs/operating.md, after the command: `$?` read once, into a variable, before anything else runs.
 CRON_ALERT = 'code=$?; [ "$code" -le 1 ] || mail -s "backfill exit $code" ops@example.com </dev/null'
 OLD_CRON_ALERT = 'test $? -le 1 || mail -s "backfill exit $?" ops@example.com </dev/null'
 
