@@ -25,6 +25,7 @@ ENVIRONMENTS: dict[str, str] = {
     "production": "https://api.smileidentity.com/v1",
 }
 COLUMN_KEYS = ("user_id", "user_created_at", "image_path")
+DERIVED_LEDGER = "derived from partner_id and base_url"
 
 
 class Secret:
@@ -127,6 +128,15 @@ class Settings:
         host = f"{parts.hostname or 'nohost'}_{_port(parts)}"
         name = _SAFE.sub("_", f"{self.partner_id or 'nopartner'}@{host}")
         return self.data_dir / "ledgers" / f"{name}.sqlite"
+
+    def ledger_location(self) -> str | None:
+        """The ledger a run with these settings uses, as text: the URL, the file named, or the default one; None
+        when the default one has nothing to be derived from (no partner ID), where a path would be a guess."""
+        if self.ledger_url is not None:
+            return self.ledger_url
+        if self.checkpoint is None and not self.partner_id:
+            return None
+        return str(self.checkpoint_path())
 
     def redacted(self) -> dict[str, Any]:
         """The settings as plain values with secrets masked, for summaries and `config show`."""
@@ -473,6 +483,11 @@ def load_settings(
         if raw is not None:
             put(key, raw, f"flag --{key.replace('_', '-')}")
 
+    if "checkpoint" not in values:
+        # Said where the path comes from: a user who sees it change with the partner or the URL knows why.
+        sources["checkpoint"] = (
+            DERIVED_LEDGER if values.get("partner_id") else f"{DERIVED_LEDGER}: no partner ID is set"
+        )
     if "base_url" not in values:
         env = values.get("env", Settings.env)
         values["base_url"] = ENVIRONMENTS[env]

@@ -38,6 +38,9 @@ from .logs import setup_logging
 from .progress import TqdmProgress
 from .sandbox import sandbox
 
+# What `config show` says when no partner ID is set, so no default ledger can be named (not "null").
+NO_LEDGER = "(none: set SMILE_PARTNER_ID, or name a ledger with checkpoint)"
+
 # The sample data ships in the package (backfill/demo), so an ordinary install finds it from any folder.
 DEMO_PACKAGE = "backfill.demo"
 
@@ -389,6 +392,9 @@ def config_show(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """The resolved settings and where each value came from; secrets redacted."""
     settings = load_settings(config_file, flags=flags, need_credentials=False)
     values = settings.redacted()
+    # The ledger the run would really use, not the unset flag: the one setting a user most needs to find.
+    ledger = settings.ledger_location()
+    values["checkpoint"] = ledger if ledger is not None or as_json else NO_LEDGER
     rows = [[k, json.dumps(v, default=str) if not isinstance(v, str) else v, settings.sources.get(k, "default")]
             for k, v in values.items()]  # fmt: skip
     if as_json:

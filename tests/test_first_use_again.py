@@ -1,0 +1,63 @@
+"""What a careful first-time user hit (second trial): each case through the CLI as that user met it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from backfill.cli import main
+from backfill.sandbox import RunningSandbox
+
+from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
+
+ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
+
+
+def cli(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), env={**ENV, **(env or {})}, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def shown(out: str) -> dict[str, str]:
+    """`config show`'s table as {setting: its whole line}."""
+    return {line.split()[0]: line for line in out.splitlines()[2:]}
+
+
+# --- 6. config show names the ledger a run would use ----------------------------------------------------------
+
+
+def test_config_show_names_the_ledger_the_run_used_and_says_it_is_derived(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    env: dict[str, str | None] = {"XDG_DATA_HOME": str(tmp_path / "data"),
+                                  "BACKFILL_BASE_URL": threaded_sandbox.base_url}  # fmt: skip
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    code, _, err = cli("run", str(manifest), "--env", "local", "--out", str(tmp_path / "out"), "--no-progress",
+                       env=env)  # fmt: skip
+    assert code == 0, err
+    code, out, _ = cli("status", "--env", "local", env=env)
+    used = out.splitlines()[0].split()[1]  # "ledger PATH (partner ..., endpoint)"
+    assert code == 0 and Path(used).is_file()
+
+    code, out, _ = cli("config", "show", "--env", "local", env=env)
+    row = shown(out)["checkpoint"]
+    assert code == 0 and "null" not in row
+    assert row.split()[1] == used and "derived from partner_id and base_url" in row
+    code, out, _ = cli("config", "show", "--env", "local", "--json", env=env)
+    assert json.loads(out)["checkpoint"]["value"] == used
+
+    # One that is named is shown as named, with where it was named.
+    code, out, _ = cli("config", "show", env={"BACKFILL_CHECKPOINT": str(tmp_path / "cp.sqlite")})
+    row = shown(out)["checkpoint"]
+    assert str(tmp_path / "cp.sqlite") in row and "environment BACKFILL_CHECKPOINT" in row
+
+
+def test_config_show_without_a_partner_id_says_the_ledger_cannot_be_derived() -> None:
+    code, out, _ = cli("config", "show", env={"SMILE_PARTNER_ID": None})
+    row = shown(out)["checkpoint"]
+    assert code == 0 and "null" not in row and "nopartner" not in row
+    assert "no partner ID" in row and "SMILE_PARTNER_ID" in row
+    code, out, _ = cli("config", "show", "--json", env={"SMILE_PARTNER_ID": None})
+    assert "no partner ID" in json.loads(out)["checkpoint"]["source"]
