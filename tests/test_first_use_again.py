@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -23,6 +25,11 @@ def cli(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str,
 def shown(out: str) -> dict[str, str]:
     """`config show`'s table as {setting: its whole line}."""
     return {line.split()[0]: line for line in out.splitlines()[2:]}
+
+
+def ledger(tmp_path: Path, server: RunningSandbox) -> list[str]:
+    """The flags that name the test's sandbox and a ledger of its own."""
+    return ["--env", "local", "--base-url", server.base_url, "--checkpoint", str(tmp_path / "cp.sqlite")]
 
 
 # --- 6. config show names the ledger a run would use ----------------------------------------------------------
@@ -61,3 +68,24 @@ def test_config_show_without_a_partner_id_says_the_ledger_cannot_be_derived() ->
     assert "no partner ID" in row and "SMILE_PARTNER_ID" in row
     code, out, _ = cli("config", "show", "--json", env={"SMILE_PARTNER_ID": None})
     assert "no partner ID" in json.loads(out)["checkpoint"]["source"]
+
+
+# --- 7. one spelling of true and false in every CSV the tool writes ------------------------------------------
+
+
+def test_booleans_are_lower_case_in_results_and_export_and_json_in_jsonl(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    where = ledger(tmp_path, threaded_sandbox)
+    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 0, err
+    (results,) = (tmp_path / "out").glob("*/results.csv")
+    with results.open(newline="") as handle:
+        assert {row["signature_ok"] for row in csv.DictReader(handle)} == {"true"}
+
+    code, out, _ = cli("export", *where)
+    exported = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(exported) == 2 and {row["in_doubt"] for row in exported} == {"false"}
+    code, out, _ = cli("export", *where, "--format", "jsonl")
+    assert {json.loads(line)["in_doubt"] for line in out.splitlines()} == {False}

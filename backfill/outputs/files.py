@@ -111,13 +111,26 @@ def _csv_line(values: Sequence[Any]) -> str:
     return out.getvalue()
 
 
+def csv_value(value: Any) -> Any:
+    """A value as every CSV the tool writes spells it: true/false (as JSON does, not Python's True), None empty.
+
+    One spelling for results.csv and exports alike, so a script or a spreadsheet filter written for one file
+    works on the other.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
 def _result_values(row: ResultRow) -> Sequence[Any]:
     # One C call for the twelve fields; the csv module writes None as an empty field.
     values: tuple[Any, ...] = _RESULT_VALUES(row)
     if row.signature_ok is None:
         return values
     listed = list(values)
-    listed[_SIGNATURE_OK_AT] = "true" if row.signature_ok else "false"
+    listed[_SIGNATURE_OK_AT] = csv_value(row.signature_ok)
     return listed
 
 
@@ -247,7 +260,7 @@ def write_export(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], fmt: 
             writer = csv.DictWriter(out, fieldnames=list(fields))
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+                writer.writerow({k: csv_value(v) for k, v in row.items()})
                 count += 1
         else:
             for row in rows:
