@@ -89,3 +89,53 @@ def test_booleans_are_lower_case_in_results_and_export_and_json_in_jsonl(
     assert code == 0 and len(exported) == 2 and {row["in_doubt"] for row in exported} == {"false"}
     code, out, _ = cli("export", *where, "--format", "jsonl")
     assert {json.loads(line)["in_doubt"] for line in out.splitlines()} == {False}
+
+
+# --- 11. regenerating the tool's own report needs no --overwrite; someone else's file still does ------------
+
+
+def test_report_rewrites_its_own_report_html_but_not_a_users_file(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    code, _, err = cli("run", str(manifest), *ledger(tmp_path, threaded_sandbox), "--out", str(tmp_path / "out"),
+                       "--no-progress")  # fmt: skip
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "out").iterdir()
+    report = run_dir / "report.html"
+    assert report.is_file()
+    report.write_text(report.read_text(encoding="utf-8") + "<!-- an older rendering -->", encoding="utf-8")
+    code, out, err = cli("report", str(run_dir))
+    assert code == 0 and out.strip() == str(report), err
+    # Rendered again, without --overwrite.
+    assert "an older rendering" not in report.read_text(encoding="utf-8")
+
+    mine = "<html><body>my own notes on this run</body></html>"
+    report.write_text(mine, encoding="utf-8")
+    code, _, err = cli("report", str(run_dir))
+    assert code == 2 and "--overwrite" in err and "Traceback" not in err
+    assert report.read_text(encoding="utf-8") == mine
+    assert cli("report", str(run_dir), "--overwrite")[0] == 0
+    assert "my own notes" not in report.read_text(encoding="utf-8")
+
+
+def test_the_migration_report_rewrites_its_own_output_but_not_a_users_file(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    where = ledger(tmp_path, threaded_sandbox)
+    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 0, err
+    chosen = tmp_path / "signed" / "migration.html"
+    assert cli("report", *where, "--output", str(chosen))[0] == 0
+    code, out, err = cli("report", *where, "--output", str(chosen))
+    assert code == 0 and out.strip() == str(chosen), err
+
+    theirs = tmp_path / "notes.html"
+    theirs.write_text("<html>the auditor's notes</html>", encoding="utf-8")
+    code, _, err = cli("report", *where, "--output", str(theirs))
+    assert code == 2 and "--overwrite" in err and theirs.read_text() == "<html>the auditor's notes</html>"
+    # A run's report.html is not a migration report either: one kind never silently replaces the other.
+    (run_dir,) = (tmp_path / "out").iterdir()
+    code, _, err = cli("report", *where, "--output", str(run_dir / "report.html"))
+    assert code == 2 and "--overwrite" in err

@@ -86,11 +86,14 @@ def test_migration_report_across_two_runs_and_a_retry(
     assert status["location"] in page and status["binding"]["endpoint"] in page
     assert "Content-Security-Policy" in page and "@media print" in page
 
-    # --output names the file; an existing one is replaced only when asked.
+    # --output names the file; a migration report there is brought up to date, anything else replaced only
+    # when asked.
     chosen = tmp_path / "signed" / "migration.html"
     assert cli("report", *place(tmp_path), "--output", str(chosen))[0] == 0 and chosen.exists()
+    assert cli("report", *place(tmp_path), "--output", str(chosen))[0] == 0
+    chosen.write_text("<html>signed on paper</html>")
     code, _, err = cli("report", *place(tmp_path), "--output", str(chosen))
-    assert code == 2 and "--overwrite" in err
+    assert code == 2 and "--overwrite" in err and chosen.read_text() == "<html>signed on paper</html>"
     assert cli("report", *place(tmp_path), "--output", str(chosen), "--overwrite")[0] == 0
 
 

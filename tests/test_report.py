@@ -189,16 +189,18 @@ def test_figures_match_a_known_run(tmp_path: Path) -> None:
     assert "<td><code>api_key</code></td><td><code>***</code></td>" in page
 
 
-def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
+def test_rewrites_its_own_report_but_refuses_another_file_unless_asked(tmp_path: Path) -> None:
     folder = known_run(tmp_path / "run")
     path = write_report(folder)
-    first = path.read_text(encoding="utf-8")
-    with pytest.raises(OutputError, match="already exists; pass --overwrite to write it again"):
-        write_report(folder)
-    assert path.read_text(encoding="utf-8") == first
-
     summary = json.loads((folder / "summary.json").read_text())
     (folder / "summary.json").write_text(json.dumps({**summary, "stop_reason": "re-rendered"}))
+    assert write_report(folder) == path  # its own page: rendered again from the run's files, nothing lost
+    assert "re-rendered" in path.read_text(encoding="utf-8")
+
+    path.write_text("<html>someone's notes</html>", encoding="utf-8")
+    with pytest.raises(OutputError, match="is not a run report written by backfill; pass --overwrite"):
+        write_report(folder)
+    assert path.read_text(encoding="utf-8") == "<html>someone's notes</html>"
     assert write_report(folder, overwrite=True) == path
     assert "re-rendered" in path.read_text(encoding="utf-8")
     assert path.stat().st_mode & 0o777 == 0o600

@@ -353,7 +353,9 @@ def export(
 @out_option
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
               help="The migration report's file (default: migration-report-<UTC>.html in --out).")  # fmt: skip
-@click.option("--overwrite", is_flag=True, help="Replace an existing report.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a file at the report's path that backfill didn't write (its own report is rewritten "
+                   "without it).")  # fmt: skip
 @guard
 def report(
     run_dir: Path | None, config_file: Path | None, output: Path | None, overwrite: bool, **flags: Any

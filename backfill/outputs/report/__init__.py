@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,27 +14,31 @@ from ..files import make_private_dirs
 from .data import read_rejects, read_results, read_summary
 from .migration import LedgerView, build_migration
 from .page import build_page
-from .render import render_migration, render_page
+from .render import MIGRATION_KIND, RUN_KIND, render_migration, render_page
 
 __all__ = ["REPORT_NAME", "write_migration_report", "write_report"]
 
 REPORT_NAME = "report.html"
+# The mark each report carries in its <head> (render.generator): what tells a page the tool wrote, and may write
+# again, from someone else's file at the same path.
+_MARK = re.compile(rb'<meta name="generator" content="backfill [^"<>;]*; ([a-z ]+)">')
+_MARK_WITHIN = 4096  # bytes from the start: the mark is near the top of <head>
 
 
 def write_report(run_dir: Path, *, overwrite: bool = False) -> Path:
     """Write report.html into a finished run folder and return its path.
 
-    Refuses when the report exists unless `overwrite`, so a re-render is a deliberate act. Raises OutputError
-    when the folder isn't a finished run or a file can't be read or written.
+    A report.html this tool wrote is rendered again from the run's files, which lose nothing by it; any other
+    file there is replaced only when `overwrite`. Raises OutputError when the folder isn't a finished run or a
+    file can't be read or written.
     """
     target = run_dir / REPORT_NAME
-    if not overwrite and target.exists():
-        raise OutputError(f"{target} already exists; pass --overwrite to write it again")
+    replace = _may_replace(target, RUN_KIND, overwrite=overwrite)
     run = read_summary(run_dir / "summary.json")
     results = read_results(run_dir / "results.csv", run)
     rejects = read_rejects(run_dir / "rejects.csv")
     page = render_page(build_page(run, results, rejects, datetime.now(UTC)))
-    _write_private(target, page, overwrite=overwrite)
+    _write_private(target, page, overwrite=replace)
     return target
 
 
@@ -41,7 +47,8 @@ def write_migration_report(
 ) -> Path:
     """Write the report across a whole ledger: to `output`, else a new migration-report-<UTC>.html in `out_dir`.
 
-    Owner-only, like every output; an existing `output` is replaced only when `overwrite`.
+    Owner-only, like every output. An existing `output` that is a migration report this tool wrote is replaced
+    (naming a fixed file asks for the current report there); any other file only when `overwrite`.
     """
     now = datetime.now(UTC)
     stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"  # as a run folder is named
@@ -50,10 +57,36 @@ def write_migration_report(
         make_private_dirs(target.parent)
     except OSError as exc:
         raise OutputError(f"can't create the folder {exc.filename}: {exc.strerror}") from exc
-    if not overwrite and target.exists():
-        raise OutputError(f"{target} already exists; pass --overwrite to write it again")
-    _write_private(target, render_migration(build_migration(view, now)), overwrite=overwrite)
+    replace = _may_replace(target, MIGRATION_KIND, overwrite=overwrite)
+    _write_private(target, render_migration(build_migration(view, now)), overwrite=replace)
     return target
+
+
+def _may_replace(target: Path, kind: str, *, overwrite: bool) -> bool:
+    """Whether writing `target` replaces what is there; OutputError when something is there that must stay."""
+    if overwrite or _written_by_us(target, kind):
+        return True
+    if os.path.lexists(target):
+        raise OutputError(
+            f"{target} already exists and is not a {kind} written by backfill; pass --overwrite to replace it"
+        )
+    return False
+
+
+def _written_by_us(path: Path, kind: str) -> bool:
+    """Whether `path` is a regular file (not a link to one) holding this tool's mark for a report of `kind`."""
+    try:
+        # O_NOFOLLOW: a symlink is nobody's report; O_NONBLOCK: a FIFO planted there must not hang the check.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        mark = _MARK.search(os.read(fd, _MARK_WITHIN))
+    finally:
+        os.close(fd)
+    return mark is not None and mark.group(1).decode() == kind
 
 
 def _write_private(target: Path, page: str, *, overwrite: bool) -> None:

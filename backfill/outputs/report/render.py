@@ -6,13 +6,17 @@ from functools import cache
 
 import jinja2
 
+from ... import __version__
 from .migration import MigrationPage
 from .page import Page
 
-__all__ = ["MIGRATION_TEMPLATE", "TEMPLATE", "render_migration", "render_page"]
+__all__ = ["MIGRATION_KIND", "MIGRATION_TEMPLATE", "RUN_KIND", "TEMPLATE", "generator", "render_migration",
+           "render_page"]  # fmt: skip
 
 TEMPLATE = "report.html.j2"
 MIGRATION_TEMPLATE = "migration.html.j2"
+# Each kind is named in the page's generator meta, so a run's report and a ledger's never replace each other.
+RUN_KIND, MIGRATION_KIND = "run report", "migration report"
 
 
 def _coord(value: float) -> str:
@@ -35,9 +39,16 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def generator(kind: str) -> str:
+    """The content of a report's generator meta: what `write_report` recognises as a page of its own."""
+    return f"backfill {__version__}; {kind}"
+
+
 def render_page(page: Page) -> str:
-    return _environment().get_template(TEMPLATE).render(page=page)
+    return _environment().get_template(TEMPLATE).render(page=page, generator=generator(RUN_KIND))
 
 
 def render_migration(page: MigrationPage) -> str:
-    return _environment().get_template(MIGRATION_TEMPLATE).render(page=page)
+    return (
+        _environment().get_template(MIGRATION_TEMPLATE).render(page=page, generator=generator(MIGRATION_KIND))
+    )
