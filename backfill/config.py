@@ -90,7 +90,7 @@ class Settings:
     log_file: Path | None = None
     log_level: str = "info"
     status_every: float = 30.0  # seconds between one-line status logs when there is no progress bar
-    metrics_addr: str | None = None  # HOST:PORT to serve Prometheus metrics on during a run; off when None
+    metrics_addr: str | None = None  # HOST:PORT, or :PORT on every interface, for metrics; None: off
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     # What was ignored but looks meant (an unknown BACKFILL_* variable): the CLI prints these; nothing else does.
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -311,17 +311,24 @@ def _duration(raw: object) -> float:
 
 
 def _host_port(raw: object) -> str:
-    """HOST:PORT to listen on (`127.0.0.1:9464`, `[::1]:9464`, `0.0.0.0:9464`); the port from 1 to 65535."""
+    """HOST:PORT to listen on (`127.0.0.1:9464`, `[::1]:9464`, `0.0.0.0:9464`), or `:9464` for every interface
+    (how Prometheus exporters write it); the port from 1 to 65535."""
     value = _text(raw)
     host, colon, port = value.rpartition(":")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not colon or not bare or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not HOST:PORT with a port from 1 to 65535 (e.g. 127.0.0.1:9464)")
+    if not colon or (host and not bare) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT or :PORT with a port from 1 to 65535")
     if ":" in bare and bare == host:
         raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:9464")
     if any(c.isspace() or c in "/[]" for c in bare):
         raise ValueError(f"{value!r} names no usable host")
     return value
+
+
+def listen_address(addr: str) -> tuple[str, int]:
+    """The host and port a `metrics_addr` (checked by `_host_port`) binds: no host is every IPv4 interface."""
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _choice(*allowed: str) -> Callable[[object], str]:
@@ -388,6 +395,7 @@ _CREDENTIALS = frozenset({"partner_id", "api_key", "api_key_file"})
 _FIXES = {
     "partner_id": "set SMILE_PARTNER_ID or `partner_id:` (quoted) in the config file",
     "api_key": "export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config file",
+    "metrics_addr": "give HOST:PORT (127.0.0.1:9464, [::1]:9464), or :PORT for every interface (:9464)",
 }
 
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
+from backfill import compose
 from backfill.cli import main
-from backfill.sandbox import RunningSandbox
+from backfill.config import Settings
+from backfill.sandbox import RunningSandbox, start_sandbox
 
 from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
 
@@ -139,3 +145,65 @@ def test_the_migration_report_rewrites_its_own_output_but_not_a_users_file(
     (run_dir,) = (tmp_path / "out").iterdir()
     code, _, err = cli("report", *where, "--output", str(run_dir / "report.html"))
     assert code == 2 and "--overwrite" in err
+
+
+# --- 12. --metrics-addr :PORT listens on every interface, as Prometheus exporters do -------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_metrics_addr_with_no_host_is_accepted_by_run_and_config_show(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    port = free_port()
+    code, _, err = cli("run", str(manifest), *ledger(tmp_path, threaded_sandbox), "--out", str(tmp_path / "out"),
+                       "--no-progress", "--metrics-addr", f":{port}")  # fmt: skip
+    assert code == 0 and "config error" not in err, err
+    code, out, _ = cli("config", "show", env={"BACKFILL_METRICS_ADDR": f":{port}"})
+    row = shown(out)["metrics_addr"]
+    assert code == 0 and f":{port}" in row and "environment BACKFILL_METRICS_ADDR" in row
+    # The other forms still are what they were.
+    for addr in (f"127.0.0.1:{port}", f"[::1]:{port}", f"0.0.0.0:{port}"):
+        code, out, _ = cli("config", "show", env={"BACKFILL_METRICS_ADDR": addr})
+        assert code == 0 and addr in shown(out)["metrics_addr"]
+
+
+@pytest.mark.parametrize("bad", [":", ":0", ":http", ":70000", "9464"])
+def test_a_bad_metrics_addr_still_names_the_key_its_source_and_the_fix(tmp_path: Path, bad: str) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    code, _, err = cli("run", str(manifest), "--metrics-addr", bad, "--out", str(tmp_path / "out"))
+    assert code == 2 and "metrics_addr (from flag --metrics-addr)" in err and "Fix:" in err, err
+    assert ":PORT for every interface (:9464)" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+class ScrapeThrough:
+    """A progress object that scrapes `url` when the first row settles, while the run's listener is up."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.text = url, ""
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, status: str) -> None:
+        if not self.text:
+            with urllib.request.urlopen(self.url, timeout=5) as answer:
+                self.text = answer.read().decode()
+
+
+async def test_metrics_on_no_host_answer_on_an_address_other_than_localhost(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    port = free_port()
+    # 127.0.0.2 is this machine too, but only a listener on every interface (not 127.0.0.1 alone) answers it.
+    scrape = ScrapeThrough(f"http://127.0.0.2:{port}/metrics")
+    async with await start_sandbox(PARTNER_ID, API_KEY) as server:
+        summary = await compose.run(make_settings(server, metrics_addr=f":{port}"), manifest, progress=scrape)
+    assert summary.counts == {"enrolled": 2} and "backfill_rows_total" in scrape.text

@@ -69,7 +69,9 @@ yes_option = click.option(
     help="Send to production without asking (asked only when stdin and stderr are a terminal).",
 )  # fmt: skip
 metrics_option = click.option(
-    "--metrics-addr", help="Serve Prometheus metrics on HOST:PORT during the run (e.g. 127.0.0.1:9464); off by default.",
+    "--metrics-addr",
+    help="Serve Prometheus metrics on HOST:PORT during the run (e.g. 127.0.0.1:9464; :9464 for every interface); "
+         "off by default.",
 )  # fmt: skip
 
 

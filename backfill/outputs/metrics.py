@@ -10,6 +10,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from .. import __version__
+from ..config import listen_address
 from ..errors import ConfigError
 from ..vocab import Kind, Status
 
@@ -76,12 +77,10 @@ class RunMetrics:
         self._info.info({"run_id": run_id, "env": env, "version": __version__})
 
     def serve(self, addr: str, *, source: str = "flag --metrics-addr") -> None:
-        """Listen on HOST:PORT in a thread of its own (a scrape never waits on the event loop, nor it on one)."""
-        host, _, port = addr.rpartition(":")
+        """Listen on HOST:PORT (or :PORT) in a thread of its own (a scrape never waits on the event loop, nor it on one)."""
+        host, port = listen_address(addr)
         try:
-            self._server, self._thread = start_http_server(
-                int(port), host.strip("[]"), registry=self.registry
-            )
+            self._server, self._thread = start_http_server(port, host, registry=self.registry)
         except OSError as error:
             raise ConfigError("metrics_addr", source, f"can't listen on {addr} ({error.strerror or error})",
                               "choose another port, or stop whatever is listening there") from error  # fmt: skip
