@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import signal
@@ -63,6 +64,9 @@ def _ask(confirm: Confirm, settings: Settings, *, rows: int, source: str) -> Non
                        "pass --yes to send without being asked")  # fmt: skip
 
 
+RETRY_MANIFEST = "the retry manifest backfill wrote"
+
+
 def manifest_rules(settings: Settings) -> ManifestRules:
     return ManifestRules(
         user_id_column=settings.columns["user_id"],
@@ -72,6 +76,8 @@ def manifest_rules(settings: Settings) -> ManifestRules:
         max_image_bytes=settings.max_image_bytes,
         images_root=settings.images_root,
         chunk_rows=settings.chunk_rows,
+        delimiter=settings.delimiter,
+        encoding=settings.encoding,
     )
 
 
@@ -458,7 +464,12 @@ def retry(
             def ready(engine: Engine) -> None:
                 _stop_on_signals(engine, on_interrupt)
 
-            return await run(settings, path, progress=progress, resend_failed=State.FAILED in states, store=store,
+            # The retry manifest is the tool's own CSV (comma, UTF-8), whatever the partner's manifests are in.
+            own = dataclasses.replace(
+                settings, delimiter=Settings.delimiter, encoding=Settings.encoding,
+                sources={**settings.sources, "delimiter": RETRY_MANIFEST, "encoding": RETRY_MANIFEST},
+            )  # fmt: skip
+            return await run(own, path, progress=progress, resend_failed=State.FAILED in states, store=store,
                              engine_ready=ready)  # fmt: skip
         finally:
             await store.close()

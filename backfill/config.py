@@ -80,6 +80,8 @@ class Settings:
     limit: int | None = None
     progress: bool = True
     columns: Mapping[str, str] = field(default_factory=lambda: {k: k for k in COLUMN_KEYS})
+    delimiter: str = ","  # the manifest's one character between values
+    encoding: str = "utf-8"  # the manifest's text encoding; UTF-8 is read with or without a byte order mark
     user_id_pattern: str = r"[A-Za-z0-9_-]+"
     max_image_bytes: int = 5 * 1024 * 1024
     images_root: Path | None = None
@@ -331,6 +333,31 @@ def listen_address(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+# Names for delimiters that are awkward to type or to see on a command line; the character itself works too.
+_DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
+
+
+def _delimiter(raw: object) -> str:
+    """The manifest's one character between values (`;`, `|`), or a name for one (`tab`, `\\t`)."""
+    if not isinstance(raw, str) or not raw:
+        raise ValueError("it is empty" if raw in ("", None) else f"{raw!r} is not a character")
+    # Not stripped: a tab or a space is a delimiter like any other.
+    value = _DELIMITER_NAMES.get(raw.strip().lower(), raw) if raw.strip() else raw
+    if len(value) != 1 or value in '"\r\n':
+        raise ValueError(f"{raw!r} is not one character other than a quote or a line break")
+    return value
+
+
+def _encoding(raw: object) -> str:
+    """A text encoding Python knows (`cp1252`, `latin-1`, `utf-16`), kept as written."""
+    value = _text(raw)
+    try:
+        "".encode(value)  # LookupError for an unknown name, and for a codec that isn't text (base64)
+    except LookupError:
+        raise ValueError(f"{value!r} is not a text encoding Python knows") from None
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[object], str]:
     def parse(raw: object) -> str:
         value = _text(raw).lower()
@@ -383,19 +410,26 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "status_every": _positive_float,
     "metrics_addr": _host_port,
+    "delimiter": _delimiter,
+    "encoding": _encoding,
 }
 # Keys whose value is text: a YAML value read as a number (`partner_id: 012` is 10) is refused, quoting it as written.
 _TEXT_KEYS = frozenset(
     {"env", "base_url", "partner_id", "checkpoint", "data_dir", "out", "user_id_pattern", "images_root",
-     "log_format", "log_file", "log_level", "metrics_addr"}
+     "log_format", "log_file", "log_level", "metrics_addr", "delimiter", "encoding"}
 )  # fmt: skip
+# Every setting's key: each is set in the YAML, as BACKFILL_<KEY> and by a flag. `columns` is a mapping, merged
+# role by role across the layers (`columns:`, BACKFILL_COLUMNS=role=name,..., --column role=name).
+_SETTING_KEYS = frozenset({*_PARSERS, "columns"})
 # Keys only the YAML may set; `api_key` is named so the error can say why it is refused.
-_YAML_ONLY = {"columns", "api_key_file"}
+_YAML_ONLY = {"api_key_file"}
 _CREDENTIALS = frozenset({"partner_id", "api_key", "api_key_file"})
 _FIXES = {
     "partner_id": "set SMILE_PARTNER_ID or `partner_id:` (quoted) in the config file",
     "api_key": "export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config file",
     "metrics_addr": "give HOST:PORT (127.0.0.1:9464, [::1]:9464), or :PORT for every interface (:9464)",
+    "delimiter": "give one character, e.g. ';' or '|', or tab",
+    "encoding": "give the file's encoding, e.g. utf-8, cp1252, latin-1 or utf-16",
 }
 
 
@@ -416,6 +450,7 @@ def load_settings(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     columns = {k: k for k in COLUMN_KEYS}
+    column_sources: dict[str, str] = {}
     api_key: Secret | None = None
     deferred: list[ConfigError] = []
 
@@ -441,6 +476,10 @@ def load_settings(
             api_key = None
         sources["api_key"] = source
 
+    def put_columns(raw: object, source: str, written: Mapping[str, str]) -> None:
+        for role, name in _column_roles(raw, source, written).items():
+            columns[role], column_sources[role] = name, source
+
     if config_file is not None:
         where = f"config file {config_file}"
         data, written = _read_yaml(config_file)
@@ -450,18 +489,19 @@ def load_settings(
                     "api_key", where, "the API key must never be stored in the config file", _FIXES["api_key"]
                 ))  # fmt: skip
                 continue
-            if key not in _PARSERS and key not in _YAML_ONLY:
-                close = difflib.get_close_matches(str(key), [*_PARSERS, *_YAML_ONLY], n=1)
+            if key not in _SETTING_KEYS and key not in _YAML_ONLY:
+                close = difflib.get_close_matches(str(key), [*_SETTING_KEYS, *_YAML_ONLY], n=1)
                 hint = (
-                    f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(_PARSERS))}"
+                    f"did you mean `{close[0]}`?"
+                    if close
+                    else f"known keys: {', '.join(sorted(_SETTING_KEYS))}"
                 )
                 raise ConfigError(str(key), where, "unknown key", f"remove it or fix its name ({hint})")
             if key in _TEXT_KEYS and isinstance(raw, bool | int | float | date):
                 refuse(_not_text(key, raw, written.get(key), where))
                 continue
             if key == "columns":
-                columns = _columns(raw, where, written)
-                sources["columns"] = where
+                put_columns(raw, where, written)
             elif key == "api_key_file":
                 key_from(
                     functools.partial(_read_key_file, raw, config_file, where), f"{where} (api_key_file)"
@@ -473,6 +513,8 @@ def load_settings(
         name = f"BACKFILL_{key.upper()}"
         if name in environ:
             put(key, environ[name], f"environment {name}")
+    if "BACKFILL_COLUMNS" in environ:
+        put_columns(environ["BACKFILL_COLUMNS"], "environment BACKFILL_COLUMNS", {})
     warnings = environment_warnings(environ)
     if "SMILE_PARTNER_ID" in environ:
         put("partner_id", environ["SMILE_PARTNER_ID"], "environment SMILE_PARTNER_ID")
@@ -488,7 +530,10 @@ def load_settings(
         )
 
     for key, raw in (flags or {}).items():
-        if raw is not None:
+        if key == "columns":
+            if raw:  # --column, repeatable: a tuple of ROLE=NAME, empty when not given
+                put_columns(raw, "flag --column", {})
+        elif raw is not None:
             put(key, raw, f"flag --{key.replace('_', '-')}")
 
     if "checkpoint" not in values:
@@ -500,7 +545,8 @@ def load_settings(
         env = values.get("env", Settings.env)
         values["base_url"] = ENVIRONMENTS[env]
         sources["base_url"] = f"env={env}"  # read after "from" in every message: "(from env=local)"
-    values["columns"] = columns
+    values["columns"] = _distinct(columns, column_sources)
+    sources["columns"] = _columns_source(column_sources)
     values["api_key"] = api_key or Secret("")
     for key in [f.name for f in fields(Settings)]:
         sources.setdefault(key, "default")
@@ -524,7 +570,7 @@ def _looks_unknown(name: str) -> bool:
     return (
         name.upper().startswith(_ENV_PREFIX)
         and name not in KNOWN_NON_SETTINGS
-        and not (name.startswith(_ENV_PREFIX) and name[len(_ENV_PREFIX) :].lower() in _PARSERS)
+        and not (name.startswith(_ENV_PREFIX) and name[len(_ENV_PREFIX) :].lower() in _SETTING_KEYS)
     )
 
 
@@ -532,13 +578,13 @@ def _unknown_variable(name: str) -> str:
     """Why the environment variable `name` (BACKFILL_-prefixed, not a setting) was ignored, and the likely fix."""
     key = name[len(_ENV_PREFIX) :].lower()
     said = f"environment {name} is not a setting and was ignored"
-    if name.upper() != name and key in _PARSERS:
+    if name.upper() != name and key in _SETTING_KEYS:
         return f"{said} (did you mean {_ENV_PREFIX}{key.upper()}? names are case-sensitive)"
     if key == "api_key":
         return f"{said}: the API key is read from SMILE_API_KEY only"
     if key in _YAML_ONLY:
         return f"{said}: {key} can only be set in the config file (--config)"
-    close = difflib.get_close_matches(key, list(_PARSERS), n=1)
+    close = difflib.get_close_matches(key, list(_SETTING_KEYS), n=1)
     return f"{said} (did you mean {_ENV_PREFIX}{close[0].upper()}?)" if close else said
 
 
@@ -652,31 +698,71 @@ def _not_text(key: str, raw: object, written: str | None, where: str) -> ConfigE
     return ConfigError(key, where, problem, f"quote it: {key.rsplit('.', 1)[-1]}: {json.dumps(as_written)}")
 
 
-def _columns(raw: object, where: str, written: Mapping[str, str]) -> dict[str, str]:
+def _column_roles(raw: object, where: str, written: Mapping[str, str]) -> dict[str, str]:
+    """{role: the manifest's column name} for the roles one layer maps: the YAML's mapping, BACKFILL_COLUMNS's
+    `role=name,role=name`, or --column's `role=name` values."""
+    example = _columns_example(where)
+    if isinstance(raw, str):
+        raw = [pair for pair in raw.split(",") if pair.strip()]
+    if isinstance(raw, list | tuple):
+        pairs: dict[str, str] = {}
+        for item in raw:
+            role, equals, name = str(item).partition("=")
+            if not equals:
+                raise ConfigError("columns", where, f"{item!r} is not ROLE=NAME", f"write it as {example}")
+            if role.strip() in pairs:
+                raise ConfigError("columns", where, f"{role.strip()} is mapped twice", "map each role once")
+            pairs[role.strip()] = name
+        raw = pairs
     if not isinstance(raw, dict):
-        raise ConfigError("columns", where, "must be a mapping", "e.g. columns: {user_id: customer_ref}")
-    unknown = set(map(str, raw)) - set(COLUMN_KEYS)
-    if unknown:
-        raise ConfigError(
-            "columns",
-            where,
-            f"unknown column role(s) {sorted(unknown)}",
-            f"use only {', '.join(COLUMN_KEYS)}",
-        )
-    out = {k: k for k in COLUMN_KEYS}
+        raise ConfigError("columns", where, "must be a mapping", f"e.g. {example}")
+    out: dict[str, str] = {}
     for role, name in raw.items():
+        if role not in COLUMN_KEYS:
+            close = difflib.get_close_matches(str(role), COLUMN_KEYS, n=1)
+            guess = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                "columns", where, f"{str(role)!r} is not a column role{guess}",
+                f"use only {', '.join(COLUMN_KEYS)}, e.g. {example}",
+            )  # fmt: skip
         if isinstance(name, bool | int | float | date):
             raise _not_text(f"columns.{role}", name, written.get(f"columns.{role}"), where)
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(
-                f"columns.{role}", where, f"{name!r} is not a column name", "give the CSV header"
-            )
-        out[str(role)] = name.strip()
-    if len(set(out.values())) != len(out):
-        raise ConfigError(
-            "columns", where, "two roles map to the same column", "map each role to its own column"
-        )
+                f"columns.{role}", where, f"{name!r} is not a column name",
+                f"give the manifest header's name for {role}, e.g. {example}",
+            )  # fmt: skip
+        out[role] = name.strip()
     return out
+
+
+def _columns_example(where: str) -> str:
+    """How a column mapping is written where this one came from."""
+    if where.startswith("flag"):
+        return "--column user_id=customer_ref"
+    if where.startswith("environment"):
+        return "BACKFILL_COLUMNS=user_id=customer_ref,image_path=selfie"
+    return "columns: {user_id: customer_ref}"
+
+
+def _distinct(columns: dict[str, str], role_sources: Mapping[str, str]) -> dict[str, str]:
+    """`columns`, once no two roles read the same column (each merged from its own layer, they may clash)."""
+    for a, b in ((a, b) for i, a in enumerate(COLUMN_KEYS) for b in COLUMN_KEYS[i + 1 :]):
+        if columns[a] == columns[b]:
+            where = " and ".join(dict.fromkeys(role_sources.get(r, "default") for r in (a, b)))
+            raise ConfigError(
+                "columns", where, f"{a} and {b} both map to the column {columns[a]!r}",
+                "map each role to its own column",
+            )  # fmt: skip
+    return columns
+
+
+def _columns_source(role_sources: Mapping[str, str]) -> str:
+    """Where the column mapping came from: one source, or each mapped role's own when the layers differ."""
+    given = set(role_sources.values())
+    if len(given) <= 1:
+        return next(iter(given), "default")
+    return "; ".join(f"{role} from {role_sources[role]}" for role in COLUMN_KEYS if role in role_sources)
 
 
 def _read_key_file(raw: object, config_file: Path, where: str) -> Secret:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shlex
 import stat
 import unicodedata
 import weakref
@@ -68,7 +69,14 @@ _CODE_REASON = {
     _HEADER_AGAIN: Reason.MALFORMED_ROW, _NUL_IMAGE: Reason.IMAGE_MISSING,
 }  # fmt: skip
 
-_ENCODING = "utf-8-sig"  # UTF-8, with or without the byte order mark Excel writes
+# The separators a header that reads as one column is checked for: what it is, said as its plural and as the
+# --delimiter value a shell passes through unharmed.
+_SEPARATORS = {
+    ",": ("commas", "','"),
+    ";": ("semicolons", "';'"),
+    "\t": ("tabs", "tab"),
+    "|": ("'|' characters", "'|'"),
+}
 _DUPLICATE_LINES_SHOWN = 10
 _FIELD_LIMIT = 1 << 26
 _FIRST_PLAUSIBLE_YEAR = 1900
@@ -133,13 +141,29 @@ class ManifestRules:
     images_root: Path | None = None  # when set, an image's real path (symlinks followed) must lie inside it
     chunk_rows: int = 10_000
     now: datetime | None = None  # "the future" is after this (naive = UTC); None = the time of open_manifest
+    delimiter: str = ","  # the one character between values
+    encoding: str = "utf-8"  # the file's text encoding, any Python knows; UTF-8 with or without a BOM
 
     def __post_init__(self) -> None:
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, not {self.chunk_rows}")
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be at least 1, not {self.max_image_bytes}")
+        if len(self.delimiter) != 1 or self.delimiter in '"\r\n':
+            raise ValueError(
+                f"delimiter must be one character other than a quote or line break, not {self.delimiter!r}"
+            )
+        "".encode(self.encoding)  # LookupError for a name that is no text encoding
         re.compile(self.user_id_pattern)
+
+    @property
+    def utf8(self) -> bool:
+        return codecs.lookup(self.encoding).name == "utf-8"
+
+    @property
+    def codec(self) -> str:
+        """What the file is decoded with: for UTF-8, the codec that also skips the byte order mark Excel writes."""
+        return "utf-8-sig" if self.utf8 else self.encoding
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -266,7 +290,7 @@ class Manifest:
         order = sorted(set(self._positions))  # pandas returns the columns in file order
         uid, created, image = (order.index(p) for p in self._positions)
         line = 2
-        for frame in _frames(self._snapshot, order, self._rules.chunk_rows):
+        for frame in _frames(self._snapshot, order, self._rules):
             self._snapshot.unchanged()
             frame = frame.iloc[: max(0, self.total_rows - (line - 2))]
             if len(frame):
@@ -291,19 +315,22 @@ def open_manifest(path: Path, rules: ManifestRules) -> Manifest:
             f"images_root {str(rules.images_root)!r} is not a folder: set images_root in the config to the "
             "folder that holds the photos, or remove it"
         )
-    with _decoding_errors(path), io.TextIOWrapper(snapshot.stream(), encoding=_ENCODING, newline="") as text:
-        reader = csv.reader(text)
+    with (
+        _decoding_errors(path, rules),
+        io.TextIOWrapper(snapshot.stream(), encoding=rules.codec, newline="") as text,
+    ):
+        reader = csv.reader(text, delimiter=rules.delimiter)
         # csv's default limit (128 KB a value) would refuse a file that pandas reads fine, e.g. one with a long
         # notes column; the limit is process-wide, so it is raised only for the scan.
         field_limit = csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
         try:
             header = _read_header(reader, path)
             positions = _positions(header, rules, path)
-            scan = _prescan(snapshot, reader, len(header), positions[0], rules.chunk_rows)
+            scan = _prescan(snapshot, reader, len(header), positions[0], rules)
         finally:
             csv.field_size_limit(field_limit)
-    with _decoding_errors(path):
-        duplicates = _confirm_duplicates(snapshot, positions[0], rules.chunk_rows, scan.candidates, pattern)
+    with _decoding_errors(path, rules):
+        duplicates = _confirm_duplicates(snapshot, positions[0], rules, scan.candidates, pattern)
     return Manifest(path, rules, header, positions, scan, duplicates, now, snapshot)
 
 
@@ -428,9 +455,10 @@ class _RowChecker:
             m = self._manifest
             at = int(np.searchsorted(m._malformed_lines, line))
             fields = int(m._malformed_fields[at])
+            one = _called(m._rules.delimiter)[:-1]
             return (
                 f"the row has {fields} values but the header has {len(m._header)} columns: a value probably "
-                "contains a comma without quotes around it; quote that value (or remove the extra values)"
+                f"contains a {one} without quotes around it; quote that value (or remove the extra values)"
             )
         if code == _HEADER_AGAIN:
             return (
@@ -480,19 +508,27 @@ class _RowChecker:
         return date_message
 
 
-def _header_problem(header: list[str]) -> str | None:
-    """Why a header lacking the wanted columns isn't a comma-separated UTF-8 header, when that is visible."""
+def _called(delimiter: str) -> str:
+    """The delimiter's name for messages, in the plural (`commas`)."""
+    return _SEPARATORS.get(delimiter, (f"{delimiter!r} characters", ""))[0]
+
+
+def _header_problem(header: list[str], rules: ManifestRules) -> str | None:
+    """Why a header lacking the wanted columns isn't in the delimiter and encoding read, when that is visible."""
     if any("\x00" in name for name in header):
         return (
             "it is full of NUL bytes, as UTF-16 text without a byte order mark is. Fix: save the file as UTF-8 "
-            "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+            "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)'), or name its encoding with --encoding (e.g. "
+            "utf-16-le)"
         )
     if len(header) == 1:
-        for separator, called in ((";", "semicolons"), ("\t", "tabs"), ("|", "'|' characters")):
-            if separator in header[0]:
+        expected = _called(rules.delimiter)
+        for separator, (called, flag) in _SEPARATORS.items():
+            if separator != rules.delimiter and separator in header[0]:
                 return (
-                    f"its values are separated by {called}, not commas. Fix: save it as comma-separated values "
-                    "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+                    f"its values are separated by {called}, not {expected}. Fix: name the delimiter with "
+                    f"--delimiter {flag} (or `delimiter:` in the config file), or save it as comma-separated "
+                    "values (in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
                 )
     if any("\n" in name or "\r" in name for name in header):
         return f"a quote in it is probably never closed, so it runs on past line 1. Fix: {_QUOTING}"
@@ -525,8 +561,8 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
     missing = [(role, name) for role, name in wanted if name not in header]
     if missing:
         found = ", ".join(repr(h) for h in header)
-        # "Rename the column" is the wrong fix when the header isn't comma-separated UTF-8 at all.
-        problem = _header_problem(header)
+        # "Rename the column" is the wrong fix when the header isn't in the delimiter and encoding read at all.
+        problem = _header_problem(header, rules)
         if problem is not None:
             raise ManifestError(f"{path} doesn't read as a CSV header row ({found[:200]}): {problem}")
         parts = []
@@ -537,10 +573,15 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
             guess = f" (did you mean {near[0]!r}?)" if near else ""
             parts.append(f"{name!r} for {role}{guess}" if name != role else f"{name!r}{guess}")
             guesses[role] = near[0] if near else None
+        example = _columns_example(guesses, header, [name for _, name in wanted])
+        flags = " ".join(f"--column {shlex.quote(f'{role}={name}')}" for role, name in example.items())
+        yaml = ", ".join(
+            f"{role}: {_yaml_text(name) if name != _ITS_COLUMN else name}" for role, name in example.items()
+        )
         raise ManifestError(
             f"{path} is missing the column{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Columns found: "
-            f"{found}. Fix: rename the column in the file, or map your column names in the config YAML, e.g. "
-            f"{_columns_example(guesses, header, [name for _, name in wanted])}"
+            f"{found}. Fix: rename the column in the file, or map your column names with {flags} (or in the "
+            f"config YAML, e.g. columns: {{{yaml}}})"
         )
     repeated = [name for _, name in wanted if header.count(name) > 1]
     if repeated:
@@ -552,18 +593,18 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
     return uid, created, image
 
 
-def _columns_example(guesses: dict[str, str | None], header: list[str], wanted: list[str]) -> str:
-    """`columns: {image_path: photo_file}` for the roles missing: each with its near miss in the header, or the
-    one column nobody claims when a single role is left over, else a placeholder."""
+_ITS_COLUMN = "<its column>"
+
+
+def _columns_example(guesses: dict[str, str | None], header: list[str], wanted: list[str]) -> dict[str, str]:
+    """{role: column} for the roles missing: each with its near miss in the header, or the one column nobody
+    claims when a single role is left over, else a placeholder."""
     claimed = {*wanted, *(g for g in guesses.values() if g is not None)}
     unclaimed = [h for h in header if h not in claimed and h.strip()]
     open_roles = [role for role, guess in guesses.items() if guess is None]
     if len(open_roles) == 1 and len(unclaimed) == 1:
         guesses[open_roles[0]] = unclaimed[0]
-    pairs = ", ".join(
-        f"{role}: {_yaml_text(g) if g is not None else '<its column>'}" for role, g in guesses.items()
-    )
-    return f"columns: {{{pairs}}}"
+    return {role: g if g is not None else _ITS_COLUMN for role, g in guesses.items()}
 
 
 def _yaml_text(name: str) -> str:
@@ -573,7 +614,7 @@ def _yaml_text(name: str) -> str:
 
 
 def _prescan(
-    snapshot: _Snapshot, reader: Iterator[list[str]], width: int, uid_at: int, chunk_rows: int
+    snapshot: _Snapshot, reader: Iterator[list[str]], width: int, uid_at: int, rules: ManifestRules
 ) -> _Prescan:
     """Counts rows, hashes every user_id, finds the rows with extra fields; `reader` is past the header."""
     hashes: list[npt.NDArray[np.int64]] = []
@@ -581,7 +622,7 @@ def _prescan(
     bad_fields: list[int] = []
     total = 0
     path = snapshot.path
-    for frame in _frames(snapshot, [uid_at], chunk_rows):
+    for frame in _frames(snapshot, [uid_at], rules):
         try:
             rows = list(islice(reader, len(frame)))
         except csv.Error as exc:
@@ -628,7 +669,7 @@ def _disagreement(path: Path, before: int, ours: list[str], theirs: list[str]) -
 def _confirm_duplicates(
     snapshot: _Snapshot,
     uid_at: int,
-    chunk_rows: int,
+    rules: ManifestRules,
     candidates: npt.NDArray[np.int64],
     pattern: re.Pattern[str],
 ) -> dict[str, tuple[int, list[int]]]:
@@ -638,7 +679,7 @@ def _confirm_duplicates(
         return {}
     seen: dict[str, tuple[int, list[int]]] = {}
     line = 2
-    for frame in _frames(snapshot, [uid_at], chunk_rows):
+    for frame in _frames(snapshot, [uid_at], rules):
         uids = frame.iloc[:, 0].tolist()
         hashes = np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids))
         for i in np.flatnonzero(np.isin(hashes, candidates)).tolist():
@@ -655,17 +696,17 @@ def _confirm_duplicates(
     }
 
 
-def _frames(snapshot: _Snapshot, usecols: list[int], chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _frames(snapshot: _Snapshot, usecols: list[int], rules: ManifestRules) -> Iterator[pd.DataFrame]:
     """The file's rows, `chunk_rows` at a time, as DataFrames of str; read errors become ManifestErrors."""
     path = snapshot.path
-    with _decoding_errors(path), snapshot.stream() as stream:
+    with _decoding_errors(path, rules), snapshot.stream() as stream:
         try:
             # Every value a str exactly as written: no "NA"/"null" to NaN, no "00123" to 123. No compression
             # guessed from the file name either: the csv module must see the same bytes.
             reader = pd.read_csv(
-                stream, usecols=usecols, chunksize=chunk_rows, dtype=str, keep_default_na=False, na_filter=False,
-                skip_blank_lines=False, index_col=False, header=0, engine="c", encoding=_ENCODING,
-                compression=None,
+                stream, usecols=usecols, chunksize=rules.chunk_rows, dtype=str, keep_default_na=False,
+                na_filter=False, skip_blank_lines=False, index_col=False, header=0, engine="c",
+                encoding=rules.codec, sep=rules.delimiter, compression=None,
             )  # fmt: skip
             with reader:
                 yield from reader
@@ -683,31 +724,39 @@ def _frames(snapshot: _Snapshot, usecols: list[int], chunk_rows: int) -> Iterato
 
 
 @contextmanager
-def _decoding_errors(path: Path) -> Iterator[None]:
+def _decoding_errors(path: Path, rules: ManifestRules) -> Iterator[None]:
     """Turns a UnicodeDecodeError or OSError while reading the manifest into a ManifestError that says where."""
     try:
         yield
     except UnicodeDecodeError as exc:
-        raise _encoding_error(path) from exc
+        raise _encoding_error(path, rules) from exc
     except OSError as exc:
         raise ManifestError(f"{path} can't be read: {exc.strerror or exc}") from exc
 
 
-def _encoding_error(path: Path) -> ManifestError:
-    """Finds the first byte that isn't UTF-8: the parser's own offsets are relative to its buffer."""
-    fix = "Fix: save the file as UTF-8 (in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+def _encoding_error(path: Path, rules: ManifestRules) -> ManifestError:
+    """Finds the first byte that isn't in the encoding read: the parser's own offsets are relative to its buffer."""
+    excel = "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+    named = "UTF-8" if rules.utf8 else rules.encoding
+    fix = (
+        f"Fix: save the file as UTF-8 {excel}, or name the encoding it is in with --encoding (e.g. cp1252)"
+        if rules.utf8
+        else f"Fix: name the encoding the file is in with --encoding (or `encoding:` in the config file), or save "
+        f"it as UTF-8 {excel} and leave encoding out"
+    )
     with path.open("rb") as raw:
         start = raw.read(4)
-        if start.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # before UTF-16: same first bytes
+        # Byte order marks say what a file is only when it isn't read as the encoding that has one.
+        if rules.utf8 and start.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # UTF-16's start too
             return ManifestError(f"{path} is UTF-32 text, not UTF-8. {fix}")
-        if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        if rules.utf8 and start.startswith((b"\xff\xfe", b"\xfe\xff")):
             return ManifestError(f"{path} is UTF-16 text, not UTF-8. {fix}")
         if start.startswith(b"\x1f\x8b"):
             return ManifestError(f"{path} is gzip-compressed: decompress it and give the .csv file")
         if start.startswith(b"PK\x03\x04"):
             return ManifestError(f"{path} is a ZIP file or an Excel workbook, not CSV. {fix}")
         raw.seek(0)
-        decoder = codecs.getincrementaldecoder("utf-8")()
+        decoder = codecs.getincrementaldecoder(rules.encoding)()
         offset, newlines = 0, 0
         while block := raw.read(1 << 20):
             pending = len(decoder.getstate()[0])  # a character split across blocks, already counted
@@ -716,7 +765,7 @@ def _encoding_error(path: Path) -> ManifestError:
             except UnicodeDecodeError as exc:
                 line = newlines + exc.object[: exc.start].count(b"\n") + 1
                 return ManifestError(
-                    f"{path} is not UTF-8: byte 0x{exc.object[exc.start]:02X} at offset "
+                    f"{path} is not {named}: byte 0x{exc.object[exc.start]:02X} at offset "
                     f"{offset - pending + exc.start} (line {line}) can't be decoded. {fix}"
                 )
             offset += len(block)
@@ -724,8 +773,8 @@ def _encoding_error(path: Path) -> ManifestError:
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            return ManifestError(f"{path} is not UTF-8: it ends in the middle of a character. {fix}")
-    return ManifestError(f"{path} is not UTF-8. {fix}")
+            return ManifestError(f"{path} is not {named}: it ends in the middle of a character. {fix}")
+    return ManifestError(f"{path} is not {named}. {fix}")
 
 
 def _nul(values: list[str]) -> npt.NDArray[np.bool_]:

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from backfill import compose
 from backfill.cli import main
 from backfill.config import Settings
-from backfill.sandbox import RunningSandbox, start_sandbox
+from backfill.sandbox import Faults, RunningSandbox, start_sandbox
 
-from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
+from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, png_bytes, simple_rows, write_manifest
 
 ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
 
@@ -207,3 +207,120 @@ async def test_metrics_on_no_host_answer_on_an_address_other_than_localhost(
     async with await start_sandbox(PARTNER_ID, API_KEY) as server:
         summary = await compose.run(make_settings(server, metrics_addr=f":{port}"), manifest, progress=scrape)
     assert summary.counts == {"enrolled": 2} and "backfill_rows_total" in scrape.text
+
+
+# --- 14. the manifest's delimiter, encoding and column names on the command line -----------------------------
+
+MAPPED = "user_id=customer_ref,user_created_at=signup,image_path=selfie"
+RENAMED = tuple(arg for pair in MAPPED.split(",") for arg in ("--column", pair))
+
+
+def european_export(folder: Path, rows: int = 3) -> Path:
+    """A spreadsheet's export as many European installs write it: semicolons, Windows-1252, its own headers,
+    and photo names with accents (so only the right encoding finds the files)."""
+    (folder / "images").mkdir(exist_ok=True)
+    lines = ["customer_ref;signup;selfie"]
+    for i in range(rows):
+        name = f"josé_{i}.png"
+        (folder / "images" / name).write_bytes(png_bytes(i))
+        lines.append(f"user_{i:04d};2021-08-12;images/{name}")
+    path = folder / "export.csv"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("cp1252"))
+    return path
+
+
+def test_validate_check_and_run_read_a_semicolon_cp1252_export_with_its_own_headers(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = european_export(tmp_path)
+    how = ["--delimiter", ";", "--encoding", "cp1252", *RENAMED]
+    code, out, err = cli("validate", str(manifest), *how, "--out", str(tmp_path / "v"))
+    assert code == 0 and out.startswith("3 valid, 0 rejected"), err
+
+    code, out, _ = cli("check", str(manifest), *how, *ledger(tmp_path, threaded_sandbox))
+    assert f"ok       manifest: {manifest}: 3 rows, 3 pass the text rules" in out, out
+    assert "problem  photos" not in out
+
+    code, out, err = cli("run", str(manifest), *how, *ledger(tmp_path, threaded_sandbox), "--out",
+                         str(tmp_path / "out"), "--no-progress")  # fmt: skip
+    assert code == 0 and "3 rows: 3 enrolled" in out, err
+    assert threaded_sandbox.state.enrolled.keys() == {"user_0000", "user_0001", "user_0002"}
+
+
+def test_the_manifest_settings_take_yaml_then_environment_then_flags_and_say_where_each_came_from(
+    tmp_path: Path,
+) -> None:
+    manifest = european_export(tmp_path)
+    config = tmp_path / "backfill.yaml"
+    config.write_text('delimiter: "|"\nencoding: latin-1\ncolumns: {user_id: customer_ref, image_path: x}\n')
+    env: dict[str, str | None] = {"BACKFILL_ENCODING": "cp1252", "BACKFILL_COLUMNS": "image_path=selfie"}
+    code, out, err = cli("config", "show", "--config", str(config), env=env)
+    rows = shown(out)
+    assert code == 0 and err == ""  # BACKFILL_COLUMNS is a setting: no "not a setting" warning
+    assert rows["delimiter"].split()[1] == "|" and f"config file {config}" in rows["delimiter"]
+    assert rows["encoding"].split()[1] == "cp1252" and "environment BACKFILL_ENCODING" in rows["encoding"]
+    assert '"user_id": "customer_ref"' in rows["columns"] and '"image_path": "selfie"' in rows["columns"]
+    mixed = f"user_id from config file {config}; image_path from environment BACKFILL_COLUMNS"
+    assert mixed in rows["columns"]
+    code, out, _ = cli("config", "show", "--config", str(config), "--json", env=env)
+    assert json.loads(out)["delimiter"] == {"value": "|", "source": f"config file {config}"}
+
+    # The file is semicolon-separated and calls its date column `signup`: only the flags make it readable.
+    v = ["--out", str(tmp_path / "v")]
+    code, _, err = cli("validate", str(manifest), "--config", str(config), *v, env=env)
+    assert code == 2 and "--delimiter ';'" in err  # the mistake is named, with the flag that fixes it
+    flags = ["--delimiter", ";", "--column", "user_created_at=signup"]
+    code, out, err = cli("validate", str(manifest), "--config", str(config), *flags, *v, env=env)
+    assert code == 0 and out.startswith("3 valid, 0 rejected"), err
+    # A flag beats the environment, role by role.
+    env["BACKFILL_COLUMNS"] = "image_path=x,user_created_at=signup"
+    code, out, err = cli("validate", str(manifest), "--config", str(config), *flags, "--column", "image_path=selfie",
+                         *v, env=env)  # fmt: skip
+    assert code == 0 and out.startswith("3 valid, 0 rejected"), err
+
+
+@pytest.mark.parametrize(
+    ("flag", "problem", "fix"),
+    [
+        (["--column", "customer_ref"], "columns (from flag --column): 'customer_ref' is not ROLE=NAME",
+         "Fix: write it as --column user_id=customer_ref"),
+        (["--column", "userid=customer_ref"],
+         "columns (from flag --column): 'userid' is not a column role (did you mean user_id?)",
+         "use only user_id, user_created_at, image_path, e.g. --column user_id=customer_ref"),
+        (["--column", "user_id="], "columns.user_id (from flag --column): '' is not a column name",
+         "e.g. --column user_id=customer_ref"),
+        (["--column", "user_id=a", "--column", "image_path=a"],
+         "columns (from flag --column): user_id and image_path both map to the column 'a'", "its own column"),
+        (["--delimiter", ";;"], "delimiter (from flag --delimiter): ';;' is not one character", "or tab"),
+        (["--encoding", "klingon"], "encoding (from flag --encoding): 'klingon' is not a text encoding", "cp1252"),
+    ],
+)  # fmt: skip
+def test_a_bad_manifest_flag_is_a_config_error_naming_the_flag_and_the_fix(
+    tmp_path: Path, flag: list[str], problem: str, fix: str
+) -> None:
+    manifest = european_export(tmp_path)
+    for command in ("validate", "run"):
+        code, out, err = cli(command, str(manifest), *flag, "--out", str(tmp_path / "out"))
+        assert code == 2 and out == "" and problem in err and fix in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    code, out, _ = cli("check", str(manifest), *flag)
+    assert code == 2 and f"problem  settings: {problem}" in out
+
+
+def test_retry_reads_its_own_manifest_whatever_delimiter_the_partners_files_use(
+    tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
+) -> None:
+    server = threaded_sandboxes.start(faults=Faults(script={"user_0001": [503]}))
+    manifest = european_export(tmp_path)
+    # As a nightly job would: the partner's format in the environment, for run and retry alike.
+    env: dict[str, str | None] = {
+        "BACKFILL_DELIMITER": ";",
+        "BACKFILL_ENCODING": "cp1252",
+        "BACKFILL_COLUMNS": MAPPED,
+    }
+    where = [*ledger(tmp_path, server), "--out", str(tmp_path / "out"), "--no-progress"]
+    code, out, err = cli("run", str(manifest), *where, "--max-attempts", "1", env=env)
+    assert code == 1 and "1 retry_exhausted" in out, err
+    code, out, err = cli("retry", *where, env=env)
+    assert code == 0 and "1 enrolled" in out, err
+    assert server.state.enrolled.keys() == {"user_0000", "user_0001", "user_0002"}

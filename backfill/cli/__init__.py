@@ -31,6 +31,7 @@ from ._common import (
     ledger_options,
     load_settings,
     log_options,
+    manifest_options,
     out_option,
     shown,
 )
@@ -88,13 +89,13 @@ def main() -> None:
 @click.argument("manifest")
 @config_option
 @out_option
+@manifest_options
 @read_concurrency_option
 @guard
-def validate(manifest: str, config_file: Path | None, out: Path | None, read_concurrency: int | None) -> None:
+def validate(manifest: str, config_file: Path | None, **flags: Any) -> None:
     """Validate MANIFEST (a path, or an s3://, gs://, az:// or https:// URL) only: write rejects.csv and print
     counts. Sends nothing."""
-    settings = load_settings(config_file, flags={"out": out, "read_concurrency": read_concurrency},
-                             need_credentials=False)  # fmt: skip
+    settings = load_settings(config_file, flags=flags, need_credentials=False)
     valid, rejects = compose.validate(settings, manifest_arg(manifest))
     path = rs.write_rejects(settings.out, rejects)
     click.echo(f"{valid} valid, {len(rejects)} rejected; rejects: {path}")
@@ -108,6 +109,7 @@ def validate(manifest: str, config_file: Path | None, out: Path | None, read_con
               show_default=shown("env"))  # fmt: skip
 @click.option("--base-url", help="API root (overrides --env's URL).")
 @click.option("--checkpoint", metavar="PATH|URL", help=CHECKPOINT_HELP)
+@manifest_options
 @read_concurrency_option
 @guard
 def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
@@ -161,6 +163,7 @@ def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
 @click.option("--limit", type=int, help="Send at most N rows (a canary).")
 @click.option("--max-duration", help="Stop starting new rows after this long (3600, 90m, 2h); resumable.")
 @metrics_option
+@manifest_options
 @read_concurrency_option
 @log_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -399,12 +402,18 @@ def config_show(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     # The ledger the run would really use, not the unset flag: the one setting a user most needs to find.
     ledger = settings.ledger_location()
     values["checkpoint"] = ledger if ledger is not None or as_json else NO_LEDGER
-    rows = [[k, json.dumps(v, default=str) if not isinstance(v, str) else v, settings.sources.get(k, "default")]
-            for k, v in values.items()]  # fmt: skip
+    sources = {k: settings.sources.get(k, "default") for k in values}
     if as_json:
-        click.echo(json.dumps({k: {"value": v, "source": src} for k, v, src in rows}, indent=2))
+        shown = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in values.items()}
+        click.echo(json.dumps({k: {"value": v, "source": sources[k]} for k, v in shown.items()}, indent=2))
         return
-    click.echo(_table(["setting", "value", "from"], rows))
+    click.echo(_table(["setting", "value", "from"], [[k, _cell(v), sources[k]] for k, v in values.items()]))
+
+
+def _cell(value: object) -> str:
+    """A value as a table shows it: text as it is, unless a tab or a space (a delimiter) would vanish in it."""
+    plain = isinstance(value, str) and value.isprintable() and value == value.strip()
+    return str(value) if plain else json.dumps(value, default=str)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

@@ -132,6 +132,28 @@ def log_options(fn: F) -> F:
     )(fn)  # fmt: skip
 
 
+def _none_if_empty(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    # A repeatable flag left out is (), not None: None is what lets YAML and BACKFILL_* through.
+    return value or None
+
+
+def manifest_options(fn: F) -> F:
+    """--delimiter, --encoding and --column: how a command that reads a manifest reads it, like `run` does."""
+    fn = click.option(
+        "--column", "columns", multiple=True, metavar="ROLE=NAME", callback=_none_if_empty,
+        help="The manifest's column for user_id, user_created_at or image_path, e.g. user_id=customer_ref "
+             "(repeat it for each one renamed).",
+    )(fn)  # fmt: skip
+    fn = click.option("--encoding", metavar="NAME", help="The manifest's text encoding, e.g. cp1252 or utf-16.",
+                      show_default=shown("encoding"))(fn)  # fmt: skip
+    return click.option(
+        "--delimiter", metavar="CHAR", help="The manifest's one character between values, e.g. ';', '|' or tab.",
+        show_default=shown("delimiter"),
+    )(fn)  # fmt: skip
+
+
 def ledger_options(
     checkpoint_help: str = "The ledger, a file or a postgresql:// URL (default: one per partner and endpoint).",
 ) -> Callable[[F], F]:
