@@ -25,7 +25,9 @@ ENVIRONMENTS: dict[str, str] = {
     "production": "https://api.smileidentity.com/v1",
 }
 COLUMN_KEYS = ("user_id", "user_created_at", "image_path")
-DERIVED_LEDGER = "derived from partner_id and base_url"
+DERIVED_LEDGER = (
+    "partner_id and base_url"  # read after "from", as every source is: "(from partner_id and base_url)"
+)
 
 
 class Secret:

