@@ -38,6 +38,40 @@ def ledger(tmp_path: Path, server: RunningSandbox) -> list[str]:
     return ["--env", "local", "--base-url", server.base_url, "--checkpoint", str(tmp_path / "cp.sqlite")]
 
 
+# --- 5. a skipped row says what the ledger knows of it, in words that read ----------------------------------
+
+
+def results_of(out: Path) -> list[dict[str, str]]:
+    (path,) = sorted(out.rglob("results.csv"))[-1:]
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_skipped_rows_carry_the_ledgers_job_ids_and_a_message_that_reads(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    first_out, again_out = tmp_path / "out1", tmp_path / "out2"
+    code, _, err = cli("run", str(manifest), *ledger(tmp_path, threaded_sandbox), "--out", str(first_out),
+                       "--no-progress")  # fmt: skip
+    assert code == 0, err
+    enrolled = {r["user_id"]: r for r in results_of(first_out)}
+    assert all(r["smile_job_id"] and r["job_id"] for r in enrolled.values()), enrolled
+    # One photo gone since: the row is settled from the ledger by another path (nothing needs the photo).
+    (tmp_path / "images" / "user_0002.png").unlink()
+    code, _, err = cli("run", str(manifest), *ledger(tmp_path, threaded_sandbox), "--out", str(again_out),
+                       "--no-progress")  # fmt: skip
+    assert code == 0, err
+    again = results_of(again_out)
+    assert {r["status"] for r in again} == {"skipped"} and len(again) == 3
+    for row in again:
+        first = enrolled[row["user_id"]]
+        assert (row["smile_job_id"], row["job_id"], row["result_code"]) == (
+            first["smile_job_id"], first["job_id"], first["result_code"]
+        ), row  # fmt: skip
+        assert "already already" not in row["error"] and "enrolled earlier" in row["error"], row
+
+
 # --- 6. config show names the ledger a run would use ----------------------------------------------------------
 
 

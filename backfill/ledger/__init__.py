@@ -82,6 +82,8 @@ class DoneRow(NamedTuple):
     image_size: int | None
     image_version: str | None
     result_code: str
+    smile_job_id: str  # what results.csv says of a skipped row, as of the attempt that enrolled it
+    job_id: str
 
 
 _FIELDS = tuple(f.name for f in fields(LedgerRow))
@@ -328,8 +330,8 @@ class Store(ABC):
         this default derives it from `lookup`.
         """
         rows = await self.lookup(user_ids)
-        return {uid: DoneRow(r.state, r.image_ref, r.image_size, r.image_version, r.result_code)
-                for uid, r in rows.items() if r.state in DONE_STATES}  # fmt: skip
+        return {uid: DoneRow(r.state, r.image_ref, r.image_size, r.image_version, r.result_code, r.smile_job_id,
+                             r.job_id) for uid, r in rows.items() if r.state in DONE_STATES}  # fmt: skip
 
     @abstractmethod
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:

@@ -273,13 +273,14 @@ class PostgresStore(Store, Fleet):
         return await self._tx(work, what="read")
 
     async def done(self, user_ids: Sequence[str]) -> dict[str, DoneRow]:
-        sql = ("SELECT user_id, state, image_ref, image_size, image_version, result_code FROM backfill.users "
+        sql = ("SELECT user_id, state, image_ref, image_size, image_version, result_code, smile_job_id, job_id "
+               "FROM backfill.users "
                f"WHERE user_id = ANY(%s) AND state IN ({_DONE_IN})")  # fmt: skip
 
         async def work(conn: Conn, retried: bool) -> dict[str, DoneRow]:
             cur = await conn.execute(sql, (list(user_ids),))
-            return {uid: DoneRow(_STATE_OF[st], ref, size, ver, code)
-                    for uid, st, ref, size, ver, code in await cur.fetchall()}  # fmt: skip
+            return {uid: DoneRow(_STATE_OF[st], ref, size, ver, code, smile or "", job or "")
+                    for uid, st, ref, size, ver, code, smile, job in await cur.fetchall()}  # fmt: skip
 
         return await self._tx(work, what="read")
 

@@ -530,18 +530,20 @@ def _lookup(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, LedgerRo
 
 _DONE_IN = ", ".join(repr(str(s)) for s in sorted(DONE_STATES))
 _DONE_SQL = (
-    "SELECT user_id, state, image_ref, image_size, image_version, result_code FROM users "
+    "SELECT user_id, state, image_ref, image_size, image_version, result_code, smile_job_id, job_id FROM users "
     f"WHERE user_id IN (SELECT value FROM json_each(?)) AND state IN ({_DONE_IN})"
 )
 
 
 def _done(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, DoneRow]:
-    # Six columns and a tuple per row, not eighteen and a LedgerRow: a resume asks this of every manifest row.
+    # Eight columns and a tuple per row, not eighteen and a LedgerRow: a resume asks this of every manifest row.
     # (tuple.__new__ builds the NamedTuple in C: its generated __new__ cost a third of this function.)
     state_of, make = _STATE_OF, tuple.__new__
     return {
-        uid: make(DoneRow, (state_of[state], ref, size, version, code))
-        for uid, state, ref, size, version, code in conn.execute(_DONE_SQL, (json.dumps(user_ids),))
+        uid: make(DoneRow, (state_of[state], ref, size, version, code, smile or "", job or ""))
+        for uid, state, ref, size, version, code, smile, job in conn.execute(
+            _DONE_SQL, (json.dumps(user_ids),)
+        )
     }
 
 

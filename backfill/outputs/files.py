@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from ..errors import OutputError
 from ..redact import scrub
-from ..run.records import RejectRow, ResultRow, Summary
+from ..run.records import RejectRow, ResultRow, SkippedRow, Summary
 from ..vocab import Status
 
 RESULT_FIELDS = (
@@ -32,6 +32,7 @@ RESULT_FIELDS = (
 )  # fmt: skip
 REJECT_FIELDS = ("line", "user_id", "reason", "message")
 _SIGNATURE_OK_AT = RESULT_FIELDS.index("signature_ok")
+_SMILE_JOB_ID_AT, _JOB_ID_AT = RESULT_FIELDS.index("smile_job_id"), RESULT_FIELDS.index("job_id")
 
 
 class _Scrubbed:
@@ -167,24 +168,31 @@ class RunOutput:
     def reject(self, row: RejectRow) -> None:
         self._write(self._rejects_csv, [row.line, row.user_id, row.reason, row.message])
 
-    def skipped(self, rows: Sequence[tuple[str, str, str]], finished_at: str) -> None:
+    def skipped(self, rows: Sequence[SkippedRow], finished_at: str) -> None:
         """The lines `result` would write for these skipped rows, byte for byte, without a ResultRow each.
 
-        Everything after the user_id is the same for rows with the same result code and message, so it is
-        formatted by the csv writer once; the user_id is quoted by it too whenever it needs quoting.
+        Only the user_id and the two job ids differ between rows with the same result code and message: the
+        rest is formatted by the csv writer once, around them, and they are quoted by it whenever they need it.
         """
-        tails: dict[tuple[str, str], str] = {}
+        parts: dict[tuple[str, str], tuple[str, str]] = {}
         lines = []
-        for user_id, code, message in rows:
-            tail = tails.get((code, message))
-            if tail is None:
+        plain = _PLAIN_FIELD.fullmatch
+        for user_id, code, smile_job_id, job_id, message in rows:
+            around = parts.get((code, message))
+            if around is None:
                 values = _result_values(ResultRow(user_id="", status=Status.SKIPPED, result_code=code,
                                                   error=message, finished_at=finished_at))  # fmt: skip
-                tail = tails[(code, message)] = _csv_line(values)  # from the comma after the empty user_id
-            if _PLAIN_FIELD.fullmatch(user_id) is None:
-                lines.append(_csv_line([user_id]).rstrip("\r\n") + tail)
+                # The fields between the user_id and the job ids, and those after them, each from its comma.
+                around = parts[(code, message)] = (
+                    _csv_line(values[:_SMILE_JOB_ID_AT]).rstrip("\r\n"), _csv_line(["", *values[_JOB_ID_AT + 1 :]])
+                )  # fmt: skip
+            head, tail = around
+            uid = user_id if plain(user_id) else _csv_line([user_id]).rstrip("\r\n")
+            if (not smile_job_id or plain(smile_job_id)) and (not job_id or plain(job_id)):
+                ids = f",{smile_job_id},{job_id}"
             else:
-                lines.append(user_id + tail)
+                ids = _csv_line(["", smile_job_id, job_id]).rstrip("\r\n")
+            lines.append(uid + head + ids + tail)
         try:
             write = self._results.handle.write
             for line in lines:

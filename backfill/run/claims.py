@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from ..errors import BackfillError
 from ..ledger import Fleet
 from ..manifest import Batch, Manifest
-from .records import RejectRow, ResultRow, Sink
+from .records import RejectRow, ResultRow, Sink, SkippedRow
 
 log = logging.getLogger("backfill")
 FINISH_EVERY_S = 0.5  # finished rows are told to the ledger in groups, at most this long after they end
@@ -174,6 +174,6 @@ class FinishingSink:
         else:
             self._claims.finished(lines=(row.line,))
 
-    def skipped(self, rows: Sequence[tuple[str, str, str]], finished_at: str) -> None:
+    def skipped(self, rows: Sequence[SkippedRow], finished_at: str) -> None:
         self._sink.skipped(rows, finished_at)
         self._claims.finished([r[0] for r in rows])

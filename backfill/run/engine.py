@@ -295,7 +295,8 @@ class Engine:
                 settled_at = now_iso()
                 if skipped:
                     message = plan.NOT_SENT_AGAIN
-                    self._sink.skipped([(r.user_id, r.result_code, message[r.state]) for r in skipped],
+                    self._sink.skipped([(r.user_id, r.result_code, r.smile_job_id, r.job_id, message[r.state])
+                                        for r in skipped],
                                             settled_at)  # fmt: skip
                     self._advance_many(Status.SKIPPED, len(skipped))
                     await asyncio.sleep(0)  # let the next chunk's planning take its next step
@@ -316,7 +317,9 @@ class Engine:
                     else:
                         k = decision.known
                         self._result(ResultRow(user_id=decision.user_id, status=decision.status,
-                                               result_code=k.result_code if k else "", error=decision.message,
+                                               result_code=k.result_code if k else "",
+                                               smile_job_id=k.smile_job_id if k else "",
+                                               job_id=k.job_id if k else "", error=decision.message,
                                                finished_at=settled_at))  # fmt: skip
                     if not n % 1024:
                         await asyncio.sleep(0)  # let the next chunk's planning take its next step
@@ -360,8 +363,9 @@ class Engine:
         v = sent.verdict
         result = ResultRow(
             user_id=row.user_id, status=sent.status, http_status=v.http_status if v else None,
-            result_code=v.result_code if v else "", result_text=v.result_text if v else "",
-            smile_job_id=v.smile_job_id if v else "", job_id=v.job_id if v else "", attempts=sent.attempts,
+            result_code=v.result_code if v else sent.result_code, result_text=v.result_text if v else "",
+            smile_job_id=v.smile_job_id if v else sent.smile_job_id, job_id=v.job_id if v else sent.job_id,
+            attempts=sent.attempts,
             signature_ok=v.signature_ok if v else None, error=(v.error if v else "") or sent.message,
             finished_at=now_iso(), latency_ms=sent.latency_ms,
             unfinished=sent.cut_short or sent.status is Status.PENDING,

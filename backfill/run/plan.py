@@ -49,6 +49,8 @@ class Skipped(NamedTuple):
     user_id: str
     state: State
     result_code: str
+    smile_job_id: str
+    job_id: str
 
 
 async def decide_batch(
@@ -67,14 +69,14 @@ async def decide_batch(
         make = tuple.__new__  # the NamedTuple built in C, not by its generated __new__
         changed: set[str] = set()
         for c, found in zip(quick, prints, strict=True):
-            state, ref, size, version, code = done[c.user_id]
+            state, ref, size, version, code, smile_job_id, job_id = done[c.user_id]
             if (
                 type(found) is Fingerprint
                 and found.ref == ref
                 and found.size == size
                 and found.version == version
             ):
-                skipped.append(make(Skipped, (c.user_id, state, code)))
+                skipped.append(make(Skipped, (c.user_id, state, code, smile_job_id, job_id)))
             else:
                 changed.add(c.user_id)
         rest = [c for c in candidates if c.user_id not in done or c.user_id in changed]
@@ -86,8 +88,12 @@ async def decide_batch(
     return skipped, await decide(rest, known, images, resend_failed=resend_failed)
 
 
-_NOT_SENT_AGAIN = {state: f"already {state} in the ledger; not sent again" for state in DONE_STATES}
-NOT_SENT_AGAIN = _NOT_SENT_AGAIN  # the message of a skipped row, by its ledger state
+# The message of a row the ledger holds as done (skipped here, or refused by the ledger at send time), by state.
+_NOT_SENT_AGAIN = {
+    State.ENROLLED: "enrolled earlier (the ledger says so); not sent again",
+    State.ALREADY_ENROLLED: "enrolled earlier by an attempt whose answer was lost (the ledger says so); not sent again",
+}
+NOT_SENT_AGAIN = _NOT_SENT_AGAIN
 
 
 async def decide(
@@ -159,7 +165,7 @@ async def _compare(
     if isinstance(found, ImageProblem):
         if done:
             # Nothing is sent for an enrolled user, so its photo may be gone: a nightly cron must not fail on it.
-            message = f"already {k.state} in the ledger; not sent again (its photo is no longer usable: {found.reason})"
+            message = f"{_NOT_SENT_AGAIN[k.state]} (its photo is no longer usable: {found.reason})"
             return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
         return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=found.message,
                       reason=found.reason, known=k)  # fmt: skip
@@ -172,7 +178,7 @@ async def _compare(
             same = (await images.read(found)).sha256 == k.photo_sha256
         except ImageError as exc:
             if done:
-                message = f"already {k.state} in the ledger; not sent again ({exc.problem.reason})"
+                message = f"{_NOT_SENT_AGAIN[k.state]} ({exc.problem.reason})"
                 return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
             return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=exc.problem.message,
                           reason=exc.problem.reason, known=k)  # fmt: skip

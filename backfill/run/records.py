@@ -36,13 +36,17 @@ class RejectRow:
     message: str
 
 
+# A row settled as skipped, as the sink takes many at once: (user_id, result_code, smile_job_id, job_id, message).
+SkippedRow = tuple[str, str, str, str, str]
+
+
 class Sink(Protocol):
     """Where every row ends: exactly one call per manifest row, `result` or `reject`."""
 
     def result(self, row: ResultRow) -> None: ...
     def reject(self, row: RejectRow) -> None: ...
-    def skipped(self, rows: Sequence[tuple[str, str, str]], finished_at: str) -> None:
-        """Many `result`s at once of rows settled as skipped: (user_id, result_code, message) each."""
+    def skipped(self, rows: Sequence[SkippedRow], finished_at: str) -> None:
+        """Many `result`s at once of rows settled as skipped."""
         ...
 
 

@@ -17,7 +17,7 @@ from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store
 from ..vocab import Kind, Reason, State, Status
 from .crash import Boundary, CrashPoints
 from .observe import NO_OBSERVER, Observer
-from .plan import Send, reused_message
+from .plan import NOT_SENT_AGAIN, Send, reused_message
 from .policy import RetryPolicy, is_throttled
 from .rate import Gate
 from .settle import final_status, ledger_state, unfinished_status
@@ -42,6 +42,10 @@ class Sent:
     elsewhere: bool = False
     # A stop came before the row's next attempt: whatever its status says, its attempts are not over.
     cut_short: bool = False
+    # Without a verdict (the ledger refused the attempt as done): what the ledger knows of the row.
+    result_code: str = ""
+    smile_job_id: str = ""
+    job_id: str = ""
 
 
 @dataclass(slots=True)
@@ -246,9 +250,14 @@ class Sender:
         if refused.why is Refusal.PHOTO_PINNED:
             message = reused_message(refused.user_id, refused.row) + " (the bytes about to be sent differ)"
             return self._reject(work, Reason.USER_ID_REUSED, message)
-        status = Status.ID_CONFLICT if refused.row.state is State.ID_CONFLICT else Status.SKIPPED
-        return Sent(status=status, attempts=work.attempts, first_ever=work.first_ever,
-                    message=f"already {refused.row.state} in the ledger; not sent")  # fmt: skip
+        # The ledger holds the ID as done (another run finished it meanwhile): said as a skip in the plan is.
+        k = refused.row
+        if k.state is State.ID_CONFLICT:
+            status, message = Status.ID_CONFLICT, "held by someone else (id_conflict in the ledger); not sent"
+        else:
+            status, message = Status.SKIPPED, NOT_SENT_AGAIN[k.state]
+        return Sent(status=status, attempts=work.attempts, first_ever=work.first_ever, message=message,
+                    result_code=k.result_code, smile_job_id=k.smile_job_id, job_id=k.job_id)  # fmt: skip
 
     def _retrying(self, state: RetryCallState) -> None:
         verdict = state.outcome.result() if state.outcome is not None and not state.outcome.failed else None
