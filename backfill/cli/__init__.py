@@ -300,6 +300,9 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
              r.exit_code if r.exit_code is not None else ""] for r in report.runs]  # fmt: skip
     click.echo("last runs:")
     click.echo(_table(["run", "started", "finished", "rows", "exit"], runs or [["(none)", "", "", "", ""]]))
+    for r in report.runs:
+        if r.note:  # as the run last saw itself: one line each, too long for a column
+            click.echo(f"{r.run_id}: {r.note}")
     if report.fleet_rate is not None or report.processes:
         rate = (
             ""

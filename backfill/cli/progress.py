@@ -44,6 +44,15 @@ class TqdmProgress:
         self._postfix["limit"] = f"{current:.3g}/s"
         self._bar.set_postfix(self._postfix, refresh=False)
 
+    def limited(self, note: str | None) -> None:
+        """The workers became (a note naming the setting to raise) or stopped being (None) the limit."""
+        assert self._bar is not None
+        if note is None:
+            self._postfix.pop("limited_by", None)
+        else:
+            self._postfix["limited_by"] = note
+        self._bar.set_postfix(self._postfix, refresh=False)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

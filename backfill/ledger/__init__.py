@@ -190,6 +190,8 @@ class RunRecord:
     finished_at: str | None = None
     rows: int | None = None
     exit_code: int | None = None
+    # What the run says about itself for `status`, e.g. that its workers, not the rate, are the limit.
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -353,6 +355,10 @@ class Store(ABC):
 
     @abstractmethod
     async def finish_run(self, run_id: str, *, finished_at: str, rows: int, exit_code: int) -> None: ...
+
+    @abstractmethod
+    async def note_run(self, run_id: str, note: str | None) -> None:
+        """Set (or clear, None) the run's note; nobody waits for it to be on disk."""
 
     @abstractmethod
     async def status(self, *, last_runs: int = 10) -> LedgerStatus: ...

@@ -60,6 +60,9 @@ class MemoryStore(Store):
             self.runs[run_id], finished_at=finished_at, rows=rows, exit_code=exit_code
         )
 
+    async def note_run(self, run_id: str, note: str | None) -> None:
+        self.runs[run_id] = replace(self.runs[run_id], note=note)
+
     async def status(self, *, last_runs: int = 10) -> LedgerStatus:
         counts = Counter(row.state.value for row in self.users.values())
         unfinished = [r for r in self.users.values() if r.state in TRANSIENT_STATES]

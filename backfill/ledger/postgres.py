@@ -109,8 +109,11 @@ CREATE TABLE IF NOT EXISTS backfill.runs (
     rows bigint,
     exit_code integer,
     heartbeat_at timestamptz,
-    outputs_at timestamptz  -- its results.csv and rejects.csv are written: the rows it finished are told
+    outputs_at timestamptz,  -- its results.csv and rejects.csv are written: the rows it finished are told
+    note text
 );
+-- Added within schema 1: older versions name their columns, so they read and write it still.
+ALTER TABLE backfill.runs ADD COLUMN IF NOT EXISTS note text;
 CREATE TABLE IF NOT EXISTS backfill.manifests (
     sha256 text PRIMARY KEY,
     path text NOT NULL,
@@ -369,6 +372,12 @@ class PostgresStore(Store, Fleet):
 
         await self._tx(work)
 
+    async def note_run(self, run_id: str, note: str | None) -> None:
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute("UPDATE backfill.runs SET note=%s WHERE run_id=%s", (note, run_id))
+
+        await self._tx(work)
+
     async def status(self, *, last_runs: int = 10) -> LedgerStatus:
         async def work(conn: Conn, retried: bool) -> LedgerStatus:
             cur = await conn.execute(
@@ -380,9 +389,10 @@ class PostgresStore(Store, Fleet):
                 _SELECT + " WHERE state = ANY(%s) ORDER BY first_attempt_at LIMIT 1", (transient,)
             )
             oldest = await cur.fetchone()
+            # Through to_jsonb: a reader may meet a ledger last written by a version without `note`.
+            chosen = ", ".join(c if c != "note" else "to_jsonb(r) ->> 'note'" for c in _RUN_COLUMNS)
             cur = await conn.execute(
-                f"SELECT {', '.join(_RUN_COLUMNS)} FROM backfill.runs ORDER BY started_at DESC LIMIT %s",
-                (last_runs,),
+                f"SELECT {chosen} FROM backfill.runs r ORDER BY started_at DESC LIMIT %s", (last_runs,)
             )
             runs = [RunRecord(**dict(zip(_RUN_COLUMNS, r, strict=True))) for r in await cur.fetchall()]
             cur = await conn.execute(

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS runs (
     host TEXT,
     finished_at TEXT,
     rows INTEGER,
-    exit_code INTEGER
+    exit_code INTEGER,
+    note TEXT
 );
 """
 _COLUMNS = tuple(f.name for f in fields(LedgerRow))
@@ -232,6 +233,11 @@ class SqliteStore(Store):
     async def finish_run(self, run_id: str, *, finished_at: str, rows: int, exit_code: int) -> None:
         sql = "UPDATE runs SET finished_at=?, rows=?, exit_code=? WHERE run_id=?"
         await self._submit(lambda conn: conn.execute(sql, (finished_at, rows, exit_code, run_id)), wait=True)
+
+    async def note_run(self, run_id: str, note: str | None) -> None:
+        sql = "UPDATE runs SET note=? WHERE run_id=?"
+        # On disk with the next commit: a note lost in a crash costs nothing but the note.
+        self._submit(lambda conn: conn.execute(sql, (note, run_id)), wait=False)
 
     async def status(self, *, last_runs: int = 10) -> LedgerStatus:
         self._raise_if_failed()
@@ -435,6 +441,9 @@ def _connect(
             if meta.get("schema") == "1":
                 _migrate_v1(conn, meta, legacy)
             conn.executescript(_SCHEMA)
+            if "note" not in _run_columns(conn):
+                # Added within schema 2: older versions name their columns, so they read and write it still.
+                conn.execute("ALTER TABLE runs ADD COLUMN note TEXT")
         else:
             # A reader (status, export, a dry run) never writes: not the schema, not into some other file.
             conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None,
@@ -474,6 +483,10 @@ def _connect(
 def _meta(conn: sqlite3.Connection) -> dict[str, str]:
     exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
     return dict(conn.execute("SELECT key, value FROM meta").fetchall()) if exists else {}
+
+
+def _run_columns(conn: sqlite3.Connection) -> set[str]:
+    return {name for _, name, *_ in conn.execute("PRAGMA table_info(runs)")}
 
 
 def _migrate_v1(conn: sqlite3.Connection, meta: dict[str, str], legacy: dict[str, str]) -> None:
@@ -565,10 +578,10 @@ def _status(
         f"{_SELECT} WHERE state IN ({marks}) ORDER BY first_attempt_at LIMIT 1",
         tuple(sorted(s.value for s in TRANSIENT_STATES)),
     ).fetchone()
+    held = _run_columns(conn)  # a reader may meet a ledger last written by a version without `note`
+    chosen = ", ".join(c if c in held else f"NULL AS {c}" for c in _RUN_COLUMNS)
     runs = [
         RunRecord(**dict(zip(_RUN_COLUMNS, r, strict=True)))
-        for r in conn.execute(
-            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs ORDER BY started_at DESC LIMIT ?", (last_runs,)
-        )
+        for r in conn.execute(f"SELECT {chosen} FROM runs ORDER BY started_at DESC LIMIT ?", (last_runs,))
     ]
     return counts, (None if found is None else _row(found)), runs

@@ -38,6 +38,7 @@ from .records import RejectRow, ResultRow, Sink, Summary
 from .send import Sender, Sent, describe
 from .stats import Tally, exit_code
 from .stops import Stops
+from .workers import Workers, note, workers_are_the_limit
 
 Sleep = Callable[[float], Awaitable[None]]
 log = logging.getLogger("backfill")
@@ -46,7 +47,9 @@ log = logging.getLogger("backfill")
 class Progress(Protocol):
     """What the engine tells whoever shows progress; the library itself never prints.
 
-    Optional: a `rate(current: float) -> None` method is told the adaptive rate limit each time it changes.
+    Optional: a `rate(current: float) -> None` method is told the adaptive rate limit each time it changes, and
+    a `limited(note: str | None) -> None` method is told when the workers become (a note naming the setting to
+    raise) or stop being (None) what holds the run back.
     """
 
     def start(self, total: int | None) -> None: ...  # None: not known (a fleet's process)
@@ -90,6 +93,10 @@ class Engine:
         self._claims: Claims | None = None  # a fleet's process: its rows come from claims, not the manifest
         self._sink: Sink = parts.sink
         self._shown_rate = settings.rate  # the adaptive rate the progress bar last showed
+        self._workers = Workers()
+        self._limited: str | None = None  # the note the progress object was last told
+        self._noted: str | None = None  # the note the ledger's runs table holds for this run
+        self._queue: asyncio.Queue[plan.Send | None] | None = None
         self._policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_initial=settings.backoff_initial,
                                    backoff_max=settings.backoff_max)  # fmt: skip
         self._sender: Sender | None = None
@@ -136,15 +143,45 @@ class Engine:
             elapsed = t.elapsed()
             rate = t.done / elapsed if elapsed > 0 else 0.0
             allowed = self._gate.rate
+            window = self._workers.window()
+            limited = workers_are_the_limit(window, concurrency=self.settings.concurrency, rate=allowed)
+            said = note(window, concurrency=self.settings.concurrency, rate=allowed) if limited else None
             # A fleet's process handles a share of the manifest, whose size is not its own total.
             done = (
                 f"{t.done}/{total} rows" if self._claims is None else f"{t.done} rows (of a fleet's {total})"
             )
             self._event(
                 logging.INFO, "progress", f"{done}, {rate:.1f} rows/s, {t.failures} failed, "
-                f"rate limit {allowed:.3g}/s", done=t.done, total=total, rows_per_s=round(rate, 1),
-                failed=t.failures, effective_rate=round(allowed, 3),
+                f"rate limit {allowed:.3g}/s" + (f"; {said}" if said else ""), done=t.done, total=total,
+                rows_per_s=round(rate, 1), failed=t.failures, effective_rate=round(allowed, 3),
+                workers_busy=round(window.busy, 2), limited_by="workers" if limited else None,
             )  # fmt: skip
+            self._tell_limited(said)
+            await self._note_run(said)
+
+    def _tell_limited(self, said: str | None) -> None:
+        show = getattr(self.progress, "limited", None)  # optional, as `rate` is
+        if show is not None and said != self._limited:
+            self._limited = said
+            show(said)
+
+    async def _note_run(self, said: str | None) -> None:
+        """Keep the run's note in the ledger, for `backfill status` while it runs and after it ends.
+
+        Cleared only while rows wait for a worker: idle workers at the run's end (or while the next chunk is
+        planned) say nothing about whether more of them would have helped.
+        """
+        store = self.parts.store
+        waiting = self._queue is not None and self._queue.qsize() > 0
+        if store is None or self.settings.dry_run or said == self._noted or (said is None and not waiting):
+            return
+        try:
+            await store.note_run(self.parts.run_id, said)
+        except BackfillError as error:
+            # A ledger that fails fails the sends too, which stop the run and say so; a note is not worth more.
+            self._event(logging.DEBUG, "run_note_unsaid", f"the run's note isn't recorded: {error}")
+            return
+        self._noted = said
 
     # --- the run ---
 
@@ -191,15 +228,17 @@ class Engine:
                     store=store, images=parts.images, client=parts.client, gate=self._gate, policy=self._policy,
                     crash=self._crash, run_id=parts.run_id, stops=self._stops,
                     on_systemic=self._systemic, event=self._event, observer=parts.observer,
-                    fleet=self._claims is not None,
+                    fleet=self._claims is not None, workers=self._workers,
                 )  # fmt: skip
             queue: asyncio.Queue[plan.Send | None] = asyncio.Queue(maxsize=s.concurrency * 4)
+            self._queue = queue
             workers = [asyncio.create_task(self._worker(queue)) for _ in range(s.concurrency)]
             try:
                 await self._produce(queue)
             except BackfillError as error:
                 self._fail(error)
             finally:
+                self._queue = None  # no row will wait for a worker again: what is queued now are the stops
                 for _ in workers:
                     await queue.put(None)
                 await asyncio.gather(*workers)

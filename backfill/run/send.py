@@ -22,6 +22,7 @@ from .policy import RetryPolicy, is_throttled
 from .rate import Gate
 from .settle import final_status, ledger_state, unfinished_status
 from .stops import Stops
+from .workers import Workers
 
 log = logging.getLogger("backfill")
 
@@ -83,12 +84,14 @@ class Sender:
         event: Callable[..., None],
         observer: Observer = NO_OBSERVER,
         fleet: bool = False,
+        workers: Workers | None = None,
     ) -> None:
         self._store, self._images, self._client, self._gate = store, images, client, gate
         self._fleet = fleet  # the ledger is shared: a fenced outcome means another process owns the row now
         self._policy, self._crash, self._run_id = policy, crash, run_id
         self._stops, self._on_systemic, self._event = stops, on_systemic, event
         self._observer = observer
+        self._workers = workers if workers is not None else Workers()
         self.attempts = 0  # in this run, every row
         self.in_flight = 0  # requests sent whose answer hasn't come: what a stop still waits for
         # Some request of this run got an HTTP answer: from then on "can't connect" is a blip, retried.
@@ -111,12 +114,21 @@ class Sender:
         return work.last or self._stopped(work, verdict)
 
     async def _attempt(self, work: _Row) -> Verdict:
-        row = work.send
         # The rate slot first, then the photo, then the record: a row that waits holds nothing in doubt.
         generation = await self._gate.wait_turn(self._stops)
         if self._stopping():
             work.last = self._not_sent(work)
             raise _Ended
+        # Busy from the slot to the outcome: the time a worker holds a row that the rate doesn't account for.
+        self._workers.started()
+        try:
+            return await self._granted(work, generation)
+        finally:
+            self._workers.ended()
+
+    async def _granted(self, work: _Row, generation: int) -> Verdict:
+        """One attempt once its rate slot is granted: photo, record, POST, outcome."""
+        row = work.send
         try:
             photo = await self._images.read(row.fingerprint)
         except ImageError as exc:

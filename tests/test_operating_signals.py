@@ -1,0 +1,132 @@
+"""What a run tells its operator: which setting holds it back, what a second Ctrl-C left, and status over time."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from backfill.cli.progress import TqdmProgress
+from backfill.ledger import RunRecord
+from backfill.ledger.sqlite import SqliteStore
+from backfill.run.workers import Window, Workers, note, workers_are_the_limit
+from backfill.sandbox import Faults
+
+from .conftest import ThreadedSandboxes, simple_rows, write_manifest
+from .test_ledger_contract import BACKENDS, BINDING, open_store
+from .test_operate import cli, place, run_flags
+
+# --- 8. when the workers, not the rate, are the limit, the run says so and names --concurrency ---
+
+
+class Clock:
+    """An injected clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_workers_are_the_limit_when_all_are_busy_and_rate_slots_go_unused() -> None:
+    clock = Clock()
+    workers = Workers(clock)
+    for _ in range(8):  # eight slow answers hold all eight workers for the whole window
+        workers.started()
+    clock.now += 10
+    window = workers.window()
+    assert window == Window(seconds=10, busy=8, slots=8)
+    assert workers_are_the_limit(window, concurrency=8, rate=25)  # 0.8 requests/s of 25 allowed
+    assert "raise --concurrency" in note(window, concurrency=8, rate=25)
+    # The same busy workers with the rate used up: the rate is the limit, more workers would not help.
+    assert not workers_are_the_limit(window, concurrency=8, rate=0.8)
+
+
+def test_workers_are_not_the_limit_when_some_of_them_idle() -> None:
+    clock = Clock()
+    workers = Workers(clock)
+    workers.started()
+    clock.now += 5
+    workers.ended()  # one of two workers busy half the window: 0.25 of them on average
+    clock.now += 5
+    window = workers.window()
+    assert window == Window(seconds=10, busy=0.5, slots=1)
+    assert not workers_are_the_limit(window, concurrency=2, rate=1000)
+    # Each window starts afresh: the next one sees the two workers busy from its start.
+    workers.started()
+    workers.started()
+    clock.now += 1
+    assert workers_are_the_limit(workers.window(), concurrency=2, rate=1000)
+    assert not workers_are_the_limit(Window(seconds=0, busy=0, slots=0), concurrency=1, rate=1)
+
+
+def test_the_progress_bar_names_the_setting_to_raise_while_workers_are_the_limit() -> None:
+    bar = TqdmProgress(enabled=False)
+    bar.start(5)
+    said = note(Window(seconds=1, busy=8, slots=6), concurrency=8, rate=25)
+    bar.limited(said)
+    assert bar._postfix["limited_by"] == said and "--concurrency" in said
+    bar.limited(None)
+    assert "limited_by" not in bar._postfix
+    bar.close()
+
+
+def test_a_run_held_by_one_slow_worker_says_workers_are_the_limit_in_its_log_and_status(
+    tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
+) -> None:
+    # One worker, answers of 1.2 s and 1000 requests/s allowed: every 0.1 s window inside an answer's wait has
+    # the worker busy throughout and no slot taken, so the condition holds whatever the machine's speed.
+    server = threaded_sandboxes.start(faults=Faults(latency_ms=1200))
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    log = tmp_path / "run.jsonl"
+    code, _, err = cli("run", str(manifest), *run_flags(tmp_path, server), "--concurrency", "1", "--rate", "1000",
+                       "--log-format", "json", "--log-file", str(log), env={"BACKFILL_STATUS_EVERY": "0.1"})  # fmt: skip
+    assert code == 0, err
+    progress = [r for line in log.read_text().splitlines() if (r := json.loads(line))["event"] == "progress"]
+    limited = [r for r in progress if r["limited_by"] == "workers"]
+    assert limited, progress
+    assert "workers are the limit" in limited[0]["message"] and "raise --concurrency" in limited[0]["message"]
+    run_id = limited[0]["run_id"]
+    code, out, _ = cli("status", *place(tmp_path))
+    assert code == 0 and f"{run_id}: workers are the limit" in out and "raise --concurrency" in out
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_every_ledger_keeps_a_runs_note_for_status(kind: str, tmp_path: Path) -> None:
+    store = await open_store(kind, tmp_path)
+    try:
+        await store.start_run(RunRecord(run_id="r1", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        await store.note_run("r1", "workers are the limit")
+        await store.flush()
+        assert [r.note for r in (await store.status()).runs] == ["workers are the limit"]
+        await store.note_run("r1", None)
+        await store.flush()
+        assert [r.note for r in (await store.status()).runs] == [None]
+    finally:
+        await store.close()
+
+
+async def test_a_ledger_from_before_the_note_is_read_as_it_is_and_given_the_column_when_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cp.sqlite"
+    store = await SqliteStore.open(path, BINDING, writable=True)
+    await store.start_run(RunRecord(run_id="r1", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN note")  # as an earlier version left it
+    reader = await SqliteStore.open(path, BINDING, writable=False)
+    try:
+        assert [(r.run_id, r.note) for r in (await reader.status()).runs] == [("r1", None)]
+    finally:
+        await reader.close()
+    writer = await SqliteStore.open(path, BINDING, writable=True)
+    try:
+        await writer.note_run("r1", "said")
+        await writer.flush()
+        assert [r.note for r in (await writer.status()).runs] == ["said"]
+    finally:
+        await writer.close()
