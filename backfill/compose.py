@@ -29,7 +29,7 @@ from .ledger.sqlite import SqliteStore
 from .manifest import Manifest, ManifestRules, open_manifest
 from .outputs.files import RunOutput, make_private_dirs, write_retry_manifest
 from .run import plan
-from .run.engine import Collaborators, Engine, Progress, Sleep
+from .run.engine import Collaborators, Engine, OnLeave, Progress, Sleep
 from .run.policy import RetryPolicy
 from .run.records import RejectRow, Summary
 from .vocab import RETRYABLE_STATES, State, parse_states
@@ -171,6 +171,7 @@ async def run(
     images: ImageSource | None = None,
     engine_ready: Any = None,
     confirm: Confirm | None = None,
+    on_leave: OnLeave | None = None,
 ) -> Summary:
     """One backfill in the current event loop. `store`/`images` replace the ones the settings would build.
 
@@ -178,7 +179,8 @@ async def run(
     """
     with _fewer_collections():
         return await _run(settings, manifest_path, progress=progress, sleep=sleep, resend_failed=resend_failed,
-                          store=store, images=images, engine_ready=engine_ready, confirm=confirm)  # fmt: skip
+                          store=store, images=images, engine_ready=engine_ready, confirm=confirm,
+                          on_leave=on_leave)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -207,6 +209,7 @@ async def _run(
     images: ImageSource | None,
     engine_ready: Any,
     confirm: Confirm | None,
+    on_leave: OnLeave | None,
 ) -> Summary:
     manifest, remote = await load_manifest(settings, manifest_path)
     if confirm is not None:
@@ -238,7 +241,8 @@ async def _run(
         parts = Collaborators(manifest=manifest, store=store, images=images, client=client, sink=output,
                               run_id=output.run_id, out_dir=str(output.dir),
                               **({"observer": metrics} if metrics is not None else {}))  # fmt: skip
-        engine = Engine(settings, parts, progress=progress, sleep=sleep, resend_failed=resend_failed)
+        engine = Engine(settings, parts, progress=progress, sleep=sleep, resend_failed=resend_failed,
+                        on_leave=on_leave)  # fmt: skip
         if engine_ready is not None:
             engine_ready(engine)
         try:
@@ -286,17 +290,19 @@ def run_blocking(
     resend_failed: bool = False,
     on_interrupt: OnInterrupt | None = None,
     confirm: Confirm | None = None,
+    on_leave: OnLeave | None = None,
 ) -> Summary:
     """One backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143).
 
-    `on_interrupt(signum, in_flight)` hears the first signal at once, before the rows in flight finish.
+    `on_interrupt(signum, in_flight)` hears the first signal at once, before the rows in flight finish;
+    `on_leave(leaving)` hears what a second one leaves behind, just before the process exits.
     """
 
     def ready(engine: Engine) -> None:
         _stop_on_signals(engine, on_interrupt)
 
     return asyncio.run(run(settings, manifest_path, progress=progress, resend_failed=resend_failed,
-                           engine_ready=ready, confirm=confirm))  # fmt: skip
+                           engine_ready=ready, confirm=confirm, on_leave=on_leave))  # fmt: skip
 
 
 # The first SIGINT/SIGTERM of a run, and how many requests it still waits for: the caller's to show.
@@ -434,6 +440,7 @@ def retry(
     progress: Progress | None = None,
     on_interrupt: OnInterrupt | None = None,
     confirm: Confirm | None = None,
+    on_leave: OnLeave | None = None,
 ) -> Summary | None:
     """`backfill retry`: re-send ledger rows in `states` through a run, with every guarantee of `run`.
 
@@ -470,7 +477,7 @@ def retry(
                 sources={**settings.sources, "delimiter": RETRY_MANIFEST, "encoding": RETRY_MANIFEST},
             )  # fmt: skip
             return await run(own, path, progress=progress, resend_failed=State.FAILED in states, store=store,
-                             engine_ready=ready)  # fmt: skip
+                             engine_ready=ready, on_leave=on_leave)  # fmt: skip
         finally:
             await store.close()
 

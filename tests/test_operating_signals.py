@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +22,15 @@ from backfill.ledger.sqlite import SqliteStore
 from backfill.run.workers import Window, Workers, note, workers_are_the_limit
 from backfill.sandbox import Faults
 
-from .conftest import ThreadedSandboxes, simple_rows, write_manifest
+from .conftest import (
+    API_KEY,
+    PARTNER_ID,
+    ThreadedSandboxes,
+    request_log,
+    simple_rows,
+    spawn_sandbox,
+    write_manifest,
+)
 from .test_ledger_contract import BACKENDS, BINDING, open_store
 from .test_operate import cli, place, run_flags
 
@@ -130,3 +146,85 @@ async def test_a_ledger_from_before_the_note_is_read_as_it_is_and_given_the_colu
         assert [r.note for r in (await writer.status()).runs] == ["said"]
     finally:
         await writer.close()
+
+
+# --- 10. a second Ctrl-C says what it left behind and how to resume ---
+
+GENEROUS = 60.0  # seconds: only a hang fails on time
+
+
+class Lines:
+    """A child's stderr, read line by line as it comes, on a thread of its own."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._process = process
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._process.stderr is not None
+        for text in self._process.stderr:
+            self._queue.put(text)
+        self._queue.put("")  # the end of stderr: nothing more will come
+
+    def wait_for(self, part: str) -> str:
+        deadline = time.monotonic() + GENEROUS
+        while time.monotonic() < deadline:
+            try:
+                text = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if not text:
+                break
+            self.seen.append(text)
+            if part in text:
+                return text
+        raise AssertionError(f"no line with {part!r} on stderr: {self.seen}")
+
+
+@pytest.fixture
+def slow_sandbox_process(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`backfill sandbox` as a process, answering after 30 s: a signal always finds the requests in flight."""
+    log = tmp_path / "requests.jsonl"
+    env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
+    proc, base_url = spawn_sandbox(["--latency-ms", "30000", "--request-log", str(log)], env)
+    yield base_url, log
+    proc.kill()
+    proc.wait()
+
+
+def test_a_second_ctrl_c_says_what_was_in_flight_where_the_part_files_are_and_how_to_resume(
+    tmp_path: Path, slow_sandbox_process: tuple[str, Path]
+) -> None:
+    base_url, requests = slow_sandbox_process
+    manifest = write_manifest(tmp_path, simple_rows(20))
+    out = tmp_path / "out"
+    env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", base_url,
+         "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(out), "--concurrency", "3", "--rate", "100",
+         "--no-progress"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        stderr = Lines(process)
+        deadline = time.monotonic() + GENEROUS
+        while time.monotonic() < deadline:  # until the sandbox has seen all three requests arrive
+            if requests.exists() and sum(r["event"] == "request" for r in request_log(requests)) >= 3:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stderr.wait_for("stopping: 3 requests in flight")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(GENEROUS) == 130
+        said = stderr.wait_for("left now:")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    [folder] = out.iterdir()
+    parts = sorted(p.name for p in folder.glob(".*.part"))
+    assert parts and all(name in said for name in parts) and str(folder) in said
+    assert "3 requests in flight, in doubt until a re-run settles them" in said
+    assert said.rstrip().endswith("re-run the same command to resume")

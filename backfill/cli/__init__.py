@@ -23,6 +23,7 @@ from ..ledger import LedgerStatus, RunRecord
 from ..outputs import files as rs
 from ..redact import scrub
 from ..run.records import Summary
+from ..run.stops import Leaving
 from ..vocab import RETRYABLE_STATES, TRANSIENT_STATES, Status
 from ._common import (
     LOCAL_PARTNER_ID,
@@ -186,7 +187,7 @@ def _run(
     setup_logging(settings, bar.enabled)
     try:
         summary = compose.run_blocking(settings, manifest, progress=bar, on_interrupt=_acknowledge,
-                                       confirm=confirm)  # fmt: skip
+                                       confirm=confirm, on_leave=_left)  # fmt: skip
     finally:
         bar.close()
     _report(summary)
@@ -229,6 +230,20 @@ def _acknowledge(signum: int, in_flight: int) -> None:
     click.echo(f"\nstopping: {requests} in flight, {again} to leave now", err=True)
 
 
+def _left(leaving: Leaving) -> None:
+    """The second signal: one line of what was left and how to resume, as the process exits without outputs."""
+    folder = Path(leaving.out_dir)
+    parts = sorted(p.name for p in folder.glob(".*.part")) if folder.is_dir() else []
+    requests = "1 request" if leaving.in_flight == 1 else f"{leaving.in_flight} requests"
+    # Partial: rows still in the writers' buffers are lost with the process, and the ledger has them all.
+    kept = f"partial results in {', '.join(parts)}" if parts else "no results"
+    click.echo(
+        f"\nleft now: {requests} in flight, in doubt until a re-run settles them; the run folder {folder} holds "
+        f"{kept} (no summary.json); re-run the same command to resume",
+        err=True,
+    )
+
+
 @main.command()
 @config_option
 @click.option(
@@ -263,7 +278,7 @@ def retry(config_file: Path | None, states: str, no_progress: bool, yes: bool, *
     setup_logging(settings, bar.enabled)
     try:
         summary = compose.retry(settings, chosen, progress=bar, on_interrupt=_acknowledge,
-                                confirm=_production_question(settings, yes=yes))  # fmt: skip
+                                confirm=_production_question(settings, yes=yes), on_leave=_left)  # fmt: skip
     finally:
         bar.close()
     if summary is None:

@@ -37,10 +37,12 @@ from .rate import FleetGate, Gate, RateGate
 from .records import RejectRow, ResultRow, Sink, Summary
 from .send import Sender, Sent, describe
 from .stats import Tally, exit_code
-from .stops import Stops
+from .stops import Leaving, Stops
 from .workers import Workers, note, workers_are_the_limit
 
 Sleep = Callable[[float], Awaitable[None]]
+# Told what a second signal leaves behind, just before the process exits: the caller's to show.
+OnLeave = Callable[[Leaving], None]
 log = logging.getLogger("backfill")
 
 
@@ -79,12 +81,14 @@ class Engine:
         progress: Progress | None = None,
         sleep: Sleep = asyncio.sleep,
         resend_failed: bool = False,
+        on_leave: OnLeave | None = None,
     ) -> None:
         self.settings = settings
         self.parts = parts
         self.progress = progress
         self.resend_failed = resend_failed  # `retry --status failed`: send even unchanged photos again
-        self._stops = Stops(sleep)
+        self._on_leave = on_leave
+        self._stops = Stops(sleep, leaving=self._leaving if on_leave is not None else None)
         self._limit_note = ""
         self._fatal: BackfillError | None = None
         self._crash = CrashPoints(os.environ.get(CRASH_ENV))
@@ -112,6 +116,10 @@ class Engine:
 
     def interrupt(self, signum: int) -> None:
         self._stops.interrupt(signum)
+
+    def _leaving(self, signum: int) -> None:
+        assert self._on_leave is not None
+        self._on_leave(Leaving(signum=signum, in_flight=self.in_flight, out_dir=self.parts.out_dir))
 
     @property
     def in_flight(self) -> int:

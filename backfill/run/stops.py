@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leaving:
+    """What a second signal leaves behind, for whoever tells the operator before the process goes."""
+
+    signum: int
+    in_flight: int  # sent, not answered: recorded as sent, so in doubt until a re-run settles them
+    out_dir: str  # the run folder: its CSVs stay under temporary .part names, and no summary.json is written
 
 
 class Stops:
-    def __init__(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        *,
+        leaving: Callable[[int], None] | None = None,
+    ) -> None:
         self.reason = ""
         self.code = 0
         self._signals = 0
         self._sleep = sleep
+        self._leaving = leaving  # told the signal just before a second one ends the process
         self._event: asyncio.Event | None = None
 
     @property
@@ -42,6 +59,9 @@ class Stops:
         self._signals += 1
         if self._signals > 1:
             # Second signal: leave now. Every attempt is already recorded; resume reconciles the rest.
+            if self._leaving is not None:
+                with contextlib.suppress(Exception):  # saying what was left must never keep the process here
+                    self._leaving(signum)
             os._exit(code)
         # A signal outranks an earlier stop's reason: the operator asked, and the exit code should say so.
         self.reason, self.code = f"interrupted by {signal.Signals(signum).name}", code
