@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from backfill.cli import short_path
 from backfill.cli.progress import TqdmProgress
+from backfill.cli.watch import CLEAR, Screen, every
 from backfill.ledger import RunRecord
 from backfill.ledger.sqlite import SqliteStore
 from backfill.run.workers import Window, Workers, note, workers_are_the_limit
@@ -228,3 +230,83 @@ def test_a_second_ctrl_c_says_what_was_in_flight_where_the_part_files_are_and_ho
     assert parts and all(name in said for name in parts) and str(folder) in said
     assert "3 requests in flight, in doubt until a re-run settles them" in said
     assert said.rstrip().endswith("re-run the same command to resume")
+
+
+# --- 13. status names each run's manifest, and --watch redraws it until Ctrl-C ---
+
+
+def test_a_long_manifest_path_keeps_its_end_in_whole_folders() -> None:
+    assert short_path("exports/users.csv") == "exports/users.csv"
+    long = "/srv/backfill/exports/2026/november/partner-085/users-full-export.csv"
+    # The last 39 characters start inside "november": the folder cut in half is left out.
+    assert short_path(long) == "…/partner-085/users-full-export.csv"
+    nameonly = "x" * 60 + ".csv"
+    assert short_path(nameonly) == "…" + nameonly[-39:]
+
+
+def test_status_lists_each_runs_manifest(tmp_path: Path, threaded_sandboxes: ThreadedSandboxes) -> None:
+    server = threaded_sandboxes.start()
+    folder = tmp_path / "exports" / "a-folder-name-long-enough-to-be-shortened"
+    folder.mkdir(parents=True)
+    manifest = write_manifest(folder, simple_rows(2))
+    code, _, err = cli("run", str(manifest), *run_flags(tmp_path, server))
+    assert code == 0, err
+    code, out, _ = cli("status", *place(tmp_path))
+    header, _, row = out.split("last runs:\n", 1)[1].splitlines()[:3]
+    assert code == 0 and header.split() == ["run", "started", "finished", "manifest", "rows", "exit"]
+    assert (
+        short_path(str(manifest)) in row
+        and str(manifest) not in row
+        and row.split()[3].endswith("manifest.csv")
+    )
+    code, out, _ = cli("status", *place(tmp_path), "--json")
+    assert json.loads(out)["runs"][0]["manifest"] == str(manifest)  # in full where a program reads it
+
+
+class Waits:
+    """An injected sleep: records what the loop asked to wait, waits not at all."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+def test_watch_redraws_every_interval_a_separator_between_reports_off_a_terminal() -> None:
+    written: list[str] = []
+    drawn = iter(f"report {n}" for n in range(10))
+    waits = Waits()
+    every(lambda: next(drawn), 2.0, Screen(write=written.append, tty=False), sleep=waits, rounds=3)
+    assert waits.calls == [2.0, 2.0]  # between reports, none after the last
+    assert written[0] == "report 0"
+    assert [w.split("\n")[1] for w in written[1:]] == ["report 1", "report 2"]
+    assert all(w.startswith("--- ") for w in written[1:])
+
+
+def test_watch_clears_a_terminal_before_each_report_and_ends_on_ctrl_c() -> None:
+    written: list[str] = []
+
+    def interrupted(seconds: float) -> None:
+        if len(written) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second wait
+
+    with pytest.raises(KeyboardInterrupt):
+        every(lambda: "report", 5.0, Screen(write=written.append, tty=True), sleep=interrupted)
+    assert len(written) == 2 and all(w.startswith(CLEAR) and w.endswith("\nreport") for w in written)
+    assert "every 5s (Ctrl-C to stop)" in written[0]
+
+
+def test_status_watch_reports_again_until_stopped(
+    tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
+) -> None:
+    server = threaded_sandboxes.start()
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    assert cli("run", str(manifest), *run_flags(tmp_path, server))[0] == 0
+    code, out, err = cli("status", *place(tmp_path), "--watch", "0.01", "--watch-rounds", "2")
+    assert code == 0, err
+    assert out.count("last runs:") == 2 and out.count("\n--- ") == 1
+    # --watch alone takes the default interval; JSON lines stay one parseable object per report.
+    code, out, err = cli("status", *place(tmp_path), "--watch", "--json", "--watch-rounds", "1")
+    assert code == 0, err
+    assert [json.loads(line)["counts"] for line in out.splitlines()] == [{"enrolled": 2}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import json
 import logging
@@ -39,6 +40,7 @@ from ._common import (
 from .logs import setup_logging
 from .progress import TqdmProgress
 from .sandbox import sandbox
+from .watch import WATCH_EVERY, Screen, every
 
 # What `config show` says when no partner ID is set, so no default ledger can be named (not "null").
 NO_LEDGER = "(none: set SMILE_PARTNER_ID, or name a ledger with checkpoint)"
@@ -291,47 +293,82 @@ def retry(config_file: Path | None, states: str, no_progress: bool, yes: bool, *
 @main.command()
 @config_option
 @ledger_options()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (with --watch: one line a report)."
+)
+@click.option(
+    "--watch", type=click.FloatRange(min=0, min_open=True), is_flag=False, flag_value=WATCH_EVERY,
+    metavar="[SECONDS]", help=f"Report again every SECONDS (default {WATCH_EVERY:g}) until Ctrl-C.",
+)  # fmt: skip
+@click.option("--watch-rounds", type=click.IntRange(min=1), hidden=True)  # a test's bound on the rounds
 @guard
-def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
+def status(
+    config_file: Path | None, as_json: bool, watch: float | None, watch_rounds: int | None, **flags: Any
+) -> None:
     """Counts per state, the last runs, and what is waiting for a retry, from the ledger."""
     settings = load_settings(config_file, flags=flags, need_credentials=False)
-    report = compose.status(settings)
-    if as_json:
-        click.echo(json.dumps(asdict(report), indent=2, default=str))
+
+    def draw() -> str:
+        report = compose.status(settings)  # the ledger opened afresh each round: what the run wrote since
+        if as_json:
+            return json.dumps(asdict(report), indent=None if watch else 2, default=str)
+        return "\n".join(_status_lines(report))
+
+    if watch is None:
+        click.echo(draw())
         return
+    # JSON lines stay parseable: no screen to clear, no separator between them.
+    screen = Screen(write=click.echo, tty=sys.stdout.isatty(), plain=as_json)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends, not a failure
+        every(draw, watch, screen, rounds=watch_rounds)
+
+
+def _status_lines(report: LedgerStatus) -> list[str]:
     b = report.binding
-    click.echo(f"ledger {report.location} (partner {b.partner_id}, {b.endpoint})")
-    click.echo(_table(["state", "rows"], [[k, v] for k, v in report.counts.items()] or [["(empty)", 0]]))
-    click.echo(f"waiting for a retry: {report.waiting_for_retry}")
+    lines = [f"ledger {report.location} (partner {b.partner_id}, {b.endpoint})"]
+    lines.append(_table(["state", "rows"], [[k, v] for k, v in report.counts.items()] or [["(empty)", 0]]))
+    lines.append(f"waiting for a retry: {report.waiting_for_retry}")
     if report.oldest_unfinished:
         o = report.oldest_unfinished
         last = f"{o.result_code or '-'} {o.result_text or ''}".strip()
-        click.echo(
+        lines.append(
             f"oldest unfinished: {o.user_id} ({o.state}, {o.attempts} attempts, "
             f"first tried {o.first_attempt_at}, last answer {last})"
         )
-    runs = [[r.run_id, r.started_at, r.finished_at or _unfinished(report, r), r.rows if r.rows is not None else "",
-             r.exit_code if r.exit_code is not None else ""] for r in report.runs]  # fmt: skip
-    click.echo("last runs:")
-    click.echo(_table(["run", "started", "finished", "rows", "exit"], runs or [["(none)", "", "", "", ""]]))
+    runs = [[r.run_id, r.started_at, r.finished_at or _unfinished(report, r), short_path(r.manifest or ""),
+             r.rows if r.rows is not None else "", r.exit_code if r.exit_code is not None else ""]
+            for r in report.runs]  # fmt: skip
+    lines.append("last runs:")
+    lines.append(_table(["run", "started", "finished", "manifest", "rows", "exit"],
+                        runs or [["(none)", "", "", "", "", ""]]))  # fmt: skip
     for r in report.runs:
         if r.note:  # as the run last saw itself: one line each, too long for a column
-            click.echo(f"{r.run_id}: {r.note}")
+            lines.append(f"{r.run_id}: {r.note}")
     if report.fleet_rate is not None or report.processes:
         rate = (
             ""
             if report.fleet_rate is None
             else f"; rate {report.fleet_rate:.3g}/s of {report.fleet_ceiling:g}/s"
         )
-        click.echo(f"fleet: {len(report.processes)} process(es) live{rate}")
+        lines.append(f"fleet: {len(report.processes)} process(es) live{rate}")
         live = [[p.run_id, p.host, p.pid, p.started_at, p.claimed, f"{p.heartbeat_age_s:g}s ago"]
                 for p in report.processes]  # fmt: skip
         if live:
-            click.echo(_table(["run", "host", "pid", "started", "rows claimed", "heartbeat"], live))
+            lines.append(_table(["run", "host", "pid", "started", "rows claimed", "heartbeat"], live))
         for q in report.queues:
-            click.echo(f"manifest {q.manifest_sha256[:12]} ({q.path}, loaded {q.loaded_at}): {q.finished:,} of "
-                       f"{q.rows:,} rows finished, {q.claimed:,} claimed now")  # fmt: skip
+            lines.append(f"manifest {q.manifest_sha256[:12]} ({q.path}, loaded {q.loaded_at}): {q.finished:,} of "
+                         f"{q.rows:,} rows finished, {q.claimed:,} claimed now")  # fmt: skip
+    return lines
+
+
+def short_path(path: str, width: int = 40) -> str:
+    """A manifest's path as a column shows it: whole when short, else its end (the file and its folders), whole
+    folders where they fit. `status --json` has every path in full."""
+    if len(path) <= width:
+        return path
+    tail = path[len(path) - width + 1 :]
+    cut = tail.find("/")
+    return "…" + (tail[cut:] if 0 <= cut < len(tail) - 1 else tail)
 
 
 def _unfinished(report: LedgerStatus, run: RunRecord) -> str:
