@@ -15,6 +15,7 @@ import pytest
 
 from backfill import compose as runner
 from backfill.api.client import Client
+from backfill.cli.progress import TqdmProgress
 from backfill.config import Secret, Settings
 from backfill.errors import CheckpointError, InternalError
 from backfill.images import Fingerprint, ImageError, ImageProblem, Photo
@@ -382,8 +383,12 @@ async def test_a_stop_during_a_retry_after_a_lost_answer_leaves_the_row_in_doubt
     ) as server:
         manifest = write_manifest(tmp_path, simple_rows(1))
         settings = make_settings(server, timeout=0.3)
-        first = await runner.run(settings, manifest, sleep=stop_at_the_backoff, engine_ready=engine.append)
+        bar = TqdmProgress(enabled=False)
+        first = await runner.run(settings, manifest, sleep=stop_at_the_backoff, engine_ready=engine.append,
+                                 progress=bar)  # fmt: skip
         assert (first.counts, first.exit_code) == ({"unknown": 1}, 1)
+        # The progress line tells doubt apart: not a failure, not done.
+        assert bar._postfix.get("in_doubt") == 1 and "failed" not in bar._postfix
         assert "may have reached the server" in results(first)["user_0000"]["error"]
         second = await runner.run(settings, manifest)
         assert results(second)["user_0000"]["status"] == "already_enrolled"

@@ -498,6 +498,12 @@ def _report(summary: Summary) -> None:
     click.echo(f"{summary.total_rows} rows: {counts}")
     skipped = summary.counts.get(Status.SKIPPED, 0)
     click.echo(f"new: {summary.new_rows}, skipped (already done): {skipped}, rejected: {summary.rejected}")
+    in_doubt = summary.counts.get(Status.UNKNOWN, 0)
+    if in_doubt:
+        click.echo(
+            f"{in_doubt} rows in doubt (unknown): a request may have reached the server; run the same command "
+            "again (or `backfill retry`) to settle them"
+        )
     if summary.not_reached:
         click.echo(
             f"{summary.not_reached} rows not reached in this run: run the same command again to continue"

@@ -1,4 +1,4 @@
-"""The progress bar on stderr (tqdm): done/total, rate, ETA and failures."""
+"""The progress bar on stderr (tqdm): done/total, rate, ETA, failures and rows in doubt."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ class TqdmProgress:
         self.enabled = self._enabled = enabled and sys.stderr.isatty()
         self._bar: tqdm[Any] | None = None
         self._failures = 0
+        self._in_doubt = 0
         self._rejected = 0
         self._postfix: dict[str, object] = {}
 
@@ -31,6 +32,11 @@ class TqdmProgress:
         if status == Status.REJECTED:
             self._rejected += n
             self._postfix["rejected"] = self._rejected
+            self._bar.set_postfix(self._postfix, refresh=False)
+        elif status == Status.UNKNOWN:
+            # May be enrolled: a row in doubt is neither a failure nor done, and the bar says so apart.
+            self._in_doubt += n
+            self._postfix["in_doubt"] = self._in_doubt
             self._bar.set_postfix(self._postfix, refresh=False)
         elif status in FAILURE_STATUSES or status == Status.ID_CONFLICT:
             self._failures += n

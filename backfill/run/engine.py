@@ -158,10 +158,13 @@ class Engine:
             done = (
                 f"{t.done}/{total} rows" if self._claims is None else f"{t.done} rows (of a fleet's {total})"
             )
+            doubt = t.counts[
+                Status.UNKNOWN
+            ]  # may be enrolled: told apart from the failures, never hidden in them
             self._event(
-                logging.INFO, "progress", f"{done}, {rate:.1f} rows/s, {t.failures} failed, "
-                f"rate limit {allowed:.3g}/s" + (f"; {said}" if said else ""), done=t.done, total=total,
-                rows_per_s=round(rate, 1), failed=t.failures, effective_rate=round(allowed, 3),
+                logging.INFO, "progress", f"{done}, {rate:.1f} rows/s, {t.failures - doubt} failed, {doubt} in "
+                f"doubt, rate limit {allowed:.3g}/s" + (f"; {said}" if said else ""), done=t.done, total=total,
+                rows_per_s=round(rate, 1), failed=t.failures - doubt, in_doubt=doubt, effective_rate=round(allowed, 3),
                 workers_busy=round(window.busy, 2), limited_by="workers" if limited else None,
             )  # fmt: skip
             self._tell_limited(said)
