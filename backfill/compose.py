@@ -56,7 +56,7 @@ Confirm = Callable[[Outbound], bool]
 
 
 def _ask(confirm: Confirm, settings: Settings, *, rows: int, source: str) -> None:
-    ledger = settings.ledger_url or str(settings.checkpoint_path())
+    ledger = settings.ledger_location() or str(settings.checkpoint_path())
     outbound = Outbound(rows=rows, source=source, partner_id=settings.partner_id,
                         url=request_url(settings.base_url), ledger=ledger, limit=settings.limit)  # fmt: skip
     if not confirm(outbound):

@@ -345,8 +345,9 @@ def _delimiter(raw: object) -> str:
         raise ValueError("it is empty" if raw in ("", None) else f"{raw!r} is not a character")
     # Not stripped: a tab or a space is a delimiter like any other.
     value = _DELIMITER_NAMES.get(raw.strip().lower(), raw) if raw.strip() else raw
-    if len(value) != 1 or value in '"\r\n':
-        raise ValueError(f"{raw!r} is not one character other than a quote or a line break")
+    if len(value) != 1 or value in '"\r\n' or not value.isascii():
+        # The CSV parser takes a one-byte separator only: '§' (or any non-ASCII one) fails at the first read.
+        raise ValueError(f"{raw!r} is not one ASCII character other than a quote or a line break")
     return value
 
 

@@ -149,7 +149,7 @@ class ManifestRules:
             raise ValueError(f"chunk_rows must be at least 1, not {self.chunk_rows}")
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be at least 1, not {self.max_image_bytes}")
-        if len(self.delimiter) != 1 or self.delimiter in '"\r\n':
+        if len(self.delimiter) != 1 or self.delimiter in '"\r\n' or not self.delimiter.isascii():
             raise ValueError(
                 f"delimiter must be one character other than a quote or line break, not {self.delimiter!r}"
             )
@@ -725,10 +725,10 @@ def _frames(snapshot: _Snapshot, usecols: list[int], rules: ManifestRules) -> It
 
 @contextmanager
 def _decoding_errors(path: Path, rules: ManifestRules) -> Iterator[None]:
-    """Turns a UnicodeDecodeError or OSError while reading the manifest into a ManifestError that says where."""
+    """Turns a UnicodeError or OSError while reading the manifest into a ManifestError that says where."""
     try:
         yield
-    except UnicodeDecodeError as exc:
+    except UnicodeError as exc:  # a codec like idna raises its own UnicodeError, not a UnicodeDecodeError
         raise _encoding_error(path, rules) from exc
     except OSError as exc:
         raise ManifestError(f"{path} can't be read: {exc.strerror or exc}") from exc
@@ -768,12 +768,15 @@ def _encoding_error(path: Path, rules: ManifestRules) -> ManifestError:
                     f"{path} is not {named}: byte 0x{exc.object[exc.start]:02X} at offset "
                     f"{offset - pending + exc.start} (line {line}) can't be decoded. {fix}"
                 )
+            except UnicodeError:
+                break  # a codec that says no without saying where: the message below
             offset += len(block)
             newlines += block.count(b"\n")
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return ManifestError(f"{path} is not {named}: it ends in the middle of a character. {fix}")
+        else:
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeError:
+                return ManifestError(f"{path} is not {named}: it ends in the middle of a character. {fix}")
     return ManifestError(f"{path} is not {named}. {fix}")
 
 

@@ -19,13 +19,15 @@ import aiohttp
 
 from . import compose
 from .api.answers import printable, url_for_messages
+from .clock import now_iso
 from .config import Settings
 from .errors import BackfillError, ConfigError, LedgerAbsent
-from .images import ImageProblem, ImageSource
-from .ledger import LedgerRow, Store
+from .images import ImageError, ImageProblem, ImageSource
+from .ledger import AttemptRequest, LedgerRow, Refusal, Refused, Store, transitions
 from .ledger.sqlite import writer_alive
 from .manifest import Candidate, Manifest
 from .run import plan
+from .run.plan import SENT_BYTES_DIFFER
 from .vocab import ExitCode, Reason
 
 SAMPLE = 20  # photos checked from the head of the manifest, and as many again drawn at random
@@ -95,16 +97,7 @@ def _settings_check(settings: Settings) -> Check:
 def _shown_setting(settings: Settings, key: str, value: object) -> str:
     if key != "checkpoint":
         return str(value) if value != "" else "(not set)"
-    if settings.ledger_url is not None:
-        return settings.ledger_url
-    return str(_default_ledger(settings) or "(named after the partner ID, which is not set)")
-
-
-def _default_ledger(settings: Settings) -> Path | None:
-    """The SQLite ledger's path, or None when it can't be named: the default one is named after the partner."""
-    if settings.checkpoint is None and not settings.partner_id:
-        return None
-    return settings.checkpoint_path()
+    return settings.ledger_location() or "(named after the partner ID, which is not set)"
 
 
 def _credentials_checks(settings: Settings) -> list[Check]:
@@ -195,12 +188,13 @@ async def _shared_ledger_checks(
 async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list[Candidate]) -> LedgerChecks:
     if settings.ledger_url is not None:
         return await _shared_ledger_checks(settings, ids, sample)
-    path = _default_ledger(settings)
-    if path is None:
+    where = settings.ledger_location()  # a file's path here: the URL case is above
+    if where is None:
         return [Check(name="ledger", ok=False,
                       detail="the default ledger is named after the partner ID, so it can't be named until the "
                       "partner ID is known: whether it exists, and what it holds, is not checked",
                       fix="set SMILE_PARTNER_ID (see credentials), or name the ledger with --checkpoint")], {}  # fmt: skip
+    path = Path(where)
     if not path.exists():
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
@@ -331,16 +325,37 @@ async def _images_check(sample: list[Candidate], images: ImageSource) -> Check:
 
 
 async def _pins_check(sample: list[Candidate], known: dict[str, LedgerRow], images: ImageSource) -> Check:
-    """The sampled rows the ledger already holds, decided by the run's own code (`plan.decide`, which only
-    reads): an ID the ledger pins to another photo is refused by `run`, so it is a problem here too."""
+    """The sampled rows the ledger already holds, decided by the run's own code, which only reads: `plan.decide`
+    for done and failed rows, and for a row still to be sent (pending, unknown, ...) the ledger's own rule at
+    its next attempt (`transitions.begin`) on the photo's bytes. An ID pinned to another photo is refused by
+    `run` either way, so it is a problem here too."""
     held = [c for c in sample if c.user_id in known]
     decisions = await plan.decide(held, known, images)
-    reused = [d for d in decisions if isinstance(d, plan.Settle) and d.reason is Reason.USER_ID_REUSED]
+    reused = [
+        (d.line, d.user_id, d.message)
+        for d in decisions
+        if isinstance(d, plan.Settle) and d.reason is Reason.USER_ID_REUSED
+    ]
+    for d in decisions:
+        k = known[d.user_id]
+        if not isinstance(d, plan.Send) or k.photo_sha256 is None:
+            continue
+        try:
+            photo = await images.read(d.fingerprint)
+        except ImageError:
+            continue  # the image check says what is wrong with it
+        attempt = AttemptRequest(user_id=d.user_id, photo_sha256=photo.sha256, fingerprint=photo.fingerprint,
+                                 user_created_at=d.user_created_at, run_id="check", at=now_iso())  # fmt: skip
+        refused = transitions.begin(k, attempt)
+        if isinstance(refused, Refused) and refused.why is Refusal.PHOTO_PINNED:
+            reused.append((d.line, d.user_id, plan.reused_message(d.user_id, k) + SENT_BYTES_DIFFER))
     if not reused:
         return Check(name="ledger pins", ok=True,
                      detail=f"{len(held)} sampled rows the ledger already holds: none names another photo than "
                      "the one its user_id was sent with")  # fmt: skip
-    said = "; ".join(f"line {d.line} ({d.user_id}): {d.reason}: {d.message}" for d in reused[:5])
+    said = "; ".join(
+        f"line {line} ({uid}): {Reason.USER_ID_REUSED}: {message}" for line, uid, message in reused[:5]
+    )
     more = f" (and {len(reused) - 5} more)" if len(reused) > 5 else ""
     return Check(name="ledger pins", ok=False,
                  detail=f"{len(reused)} of {len(held)} sampled rows the ledger already holds name another photo "

@@ -21,9 +21,9 @@ from backfill.config import ENVIRONMENTS, Settings, load_settings
 from backfill.images import Fingerprint
 from backfill.ledger import AttemptRequest, Binding
 from backfill.ledger.sqlite import SqliteStore
-from backfill.sandbox import RunningSandbox
+from backfill.sandbox import Faults, RunningSandbox
 
-from .conftest import API_KEY, PARTNER_ID, png_bytes, simple_rows, write_manifest
+from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, png_bytes, simple_rows, write_manifest
 
 ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
 
@@ -125,6 +125,30 @@ def test_check_reports_a_sampled_id_pinned_to_another_photo_as_run_would(
     flagged = [x for x in problems(out) if "user_0001" in x]
     assert len(flagged) == 1 and "user_id_reused" in flagged[0] and reject["message"] in flagged[0], out
     assert "fix:" in out.split(flagged[0], 1)[1].splitlines()[1]
+
+
+def test_check_reports_a_pinned_id_still_to_be_sent_whose_photo_changed(
+    tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
+) -> None:
+    """A row not done (here retry_exhausted after a 503) keeps its pin; `run` is refused by the ledger at its
+    next attempt, so `check` must say so too, not only for done rows."""
+    server = threaded_sandboxes.start(faults=Faults(script={"user_0001": [503]}))
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    where = ["--env", "local", "--base-url", server.base_url, "--checkpoint", str(tmp_path / "cp.sqlite")]
+    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress",
+                       "--max-attempts", "1", env=ENV)  # fmt: skip
+    assert code == 1, err
+    (tmp_path / "images" / "user_0001.png").write_bytes(png_bytes(99))
+    code, out, _ = cli("check", str(manifest), *where, env=ENV)
+    assert code == 2, out
+    flagged = [x for x in problems(out) if "user_0001" in x]
+    code, _, err = cli(
+        "run", str(manifest), *where, "--out", str(tmp_path / "out2"), "--no-progress", env=ENV
+    )
+    with next((tmp_path / "out2").glob("*/rejects.csv")).open(newline="") as handle:
+        (reject,) = list(csv.DictReader(handle))
+    assert reject["reason"] == "user_id_reused" and reject["user_id"] == "user_0001", err
+    assert len(flagged) == 1 and reject["message"] in flagged[0], out
 
 
 # --- 15. a production run from a terminal says what it will send and asks first ---------------------------------

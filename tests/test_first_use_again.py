@@ -16,7 +16,10 @@ from click.testing import CliRunner
 from backfill import compose
 from backfill.cli import main
 from backfill.config import Settings
+from backfill.outputs.files import RunOutput
+from backfill.run.records import ResultRow
 from backfill.sandbox import Faults, RunningSandbox, start_sandbox
+from backfill.vocab import Status
 
 from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, png_bytes, simple_rows, write_manifest
 
@@ -70,6 +73,26 @@ def test_skipped_rows_carry_the_ledgers_job_ids_and_a_message_that_reads(
             first["smile_job_id"], first["job_id"], first["result_code"]
         ), row  # fmt: skip
         assert "already already" not in row["error"] and "enrolled earlier" in row["error"], row
+
+
+@pytest.mark.parametrize(
+    ("user_id", "smile_job_id", "job_id"),
+    [("u1", "0000000001", "job-1"), ("u,2", "", ""), ('u"3', "a,b", 'c"d'), ("u4", "x\ny", "")],
+)
+def test_a_skipped_row_is_written_as_a_result_row_would_be(
+    tmp_path: Path, user_id: str, smile_job_id: str, job_id: str
+) -> None:
+    """The fast writer for skipped rows formats most fields once per batch: its lines must be the csv writer's."""
+    fast, plain = RunOutput(tmp_path / "fast"), RunOutput(tmp_path / "plain")
+    at = "2026-12-07T00:00:00.000Z"
+    fast.skipped([(user_id, "0840", smile_job_id, job_id, "enrolled earlier, said, with a comma")], at)
+    plain.result(ResultRow(user_id=user_id, status=Status.SKIPPED, result_code="0840", smile_job_id=smile_job_id,
+                           job_id=job_id, error="enrolled earlier, said, with a comma", finished_at=at))  # fmt: skip
+    for out in (fast, plain):
+        out.close_incomplete()
+    lines = [(out.dir / "results.csv").read_bytes() for out in (fast, plain)]
+    assert lines[0] == lines[1]
+    assert next(csv.DictReader(io.StringIO(lines[0].decode())))["job_id"] == job_id
 
 
 # --- 6. config show names the ledger a run would use ----------------------------------------------------------
@@ -325,7 +348,8 @@ def test_the_manifest_settings_take_yaml_then_environment_then_flags_and_say_whe
          "e.g. --column user_id=customer_ref"),
         (["--column", "user_id=a", "--column", "image_path=a"],
          "columns (from flag --column): user_id and image_path both map to the column 'a'", "its own column"),
-        (["--delimiter", ";;"], "delimiter (from flag --delimiter): ';;' is not one character", "or tab"),
+        (["--delimiter", ";;"], "delimiter (from flag --delimiter): ';;' is not one ASCII character", "or tab"),
+        (["--delimiter", "§"], "delimiter (from flag --delimiter): '§' is not one ASCII character", "or tab"),
         (["--encoding", "klingon"], "encoding (from flag --encoding): 'klingon' is not a text encoding", "cp1252"),
     ],
 )  # fmt: skip

@@ -644,7 +644,7 @@ async def test_an_outcome_waits_for_a_restarted_database_and_a_longer_outage_is_
 
     url = own_cluster.create_database(f"outage{os.getpid()}")
     # A bound well above one try's GAVE_UP_TRY_S (2 s), so a busy machine can't blur "once" into "the bound".
-    store = await PostgresStore.open(url, BINDING, writable=True, outage_s=5.0)
+    store = await PostgresStore.open(url, BINDING, writable=True, outage_s=10.0)
     try:
         await store.start_run(RunRecord(run_id="r", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
         assert isinstance(await store.begin_attempt(_request("u1", "r")), Ticket)
@@ -668,7 +668,7 @@ async def test_an_outcome_waits_for_a_restarted_database_and_a_longer_outage_is_
         began = time.monotonic()
         with pytest.raises(CheckpointError, match="can't be reached"):
             await store.finish_run("r", finished_at="2026-01-01T00:01:00Z", rows=2, exit_code=2)
-        assert time.monotonic() - began < 4.5  # one try of GAVE_UP_TRY_S, not the bound (5 s) again
+        assert time.monotonic() - began < 8  # one try of GAVE_UP_TRY_S, not the bound (10 s) again
     finally:
         own_cluster.start()
         await store.close()

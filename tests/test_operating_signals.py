@@ -68,7 +68,7 @@ def test_workers_are_not_the_limit_when_some_of_them_idle() -> None:
     workers = Workers(clock)
     workers.started()
     clock.now += 5
-    workers.ended()  # one of two workers busy half the window: 0.25 of them on average
+    workers.ended()  # one worker (of two) busy half the window: 0.5 busy on average
     clock.now += 5
     window = workers.window()
     assert window == Window(seconds=10, busy=0.5, slots=1)

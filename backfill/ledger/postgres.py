@@ -112,8 +112,6 @@ CREATE TABLE IF NOT EXISTS backfill.runs (
     outputs_at timestamptz,  -- its results.csv and rejects.csv are written: the rows it finished are told
     note text
 );
--- Added within schema 1: older versions name their columns, so they read and write it still.
-ALTER TABLE backfill.runs ADD COLUMN IF NOT EXISTS note text;
 CREATE TABLE IF NOT EXISTS backfill.manifests (
     sha256 text PRIMARY KEY,
     path text NOT NULL,
@@ -282,7 +280,7 @@ class PostgresStore(Store, Fleet):
 
         async def work(conn: Conn, retried: bool) -> dict[str, DoneRow]:
             cur = await conn.execute(sql, (list(user_ids),))
-            return {uid: DoneRow(_STATE_OF[st], ref, size, ver, code, smile or "", job or "")
+            return {uid: DoneRow(_STATE_OF[st], ref, size, ver, code, smile, job)
                     for uid, st, ref, size, ver, code, smile, job in await cur.fetchall()}  # fmt: skip
 
         return await self._tx(work, what="read")
@@ -876,12 +874,27 @@ def _placeholder(request: AttemptRequest) -> LedgerRow:
     )  # fmt: skip
 
 
+async def _add_run_note(conn: Conn) -> None:
+    """`runs.note`, added within schema 1 (older versions name their columns, so they read and write it still).
+
+    Looked up first: ALTER TABLE takes the table's strongest lock and needs its owner even when the column is
+    there, and every process of a fleet opens the ledger, some with a role that may read and write but not own.
+    """
+    cur = await conn.execute(
+        "SELECT 1 FROM information_schema.columns "
+        "WHERE table_schema = 'backfill' AND table_name = 'runs' AND column_name = 'note'"
+    )
+    if await cur.fetchone() is None:
+        await conn.execute("ALTER TABLE backfill.runs ADD COLUMN note text")
+
+
 async def _prepare(conn: Conn, binding: Binding | None, *, writable: bool, location: str) -> Binding:
     """Create or migrate the schema (writable), then read and check the binding."""
     if writable:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             await conn.execute(_SCHEMA)
+            await _add_run_note(conn)
             cur = await conn.execute("SELECT key, value FROM backfill.meta")
             meta: dict[str, str] = dict(await cur.fetchall())
             if not meta and binding is not None:

@@ -553,7 +553,7 @@ def _done(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, DoneRow]:
     # (tuple.__new__ builds the NamedTuple in C: its generated __new__ cost a third of this function.)
     state_of, make = _STATE_OF, tuple.__new__
     return {
-        uid: make(DoneRow, (state_of[state], ref, size, version, code, smile or "", job or ""))
+        uid: make(DoneRow, (state_of[state], ref, size, version, code, smile, job))
         for uid, state, ref, size, version, code, smile, job in conn.execute(
             _DONE_SQL, (json.dumps(user_ids),)
         )

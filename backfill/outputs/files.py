@@ -104,6 +104,7 @@ _RESULT_VALUES = operator.attrgetter(*RESULT_FIELDS)
 
 # A field the csv writer (QUOTE_MINIMAL, "\r\n") writes as it is: no delimiter, quote or line break in it.
 _PLAIN_FIELD = re.compile(r"[^,\"\r\n]+")
+_NEEDS_QUOTES = re.compile(r"[,\"\r\n]")
 
 
 def _csv_line(values: Sequence[Any]) -> str:
@@ -176,7 +177,7 @@ class RunOutput:
         """
         parts: dict[tuple[str, str], tuple[str, str]] = {}
         lines = []
-        plain = _PLAIN_FIELD.fullmatch
+        quoted = _NEEDS_QUOTES.search
         for user_id, code, smile_job_id, job_id, message in rows:
             around = parts.get((code, message))
             if around is None:
@@ -187,12 +188,11 @@ class RunOutput:
                     _csv_line(values[:_SMILE_JOB_ID_AT]).rstrip("\r\n"), _csv_line(["", *values[_JOB_ID_AT + 1 :]])
                 )  # fmt: skip
             head, tail = around
-            uid = user_id if plain(user_id) else _csv_line([user_id]).rstrip("\r\n")
-            if (not smile_job_id or plain(smile_job_id)) and (not job_id or plain(job_id)):
-                ids = f",{smile_job_id},{job_id}"
+            if user_id and quoted(user_id + smile_job_id + job_id) is None:  # one scan: nearly every row
+                lines.append(f"{user_id}{head},{smile_job_id},{job_id}{tail}")
             else:
-                ids = _csv_line(["", smile_job_id, job_id]).rstrip("\r\n")
-            lines.append(uid + head + ids + tail)
+                uid = user_id if _PLAIN_FIELD.fullmatch(user_id) else _csv_line([user_id]).rstrip("\r\n")
+                lines.append(uid + head + _csv_line(["", smile_job_id, job_id]).rstrip("\r\n") + tail)
         try:
             write = self._results.handle.write
             for line in lines:

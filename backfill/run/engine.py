@@ -152,7 +152,11 @@ class Engine:
             rate = t.done / elapsed if elapsed > 0 else 0.0
             allowed = self._gate.rate
             window = self._workers.window()
-            limited = workers_are_the_limit(window, concurrency=self.settings.concurrency, rate=allowed)
+            # A fleet's rate is shared by every process, so one process's unused share says nothing of its
+            # workers: told only where the rate is this process's own.
+            limited = self._claims is None and workers_are_the_limit(
+                window, concurrency=self.settings.concurrency, rate=allowed
+            )
             said = note(window, concurrency=self.settings.concurrency, rate=allowed) if limited else None
             # A fleet's process handles a share of the manifest, whose size is not its own total.
             done = (
@@ -416,7 +420,8 @@ class Engine:
             result_code=v.result_code if v else sent.result_code, result_text=v.result_text if v else "",
             smile_job_id=v.smile_job_id if v else sent.smile_job_id, job_id=v.job_id if v else sent.job_id,
             attempts=sent.attempts,
-            signature_ok=v.signature_ok if v else None, error=(v.error if v else "") or sent.message,
+            signature_ok=v.signature_ok if v else None,
+            error="; ".join(filter(None, (v.error if v else "", sent.message))),
             finished_at=now_iso(), latency_ms=sent.latency_ms,
             unfinished=sent.cut_short or sent.status is Status.PENDING,
         )  # fmt: skip

@@ -89,11 +89,10 @@ async def decide_batch(
 
 
 # The message of a row the ledger holds as done (skipped here, or refused by the ledger at send time), by state.
-_NOT_SENT_AGAIN = {
+NOT_SENT_AGAIN = {
     State.ENROLLED: "enrolled earlier (the ledger says so); not sent again",
     State.ALREADY_ENROLLED: "enrolled earlier by an attempt whose answer was lost (the ledger says so); not sent again",
 }
-NOT_SENT_AGAIN = _NOT_SENT_AGAIN
 
 
 async def decide(
@@ -135,7 +134,7 @@ async def decide(
                 and found.version == k.image_version
             ):
                 decisions[i] = Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED,
-                                      message=_NOT_SENT_AGAIN[k.state], known=k)  # fmt: skip
+                                      message=NOT_SENT_AGAIN[k.state], known=k)  # fmt: skip
                 continue
             decision = await _compare(c, k, found, images)
             if decision is None:
@@ -165,7 +164,7 @@ async def _compare(
     if isinstance(found, ImageProblem):
         if done:
             # Nothing is sent for an enrolled user, so its photo may be gone: a nightly cron must not fail on it.
-            message = f"{_NOT_SENT_AGAIN[k.state]} (its photo is no longer usable: {found.reason})"
+            message = f"{NOT_SENT_AGAIN[k.state]} (its photo is no longer usable: {found.reason})"
             return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
         return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=found.message,
                       reason=found.reason, known=k)  # fmt: skip
@@ -178,7 +177,7 @@ async def _compare(
             same = (await images.read(found)).sha256 == k.photo_sha256
         except ImageError as exc:
             if done:
-                message = f"{_NOT_SENT_AGAIN[k.state]} ({exc.problem.reason})"
+                message = f"{NOT_SENT_AGAIN[k.state]} ({exc.problem.reason})"
                 return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
             return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=exc.problem.message,
                           reason=exc.problem.reason, known=k)  # fmt: skip
@@ -186,10 +185,15 @@ async def _compare(
         return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, reason=Reason.USER_ID_REUSED,
                       message=reused_message(c.user_id, k), known=k)  # fmt: skip
     if done:
-        return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=_NOT_SENT_AGAIN[k.state],
+        return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=NOT_SENT_AGAIN[k.state],
                       known=k)  # fmt: skip
     message = f"failed permanently earlier ({k.result_code or 'no code'}); fix the image or use another ID"
     return Settle(line=c.line, user_id=c.user_id, status=Status.FAILED, message=message, known=k)
+
+
+SENT_BYTES_DIFFER = (
+    " (the bytes about to be sent differ)"  # after reused_message, when the ledger refused the bytes
+)
 
 
 def reused_message(user_id: str, k: LedgerRow) -> str:

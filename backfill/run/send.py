@@ -17,7 +17,7 @@ from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store
 from ..vocab import Kind, Reason, State, Status
 from .crash import Boundary, CrashPoints
 from .observe import NO_OBSERVER, Observer
-from .plan import NOT_SENT_AGAIN, Send, reused_message
+from .plan import NOT_SENT_AGAIN, SENT_BYTES_DIFFER, Send, reused_message
 from .policy import RetryPolicy, is_throttled
 from .rate import Gate
 from .settle import final_status, ledger_state, unfinished_status
@@ -60,6 +60,7 @@ class _Row:
     # A request of ours for this ID may have reached the server (this run's or an earlier one's, as the ledger
     # said at the last attempt): a stop before the next attempt leaves the row in doubt, not merely pending.
     doubt: bool = False
+    verdict: Verdict | None = None  # the last attempt's answer: a row a stop ends still tells it
 
 
 class _Ended(Exception):
@@ -162,7 +163,7 @@ class Sender:
             self.in_flight -= 1
         took = time.perf_counter() - sent_at
         work.latency_ms = round(took * 1000)
-        work.doubt = ticket.doubt_before or verdict.may_have_enrolled
+        work.doubt, work.verdict = ticket.doubt_before or verdict.may_have_enrolled, verdict
         del photo
         if verdict.unreachable and not self.connected:
             # Refused or no such host before anything answered: a wrong URL or network, not this row.
@@ -231,7 +232,7 @@ class Sender:
         """A stop before this attempt left: nothing more of the row goes; it stays as the ledger has it."""
         if work.attempts == 0:
             return None
-        return work.last or self._stopped(work, None)
+        return work.last or self._stopped(work, work.verdict)
 
     def _stopped(self, work: _Row, verdict: Verdict | None) -> Sent:
         """A row whose retry a stop cancelled: in doubt if an attempt of ours may have enrolled it, else pending."""
@@ -260,7 +261,7 @@ class Sender:
                         user_id=refused.user_id)  # fmt: skip
             return self._elsewhere(work)
         if refused.why is Refusal.PHOTO_PINNED:
-            message = reused_message(refused.user_id, refused.row) + " (the bytes about to be sent differ)"
+            message = reused_message(refused.user_id, refused.row) + SENT_BYTES_DIFFER
             return self._reject(work, Reason.USER_ID_REUSED, message)
         # The ledger holds the ID as done (another run finished it meanwhile): said as a skip in the plan is.
         k = refused.row

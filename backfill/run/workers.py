@@ -40,7 +40,8 @@ def note(window: Window, *, concurrency: int, rate: float) -> str:
     """What the progress line, the log and `status` say when the workers are the limit."""
     sent = window.slots / window.seconds if window.seconds > 0 else 0.0
     return (
-        f"workers are the limit ({concurrency} of {concurrency} busy, {_figure(sent)} of {_figure(rate)} "
+        f"workers are the limit ({_figure(window.busy)} of {concurrency} busy on average, {_figure(sent)} of "
+        f"{_figure(rate)} "
         f"requests/s allowed): raise {RAISE}"
     )
 
