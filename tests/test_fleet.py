@@ -228,6 +228,26 @@ async def two_processes(pg_url: str, **options: Any) -> AsyncIterator[tuple[Post
         await b.close()
 
 
+async def test_a_finished_row_whose_outcome_the_database_lost_goes_back_to_the_fleet(pg_url: str) -> None:
+    """An outcome commits asynchronously; an immediate restart of the database can drop it while the run goes
+    on, writes the row to results.csv and finishes it. Finished, the row would stay `sending` for ever with
+    no process to settle it (a success the ledger doesn't know). It goes back to the queue instead."""
+    async with two_processes(pg_url) as (a, b):
+        rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
+                for i in range(2)]  # fmt: skip
+        await a.load("m1", "m.csv", _rows(rows))
+        assert [c.user_id for c in (await a.claim("m1", 10)).candidates] == ["u0", "u1"]
+        for uid in ("u0", "u1"):
+            assert isinstance(await a.begin_attempt(_request(uid, "run-a")), Ticket)
+        assert await a.settle(_outcome("u0", 1, State.ENROLLED)) in (Settled.APPLIED, Settled.QUEUED)
+        # u1's outcome was lost with the database's restart: the row is still `sending` under run-a.
+        await a.finish("m1", [2, 3])
+        assert await a.unfinished("m1") == 1
+        assert [c.user_id for c in (await b.claim("m1", 10)).candidates] == [
+            "u1"
+        ]  # at once, not after a lease
+
+
 async def test_a_process_whose_lease_ended_cannot_write_over_a_newer_attempt(pg_url: str) -> None:
     async with two_processes(pg_url, lease_s=0.6) as (a, b):
         rows = [Candidate(line=2, user_id="u1", user_created_at="2021-01-01", image="u1.png")]

@@ -580,15 +580,31 @@ class PostgresStore(Store, Fleet):
             return
         me = self._require_run()
 
-        async def work(conn: Conn, retried: bool) -> None:
+        async def work(conn: Conn, retried: bool) -> int:
+            # A row still `sending` under this run lost its outcome: an asynchronous commit the database dropped
+            # in a crash or an immediate restart. Finished, nobody would ever settle it; given back, another
+            # attempt settles it (its 2209 is ours), as a re-run after a crash does on SQLite.
             await conn.execute(
-                "UPDATE backfill.queue SET done = true, finished_by = %s, claimed_by = NULL, lease_until = NULL "
-                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s",
-                (me, manifest_sha256, list(lines), me),
+                "UPDATE backfill.queue q SET done = true, finished_by = %s, claimed_by = NULL, lease_until = NULL "
+                "WHERE q.manifest_sha256 = %s AND q.line = ANY(%s) AND q.claimed_by = %s AND NOT EXISTS ("
+                "SELECT 1 FROM backfill.users u WHERE u.user_id = q.user_id AND u.state = 'sending' "
+                "AND u.run_id = %s)",
+                (me, manifest_sha256, list(lines), me, me),
             )
+            cur = await conn.execute(
+                "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
+                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                (manifest_sha256, list(lines), me),
+            )
+            return cur.rowcount
 
         # Not durable: a finish lost in a crash makes the row claimed again, and the ledger then skips it.
-        await self._tx(work, durable=False)
+        lost = await self._tx(work, durable=False)
+        if lost > 0:
+            log.warning(
+                "%d finished row(s) had lost their outcome in the ledger (the database restarted?): given back, "
+                "so another attempt settles them", lost, extra={"event": "outcome_lost"},
+            )  # fmt: skip
         self._unflushed = True
         done = set(lines)
         self._held.get(manifest_sha256, set()).difference_update(done)
