@@ -16,8 +16,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
-from . import redact
 from .errors import ConfigError
+from .redact import Secret
 
 ENVIRONMENTS: dict[str, str] = {
     "local": "http://127.0.0.1:8080/v1",
@@ -28,33 +28,6 @@ COLUMN_KEYS = ("user_id", "user_created_at", "image_path")
 DERIVED_LEDGER = (
     "partner_id and base_url"  # read after "from", as every source is: "(from partner_id and base_url)"
 )
-
-
-class Secret:
-    """A value that never shows itself in repr, str, logs or tracebacks; `reveal()` is the only way in."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-        redact.register(value)
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The last line of defence for secrets: every secret value the process has seen is scrubbed from what it writes."""
+"""Secrets: a `Secret` never shows its value, and every one the process has seen is scrubbed from what it writes."""
 
 from __future__ import annotations
 
@@ -28,3 +28,30 @@ def scrub(text: str) -> str:
         if value in text:
             text = text.replace(value, MASK)
     return text
+
+
+class Secret:
+    """A value that never shows itself in repr, str, logs or tracebacks; `reveal()` is the only way in."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        register(value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)

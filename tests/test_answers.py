@@ -23,8 +23,8 @@ from backfill.api.answers import (
     printable,
 )
 from backfill.api.signing import sign
-from backfill.config import Secret
 from backfill.errors import TransportError
+from backfill.redact import Secret
 
 KEY = "test-key-0123456789"
 SECRET = Secret(KEY)

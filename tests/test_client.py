@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from backfill.api.answers import Kind, Verdict, classify_answer, classify_transport, parse_retry_after
 from backfill.api.client import MAX_ANSWER_BYTES, Client
 from backfill.api.signing import sign, verify
-from backfill.config import Secret
+from backfill.redact import Secret
 
 PARTNER = "085"
 KEY = Secret("test-key")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from backfill.config import ENVIRONMENTS, Secret, load_settings
+from backfill.config import ENVIRONMENTS, load_settings
 from backfill.errors import ConfigError
+from backfill.redact import Secret
 
 CREDS = {"SMILE_PARTNER_ID": "085", "SMILE_API_KEY": "k-123"}
 

@@ -16,10 +16,11 @@ import pytest
 from backfill import compose as runner
 from backfill.api.client import Client
 from backfill.cli.progress import TqdmProgress
-from backfill.config import Secret, Settings
+from backfill.config import Settings
 from backfill.errors import CheckpointError, InternalError
 from backfill.images import Fingerprint, ImageError, ImageProblem, Photo
 from backfill.images.local import LocalImageSource
+from backfill.redact import Secret
 from backfill.run.rate import RETRY_AFTER_MAX_S
 from backfill.run.records import Summary
 from backfill.run.stops import Stops

@@ -12,8 +12,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import Secret
 from ..errors import TransportError
+from ..redact import Secret
 from ..vocab import Kind
 from .signing import verify
 

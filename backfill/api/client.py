@@ -7,8 +7,8 @@ import json
 
 import aiohttp
 
-from ..config import Secret
 from ..errors import TransportError
+from ..redact import Secret
 from .answers import (
     Verdict,
     classify_answer,
