@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from ..vocab import Reason
 from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, file_kind
-from .content import examine, looks_like, problem, run, sniff
+from .content import examine, examine_bytes, looks_like, problem, run, sniff
 
 _T = TypeVar("_T")
 
@@ -69,14 +69,14 @@ class LocalImageSource(ImageSource):
         fd, before = self._open_for_read(ref)
         if before.st_size <= INLINE_READ_MAX:
             try:
-                return self._slurp(fd, ref, before, min(self._max_bytes, INLINE_READ_MAX) + 1)
+                return self._slurp(fd, fingerprint, before, min(self._max_bytes, INLINE_READ_MAX) + 1)
             finally:
                 os.close(fd)
         # The thread opens the file again rather than take this fd: should this task be cancelled, the fd
         # would be closed under a read still running there (or never, if the thread never started).
         os.close(fd)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._read_blocking, ref)
+        return await loop.run_in_executor(self._executor, self._read_blocking, fingerprint)
 
     # --- validation, in the executor ------------------------------------------------------------------
 
@@ -247,10 +247,10 @@ class LocalImageSource(ImageSource):
 
     # --- reading ------------------------------------------------------------------------------------------
 
-    def _read_blocking(self, ref: str) -> Photo:
-        fd, before = self._open_for_read(ref)
+    def _read_blocking(self, fingerprint: Fingerprint) -> Photo:
+        fd, before = self._open_for_read(fingerprint.ref)
         try:
-            return self._slurp(fd, ref, before, self._max_bytes + 1)
+            return self._slurp(fd, fingerprint, before, self._max_bytes + 1)
         finally:
             os.close(fd)
 
@@ -288,8 +288,13 @@ class LocalImageSource(ImageSource):
             return self._too_large(ref, f"{st.st_size:,} bytes")
         return None
 
-    def _slurp(self, fd: int, ref: str, before: os.stat_result, cap: int) -> Photo:
-        """At most `cap` bytes of the open photo, checked, hashed and fingerprinted; else ImageError."""
+    def _slurp(self, fd: int, checked: Fingerprint, before: os.stat_result, cap: int) -> Photo:
+        """At most `cap` bytes of the open photo, checked, hashed and fingerprinted; else ImageError.
+
+        A photo whose fingerprint is no longer `checked` is another version than the one validated: these very
+        bytes, which are what would go out, are checked again in full, as remote.py does.
+        """
+        ref = checked.ref
         try:
             data = _read_upto(fd, cap, before.st_size)
             after = os.fstat(fd)
@@ -317,6 +322,11 @@ class LocalImageSource(ImageSource):
                 )
             )
         fingerprint = Fingerprint(ref=ref, size=after.st_size, version=str(after.st_mtime_ns))
+        if fingerprint != checked:
+            wrong = problem(examine_bytes(data), ref)
+            if wrong is not None:
+                raise ImageError(ImageProblem(reason=wrong.reason,
+                                              message=f"{wrong.message} (it changed after it was checked)"))  # fmt: skip
         return Photo(data=data, sha256=hashlib.sha256(data).hexdigest(), fingerprint=fingerprint)
 
     def _too_large(self, ref: str, size: str) -> ImageProblem:
