@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import gc
 import signal
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
@@ -109,7 +108,7 @@ def remote_image_source(settings: Settings) -> RemoteImageSource:
     return RemoteImageSource(
         max_bytes=settings.max_image_bytes, read_concurrency=settings.read_concurrency,
         options=StoreOptions(timeout=settings.timeout, connect_timeout=settings.connect_timeout),
-        attempts=policy.max_attempts, wait=functools.partial(policy.wait, None),
+        attempts=policy.max_attempts, wait=policy.backoff,
     )  # fmt: skip
 
 

@@ -106,10 +106,11 @@ def test_429s_do_not_spend_the_retry_budget_but_have_a_cap_of_their_own() -> Non
         kind=Kind.TRANSIENT, may_have_enrolled=False, proves_not_enrolled=False, http_status=429
     )
     busy = Verdict(kind=Kind.TRANSIENT, may_have_enrolled=True, proves_not_enrolled=False, http_status=503)
-    assert policy.should_retry(throttled, attempt=0, throttled=2, stopping=False)
-    assert not policy.should_retry(throttled, attempt=0, throttled=3, stopping=False)
-    assert policy.should_retry(busy, attempt=1, throttled=3, stopping=False)
-    assert not policy.should_retry(busy, attempt=2, throttled=0, stopping=False)
+    # `attempts` counts every attempt of the row, its 429s (`throttled`) included.
+    assert policy.decide(throttled, attempts=2, throttled=2) is not None
+    assert policy.decide(throttled, attempts=3, throttled=3) is None
+    assert policy.decide(busy, attempts=4, throttled=3) is not None
+    assert policy.decide(busy, attempts=2, throttled=0) is None
 
 
 async def test_a_server_limiting_at_5_per_s_with_rate_20_ends_every_row_with_fewer_429s_than_rows(

@@ -1,21 +1,31 @@
-"""The retry policy: how many attempts, how long between them, and which answers are worth another try."""
+"""The retry policy: how many attempts, how long between them, and which answers are worth another try.
+
+One decision, `RetryPolicy.decide`, taken once per answer: its result both chooses the state the ledger records
+for the attempt (a retry planned: still unfinished) and tells the caller how long to wait before the next one.
+The policy is data, built once by compose.py from the run's settings; nothing in it is made per row.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
+from tenacity import RetryCallState, Retrying, wait_random_exponential
 
 from ..api.answers import Verdict
 from ..vocab import Kind
 from .rate import RETRY_AFTER_MAX_S
 
+# A RetryCallState must name the retry object it belongs to; tenacity's wait strategies read only the state's
+# `attempt_number`, so this one is never run.
+_NEVER_RUN = Retrying()
+
+# A storage read that failed in a way worth another try: transient, not a 429 of the API, no Retry-After.
+STORAGE_FAILURE = Verdict(kind=Kind.TRANSIENT, may_have_enrolled=False, proves_not_enrolled=False)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
-    """Named defaults in one place; `from_settings` fills them from the run's settings."""
+    """The budgets and the backoff, as data; compose.py fills them from the run's settings."""
 
     max_attempts: int = 5
     backoff_initial: float = 0.5  # seconds: exponential backoff with full jitter starts here
@@ -24,62 +34,40 @@ class RetryPolicy:
     # 429s don't spend max_attempts (the row was fine, only too fast), but a server that 429s for ever must
     # still let the row end: this many 429s for one row, and it is retry_exhausted.
     max_throttled: int = 50
+    # tenacity's full-jitter exponential wait, built once from the two fields above.
+    backoff: wait_random_exponential = field(init=False, repr=False, compare=False)
 
-    def should_retry(self, verdict: Verdict, *, attempt: int, stopping: bool, throttled: int = 0) -> bool:
-        """Only transient answers are tried again: anything else would get the same answer, or is settled.
-
-        `attempt`: the row's attempts so far that were not 429s; `throttled`: those that were.
-        """
-        if verdict.kind is not Kind.TRANSIENT or stopping:
-            return False
-        if is_throttled(verdict):
-            return throttled < self.max_throttled
-        return attempt < self.max_attempts
-
-    def wait(self, verdict: Verdict | None, state: RetryCallState) -> float:
-        if verdict is not None and verdict.retry_after is not None:
-            return min(verdict.retry_after, self.retry_after_max)
-        return float(wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)(state))
-
-    def retrying(
-        self,
-        *,
-        stopping: Callable[[], bool],
-        sleep: Callable[[float], Awaitable[None]],
-        before_sleep: Callable[[RetryCallState], None],
-    ) -> AsyncRetrying:
-        """A tenacity loop around one row's attempts, deciding exactly as `should_retry` does."""
-
-        def verdict_of(state: RetryCallState) -> Verdict | None:
-            result = (
-                state.outcome.result() if state.outcome is not None and not state.outcome.failed else None
-            )
-            return result if isinstance(result, Verdict) else None
-
-        throttled = 0  # this row's 429s: `retry` sees every attempt's outcome once, in order
-
-        def retry(state: RetryCallState) -> bool:
-            nonlocal throttled
-            verdict = verdict_of(state)
-            if verdict is None:
-                return False
-            throttled += is_throttled(verdict)
-            return self.should_retry(
-                verdict, attempt=state.attempt_number - throttled, throttled=throttled, stopping=stopping()
-            )
-
-        def last(state: RetryCallState) -> Any:
-            return state.outcome.result() if state.outcome is not None else None
-
-        return AsyncRetrying(
-            stop=lambda state: False,  # `retry` decides, both budgets included
-            wait=lambda state: self.wait(verdict_of(state), state),
-            retry=retry,
-            sleep=sleep,
-            retry_error_callback=last,
-            before_sleep=before_sleep,
-            reraise=True,
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "backoff", wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
         )
+
+    def decide(
+        self, verdict: Verdict, *, attempts: int, throttled: int = 0, stopping: bool = False
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or None: there is none.
+
+        `attempts`: the row's attempts so far, this one included; `throttled`: how many of them were 429s.
+        Only transient answers are tried again (anything else would get the same answer, or is settled), and
+        never once a stop has come. A 429 spends its own budget (`max_throttled`), not `max_attempts`. The wait
+        is the server's Retry-After when it gave one (capped at `retry_after_max`), else the backoff.
+        """
+        if stopping or verdict.kind is not Kind.TRANSIENT:
+            return None
+        if is_throttled(verdict):
+            if throttled >= self.max_throttled:
+                return None
+        elif attempts - throttled >= self.max_attempts:
+            return None
+        if verdict.retry_after is not None:
+            return min(max(0.0, verdict.retry_after), self.retry_after_max)
+        state = RetryCallState(_NEVER_RUN, fn=None, args=(), kwargs={})
+        state.attempt_number = attempts
+        return float(self.backoff(state))
+
+    def after_storage_failure(self, attempts: int) -> float | None:
+        """A storage read failed transiently on its `attempts`-th try: the wait before the next, or None."""
+        return self.decide(STORAGE_FAILURE, attempts=attempts)
 
 
 def is_throttled(verdict: Verdict) -> bool:

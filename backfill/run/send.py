@@ -7,8 +7,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tenacity import RetryCallState
-
 from ..api.answers import Verdict, unreachable_from_the_start
 from ..api.client import Client
 from ..clock import now_iso
@@ -102,19 +100,25 @@ class Sender:
         return self._stops.stopping
 
     async def send(self, row: Send) -> Sent | None:
-        """The row's end, or None when a stop came before its first attempt left (it was not reached)."""
-        work = _Row(row)
-        retrying = self._policy.retrying(
-            stopping=self._stopping, sleep=self._stops.nap, before_sleep=self._retrying
-        )
-        try:
-            verdict: Verdict = await retrying(self._attempt, work)
-        except _Ended:
-            return work.last
-        # No `last`: the attempt settled as "to be tried again", then a stop came before the retry.
-        return work.last or self._stopped(work, verdict)
+        """The row's end, or None when a stop came before its first attempt left (it was not reached).
 
-    async def _attempt(self, work: _Row) -> Verdict:
+        A plain loop: each attempt returns the policy's one decision, its answer and the wait before the next
+        attempt (the attempt was settled in the ledger as still unfinished), or None (the row ended, `work.last`).
+        """
+        work = _Row(row)
+        try:
+            while (again := await self._attempt(work)) is not None:
+                verdict, wait = again
+                if self._stopping():
+                    # Settled as "to be tried again", then a stop came before the retry.
+                    return self._stopped(work, verdict)
+                self._retrying(work, verdict, wait)
+                await self._stops.nap(wait)  # a stop wakes it: the next attempt then ends the row, unsent
+        except _Ended:
+            pass
+        return work.last
+
+    async def _attempt(self, work: _Row) -> tuple[Verdict, float] | None:
         # The rate slot first, then the photo, then the record: a row that waits holds nothing in doubt.
         generation = await self._gate.wait_turn(self._stops)
         if self._stopping():
@@ -127,8 +131,9 @@ class Sender:
         finally:
             self._workers.ended()
 
-    async def _granted(self, work: _Row, generation: int) -> Verdict:
-        """One attempt once its rate slot is granted: photo, record, POST, outcome."""
+    async def _granted(self, work: _Row, generation: int) -> tuple[Verdict, float] | None:
+        """One attempt once its rate slot is granted: photo, record, POST, outcome; then its answer and the
+        wait before the next attempt, or None when there is none."""
         row = work.send
         try:
             photo = await self._images.read(row.fingerprint)
@@ -179,11 +184,12 @@ class Sender:
             self._gate.answered()
         if verdict.kind is Kind.SYSTEMIC:
             self._on_systemic(verdict)
-        again = self._policy.should_retry(verdict, attempt=work.attempts - work.throttled,
-                                          throttled=work.throttled, stopping=self._stopping())  # fmt: skip
+        # The one retry decision: it chooses both the state recorded below and whether `send` loops.
+        wait = self._policy.decide(verdict, attempts=work.attempts, throttled=work.throttled,
+                                   stopping=self._stopping())  # fmt: skip
         status = (
             unfinished_status(doubt=work.doubt)
-            if again
+            if wait is not None
             else final_status(verdict, doubt_before=ticket.doubt_before, stopped=self._stopping())
         )
         self._crash.reached(Boundary.BEFORE_OUTCOME)
@@ -210,10 +216,11 @@ class Sender:
                 # A newer attempt by another process superseded this one: its verdict, not ours, is the row's.
                 work.last = self._elsewhere(work)
                 raise _Ended
-        if not again:
+        if wait is None:
             work.last = Sent(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
                              latency_ms=work.latency_ms)  # fmt: skip
-        return verdict
+            return None
+        return verdict, wait
 
     def _slow_down(self, verdict: Verdict, generation: int) -> None:
         """A 429: the shared rate drops (once per generation), and everyone pauses for its Retry-After."""
@@ -272,17 +279,13 @@ class Sender:
         return Sent(status=status, attempts=work.attempts, first_ever=work.first_ever, message=message,
                     result_code=k.result_code, smile_job_id=k.smile_job_id, job_id=k.job_id)  # fmt: skip
 
-    def _retrying(self, state: RetryCallState) -> None:
-        verdict = state.outcome.result() if state.outcome is not None and not state.outcome.failed else None
-        work = state.args[0] if state.args else None
-        if isinstance(verdict, Verdict) and isinstance(work, _Row):
-            self._observer.retry(retry_reason(verdict))
-            wait = state.upcoming_sleep
-            self._event(
-                logging.INFO, "retry_scheduled",
-                f"{work.send.user_id}: attempt {work.attempts} got {describe(verdict)}; retrying in {wait:.2f}s",
-                user_id=work.send.user_id, attempt=work.attempts, wait_s=round(wait, 3), reason=describe(verdict),
-            )  # fmt: skip
+    def _retrying(self, work: _Row, verdict: Verdict, wait: float) -> None:
+        self._observer.retry(retry_reason(verdict))
+        self._event(
+            logging.INFO, "retry_scheduled",
+            f"{work.send.user_id}: attempt {work.attempts} got {describe(verdict)}; retrying in {wait:.2f}s",
+            user_id=work.send.user_id, attempt=work.attempts, wait_s=round(wait, 3), reason=describe(verdict),
+        )  # fmt: skip
 
 
 def retry_reason(verdict: Verdict) -> str:
