@@ -84,43 +84,51 @@ def binding(settings: Settings) -> Binding:
     return Binding(partner_id=settings.partner_id, endpoint=settings.endpoint)
 
 
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The run's one retry policy, made once per run here and handed to the sender and to object storage."""
+    return RetryPolicy(max_attempts=settings.max_attempts, backoff_initial=settings.backoff_initial,
+                       backoff_max=settings.backoff_max)  # fmt: skip
+
+
 def image_source(
-    settings: Settings, manifest_path: Path | str, *, remote: RemoteImageSource | None = None
+    settings: Settings,
+    manifest_path: Path | str,
+    *,
+    policy: RetryPolicy,
+    remote: RemoteImageSource | None = None,
 ) -> ImageSource:
     """Photos resolve against the manifest's own folder (or URL prefix), as relative paths in a CSV naturally
-    do; each is read from where it is named, local or object storage (`remote`, else one made on first use)."""
+    do; each is read from where it is named, local or object storage (`remote`, else one made on first use
+    with the run's retry `policy`)."""
     where = str(manifest_path)
     remote_base = prefix_of(where) if is_url(where) else None
     base = Path.cwd() if remote_base is not None else Path(manifest_path).absolute().parent
     local = LocalImageSource(base=base, root=settings.images_root, max_bytes=settings.max_image_bytes)
     return DispatchingImageSource(
-        local=local, remote=lambda: remote or remote_image_source(settings), base=remote_base,
+        local=local, remote=lambda: remote or remote_image_source(settings, policy), base=remote_base,
         root=str(settings.images_root) if settings.images_root is not None else None,
     )  # fmt: skip
 
 
-def remote_image_source(settings: Settings) -> RemoteImageSource:
-    """Photos in object storage, with the run's timeouts and its retry policy's attempts and backoff."""
+def remote_image_source(settings: Settings, policy: RetryPolicy) -> RemoteImageSource:
+    """Photos in object storage, with the run's timeouts, retried as the run's retry `policy` says."""
     from .images.remote import RemoteImageSource, StoreOptions  # obstore is loaded only when a URL is used
 
-    policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_initial=settings.backoff_initial,
-                         backoff_max=settings.backoff_max)  # fmt: skip
     return RemoteImageSource(
         max_bytes=settings.max_image_bytes, read_concurrency=settings.read_concurrency,
-        options=StoreOptions(timeout=settings.timeout, connect_timeout=settings.connect_timeout),
-        attempts=policy.max_attempts, wait=policy.backoff,
+        options=StoreOptions(timeout=settings.timeout, connect_timeout=settings.connect_timeout), retries=policy,
     )  # fmt: skip
 
 
 async def load_manifest(
-    settings: Settings, manifest_path: Path | str
+    settings: Settings, manifest_path: Path | str, *, policy: RetryPolicy
 ) -> tuple[Manifest, RemoteImageSource | None]:
     """The manifest, opened and pre-scanned, from a local path or an object URL; for a URL, the source it was
-    fetched through, so that its photos reuse the same store per bucket."""
+    fetched through (retried as `policy` says), so that its photos reuse the same store per bucket."""
     if isinstance(manifest_path, str) and is_url(manifest_path):
         from .remote_manifest import open_remote_manifest
 
-        remote = remote_image_source(settings)
+        remote = remote_image_source(settings, policy)
         return await open_remote_manifest(manifest_path, manifest_rules(settings), remote), remote
     return open_manifest(Path(manifest_path), manifest_rules(settings)), None
 
@@ -210,7 +218,8 @@ async def _run(
     confirm: Confirm | None,
     on_leave: OnLeave | None,
 ) -> Summary:
-    manifest, remote = await load_manifest(settings, manifest_path)
+    policy = retry_policy(settings)
+    manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
     if confirm is not None:
         # The manifest is read for its row count first: a question without the number is not worth answering.
         _ask(confirm, settings, rows=manifest.total_rows,
@@ -227,7 +236,7 @@ async def _run(
                 store = await open_store(settings, writable=False)
         else:
             store = await open_store(settings, writable=True)
-    images = images or image_source(settings, manifest.path, remote=remote)
+    images = images or image_source(settings, manifest.path, policy=policy, remote=remote)
     metrics: RunMetrics | None = None
     try:
         # Before the output folder: a port already taken leaves no litter.
@@ -237,8 +246,8 @@ async def _run(
             metrics.describe(run_id=output.run_id, env=settings.env)
         client = Client(settings.base_url, settings.partner_id, settings.api_key, timeout=settings.timeout,
                         connect_timeout=settings.connect_timeout, concurrency=settings.concurrency)  # fmt: skip
-        parts = Collaborators(manifest=manifest, store=store, images=images, client=client, sink=output,
-                              run_id=output.run_id, out_dir=str(output.dir),
+        parts = Collaborators(manifest=manifest, store=store, images=images, client=client, policy=policy,
+                              sink=output, run_id=output.run_id, out_dir=str(output.dir),
                               **({"observer": metrics} if metrics is not None else {}))  # fmt: skip
         engine = Engine(settings, parts, progress=progress, sleep=sleep, resend_failed=resend_failed,
                         on_leave=on_leave)  # fmt: skip
@@ -329,8 +338,9 @@ def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[R
     """(number of valid rows, every reject): every rule, text and image, with no ledger and nothing sent."""
 
     async def go() -> tuple[int, list[RejectRow]]:
-        manifest, remote = await load_manifest(settings, manifest_path)
-        images = image_source(settings, manifest.path, remote=remote)
+        policy = retry_policy(settings)
+        manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
+        images = image_source(settings, manifest.path, policy=policy, remote=remote)
         valid, rejects = 0, []
         try:
             for batch in manifest.batches():

@@ -59,8 +59,9 @@ def run_checks(settings: Settings, manifest: Path | str) -> list[Check]:
 async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
     checks = [_settings_check(settings), *_credentials_checks(settings)]
     manifest: Manifest | None = None
+    policy = compose.retry_policy(settings)  # object storage's, for the manifest's and the photos' reads
     try:
-        manifest, remote = await compose.load_manifest(settings, manifest_path)
+        manifest, remote = await compose.load_manifest(settings, manifest_path, policy=policy)
     except BackfillError as exc:
         checks.append(Check(name="manifest", ok=False, detail=str(exc), fix="fix what the message names"))
         remote = None
@@ -77,7 +78,7 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
     checks += ledger
     checks += await _api_checks(settings)
     if manifest is not None:
-        images = compose.image_source(settings, manifest.path, remote=remote)
+        images = compose.image_source(settings, manifest.path, policy=policy, remote=remote)
         try:
             checks.append(await _images_check(sample, images))
             if known:

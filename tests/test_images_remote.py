@@ -31,6 +31,7 @@ from backfill.images.remote import (
 from backfill.images.urls import ObjectUrl, is_url, join, parse, prefix_of
 from backfill.manifest import ManifestRules
 from backfill.remote_manifest import open_remote_manifest
+from backfill.run.policy import RetryPolicy
 from backfill.vocab import Reason
 
 from .conftest import png_bytes
@@ -69,7 +70,9 @@ def source(buckets: Buckets) -> RemoteImageSource:
     async def no_sleep(_: float) -> None:
         return None
 
-    return RemoteImageSource(max_bytes=LIMIT, read_concurrency=4, stores=buckets, sleep=no_sleep)
+    return RemoteImageSource(
+        max_bytes=LIMIT, read_concurrency=4, stores=buckets, retries=RetryPolicy(), sleep=no_sleep
+    )
 
 
 def reasons(results: list[Fingerprint | ImageProblem]) -> list[str]:
@@ -145,8 +148,8 @@ async def test_every_rule_holds_for_objects_with_the_same_reasons(
 async def test_a_limit_is_inclusive(buckets: Buckets) -> None:
     data = png_bytes(5)
     buckets.put("s3://b/exact.png", data)
-    exact = RemoteImageSource(max_bytes=len(data), stores=buckets)
-    under = RemoteImageSource(max_bytes=len(data) - 1, stores=buckets)
+    exact = RemoteImageSource(max_bytes=len(data), stores=buckets, retries=RetryPolicy())
+    under = RemoteImageSource(max_bytes=len(data) - 1, stores=buckets, retries=RetryPolicy())
     assert reasons(await exact.check_many(["s3://b/exact.png"])) == ["ok"]
     assert reasons(await under.check_many(["s3://b/exact.png"])) == ["image_too_large"]
 
@@ -238,14 +241,26 @@ async def test_an_object_unusable_at_send_time_is_refused(
 # --- transient failures, access denied, secrets ---
 
 
+class Scripted:
+    """A retry policy that answers a wait of attempts x 0.1 s, up to `tries` tries in all, and notes each ask."""
+
+    def __init__(self, tries: int) -> None:
+        self.tries = tries
+        self.asked: list[int] = []
+
+    def after_storage_failure(self, attempts: int) -> float | None:
+        self.asked.append(attempts)
+        return attempts * 0.1 if attempts < self.tries else None
+
+
 async def test_transient_failures_are_retried_with_the_policy_backoff() -> None:
     waits: list[float] = []
 
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
 
-    source = RemoteImageSource(max_bytes=LIMIT, attempts=4, wait=lambda state: state.attempt_number * 0.1,
-                               sleep=sleep)  # fmt: skip
+    policy = Scripted(tries=4)
+    source = RemoteImageSource(max_bytes=LIMIT, retries=policy, sleep=sleep)
     calls = 0
 
     async def flaky() -> str:
@@ -258,14 +273,36 @@ async def test_transient_failures_are_retried_with_the_policy_backoff() -> None:
         return "ok"
 
     assert await source._retrying(flaky) == "ok"
-    assert calls == 3 and waits == [0.1, 0.2]
+    assert calls == 3 and waits == [0.1, 0.2] and policy.asked == [1, 2]
 
     async def denied() -> str:
         raise PermissionDeniedError("Server returned non-2xx status code: 403 Forbidden")
 
     with pytest.raises(PermissionDeniedError):
         await source._retrying(denied)  # never retried: it would be refused again
-    assert len(waits) == 2
+    assert len(waits) == 2 and policy.asked == [1, 2]
+
+
+async def test_a_read_that_keeps_failing_ends_after_the_run_policy_s_max_attempts() -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    policy = RetryPolicy(max_attempts=3, backoff_initial=0.5, backoff_max=0.75)
+    source = RemoteImageSource(max_bytes=LIMIT, retries=policy, sleep=sleep)
+    calls = 0
+
+    async def down() -> str:
+        nonlocal calls
+        calls += 1
+        raise GenericError("Server returned non-2xx status code: 503 Service Unavailable")
+
+    with pytest.raises(GenericError):
+        await source._retrying(down)
+    # Full-jitter backoff: the first wait is drawn from [0, 0.5], the second from [0, 1.0] capped at 0.75.
+    assert calls == 3 and len(waits) == 2
+    assert 0 <= waits[0] <= 0.5 and 0 <= waits[1] <= 0.75
 
 
 def test_what_is_transient() -> None:
@@ -338,7 +375,7 @@ async def test_photos_by_http_url_are_checked_fingerprinted_and_read(tmp_path: P
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        source = RemoteImageSource(max_bytes=LIMIT)
+        source = RemoteImageSource(max_bytes=LIMIT, retries=RetryPolicy())
         urls = [f"http://127.0.0.1:{port}/p/a%20b.png", f"http://127.0.0.1:{port}/p/cut.png",
                 f"http://127.0.0.1:{port}/p/nope.png"]  # fmt: skip
         checked = await source.check_many(urls)

@@ -55,7 +55,8 @@ async def run_by_hand(
                           concurrency=2)  # fmt: skip
     parts = Collaborators(
         manifest=open_manifest(manifest, compose.manifest_rules(settings)), store=store, images=images,
-        client=client, sink=output, run_id=output.run_id, out_dir=str(output.dir),
+        client=client, policy=compose.retry_policy(settings), sink=output, run_id=output.run_id,
+        out_dir=str(output.dir),
     )  # fmt: skip
     async with client:
         summary = await Engine(settings, parts).run()

@@ -366,7 +366,7 @@ async def test_an_object_swapped_after_its_check_is_checked_again_and_what_is_se
             bucket.put("b.png", png_bytes(8))  # another complete photo
 
     settings = settings_for(make_settings, sandbox, tmp_path)
-    images = Meddling(compose.image_source(settings, url), swap)
+    images = Meddling(compose.image_source(settings, url, policy=compose.retry_policy(settings)), swap)
     summary = await compose.run(settings, url, images=images)
     assert summary.counts == {"enrolled": 2, "rejected": 1}
     (reject,) = read_csv(Path(summary.out_dir) / "rejects.csv")
@@ -398,7 +398,7 @@ async def test_a_bucket_deleted_mid_run_rejects_the_rest_and_loses_no_row(
             bucket.destroy()
 
     settings = settings_for(make_settings, sandbox, tmp_path)
-    images = Meddling(compose.image_source(settings, manifest), vanish)
+    images = Meddling(compose.image_source(settings, manifest, policy=compose.retry_policy(settings)), vanish)
     summary = await compose.run(settings, manifest, images=images)
     assert summary.counts == {"enrolled": 3, "rejected": rows - 3}
     rejects = read_csv(Path(summary.out_dir) / "rejects.csv")

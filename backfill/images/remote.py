@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import obstore
 from obstore.exceptions import (
@@ -23,7 +23,6 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
-from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from .. import redact
 from ..errors import ConfigError
@@ -284,12 +283,20 @@ def version_of(meta: ObjectMeta) -> str:
 # --- the source -----------------------------------------------------------------------------------------
 
 
+class Retries(Protocol):
+    """When a storage read is tried again: the run's retry policy (run/policy.py `RetryPolicy`) is one."""
+
+    def after_storage_failure(self, attempts: int) -> float | None:
+        """A read failed transiently on its `attempts`-th try: seconds before the next, or None: no more."""
+        ...
+
+
 class RemoteImageSource(ImageSource):
     """Photos named by object URLs (s3://, gs://, az://, http(s)://), read through obstore.
 
     One store per bucket (or host), made on first use by `stores`. At most `read_concurrency` objects are
-    checked or listed at once. A transient failure is tried again up to `attempts` times in all, waiting
-    `wait(state)` between tries (the run's retry policy); `sleep` is injectable for tests.
+    checked or listed at once. A transient failure is tried again as `retries` (the run's retry policy) says,
+    waiting what it says between tries; `sleep` is injectable for tests.
     """
 
     def __init__(
@@ -299,8 +306,7 @@ class RemoteImageSource(ImageSource):
         read_concurrency: int = 32,
         stores: StoreFactory | None = None,
         options: StoreOptions | None = None,
-        attempts: int = 5,
-        wait: Callable[[RetryCallState], float] | None = None,
+        retries: Retries,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._max_bytes = max_bytes
@@ -310,9 +316,7 @@ class RemoteImageSource(ImageSource):
         self._make_store: StoreFactory = stores or (lambda obj: make_store(obj, options))
         self._stores: dict[tuple[str, str], ObjectStore] = {}
         self._unlistable: set[tuple[str, str]] = set()  # buckets whose listing was refused: HEAD instead
-        self._attempts = attempts
-        self._wait = wait or wait_random_exponential(multiplier=0.5, max=30)
-        self._retry_object = AsyncRetrying()  # only what a RetryCallState must name; its loop is never run
+        self._retries = retries
         self._sleep = sleep
 
     # --- the contract ---
@@ -612,7 +616,7 @@ class RemoteImageSource(ImageSource):
         """`call()`, tried again on transient failures, waiting as the run's retry policy says between tries.
 
         A plain loop rather than a tenacity one per call: most calls succeed first time, and building a retry
-        loop for each would show in validation's rows/s. The waits are the policy's own (`wait`).
+        loop for each would show in validation's rows/s. Whether to try again, and the wait, are the policy's.
         """
         attempt = 0
         while True:
@@ -620,11 +624,10 @@ class RemoteImageSource(ImageSource):
             try:
                 return await call()
             except _STORAGE_ERRORS as exc:
-                if attempt >= self._attempts or not transient(exc):
+                wait = self._retries.after_storage_failure(attempt) if transient(exc) else None
+                if wait is None:
                     raise
-            state = RetryCallState(self._retry_object, fn=None, args=(), kwargs={})
-            state.attempt_number = attempt
-            await self._sleep(self._wait(state))
+            await self._sleep(wait)
 
 
 def _sha256(data: bytes) -> str:

@@ -66,6 +66,7 @@ class Collaborators:
     store: Store | None  # None: a dry run with no ledger yet
     images: ImageSource
     client: Client
+    policy: RetryPolicy  # the run's one retry policy, shared with the object-storage source
     sink: Sink
     run_id: str
     out_dir: str
@@ -101,8 +102,7 @@ class Engine:
         self._limited: str | None = None  # the note the progress object was last told
         self._noted: str | None = None  # the note the ledger's runs table holds for this run
         self._queue: asyncio.Queue[plan.Send | None] | None = None
-        self._policy = RetryPolicy(max_attempts=settings.max_attempts, backoff_initial=settings.backoff_initial,
-                                   backoff_max=settings.backoff_max)  # fmt: skip
+        self._policy = parts.policy
         self._sender: Sender | None = None
 
     # --- stopping ---
