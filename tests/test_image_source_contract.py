@@ -32,6 +32,7 @@ from obstore.store import S3Store
 from backfill.images import Fingerprint, ImageError, ImageProblem, ImageSource
 from backfill.images.local import LocalImageSource
 from backfill.images.remote import FIRST_READ, RemoteImageSource
+from backfill.run.policy import RetryPolicy
 from backfill.vocab import Reason
 
 from .conftest import png_bytes
@@ -169,7 +170,7 @@ class ObjectStoreBackend(Backend):
 
     def source(self) -> ImageSource:
         # Its stores made from the environment, as in a run (compose.remote_image_source).
-        return RemoteImageSource(max_bytes=LIMIT, read_concurrency=8)
+        return RemoteImageSource(max_bytes=LIMIT, read_concurrency=8, retries=RetryPolicy())
 
 
 _BUCKETS = itertools.count(1)
