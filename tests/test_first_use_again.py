@@ -41,6 +41,15 @@ def ledger(tmp_path: Path, server: RunningSandbox) -> list[str]:
     return ["--env", "local", "--base-url", server.base_url, "--checkpoint", str(tmp_path / "cp.sqlite")]
 
 
+def enrolled(tmp_path: Path, server: RunningSandbox, rows: int = 2) -> list[str]:
+    """`rows` rows run through the sandbox into tmp_path/out, every one enrolled: the flags that name the ledger."""
+    manifest = write_manifest(tmp_path, simple_rows(rows))
+    where = ledger(tmp_path, server)
+    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 0, err
+    return where
+
+
 # --- 5. a skipped row says what the ledger knows of it, in words that read ----------------------------------
 
 
@@ -139,10 +148,7 @@ def test_config_show_without_a_partner_id_says_the_ledger_cannot_be_derived() ->
 def test_booleans_are_lower_case_in_results_and_export_and_json_in_jsonl(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
-    manifest = write_manifest(tmp_path, simple_rows(2))
-    where = ledger(tmp_path, threaded_sandbox)
-    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")
-    assert code == 0, err
+    where = enrolled(tmp_path, threaded_sandbox)
     (results,) = (tmp_path / "out").glob("*/results.csv")
     with results.open(newline="") as handle:
         assert {row["signature_ok"] for row in csv.DictReader(handle)} == {"true"}
@@ -160,10 +166,7 @@ def test_booleans_are_lower_case_in_results_and_export_and_json_in_jsonl(
 def test_report_rewrites_its_own_report_html_but_not_a_users_file(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
-    manifest = write_manifest(tmp_path, simple_rows(2))
-    code, _, err = cli("run", str(manifest), *ledger(tmp_path, threaded_sandbox), "--out", str(tmp_path / "out"),
-                       "--no-progress")  # fmt: skip
-    assert code == 0, err
+    enrolled(tmp_path, threaded_sandbox)
     (run_dir,) = (tmp_path / "out").iterdir()
     report = run_dir / "report.html"
     assert report.is_file()
@@ -185,10 +188,7 @@ def test_report_rewrites_its_own_report_html_but_not_a_users_file(
 def test_the_migration_report_rewrites_its_own_output_but_not_a_users_file(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
-    manifest = write_manifest(tmp_path, simple_rows(2))
-    where = ledger(tmp_path, threaded_sandbox)
-    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")
-    assert code == 0, err
+    where = enrolled(tmp_path, threaded_sandbox)
     chosen = tmp_path / "signed" / "migration.html"
     assert cli("report", *where, "--output", str(chosen))[0] == 0
     code, out, err = cli("report", *where, "--output", str(chosen))
