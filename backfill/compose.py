@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -28,9 +30,19 @@ from .ledger.sqlite import SqliteStore
 from .manifest import Manifest, ManifestRules, open_manifest
 from .outputs.files import RunOutput, make_private_dirs, write_retry_manifest
 from .run import plan
-from .run.engine import Collaborators, Engine, OnLeave, Progress, Sleep
+from .run.claims import Claims, FinishingSink
+from .run.crash import CRASH_ENV, CrashPoints
+from .run.dryrun import DryRun
+from .run.engine import UNRECORDED, Collaborators, Engine, Journal, OnLeave, Progress, RunOptions, Sleep
+from .run.events import Events
+from .run.observe import NO_OBSERVER, Observer
 from .run.policy import RetryPolicy
-from .run.records import RejectRow, Summary
+from .run.rate import FleetGate, Gate, RateGate
+from .run.records import RejectRow, Sink, Summary
+from .run.rows import ManifestRows, Rows
+from .run.send import Sender
+from .run.stops import Leaving, Stops, on_systemic
+from .run.workers import Workers
 from .vocab import RETRYABLE_STATES, State, parse_states
 
 if TYPE_CHECKING:
@@ -246,11 +258,11 @@ async def _run(
             metrics.describe(run_id=output.run_id, env=settings.env)
         client = Client(settings.base_url, settings.partner_id, settings.api_key, timeout=settings.timeout,
                         connect_timeout=settings.connect_timeout, concurrency=settings.concurrency)  # fmt: skip
-        parts = Collaborators(manifest=manifest, store=store, images=images, client=client, policy=policy,
-                              sink=output, run_id=output.run_id, out_dir=str(output.dir),
-                              **({"observer": metrics} if metrics is not None else {}))  # fmt: skip
-        engine = Engine(settings, parts, progress=progress, sleep=sleep, resend_failed=resend_failed,
-                        on_leave=on_leave)  # fmt: skip
+        engine = build_engine(
+            settings, manifest=manifest, store=store, images=images, client=client, policy=policy, sink=output,
+            run_id=output.run_id, out_dir=str(output.dir), observer=metrics, progress=progress, sleep=sleep,
+            resend_failed=resend_failed, on_leave=on_leave,
+        )  # fmt: skip
         if engine_ready is not None:
             engine_ready(engine)
         try:
@@ -271,6 +283,88 @@ async def _run(
         await images.close()
         if own_store and store is not None:
             await store.close()
+
+
+def run_options(settings: Settings, *, resend_failed: bool = False) -> RunOptions:
+    """What the engine reads of the settings."""
+    return RunOptions(
+        concurrency=settings.concurrency,
+        status_every=settings.status_every,
+        max_duration=settings.max_duration,
+        limit=settings.limit,
+        fail_threshold=settings.fail_threshold,
+        resend_failed=resend_failed,
+        log_rows=settings.log_file is not None,
+        env=settings.env,
+        base_url=settings.base_url,
+        dry_run=settings.dry_run,
+        settings=settings.redacted(),
+    )
+
+
+def build_engine(
+    settings: Settings,
+    *,
+    manifest: Manifest,
+    store: Store | None,
+    images: ImageSource,
+    client: Client,
+    policy: RetryPolicy,
+    sink: Sink,
+    run_id: str,
+    out_dir: str,
+    observer: Observer | None = None,
+    progress: Progress | None = None,
+    sleep: Sleep = asyncio.sleep,
+    resend_failed: bool = False,
+    on_leave: OnLeave | None = None,
+    crash: CrashPoints | None = None,
+) -> Engine:
+    """The engine of one run, with every collaborator chosen here: one process's or a fleet's row source, rate
+    gate and sink, the sender or a dry run's stand-in, and the crash points (from the environment, by default).
+    """
+    events = Events(run_id)
+    sending: Sender | DryRun | None = None
+
+    def leaving(signum: int) -> None:
+        assert on_leave is not None
+        in_flight = sending.in_flight if sending is not None else 0
+        on_leave(Leaving(signum=signum, in_flight=in_flight, out_dir=out_dir))
+
+    stops = Stops(sleep, leaving=leaving if on_leave is not None else None)
+    workers = Workers()
+    watcher = observer if observer is not None else NO_OBSERVER
+    rows: Rows = ManifestRows(manifest)
+    gate: Gate = RateGate(settings.rate)
+    fleet = store if isinstance(store, Fleet) and not settings.dry_run else None
+    if fleet is not None:
+        # A process of a fleet: rows are claimed from the shared ledger, and the rate is the fleet's.
+        claims = Claims(
+            fleet, manifest, batch=max(16, min(settings.chunk_rows, settings.concurrency * 4)),
+            stopping=lambda: stops.stopping, nap=stops.nap,
+        )  # fmt: skip
+
+        def unsaid(error: BaseException) -> None:
+            events(logging.WARNING, "fleet_rate_unsaid", f"can't tell the fleet's rate limit: {error}")
+
+        rows, sink = claims, FinishingSink(sink, claims)
+        gate = FleetGate(fleet, settings.rate, on_error=unsaid)
+    journal: Journal = UNRECORDED
+    if store is None or settings.dry_run:
+        sending = DryRun(images=images, client=client)
+    else:
+        journal = store
+        sending = Sender(
+            store=store, images=images, client=client, gate=gate, policy=policy,
+            crash=crash if crash is not None else CrashPoints(os.environ.get(CRASH_ENV)), run_id=run_id,
+            stops=stops, on_systemic=on_systemic(stops), event=events, observer=watcher, fleet=fleet is not None,
+            workers=workers,
+        )  # fmt: skip
+    parts = Collaborators(
+        manifest=manifest, rows=rows, store=store, images=images, sending=sending, gate=gate, journal=journal,
+        sink=sink, stops=stops, workers=workers, events=events, run_id=run_id, out_dir=out_dir, observer=watcher,
+    )  # fmt: skip
+    return Engine(run_options(settings, resend_failed=resend_failed), parts, progress=progress)
 
 
 async def _outputs_written(store: Store | None, settings: Settings) -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from .vocab import ExitCode
+
 
 class BackfillError(Exception):
     """Base of every error this package raises on purpose; `exit_code` is what the CLI exits with."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.ROWS_LEFT
 
 
 class ConfigError(BackfillError):
     """A setting is missing or wrong. Names the key, where its value came from, and the fix."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.LOCAL
 
     def __init__(self, key: str, source: str, problem: str, fix: str) -> None:
         self.key, self.source, self.problem, self.fix = key, source, problem, fix
@@ -22,19 +24,19 @@ class ConfigError(BackfillError):
 class ManifestError(BackfillError):
     """The manifest as a whole can't be read (bad encoding, missing columns): no row can be trusted."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.LOCAL
 
 
 class OutputError(BackfillError):
     """The output folder or a file in it can't be created or written."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.LOCAL
 
 
 class CheckpointError(BackfillError):
     """The checkpoint database can't be opened, or isn't the one for this partner and environment."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.LOCAL
 
 
 class LedgerAbsent(CheckpointError):
@@ -44,7 +46,7 @@ class LedgerAbsent(CheckpointError):
 class CheckpointLocked(CheckpointError):
     """Another live run holds the checkpoint."""
 
-    exit_code = 3
+    exit_code: int = ExitCode.LOCKED
 
 
 class Declined(BackfillError):
@@ -53,17 +55,7 @@ class Declined(BackfillError):
     Exit 1, not 2: nothing is wrong that needs fixing, and the rows are simply left, as with --limit.
     """
 
-    exit_code = 1
-
-
-class SystemicError(BackfillError):
-    """The API answered something that will be the same for every row (bad key, wrong environment)."""
-
-    exit_code = 4
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        self.code = code
-        super().__init__(message)
+    exit_code: int = ExitCode.ROWS_LEFT
 
 
 class TransportError(BackfillError):
@@ -78,4 +70,4 @@ class TransportError(BackfillError):
 class InternalError(BackfillError):
     """A bug in this tool. The run stops cleanly (every attempt is recorded); please report it."""
 
-    exit_code = 70  # EX_SOFTWARE
+    exit_code: int = ExitCode.INTERNAL

@@ -77,6 +77,21 @@ class ExitCode(IntEnum):
     SIGTERM = 143
 
 
+# What each exit code means, as the report says it (docs/operating.md's table says more: test_docs keeps the two
+# listing the same codes).
+EXIT_MEANINGS: dict[int, str] = {
+    ExitCode.OK: "every valid row is enrolled, already enrolled or skipped, and nothing was rejected",
+    ExitCode.ROWS_LEFT: "finished with rejected rows or rows not done",
+    ExitCode.LOCAL: "usage or configuration error, unreadable manifest, ledger or output folder: nothing was sent",
+    ExitCode.LOCKED: "another run held the ledger",
+    ExitCode.SYSTEMIC: "stopped early on a systemic API error: check the key, environment and clock",
+    ExitCode.INTERNAL: "a bug in this tool stopped the run cleanly; every attempt is recorded, re-run to resume",
+    ExitCode.SIGINT: "interrupted by SIGINT; every attempt is recorded, re-run to resume",
+    ExitCode.SIGPIPE: "the reader of the output went away",
+    ExitCode.SIGTERM: "interrupted by SIGTERM; every attempt is recorded, re-run to resume",
+}
+
+
 # A ledger row in one of these is never sent again, whatever the manifest says.
 DONE_STATES = frozenset({State.ENROLLED, State.ALREADY_ENROLLED})
 # States a terminal write can never leave (the ledger refuses any write over them).
@@ -86,6 +101,8 @@ TRANSIENT_STATES = frozenset({State.PENDING, State.SENDING, State.RETRY_EXHAUSTE
 RETRYABLE_STATES = TRANSIENT_STATES | {State.FAILED}
 # Statuses that end a row well; a run whose rows all end in these (and no rejects) exits 0.
 OK_STATUSES = frozenset({Status.ENROLLED, Status.ALREADY_ENROLLED, Status.SKIPPED})
+# Statuses a run may end with and still be a success: a dry run's rows too.
+FINE_STATUSES = OK_STATUSES | {Status.DRY_RUN}
 # Statuses the failure breaker counts.
 FAILURE_STATUSES = frozenset({Status.FAILED, Status.RETRY_EXHAUSTED, Status.UNKNOWN})
 # Reasons found by looking at the image itself (the ImageSource's checks).

@@ -400,3 +400,22 @@ def test_the_cron_script_runs_the_alert_that_is_tested() -> None:
     from .test_first_use import CRON_ALERT
 
     assert CRON_ALERT in block_starting(REPO / "docs" / "operating.md", "#!/bin/sh").splitlines()
+
+
+def exit_codes_table(text: str) -> set[int]:
+    """The codes of docs/operating.md's "Exit codes" table: the first cell of each row, e.g. `| 130, 143 |`."""
+    section = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if re.match(r"\|\s*\d", line)]
+    return {int(code) for cell in rows for code in cell.split(",")}
+
+
+def test_the_exit_codes_the_docs_list_are_the_ones_the_tool_has() -> None:
+    from backfill.vocab import EXIT_MEANINGS, ExitCode
+
+    assert exit_codes_table((REPO / "docs" / "operating.md").read_text()) == {int(c) for c in ExitCode}
+    assert set(EXIT_MEANINGS) == set(ExitCode)  # the report can say what every code means
+
+
+def test_the_exit_codes_reader_sees_a_missing_code() -> None:
+    table = "## Exit codes\n\n| code | meaning |\n|---|---|\n| 0 | fine |\n| 130, 143 | signals |\n\n## Next\n| 9 | x |"
+    assert exit_codes_table(table) == {0, 130, 143}

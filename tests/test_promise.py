@@ -23,7 +23,6 @@ from backfill.ledger import Binding, Store
 from backfill.ledger.memory import MemoryStore
 from backfill.manifest import open_manifest
 from backfill.outputs.files import RunOutput
-from backfill.run.engine import Collaborators, Engine
 from backfill.run.records import Summary
 from backfill.sandbox import Faults, RunningSandbox, start_sandbox
 from backfill.vocab import State
@@ -53,13 +52,19 @@ async def run_by_hand(
     output = RunOutput(settings.out)
     client = client_class(settings.base_url, settings.partner_id, settings.api_key, timeout=5, connect_timeout=5,
                           concurrency=2)  # fmt: skip
-    parts = Collaborators(
-        manifest=open_manifest(manifest, compose.manifest_rules(settings)), store=store, images=images,
-        client=client, policy=compose.retry_policy(settings), sink=output, run_id=output.run_id,
+    engine = compose.build_engine(
+        settings,
+        manifest=open_manifest(manifest, compose.manifest_rules(settings)),
+        store=store,
+        images=images,
+        client=client,
+        policy=compose.retry_policy(settings),
+        sink=output,
+        run_id=output.run_id,
         out_dir=str(output.dir),
-    )  # fmt: skip
+    )
     async with client:
-        summary = await Engine(settings, parts).run()
+        summary = await engine.run()
     output.close(summary)
     return summary, output
 

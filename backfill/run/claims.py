@@ -47,6 +47,11 @@ class Claims:
         self._flusher: asyncio.Task[None] | None = None
 
     @property
+    def total(self) -> None:
+        """Not known ahead: a process of a fleet handles the share of the manifest it claims."""
+        return None
+
+    @property
     def loaded_here(self) -> bool:
         return bool(self._loaded)
 

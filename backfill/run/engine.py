@@ -4,9 +4,10 @@
         │             │                                                                              │
         └ rejects ────┴──────────────────────────── sink (results.csv / rejects.csv) ◀────────────────┘
 
-Every collaborator is handed in (see `backfill/compose.py`), so a test can give the engine an in-memory ledger,
-a fake image source or a client aimed at the sandbox. The engine never prints and never writes a file itself:
-it tells the sink about every row, the progress object about every status, and logs events.
+Every collaborator is built by `backfill/compose.py` and handed in: one process's or a fleet's row source, rate
+gate and sink; the sender, or a dry run's stand-in; the crash points of the crash suite. The engine runs what it
+is given and never asks which variant it is. It never prints and never writes a file itself: it tells the sink
+about every row, the progress object about every status, and logs events.
 """
 
 from __future__ import annotations
@@ -14,28 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..api.answers import Verdict
-from ..api.client import Client
 from ..clock import now_iso
-from ..config import Settings
 from ..errors import BackfillError, InternalError
-from ..images import ImageError, ImageSource
-from ..ledger import Fleet, RunRecord, Store
+from ..images import ImageSource
+from ..ledger import RunRecord, Store
 from ..manifest import Batch, Manifest
-from ..vocab import OK_STATUSES, ExitCode, Status
+from ..vocab import FINE_STATUSES, ExitCode, Status
 from . import plan
-from .claims import Claims, FinishingSink
-from .crash import CRASH_ENV, CrashPoints
+from .events import Events
 from .observe import NO_OBSERVER, Observer
-from .policy import RetryPolicy
-from .rate import FleetGate, Gate, RateGate
+from .rate import Gate
 from .records import RejectRow, ResultRow, Sink, Summary
-from .send import Sender, Sent, describe
+from .rows import Rows
+from .send import Sent, describe
 from .stats import Tally, exit_code
 from .stops import Leaving, Stops
 from .workers import Workers, note, workers_are_the_limit
@@ -43,7 +40,6 @@ from .workers import Workers, note, workers_are_the_limit
 Sleep = Callable[[float], Awaitable[None]]
 # Told what a second signal leaves behind, just before the process exits: the caller's to show.
 OnLeave = Callable[[Leaving], None]
-log = logging.getLogger("backfill")
 
 
 class Progress(Protocol):
@@ -59,15 +55,74 @@ class Progress(Protocol):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Collaborators:
-    """What one run is built from; `compose.py` makes them from Settings, tests may hand in their own."""
+class RunOptions:
+    """What the engine reads of the run's settings; compose.py fills it in."""
 
-    manifest: Manifest
-    store: Store | None  # None: a dry run with no ledger yet
+    concurrency: int  # workers: rows on the wire at once, at most
+    status_every: float  # seconds between one-line status events
+    max_duration: float | None  # seconds: the run stops cleanly (exit 0) once this long
+    limit: int | None  # rows queued to send, at most
+    fail_threshold: float  # share of the last rows failing that stops the run as systemic
+    resend_failed: bool = False  # `retry --status failed`: send even unchanged photos again
+    log_rows: bool = False  # an event for every row, not only for the ones that went wrong
+    # What the run is, for its log and summary.json: said, never decided on.
+    env: str
+    base_url: str
+    dry_run: bool = False
+    settings: dict[str, object]  # redacted
+
+
+class Sending(Protocol):
+    """A row's attempts: the `Sender`, or a dry run's stand-in (run/dryrun.py) that sends nothing."""
+
+    attempts: int  # in this run, every row
+    in_flight: int  # sent, not yet answered
+
+    async def send(self, row: plan.Send) -> Sent | None: ...
+
+
+class Journal(Protocol):
+    """The ledger's record of runs (a `Store` is one); a dry run keeps none (`UNRECORDED`)."""
+
+    async def start_run(self, record: RunRecord) -> None: ...
+    async def finish_run(self, run_id: str, *, finished_at: str, rows: int, exit_code: int) -> None: ...
+    async def note_run(self, run_id: str, note: str | None) -> None: ...
+
+
+class Unrecorded:
+    """A dry run's journal: it tells the ledger nothing."""
+
+    async def start_run(self, record: RunRecord) -> None:
+        pass
+
+    async def finish_run(self, run_id: str, *, finished_at: str, rows: int, exit_code: int) -> None:
+        pass
+
+    async def note_run(self, run_id: str, note: str | None) -> None:
+        pass
+
+
+UNRECORDED = Unrecorded()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Collaborators:
+    """What one run is made of; `compose.py` builds every one of them, for one process or a fleet's, real or dry.
+
+    The engine only runs them: it never looks at which variant it was given.
+    """
+
+    manifest: Manifest  # what the run reads, for its log and summary
+    rows: Rows  # where rows come from: the manifest, or a fleet's claims
+    store: Store | None  # what resume decisions are looked up in; None: a dry run with no ledger yet
     images: ImageSource
-    client: Client
-    policy: RetryPolicy  # the run's one retry policy, shared with the object-storage source
-    sink: Sink
+    sending: Sending  # a row's attempts, or a dry run's stand-in
+    gate: Gate  # the rate limit, this process's own or a fleet's share
+    journal: Journal  # the ledger's runs table, or nothing for a dry run
+    sink: Sink  # results.csv and rejects.csv (telling a fleet's claims too)
+    stops: Stops
+    workers: Workers
+    events: Events
     run_id: str
     out_dir: str
     observer: Observer = NO_OBSERVER  # metrics, when --metrics-addr is set
@@ -75,35 +130,20 @@ class Collaborators:
 
 class Engine:
     def __init__(
-        self,
-        settings: Settings,
-        parts: Collaborators,
-        *,
-        progress: Progress | None = None,
-        sleep: Sleep = asyncio.sleep,
-        resend_failed: bool = False,
-        on_leave: OnLeave | None = None,
+        self, options: RunOptions, parts: Collaborators, *, progress: Progress | None = None
     ) -> None:
-        self.settings = settings
+        self.options = options
         self.parts = parts
         self.progress = progress
-        self.resend_failed = resend_failed  # `retry --status failed`: send even unchanged photos again
-        self._on_leave = on_leave
-        self._stops = Stops(sleep, leaving=self._leaving if on_leave is not None else None)
+        self._stops = parts.stops
+        self._event = parts.events
         self._limit_note = ""
         self._fatal: BackfillError | None = None
-        self._crash = CrashPoints(os.environ.get(CRASH_ENV))
         self._tally = Tally()
-        self._gate: Gate = RateGate(settings.rate)
-        self._claims: Claims | None = None  # a fleet's process: its rows come from claims, not the manifest
-        self._sink: Sink = parts.sink
-        self._shown_rate = settings.rate  # the adaptive rate the progress bar last showed
-        self._workers = Workers()
+        self._shown_rate = parts.gate.rate  # the adaptive rate the progress bar last showed
         self._limited: str | None = None  # the note the progress object was last told
         self._noted: str | None = None  # the note the ledger's runs table holds for this run
         self._queue: asyncio.Queue[plan.Send | None] | None = None
-        self._policy = parts.policy
-        self._sender: Sender | None = None
 
     # --- stopping ---
 
@@ -117,14 +157,10 @@ class Engine:
     def interrupt(self, signum: int) -> None:
         self._stops.interrupt(signum)
 
-    def _leaving(self, signum: int) -> None:
-        assert self._on_leave is not None
-        self._on_leave(Leaving(signum=signum, in_flight=self.in_flight, out_dir=self.parts.out_dir))
-
     @property
     def in_flight(self) -> int:
         """Requests on the wire now (sent, not yet answered): what a stop waits for, up to --timeout."""
-        return self._sender.in_flight if self._sender is not None else 0
+        return self.parts.sending.in_flight
 
     def _fail(self, error: BackfillError) -> None:
         """A local failure (disk full, ledger unwritable): stop cleanly, then raise it once the run ends."""
@@ -132,45 +168,44 @@ class Engine:
             self._fatal = error
         self.stop(str(error), error.exit_code)
 
-    def _systemic(self, verdict: Verdict) -> None:
-        # No answer at all (the API unreachable from the start): the error says so itself.
-        said = verdict.error if verdict.http_status is None else f"the API answered {verdict.error}"
-        self.stop(said, ExitCode.SYSTEMIC)
-
-    # --- the log: stable event names, one run_id, never a secret or photo bytes ---
-
-    def _event(self, level: int, event: str, message: str, **fields: object) -> None:
-        if log.isEnabledFor(level):
-            log.log(level, message, extra={"event": event, "run_id": self.parts.run_id, "fields": fields})
+    # --- what the run tells while it runs ---
 
     async def _status_every(self, total: int) -> None:
         """A one-line status now and then, for logs where no progress bar is shown (cron, CI, files)."""
+        o, gate = self.options, self.parts.gate
         while True:
-            await asyncio.sleep(self.settings.status_every)
+            await asyncio.sleep(o.status_every)
             t = self._tally
             elapsed = t.elapsed()
             rate = t.done / elapsed if elapsed > 0 else 0.0
-            allowed = self._gate.rate
-            window = self._workers.window()
+            allowed = gate.rate
+            window = self.parts.workers.window()
             # A fleet's rate is shared by every process, so one process's unused share says nothing of its
             # workers: told only where the rate is this process's own.
-            limited = self._claims is None and workers_are_the_limit(
-                window, concurrency=self.settings.concurrency, rate=allowed
+            limited = not gate.shared and workers_are_the_limit(
+                window, concurrency=o.concurrency, rate=allowed
             )
-            said = note(window, concurrency=self.settings.concurrency, rate=allowed) if limited else None
+            said = note(window, concurrency=o.concurrency, rate=allowed) if limited else None
             # A fleet's process handles a share of the manifest, whose size is not its own total.
-            done = (
-                f"{t.done}/{total} rows" if self._claims is None else f"{t.done} rows (of a fleet's {total})"
-            )
+            known = self.parts.rows.total is not None
+            done = f"{t.done}/{total} rows" if known else f"{t.done} rows (of a fleet's {total})"
             doubt = t.counts[
                 Status.UNKNOWN
             ]  # may be enrolled: told apart from the failures, never hidden in them
             self._event(
-                logging.INFO, "progress", f"{done}, {rate:.1f} rows/s, {t.failures - doubt} failed, {doubt} in "
-                f"doubt, rate limit {allowed:.3g}/s" + (f"; {said}" if said else ""), done=t.done, total=total,
-                rows_per_s=round(rate, 1), failed=t.failures - doubt, in_doubt=doubt, effective_rate=round(allowed, 3),
-                workers_busy=round(window.busy, 2), limited_by="workers" if limited else None,
-            )  # fmt: skip
+                logging.INFO,
+                "progress",
+                f"{done}, {rate:.1f} rows/s, {t.failures - doubt} failed, {doubt} in doubt, rate limit "
+                f"{allowed:.3g}/s" + (f"; {said}" if said else ""),
+                done=t.done,
+                total=total,
+                rows_per_s=round(rate, 1),
+                failed=t.failures - doubt,
+                in_doubt=doubt,
+                effective_rate=round(allowed, 3),
+                workers_busy=round(window.busy, 2),
+                limited_by="workers" if limited else None,
+            )
             self._tell_limited(said)
             await self._note_run(said)
 
@@ -186,12 +221,11 @@ class Engine:
         Cleared only while rows wait for a worker: idle workers at the run's end (or while the next chunk is
         planned) say nothing about whether more of them would have helped.
         """
-        store = self.parts.store
         waiting = self._queue is not None and self._queue.qsize() > 0
-        if store is None or self.settings.dry_run or said == self._noted or (said is None and not waiting):
+        if said == self._noted or (said is None and not waiting):
             return
         try:
-            await store.note_run(self.parts.run_id, said)
+            await self.parts.journal.note_run(self.parts.run_id, said)
         except BackfillError as error:
             # A ledger that fails fails the sends too, which stop the run and say so; a note is not worth more.
             self._event(logging.DEBUG, "run_note_unsaid", f"the run's note isn't recorded: {error}")
@@ -201,91 +235,26 @@ class Engine:
     # --- the run ---
 
     async def run(self) -> Summary:
-        s, parts = self.settings, self.parts
-        manifest, store = parts.manifest, parts.store
+        parts = self.parts
         started = now_iso()
         ticker: asyncio.Task[None] | None = None
         deadline: asyncio.TimerHandle | None = None
         try:
-            if store is not None and not s.dry_run:
-                await store.start_run(
-                    RunRecord(
-                        run_id=parts.run_id,
-                        started_at=started,
-                        manifest=str(manifest.path),
-                        manifest_sha256=manifest.sha256,
-                    )
+            await parts.journal.start_run(
+                RunRecord(
+                    run_id=parts.run_id,
+                    started_at=started,
+                    manifest=str(parts.manifest.path),
+                    manifest_sha256=parts.manifest.sha256,
                 )
-            if isinstance(store, Fleet) and not s.dry_run:
-                self._join(store)
-            if self.progress is not None:
-                self.progress.start(None if self._claims is not None else manifest.total_rows)
-            # Read from the exporter's thread at each scrape: plain ints and floats, never a dict iterated.
-            parts.observer.watch(remaining=lambda: max(0, manifest.total_rows - self._tally.done),
-                                 in_flight=lambda: self.in_flight, rate=lambda: self._gate.rate)  # fmt: skip
-            self._event(
-                logging.INFO, "run_started", f"run {parts.run_id}: {manifest.total_rows} rows from "
-                f"{manifest.path} to {s.base_url} ({s.env}); outputs in {parts.out_dir}",
-                manifest=str(manifest.path), total_rows=manifest.total_rows, env=s.env,
-                base_url=s.base_url, out_dir=parts.out_dir, ledger=store.location if store else "",
-                settings=s.redacted(),
-            )  # fmt: skip
-            ticker = asyncio.create_task(self._status_every(manifest.total_rows))
-            if s.max_duration is not None:
-                deadline = asyncio.get_running_loop().call_later(
-                    s.max_duration,
-                    self.stop,
-                    f"--max-duration {s.max_duration:g}s reached; re-run to continue",
-                    0,
-                )
-            if store is not None and not s.dry_run:
-                self._sender = Sender(
-                    store=store, images=parts.images, client=parts.client, gate=self._gate, policy=self._policy,
-                    crash=self._crash, run_id=parts.run_id, stops=self._stops,
-                    on_systemic=self._systemic, event=self._event, observer=parts.observer,
-                    fleet=self._claims is not None, workers=self._workers,
-                )  # fmt: skip
-            queue: asyncio.Queue[plan.Send | None] = asyncio.Queue(maxsize=s.concurrency * 4)
-            self._queue = queue
-            workers = [asyncio.create_task(self._worker(queue)) for _ in range(s.concurrency)]
-            try:
-                await self._produce(queue)
-            except BackfillError as error:
-                self._fail(error)
-            finally:
-                self._queue = None  # no row will wait for a worker again: what is queued now are the stops
-                for _ in workers:
-                    await queue.put(None)
-                await asyncio.gather(*workers)
-            if self._claims is not None:
-                try:
-                    await self._claims.close()  # every finished row told; the rest given back to the fleet
-                except BackfillError as error:
-                    self._fail(error)
+            )
+            self._started()
+            ticker = asyncio.create_task(self._status_every(parts.manifest.total_rows))
+            deadline = self._deadline()
+            await self._send_all()
             ticker.cancel()  # before run_finished, which must be the run's last event
             summary = self._summary(started)
-            # A fatal error (the ledger gone, the disk full) is what the process exits with: say that code.
-            code = self._fatal.exit_code if self._fatal is not None else summary.exit_code
-            if self._stops.reason:
-                self._event(logging.WARNING, "run_stopped", f"stopped: {self._stops.reason}",
-                            reason=self._stops.reason)  # fmt: skip
-            if store is not None and not s.dry_run:
-                try:
-                    await store.finish_run(parts.run_id, finished_at=summary.finished_at,
-                                           rows=summary.total_rows, exit_code=code)  # fmt: skip
-                except BackfillError as error:
-                    # The ledger failed at the very end, or is why the run stops: the run's row stays unfinished,
-                    # which `status` calls died; the rows themselves are recorded.
-                    self._event(logging.WARNING, "run_not_recorded", f"the run's end isn't recorded: {error}")
-                    if self._fatal is None:
-                        self._fatal, code = error, error.exit_code
-            self._event(
-                logging.INFO, "run_finished",
-                f"run {parts.run_id} finished in {summary.duration_s:g}s with exit code {code}: "
-                + (", ".join(f"{n} {k}" for k, n in summary.counts.items()) or "nothing to do"),
-                counts=summary.counts, new_rows=summary.new_rows, not_reached=summary.not_reached,
-                exit_code=code, duration_s=summary.duration_s, rows_per_s=summary.rows_per_s,
-            )  # fmt: skip
+            await self._finished(summary)
         finally:
             for pending in (ticker, deadline):
                 if pending is not None:
@@ -295,52 +264,109 @@ class Engine:
             raise self._fatal
         return summary
 
-    def _join(self, fleet: Fleet) -> None:
-        """A process of a fleet: rows are claimed from the shared ledger, and the rate is the fleet's."""
-        s = self.settings
+    def _started(self) -> None:
+        o, parts, manifest = self.options, self.parts, self.parts.manifest
+        if self.progress is not None:
+            self.progress.start(parts.rows.total)
+        # Read from the exporter's thread at each scrape: plain ints and floats, never a dict iterated.
+        parts.observer.watch(
+            remaining=lambda: max(0, manifest.total_rows - self._tally.done),
+            in_flight=lambda: self.in_flight,
+            rate=lambda: parts.gate.rate,
+        )
+        self._event(
+            logging.INFO,
+            "run_started",
+            f"run {parts.run_id}: {manifest.total_rows} rows from {manifest.path} to {o.base_url} ({o.env}); "
+            f"outputs in {parts.out_dir}",
+            manifest=str(manifest.path),
+            total_rows=manifest.total_rows,
+            env=o.env,
+            base_url=o.base_url,
+            out_dir=parts.out_dir,
+            ledger=parts.store.location if parts.store else "",
+            settings=o.settings,
+        )
 
-        def told(error: BaseException) -> None:
-            self._event(logging.WARNING, "fleet_rate_unsaid", f"can't tell the fleet's rate limit: {error}")
+    def _deadline(self) -> asyncio.TimerHandle | None:
+        seconds = self.options.max_duration
+        if seconds is None:
+            return None
+        reason = f"--max-duration {seconds:g}s reached; re-run to continue"
+        return asyncio.get_running_loop().call_later(seconds, self.stop, reason, 0)
 
-        self._claims = Claims(
-            fleet, self.parts.manifest, batch=max(16, min(s.chunk_rows, s.concurrency * 4)),
-            stopping=lambda: self.stopping, nap=self._stops.nap,
-        )  # fmt: skip
-        self._sink = FinishingSink(self.parts.sink, self._claims)
-        self._gate = FleetGate(fleet, s.rate, on_error=told)
+    async def _send_all(self) -> None:
+        """Every row planned and sent (or told), then the row source closed: a stop ends it early."""
+        queue: asyncio.Queue[plan.Send | None] = asyncio.Queue(maxsize=self.options.concurrency * 4)
+        self._queue = queue
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.options.concurrency)]
+        try:
+            await self._produce(queue)
+        except BackfillError as error:
+            self._fail(error)
+        finally:
+            self._queue = None  # no row will wait for a worker again: what is queued now are the stops
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+        try:
+            # A fleet's process: every finished row told; the rest given back to the fleet.
+            await self.parts.rows.close()
+        except BackfillError as error:
+            self._fail(error)
 
-    async def _plan(
-        self, next_batch: Callable[[], Awaitable[Batch | None]]
-    ) -> tuple[Batch, list[plan.Skipped], list[plan.Decision]] | None:
+    async def _finished(self, summary: Summary) -> None:
+        parts = self.parts
+        # A fatal error (the ledger gone, the disk full) is what the process exits with: say that code.
+        code = self._fatal.exit_code if self._fatal is not None else summary.exit_code
+        if self._stops.reason:
+            reason = self._stops.reason
+            self._event(logging.WARNING, "run_stopped", f"stopped: {reason}", reason=reason)
+        try:
+            await parts.journal.finish_run(
+                parts.run_id, finished_at=summary.finished_at, rows=summary.total_rows, exit_code=code
+            )
+        except BackfillError as error:
+            # The ledger failed at the very end, or is why the run stops: the run's row stays unfinished, which
+            # `status` calls died; the rows themselves are recorded.
+            self._event(logging.WARNING, "run_not_recorded", f"the run's end isn't recorded: {error}")
+            if self._fatal is None:
+                self._fatal, code = error, error.exit_code
+        self._event(
+            logging.INFO,
+            "run_finished",
+            f"run {parts.run_id} finished in {summary.duration_s:g}s with exit code {code}: "
+            + (", ".join(f"{n} {k}" for k, n in summary.counts.items()) or "nothing to do"),
+            counts=summary.counts,
+            new_rows=summary.new_rows,
+            not_reached=summary.not_reached,
+            exit_code=code,
+            duration_s=summary.duration_s,
+            rows_per_s=summary.rows_per_s,
+        )
+
+    async def _plan(self) -> tuple[Batch, list[plan.Skipped], list[plan.Decision]] | None:
         """The next chunk and its decisions: read off the event loop, looked up, its photos stat'ed or checked."""
-        batch = await next_batch()
+        batch = await self.parts.rows.next_batch()
         if batch is None:
             return None
-        skipped, decisions = await plan.decide_batch(batch.candidates, self.parts.store, self.parts.images,
-                                                     resend_failed=self.resend_failed)  # fmt: skip
+        skipped, decisions = await plan.decide_batch(
+            batch.candidates, self.parts.store, self.parts.images, resend_failed=self.options.resend_failed
+        )
         return batch, skipped, decisions
 
     async def _produce(self, queue: asyncio.Queue[plan.Send | None]) -> None:
-        s = self.settings
+        limit = self.options.limit
         queued = 0
-        if self._claims is not None:
-            next_batch: Callable[[], Awaitable[Batch | None]] = self._claims.next_batch
-        else:
-            batches: Iterator[Batch] = self.parts.manifest.batches()
-
-            def next_batch() -> Awaitable[Batch | None]:
-                # Reading a chunk parses thousands of rows: off the event loop, so sends keep flowing.
-                return asyncio.to_thread(next, batches, None)
-
         # One chunk planned ahead: its reading, lookup and photo checks overlap with this chunk's rows being
         # queued (workers never wait at a chunk's end). A chunk planned but never used sent nothing: not reached.
-        ahead = asyncio.ensure_future(self._plan(next_batch))
+        ahead = asyncio.ensure_future(self._plan())
         try:
             while not self.stopping:
                 planned = await ahead
                 if planned is None:
                     return
-                ahead = asyncio.ensure_future(self._plan(next_batch))
+                ahead = asyncio.ensure_future(self._plan())
                 batch, skipped, decisions = planned
                 for reject in batch.rejects:
                     self._reject(RejectRow(line=reject.line, user_id=reject.user_id, reason=reject.reason,
@@ -349,18 +375,20 @@ class Engine:
                 settled_at = now_iso()
                 if skipped:
                     message = plan.NOT_SENT_AGAIN
-                    self._sink.skipped([(r.user_id, r.result_code, r.smile_job_id, r.job_id, message[r.state])
-                                        for r in skipped],
-                                            settled_at)  # fmt: skip
+                    told = [
+                        (r.user_id, r.result_code, r.smile_job_id, r.job_id, message[r.state])
+                        for r in skipped
+                    ]
+                    self.parts.sink.skipped(told, settled_at)
                     self._advance_many(Status.SKIPPED, len(skipped))
                     await asyncio.sleep(0)  # let the next chunk's planning take its next step
                 for n, decision in enumerate(decisions, 1):
                     if isinstance(decision, plan.Send):
                         if self.stopping:
                             return
-                        if s.limit is not None and queued >= s.limit:
+                        if limit is not None and queued >= limit:
                             # Not a stop: rows already queued still go out; only reading more ends here.
-                            self._limit_note = f"--limit {s.limit} reached"
+                            self._limit_note = f"--limit {limit} reached"
                             return
                         queued += 1
                         await queue.put(decision)
@@ -384,14 +412,12 @@ class Engine:
                 await ahead  # its error, if any, belongs to a chunk that was never used
 
     async def _worker(self, queue: asyncio.Queue[plan.Send | None]) -> None:
+        sending = self.parts.sending
         while (row := await queue.get()) is not None:
             if self.stopping:
                 continue  # dequeued but never sent: counted as not reached
             try:
-                if self._sender is None:
-                    await self._dry_run(row)
-                    continue
-                sent = await self._sender.send(row)
+                sent = await sending.send(row)
                 if sent is not None:
                     self._finish(row, sent)
             except BackfillError as error:
@@ -403,8 +429,10 @@ class Engine:
                 self._fail(InternalError(f"internal error while sending {row.user_id!r}: {error!r}"))
 
     def _finish(self, row: plan.Send, sent: Sent) -> None:
-        if sent.elsewhere and self._claims is not None:
-            self._claims.handed_back(row.user_id)  # another process tells this row; not this one's to count
+        if sent.elsewhere:
+            self.parts.rows.handed_back(
+                row.user_id
+            )  # another process tells this row; not this one's to count
             return
         if sent.attempts:
             self._tally.sent += 1
@@ -426,9 +454,9 @@ class Engine:
             unfinished=sent.cut_short or sent.status is Status.PENDING,
         )  # fmt: skip
         self._result(result)
-        ok = sent.status in OK_STATUSES
+        ok = sent.status in FINE_STATUSES
         # A record per good row costs measurable throughput (benchmarks/); only build one where it is kept.
-        if not ok or self.settings.log_file is not None or log.isEnabledFor(logging.DEBUG):
+        if not ok or self.options.log_rows or self._event.enabled(logging.DEBUG):
             self._event(
                 logging.INFO if ok else logging.WARNING, "row_finished",
                 f"{row.user_id}: {sent.status}" + ("" if ok or v is None else f" ({describe(v)})"),
@@ -436,33 +464,27 @@ class Engine:
                 result_code=result.result_code, latency_ms=sent.latency_ms, error=result.error,
             )  # fmt: skip
         if sent.attempts and not self.stopping:
-            failed = self._tally.breaker_tripped(sent.status, self.settings.fail_threshold)
-            if failed is not None:
-                last = (v.result_code or (f"HTTP {v.http_status}" if v.http_status else v.error)) if v else ""
-                self.stop(
-                    f"{failed} of the last {len(self._tally.recent)} rows failed (--fail-threshold "
-                    f"{self.settings.fail_threshold}); the latest: {last}. Check the images and the API's status, "
-                    "then re-run to resume",
-                    ExitCode.SYSTEMIC,
-                )
+            self._breaker(sent.status, v)
 
-    async def _dry_run(self, row: plan.Send) -> None:
-        try:
-            photo = await self.parts.images.read(row.fingerprint)
-        except ImageError as exc:
-            self._reject(RejectRow(line=row.line, user_id=row.user_id, reason=exc.problem.reason,
-                                   message=f"at send time: {exc.problem.message}"))  # fmt: skip
+    def _breaker(self, status: Status, v: Verdict | None) -> None:
+        """Stop the run as systemic once too many of the latest rows failed: something is wrong for every row."""
+        threshold = self.options.fail_threshold
+        failed = self._tally.breaker_tripped(status, threshold)
+        if failed is None:
             return
-        self.parts.client.photo_body(row.user_id, row.user_created_at, photo.data)
-        self._result(ResultRow(user_id=row.user_id, status=Status.DRY_RUN, error="would be sent",
-                               finished_at=now_iso()))  # fmt: skip
+        last = (v.result_code or (f"HTTP {v.http_status}" if v.http_status else v.error)) if v else ""
+        self.stop(
+            f"{failed} of the last {len(self._tally.recent)} rows failed (--fail-threshold {threshold}); the "
+            f"latest: {last}. Check the images and the API's status, then re-run to resume",
+            ExitCode.SYSTEMIC,
+        )
 
     def _result(self, row: ResultRow) -> None:
-        self._sink.result(row)
+        self.parts.sink.result(row)
         self._advance(row.status)
 
     def _reject(self, row: RejectRow) -> None:
-        self._sink.reject(row)
+        self.parts.sink.reject(row)
         self._advance(Status.REJECTED)
 
     def _advance_many(self, status: Status, n: int) -> None:
@@ -479,26 +501,27 @@ class Engine:
             self.progress.advance(status)
             # Optional: a Progress that shows the adaptive rate has `rate(current)`; told only of changes.
             show_rate = getattr(self.progress, "rate", None)
-            if show_rate is not None and self._gate.rate != self._shown_rate:
-                self._shown_rate = self._gate.rate
-                show_rate(self._shown_rate)
+            rate = self.parts.gate.rate
+            if show_rate is not None and rate != self._shown_rate:
+                self._shown_rate = rate
+                show_rate(rate)
 
     def _summary(self, started: str) -> Summary:
-        t, s, parts = self._tally, self.settings, self.parts
+        t, o, parts = self._tally, self.options, self.parts
         duration = t.elapsed()
-        total = self._claims.responsible if self._claims is not None else parts.manifest.total_rows
+        total = parts.rows.responsible
         accounted = sum(t.counts.values())
         not_reached = max(0, total - accounted)
-        attempts = self._sender.attempts if self._sender is not None else 0
+        attempts = parts.sending.attempts
         return Summary(
             run_id=parts.run_id, out_dir=parts.out_dir, manifest=str(parts.manifest.path),
             manifest_sha256=parts.manifest.sha256,
-            ledger=parts.store.location if parts.store is not None else "", env=s.env, base_url=s.base_url,
+            ledger=parts.store.location if parts.store is not None else "", env=o.env, base_url=o.base_url,
             started_at=started, finished_at=now_iso(), duration_s=round(duration, 3), total_rows=total,
             counts={str(k): n for k, n in sorted(t.counts.items())}, rejected=t.counts.get(Status.REJECTED, 0),
             sent=t.sent, attempts=attempts, new_rows=t.new, retries=attempts - t.sent, not_reached=not_reached,
             rows_per_s=round(accounted / duration, 1) if duration > 0 else 0.0,
             exit_code=exit_code(t.counts, not_reached=not_reached, stop_code=self._stops.code),
-            stop_reason=self._stops.reason or self._limit_note, dry_run=s.dry_run, settings=s.redacted(),
-            effective_rate_min=round(self._gate.rate_min, 3), effective_rate_final=round(self._gate.rate, 3),
+            stop_reason=self._stops.reason or self._limit_note, dry_run=o.dry_run, settings=o.settings,
+            effective_rate_min=round(parts.gate.rate_min, 3), effective_rate_final=round(parts.gate.rate, 3),
         )  # fmt: skip

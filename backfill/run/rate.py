@@ -26,6 +26,7 @@ class Gate(Protocol):
     ceiling: float
     rate_min: float
     generation: int
+    shared: bool  # the rate is a fleet's, shared by every process: one process's unused share says little
 
     @property
     def rate(self) -> float: ...
@@ -133,6 +134,7 @@ class RateGate(_Adaptive):
         floor: float = RATE_FLOOR,
     ) -> None:
         super().__init__(rate, floor, clock)
+        self.shared = False
         self._sleep = sleep
         self._tat = 0.0
         self._lock: asyncio.Lock | None = None  # made lazily, in the run's event loop
@@ -308,6 +310,7 @@ class FleetGate(_Adaptive):
     ) -> None:
         super().__init__(rate, floor, clock)
         self._shared, self._sleep = shared, sleep
+        self.shared = True
         self._slots: collections.deque[float] = collections.deque()
         self._lock: asyncio.Lock | None = None
         self._good = 0

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..vocab import FAILURE_STATUSES, OK_STATUSES, ExitCode, Status
+from ..vocab import FAILURE_STATUSES, FINE_STATUSES, ExitCode, Status
 
 # The breaker looks at the last BREAKER_WINDOW rows sent, once at least BREAKER_MIN_ROWS are in it.
 BREAKER_WINDOW = 100
@@ -60,5 +60,5 @@ def exit_code(counts: Counter[Status], *, not_reached: int, stop_code: int) -> i
     if stop_code in (ExitCode.SYSTEMIC, ExitCode.SIGINT, ExitCode.SIGTERM):
         return stop_code
     settled = {status for status, n in counts.items() if n}
-    ok = settled <= (OK_STATUSES | {Status.DRY_RUN}) and not not_reached
+    ok = settled <= FINE_STATUSES and not not_reached
     return ExitCode.OK if ok else ExitCode.ROWS_LEFT

@@ -9,6 +9,9 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ..api.answers import Verdict
+from ..vocab import ExitCode
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Leaving:
@@ -97,3 +100,14 @@ class Stops:
             return True
         work.cancel()
         return False
+
+
+def on_systemic(stops: Stops) -> Callable[[Verdict], None]:
+    """What the sender calls on an answer that says every row would fail alike (a bad key, the API gone)."""
+
+    def stop(verdict: Verdict) -> None:
+        # No answer at all (the API unreachable from the start): the error says so itself.
+        said = verdict.error if verdict.http_status is None else f"the API answered {verdict.error}"
+        stops.stop(said, ExitCode.SYSTEMIC)
+
+    return stop

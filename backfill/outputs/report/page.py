@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from ...vocab import Status
+from ...vocab import EXIT_MEANINGS, Status
 from . import fmt, svg
 from .data import FINE, MAX_ATTEMPTS_KEY, Kinds, Results, Run
 
@@ -24,15 +24,6 @@ _STATUS_MEANINGS: dict[str, str] = {
     Status.PENDING: "the run stopped before this row finished, and nothing sent for it can have enrolled it; a "
     "re-run sends it",
     Status.DRY_RUN: "--dry-run: built and signed, not sent",
-}
-_EXIT_MEANINGS: dict[int, str] = {
-    0: "every valid row is enrolled, already enrolled or skipped, and nothing was rejected",
-    1: "finished with rejected rows or rows not done",
-    2: "usage or configuration error, unreadable manifest, checkpoint or output folder: nothing was sent",
-    3: "another run held the checkpoint",
-    4: "stopped early on a systemic API error: check the key, environment and clock",
-    130: "interrupted by SIGINT; every attempt is recorded, re-run to resume",
-    143: "interrupted by SIGTERM; every attempt is recorded, re-run to resume",
 }
 _NOT_RECORDED = "(not recorded)"
 
@@ -205,7 +196,7 @@ def _header(run: Run) -> Header:
         details.append(f"{fmt.count(run.rejected)} rejected")
     if run.not_reached:
         details.append(f"{fmt.count(run.not_reached)} not reached")
-    meaning = _EXIT_MEANINGS.get(run.exit_code, "") if run.exit_code is not None else "not recorded"
+    meaning = EXIT_MEANINGS.get(run.exit_code, "") if run.exit_code is not None else "not recorded"
     line = f"{verdict}: exit code {run.exit_code if run.exit_code is not None else '?'}"
     line += f" ({meaning})" if meaning else ""
     if details:
