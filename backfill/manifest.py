@@ -56,18 +56,28 @@ from .vocab import Reason
 # The text rules' reasons, in the order they are checked; a row gets the first that applies. IMAGE_MISSING: an
 # image_path with a NUL, which names no file (last, so the row gets the reason the image checks would give it).
 REASONS = (
-    Reason.MALFORMED_ROW, Reason.EMPTY_VALUE, Reason.BAD_USER_ID, Reason.DUPLICATE_USER_ID, Reason.BAD_DATE,
-    Reason.FUTURE_DATE, Reason.IMAGE_MISSING,
-)  # fmt: skip
+    Reason.MALFORMED_ROW,
+    Reason.EMPTY_VALUE,
+    Reason.BAD_USER_ID,
+    Reason.DUPLICATE_USER_ID,
+    Reason.BAD_DATE,
+    Reason.FUTURE_DATE,
+    Reason.IMAGE_MISSING,
+)
 
 # Codes for the checks done on whole columns; 0 means "no problem found yet".
 # _HEADER_AGAIN is a row that repeats the header (two exports joined): a malformed_row with its own message.
 _MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE, _HEADER_AGAIN, _NUL_IMAGE = range(1, 9)
 _CODE_REASON = {
-    _MALFORMED: Reason.MALFORMED_ROW, _EMPTY: Reason.EMPTY_VALUE, _BAD_ID: Reason.BAD_USER_ID,
-    _DUPLICATE: Reason.DUPLICATE_USER_ID, _BAD_DATE: Reason.BAD_DATE, _FUTURE: Reason.FUTURE_DATE,
-    _HEADER_AGAIN: Reason.MALFORMED_ROW, _NUL_IMAGE: Reason.IMAGE_MISSING,
-}  # fmt: skip
+    _MALFORMED: Reason.MALFORMED_ROW,
+    _EMPTY: Reason.EMPTY_VALUE,
+    _BAD_ID: Reason.BAD_USER_ID,
+    _DUPLICATE: Reason.DUPLICATE_USER_ID,
+    _BAD_DATE: Reason.BAD_DATE,
+    _FUTURE: Reason.FUTURE_DATE,
+    _HEADER_AGAIN: Reason.MALFORMED_ROW,
+    _NUL_IMAGE: Reason.IMAGE_MISSING,
+}
 
 # The separators a header that reads as one column is checked for: what it is, said as its plural and as the
 # --delimiter value a shell passes through unharmed.
@@ -419,9 +429,15 @@ class _RowChecker:
                 leap = second == 60 and g["M"] == "59"  # RFC 3339's leap second, 23:59:60 UTC at most
                 micro = int((g["f"] or "0")[:6].ljust(6, "0"))
                 moment = datetime(
-                    day.year, day.month, day.day, int(g["H"]), int(g["M"] or 0), 59 if leap else second,
-                    micro, tzinfo=_zone(g["tz"]) if g["tz"] else None,
-                ) + timedelta(seconds=leap)  # fmt: skip
+                    day.year,
+                    day.month,
+                    day.day,
+                    int(g["H"]),
+                    int(g["M"] or 0),
+                    59 if leap else second,
+                    micro,
+                    tzinfo=_zone(g["tz"]) if g["tz"] else None,
+                ) + timedelta(seconds=leap)
         except (ValueError, OverflowError) as exc:  # OverflowError: a leap second after 9999-12-31T23:59:59
             return _BAD_DATE, f"{label} {value!r} is not a real date or time ({exc}): correct it"
         if day.year < _FIRST_PLAUSIBLE_YEAR:
@@ -704,10 +720,20 @@ def _frames(snapshot: _Snapshot, usecols: list[int], rules: ManifestRules) -> It
             # Every value a str exactly as written: no "NA"/"null" to NaN, no "00123" to 123. No compression
             # guessed from the file name either: the csv module must see the same bytes.
             reader = pd.read_csv(
-                stream, usecols=usecols, chunksize=rules.chunk_rows, dtype=str, keep_default_na=False,
-                na_filter=False, skip_blank_lines=False, index_col=False, header=0, engine="c",
-                encoding=rules.codec, sep=rules.delimiter, compression=None,
-            )  # fmt: skip
+                stream,
+                usecols=usecols,
+                chunksize=rules.chunk_rows,
+                dtype=str,
+                keep_default_na=False,
+                na_filter=False,
+                skip_blank_lines=False,
+                index_col=False,
+                header=0,
+                engine="c",
+                encoding=rules.codec,
+                sep=rules.delimiter,
+                compression=None,
+            )
             with reader:
                 yield from reader
         except pd.errors.ParserError as exc:

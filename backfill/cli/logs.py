@@ -86,8 +86,12 @@ def setup_logging(settings: Settings, bar_shown: bool) -> None:
             fd = os.open(settings.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as exc:
             source = settings.sources.get("log_file", "--log-file")
-            raise ConfigError("log_file", source, f"can't open {settings.log_file}: {exc.strerror}",
-                              "choose a writable path") from exc  # fmt: skip
+            raise ConfigError(
+                "log_file",
+                source,
+                f"can't open {settings.log_file}: {exc.strerror}",
+                "choose a writable path",
+            ) from exc
         file_handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
         file_handler.setFormatter(formatter)
         file_handler.setLevel(level)

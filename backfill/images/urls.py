@@ -8,8 +8,16 @@ from urllib.parse import unquote, urlsplit
 
 # The schemes a photo or a manifest may be named by, each with the one it is recorded under: a ledger's
 # fingerprint names `s3://`, whichever alias the manifest used, so changing the alias changes nothing.
-SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "azure": "az", "http": "http",
-           "https": "https"}  # fmt: skip
+SCHEMES = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gs",
+    "gcs": "gs",
+    "az": "az",
+    "azure": "az",
+    "http": "http",
+    "https": "https",
+}
 SUPPORTED = "s3://bucket/key, gs://bucket/key, az://container/key, https://host/path or a local path"
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -88,8 +96,10 @@ def parse(raw: str) -> ObjectUrl:
         parts = urlsplit(raw)
         if parts.query or parts.fragment:
             # A query is often a signature (a presigned URL): never repeat it, and never send it anywhere.
-            raise BadUrl("URLs with a query string or fragment (such as presigned URLs) aren't supported: "
-                         "give the object's plain URL and let the server's credentials apply")  # fmt: skip
+            raise BadUrl(
+                "URLs with a query string or fragment (such as presigned URLs) aren't supported: "
+                "give the object's plain URL and let the server's credentials apply"
+            )
         bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
     else:
         bucket, _, key = rest.partition("/")
@@ -101,8 +111,10 @@ def parse(raw: str) -> ObjectUrl:
         raise BadUrl("it names a bucket or a folder (prefix), not an object: point to the photo itself")
     segments = key.split("/")
     if "" in segments or "." in segments or ".." in segments:
-        raise BadUrl("its key has an empty, '.' or '..' segment (such as '//' or '/../'), which object storage "
-                     "clients can't address reliably: copy the object to a plain key and name that")  # fmt: skip
+        raise BadUrl(
+            "its key has an empty, '.' or '..' segment (such as '//' or '/../'), which object storage "
+            "clients can't address reliably: copy the object to a plain key and name that"
+        )
     if scheme in ("http", "https"):
         return ObjectUrl(scheme=scheme, bucket=bucket, key=key, url=raw)
     return ObjectUrl(scheme=scheme, bucket=bucket, key=key, url=f"{scheme}://{bucket}/{key}")

@@ -332,8 +332,13 @@ class Store(ABC):
         this default derives it from `lookup`.
         """
         rows = await self.lookup(user_ids)
-        return {uid: DoneRow(r.state, r.image_ref, r.image_size, r.image_version, r.result_code, r.smile_job_id,
-                             r.job_id) for uid, r in rows.items() if r.state in DONE_STATES}  # fmt: skip
+        return {
+            uid: DoneRow(
+                r.state, r.image_ref, r.image_size, r.image_version, r.result_code, r.smile_job_id, r.job_id
+            )
+            for uid, r in rows.items()
+            if r.state in DONE_STATES
+        }
 
     @abstractmethod
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:

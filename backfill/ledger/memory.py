@@ -69,10 +69,14 @@ class MemoryStore(Store):
         oldest = min(unfinished, key=lambda r: r.first_attempt_at or "", default=None)
         runs = sorted(self.runs.values(), key=lambda r: r.started_at, reverse=True)[:last_runs]
         return LedgerStatus(
-            location=self.location, binding=self.binding, counts=dict(sorted(counts.items())),
-            waiting_for_retry=len(unfinished), oldest_unfinished=oldest, runs=runs,
+            location=self.location,
+            binding=self.binding,
+            counts=dict(sorted(counts.items())),
+            waiting_for_retry=len(unfinished),
+            oldest_unfinished=oldest,
+            runs=runs,
             writer_alive=not self.closed,  # in memory, the store lives exactly as long as its writer
-        )  # fmt: skip
+        )
 
     async def rows(self, states: Collection[State] | None = None) -> AsyncIterator[LedgerRow]:
         for uid in sorted(self.users):

@@ -30,20 +30,26 @@ class RunMetrics:
         for status in Status:
             self._rows.labels(status=status)  # every status shows from the start, at 0: rate() needs a base
         self._duration = Histogram(
-            "backfill_request_duration_seconds", "Round trip of each POST, by the kind of answer.", ["outcome"],
-            buckets=DURATION_BUCKETS, registry=r,
-        )  # fmt: skip
+            "backfill_request_duration_seconds",
+            "Round trip of each POST, by the kind of answer.",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         for kind in Kind:
             self._duration.labels(outcome=kind)
-        self._retries = Counter("backfill_retries", "Retries scheduled, by the answer that caused them.",
-                                ["reason"], registry=r)  # fmt: skip
+        self._retries = Counter(
+            "backfill_retries", "Retries scheduled, by the answer that caused them.", ["reason"], registry=r
+        )
         self._throttled = Counter("backfill_throttled", "Answers that were HTTP 429.", registry=r)
         self._remaining = Gauge("backfill_rows_remaining", "Manifest rows not yet settled.", registry=r)
         self._in_flight = Gauge("backfill_rows_in_flight", "Requests sent and not yet answered.", registry=r)
         self._rate = Gauge("backfill_effective_rate", "The adaptive rate limit now, requests/s.", registry=r)
-        self._progress = Gauge("backfill_last_progress_timestamp_seconds",
-                               "When a row last settled (unix seconds; the run's start before any).",
-                               registry=r)  # fmt: skip
+        self._progress = Gauge(
+            "backfill_last_progress_timestamp_seconds",
+            "When a row last settled (unix seconds; the run's start before any).",
+            registry=r,
+        )
         self._progress.set_to_current_time()
         self._info = Info("backfill_run", "The run being exported.", registry=r)
         self._server: WSGIServer | None = None
@@ -82,8 +88,12 @@ class RunMetrics:
         try:
             self._server, self._thread = start_http_server(port, host, registry=self.registry)
         except OSError as error:
-            raise ConfigError("metrics_addr", source, f"can't listen on {addr} ({error.strerror or error})",
-                              "choose another port, or stop whatever is listening there") from error  # fmt: skip
+            raise ConfigError(
+                "metrics_addr",
+                source,
+                f"can't listen on {addr} ({error.strerror or error})",
+                "choose another port, or stop whatever is listening there",
+            ) from error
 
     def close(self) -> None:
         """Stop listening: the port is free again once the run returns."""

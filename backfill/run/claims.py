@@ -66,9 +66,11 @@ class Claims:
                 self._manifest.sha256, str(self._manifest.path), self._read()
             )
             log.info(
-                "manifest %s %s the fleet's ledger", self._manifest.sha256[:12],
-                "loaded into" if self._loaded else "already in", extra={"event": "fleet_joined"},
-            )  # fmt: skip
+                "manifest %s %s the fleet's ledger",
+                self._manifest.sha256[:12],
+                "loaded into" if self._loaded else "already in",
+                extra={"event": "fleet_joined"},
+            )
         wait = min(1.0, self._fleet.lease_s / 4)
         while not self._stopping():
             claimed = await self._fleet.claim(self._manifest.sha256, self._batch)

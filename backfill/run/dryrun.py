@@ -22,8 +22,11 @@ class DryRun:
         try:
             photo = await self._images.read(row.fingerprint)
         except ImageError as exc:
-            return Sent(status=Status.REJECTED, reason=exc.problem.reason,
-                        message=f"at send time: {exc.problem.message}")  # fmt: skip
+            return Sent(
+                status=Status.REJECTED,
+                reason=exc.problem.reason,
+                message=f"at send time: {exc.problem.message}",
+            )
         # Built and signed as it would be sent: a photo or setting that can't make a request fails here too.
         self._client.photo_body(row.user_id, row.user_created_at, photo.data)
         return Sent(status=Status.DRY_RUN, message="would be sent")

@@ -369,8 +369,14 @@ class Engine:
                 ahead = asyncio.ensure_future(self._plan())
                 batch, skipped, decisions = planned
                 for reject in batch.rejects:
-                    self._reject(RejectRow(line=reject.line, user_id=reject.user_id, reason=reject.reason,
-                                           message=reject.message))  # fmt: skip
+                    self._reject(
+                        RejectRow(
+                            line=reject.line,
+                            user_id=reject.user_id,
+                            reason=reject.reason,
+                            message=reject.message,
+                        )
+                    )
                 # The batch was settled at once: one timestamp for its settled rows, not a clock read per row.
                 settled_at = now_iso()
                 if skipped:
@@ -394,15 +400,27 @@ class Engine:
                         await queue.put(decision)
                         continue
                     if decision.status is Status.REJECTED and decision.reason is not None:
-                        self._reject(RejectRow(line=decision.line, user_id=decision.user_id,
-                                               reason=decision.reason, message=decision.message))  # fmt: skip
+                        self._reject(
+                            RejectRow(
+                                line=decision.line,
+                                user_id=decision.user_id,
+                                reason=decision.reason,
+                                message=decision.message,
+                            )
+                        )
                     else:
                         k = decision.known
-                        self._result(ResultRow(user_id=decision.user_id, status=decision.status,
-                                               result_code=k.result_code if k else "",
-                                               smile_job_id=k.smile_job_id if k else "",
-                                               job_id=k.job_id if k else "", error=decision.message,
-                                               finished_at=settled_at))  # fmt: skip
+                        self._result(
+                            ResultRow(
+                                user_id=decision.user_id,
+                                status=decision.status,
+                                result_code=k.result_code if k else "",
+                                smile_job_id=k.smile_job_id if k else "",
+                                job_id=k.job_id if k else "",
+                                error=decision.message,
+                                finished_at=settled_at,
+                            )
+                        )
                     if not n % 1024:
                         await asyncio.sleep(0)  # let the next chunk's planning take its next step
         finally:
@@ -444,25 +462,36 @@ class Engine:
             return
         v = sent.verdict
         result = ResultRow(
-            user_id=row.user_id, status=sent.status, http_status=v.http_status if v else None,
-            result_code=v.result_code if v else sent.result_code, result_text=v.result_text if v else "",
-            smile_job_id=v.smile_job_id if v else sent.smile_job_id, job_id=v.job_id if v else sent.job_id,
+            user_id=row.user_id,
+            status=sent.status,
+            http_status=v.http_status if v else None,
+            result_code=v.result_code if v else sent.result_code,
+            result_text=v.result_text if v else "",
+            smile_job_id=v.smile_job_id if v else sent.smile_job_id,
+            job_id=v.job_id if v else sent.job_id,
             attempts=sent.attempts,
             signature_ok=v.signature_ok if v else None,
             error="; ".join(filter(None, (v.error if v else "", sent.message))),
-            finished_at=now_iso(), latency_ms=sent.latency_ms,
+            finished_at=now_iso(),
+            latency_ms=sent.latency_ms,
             unfinished=sent.cut_short or sent.status is Status.PENDING,
-        )  # fmt: skip
+        )
         self._result(result)
         ok = sent.status in FINE_STATUSES
         # A record per good row costs measurable throughput (benchmarks/); only build one where it is kept.
         if not ok or self.options.log_rows or self._event.enabled(logging.DEBUG):
             self._event(
-                logging.INFO if ok else logging.WARNING, "row_finished",
+                logging.INFO if ok else logging.WARNING,
+                "row_finished",
                 f"{row.user_id}: {sent.status}" + ("" if ok or v is None else f" ({describe(v)})"),
-                user_id=row.user_id, status=sent.status, attempts=sent.attempts, http_status=result.http_status,
-                result_code=result.result_code, latency_ms=sent.latency_ms, error=result.error,
-            )  # fmt: skip
+                user_id=row.user_id,
+                status=sent.status,
+                attempts=sent.attempts,
+                http_status=result.http_status,
+                result_code=result.result_code,
+                latency_ms=sent.latency_ms,
+                error=result.error,
+            )
         if sent.attempts and not self.stopping:
             self._breaker(sent.status, v)
 
@@ -514,14 +543,29 @@ class Engine:
         not_reached = max(0, total - accounted)
         attempts = parts.sending.attempts
         return Summary(
-            run_id=parts.run_id, out_dir=parts.out_dir, manifest=str(parts.manifest.path),
+            run_id=parts.run_id,
+            out_dir=parts.out_dir,
+            manifest=str(parts.manifest.path),
             manifest_sha256=parts.manifest.sha256,
-            ledger=parts.store.location if parts.store is not None else "", env=o.env, base_url=o.base_url,
-            started_at=started, finished_at=now_iso(), duration_s=round(duration, 3), total_rows=total,
-            counts={str(k): n for k, n in sorted(t.counts.items())}, rejected=t.counts.get(Status.REJECTED, 0),
-            sent=t.sent, attempts=attempts, new_rows=t.new, retries=attempts - t.sent, not_reached=not_reached,
+            ledger=parts.store.location if parts.store is not None else "",
+            env=o.env,
+            base_url=o.base_url,
+            started_at=started,
+            finished_at=now_iso(),
+            duration_s=round(duration, 3),
+            total_rows=total,
+            counts={str(k): n for k, n in sorted(t.counts.items())},
+            rejected=t.counts.get(Status.REJECTED, 0),
+            sent=t.sent,
+            attempts=attempts,
+            new_rows=t.new,
+            retries=attempts - t.sent,
+            not_reached=not_reached,
             rows_per_s=round(accounted / duration, 1) if duration > 0 else 0.0,
             exit_code=exit_code(t.counts, not_reached=not_reached, stop_code=self._stops.code),
-            stop_reason=self._stops.reason or self._limit_note, dry_run=o.dry_run, settings=o.settings,
-            effective_rate_min=round(parts.gate.rate_min, 3), effective_rate_final=round(parts.gate.rate, 3),
-        )  # fmt: skip
+            stop_reason=self._stops.reason or self._limit_note,
+            dry_run=o.dry_run,
+            settings=o.settings,
+            effective_rate_min=round(parts.gate.rate_min, 3),
+            effective_rate_final=round(parts.gate.rate, 3),
+        )

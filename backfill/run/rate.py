@@ -283,8 +283,9 @@ def throttle(
     paused = state.paused_until
     if retry_after is not None:
         paused = max(paused, now + capped(retry_after))
-    new = replace(state, rate=rate, generation=gen, grown_at=grown_at, paused_until=paused,
-                  tat=max(state.tat, paused))  # fmt: skip
+    new = replace(
+        state, rate=rate, generation=gen, grown_at=grown_at, paused_until=paused, tat=max(state.tat, paused)
+    )
     return new, new
 
 

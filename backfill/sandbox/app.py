@@ -194,10 +194,13 @@ class _Sandbox:
 
         job_id, smile_job_id = self._new_job()
         user = EnrolledUser(
-            user_id=user_id, job_id=job_id, smile_job_id=smile_job_id,
-            photo_sha256=hashlib.sha256(image).hexdigest(), user_created_at=created,
+            user_id=user_id,
+            job_id=job_id,
+            smile_job_id=smile_job_id,
+            photo_sha256=hashlib.sha256(image).hexdigest(),
+            user_created_at=created,
             enrolled_at=utc_timestamp(),
-        )  # fmt: skip
+        )
         # Committed before the first await, so concurrent requests for one user_id see it at once.
         self.state.enrolled[user_id] = user
         if self.state_file is not None:
@@ -226,9 +229,14 @@ class _Sandbox:
         self, user_id: str, created: str, job_id: str, smile_job_id: str, *, unusable: bool
     ) -> web.Response:
         return result_answer(
-            partner_id=self.options.partner_id, api_key=self.options.api_key, user_id=user_id,
-            created=created, job_id=job_id, smile_job_id=smile_job_id, unusable=unusable,
-        )  # fmt: skip
+            partner_id=self.options.partner_id,
+            api_key=self.options.api_key,
+            user_id=user_id,
+            created=created,
+            job_id=job_id,
+            smile_job_id=smile_job_id,
+            unusable=unusable,
+        )
 
     # -- answering -------------------------------------------------------------------------------------------
 

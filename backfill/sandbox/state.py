@@ -120,8 +120,9 @@ class RequestLog:
             # which is what a crash test that kills the sandbox needs.
             self._file: IO[str] = path.open("a", encoding="utf-8", buffering=1)
         except OSError as error:
-            raise ConfigError("request_log", str(path), f"can't be opened ({error})",
-                              "choose a writable path") from error  # fmt: skip
+            raise ConfigError(
+                "request_log", str(path), f"can't be opened ({error})", "choose a writable path"
+            ) from error
 
     def write(
         self, user_id: str | None, answer: str | None, *, foreign: bool, photo: str | None = None

@@ -129,16 +129,24 @@ def build_migration(view: LedgerView, written: datetime) -> MigrationPage:
     order = [s.value for s in State if s.value in counts or s in OPEN_STATES or s is State.ENROLLED]
     order += sorted(k for k in counts if k not in order)  # a state this version doesn't know still counts
     states = tuple(
-        StateRow(state=k, meaning=_MEANINGS.get(k, ""), rows=fmt.count(counts.get(k, 0)),
-                 share=fmt.share(counts.get(k, 0), total), zero=not counts.get(k, 0))
+        StateRow(
+            state=k,
+            meaning=_MEANINGS.get(k, ""),
+            rows=fmt.count(counts.get(k, 0)),
+            share=fmt.share(counts.get(k, 0), total),
+            zero=not counts.get(k, 0),
+        )
         for k in order
-    )  # fmt: skip
+    )
     open_count = sum(counts.get(s, 0) for s in OPEN_STATES)
     waiting = sum(counts.get(s, 0) for s in TRANSIENT_STATES if s not in OPEN_STATES)
     if open_count or waiting:
         parts = [f"{fmt.count(counts[s])} {s.value}" for s in OPEN_STATES if counts.get(s, 0)]
-        verdict = (f"{fmt.count(open_count)} user_ids need a person ({', '.join(parts)})" if open_count
-                   else "No user_id needs a person")  # fmt: skip
+        verdict = (
+            f"{fmt.count(open_count)} user_ids need a person ({', '.join(parts)})"
+            if open_count
+            else "No user_id needs a person"
+        )
         if waiting:
             verdict += f"; {fmt.count(waiting)} are waiting for a retry"
         tone = "warn"
@@ -183,12 +191,18 @@ def build_migration(view: LedgerView, written: datetime) -> MigrationPage:
 
 def _group(state: State, total: int, rows: tuple[LedgerRow, ...]) -> OpenGroup:
     items = tuple(
-        OpenItem(user_id=r.user_id, attempts=str(r.attempts),
-                 answer=fmt.clip(" ".join(filter(None, [r.result_code, r.result_text])) or
-                                 (f"HTTP {r.http_status}" if r.http_status is not None else "(no answer)")),
-                 last_attempt_at=r.last_attempt_at or "", run_id=r.run_id or "")
+        OpenItem(
+            user_id=r.user_id,
+            attempts=str(r.attempts),
+            answer=fmt.clip(
+                " ".join(filter(None, [r.result_code, r.result_text]))
+                or (f"HTTP {r.http_status}" if r.http_status is not None else "(no answer)")
+            ),
+            last_attempt_at=r.last_attempt_at or "",
+            run_id=r.run_id or "",
+        )
         for r in rows
-    )  # fmt: skip
+    )
     return OpenGroup(
         state=state.value,
         meaning=_MEANINGS.get(state, ""),
