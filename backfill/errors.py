@@ -1,4 +1,21 @@
-"""The one exception tree: every error the library raises is a BackfillError carrying its exit code."""
+"""The one exception tree: every error the library raises is a BackfillError carrying its exit code.
+
+    BackfillError (exit 1)
+    ├── ConfigError (2)          a setting: names the key, where its value came from, and the fix
+    ├── ManifestError (2)        the manifest as a whole can't be read
+    ├── OutputError (2)          the output folder or a file in it
+    ├── CheckpointError (2)      the ledger can't be opened or written, or belongs to another partner/endpoint
+    │   ├── LedgerAbsent (2)     no ledger there yet
+    │   └── CheckpointLocked (3) another live run holds it
+    ├── Declined (1)             asked before sending to production, the answer wasn't yes
+    ├── TransportError           a request got no usable answer (classified, never raised to a caller)
+    └── InternalError (70)       a bug: the run stops cleanly
+
+A foreign library's exceptions (aiohttp, sqlite3, psycopg, obstore, pandas) are translated into these where that
+library is called. A row's own problem is not an error: a photo that can't be read is an `images.ImageError`
+(and a photo URL that can't name an object a `images.urls.BadUrl`), caught by the stage that reads it and turned
+into that row's reject, so a run never stops for one row. The codes themselves are `vocab.ExitCode`.
+"""
 
 from __future__ import annotations
 
