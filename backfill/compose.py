@@ -67,7 +67,7 @@ Confirm = Callable[[Outbound], bool]
 
 
 def _ask(confirm: Confirm, settings: Settings, *, rows: int, source: str) -> None:
-    ledger = settings.ledger_location() or str(settings.checkpoint_path())
+    ledger = settings.ledger_location() or str(settings.ledger_path())
     outbound = Outbound(rows=rows, source=source, partner_id=settings.partner_id,
                         url=request_url(settings.base_url), ledger=ledger, limit=settings.limit)  # fmt: skip
     if not confirm(outbound):
@@ -152,11 +152,11 @@ async def open_store(settings: Settings, *, writable: bool, bound: bool = True) 
     legacy = {env: endpoint_of(url) for env, url in ENVIRONMENTS.items()}
     if writable:  # a new ledger's folder (the default ledgers/ one too) and its missing parents, owner-only
         try:
-            make_private_dirs(settings.checkpoint_path().parent)
+            make_private_dirs(settings.ledger_path().parent)
         except OSError as exc:
             raise CheckpointError(f"can't create the folder {exc.filename}: {exc.strerror}") from exc
     return await SqliteStore.open(
-        settings.checkpoint_path(),
+        settings.ledger_path(),
         binding(settings) if bound else None,
         writable=writable,
         legacy_endpoints=legacy,
@@ -244,7 +244,7 @@ async def _run(
             if settings.ledger_url is not None:
                 with contextlib.suppress(LedgerAbsent):  # no ledger yet: nothing would be skipped
                     store = await open_store(settings, writable=False)
-            elif settings.checkpoint_path().exists():
+            elif settings.ledger_path().exists():
                 store = await open_store(settings, writable=False)
         else:
             store = await open_store(settings, writable=True)
@@ -589,7 +589,7 @@ def retry(
 
 async def _count_rows(settings: Settings, states: Collection[State]) -> int:
     """The ledger's rows in `states`, read without writing (none when there is no ledger yet)."""
-    if settings.ledger_url is None and not settings.checkpoint_path().exists():
+    if settings.ledger_url is None and not settings.ledger_path().exists():
         return 0
     try:
         store = await open_store(settings, writable=False)

@@ -7,10 +7,12 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from datetime import date
+from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -28,120 +30,8 @@ COLUMN_KEYS = ("user_id", "user_created_at", "image_path")
 DERIVED_LEDGER = (
     "partner_id and base_url"  # read after "from", as every source is: "(from partner_id and base_url)"
 )
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything a run needs, resolved. `sources` says where each value came from (for messages)."""
-
-    env: str = "sandbox"
-    base_url: str = ENVIRONMENTS["sandbox"]
-    partner_id: str = ""
-    api_key: Secret = field(default_factory=lambda: Secret(""))
-    concurrency: int = 8
-    rate: float = 10.0
-    max_attempts: int = 5
-    timeout: float = 60.0
-    connect_timeout: float = 10.0
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    fail_threshold: float = 0.5
-    checkpoint: Path | str | None = None  # a SQLite file, or a postgresql:// URL (str) for a fleet's ledger
-    lease: float = 30.0  # seconds a PostgreSQL claim lasts unless its owner renews it (a third as often)
-    ledger_outage: float = 60.0  # seconds a lost PostgreSQL ledger is waited for before a run stops (exit 2)
-    data_dir: Path = Path("~/.local/share/backfill")  # where default ledgers live; resolved at load
-    out: Path = Path("backfill-out")
-    dry_run: bool = False
-    limit: int | None = None
-    progress: bool = True
-    columns: Mapping[str, str] = field(default_factory=lambda: {k: k for k in COLUMN_KEYS})
-    delimiter: str = ","  # the manifest's one character between values
-    encoding: str = "utf-8"  # the manifest's text encoding; UTF-8 is read with or without a byte order mark
-    user_id_pattern: str = r"[A-Za-z0-9_-]+"
-    max_image_bytes: int = 5 * 1024 * 1024
-    images_root: Path | None = None
-    chunk_rows: int = 10_000
-    read_concurrency: int = 32  # photos in object storage checked or listed at once (not --concurrency)
-    max_duration: float | None = None  # seconds; stop starting new rows after this long
-    log_format: str = "text"
-    log_file: Path | None = None
-    log_level: str = "info"
-    status_every: float = 30.0  # seconds between one-line status logs when there is no progress bar
-    metrics_addr: str | None = None  # HOST:PORT, or :PORT on every interface, for metrics; None: off
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
-    # What was ignored but looks meant (an unknown BACKFILL_* variable): the CLI prints these; nothing else does.
-    warnings: tuple[str, ...] = field(default=(), compare=False)
-    # Credentials that were given but can't be used, held back for `check` (load_settings(defer_credentials=True))
-    # so that it names every one in a run, not one per re-run; the credential itself is left unset.
-    credential_problems: tuple[ConfigError, ...] = field(default=(), compare=False)
-
-    @property
-    def endpoint(self) -> str:
-        """scheme://host:port of the API actually used: what a ledger is bound to, whatever the env label."""
-        return endpoint_of(self.base_url)
-
-    @property
-    def production(self) -> bool:
-        """Whether requests go to Smile ID's production API. Decided by the endpoint actually used, whatever the
-        env label; a URL of its own labelled production (a proxy or tunnel in front of it) counts too."""
-        return self.endpoint == endpoint_of(ENVIRONMENTS["production"]) or self.env == "production"
-
-    @property
-    def ledger_url(self) -> str | None:
-        """The PostgreSQL ledger's URL (never with a password) when --checkpoint names one, else None."""
-        return self.checkpoint if isinstance(self.checkpoint, str) else None
-
-    def checkpoint_path(self) -> Path:
-        """The ledger: the one named, else one per partner and endpoint in the user's data folder.
-
-        Not in the current folder: the same command run from anywhere must find the same ledger, or a re-run
-        from elsewhere would start afresh and send every enrolled user again.
-        """
-        if isinstance(self.checkpoint, str):
-            raise ValueError("the ledger is a PostgreSQL database, not a file: see ledger_url")
-        if self.checkpoint is not None:
-            return Path(os.path.abspath(self.checkpoint))
-        parts = urlsplit(self.base_url)
-        host = f"{parts.hostname or 'nohost'}_{_port(parts)}"
-        name = _SAFE.sub("_", f"{self.partner_id or 'nopartner'}@{host}")
-        return self.data_dir / "ledgers" / f"{name}.sqlite"
-
-    def ledger_location(self) -> str | None:
-        """The ledger a run with these settings uses, as text: the URL, the file named, or the default one; None
-        when the default one has nothing to be derived from (no partner ID), where a path would be a guess."""
-        if self.ledger_url is not None:
-            return self.ledger_url
-        if self.checkpoint is None and not self.partner_id:
-            return None
-        return str(self.checkpoint_path())
-
-    def redacted(self) -> dict[str, Any]:
-        """The settings as plain values with secrets masked, for summaries and `config show`."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name in ("sources", "warnings", "credential_problems"):
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, Secret):
-                value = "***" if value else ""
-            elif isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
-            out[f.name] = value
-        return out
-
-
-_SAFE = re.compile(r"[^A-Za-z0-9@._-]")
-
-
-def _port(parts: Any) -> int:
-    return int(parts.port or (443 if parts.scheme == "https" else 80))
-
-
-def endpoint_of(base_url: str) -> str:
-    parts = urlsplit(base_url)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{_port(parts)}"
+DATA_DIR = Path("~/.local/share/backfill")  # where default ledgers live, unless XDG_DATA_HOME says otherwise
+ENV_PREFIX = "BACKFILL_"
 
 
 # --- parsing of single values: each returns the value or raises ValueError with a human reason ---
@@ -214,7 +104,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 _PG_FORM = "postgresql://user@host:port/dbname (the password from PGPASSWORD, ~/.pgpass or a service file)"
 
 
-def _checkpoint(raw: object) -> Path | str:
+def _ledger(raw: object) -> Path | str:
     """A SQLite file's path, or a PostgreSQL URL whose password lives where libpq finds it, never in argv.
 
     Nothing that looks like a connection string becomes a file: a libpq `host=... dbname=...` string or a
@@ -250,13 +140,6 @@ def _checkpoint(raw: object) -> Path | str:
             "the URL names no database: add /dbname (it must exist; the tool makes its own schema)"
         )
     return text
-
-
-def _env_name(raw: object) -> str:
-    value = _text(raw).lower()
-    if value not in ENVIRONMENTS:
-        raise ValueError(f"{raw!r} is not one of {', '.join(ENVIRONMENTS)}")
-    return value
 
 
 def _url(raw: object) -> str:
@@ -355,58 +238,607 @@ def _pattern(raw: object) -> str:
     return value
 
 
-_PARSERS: dict[str, Callable[[object], Any]] = {
-    "env": _env_name,
-    "base_url": _url,
-    "partner_id": _text,
-    "concurrency": _positive_int,
-    "rate": _positive_float,
-    "max_attempts": _positive_int,
-    "timeout": _positive_float,
-    "connect_timeout": _positive_float,
-    "backoff_initial": _positive_float,
-    "backoff_max": _positive_float,
-    "fail_threshold": _fraction,
-    "checkpoint": _checkpoint,
-    "lease": _positive_float,
-    "ledger_outage": _positive_float,
-    "data_dir": _path,
-    "out": _path,
-    "dry_run": _boolean,
-    "limit": _positive_int,
-    "progress": _boolean,
-    "user_id_pattern": _pattern,
-    "max_image_bytes": _positive_int,
-    "images_root": _path,
-    "chunk_rows": _positive_int,
-    "read_concurrency": _positive_int,
-    "max_duration": _duration,
-    "log_format": _choice("text", "json"),
-    "log_file": _path,
-    "log_level": _choice("debug", "info", "warning", "error"),
-    "status_every": _positive_float,
-    "metrics_addr": _host_port,
-    "delimiter": _delimiter,
-    "encoding": _encoding,
-}
-# Keys whose value is text: a YAML value read as a number (`partner_id: 012` is 10) is refused, quoting it as written.
-_TEXT_KEYS = frozenset(
-    {"env", "base_url", "partner_id", "checkpoint", "data_dir", "out", "user_id_pattern", "images_root",
-     "log_format", "log_file", "log_level", "metrics_addr", "delimiter", "encoding"}
-)  # fmt: skip
-# Every setting's key: each is set in the YAML, as BACKFILL_<KEY> and by a flag. `columns` is a mapping, merged
-# role by role across the layers (`columns:`, BACKFILL_COLUMNS=role=name,..., --column role=name).
-_SETTING_KEYS = frozenset({*_PARSERS, "columns"})
+# --- what a setting is: declared once, on its field; load_settings, the CLI's options and the docs read it ---
+
+
+class Takes(StrEnum):
+    """What a setting's flag takes on the command line. Whatever it takes, the setting's own parser reads it."""
+
+    TEXT = "text"
+    FILE = "file"  # a path, completed by the shell; a folder there is refused
+    FOLDER = "folder"  # a path, completed by the shell; a file there is refused
+    SWITCH = "switch"  # no value: given, it sets the setting to `Flag.value`
+    REPEATED = "repeated"  # one item each time it is given (--column ROLE=NAME --column ROLE=NAME)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flag:
+    """A setting's command-line option, as backfill/cli makes it."""
+
+    name: str = ""  # "" is --<key with dashes>
+    metavar: str | None = None
+    takes: Takes = Takes.TEXT
+    value: bool = True  # what a SWITCH sets the setting to
+    help: str = ""  # "" is the setting's own help
+    default_shown: str | None = None  # --help's default when it isn't the field's own; "" shows none
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec:
+    """One setting: how a value for it is read, and each place it may come from besides its default."""
+
+    key: str = ""  # the field's name (filled in by SPECS)
+    help: str  # what it is, in one sentence: the flag's help and the docs' table
+    # A valid value other than the default, as written in any source: the tests set the setting from each with it.
+    example: str
+    flag: Flag | None
+    no_flag: str = ""  # why there is no flag: a setting without one says so, deliberately
+    parse: Callable[[object], Any] | None = None  # raises ValueError with the reason; None: one of `choices`
+    choices: tuple[str, ...] = ()
+    # Text: a YAML value read as a number (`partner_id: 012` is 10) is refused, quoted as it was written.
+    text: bool = False
+    env: tuple[str, ...] | None = None  # its variables (the later wins); None: BACKFILL_<KEY>
+    in_file: bool = True  # whether the YAML file may set it
+    aliases: tuple[str, ...] = ()  # old names, still read everywhere the name is (YAML, BACKFILL_*, flags)
+    secret: bool = False  # never shown: masked in summaries, `config show` and every message
+    fix: str = ""  # the fix an error about it gives; "": correct it where it came from
+
+    def __post_init__(self) -> None:
+        if (self.flag is None) == (not self.no_flag):
+            raise TypeError(f"a setting has a flag or says why not (no_flag=...), not both: {self.help!r}")
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """Every environment variable read for it: old names first, so that the current name's source wins."""
+        own = self.env if self.env is not None else (f"{ENV_PREFIX}{self.key.upper()}",)
+        return (*(f"{ENV_PREFIX}{a.upper()}" for a in self.aliases if self.env is None), *own)
+
+    @property
+    def flag_name(self) -> str:
+        return (self.flag.name if self.flag else "") or f"--{self.key.replace('_', '-')}"
+
+    @property
+    def old_flags(self) -> tuple[str, ...]:
+        """The flags of its old names, hidden from --help and read as this setting."""
+        return tuple(f"--{alias.replace('_', '-')}" for alias in self.aliases)
+
+    def read(self, raw: object) -> Any:
+        """The value `raw` gives this setting, or ValueError with a reason that names no secret."""
+        if self.parse is not None:
+            return self.parse(raw)
+        if self.choices:
+            return _choice(*self.choices)(raw)
+        raise TypeError(f"{self.key} is read by load_settings itself")
+
+
+# The key of a Settings field's metadata that holds its Spec: `field(default=..., metadata={SETTING: Spec(...)})`.
+SETTING = "backfill.setting"
+
+
+# Why a setting has no flag (each setting says it, so a new one can't lack a flag by accident).
+CREDENTIAL = "a credential: from the environment or the file, never the command line, which `ps` shows to all"
+TUNING = "tuning that rarely changes between runs: set it once, in the file or the environment"
+MANIFEST_RULE = (
+    "a rule for every manifest of a migration: set it once, in the file, so that every run keeps it"
+)
+LEDGER_HELP = (
+    "The ledger: a SQLite file, or postgresql://user@host:port/dbname for a fleet of runs sharing one "
+    "(password from PGPASSWORD, ~/.pgpass or a service file)."
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, resolved. `sources` says where each value came from (for messages).
+
+    Each setting is declared once, here: its field's Spec (metadata[SETTING]) gives its parser and where it may
+    come from (a YAML key, BACKFILL_<KEY>, a flag); load_settings, the CLI's options and `config show` follow it,
+    and tests hold docs/configuration.md to it.
+    """
+
+    env: str = field(
+        default="sandbox",
+        metadata={
+            SETTING: Spec(
+                help="Which API to use.", example="local", choices=tuple(ENVIRONMENTS), text=True, flag=Flag()
+            )
+        },
+    )
+    base_url: str = field(
+        default=ENVIRONMENTS["sandbox"],
+        metadata={
+            SETTING: Spec(
+                help="API root, e.g. http://127.0.0.1:8080/v1 (overrides --env's URL).",
+                example="https://proxy.example/v1",
+                parse=_url,
+                text=True,
+                flag=Flag(metavar="URL", default_shown=""),
+            )
+        },
+    )
+    partner_id: str = field(
+        default="",
+        metadata={
+            SETTING: Spec(
+                help="Your Smile ID partner ID.",
+                example="085",
+                parse=_text,
+                text=True,
+                env=("BACKFILL_PARTNER_ID", "SMILE_PARTNER_ID"),
+                flag=None,
+                no_flag=CREDENTIAL,
+                fix="set SMILE_PARTNER_ID or `partner_id:` (quoted) in the config file",
+            )
+        },
+    )
+    api_key: Secret = field(
+        default_factory=lambda: Secret(""),
+        metadata={
+            SETTING: Spec(
+                help="Your Smile ID API key; in the file, `api_key_file:` names a file that holds it.",
+                example="k-example-key",
+                env=("SMILE_API_KEY",),
+                in_file=False,
+                secret=True,
+                flag=None,
+                no_flag=CREDENTIAL,
+                fix="export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config file",
+            )
+        },
+    )
+    concurrency: int = field(
+        default=8,
+        metadata={
+            SETTING: Spec(
+                help="Requests in flight at once.", example="16", parse=_positive_int, flag=Flag(metavar="N")
+            )
+        },
+    )
+    rate: float = field(
+        default=10.0,
+        metadata={
+            SETTING: Spec(
+                help="Requests per second across all workers, retries included.",
+                example="25",
+                parse=_positive_float,
+                flag=Flag(metavar="R"),
+            )
+        },
+    )
+    max_attempts: int = field(
+        default=5,
+        metadata={
+            SETTING: Spec(
+                help="Attempts per row before giving up on transient errors.",
+                example="3",
+                parse=_positive_int,
+                flag=Flag(metavar="N"),
+            )
+        },
+    )
+    timeout: float = field(
+        default=60.0,
+        metadata={
+            SETTING: Spec(
+                help="Seconds to wait for one answer.",
+                example="90",
+                parse=_positive_float,
+                flag=Flag(metavar="SECONDS"),
+            )
+        },
+    )
+    connect_timeout: float = field(
+        default=10.0,
+        metadata={
+            SETTING: Spec(
+                help="Seconds to wait for a connection to the API.",
+                example="5",
+                parse=_positive_float,
+                flag=None,
+                no_flag=TUNING,
+            )
+        },
+    )
+    backoff_initial: float = field(
+        default=0.5,
+        metadata={
+            SETTING: Spec(
+                help="First wait before a retry, in seconds; exponential with jitter after that.",
+                example="1",
+                parse=_positive_float,
+                flag=None,
+                no_flag=TUNING,
+            )
+        },
+    )
+    backoff_max: float = field(
+        default=30.0,
+        metadata={
+            SETTING: Spec(
+                help="Longest wait between retries, in seconds (a 429's Retry-After is honoured as given).",
+                example="60",
+                parse=_positive_float,
+                flag=None,
+                no_flag=TUNING,
+            )
+        },
+    )
+    fail_threshold: float = field(
+        default=0.5,
+        metadata={
+            SETTING: Spec(
+                help="Stop when this fraction of recent rows fail.",
+                example="0.2",
+                parse=_fraction,
+                flag=Flag(metavar="F"),
+            )
+        },
+    )
+    # A SQLite file, or a postgresql:// URL (str) for a fleet's ledger; None: the default one (ledger_path).
+    ledger: Path | str | None = field(
+        default=None,
+        metadata={
+            SETTING: Spec(
+                help=LEDGER_HELP,
+                example="/srv/backfill/ledger-085.sqlite",
+                parse=_ledger,
+                text=True,
+                aliases=("checkpoint",),
+                flag=Flag(
+                    metavar="PATH|URL", default_shown=f"{DATA_DIR}/ledgers/<partner_id>@<host>_<port>.sqlite"
+                ),
+            )
+        },
+    )
+    # The owner of a claim renews it a third as often.
+    lease: float = field(
+        default=30.0,
+        metadata={
+            SETTING: Spec(
+                help="PostgreSQL ledger: seconds a claim on rows lasts unless renewed; a dead run's rows return after it.",
+                example="10",
+                parse=_positive_float,
+                flag=Flag(metavar="SECONDS"),
+            )
+        },
+    )
+    ledger_outage: float = field(
+        default=60.0,
+        metadata={
+            SETTING: Spec(
+                help="PostgreSQL ledger: seconds a lost database is waited for (a restart, a failover) before the run "
+                "stops with exit 2.",
+                example="120",
+                parse=_positive_float,
+                flag=None,
+                no_flag=TUNING,
+            )
+        },
+    )
+    # Resolved at load: $XDG_DATA_HOME/backfill, else ~/.local/share/backfill.
+    data_dir: Path = field(
+        default=DATA_DIR,
+        metadata={
+            SETTING: Spec(
+                help="Where default ledgers live (default: $XDG_DATA_HOME/backfill, else ~/.local/share/backfill).",
+                example="/srv/backfill",
+                parse=_path,
+                text=True,
+                flag=None,
+                no_flag="where every command finds the default ledgers: one place for all of them, so the file or "
+                "the environment",
+            )
+        },
+    )
+    out: Path = field(
+        default=Path("backfill-out"),
+        metadata={
+            SETTING: Spec(
+                help="Output folder: each run writes a new folder inside it.",
+                example="/srv/backfill/out",
+                parse=_path,
+                text=True,
+                flag=Flag(takes=Takes.FOLDER, help="Output folder."),
+            )
+        },
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            SETTING: Spec(
+                help="Validate, build and sign every request; send none.",
+                example="true",
+                parse=_boolean,
+                flag=Flag(takes=Takes.SWITCH),
+            )
+        },
+    )
+    limit: int | None = field(
+        default=None,
+        metadata={
+            SETTING: Spec(
+                help="Send at most N rows (a canary).",
+                example="100",
+                parse=_positive_int,
+                flag=Flag(metavar="N"),
+            )
+        },
+    )
+    progress: bool = field(
+        default=True,
+        metadata={
+            SETTING: Spec(
+                help="Show a progress bar when stderr is a terminal.",
+                example="false",
+                parse=_boolean,
+                flag=Flag(name="--no-progress", takes=Takes.SWITCH, value=False, help="No progress bar."),
+            )
+        },
+    )
+    # Merged role by role across the layers (see _column_roles).
+    columns: Mapping[str, str] = field(
+        default_factory=lambda: {k: k for k in COLUMN_KEYS},
+        metadata={
+            SETTING: Spec(
+                help="The manifest's column for each of user_id, user_created_at and image_path, as ROLE=NAME.",
+                example="user_id=customer_ref",
+                flag=Flag(
+                    name="--column",
+                    metavar="ROLE=NAME",
+                    takes=Takes.REPEATED,
+                    help="The manifest's column for user_id, user_created_at or image_path, e.g. user_id=customer_ref "
+                    "(repeat it for each one renamed).",
+                ),
+            )
+        },
+    )
+    delimiter: str = field(
+        default=",",
+        metadata={
+            SETTING: Spec(
+                help="The manifest's one character between values, e.g. ';', '|' or tab.",
+                example=";",
+                parse=_delimiter,
+                text=True,
+                flag=Flag(metavar="CHAR"),
+                fix="give one character, e.g. ';' or '|', or tab",
+            )
+        },
+    )
+    # UTF-8 is read with or without a byte order mark.
+    encoding: str = field(
+        default="utf-8",
+        metadata={
+            SETTING: Spec(
+                help="The manifest's text encoding, e.g. cp1252 or utf-16.",
+                example="cp1252",
+                parse=_encoding,
+                text=True,
+                flag=Flag(metavar="NAME"),
+                fix="give the file's encoding, e.g. utf-8, cp1252, latin-1 or utf-16",
+            )
+        },
+    )
+    user_id_pattern: str = field(
+        default=r"[A-Za-z0-9_-]+",
+        metadata={
+            SETTING: Spec(
+                help="A regular expression every user_id must match whole.",
+                example="[0-9]+",
+                parse=_pattern,
+                text=True,
+                flag=None,
+                no_flag=MANIFEST_RULE,
+            )
+        },
+    )
+    max_image_bytes: int = field(
+        default=5 * 1024 * 1024,
+        metadata={
+            SETTING: Spec(
+                help="The largest photo, in bytes of file (the API's documented limit is 5 MB).",
+                example="1048576",
+                parse=_positive_int,
+                flag=None,
+                no_flag=MANIFEST_RULE,
+            )
+        },
+    )
+    images_root: Path | None = field(
+        default=None,
+        metadata={
+            SETTING: Spec(
+                help="When set, every image must resolve inside this folder.",
+                example="/data/selfies",
+                parse=_path,
+                text=True,
+                flag=None,
+                no_flag=MANIFEST_RULE,
+            )
+        },
+    )
+    chunk_rows: int = field(
+        default=10_000,
+        metadata={
+            SETTING: Spec(
+                help="Manifest rows read at a time; memory stays flat however long the manifest.",
+                example="500",
+                parse=_positive_int,
+                flag=None,
+                no_flag=TUNING,
+            )
+        },
+    )
+    read_concurrency: int = field(
+        default=32,
+        metadata={
+            SETTING: Spec(
+                help="Photos in object storage checked at once (ranged reads), apart from --concurrency.",
+                example="8",
+                parse=_positive_int,
+                flag=Flag(metavar="N"),
+            )
+        },
+    )
+    max_duration: float | None = field(
+        default=None,
+        metadata={
+            SETTING: Spec(
+                help="Stop starting new rows after this long (3600, 90m, 2h); resumable.",
+                example="90m",
+                parse=_duration,
+                flag=Flag(metavar="DURATION"),
+            )
+        },
+    )
+    log_format: str = field(
+        default="text",
+        metadata={
+            SETTING: Spec(
+                help="text, or json: one object per line.",
+                example="json",
+                choices=("text", "json"),
+                text=True,
+                flag=Flag(),
+            )
+        },
+    )
+    log_file: Path | None = field(
+        default=None,
+        metadata={
+            SETTING: Spec(
+                help="Also log every event here (appended).",
+                example="/var/log/backfill.log",
+                parse=_path,
+                text=True,
+                flag=Flag(takes=Takes.FILE),
+            )
+        },
+    )
+    log_level: str = field(
+        default="info",
+        metadata={
+            SETTING: Spec(
+                help="The least severe event logged.",
+                example="debug",
+                choices=("debug", "info", "warning", "error"),
+                text=True,
+                flag=Flag(),
+            )
+        },
+    )
+    status_every: float = field(
+        default=30.0,
+        metadata={
+            SETTING: Spec(
+                help="Seconds between one-line status logs when there is no progress bar.",
+                example="5",
+                parse=_positive_float,
+                flag=None,
+                no_flag=TUNING,
+            )
+        },
+    )
+    metrics_addr: str | None = field(
+        default=None,
+        metadata={
+            SETTING: Spec(
+                help="Serve Prometheus metrics on HOST:PORT during the run (e.g. 127.0.0.1:9464; :9464 for every "
+                "interface); off by default.",
+                example="127.0.0.1:9464",
+                parse=_host_port,
+                text=True,
+                flag=Flag(metavar="HOST:PORT"),
+                fix="give HOST:PORT (127.0.0.1:9464, [::1]:9464), or :PORT for every interface (:9464)",
+            )
+        },
+    )
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # What was ignored but looks meant (an unknown BACKFILL_* variable): the CLI prints these; nothing else does.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    # Credentials that were given but can't be used, held back for `check` (load_settings(defer_credentials=True))
+    # so that it names every one in a run, not one per re-run; the credential itself is left unset.
+    credential_problems: tuple[ConfigError, ...] = field(default=(), compare=False)
+
+    @property
+    def endpoint(self) -> str:
+        """scheme://host:port of the API actually used: what a ledger is bound to, whatever the env label."""
+        return endpoint_of(self.base_url)
+
+    @property
+    def production(self) -> bool:
+        """Whether requests go to Smile ID's production API. Decided by the endpoint actually used, whatever the
+        env label; a URL of its own labelled production (a proxy or tunnel in front of it) counts too."""
+        return self.endpoint == endpoint_of(ENVIRONMENTS["production"]) or self.env == "production"
+
+    @property
+    def ledger_url(self) -> str | None:
+        """The PostgreSQL ledger's URL (never with a password) when --ledger names one, else None."""
+        return self.ledger if isinstance(self.ledger, str) else None
+
+    def ledger_path(self) -> Path:
+        """The ledger: the one named, else one per partner and endpoint in the user's data folder.
+
+        Not in the current folder: the same command run from anywhere must find the same ledger, or a re-run
+        from elsewhere would start afresh and send every enrolled user again.
+        """
+        if isinstance(self.ledger, str):
+            raise ValueError("the ledger is a PostgreSQL database, not a file: see ledger_url")
+        if self.ledger is not None:
+            return Path(os.path.abspath(self.ledger))
+        parts = urlsplit(self.base_url)
+        host = f"{parts.hostname or 'nohost'}_{_port(parts)}"
+        name = _SAFE.sub("_", f"{self.partner_id or 'nopartner'}@{host}")
+        return self.data_dir / "ledgers" / f"{name}.sqlite"
+
+    def ledger_location(self) -> str | None:
+        """The ledger a run with these settings uses, as text: the URL, the file named, or the default one; None
+        when the default one has nothing to be derived from (no partner ID), where a path would be a guess."""
+        if self.ledger_url is not None:
+            return self.ledger_url
+        if self.ledger is None and not self.partner_id:
+            return None
+        return str(self.ledger_path())
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain values with secrets masked, for summaries and `config show`."""
+        out: dict[str, Any] = {}
+        for key, spec in SPECS.items():
+            value = getattr(self, key)
+            if spec.secret:
+                value = "***" if value else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[key] = value
+        return out
+
+
+# Every setting's spec, by key, in the order of the fields (the order of `config show` and of the docs' table).
+SPECS: Mapping[str, Spec] = MappingProxyType(
+    {f.name: replace(f.metadata[SETTING], key=f.name) for f in fields(Settings) if SETTING in f.metadata}
+)
+# Each name a setting is read under, its key and its old names: the YAML's keys and the flags' destinations.
+_BY_NAME: Mapping[str, Spec] = {name: s for s in SPECS.values() for name in (s.key, *s.aliases)}
+_BY_VARIABLE: Mapping[str, Spec] = {var: s for s in SPECS.values() for var in s.variables}
+# Read by load_settings itself: columns merge role by role; the API key is checked without ever being shown.
+_READ_APART = frozenset({"columns", "api_key"})
 # Keys only the YAML may set; `api_key` is named so the error can say why it is refused.
 _YAML_ONLY = {"api_key_file"}
 _CREDENTIALS = frozenset({"partner_id", "api_key", "api_key_file"})
-_FIXES = {
-    "partner_id": "set SMILE_PARTNER_ID or `partner_id:` (quoted) in the config file",
-    "api_key": "export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config file",
-    "metrics_addr": "give HOST:PORT (127.0.0.1:9464, [::1]:9464), or :PORT for every interface (:9464)",
-    "delimiter": "give one character, e.g. ';' or '|', or tab",
-    "encoding": "give the file's encoding, e.g. utf-8, cp1252, latin-1 or utf-16",
-}
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9@._-]")
+
+
+def _port(parts: Any) -> int:
+    return int(parts.port or (443 if parts.scheme == "https" else 80))
+
+
+def endpoint_of(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{_port(parts)}"
 
 
 def load_settings(
@@ -419,6 +851,7 @@ def load_settings(
 ) -> Settings:
     """Resolve settings from every layer; the first problem raises ConfigError naming key, source, fix.
 
+    `flags` is the top layer, by setting key (or old name): the CLI's option values, None where not given.
     `defer_credentials` (with need_credentials=False): a credential given but unusable doesn't raise; it is
     left unset and its error kept in `credential_problems`, for a caller that reports every problem at once.
     """
@@ -435,13 +868,14 @@ def load_settings(
             raise error
         deferred.append(error)
 
-    def put(key: str, raw: object, source: str) -> None:
+    def put(spec: Spec, said: str, raw: object, source: str) -> None:
+        """`raw` for `spec`, given as `said` (its key or an old name, as the error names it) from `source`."""
         try:
-            values[key] = _PARSERS[key](raw)
+            values[spec.key] = spec.read(raw)
         except ValueError as exc:
-            refuse(ConfigError(key, source, str(exc), _FIXES.get(key, f"correct {key} in {source}")))
-            values.pop(key, None)  # an earlier layer's value is not the one meant: leave it unset
-        sources[key] = source
+            refuse(ConfigError(said, source, str(exc), spec.fix or f"correct {said} in {source}"))
+            values.pop(spec.key, None)  # an earlier layer's value is not the one meant: leave it unset
+        sources[spec.key] = source
 
     def key_from(read: Callable[[], Secret], source: str) -> None:
         nonlocal api_key
@@ -459,44 +893,45 @@ def load_settings(
     if config_file is not None:
         where = f"config file {config_file}"
         data, written = _read_yaml(config_file)
+        for spec in SPECS.values():
+            _refuse_both_names(spec, [(k, data[k], where) for k in (*spec.aliases, spec.key) if k in data])
         for key, raw in data.items():
+            named = _BY_NAME.get(key)
             if key == "api_key":
                 refuse(ConfigError(
-                    "api_key", where, "the API key must never be stored in the config file", _FIXES["api_key"]
+                    "api_key", where, "the API key must never be stored in the config file", SPECS["api_key"].fix
                 ))  # fmt: skip
                 continue
-            if key not in _SETTING_KEYS and key not in _YAML_ONLY:
-                close = difflib.get_close_matches(str(key), [*_SETTING_KEYS, *_YAML_ONLY], n=1)
-                hint = (
-                    f"did you mean `{close[0]}`?"
-                    if close
-                    else f"known keys: {', '.join(sorted(_SETTING_KEYS))}"
-                )
+            if (named is None or not named.in_file) and key not in _YAML_ONLY:
+                known = sorted(s.key for s in SPECS.values() if s.in_file)
+                close = difflib.get_close_matches(str(key), [*known, *_YAML_ONLY], n=1)
+                hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
                 raise ConfigError(str(key), where, "unknown key", f"remove it or fix its name ({hint})")
-            if key in _TEXT_KEYS and isinstance(raw, bool | int | float | date):
+            if named is not None and named.text and isinstance(raw, bool | int | float | date):
                 refuse(_not_text(key, raw, written.get(key), where))
                 continue
-            if key == "columns":
-                put_columns(raw, where, written)
-            elif key == "api_key_file":
+            if named is None:  # api_key_file
                 key_from(
                     functools.partial(_read_key_file, raw, config_file, where), f"{where} (api_key_file)"
                 )
+            elif named.key == "columns":
+                put_columns(raw, where, written)
             else:
-                put(key, raw, where)
+                put(named, key, raw, where)
 
-    for key in _PARSERS:
-        name = f"BACKFILL_{key.upper()}"
-        if name in environ:
-            put(key, environ[name], f"environment {name}")
-    if "BACKFILL_COLUMNS" in environ:
-        put_columns(environ["BACKFILL_COLUMNS"], "environment BACKFILL_COLUMNS", {})
+    for spec in SPECS.values():
+        given = [(var, environ[var], f"environment {var}") for var in spec.variables if var in environ]
+        _refuse_both_names(spec, given)
+        for var, raw, source in given:
+            if spec.key == "columns":
+                put_columns(raw, source, {})
+            elif spec.key == "api_key":
+                if raw:  # set but empty, as `export SMILE_API_KEY=` leaves it: not given
+                    key_from(functools.partial(_api_key, raw, source), source)
+            else:
+                old = var.removeprefix(ENV_PREFIX).lower()
+                put(spec, old if old in spec.aliases else spec.key, raw, source)
     warnings = environment_warnings(environ)
-    if "SMILE_PARTNER_ID" in environ:
-        put("partner_id", environ["SMILE_PARTNER_ID"], "environment SMILE_PARTNER_ID")
-    if environ.get("SMILE_API_KEY"):
-        key_from(lambda: _api_key(environ["SMILE_API_KEY"], "environment SMILE_API_KEY"),
-                 "environment SMILE_API_KEY")  # fmt: skip
     if "data_dir" not in values:
         values["data_dir"] = _data_dir(environ)
         sources["data_dir"] = (
@@ -505,16 +940,25 @@ def load_settings(
             else "default (~/.local/share)"
         )
 
-    for key, raw in (flags or {}).items():
-        if key == "columns":
-            if raw:  # --column, repeatable: a tuple of ROLE=NAME, empty when not given
-                put_columns(raw, "flag --column", {})
-        elif raw is not None:
-            put(key, raw, f"flag --{key.replace('_', '-')}")
+    flags = flags or {}
+    if unknown := sorted(set(flags) - set(_BY_NAME)):
+        raise TypeError(f"not settings: {', '.join(unknown)}")
+    for spec in SPECS.values():
+        names = [name for name in (*spec.aliases, spec.key) if flags.get(name) is not None]
+        _refuse_both_names(
+            spec, [(_flag_name(spec, n), flags[n], f"flag {_flag_name(spec, n)}") for n in names]
+        )
+        for name in names:
+            source = f"flag {_flag_name(spec, name)}"
+            if spec.key == "columns":
+                if flags[name]:  # --column, repeatable: a tuple of ROLE=NAME
+                    put_columns(flags[name], source, {})
+            else:
+                put(spec, name, flags[name], source)
 
-    if "checkpoint" not in values:
+    if "ledger" not in values:
         # Said where the path comes from: a user who sees it change with the partner or the URL knows why.
-        sources["checkpoint"] = (
+        sources["ledger"] = (
             DERIVED_LEDGER if values.get("partner_id") else f"{DERIVED_LEDGER}: no partner ID is set"
         )
     if "base_url" not in values:
@@ -524,17 +968,36 @@ def load_settings(
     values["columns"] = _distinct(columns, column_sources)
     sources["columns"] = _columns_source(column_sources)
     values["api_key"] = api_key or Secret("")
-    for key in [f.name for f in fields(Settings)]:
+    for key in SPECS:
         sources.setdefault(key, "default")
     settings = Settings(**values, sources=sources, warnings=warnings, credential_problems=tuple(deferred))
     _check_whole(settings, need_credentials)
     return settings
 
 
+def flag_for(name: str) -> str:
+    """The flag that `name`, a key of load_settings' `flags` (a setting's key or old name), stands for."""
+    return _flag_name(_BY_NAME[name], name)
+
+
+def _flag_name(spec: Spec, name: str) -> str:
+    """The flag a setting was given with: its own, or its old name's."""
+    return spec.flag_name if name == spec.key else spec.old_flags[spec.aliases.index(name)]
+
+
+def _refuse_both_names(spec: Spec, given: Sequence[tuple[str, object, str]]) -> None:
+    """One layer gave a setting under its name and an old one, with different values: which was meant can't be
+    known. `given`: each name as written (key, variable or flag), old names first, with its value and source."""
+    if spec.aliases and len({repr(raw) for _, raw, _ in given}) > 1:
+        names = [name for name, _, _ in given]
+        sources = " and ".join(dict.fromkeys(source for _, _, source in given))
+        problem = f"{' and '.join(names)} are one setting ({', '.join(names[:-1])}: its old name)"
+        raise ConfigError(spec.key, sources, f"{problem}, given different values", f"give {names[-1]} alone")
+
+
 # BACKFILL_* variables that are not settings but are read elsewhere: never warned about.
 # BACKFILL_TEST_CRASH_AT: the crash suite's test mode (`backfill.run.crash.CRASH_ENV`).
 KNOWN_NON_SETTINGS = frozenset({"BACKFILL_TEST_CRASH_AT"})
-_ENV_PREFIX = "BACKFILL_"
 
 
 def environment_warnings(environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -543,25 +1006,23 @@ def environment_warnings(environ: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def _looks_unknown(name: str) -> bool:
-    return (
-        name.upper().startswith(_ENV_PREFIX)
-        and name not in KNOWN_NON_SETTINGS
-        and not (name.startswith(_ENV_PREFIX) and name[len(_ENV_PREFIX) :].lower() in _SETTING_KEYS)
-    )
+    return name.upper().startswith(ENV_PREFIX) and name not in KNOWN_NON_SETTINGS and name not in _BY_VARIABLE
 
 
 def _unknown_variable(name: str) -> str:
     """Why the environment variable `name` (BACKFILL_-prefixed, not a setting) was ignored, and the likely fix."""
-    key = name[len(_ENV_PREFIX) :].lower()
+    key = name[len(ENV_PREFIX) :].lower()
     said = f"environment {name} is not a setting and was ignored"
-    if name.upper() != name and key in _SETTING_KEYS:
-        return f"{said} (did you mean {_ENV_PREFIX}{key.upper()}? names are case-sensitive)"
-    if key == "api_key":
-        return f"{said}: the API key is read from SMILE_API_KEY only"
+    if name.upper() in _BY_VARIABLE:
+        return f"{said} (did you mean {name.upper()}? names are case-sensitive)"
+    spec = SPECS.get(key)
+    if spec is not None:  # a setting, but not read from BACKFILL_<KEY>
+        return f"{said}: {key} is read from {' or '.join(spec.variables)} only"
     if key in _YAML_ONLY:
         return f"{said}: {key} can only be set in the config file (--config)"
-    close = difflib.get_close_matches(key, list(_SETTING_KEYS), n=1)
-    return f"{said} (did you mean {_ENV_PREFIX}{close[0].upper()}?)" if close else said
+    current = [s.key for s in SPECS.values() if f"{ENV_PREFIX}{s.key.upper()}" in s.variables]
+    close = difflib.get_close_matches(key, current, n=1)
+    return f"{said} (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else said
 
 
 def _check_whole(s: Settings, need_credentials: bool) -> None:
@@ -575,10 +1036,12 @@ def _check_whole(s: Settings, need_credentials: bool) -> None:
         )
         if not s.partner_id:
             raise ConfigError(
-                "partner_id", s.sources["partner_id"], "no partner ID is set", _FIXES["partner_id"] + dry
+                "partner_id", s.sources["partner_id"], "no partner ID is set", SPECS["partner_id"].fix + dry
             )
         if not s.api_key:
-            raise ConfigError("api_key", s.sources["api_key"], "no API key is set", _FIXES["api_key"] + dry)
+            raise ConfigError(
+                "api_key", s.sources["api_key"], "no API key is set", SPECS["api_key"].fix + dry
+            )
     if s.backoff_max < s.backoff_initial:
         raise ConfigError(
             "backoff_max",

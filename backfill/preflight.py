@@ -32,7 +32,7 @@ from .vocab import ExitCode, Reason
 
 SAMPLE = 20  # photos checked from the head of the manifest, and as many again drawn at random
 MAX_SKEW_S = 60.0  # the server checks each signature's timestamp; no tolerance is documented (API.md)
-_SHOWN_SETTINGS = ("env", "base_url", "partner_id", "api_key", "checkpoint", "rate", "concurrency")
+_SHOWN_SETTINGS = ("env", "base_url", "partner_id", "api_key", "ledger", "rate", "concurrency")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,7 +96,7 @@ def _settings_check(settings: Settings) -> Check:
 
 
 def _shown_setting(settings: Settings, key: str, value: object) -> str:
-    if key != "checkpoint":
+    if key != "ledger":
         return str(value) if value != "" else "(not set)"
     return settings.ledger_location() or "(named after the partner ID, which is not set)"
 
@@ -194,14 +194,14 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
         return [Check(name="ledger", ok=False,
                       detail="the default ledger is named after the partner ID, so it can't be named until the "
                       "partner ID is known: whether it exists, and what it holds, is not checked",
-                      fix="set SMILE_PARTNER_ID (see credentials), or name the ledger with --checkpoint")], {}  # fmt: skip
+                      fix="set SMILE_PARTNER_ID (see credentials), or name the ledger with --ledger")], {}  # fmt: skip
     path = Path(where)
     if not path.exists():
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             what = "is not writable" if folder.is_dir() else "is not a folder"
             return [Check(name="ledger", ok=False, detail=f"no ledger at {path}, and {folder} {what}",
-                          fix="make the folder writable, or name another ledger with --checkpoint")], {}  # fmt: skip
+                          fix="make the folder writable, or name another ledger with --ledger")], {}  # fmt: skip
         bound = (f"bound to partner {settings.partner_id} on {settings.endpoint}" if settings.partner_id
                  else f"bound to {settings.endpoint} and to the partner ID the run is given: no partner ID is "
                  "set yet")  # fmt: skip
@@ -209,7 +209,7 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
                       f"({bound})")], {}  # fmt: skip
     if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
         return [Check(name="ledger", ok=False, detail=f"the ledger {path} (or its folder) is not writable",
-                      fix="fix its permissions (runs record every attempt there), or use another --checkpoint")
+                      fix="fix its permissions (runs record every attempt there), or name another with --ledger")
                 ], {}  # fmt: skip
     try:
         store = await compose.open_store(settings, writable=False)

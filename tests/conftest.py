@@ -74,7 +74,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     def make(server: RunningSandbox | None = None, *, key: str = API_KEY, **flags: Any) -> Settings:
         defaults: dict[str, Any] = {
             "env": "local",
-            "checkpoint": tmp_path / "checkpoint.sqlite",
+            "ledger": tmp_path / "checkpoint.sqlite",
             "out": tmp_path / "out",
             "rate": 1000,
             "concurrency": 4,

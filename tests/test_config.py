@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import MISSING, fields
 from pathlib import Path
 
+import click
 import pytest
 
-from backfill.config import ENVIRONMENTS, load_settings
+from backfill.cli import main
+from backfill.cli._common import SettingOption
+from backfill.config import COLUMN_KEYS, ENVIRONMENTS, SPECS, Settings, Spec, Takes, load_settings
 from backfill.errors import ConfigError
 from backfill.redact import Secret
 
@@ -212,3 +217,197 @@ def test_broken_yaml_is_located_without_quoting_the_line(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_settings(config, {"SMILE_PARTNER_ID": "085", "SMILE_API_KEY": "k"}, {})
     assert "line" in str(info.value) and "sk_live_0123456789" not in str(info.value)
+
+
+# --- each setting declared once: its Spec is what every source reads -----------------------------------------
+
+RECORD_FIELDS = {"sources", "warnings", "credential_problems"}  # what load_settings says, not settings
+
+
+def setting_options() -> list[tuple[click.Command, click.Option]]:
+    """Every option of every command, with its command."""
+    found: list[tuple[click.Command, click.Option]] = []
+    commands: list[click.Command] = [main]
+    while commands:
+        command = commands.pop()
+        if isinstance(command, click.Group):
+            commands.extend(command.commands.values())
+        found += [(command, p) for p in command.params if isinstance(p, click.Option)]
+    return found
+
+
+def expected(spec: Spec) -> object:
+    """The value a setting takes from its example."""
+    if spec.key == "columns":
+        return {**{k: k for k in COLUMN_KEYS}, "user_id": "customer_ref"}
+    return spec.example if spec.key == "api_key" else spec.read(spec.example)
+
+
+def default_of(key: str) -> object:
+    made = next(f for f in fields(Settings) if f.name == key)
+    if made.default is not MISSING:
+        return made.default
+    assert callable(made.default_factory)
+    return made.default_factory()
+
+
+def value_of(settings: Settings, key: str) -> object:
+    value = getattr(settings, key)
+    return value.reveal() if isinstance(value, Secret) else value
+
+
+def from_file(tmp_path: Path, spec: Spec, name: str) -> Settings:
+    if spec.key == "columns":
+        text = "columns: {user_id: customer_ref}\n"
+    elif spec.key == "api_key":  # never in the file itself: a file the file names holds it
+        (tmp_path / "key.txt").write_text(spec.example)
+        text = "api_key_file: key.txt\n"
+    else:  # text quoted, as YAML would read [0-9]+ as a list; numbers and true/false as YAML reads them
+        text = f"{name}: {json.dumps(spec.example) if spec.text else spec.example}\n"
+    return load_settings(write(tmp_path, text), {}, need_credentials=False)
+
+
+def from_flag(spec: Spec, flag: str, name: str) -> Settings:
+    """Through the option the CLI made for it: the first command that has it parses it, as a user gives it."""
+    command, option = next(
+        (c, o) for c, o in setting_options() if flag in o.opts and isinstance(o, SettingOption)
+    )
+    switch = spec.flag is not None and spec.flag.takes is Takes.SWITCH
+    args = [flag] if switch else [flag, spec.example]
+    arguments = ["MANIFEST"] * sum(isinstance(p, click.Argument) and p.required for p in command.params)
+    params = command.make_context(command.name or "", [*arguments, *args]).params
+    assert option.name == name
+    names = {name for s in SPECS.values() for name in (s.key, *s.aliases)}
+    given = {k: v for k, v in params.items() if k in names}
+    return load_settings(None, {}, given, need_credentials=False)
+
+
+def sources_of(spec: Spec) -> list[tuple[str, str]]:
+    """(how, where): each place the setting may come from, under each of its names."""
+    found = [("file", name) for name in (spec.key, *spec.aliases) if spec.in_file]
+    found += [("file", "api_key_file")] if spec.key == "api_key" else []
+    found += [("environment", var) for var in spec.variables]
+    if spec.flag is not None:
+        found += [("flag", flag) for flag in (spec.flag_name, *spec.old_flags)]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("key", "how", "where"), [(s.key, *w) for s in SPECS.values() for w in sources_of(s)]
+)
+def test_every_setting_is_read_from_each_of_its_sources(
+    tmp_path: Path, key: str, how: str, where: str
+) -> None:
+    spec = SPECS[key]
+    assert expected(spec) != default_of(key)  # else the test could pass without reading it
+    if how == "file":
+        s, source = from_file(tmp_path, spec, where), f"config file {tmp_path / 'backfill.yaml'}"
+    elif how == "environment":
+        raw = "user_id=customer_ref" if key == "columns" else spec.example
+        s, source = load_settings(None, {where: raw}, need_credentials=False), f"environment {where}"
+    else:
+        name = spec.key if where == spec.flag_name else spec.aliases[spec.old_flags.index(where)]
+        s, source = from_flag(spec, where, name), f"flag {where}"
+    switch = how == "flag" and spec.flag is not None and spec.flag.takes is Takes.SWITCH
+    assert value_of(s, key) == (spec.flag.value if switch and spec.flag else expected(spec))
+    assert s.sources[key].startswith(source)
+
+
+def test_every_field_is_a_setting_with_a_spec_and_every_flag_is_an_option_made_from_it() -> None:
+    names = {f.name for f in fields(Settings)} - RECORD_FIELDS
+    assert set(SPECS) == names  # a field without a Spec would be read from nowhere
+    options = setting_options()
+    for spec in SPECS.values():
+        made = [o for _, o in options if o.name == spec.key]
+        if spec.flag is None:
+            assert spec.no_flag and not made, spec.key  # deliberately without one, and none made by hand
+            continue
+        assert made, f"--{spec.key}: no command takes its flag"
+        assert all(isinstance(o, SettingOption) and o.opts == [spec.flag_name] for o in made), spec.key
+        for alias, flag in zip(spec.aliases, spec.old_flags, strict=True):
+            old = [o for _, o in options if o.name == alias]
+            assert len(old) == len(made) and all(o.hidden and o.opts == [flag] for o in old)
+    # No option sets a setting but one made from its Spec (a hand-made --rate would drift from it).
+    assert all(isinstance(o, SettingOption) for _, o in options if o.name in SPECS)
+    assert {f.name for f in fields(Settings) if f.type == "Secret"} == {
+        k for k, s in SPECS.items() if s.secret
+    }
+    with pytest.raises(TypeError, match="says why not"):
+        Spec(help="A new setting.", example="1", parse=int, flag=None)
+
+
+def test_env_choices_come_from_the_environments() -> None:
+    chosen = {tuple(o.type.choices) for _, o in setting_options() if o.name == "env"}
+    assert chosen == {tuple(ENVIRONMENTS)}
+
+
+# --- ledger, once checkpoint: the old name still works everywhere, and says itself in errors ------------------
+
+
+def test_the_ledger_is_read_under_its_old_name_everywhere(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    for s in (
+        load_settings(write(tmp_path, f"checkpoint: {path}\n"), {}, need_credentials=False),
+        load_settings(None, {"BACKFILL_CHECKPOINT": str(path)}, need_credentials=False),
+        load_settings(None, {}, {"checkpoint": str(path)}, need_credentials=False),
+    ):
+        assert s.ledger == path and s.ledger_path() == path
+    # The same value under both names is one value; the new name is the one said.
+    s = load_settings(
+        None, {"BACKFILL_CHECKPOINT": str(path), "BACKFILL_LEDGER": str(path)}, need_credentials=False
+    )
+    assert s.sources["ledger"] == "environment BACKFILL_LEDGER"
+
+
+WITH_PASSWORD = "postgresql://app:pw-1@db/m"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "environ", "flags", "said", "source"),
+    [
+        (f"checkpoint: {WITH_PASSWORD}\n", {}, {}, "checkpoint", "config file"),
+        ("", {"BACKFILL_CHECKPOINT": WITH_PASSWORD}, {}, "checkpoint", "environment BACKFILL_CHECKPOINT"),
+        ("", {}, {"checkpoint": WITH_PASSWORD}, "checkpoint", "flag --checkpoint"),
+        ("", {}, {"ledger": WITH_PASSWORD}, "ledger", "flag --ledger"),
+    ],
+)
+def test_an_error_names_the_ledger_as_it_was_written(
+    tmp_path: Path, yaml_text: str, environ: dict[str, str], flags: dict[str, str], said: str, source: str
+) -> None:
+    config = write(tmp_path, yaml_text) if yaml_text else None
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ, flags, need_credentials=False)
+    assert info.value.key == said and info.value.source.startswith(source)
+    assert "password" in info.value.problem and "pw-1" not in str(info.value)
+
+
+BOTH = {"BACKFILL_CHECKPOINT": "a.sqlite", "BACKFILL_LEDGER": "b.sqlite"}
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "environ", "flags", "names", "fix"),
+    [
+        ("checkpoint: a.sqlite\nledger: b.sqlite\n", {}, {}, "checkpoint and ledger", "give ledger alone"),
+        ("", BOTH, {}, "BACKFILL_CHECKPOINT and BACKFILL_LEDGER", "give BACKFILL_LEDGER alone"),
+        ("", {}, {"checkpoint": "a", "ledger": "b"}, "--checkpoint and --ledger", "give --ledger alone"),
+    ],
+)
+def test_both_names_of_the_ledger_with_different_values_are_refused(
+    tmp_path: Path, yaml_text: str, environ: dict[str, str], flags: dict[str, str], names: str, fix: str
+) -> None:
+    config = write(tmp_path, yaml_text) if yaml_text else None
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ, flags, need_credentials=False)
+    assert info.value.key == "ledger" and info.value.problem.startswith(f"{names} are one setting")
+    assert info.value.fix == fix
+
+
+def test_the_cli_takes_the_ledger_as_either_flag(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    for flag in ("--ledger", "--checkpoint"):
+        missing = tmp_path / f"{flag.strip('-')}.sqlite"
+        result = CliRunner().invoke(main, ["status", flag, str(missing)], env={})
+        assert result.exit_code == 2 and f"no ledger at {missing}" in result.stderr, result.output
+    result = CliRunner().invoke(main, ["status", "--ledger", "a.sqlite", "--checkpoint", "b.sqlite"], env={})
+    assert result.exit_code == 2 and "--checkpoint and --ledger are one setting" in result.stderr

@@ -522,10 +522,10 @@ def run_from_two_shells(tmp_path: Path, threaded_sandboxes: ThreadedSandboxes, x
 def test_d_the_default_ledger_does_not_depend_on_the_shell_folder(
     tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
 ) -> None:
-    """Guards backfill/config.py `Settings.checkpoint_path`: with no --checkpoint the ledger is
+    """Guards backfill/config.py `Settings.ledger_path`: with no --checkpoint the ledger is
     `data_dir / "ledgers" / ...`, data_dir from $XDG_DATA_HOME, never a file named relative to the current
     folder. Were it (as the old `backfill-<partner>-<env>.sqlite` default was), the second run would start a
-    new ledger and send all 12 again, their 2209s read as someone else's. Tried: checkpoint_path monkeypatched
+    new ledger and send all 12 again, their 2209s read as someone else's. Tried: ledger_path monkeypatched
     to a cwd-relative name; the second run sends 12 and ends with 12 id_conflict. Also guards that a first run
     on a fresh machine makes the ledgers folder (compose.open_store).
     """

@@ -121,25 +121,26 @@ def test_config_show_names_the_ledger_the_run_used_and_says_it_is_derived(
     assert code == 0 and Path(used).is_file()
 
     code, out, _ = cli("config", "show", "--env", "local", env=env)
-    row = shown(out)["checkpoint"]
+    row = shown(out)["ledger"]
     assert code == 0 and "null" not in row
     assert row.split()[1] == used and "partner_id and base_url" in row
     code, out, _ = cli("config", "show", "--env", "local", "--json", env=env)
-    assert json.loads(out)["checkpoint"]["value"] == used
+    assert json.loads(out)["ledger"]["value"] == used
 
-    # One that is named is shown as named, with where it was named.
-    code, out, _ = cli("config", "show", env={"BACKFILL_CHECKPOINT": str(tmp_path / "cp.sqlite")})
-    row = shown(out)["checkpoint"]
-    assert str(tmp_path / "cp.sqlite") in row and "environment BACKFILL_CHECKPOINT" in row
+    # One that is named is shown as named, with where it was named, under its old name too.
+    for variable in ("BACKFILL_LEDGER", "BACKFILL_CHECKPOINT"):
+        code, out, _ = cli("config", "show", env={variable: str(tmp_path / "cp.sqlite")})
+        row = shown(out)["ledger"]
+        assert str(tmp_path / "cp.sqlite") in row and f"environment {variable}" in row
 
 
 def test_config_show_without_a_partner_id_says_the_ledger_cannot_be_derived() -> None:
     code, out, _ = cli("config", "show", env={"SMILE_PARTNER_ID": None})
-    row = shown(out)["checkpoint"]
+    row = shown(out)["ledger"]
     assert code == 0 and "null" not in row and "nopartner" not in row
     assert "no partner ID" in row and "SMILE_PARTNER_ID" in row
     code, out, _ = cli("config", "show", "--json", env={"SMILE_PARTNER_ID": None})
-    assert "no partner ID" in json.loads(out)["checkpoint"]["source"]
+    assert "no partner ID" in json.loads(out)["ledger"]["source"]
 
 
 # --- 7. one spelling of true and false in every CSV the tool writes ------------------------------------------

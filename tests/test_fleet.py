@@ -86,7 +86,7 @@ def test_both_schemes_are_kept_as_urls_from_flags_and_the_environment() -> None:
                       need_credentials=False)  # fmt: skip
     assert s.ledger_url == "postgresql://app@db/m" and s.lease == 5.0
     file_ledger = load_settings(flags={"checkpoint": "ledger.sqlite"}, environ={}, need_credentials=False)
-    assert file_ledger.ledger_url is None and file_ledger.checkpoint_path().name == "ledger.sqlite"
+    assert file_ledger.ledger_url is None and file_ledger.ledger_path().name == "ledger.sqlite"
 
 
 def test_the_cli_never_echoes_a_password_given_in_the_url(tmp_path: Path) -> None:

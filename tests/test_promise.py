@@ -164,7 +164,7 @@ async def test_the_engine_takes_an_injected_ledger(
     settings = make_settings(sandbox)
     store = MemoryStore(Binding(partner_id=PARTNER_ID, endpoint=settings.endpoint))
     summary = await compose.run(settings, manifest, store=store)
-    assert summary.counts == {"enrolled": 4} and not settings.checkpoint_path().exists()
+    assert summary.counts == {"enrolled": 4} and not settings.ledger_path().exists()
     assert {r.state for r in store.users.values()} == {State.ENROLLED} and not store.closed
     assert [r.exit_code for r in store.runs.values()] == [0]
 

@@ -96,7 +96,7 @@ async def test_attempt_recorded_before_a_kill_reads_2209_as_ours(
     settings = make_settings(sandbox)
     await runner.run(settings, manifest)
     # Emulate a kill between send and outcome: the checkpoint still says "sending".
-    db = sqlite3.connect(settings.checkpoint_path())
+    db = sqlite3.connect(settings.ledger_path())
     db.execute("UPDATE users SET state='sending', doubt=0 WHERE user_id='user_0000'")
     db.commit()
     db.close()
@@ -221,7 +221,7 @@ async def test_dry_run_sends_nothing_and_writes_no_checkpoint(
     manifest = write_manifest(tmp_path, simple_rows(5))
     settings = make_settings(sandbox, dry_run=True)
     summary = await runner.run(settings, manifest)
-    assert sandbox.state.total_requests == 0 and not settings.checkpoint_path().exists()
+    assert sandbox.state.total_requests == 0 and not settings.ledger_path().exists()
     assert summary.counts == {"dry_run": 5} and summary.exit_code == 0
 
 
@@ -359,7 +359,7 @@ async def test_retry_after_is_capped_and_a_stop_ends_the_wait(
     async with await start_sandbox(
         PARTNER_ID, API_KEY, faults=Faults(script={"other_0000": [429, 429]}, retry_after_s=3600)
     ) as server:
-        settings = make_settings(server, checkpoint=tmp_path / "cp2.sqlite", max_duration=0.3)
+        settings = make_settings(server, ledger=tmp_path / "cp2.sqlite", max_duration=0.3)
         summary = await asyncio.wait_for(runner.run(settings, manifest), 30)
         assert summary.counts == {"pending": 1} and "--max-duration" in summary.stop_reason
 

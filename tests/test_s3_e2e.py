@@ -345,9 +345,7 @@ class Meddling(ImageSource):
 
 
 def settings_for(make_settings: Any, sandbox: RunningSandbox, tmp: Path) -> Settings:
-    settings: Settings = make_settings(
-        sandbox, concurrency=1, checkpoint=tmp / "ledger.sqlite", out=tmp / "out"
-    )
+    settings: Settings = make_settings(sandbox, concurrency=1, ledger=tmp / "ledger.sqlite", out=tmp / "out")
     return settings
 
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from .. import __version__, compose
-from ..config import Settings
+from ..config import Settings, flag_for
 from ..errors import ConfigError
 from ..ledger import LedgerStatus, RunRecord
 from ..outputs import files as rs
@@ -35,7 +35,7 @@ from ._common import (
     log_options,
     manifest_options,
     out_option,
-    shown,
+    setting_options,
 )
 from .logs import setup_logging
 from .progress import TqdmProgress
@@ -43,7 +43,7 @@ from .sandbox import sandbox
 from .watch import WATCH_EVERY, Screen, every
 
 # What `config show` says when no partner ID is set, so no default ledger can be named (not "null").
-NO_LEDGER = "(none: set SMILE_PARTNER_ID, or name a ledger with checkpoint)"
+NO_LEDGER = "(none: set SMILE_PARTNER_ID, or name one with --ledger, BACKFILL_LEDGER or ledger: in the file)"
 
 # The sample data ships in the package (backfill/demo), so an ordinary install finds it from any folder.
 DEMO_PACKAGE = "backfill.demo"
@@ -56,27 +56,15 @@ def manifest_arg(value: str) -> Path | str:
     return value if is_url(value) else Path(value)
 
 
-CHECKPOINT_HELP = (
-    "The ledger: a SQLite file, or postgresql://user@host:port/dbname for a fleet of runs sharing one "
-    "(password from PGPASSWORD, ~/.pgpass or a service file)."
-)
-lease_option = click.option(
-    "--lease", type=float, show_default=shown("lease"),
-    help="PostgreSQL ledger: seconds a claim on rows lasts unless renewed; a dead run's rows return after it.",
-)  # fmt: skip
-read_concurrency_option = click.option(
-    "--read-concurrency", type=int, show_default=shown("read_concurrency"),
-    help="Photos in object storage checked at once (ranged reads), apart from --concurrency.",
-)  # fmt: skip
+lease_option = setting_options("lease")
+read_concurrency_option = setting_options("read_concurrency")
 yes_option = click.option(
     "--yes", is_flag=True,
     help="Send to production without asking (asked only when stdin and stderr are a terminal).",
 )  # fmt: skip
-metrics_option = click.option(
-    "--metrics-addr",
-    help="Serve Prometheus metrics on HOST:PORT during the run (e.g. 127.0.0.1:9464; :9464 for every interface); "
-         "off by default.",
-)  # fmt: skip
+metrics_option = setting_options("metrics_addr")
+# Where to send: the API, and the ledger that says what was sent.
+api_and_ledger_options = setting_options("env", "base_url", "ledger")
 
 
 @click.group()
@@ -108,10 +96,7 @@ def validate(manifest: str, config_file: Path | None, **flags: Any) -> None:
 @main.command()
 @click.argument("manifest")
 @config_option
-@click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.",
-              show_default=shown("env"))  # fmt: skip
-@click.option("--base-url", help="API root (overrides --env's URL).")
-@click.option("--checkpoint", metavar="PATH|URL", help=CHECKPOINT_HELP)
+@api_and_ledger_options
 @manifest_options
 @read_concurrency_option
 @guard
@@ -143,49 +128,30 @@ def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
 @main.command()
 @click.argument("manifest")
 @config_option
-@click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.",
-              show_default=shown("env"))  # fmt: skip
-@click.option("--base-url", help="API root, e.g. http://127.0.0.1:8080/v1 (overrides --env's URL).")
-@click.option(
-    "--concurrency", type=int, help="Requests in flight at once.", show_default=shown("concurrency")
+@setting_options(
+    "env", "base_url", "concurrency", "rate", "max_attempts", "timeout", "fail_threshold", "ledger"
 )
-@click.option("--rate", type=float, help="Requests per second across all workers, retries included.",
-              show_default=shown("rate"))  # fmt: skip
-@click.option("--max-attempts", type=int, help="Attempts per row before giving up on transient errors.",
-              show_default=shown("max_attempts"))  # fmt: skip
-@click.option("--timeout", type=float, help="Seconds to wait for one answer.", show_default=shown("timeout"))
-@click.option("--fail-threshold", type=float, help="Stop when this fraction of recent rows fail.",
-              show_default=shown("fail_threshold"))  # fmt: skip
-@click.option("--checkpoint", metavar="PATH|URL", help=CHECKPOINT_HELP,
-              show_default=f"{shown('data_dir')}/ledgers/<partner_id>@<host>_<port>.sqlite")  # fmt: skip
 @lease_option
 @out_option
-@click.option(
-    "--dry-run", is_flag=True, default=None, help="Validate, build and sign every request; send none."
-)
-@click.option("--limit", type=int, help="Send at most N rows (a canary).")
-@click.option("--max-duration", help="Stop starting new rows after this long (3600, 90m, 2h); resumable.")
+@setting_options("dry_run", "limit", "max_duration")
 @metrics_option
 @manifest_options
 @read_concurrency_option
 @log_options
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@setting_options("progress")
 @yes_option
 @guard
-def run(manifest: str, config_file: Path | None, no_progress: bool, yes: bool, **flags: Any) -> None:
+def run(manifest: str, config_file: Path | None, yes: bool, **flags: Any) -> None:
     """Send every valid row of MANIFEST not already enrolled; resume where an earlier run stopped.
 
     Against production from a terminal, says what it will send and asks first (--yes: don't ask).
     """
     settings = load_settings(config_file, flags=flags)
-    _run(settings, manifest_arg(manifest), progress=not no_progress and settings.progress,
-         confirm=_production_question(settings, yes=yes))  # fmt: skip
+    _run(settings, manifest_arg(manifest), confirm=_production_question(settings, yes=yes))
 
 
-def _run(
-    settings: Settings, manifest: Path | str, *, progress: bool, confirm: compose.Confirm | None
-) -> NoReturn:
-    bar = TqdmProgress(progress)
+def _run(settings: Settings, manifest: Path | str, *, confirm: compose.Confirm | None) -> NoReturn:
+    bar = TqdmProgress(settings.progress)
     setup_logging(settings, bar.enabled)
     try:
         summary = compose.run_blocking(settings, manifest, progress=bar, on_interrupt=_acknowledge,
@@ -252,23 +218,17 @@ def _left(leaving: Leaving) -> None:
     "--status", "states", default=",".join(sorted(TRANSIENT_STATES)), show_default=True,
     help="Which rows to re-send: any of pending, sending, retry_exhausted, unknown, failed.",
 )  # fmt: skip
-@click.option("--env", type=click.Choice(["local", "sandbox", "production"]), help="Which API to use.")
-@click.option("--base-url", help="API root (overrides --env's URL).")
-@click.option("--checkpoint", metavar="PATH|URL", help=CHECKPOINT_HELP)
+@api_and_ledger_options
 @lease_option
 @out_option
-@click.option("--concurrency", type=int, show_default=shown("concurrency"))
-@click.option("--rate", type=float, show_default=shown("rate"))
-@click.option("--max-attempts", type=int, show_default=shown("max_attempts"))
-@click.option("--timeout", type=float, show_default=shown("timeout"))
-@click.option("--max-duration")
+@setting_options("concurrency", "rate", "max_attempts", "timeout", "max_duration")
 @metrics_option
 @read_concurrency_option
 @log_options
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@setting_options("progress")
 @yes_option
 @guard
-def retry(config_file: Path | None, states: str, no_progress: bool, yes: bool, **flags: Any) -> None:
+def retry(config_file: Path | None, states: str, yes: bool, **flags: Any) -> None:
     """Re-send rows straight from the ledger, without the manifest (same guarantees as `run`).
 
     Transient failures by default; name `failed` to re-send permanent failures too (after fixing their images).
@@ -276,7 +236,7 @@ def retry(config_file: Path | None, states: str, no_progress: bool, yes: bool, *
     """
     chosen = compose.parse_status_names(states, allowed=RETRYABLE_STATES, what="retried")
     settings = load_settings(config_file, flags=flags)
-    bar = TqdmProgress(not no_progress and settings.progress)
+    bar = TqdmProgress(settings.progress)
     setup_logging(settings, bar.enabled)
     try:
         summary = compose.retry(settings, chosen, progress=bar, on_interrupt=_acknowledge,
@@ -409,7 +369,7 @@ def export(
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path, file_okay=False, exists=True))
 @config_option
-@ledger_options(checkpoint_help="Without RUN_DIR: report on this ledger, across every run.")
+@ledger_options("Without RUN_DIR: report on this ledger, across every run.")
 @out_option
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
               help="The migration report's file (default: migration-report-<UTC>.html in --out).")  # fmt: skip
@@ -422,14 +382,14 @@ def report(
 ) -> None:
     """Write (or rewrite) RUN_DIR/report.html from the run's summary.json and CSVs.
 
-    Without RUN_DIR: one report across the whole ledger (--checkpoint, or the default one as `status` finds
-    it): every user_id's final state, every run with its manifest's SHA-256, and the open items.
+    Without RUN_DIR: one report across the whole ledger (--ledger, or the default one as `status` finds it):
+    every user_id's final state, every run with its manifest's SHA-256, and the open items.
     """
     if run_dir is None:
         settings = load_settings(config_file, flags=flags, need_credentials=False)
         click.echo(str(compose.migration_report(settings, output, overwrite=overwrite)))
         return
-    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    given = [flag_for(k) for k, v in flags.items() if v is not None]
     if given or output is not None or config_file is not None:
         raise ConfigError(
             "RUN_DIR", "the command line", f"a run folder's report takes none of {', '.join(given) or '--output'}",
@@ -447,7 +407,7 @@ def config() -> None:
 
 @config.command("show")
 @config_option
-@click.option("--env", type=click.Choice(["local", "sandbox", "production"]))
+@setting_options("env")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guard
 def config_show(config_file: Path | None, as_json: bool, **flags: Any) -> None:
@@ -456,7 +416,7 @@ def config_show(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     values = settings.redacted()
     # The ledger the run would really use, not the unset flag: the one setting a user most needs to find.
     ledger = settings.ledger_location()
-    values["checkpoint"] = ledger if ledger is not None or as_json else NO_LEDGER
+    values["ledger"] = ledger if ledger is not None or as_json else NO_LEDGER
     sources = {k: settings.sources.get(k, "default") for k in values}
     if as_json:
         shown = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in values.items()}
@@ -534,7 +494,7 @@ def demo(no_progress: bool) -> None:
                 None,
                 environ={"SMILE_PARTNER_ID": LOCAL_PARTNER_ID, "SMILE_API_KEY": api_key},
                 flags={
-                    "env": "local", "base_url": server.base_url, "checkpoint": work / "checkpoint.sqlite",
+                    "env": "local", "base_url": server.base_url, "ledger": work / "ledger.sqlite",
                     "out": work / "out", "rate": 50, "concurrency": 4,
                 },
             )  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from .. import config
-from ..config import Settings
+from ..config import Settings, Spec, Takes
 from ..errors import BackfillError, ConfigError
 from ..redact import scrub
 from ..vocab import ExitCode
@@ -108,28 +108,61 @@ def _warn(warnings: Iterable[str]) -> None:
         click.echo(f"backfill: warning: {warning}", err=True)
 
 
-def shown(key: str) -> str:
+class SettingOption(click.Option):
+    """An option made from a setting's Spec (config.SPECS): its value reaches load_settings as a flag."""
+
+
+def setting_options(*keys: str, help: Mapping[str, str] | None = None) -> Callable[[F], F]:
+    """The options of these settings, in this order in --help, each made from its Spec; `help` words one
+    differently for a command where it does something else (picking the ledger a command reads)."""
+
+    def add(fn: F) -> F:
+        for key in reversed(keys):
+            for option in reversed(_options(config.SPECS[key], (help or {}).get(key))):
+                fn = option(fn)
+        return fn
+
+    return add
+
+
+def _options(spec: Spec, help: str | None) -> list[Callable[[F], F]]:
+    """The option that sets `spec`'s setting, with one hidden option per old name (which load_settings reads
+    as the same setting, and names in its messages as it was written)."""
+    flag = spec.flag
+    if flag is None:
+        raise ValueError(f"{spec.key} has no flag: {spec.no_flag}")
+    kinds: dict[str, Any] = {"metavar": flag.metavar}
+    if spec.choices:
+        kinds["type"] = click.Choice(spec.choices)
+    if flag.takes is Takes.SWITCH:
+        kinds |= {"is_flag": True, "flag_value": flag.value, "default": None}  # None: not given, so not set
+    elif flag.takes is Takes.REPEATED:
+        kinds |= {"multiple": True, "callback": _none_if_empty}
+    elif flag.takes is Takes.FILE:
+        kinds["type"] = click.Path(path_type=Path, dir_okay=False)
+    elif flag.takes is Takes.FOLDER:
+        kinds["type"] = click.Path(path_type=Path, file_okay=False)
+    said = help or flag.help or spec.help
+    if spec.aliases:
+        said += f" Its old name, {', '.join(spec.old_flags)}, works too."
+    shown = _default_shown(spec)
+    options = [
+        click.option(spec.flag_name, spec.key, cls=SettingOption, help=said, show_default=shown, **kinds)
+    ]
+    for alias, name in zip(spec.aliases, spec.old_flags, strict=True):
+        options.append(click.option(name, alias, cls=SettingOption, hidden=True, **kinds))
+    return options
+
+
+def _default_shown(spec: Spec) -> str | None:
     """A setting's built-in default, for --help: the flags default to None, so YAML and BACKFILL_* still apply."""
-    value = next(f.default for f in fields(Settings) if f.name == key)
-    return str(value)
-
-
-config_option = click.option(
-    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="YAML settings file."
-)
-out_option = click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder.",
-                          show_default=shown("out"))  # fmt: skip
-
-
-def log_options(fn: F) -> F:
-    fn = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-                      show_default=shown("log_level"))(fn)  # fmt: skip
-    fn = click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
-                      help="Also log every event here (appended).")(fn)  # fmt: skip
-    return click.option(
-        "--log-format", type=click.Choice(["text", "json"]), help="json: one object per line.",
-        show_default=shown("log_format"),
-    )(fn)  # fmt: skip
+    assert spec.flag is not None
+    if spec.flag.default_shown is not None:
+        return spec.flag.default_shown or None
+    if spec.flag.takes in (Takes.SWITCH, Takes.REPEATED):
+        return None
+    default = next(f.default for f in fields(Settings) if f.name == spec.key)
+    return None if default is None else str(default)
 
 
 def _none_if_empty(
@@ -139,30 +172,21 @@ def _none_if_empty(
     return value or None
 
 
-def manifest_options(fn: F) -> F:
-    """--delimiter, --encoding and --column: how a command that reads a manifest reads it, like `run` does."""
-    fn = click.option(
-        "--column", "columns", multiple=True, metavar="ROLE=NAME", callback=_none_if_empty,
-        help="The manifest's column for user_id, user_created_at or image_path, e.g. user_id=customer_ref "
-             "(repeat it for each one renamed).",
-    )(fn)  # fmt: skip
-    fn = click.option("--encoding", metavar="NAME", help="The manifest's text encoding, e.g. cp1252 or utf-16.",
-                      show_default=shown("encoding"))(fn)  # fmt: skip
-    return click.option(
-        "--delimiter", metavar="CHAR", help="The manifest's one character between values, e.g. ';', '|' or tab.",
-        show_default=shown("delimiter"),
-    )(fn)  # fmt: skip
+config_option = click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="YAML settings file."
+)
+out_option = setting_options("out")
+log_options = setting_options("log_format", "log_file", "log_level")
+# How a command that reads a manifest reads it, as `run` does.
+manifest_options = setting_options("delimiter", "encoding", "columns")
 
 
-def ledger_options(
-    checkpoint_help: str = "The ledger, a file or a postgresql:// URL (default: one per partner and endpoint).",
-) -> Callable[[F], F]:
-    """--checkpoint, --env and --base-url: how a command that only reads finds the ledger `run` would use."""
-
-    def add(fn: F) -> F:
-        fn = click.option("--base-url", help="API root: with the partner ID, picks the default ledger.")(fn)
-        fn = click.option("--env", type=click.Choice(["local", "sandbox", "production"]),
-                          help="Picks the default ledger.")(fn)  # fmt: skip
-        return click.option("--checkpoint", metavar="PATH|URL", help=checkpoint_help)(fn)
-
-    return add
+def ledger_options(ledger_help: str | None = None) -> Callable[[F], F]:
+    """--ledger, --env and --base-url: how a command that only reads finds the ledger `run` would use."""
+    reading = {
+        "env": "Picks the default ledger.",
+        "base_url": "API root: with the partner ID, picks the default ledger.",
+    }
+    return setting_options(
+        "ledger", "env", "base_url", help=reading | ({"ledger": ledger_help} if ledger_help else {})
+    )
