@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -411,3 +412,14 @@ def test_the_cli_takes_the_ledger_as_either_flag(tmp_path: Path) -> None:
         assert result.exit_code == 2 and f"no ledger at {missing}" in result.stderr, result.output
     result = CliRunner().invoke(main, ["status", "--ledger", "a.sqlite", "--checkpoint", "b.sqlite"], env={})
     assert result.exit_code == 2 and "--checkpoint and --ledger are one setting" in result.stderr
+
+
+def test_the_example_file_names_every_setting_and_each_of_its_lines_loads(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "backfill.example.yaml"
+    lines = example.read_text().splitlines()
+    keys = {m.group(1) for line in lines if (m := re.match(r"^(?:# )?([a-z_]+):", line))}
+    assert {k for k, s in SPECS.items() if s.in_file} <= keys and keys <= {*SPECS, "api_key_file"}
+    assert load_settings(example, {}, need_credentials=False).partner_id == "085"
+    for line in lines:  # each commented-out setting, given alone, is one the tool takes
+        if re.match(r"^# [a-z_]+:", line) and not line.startswith("# api_key_file:"):
+            load_settings(write(tmp_path, line.removeprefix("# ")), {}, need_credentials=False)

@@ -419,3 +419,35 @@ def test_the_exit_codes_the_docs_list_are_the_ones_the_tool_has() -> None:
 def test_the_exit_codes_reader_sees_a_missing_code() -> None:
     table = "## Exit codes\n\n| code | meaning |\n|---|---|\n| 0 | fine |\n| 130, 143 | signals |\n\n## Next\n| 9 | x |"
     assert exit_codes_table(table) == {0, 130, 143}
+
+
+# --- the settings table: every setting, with its names in the file, the environment and on the command line ---
+
+
+def settings_table() -> str:
+    """docs/configuration.md's table of settings, as the settings' Specs make it."""
+    from backfill.config import SPECS, Spec
+
+    def code(*names: str) -> str:
+        return ", ".join(f"`{name}`" for name in names)
+
+    def old(names: tuple[str, ...]) -> str:
+        return f" (old name: {code(*names)})" if names else ""
+
+    def row(spec: Spec) -> str:
+        key = code(spec.key) + old(spec.aliases) + ("" if spec.in_file else " (never in the file)")
+        flag = code(spec.flag_name) + old(spec.old_flags) if spec.flag else "—"
+        olds = spec.variables[: len(spec.aliases)] if spec.env is None else ()
+        env = code(*spec.variables[len(olds) :]) + old(olds)
+        return f"| {key} | {flag} | {env} | {spec.help.replace('|', chr(92) + '|')} |"
+
+    header = ["| setting (the file's key) | flag | environment | what it is |", "|---|---|---|---|"]
+    return "\n".join([*header, *(row(spec) for spec in SPECS.values())])
+
+
+def test_the_configuration_page_lists_every_setting_as_the_code_declares_it() -> None:
+    page = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    table = settings_table()
+    assert table in page, f"docs/configuration.md's table of settings, as the code has them:\n{table}"
+    # The old name is said here, since --help hides it.
+    assert "`--ledger` (old name: `--checkpoint`)" in table
