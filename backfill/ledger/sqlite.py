@@ -6,12 +6,13 @@ import asyncio
 import fcntl
 import json
 import logging
+import operator
 import os
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,6 @@ from . import (
     Store,
     Ticket,
     row_of,
-    row_values,
 )
 from . import transitions as tr
 
@@ -85,6 +85,9 @@ _RUN_COLUMNS = tuple(f.name for f in fields(RunRecord))
 _BEGUN_MAX = 65_536
 _STATE_OF = {s.value: s for s in State}
 _STATE_AT, _DOUBT_AT = _COLUMNS.index("state"), _COLUMNS.index("doubt")
+# A row's values in column order, as _UPSERT binds them: sqlite3 binds the State (a str) and the bool (an int)
+# as they are, so nothing is converted on the way in.
+_values: Callable[[LedgerRow], tuple[Any, ...]] = operator.attrgetter(*_COLUMNS)
 
 
 def _row(values: Sequence[Any]) -> LedgerRow:
@@ -94,27 +97,21 @@ def _row(values: Sequence[Any]) -> LedgerRow:
     return row_of(typed)
 
 
-def _values(row: LedgerRow) -> list[Any]:
-    values = row_values(row)
-    values[_DOUBT_AT] = int(values[_DOUBT_AT])
-    return values
-
-
-@dataclass(slots=True)
-class _Op:
-    """One write, applied inside the next group transaction on the writer thread."""
-
-    apply: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any] | None  # None: nobody waits for the commit
+# One write waiting for the next group commit: an attempt to begin, an outcome to settle, a statement on the runs
+# table, or None (a flush: nothing but the wait). With it, the future of whoever waits for that commit, or None.
+_Statement = tuple[str, tuple[Any, ...]]
+_Write = tuple[AttemptRequest | Outcome | _Statement | None, "asyncio.Future[Any] | None"]
 
 
 class SqliteStore(Store):
     """SQLite in WAL mode with synchronous=FULL, driven by one thread.
 
-    Group commit: callers queue operations; whenever the writer thread is idle it takes everything queued and
-    applies it as one transaction. A caller that must know its write is on disk waits for that commit, while
-    one fsync is shared by every write that arrived meanwhile. Each operation reads the row and applies the
-    pure transition functions of transitions.py, so this backend can't drift from the contract.
+    Group commit: callers queue writes; whenever the writer thread is idle it takes everything queued and applies
+    it as one transaction. A caller that must know its write is on disk waits for that commit, while one fsync is
+    shared by every write that arrived meanwhile; a write nobody waits for (an outcome whose loss costs no
+    promise, a note) costs no future at all. Each write goes through the pure transition functions of
+    transitions.py, in the order it was made, so this backend can't drift from the contract; the rows a group
+    changes are then written with one executemany.
     """
 
     def __init__(
@@ -126,13 +123,14 @@ class SqliteStore(Store):
         self._conn = conn
         self._executor = executor
         self._lock = lock
-        self._queue: list[_Op] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._queue: list[_Write] = []
+        # A group is being committed, or is about to be: a new write waits for the next one, which starts as
+        # soon as this one is on disk. False: the writer is idle, and the next write starts a group.
+        self._writing = False
         self._failure: BaseException | None = None
-        # Rows written by begin_attempt and not yet settled, as written: settle reads its row here instead of
-        # SELECTing it again. Touched only on the writer thread, inside the group transactions; exact, because
-        # this store is the ledger's one writer (the flock) and every write to users goes through begin/settle.
+        # Rows this store left SENDING (begun, not yet settled), as written: a group reads its rows here instead of
+        # SELECTing them again. Touched only on the writer thread, after each commit; exact, because this store is
+        # the ledger's one writer (the flock) and every write to users goes through begin/settle.
         self._begun: dict[str, LedgerRow] = {}
 
     @classmethod
@@ -188,56 +186,34 @@ class SqliteStore(Store):
         return found
 
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
-        def apply(conn: sqlite3.Connection) -> Ticket | Refused:
-            begun = self._begun.pop(request.user_id, None)
-            result = tr.begin(begun if begun is not None else _get(conn, request.user_id), request)
-            if isinstance(result, Refused):
-                return result
-            row, ticket = result
-            conn.execute(_UPSERT, _values(row))
-            if len(self._begun) >= _BEGUN_MAX:
-                self._begun.clear()  # rows begun and never settled (a stop): bounded, and _get still works
-            self._begun[request.user_id] = row
-            return ticket
-
         # Waited for: "recorded before sent" is the whole point.
-        outcome: Ticket | Refused = await self._submit(apply, wait=True)
-        return outcome
+        result: Ticket | Refused = await self._write(request)
+        return result
 
     async def settle(self, outcome: Outcome) -> Settled:
-        def apply(conn: sqlite3.Connection) -> Settled:
-            begun = self._begun.pop(outcome.user_id, None)
-            new = tr.settle(begun if begun is not None else _get(conn, outcome.user_id), outcome)
-            if new is None:
-                return Settled.FENCED
-            conn.execute(_UPSERT, _values(new))
-            return Settled.APPLIED
-
         if tr.must_be_durable(outcome):
-            result: Settled = await self._submit(apply, wait=True)
+            result: Settled = await self._write(outcome)
             return result
-        # Not awaited: the next commit takes it with whatever else is queued. A refusal is still told.
-        queued = self._submit(apply, wait=False)
-        queued.add_done_callback(lambda f: _tell_if_fenced(f, outcome))
+        # Not waited for: the next commit takes it with whatever else is queued. A refusal is still told, by the
+        # log line its group's commit writes.
+        self._enqueue(outcome, None)
         return Settled.QUEUED
 
     async def flush(self) -> None:
-        await self._submit(lambda conn: None, wait=True)
+        await self._write(None)
 
     async def start_run(self, record: RunRecord) -> None:
         record = replace(record, pid=record.pid or os.getpid(), host=record.host or socket.gethostname())
         sql = f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) VALUES ({', '.join('?' * len(_RUN_COLUMNS))})"
-        values = tuple(getattr(record, c) for c in _RUN_COLUMNS)
-        await self._submit(lambda conn: conn.execute(sql, values), wait=True)
+        await self._write((sql, tuple(getattr(record, c) for c in _RUN_COLUMNS)))
 
     async def finish_run(self, run_id: str, *, finished_at: str, rows: int, exit_code: int) -> None:
         sql = "UPDATE runs SET finished_at=?, rows=?, exit_code=? WHERE run_id=?"
-        await self._submit(lambda conn: conn.execute(sql, (finished_at, rows, exit_code, run_id)), wait=True)
+        await self._write((sql, (finished_at, rows, exit_code, run_id)))
 
     async def note_run(self, run_id: str, note: str | None) -> None:
-        sql = "UPDATE runs SET note=? WHERE run_id=?"
         # On disk with the next commit: a note lost in a crash costs nothing but the note.
-        self._submit(lambda conn: conn.execute(sql, (note, run_id)), wait=False)
+        self._enqueue(("UPDATE runs SET note=? WHERE run_id=?", (note, run_id)), None)
 
     async def status(self, *, last_runs: int = 10) -> LedgerStatus:
         self._raise_if_failed()
@@ -263,18 +239,16 @@ class SqliteStore(Store):
 
     async def close(self) -> None:
         try:
-            if self._writer is not None and self._failure is None:
+            if self._writing and self._failure is None:
                 await self.flush()
         finally:
-            if self._writer is not None:
-                self._writer.cancel()
             await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
             self._executor.shutdown(wait=True)
             if self._lock is not None:
                 os.close(self._lock)  # closing the descriptor releases the flock
                 self._lock = None
 
-    # --- the writer ---
+    # --- the writer: queued on the event loop, applied on the ledger's thread, told back once a group ---
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -286,59 +260,81 @@ class SqliteStore(Store):
                 "Check it with `sqlite3 FILE 'PRAGMA integrity_check'`"
             ) from exc
 
-    def _submit(self, apply: Callable[[sqlite3.Connection], Any], *, wait: bool) -> asyncio.Future[Any]:
-        self._raise_if_failed()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append(_Op(apply, future))
-        self._wake.set()
-        if self._writer is None:
-            self._writer = loop.create_task(self._write_loop(), name="ledger-writer")
-        if not wait:
-            # Nobody awaits it; a failure still reaches every later caller through _raise_if_failed.
-            future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+    def _write(self, what: AttemptRequest | Outcome | _Statement | None) -> asyncio.Future[Any]:
+        """Queue `what`; the future is its result, set once the group holding it is on disk."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(what, future)
         return future
+
+    def _enqueue(
+        self, what: AttemptRequest | Outcome | _Statement | None, future: asyncio.Future[Any] | None
+    ) -> None:
+        # A write nobody waits for still fails loudly: every later caller hears of it here.
+        self._raise_if_failed()
+        self._queue.append((what, future))
+        if not self._writing:
+            self._writing = True
+            # A turn of the loop later, so that the writes made in this turn (every worker the last commit woke)
+            # go in the same group.
+            asyncio.get_running_loop().call_soon(self._start_group)
+
+    def _start_group(self) -> None:
+        writes, self._queue = self._queue, []
+        try:
+            self._executor.submit(self._commit, writes, asyncio.get_running_loop())
+        except RuntimeError as exc:  # the executor is shut down: the store was closed under these writes
+            self._failed(writes, exc)
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
-            raise CheckpointError(f"the ledger can no longer be written: {self._failure}")
+            raise _unwritable(self._failure)
 
-    async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._queue = self._queue, []
-            if not batch:
-                continue
-            try:
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, _commit, self._conn, [op.apply for op in batch]
-                )
-            except Exception as exc:  # any failure: waiters must hear of it, or they wait for ever
-                self._failure = exc
-                self._begun.clear()  # the group was rolled back: none of its rows is on disk
-                error = CheckpointError(f"the ledger can no longer be written: {exc}")
-                for op in [*batch, *self._queue]:
-                    if op.future is not None and not op.future.done():
-                        op.future.set_exception(error)
-                return
-            for op, result in zip(batch, results, strict=True):
-                if op.future is not None and not op.future.done():
-                    op.future.set_result(result)
+    def _commit(self, writes: list[_Write], loop: asyncio.AbstractEventLoop) -> None:
+        """On the ledger's thread: apply the group, then wake the event loop once to tell every writer in it."""
+        try:
+            results = _apply(self._conn, self._begun, writes)
+        except BaseException as exc:  # any failure: waiters must hear of it, or they wait for ever
+            loop.call_soon_threadsafe(self._failed, writes, exc)
+        else:
+            loop.call_soon_threadsafe(self._committed, writes, results)
+
+    def _committed(self, writes: list[_Write], results: list[object]) -> None:
+        for (what, future), result in zip(writes, results, strict=True):
+            if future is not None:
+                if not future.done():  # a waiter cancelled (a stop) no longer wants the result
+                    future.set_result(result)
+            elif result is Settled.FENCED and isinstance(what, Outcome):
+                _tell_fenced(what)
+        if self._queue:
+            self._start_group()  # these have waited a whole commit already: the next group goes now
+        else:
+            self._writing = False
+
+    def _failed(self, writes: list[_Write], exc: BaseException) -> None:
+        # The group was rolled back and nothing more is written: every write in it, and every one queued behind
+        # it, fails with the reason; a later call raises it too (_raise_if_failed).
+        self._failure = exc
+        waiting, self._queue = [*writes, *self._queue], []
+        for _, future in waiting:
+            if future is not None and not future.done():
+                future.set_exception(_unwritable(exc))
 
 
-def _tell_if_fenced(future: asyncio.Future[Any], outcome: Outcome) -> None:
-    if not future.cancelled() and future.exception() is None and future.result() is Settled.FENCED:
-        log.warning(
-            "%s: the ledger refused attempt %s's outcome %s",
-            outcome.user_id,
-            outcome.attempt,
-            outcome.state,
-            extra={
-                "event": "outcome_fenced",
-                "fields": {"user_id": outcome.user_id, "attempt": outcome.attempt},
-            },
-        )
+def _unwritable(exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"the ledger can no longer be written: {exc}")
+
+
+def _tell_fenced(outcome: Outcome) -> None:
+    log.warning(
+        "%s: the ledger refused attempt %s's outcome %s",
+        outcome.user_id,
+        outcome.attempt,
+        outcome.state,
+        extra={
+            "event": "outcome_fenced",
+            "fields": {"user_id": outcome.user_id, "attempt": outcome.attempt},
+        },
+    )
 
 
 def _make_private_parents(folder: Path) -> None:
@@ -520,20 +516,59 @@ def _migrate_v1(conn: sqlite3.Connection, meta: dict[str, str], legacy: dict[str
     conn.execute("COMMIT")
 
 
-def _commit(conn: sqlite3.Connection, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+def _apply(conn: sqlite3.Connection, begun: dict[str, LedgerRow], writes: list[_Write]) -> list[object]:
+    """Apply one group of writes in one transaction; each one's result, in order (None for a statement or flush).
+
+    Each attempt and outcome goes through transitions.py in the order it was made, onto the row as the writes
+    before it in the group left it (a queued outcome and the next attempt of the same ID can share a group). Every
+    row the group changed is then written once, in its final state, by one executemany. `begun` is the cache of
+    rows left SENDING; it is brought up to date only once the commit has succeeded.
+    """
+    changed: dict[str, LedgerRow] = {}
+    results: list[object] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        results = [apply(conn) for apply in ops]
+        # The rows not in the cache, read in one query: IDs seen before by another run, or never seen at all.
+        unknown = {
+            w.user_id for w, _ in writes if isinstance(w, AttemptRequest | Outcome) and w.user_id not in begun
+        }
+        stored = _lookup(conn, list(unknown)) if unknown else {}
+        for what, _ in writes:
+            if isinstance(what, AttemptRequest):
+                uid = what.user_id
+                begin = tr.begin(changed.get(uid) or begun.get(uid) or stored.get(uid), what)
+                if isinstance(begin, Refused):
+                    results.append(begin)
+                else:
+                    changed[uid], ticket = begin
+                    results.append(ticket)
+            elif isinstance(what, Outcome):
+                uid = what.user_id
+                settled = tr.settle(changed.get(uid) or begun.get(uid) or stored.get(uid), what)
+                if settled is None:
+                    results.append(Settled.FENCED)
+                else:
+                    changed[uid] = settled
+                    results.append(Settled.APPLIED)
+            else:
+                if what is not None:
+                    conn.execute(*what)
+                results.append(None)
+        if changed:
+            conn.executemany(_UPSERT, map(_values, changed.values()))
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # a COMMIT that failed may have ended the transaction itself
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+    if len(begun) >= _BEGUN_MAX:
+        begun.clear()  # rows begun and never settled (stops): bounded, and a miss is read from disk
+    for uid, row in changed.items():
+        if row.state is State.SENDING:
+            begun[uid] = row
+        else:
+            begun.pop(uid, None)
     return results
-
-
-def _get(conn: sqlite3.Connection, user_id: str) -> LedgerRow | None:
-    found = conn.execute(_SELECT + " WHERE user_id = ?", (user_id,)).fetchone()
-    return None if found is None else _row(found)
 
 
 def _lookup(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, LedgerRow]:
