@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESUME_TARGET_S = 15.0
 # "Memory flat": the resume's peak RSS may grow this much from the smallest manifest to the largest.
 RESUME_RSS_FLAT = 1.2
-NAMES = ("rate_fidelity", "client_overhead", "vs_adhoc", "scale", "retry_storm", "profile")
+NAMES = ("rate_fidelity", "client_overhead", "vs_adhoc", "scale", "retry_storm", "ledger", "profile")
 
 
 def _get(results: dict[str, Any], path: str) -> Any:
@@ -197,14 +197,6 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
         rows.append(
             ("4 scale", "resume peak RSS largest / smallest", None, None, s["resume_rss_large_over_small"])
         )
-    c = s.get("checkpoint")
-    if c:
-        rows += [
-            ("4 checkpoint", f"outcomes/s durable (baseline: fsync each, {c['users']} users)", c["outcomes_per_s"],
-             c["naive_durable_per_s"], c["over_naive_durable"]),
-            ("4 checkpoint", "outcomes/s durable (baseline: no fsync at all)", c["outcomes_per_s"],
-             c["no_fsync_ceiling_per_s"], c["over_no_fsync_ceiling"]),
-        ]  # fmt: skip
     st = results.get("retry_storm")
     if st:
         rows += [
@@ -221,6 +213,39 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
             ("5 storm", "worst 1-s window, clean (baseline: rate)", st["clean"]["worst_1s_window"],
              st["configured_rate"], st["clean"]["worst_1s_window_over_configured"]),
         ]  # fmt: skip
+    led = results.get("ledger")
+    if led:
+        o, f = led["ours"], led["floor"]
+        rows += [
+            (
+                "6 ledger",
+                f"begin+settle rows/s ({led['users']} users; baseline: bare executemany, as durable)",
+                o["rows_per_s"],
+                f["rows_per_s"],
+                led["over_floor"],
+            ),
+            (
+                "6 ledger",
+                "CPU us/row (baseline: bare executemany, as durable)",
+                o["cpu_us_per_row"],
+                f["cpu_us_per_row"],
+                led["cpu_per_row_over_floor"],
+            ),
+            (
+                "6 ledger",
+                "rows/s (baseline: one fsync per write)",
+                o["rows_per_s"],
+                led["one_fsync_each_rows_per_s"],
+                led["over_one_fsync_each"],
+            ),
+            (
+                "6 ledger",
+                "rows/s (baseline: no fsync at all)",
+                o["rows_per_s"],
+                led["no_fsync_rows_per_s"],
+                led["over_no_fsync"],
+            ),
+        ]
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The five benchmarks and the profile; each returns its figures, its baselines and their ratios."""
+"""The six benchmarks and the profile; each returns its figures, its baselines and their ratios."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -37,10 +38,11 @@ class Plan:
     repeats: int
     adhoc_rows: int
     scale_rows: tuple[int, ...]
-    checkpoint_users: int
+    ledger_users: int
     naive_users: int
     storm_rows: int
     profile: bool
+    ledger_repeats: int = 3  # each a fresh child; the median is reported
     pool: int = 20  # distinct photos per size; rows cycle through them
     run_timeout_s: float = 3600.0
     notes: list[str] = field(default_factory=list)
@@ -54,7 +56,7 @@ PLANS = {
         repeats=2,
         adhoc_rows=300,
         scale_rows=(100_000, 1_000_000),
-        checkpoint_users=20000,
+        ledger_users=20000,
         naive_users=500,
         storm_rows=2000,
         profile=True,
@@ -66,7 +68,7 @@ PLANS = {
         repeats=1,
         adhoc_rows=200,
         scale_rows=(100_000,),
-        checkpoint_users=5000,
+        ledger_users=5000,
         naive_users=300,
         storm_rows=600,
         profile=True,
@@ -78,10 +80,11 @@ PLANS = {
         repeats=1,
         adhoc_rows=12,
         scale_rows=(60,),
-        checkpoint_users=60,
+        ledger_users=60,
         naive_users=20,
         storm_rows=30,
         profile=False,
+        ledger_repeats=1,
         pool=3,
         run_timeout_s=120,
     ),
@@ -439,7 +442,6 @@ class Suite:
             per_size["resume_rss_large_over_small"] = ratio(
                 large["resume_maxrss_mb"], small["resume_maxrss_mb"]
             )
-        per_size["checkpoint"] = self.checkpoint()
         return per_size
 
     def _profile_cli(self, args: list[str], name: str, *, gil: bool) -> dict[str, Any]:
@@ -467,29 +469,6 @@ class Suite:
             "report": str(report),
             "wall_s": time.perf_counter() - started,
             "hotspots": pyspy_hotspots(report.read_text(), str(ROOT / "backfill") + "/"),
-        }
-
-    def checkpoint(self) -> dict[str, Any]:
-        """Outcomes per second through SqliteStore (durable, group commits) vs one fsync per write."""
-        users, naive_users, concurrency = self.plan.checkpoint_users, self.plan.naive_users, 64
-        folder = self.work / "checkpoint"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        log(f"checkpoint: {users} users through SqliteStore, {naive_users} one fsync at a time")
-        ours = in_child(workers.checkpoint_ours, str(folder / "ours.sqlite"), users, concurrency)
-        naive = in_child(workers.checkpoint_naive, str(folder / "naive.sqlite"), naive_users)
-        ceiling = in_child(workers.checkpoint_ceiling, str(folder / "ceiling.sqlite"), users)
-        ours_rate = users / ours["wall_s"]
-        naive_rate = naive_users / naive["wall_s"]
-        ceiling_rate = users / ceiling["wall_s"]
-        return {
-            "users": users,
-            "concurrency": concurrency,
-            "outcomes_per_s": ours_rate,
-            "naive_durable_per_s": naive_rate,
-            "no_fsync_ceiling_per_s": ceiling_rate,
-            "over_naive_durable": ratio(ours_rate, naive_rate),
-            "over_no_fsync_ceiling": ratio(ours_rate, ceiling_rate),
         }
 
     # --- 5 ---------------------------------------------------------------------------------------------
@@ -537,6 +516,46 @@ class Suite:
             "attempts_ratio": ratio(runs["storm"]["attempts"], runs["clean"]["attempts"]),
         }
 
+    # --- 6 ---------------------------------------------------------------------------------------------
+
+    def ledger(self) -> dict[str, Any]:
+        """begin_attempt + settle through SqliteStore (durable, group commits) vs its writes done bare.
+
+        Baselines from the same run: the same rows as raw executemany in as many durable commits (the floor of
+        any durable store), one fsync'd transaction per write (no group commit), and no fsync at all.
+        """
+        users, naive_users, concurrency = self.plan.ledger_users, self.plan.naive_users, 64
+        folder = self.work / "ledger"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        log(f"ledger: {users} users through SqliteStore and as bare executemany, {self.plan.ledger_repeats}x")
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "floor": []}
+        for n in range(self.plan.ledger_repeats):  # interleaved, so a busy spell on the machine hits both
+            runs["ours"].append(
+                in_child(workers.ledger_ours, str(folder / f"ours{n}.sqlite"), users, concurrency)
+            )
+            runs["floor"].append(
+                in_child(workers.ledger_floor, str(folder / f"floor{n}.sqlite"), users, concurrency)
+            )
+        naive = in_child(workers.ledger_one_fsync_each, str(folder / "naive.sqlite"), naive_users)
+        bare = in_child(workers.ledger_no_fsync, str(folder / "no_fsync.sqlite"), users)
+        ours, floor = _per_row(runs["ours"]), _per_row(runs["floor"])
+        naive_rate, bare_rate = naive_users / naive["wall_s"], users / bare["wall_s"]
+        return {
+            "users": users,
+            "concurrency": concurrency,
+            "repeats": self.plan.ledger_repeats,
+            "ours": ours,
+            "floor": floor,
+            "one_fsync_each_rows_per_s": naive_rate,
+            "no_fsync_rows_per_s": bare_rate,
+            "no_fsync_cpu_us_per_row": bare["cpu_s"] / users * 1e6,
+            "over_floor": ratio(ours["rows_per_s"], floor["rows_per_s"]),
+            "cpu_per_row_over_floor": ratio(ours["cpu_us_per_row"], floor["cpu_us_per_row"]),
+            "over_one_fsync_each": ratio(ours["rows_per_s"], naive_rate),
+            "over_no_fsync": ratio(ours["rows_per_s"], bare_rate),
+        }
+
 
 def _child(fn: Any, *args: Any) -> dict[str, Any]:
     """in_child(fn, *args), with the share of its wall time the machine spent short of CPU (see workers)."""
@@ -546,6 +565,16 @@ def _child(fn: Any, *args: Any) -> dict[str, Any]:
     window = time.perf_counter() - started
     result["cpu_stall_share"] = workers.stall_share(before, workers.cpu_stall_us(), window)
     return result
+
+
+def _per_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows/s and CPU us/row (all threads), the median of repeats; every repeat's CPU beside it."""
+    cpu = [r["cpu_s"] / r["users"] * 1e6 for r in runs]
+    return {
+        "rows_per_s": statistics.median(r["users"] / r["wall_s"] for r in runs),
+        "cpu_us_per_row": statistics.median(cpu),
+        "cpu_us_per_row_runs": cpu,
+    }
 
 
 def _summary(out: Path) -> dict[str, Any]:

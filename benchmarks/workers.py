@@ -283,7 +283,7 @@ def stat_floor(manifest: str) -> dict[str, Any]:
     return {**_since(start), "rows": rows}
 
 
-# --- checkpoint -----------------------------------------------------------------------------------------
+# --- ledger ---------------------------------------------------------------------------------------------
 
 
 BINDING = Binding(partner_id=PARTNER_ID, endpoint="http://127.0.0.1:8080")
@@ -311,9 +311,9 @@ def _rows(i: int) -> tuple[tuple[object, ...], tuple[object, ...]]:
     return _values(row), _values(done)
 
 
-def checkpoint_ours(path: str, users: int, concurrency: int) -> dict[str, Any]:
+def ledger_ours(path: str, users: int, concurrency: int) -> dict[str, Any]:
     """SqliteStore as the runner drives it: each of `concurrency` workers records an attempt (awaiting its
-    group commit, as a send must) then its outcome, user after user."""
+    group commit, as a send must) then its outcome (enrolled: queued, not awaited), user after user."""
 
     async def main() -> dict[str, float]:
         store = await SqliteStore.open(Path(path), BINDING, writable=True)
@@ -343,7 +343,7 @@ def _raw_store(path: str, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
-def checkpoint_naive(path: str, users: int) -> dict[str, Any]:
+def ledger_one_fsync_each(path: str, users: int) -> dict[str, Any]:
     """Durable without group commit: one fsync'd transaction per attempt and one per outcome."""
     conn = _raw_store(path, "FULL")
     start = _clock()
@@ -356,7 +356,29 @@ def checkpoint_naive(path: str, users: int) -> dict[str, Any]:
     return {**result, "users": users}
 
 
-def checkpoint_ceiling(path: str, users: int) -> dict[str, Any]:
+def ledger_floor(path: str, users: int, concurrency: int) -> dict[str, Any]:
+    """The store's writes with none of its machinery: the same rows (made by transitions.py, as the store must)
+    and as many durable commits (synchronous=FULL) as its group commit makes, each one executemany of a group's
+    attempts and one of the outcomes of the group before, as they share a group in the store."""
+    conn = _raw_store(path, "FULL")
+    start = _clock()
+    outcomes: list[tuple[object, ...]] = []
+    for first in range(0, users, concurrency):
+        pairs = [_rows(i) for i in range(first, min(first + concurrency, users))]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(_UPSERT, [begun for begun, _ in pairs])
+        conn.executemany(_UPSERT, outcomes)
+        conn.execute("COMMIT")
+        outcomes = [done for _, done in pairs]
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(_UPSERT, outcomes)
+    conn.execute("COMMIT")
+    result = _since(start)
+    conn.close()
+    return {**result, "users": users}
+
+
+def ledger_no_fsync(path: str, users: int) -> dict[str, Any]:
     """Not durable at all (synchronous=OFF, one transaction): what SQLite does with no fsync to wait for."""
     conn = _raw_store(path, "OFF")
     start = _clock()

@@ -57,7 +57,14 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_every_benchmark_reported(smoke: dict[str, Any]) -> None:
     assert smoke["meta"]["mode"] == "smoke"
-    assert set(smoke["results"]) == {"rate_fidelity", "client_overhead", "vs_adhoc", "scale", "retry_storm"}
+    assert set(smoke["results"]) == {
+        "rate_fidelity",
+        "client_overhead",
+        "vs_adhoc",
+        "scale",
+        "retry_storm",
+        "ledger",
+    }
     assert smoke["targets"] and all({"name", "value", "target", "met"} <= set(t) for t in smoke["targets"])
 
 
@@ -109,8 +116,15 @@ def test_scale(smoke: dict[str, Any]) -> None:
         assert share is None or (isinstance(share, float) and share >= 0)
     names = {t["name"] for t in smoke["targets"]}
     assert any(n.startswith(f"scale {int(sizes[0]):,}: validation") for n in names)
-    c = s["checkpoint"]
-    assert _positive(c["outcomes_per_s"]) and _positive(c["over_naive_durable"])
+
+
+def test_ledger(smoke: dict[str, Any]) -> None:
+    led = smoke["results"]["ledger"]
+    assert len(led["ours"]["cpu_us_per_row_runs"]) == led["repeats"]
+    for name in ("rows_per_s", "cpu_us_per_row"):
+        assert _positive(led["ours"][name]) and _positive(led["floor"][name]), name
+    for name in ("over_floor", "cpu_per_row_over_floor", "over_one_fsync_each", "over_no_fsync"):
+        assert _positive(led[name]), name
 
 
 def test_retry_storm(smoke: dict[str, Any]) -> None:
