@@ -100,7 +100,7 @@ def _row(values: Sequence[Any]) -> LedgerRow:
 # One write waiting for the next group commit: an attempt to begin, an outcome to settle, a statement on the runs
 # table, or None (a flush: nothing but the wait). With it, the future of whoever waits for that commit, or None.
 _Statement = tuple[str, tuple[Any, ...]]
-_Write = tuple[AttemptRequest | Outcome | _Statement | None, "asyncio.Future[Any] | None"]
+_Write = tuple[AttemptRequest | Outcome | _Statement | None, asyncio.Future[Any] | None]
 
 
 class SqliteStore(Store):
