@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from backfill.api.answers import Verdict, classify_transport, unreachable_from_t
 from backfill.api.client import Client
 from backfill.config import Settings
 from backfill.errors import TransportError
+from backfill.ledger import Binding
+from backfill.ledger.memory import MemoryStore
 from backfill.run.policy import RetryPolicy
 from backfill.run.rate import RateGate
 from backfill.run.stops import Stops
@@ -24,6 +27,7 @@ from backfill.sandbox import Faults, start_sandbox
 from backfill.vocab import Kind
 
 from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
+from .test_promise import CountingImages, run_by_hand
 
 
 class FakeTime:
@@ -178,3 +182,62 @@ def test_unreachable_is_transient_and_never_in_doubt_and_systemic_only_from_the_
     assert verdict.kind is Kind.TRANSIENT and not verdict.may_have_enrolled and verdict.unreachable
     first = unreachable_from_the_start(verdict)
     assert first.kind is Kind.SYSTEMIC and not first.may_have_enrolled and "can't connect to x" in first.error
+
+
+# --- the rate limit inside a run: a 429's pause, and a stop while workers wait for slots ---
+
+SENT: list[float] = []
+
+
+class Throttled(Client):
+    """The first request gets 429 with Retry-After 1.5 s; every later one is enrolled. No network."""
+
+    async def send(self, user_id: str, user_created_at: str, photo_b64: bytes) -> Verdict:
+        SENT.append(time.monotonic())
+        first = len(SENT) == 1
+        await asyncio.sleep(0.3)  # the answer takes a while, so other workers are queued for slots meanwhile
+        if first:
+            return Verdict(kind=Kind.TRANSIENT, may_have_enrolled=False, proves_not_enrolled=False,
+                           http_status=429, error="HTTP 429", retry_after=1.5)  # fmt: skip
+        return Verdict(
+            kind=Kind.ENROLLED, may_have_enrolled=False, proves_not_enrolled=False, http_status=200
+        )
+
+
+async def test_a_429_pause_holds_the_workers_already_queued_for_a_slot(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """Workers waiting in the limiter when a 429 arrived used to come out and send during its Retry-After."""
+    SENT.clear()
+    manifest = write_manifest(tmp_path, simple_rows(8))
+    settings = make_settings(None, base_url="http://127.0.0.1:9/v1", rate=4, concurrency=8)
+    store = MemoryStore(Binding(partner_id="085", endpoint=settings.endpoint))
+    summary, _ = await run_by_hand(settings, manifest, store=store, images=CountingImages(tmp_path),
+                                   client_class=Throttled)  # fmt: skip
+    assert summary.counts == {"enrolled": 8}
+    answered = SENT[0] + 0.3  # when the 429 came back
+    inside = [round(t - answered, 2) for t in SENT[1:] if answered < t < answered + 1.45]
+    assert not inside, f"{len(inside)} requests left during the pause, at {inside} s after the 429"
+
+
+class Instant(Client):
+    async def send(self, user_id: str, user_created_at: str, photo_b64: bytes) -> Verdict:
+        return Verdict(
+            kind=Kind.ENROLLED, may_have_enrolled=False, proves_not_enrolled=False, http_status=200
+        )
+
+
+async def test_a_stop_does_not_wait_for_every_queued_worker_to_get_a_rate_slot(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """At --rate 0.05 six queued workers held a stop for two minutes; systemd would have SIGKILLed the run."""
+    manifest = write_manifest(tmp_path, simple_rows(20))
+    settings = make_settings(
+        None, base_url="http://127.0.0.1:9/v1", rate=0.05, concurrency=6, max_duration=0.5
+    )
+    store = MemoryStore(Binding(partner_id="085", endpoint=settings.endpoint))
+    summary, _ = await asyncio.wait_for(
+        run_by_hand(settings, manifest, store=store, images=CountingImages(tmp_path), client_class=Instant),
+        30,
+    )
+    assert "--max-duration" in summary.stop_reason and summary.not_reached > 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -423,3 +426,19 @@ def test_the_example_file_names_every_setting_and_each_of_its_lines_loads(tmp_pa
     for line in lines:  # each commented-out setting, given alone, is one the tool takes
         if re.match(r"^# [a-z_]+:", line) and not line.startswith("# api_key_file:"):
             load_settings(write(tmp_path, line.removeprefix("# ")), {}, need_credentials=False)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999/v1", "http://[::1/v1", "https:///v1", "https://ops:s3cret@proxy/v1"]
+)
+def test_a_bad_base_url_is_a_config_error_not_a_traceback(tmp_path: Path, url: str) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("user_id,user_created_at,image_path\n")
+    env = {**os.environ, "SMILE_PARTNER_ID": "000", "SMILE_API_KEY": "local-sandbox-key"}
+    done = subprocess.run(
+        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", url,
+         "--checkpoint", str(tmp_path / "l.sqlite"), "--out", str(tmp_path / "o"), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-300:])
+    assert "s3cret" not in done.stderr and "base_url" in done.stderr

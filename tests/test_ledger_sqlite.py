@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import shutil
 import signal
 import sqlite3
@@ -20,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backfill.errors import CheckpointError
-from backfill.ledger import Refused, Settled, Store, Ticket
+from backfill.images import Fingerprint
+from backfill.ledger import AttemptRequest, Binding, Outcome, Refused, Settled, Store, Ticket
 from backfill.ledger import sqlite as sqlite_ledger
 from backfill.ledger.memory import MemoryStore
 from backfill.ledger.sqlite import SqliteStore
@@ -289,3 +291,26 @@ async def test_the_send_path_leaves_no_garbage_in_reference_cycles(tmp_path: Pat
     finally:
         await store.close()
     assert found < rows // 10, f"{found} objects in reference cycles for {rows} rows"
+
+
+async def test_a_refused_outcome_queued_without_waiting_is_still_told(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite answered QUEUED for an outcome its transitions then refused, and nobody heard of it."""
+    binding = Binding(partner_id="085", endpoint="http://127.0.0.1:1")
+    request = AttemptRequest(user_id="u1", photo_sha256="a" * 64, fingerprint=Fingerprint(ref="/x", size=1,
+                             version="1"), user_created_at="2021-08-12", run_id="r", at="t")  # fmt: skip
+    stale = Outcome(user_id="u1", attempt=1, state=State.ENROLLED, may_have_enrolled=False,
+                    proves_not_enrolled=False, http_status=200, result_code="0840", result_text="", smile_job_id="",
+                    job_id="", at="t")  # fmt: skip
+    store = await SqliteStore.open(tmp_path / "l.sqlite", binding, writable=True)
+    try:
+        await store.begin_attempt(request)
+        await store.begin_attempt(request)
+        with caplog.at_level(logging.WARNING, logger="backfill"):
+            assert await store.settle(stale) in (Settled.QUEUED, Settled.FENCED)
+            await store.flush()
+        assert (await store.lookup(["u1"]))["u1"].state is State.SENDING
+        assert any(getattr(r, "event", "") == "outcome_fenced" for r in caplog.records)
+    finally:
+        await store.close()

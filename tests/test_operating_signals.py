@@ -310,3 +310,27 @@ def test_status_watch_reports_again_until_stopped(
     code, out, err = cli("status", *place(tmp_path), "--watch", "--json", "--watch-rounds", "1")
     assert code == 0, err
     assert [json.loads(line)["counts"] for line in out.splitlines()] == [{"enrolled": 2}]
+
+
+def test_the_log_file_and_error_lines_are_scrubbed_like_every_other_output(tmp_path: Path) -> None:
+    key = "k3y-abcdefgh"
+    folder = tmp_path / "data-k3y-abcdefgh"  # the key turns up in a path (or a user_id, an image path...)
+    folder.mkdir()
+    manifest = folder / "m.csv"
+    manifest.write_text("user_id,user_created_at,image_path\n")
+    env = {**os.environ, "SMILE_PARTNER_ID": "000", "SMILE_API_KEY": key}
+    log = tmp_path / "log.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url",
+         "http://127.0.0.1:9/v1", "--checkpoint", str(tmp_path / "l.sqlite"), "--out", str(tmp_path / "o"),
+         "--no-progress", "--log-file", str(log), "--log-format", "json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    summary = next((tmp_path / "o").glob("*/summary.json")).read_text()
+    assert key not in summary and key not in log.read_text() and key not in done.stderr + done.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "backfill", "run", str(folder / "nope.csv"), "--env", "local", "--base-url",
+         "http://127.0.0.1:9/v1", "--checkpoint", str(tmp_path / "l.sqlite"), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 2 and key not in missing.stderr and "***" in missing.stderr

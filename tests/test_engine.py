@@ -1,4 +1,4 @@
-"""End to end against the real sandbox over HTTP: enroll, resume, 2209 both ways, retries, systemic stop."""
+"""The engine end to end against the real sandbox over HTTP: enroll, resume, 2209 both ways, retries, systemic stop."""
 
 from __future__ import annotations
 
