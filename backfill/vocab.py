@@ -58,11 +58,27 @@ class Kind(StrEnum):
     """What one answer from the API means, as `api/answers.py` classifies it."""
 
     ENROLLED = "enrolled"  # a verified 0840
-    ALREADY = "already"  # 2209: ours or someone else's, as the 2209 rule (`run/settle.py`) decides
+    ALREADY = "already"  # 2209: ours or someone else's, as the 2209 rule (`state_of_2209` below) decides
     PERMANENT = "permanent"  # this row would get the same answer again
     TRANSIENT = "transient"  # try again later
     UNVERIFIED = "unverified"  # looked like success but can't be trusted; the user may be enrolled
     SYSTEMIC = "systemic"  # every row would get this answer: stop the run
+
+
+# The API's "already enrolled": the user_id is taken, by an attempt of ours or by someone else.
+ALREADY_CODE = "2209"
+
+
+def state_of_2209(*, doubt_before: bool) -> State:
+    """The 2209 rule, in its one home: an "already enrolled" answer is ours (ALREADY_ENROLLED) only if a request
+    of ours for the ID may have reached the server before this attempt, which the ledger's doubt says; without
+    that doubt someone else holds the ID (ID_CONFLICT), for a person to look at, never a success.
+
+    The sender reads a 2209's final status from it (`run/settle.py`), and the ledger refuses any outcome that
+    disagrees with the doubt it holds (`ledger/transitions.py`). The answer itself neither says this attempt may
+    have enrolled the user nor proves it didn't (`api/answers.py`), so it never changes the doubt it is read by.
+    """
+    return State.ALREADY_ENROLLED if doubt_before else State.ID_CONFLICT
 
 
 class ExitCode(IntEnum):

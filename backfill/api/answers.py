@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from ..errors import TransportError
 from ..redact import Secret
-from ..vocab import Kind
+from ..vocab import ALREADY_CODE, Kind
 from .signing import verify
 
 __all__ = [
@@ -76,7 +76,6 @@ ENROLLED_CODE = "0840"
 # The API's result codes are four ASCII digits; anything else in a ResultCode can't be read as a result.
 _RESULT_CODE = re.compile(r"[0-9]{4}")
 _TRANSIENT_CODES = frozenset({"2201", "2301", "2401"})
-_ALREADY_CODE = "2209"
 _SYSTEMIC_CODES = {
     "2205": "not authorized: check SMILE_API_KEY belongs to this environment (sandbox keys only work on "
     "testapi, production keys on api), that partner_id is right, and that this machine's clock is in sync",
@@ -86,7 +85,7 @@ _SYSTEMIC_CODES = {
 # Codes the API documents as errors. Inside a signed result they still aren't a verdict on the enrollment
 # (2207 and 2208 even say the user *is* enrolled), so they never prove the user is not enrolled.
 _ERROR_CODES = _TRANSIENT_CODES | _SYSTEMIC_CODES.keys() | {
-    _ALREADY_CODE, "2203", "2204", "2207", "2208", "2211", "2213", "2413",
+    ALREADY_CODE, "2203", "2204", "2207", "2208", "2211", "2213", "2413",
 }  # fmt: skip
 # Gateway and server errors can arrive after the upstream committed the enrollment; 503 and 429 say the
 # request was not taken on.
@@ -304,7 +303,9 @@ def _by_error_code(code: str, status: int, text: str, pause: float | None, said:
             kind=Kind.SYSTEMIC, may_have_enrolled=False, proves_not_enrolled=False, http_status=status,
             result_code=code, result_text=text, error=f"{said}; {_SYSTEMIC_CODES[code]}",
         )  # fmt: skip
-    if code == _ALREADY_CODE:
+    if code == ALREADY_CODE:
+        # Whose enrollment it is, the classifier can't know: the 2209 rule (`vocab.state_of_2209`) reads the
+        # ledger's doubt. This attempt was refused, so it neither may have enrolled the user nor proves it isn't.
         return Verdict(
             kind=Kind.ALREADY, may_have_enrolled=False, proves_not_enrolled=False, http_status=status,
             result_code=code, result_text=text, error=said,

@@ -11,13 +11,13 @@ Rules, each enforced here rather than by callers:
 - The photo pin: the first attempt's SHA-256 is the ID's photo; `begin` with other bytes is refused. Only an
   outcome that *proves* the user is not enrolled (a verified non-0840 answer) releases it.
 - Doubt is earned: it grows only from attempts that were recorded before leaving and whose answer may hide an
-  enrollment; an attempt left SENDING by a crash counts. ALREADY_ENROLLED needs doubt before the attempt (our
-  earlier request may have enrolled the user); ID_CONFLICT needs its absence (someone else holds the ID).
+  enrollment; an attempt left SENDING by a crash counts. ALREADY_ENROLLED and ID_CONFLICT must be the state the
+  2209 rule (`vocab.state_of_2209`) names for the doubt the row held before the attempt.
 """
 
 from __future__ import annotations
 
-from ..vocab import TERMINAL_STATES, State
+from ..vocab import TERMINAL_STATES, State, state_of_2209
 from . import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Ticket
 from . import evolve as replace  # dataclasses.replace, faster
 
@@ -25,6 +25,8 @@ from . import evolve as replace  # dataclasses.replace, faster
 OUTCOME_STATES = frozenset(State) - {State.SENDING}
 # States an attempt may begin from (None: an ID the ledger has never seen).
 BEGIN_FROM = frozenset(State) - TERMINAL_STATES
+# The states the 2209 rule chooses between.
+_STATES_OF_2209 = frozenset({State.ALREADY_ENROLLED, State.ID_CONFLICT})
 
 
 def begin(row: LedgerRow | None, request: AttemptRequest) -> tuple[LedgerRow, Ticket] | Refused:
@@ -59,10 +61,8 @@ def settle(row: LedgerRow | None, outcome: Outcome) -> LedgerRow | None:
         return None
     if outcome.state not in OUTCOME_STATES:
         return None
-    if outcome.state is State.ALREADY_ENROLLED and not row.doubt:
-        return None  # 2209 for an ID we never may have enrolled: someone else's, never ours
-    if outcome.state is State.ID_CONFLICT and row.doubt:
-        return None  # our earlier attempt may have enrolled it: calling it someone else's would be wrong
+    if outcome.state in _STATES_OF_2209 and outcome.state is not state_of_2209(doubt_before=row.doubt):
+        return None  # not what the 2209 rule names for the doubt this row holds: no caller overrules it
     if outcome.proves_not_enrolled and outcome.state is State.FAILED:
         doubt, pin = False, None  # the server says, verifiably, that the user is not enrolled
     else:

@@ -1,9 +1,9 @@
-"""The final status of a row from its last answer; the 2209 rule lives here and nowhere else."""
+"""The final status of a row from its last answer, and what a row whose attempts aren't over is called."""
 
 from __future__ import annotations
 
 from ..api.answers import Verdict
-from ..vocab import Kind, State, Status
+from ..vocab import Kind, State, Status, state_of_2209
 
 
 def final_status(verdict: Verdict, *, doubt_before: bool, stopped: bool) -> Status:
@@ -12,9 +12,7 @@ def final_status(verdict: Verdict, *, doubt_before: bool, stopped: bool) -> Stat
     if verdict.kind is Kind.ENROLLED:
         return Status.ENROLLED
     if verdict.kind is Kind.ALREADY:
-        # The 2209 rule: "already enrolled" is ours only if our own earlier request may have reached the
-        # server; otherwise someone else holds the ID, which a person must look at.
-        return Status.ALREADY_ENROLLED if doubt_before else Status.ID_CONFLICT
+        return Status(state_of_2209(doubt_before=doubt_before).value)
     if verdict.kind is Kind.PERMANENT:
         return Status.FAILED
     if verdict.kind is Kind.UNVERIFIED or doubt_after:
