@@ -11,6 +11,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp import web
@@ -117,14 +118,33 @@ async def test_send_photo_encodes_once_and_signs_the_spliced_body() -> None:
     user_id=st.text(min_size=1, max_size=30),
     created=st.text(max_size=30),
     photo=st.binary(max_size=300),
+    partner_id=st.text(min_size=1, max_size=12),
+    stamp=st.one_of(st.just(STAMP), st.text(min_size=1, max_size=30)),
 )
-def test_spliced_body_is_exactly_what_json_would_write(user_id: str, created: str, photo: bytes) -> None:
-    client = Client("http://x/v1", PARTNER, KEY, timeout=1, connect_timeout=1, concurrency=1)
+def test_the_body_is_exactly_what_json_would_write(
+    user_id: str, created: str, photo: bytes, partner_id: str, stamp: str
+) -> None:
+    """Written field by field with the photo spliced in, it is byte for byte json.dumps of the document."""
+    client = Client("http://x/v1", partner_id, KEY, timeout=1, connect_timeout=1, concurrency=1)
     b64 = base64.b64encode(photo)
-    body = client.body(user_id, created, b64, timestamp=STAMP)
-    document = json.loads(body)
-    assert document["photo"] == b64.decode() and document["user_id"] == user_id
-    assert body == json.dumps(document, separators=(",", ":")).encode()
+    document = {
+        "partner_id": partner_id, "timestamp": stamp, "signature": sign(stamp, partner_id, KEY.reveal()),
+        "user_id": user_id, "user_created_at": created, "photo": b64.decode(),
+    }  # fmt: skip
+    assert (
+        client.body(user_id, created, b64, timestamp=stamp)
+        == json.dumps(document, separators=(",", ":")).encode()
+    )
+
+
+def test_each_attempt_is_signed_at_the_moment_it_is_built() -> None:
+    client = Client("http://x/v1", PARTNER, KEY, timeout=1, connect_timeout=1, concurrency=1)
+    before = datetime.now(UTC)
+    document = json.loads(client.body("u1", "2021-08-12", b"QUJD"))
+    after = datetime.now(UTC)
+    stamp = datetime.fromisoformat(document["timestamp"])
+    assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= stamp <= after
+    assert verify(document["signature"], document["timestamp"], PARTNER, KEY.reveal())
 
 
 def test_the_names_callers_used_are_still_here() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 
 import aiohttp
 
@@ -18,6 +19,9 @@ from .answers import (
     url_for_messages,
 )
 from .signing import sign, utc_timestamp
+
+# A JSON string as json.dumps writes one (ASCII, escaped): the body's fields, one at a time.
+_dumps: Callable[[str], str] = json.JSONEncoder().encode
 
 # The API's answers are a few KB of JSON. Reading more than this is never needed to classify one, and an
 # answer with no end (a misrouted download, a broken proxy, a hostile server) must not fill this process's
@@ -46,6 +50,7 @@ class Client:
         self.url = request_url(base_url)
         self._where = url_for_messages(self.url)  # what messages may show: no credentials or query string
         self._partner_id = partner_id
+        self._head_start = f'{{"partner_id":{_dumps(partner_id)},"timestamp":'
         self._api_key = api_key
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._concurrency = concurrency
@@ -66,19 +71,20 @@ class Client:
     def body(
         self, user_id: str, user_created_at: str, photo_b64: bytes, timestamp: str | None = None
     ) -> bytes:
-        """The signed JSON body for one attempt; each attempt gets a fresh timestamp and signature."""
+        """The signed JSON body for one attempt; each attempt gets a fresh timestamp and signature.
+
+        The bytes `json.dumps` writes for {partner_id, timestamp, signature, user_id, user_created_at, photo}
+        with separators (",", ":"), written field by field: the partner's part is encoded once, and the photo
+        is spliced, not JSON-encoded (base64 never needs escaping, and encoding megabytes of it was the client's
+        biggest cost after the request itself: benchmarks/README.md).
+        """
         stamp = timestamp or utc_timestamp()
-        document = {
-            "partner_id": self._partner_id,
-            "timestamp": stamp,
-            "signature": sign(stamp, self._partner_id, self._api_key.reveal()),
-            "user_id": user_id,
-            "user_created_at": user_created_at,
-        }
-        head = json.dumps(document, separators=(",", ":")).encode()
-        # Spliced, not JSON-encoded: base64 never needs escaping, and encoding megabytes of it was the
-        # client's biggest cost after the request itself (benchmarks/README.md). Same bytes as json.dumps.
-        return b"".join((head[:-1], b',"photo":"', photo_b64, b'"}'))
+        signature = sign(stamp, self._partner_id, self._api_key.reveal())
+        head = (
+            f'{self._head_start}{_dumps(stamp)},"signature":{_dumps(signature)},"user_id":{_dumps(user_id)},'
+            f'"user_created_at":{_dumps(user_created_at)},"photo":"'
+        )
+        return b"".join((head.encode(), photo_b64, b'"}'))
 
     def photo_body(self, user_id: str, user_created_at: str, photo: bytes) -> bytes:
         """The signed body for the image's raw bytes: what a dry run builds, and what send_photo posts."""

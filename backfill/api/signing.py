@@ -6,20 +6,30 @@ import base64
 import hmac
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import lru_cache
+
+from ..clock import now_iso
 
 _SUFFIX = b"sid_request"
 
 
-def utc_timestamp(now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> str:
-    """ISO 8601 in UTC with milliseconds and `Z`, the form the API's own examples use."""
+def utc_timestamp(now: Callable[[], datetime] | None = None) -> str:
+    """ISO 8601 in UTC with milliseconds and `Z`, the form the API's own examples use: the clock's one format
+    (formatted once a millisecond), or `now()`'s moment in it."""
+    if now is None:
+        return now_iso()
     moment = now().astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+# Timestamps are to the millisecond, so at hundreds of requests a second many a request and many an answer carry
+# a timestamp just signed: computed once, since the same inputs always give the same signature. The key is the
+# one the run already holds.
+@lru_cache(maxsize=16)
 def sign(timestamp: str, partner_id: str, api_key: str) -> str:
     """The signature for `timestamp`; the key is used as UTF-8 bytes as-is, never base64-decoded."""
     message = timestamp.encode() + partner_id.encode() + _SUFFIX
-    digest = hmac.digest(api_key.encode(), message, "sha256")  # the one-shot C path: twice per request
+    digest = hmac.digest(api_key.encode(), message, "sha256")  # the one-shot C path
     return base64.b64encode(digest).decode("ascii")
 
 
