@@ -31,4 +31,8 @@ def unfinished_status(*, doubt: bool) -> Status:
 
 def ledger_state(status: Status) -> State:
     """The ledger state a sent row's status is recorded as (a run-only status never reaches the ledger)."""
-    return State(status.value)
+    return _LEDGER_STATES[status]
+
+
+# Looked up, not converted: an enum's call costs more than the rest of the outcome's bookkeeping.
+_LEDGER_STATES = {s: State(s.value) for s in Status if s.value in {state.value for state in State}}
