@@ -6,7 +6,8 @@ added to BACKENDS; every promise below is then tested on it too, with nothing mo
 
 The promises, as the run relies on them:
 - `check_many` gives one answer per value, in order: a complete JPEG or PNG within the limit passes with its
-  fingerprint, anything else is rejected with the same reason whatever it is stored on;
+  fingerprint, anything else is rejected with the same reason whatever it is stored on (an empty or oversized
+  photo with the one size rule's own message, `images.size_problem`);
 - `fingerprint_many` reads metadata alone, and its fingerprint of an unchanged photo is the one `check_many`
   and `read` give (a resume skips a done row on it); any new version has another;
 - `read` returns exactly the bytes it read, their SHA-256, and the fingerprint of *those* bytes: a photo
@@ -29,7 +30,7 @@ import obstore
 import pytest
 from obstore.store import S3Store
 
-from backfill.images import Fingerprint, ImageError, ImageProblem, ImageSource
+from backfill.images import Fingerprint, ImageError, ImageProblem, ImageSource, size_problem
 from backfill.images.local import LocalImageSource
 from backfill.images.remote import FIRST_READ, RemoteImageSource
 from backfill.run.policy import RetryPolicy
@@ -262,6 +263,8 @@ async def test_check_many_judges_every_photo_by_the_same_rules_one_answer_each_i
             assert result.ref == backend.where(name) and result.size == len(PHOTOS[name])
         else:
             assert repr(backend.ref(name)) in result.message, result  # the photo as the manifest names it
+        if name in ("empty.jpg", "over-limit.jpg"):
+            assert result == size_problem(repr(backend.ref(name)), len(PHOTOS[name]), LIMIT)
     assert found[1] == found[8]  # the same photo twice: the same fingerprint twice
     assert await source.check_many([]) == []
 
@@ -369,6 +372,11 @@ async def test_a_photo_that_broke_a_rule_after_its_check_is_refused_at_read(
         await source.read(checked)
     assert refused.value.problem.reason is reason, refused.value.problem
     assert backend.where("a.jpg") in str(refused.value)
+    if reason in (Reason.IMAGE_EMPTY, Reason.IMAGE_TOO_LARGE):
+        # The one size rule, as found at read time (the photo named as each backend names it).
+        assert change is not None
+        shown = (backend.where("a.jpg"), repr(backend.where("a.jpg")))
+        assert refused.value.problem in [size_problem(s, len(change), LIMIT, changed=True) for s in shown]
 
 
 # --- close --------------------------------------------------------------------------------------------------

@@ -55,6 +55,41 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def size_problem(name: str, size: int, max_bytes: int, *, changed: bool = False) -> ImageProblem | None:
+    """Why a photo of `size` bytes can't be sent (empty, or over `max_bytes`, which is allowed), or None.
+
+    The size rule of every source, with its messages. `name` is the photo as the message shows it; `changed`:
+    the photo passed its checks and is found so now, at read time, so the message says it changed since.
+    """
+    if size == 0:
+        if changed:
+            message = (
+                f"image {name} is now empty (0 bytes; it changed after it was checked): export the photo again, "
+                "then run again"
+            )
+        else:
+            message = f"image {name} is empty (0 bytes): export the photo again"
+        return ImageProblem(reason=Reason.IMAGE_EMPTY, message=message)
+    if size > max_bytes:
+        return too_large(name, f"{size:,} bytes", max_bytes, changed=changed)
+    return None
+
+
+def too_large(name: str, size: str, max_bytes: int, *, changed: bool = False) -> ImageProblem:
+    """A photo over the size limit; `size` as the message says it ("6,000,000 bytes", "more than ...")."""
+    if changed:
+        message = (
+            f"image {name} is now {size}, over the limit of {max_bytes:,} bytes (it grew after it was checked): "
+            "put the checked photo back, or resize or recompress it, then run again"
+        )
+    else:
+        message = (
+            f"image {name} is {size}, over the limit of {max_bytes:,} bytes: resize or recompress it (or change "
+            "max_image_bytes if the limit is wrong)"
+        )
+    return ImageProblem(reason=Reason.IMAGE_TOO_LARGE, message=message)
+
+
 class ImageError(Exception):
     """A photo that passed its checks can't be read now; `problem` says why, as a reject would."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..vocab import Reason
-from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, file_kind
+from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, file_kind, size_problem, too_large
 from .content import examine, examine_bytes, looks_like, problem, run, sniff
 
 _T = TypeVar("_T")
@@ -142,16 +142,9 @@ class LocalImageSource(ImageSource):
             return found
         real, st = found
         size = st.st_size
-        if size == 0:
-            return ImageProblem(
-                reason=Reason.IMAGE_EMPTY, message=f"image {raw!r} is empty (0 bytes): export the photo again"
-            )
-        if size > self._max_bytes:
-            return ImageProblem(
-                reason=Reason.IMAGE_TOO_LARGE,
-                message=f"image {raw!r} is {size:,} bytes, over the limit of {self._max_bytes:,} bytes: resize "
-                "or recompress it (or change max_image_bytes if the limit is wrong)",
-            )
+        wrong_size = size_problem(repr(raw), size, self._max_bytes)
+        if wrong_size is not None:
+            return wrong_size
         try:
             fd = os.open(real, _CHECK_FLAGS)
             try:
@@ -278,15 +271,7 @@ class LocalImageSource(ImageSource):
                 message=f"image {ref} is now {file_kind(st.st_mode)}, not a file (it was replaced after it was "
                 "checked): put the photo back, then run again",
             )
-        if st.st_size == 0:
-            return ImageProblem(
-                reason=Reason.IMAGE_EMPTY,
-                message=f"image {ref} is now empty (0 bytes; it changed after it was checked): export the photo "
-                "again, then run again",
-            )
-        if st.st_size > self._max_bytes:
-            return self._too_large(ref, f"{st.st_size:,} bytes")
-        return None
+        return size_problem(ref, st.st_size, self._max_bytes, changed=True)
 
     def _slurp(self, fd: int, checked: Fingerprint, before: os.stat_result, cap: int) -> Photo:
         """At most `cap` bytes of the open photo, checked, hashed and fingerprinted; else ImageError.
@@ -301,7 +286,9 @@ class LocalImageSource(ImageSource):
         except OSError as exc:
             raise ImageError(self._read_problem(ref, exc)) from exc
         if len(data) > self._max_bytes:
-            raise ImageError(self._too_large(ref, f"more than {self._max_bytes:,} bytes"))
+            raise ImageError(
+                too_large(ref, f"more than {self._max_bytes:,} bytes", self._max_bytes, changed=True)
+            )
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
             data
         ) != after.st_size:
@@ -328,13 +315,6 @@ class LocalImageSource(ImageSource):
                 raise ImageError(ImageProblem(reason=wrong.reason,
                                               message=f"{wrong.message} (it changed after it was checked)"))  # fmt: skip
         return Photo(data=data, sha256=hashlib.sha256(data).hexdigest(), fingerprint=fingerprint)
-
-    def _too_large(self, ref: str, size: str) -> ImageProblem:
-        return ImageProblem(
-            reason=Reason.IMAGE_TOO_LARGE,
-            message=f"image {ref} is now {size}, over the limit of {self._max_bytes:,} bytes (it grew after it "
-            "was checked): put the checked photo back, or resize or recompress it, then run again",
-        )
 
     def _read_problem(self, ref: str, exc: OSError) -> ImageProblem:
         if exc.errno == errno.ELOOP:

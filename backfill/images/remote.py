@@ -27,7 +27,7 @@ from obstore.store import AzureStore, GCSStore, HTTPStore, S3Store
 from .. import redact
 from ..errors import ConfigError
 from ..vocab import Reason
-from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo
+from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, size_problem
 from .content import examine, examine_bytes, problem, run_async
 from .urls import BadUrl, ObjectUrl, parse
 
@@ -376,15 +376,9 @@ class RemoteImageSource(ImageSource):
         except _STORAGE_ERRORS as exc:
             raise ImageError(describe(exc, obj)) from exc
         meta, data = result
-        if meta["size"] == 0:
-            raise ImageError(ImageProblem(reason=Reason.IMAGE_EMPTY,
-                                          message=f"image {obj.url!r} is now empty (0 bytes; it changed after it "
-                                          "was checked): export the photo again, then run again"))  # fmt: skip
-        if meta["size"] > self._max_bytes:
-            raise ImageError(ImageProblem(reason=Reason.IMAGE_TOO_LARGE,
-                                          message=f"image {obj.url!r} is now {meta['size']:,} bytes, over the limit "
-                                          f"of {self._max_bytes:,} bytes (it grew after it was checked): put the "
-                                          "checked photo back, or resize or recompress it, then run again"))  # fmt: skip
+        wrong_size = size_problem(repr(obj.url), meta["size"], self._max_bytes, changed=True)
+        if wrong_size is not None:
+            raise ImageError(wrong_size)
         if len(data) != meta["size"]:
             raise ImageError(ImageProblem(reason=Reason.IMAGE_UNREADABLE,
                                           message=f"image {obj.url!r} came back with {len(data):,} of its "
@@ -464,14 +458,9 @@ class RemoteImageSource(ImageSource):
         name = repr(obj.url)
         meta, head = await self._first_read(store, obj.key, (0, FIRST_READ))
         size = meta["size"]
-        if size == 0:
-            return ImageProblem(reason=Reason.IMAGE_EMPTY,
-                                message=f"image {name} is empty (0 bytes): export the photo again")  # fmt: skip
-        if size > self._max_bytes:
-            return ImageProblem(reason=Reason.IMAGE_TOO_LARGE,
-                                message=f"image {name} is {size:,} bytes, over the limit of {self._max_bytes:,} "
-                                "bytes: resize or recompress it (or change max_image_bytes if the limit is "
-                                "wrong)")  # fmt: skip
+        wrong_size = size_problem(name, size, self._max_bytes)
+        if wrong_size is not None:
+            return wrong_size
         etag = meta["e_tag"]
 
         async def read_at(offset: int, length: int) -> bytes:
