@@ -70,12 +70,7 @@ async def decide_batch(
         changed: set[str] = set()
         for c, found in zip(quick, prints, strict=True):
             state, ref, size, version, code, smile_job_id, job_id = done[c.user_id]
-            if (
-                type(found) is Fingerprint
-                and found.ref == ref
-                and found.size == size
-                and found.version == version
-            ):
+            if unchanged(found, ref, size, version):
                 skipped.append(make(Skipped, (c.user_id, state, code, smile_job_id, job_id)))
             else:
                 changed.add(c.user_id)
@@ -86,6 +81,17 @@ async def decide_batch(
         return skipped, []
     known = await store.lookup([c.user_id for c in rest])
     return skipped, await decide(rest, known, images, resend_failed=resend_failed)
+
+
+def unchanged(
+    found: Fingerprint | ImageProblem, ref: str | None, size: int | None, version: str | None
+) -> bool:
+    """The resume's skip test: whether the photo found now is the one the ledger says the ID was sent with, by
+    the quick check alone (where it really is, its size, its store's version), as rsync trusts a file unchanged.
+
+    A done row that passes is skipped without a byte read; any other has its bytes compared (`_compare`).
+    """
+    return type(found) is Fingerprint and found.ref == ref and found.size == size and found.version == version
 
 
 # The message of a row the ledger holds as done (skipped here, or refused by the ledger at send time), by state.
@@ -124,19 +130,7 @@ async def decide(
         prints = await images.fingerprint_many([candidates[i].image for i in to_compare])
         for i, found in zip(to_compare, prints, strict=True):
             c = candidates[i]
-            k = known[c.user_id]
-            # The common case of a resume, inline: done, and the quick check says it is the photo sent.
-            if (
-                type(found) is Fingerprint
-                and k.state in DONE_STATES
-                and found.ref == k.image_ref
-                and found.size == k.image_size
-                and found.version == k.image_version
-            ):
-                decisions[i] = Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED,
-                                      message=NOT_SENT_AGAIN[k.state], known=k)  # fmt: skip
-                continue
-            decision = await _compare(c, k, found, images)
+            decision = await _compare(c, known[c.user_id], found, images)
             if decision is None:
                 to_check.append(i)
             else:
@@ -168,7 +162,7 @@ async def _compare(
             return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
         return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=found.message,
                       reason=found.reason, known=k)  # fmt: skip
-    same = found == k.fingerprint
+    same = unchanged(found, k.image_ref, k.image_size, k.image_version)
     if not same and k.photo_sha256 is None:
         return None  # a verified "not enrolled" released the pin: a fixed photo may be sent for this ID
     if not same:

@@ -1,0 +1,86 @@
+"""The resume decision (run/plan.py): its one skip test, and a done ID's photo changed in any one of its facts."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from backfill import compose
+from backfill.config import Settings
+from backfill.images import Fingerprint, ImageProblem
+from backfill.run.plan import unchanged
+from backfill.run.records import Summary
+from backfill.sandbox import RunningSandbox
+from backfill.vocab import Reason
+
+from .conftest import png_bytes, simple_rows, write_manifest
+
+PINNED = Fingerprint(ref="/photos/a.png", size=120, version="1700000000000000000")
+
+
+def facts(fp: Fingerprint) -> tuple[str, int, str]:
+    return fp.ref, fp.size, fp.version
+
+
+def test_the_skip_test_needs_every_fact_of_the_pinned_photo() -> None:
+    assert unchanged(PINNED, *facts(PINNED))
+    for other in (
+        Fingerprint(ref="/photos/b.png", size=PINNED.size, version=PINNED.version),
+        Fingerprint(ref=PINNED.ref, size=121, version=PINNED.version),
+        Fingerprint(ref=PINNED.ref, size=PINNED.size, version="1700000000000000001"),
+    ):
+        assert not unchanged(other, *facts(PINNED)), other
+    gone = ImageProblem(reason=Reason.IMAGE_MISSING, message="image 'a.png' doesn't exist: check the path")
+    assert not unchanged(gone, *facts(PINNED))
+    assert not unchanged(PINNED, None, None, None)  # a row never sent has no pinned photo
+
+
+def rejects(summary: Summary) -> dict[str, str]:
+    with (Path(summary.out_dir) / "rejects.csv").open(newline="") as handle:
+        return {r["user_id"]: r["reason"] for r in csv.DictReader(handle)}
+
+
+def same_size_other_photo(photo: bytes) -> bytes:
+    """Another valid PNG of exactly `photo`'s size."""
+    for seed in range(1, 10_000):
+        other = png_bytes(seed)
+        if len(other) == len(photo) and other != photo:
+            return other
+    raise AssertionError("no PNG of that size")
+
+
+@pytest.mark.parametrize("fact", ["version", "size", "ref"])
+async def test_a_done_ids_photo_changed_in_one_fact_alone_is_noticed_and_never_sent(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings], fact: str
+) -> None:
+    """Each fact of the quick check, changed with the other two kept, sends the row to its byte comparison,
+    which finds another person's photo: a reuse, reported, with nothing sent."""
+    rows = simple_rows(3)
+    manifest = write_manifest(tmp_path, rows)
+    await compose.run(make_settings(sandbox), manifest)
+    photo = tmp_path / "images" / "user_0001.png"
+    before = photo.stat()
+    if fact == "version":  # same path, same size, new bytes (and so a new mtime)
+        photo.write_bytes(same_size_other_photo(photo.read_bytes()))
+        os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    elif fact == "size":  # same path, same mtime, other bytes of another size
+        photo.write_bytes(png_bytes(99, 9))
+        os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
+    else:  # the manifest names another file, of the same size and mtime as the photo sent
+        other = tmp_path / "images" / "other.png"
+        other.write_bytes(same_size_other_photo(photo.read_bytes()))
+        os.utime(other, ns=(before.st_atime_ns, before.st_mtime_ns))
+        rows[1] = (rows[1][0], rows[1][1], "other.png")
+        manifest = write_manifest(tmp_path, rows)
+    changed = photo if fact != "ref" else tmp_path / "images" / "other.png"
+    assert (changed.stat().st_size == before.st_size) == (fact != "size")
+    assert (changed.stat().st_mtime_ns == before.st_mtime_ns) == (fact != "version")
+    sent = sandbox.state.total_requests
+    again = await compose.run(make_settings(sandbox), manifest)
+    assert rejects(again) == {"user_0001": "user_id_reused"}
+    assert again.counts == {"skipped": 2, "rejected": 1}
+    assert sandbox.state.total_requests == sent
