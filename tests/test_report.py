@@ -6,9 +6,12 @@ from __future__ import annotations
 import csv
 import html.parser
 import json
+import logging
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
@@ -20,12 +23,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backfill import compose as runner
+from backfill import redact
 from backfill.config import Settings
 from backfill.errors import OutputError
-from backfill.outputs.files import REJECT_FIELDS, RESULT_FIELDS
+from backfill.outputs import report as report_package
+from backfill.outputs.files import REJECT_FIELDS, RESULT_FIELDS, RunOutput
 from backfill.outputs.report import data as report_data
 from backfill.outputs.report import render, svg, write_report
+from backfill.run.records import RejectRow, ResultRow, Summary
 from backfill.sandbox import Faults, start_sandbox
+from backfill.vocab import Reason, Status
 
 from .conftest import API_KEY, PARTNER_ID, Sleeps, simple_rows, write_manifest
 
@@ -554,3 +561,169 @@ def test_a_mark_near_the_right_edge_is_labelled_on_its_left() -> None:
     chart = svg.latency_chart(bins([1] * 10), p50_ms=50, p99_ms=100)
     assert [(m.label.text, m.label.anchor) for m in chart.marks] == [("p50", "start"), ("p99", "end")]
     assert chart.marks[1].label.x < chart.marks[1].x
+
+
+# --- the tally a run keeps as it writes its files ---
+
+TALLY_SECRET = "tally-secret-0042"
+redact.register(TALLY_SECRET)
+# Text as hostile as a file can carry: delimiters, quotes, line breaks, markup, a registered secret.
+TEXT = st.text(
+    st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12
+) | st.sampled_from(["", "a,b", 'say "hi"', "two\r\nlines", "\r", HOSTILE, f"key {TALLY_SECRET} leaked"])
+MOMENTS = st.sampled_from(
+    [
+        "",
+        "not a time",
+        "2025-01-01T00:00:00.000Z",
+        "2025-01-01T00:00:00.001Z",
+        "2025-01-01T00:04:59.999Z",
+        "2025-01-01T00:05:00.000Z",
+        "2025-01-01T00:09:59.999Z",
+        "2025-01-01T00:10:00.000Z",
+        "2024-12-31T23:59:59.999Z",
+        "2025-01-01T01:00:00.000Z",
+        "2025-01-01T00:00:10.010+00:00",
+    ]
+)
+RESULT_ROWS = st.builds(
+    ResultRow,
+    user_id=TEXT,
+    status=st.sampled_from(Status),
+    http_status=st.none() | st.integers(100, 599),
+    result_code=TEXT,
+    result_text=TEXT,
+    attempts=st.integers(0, 150),
+    error=TEXT,
+    finished_at=MOMENTS,
+    latency_ms=st.none() | st.integers(-1, 200_000),
+    signature_ok=st.none() | st.booleans(),
+)
+REJECT_ROWS = st.builds(
+    RejectRow, line=st.integers(0, 10**6), user_id=TEXT, reason=st.sampled_from(Reason), message=TEXT
+)
+SKIPPED = st.tuples(st.lists(st.tuples(TEXT, TEXT, TEXT, TEXT, TEXT), max_size=5), MOMENTS)
+WRITES = st.lists(st.one_of(RESULT_ROWS, REJECT_ROWS, SKIPPED), max_size=40)
+
+
+def a_summary(output: RunOutput, **values: Any) -> Summary:
+    figures: dict[str, Any] = {
+        "run_id": output.run_id,
+        "out_dir": str(output.dir),
+        "manifest": "/data/users.csv",
+        "ledger": "ledger",
+        "env": "sandbox",
+        "base_url": BASE_URL,
+        "started_at": "2025-01-01T00:00:00.000Z",
+        "finished_at": "2025-01-01T00:10:00.000Z",
+        "duration_s": 600.0,
+        "total_rows": 0,
+        "counts": {},
+        "rejected": 0,
+        "sent": 0,
+        "attempts": 0,
+        "new_rows": 0,
+        "retries": 0,
+        "not_reached": 0,
+        "rows_per_s": 0.0,
+        "exit_code": 0,
+    }
+    return Summary(**{**figures, **values})
+
+
+def write(output: RunOutput, writes: Sequence[Any]) -> None:
+    for item in writes:
+        if isinstance(item, ResultRow):
+            output.result(item)
+        elif isinstance(item, RejectRow):
+            output.reject(item)
+        else:
+            rows, finished_at = item
+            output.skipped(rows, finished_at)
+
+
+@given(WRITES)
+def test_the_figures_a_run_tallies_as_it_writes_are_those_its_files_give_back(writes: list[Any]) -> None:
+    with tempfile.TemporaryDirectory() as root:
+        output = RunOutput(Path(root))
+        write(output, writes)
+        output.close(a_summary(output))
+        run = report_data.read_summary(output.dir / "summary.json")
+        read = report_data.read_tally(output.dir / "results.csv", output.dir / "rejects.csv")
+        assert output.tally.results(run) == read.results(run)
+        assert output.tally.rejects() == read.rejects()
+        assert TALLY_SECRET not in (output.dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_run_writes_its_report_without_reading_its_files_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_reading(*paths: Path) -> report_data.RunTally:
+        raise AssertionError(f"read back: {paths}")
+
+    monkeypatch.setattr(report_package, "read_tally", no_reading)
+    output = RunOutput(tmp_path)
+    write(
+        output,
+        [
+            result_row("ok_1", Status.ENROLLED, attempts=1),
+            (skipped_rows(3), "2025-01-01T00:00:01.000Z"),
+            RejectRow(line=5, user_id="when_1", reason=Reason.BAD_DATE, message="not a date"),
+        ],
+    )
+    output.close(
+        a_summary(
+            output,
+            total_rows=5,
+            counts={"enrolled": 1, "skipped": 3, "rejected": 1},
+            rejected=1,
+            sent=1,
+            attempts=1,
+        )
+    )
+    page = (output.dir / "report.html").read_text(encoding="utf-8")
+    assert cells(page, "skipped")[0] == "3" and cells(page, "total")[0] == "5" and "MISMATCH" not in page
+    assert "line 5: when_1" in kind_row(page, "bad_date")
+
+
+def test_a_report_that_cant_be_written_is_logged_and_the_run_stands(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    output = RunOutput(tmp_path)
+    write(output, [result_row("ok_1", Status.ENROLLED, attempts=1)])
+    (output.dir / "report.html").mkdir()  # not a report of ours: never replaced unasked
+    with caplog.at_level(logging.WARNING, logger="backfill"):
+        summary = output.close(a_summary(output, total_rows=1, counts={"enrolled": 1}, sent=1, attempts=1))
+    assert summary.exists() and (output.dir / "results.csv").exists()
+    assert [getattr(r, "event", "") for r in caplog.records] == ["report_failed"]
+
+
+def result_row(user_id: str, status: Status, **values: Any) -> ResultRow:
+    return ResultRow(user_id=user_id, status=status, finished_at="2025-01-01T00:00:00.500Z", **values)
+
+
+def skipped_rows(n: int) -> list[tuple[str, str, str, str, str]]:
+    return [(f"skip_{i}", "0840", f"job-{i}", f"j-{i}", "enrolled earlier; not sent again") for i in range(n)]
+
+
+def test_a_long_run_is_held_in_bounded_ticks_each_row_within_a_tick_of_its_bucket(tmp_path: Path) -> None:
+    """A day of rows, one a second: far more moments than the tally holds apart, so ticks are merged; a row
+    can then only be drawn in the bucket before its own, when it finished within a tick after the edge."""
+    tally = report_data.RunTally()
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    for second in range(86_400):
+        at = (start + timedelta(seconds=second)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        tally.result(f"u{second}", "enrolled", 1, at, None, "", "", "", "")
+    folder = write_run(
+        tmp_path / "run",
+        [],
+        finished_at="2025-01-02T00:00:00.000Z",
+        duration_s=86400.0,
+        started_at="2025-01-01T00:00:00.000Z",
+    )
+    throughput = tally.results(report_data.read_summary(folder / "summary.json")).throughput
+    assert throughput is not None and throughput.bucket_s == 1800 and len(throughput.buckets) == 48
+    fine = [f for f, _ in throughput.buckets]
+    assert sum(fine) == 86_400
+    tick_s = 1800 / 100
+    assert all(abs(n - 1800) <= tick_s for n in fine), fine

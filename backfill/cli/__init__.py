@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import importlib.resources
 import json
-import logging
 import secrets
 import signal
 import sys
@@ -439,21 +438,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_report(summary: Summary) -> None:
-    """report.html beside the run's files; a report that fails is logged, never a change of exit code."""
-    from ..outputs.report import write_report
-
-    try:
-        write_report(Path(summary.out_dir))
-    except Exception as error:
-        # The report is for reading; results.csv and summary.json are whole, so the run's outcome stands.
-        logging.getLogger("backfill").warning(
-            "report.html was not written: %s", error, extra={"event": "report_failed", "fields": {}}
-        )
-
-
 def _report(summary: Summary) -> None:
-    _write_report(summary)
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
     click.echo(f"{summary.total_rows} rows: {counts}")
     skipped = summary.counts.get(Status.SKIPPED, 0)

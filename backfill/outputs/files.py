@@ -1,8 +1,9 @@
-"""A run's folder: results.csv, rejects.csv and summary.json, owner-only, each file whole once it exists.
+"""A run's folder: results.csv, rejects.csv, summary.json and report.html, owner-only, each whole once it exists.
 
 Every file is written under a temporary name and renamed into place only when complete (flushed and synced),
-so a file that exists is whole, and summary.json is renamed last: its presence means the run's outputs are
-complete. Every line passes through the secrets scrubber on its way out.
+so a file that exists is whole, and summary.json is renamed after the CSVs: its presence means the run's
+outputs are complete. report.html, read by people and derived from the others, follows it. Every line passes
+through the secrets scrubber on its way out.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import operator
 import os
 import re
@@ -25,6 +27,7 @@ from ..errors import OutputError
 from ..redact import scrub
 from ..run.records import RejectRow, ResultRow, SkippedRow, Summary
 from ..vocab import Status
+from .report.data import RunTally
 
 RESULT_FIELDS = (
     "user_id", "status", "http_status", "result_code", "result_text", "smile_job_id", "job_id",
@@ -152,7 +155,11 @@ def write_rejects(root: Path, rejects: Iterable[RejectRow]) -> Path:
 
 
 class RunOutput:
-    """The run's folder and its files: the engine's Sink. Every row written here goes to exactly one file."""
+    """The run's folder and its files: the engine's Sink. Every row written here goes to exactly one file.
+
+    Each row is also added to the report's tally as it is written, so report.html is made at `close` without
+    reading the CSVs back.
+    """
 
     def __init__(self, root: Path) -> None:
         self.run_id, self.dir = new_run_dir(root)
@@ -162,12 +169,22 @@ class RunOutput:
         self._rejects_csv = csv.writer(self._rejects.handle)
         self._write(self._results_csv, list(RESULT_FIELDS))
         self._write(self._rejects_csv, list(REJECT_FIELDS))
+        self._tally = RunTally(clean=scrub)  # the texts it keeps, scrubbed as the files' lines are
+
+    @property
+    def tally(self) -> RunTally:
+        """The report's figures of every row written so far."""
+        return self._tally
 
     def result(self, row: ResultRow) -> None:
         self._write(self._results_csv, _result_values(row))
+        http = "" if row.http_status is None else str(row.http_status)
+        values = (row.user_id, row.status, row.attempts, row.finished_at, row.latency_ms, http)
+        self._tally.result(*values, row.result_code, row.result_text, row.error)
 
     def reject(self, row: RejectRow) -> None:
         self._write(self._rejects_csv, [row.line, row.user_id, row.reason, row.message])
+        self._tally.reject(str(row.line), row.user_id, row.reason, row.message)
 
     def skipped(self, rows: Sequence[SkippedRow], finished_at: str) -> None:
         """The lines `result` would write for these skipped rows, byte for byte, without a ResultRow each.
@@ -199,6 +216,7 @@ class RunOutput:
                 write(line)  # each line through the scrubber, exactly as the csv writer's would be
         except OSError as exc:
             raise OutputError(f"can't write to {self.dir}: {exc.strerror}") from exc
+        self._tally.settled(Status.SKIPPED, len(rows), finished_at)
 
     def _write(self, writer: Any, values: Sequence[Any]) -> None:
         try:
@@ -207,7 +225,10 @@ class RunOutput:
             raise OutputError(f"can't write to {self.dir}: {exc.strerror}") from exc
 
     def close(self, summary: Summary) -> Path:
-        """Commit the CSVs, then summary.json last, so its presence means the run's outputs are whole."""
+        """Commit the CSVs, then summary.json, so its presence means the run's outputs are whole; then the report.
+
+        A report that can't be written is logged, never an error: the run's outcome stands in the other files.
+        """
         try:
             self._results.commit()
             self._rejects.commit()
@@ -222,7 +243,18 @@ class RunOutput:
             out.abandon()
             raise OutputError(f"can't write {out.path}: {exc.strerror}") from exc
         out.commit()
+        self._write_report()
         return out.path
+
+    def _write_report(self) -> None:
+        from .report import write_report  # here: the report package imports this module
+
+        try:
+            write_report(self.dir, tally=self._tally)
+        except Exception as error:
+            logging.getLogger("backfill").warning(
+                "report.html was not written: %s", error, extra={"event": "report_failed", "fields": {}}
+            )
 
     def close_incomplete(self) -> bool:
         """A run that failed: keep the rows written so far (each file whole), and no summary.json, whose absence

@@ -10,13 +10,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ...errors import OutputError
-from ..files import make_private_dirs
-from .data import read_rejects, read_results, read_summary
+from .. import files  # as a module: files imports this package's tally while it loads
+from .data import RunTally, read_summary, read_tally
 from .migration import LedgerView, build_migration
 from .page import build_page
 from .render import MIGRATION_KIND, RUN_KIND, render_migration, render_page
 
-__all__ = ["REPORT_NAME", "write_migration_report", "write_report"]
+__all__ = ["REPORT_NAME", "RunTally", "write_migration_report", "write_report"]
 
 REPORT_NAME = "report.html"
 # The mark each report carries in its <head> (render.generator): what tells a page the tool wrote, and may write
@@ -25,19 +25,21 @@ _MARK = re.compile(rb'<meta name="generator" content="backfill [^"<>;]*; ([a-z ]
 _MARK_WITHIN = 4096  # bytes from the start: the mark is near the top of <head>
 
 
-def write_report(run_dir: Path, *, overwrite: bool = False) -> Path:
+def write_report(run_dir: Path, *, overwrite: bool = False, tally: RunTally | None = None) -> Path:
     """Write report.html into a finished run folder and return its path.
 
-    A report.html this tool wrote is rendered again from the run's files, which lose nothing by it; any other
-    file there is replaced only when `overwrite`. Raises OutputError when the folder isn't a finished run or a
-    file can't be read or written.
+    `tally`: the figures of the run's results.csv and rejects.csv as the run tallied them while writing them
+    (what reading them back gives), so a run's own report costs no second pass over its files; without it the
+    files are read. A report.html this tool wrote is rendered again, since the run's files lose nothing by it;
+    any other file there is replaced only when `overwrite`. Raises OutputError when the folder isn't a finished
+    run or a file can't be read or written.
     """
     target = run_dir / REPORT_NAME
     replace = _may_replace(target, RUN_KIND, overwrite=overwrite)
     run = read_summary(run_dir / "summary.json")
-    results = read_results(run_dir / "results.csv", run)
-    rejects = read_rejects(run_dir / "rejects.csv")
-    page = render_page(build_page(run, results, rejects, datetime.now(UTC)))
+    if tally is None:
+        tally = read_tally(run_dir / "results.csv", run_dir / "rejects.csv")
+    page = render_page(build_page(run, tally.results(run), tally.rejects(), datetime.now(UTC)))
     _write_private(target, page, overwrite=replace)
     return target
 
@@ -54,7 +56,7 @@ def write_migration_report(
     stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"  # as a run folder is named
     target = output or out_dir / f"migration-report-{stamp}.html"
     try:
-        make_private_dirs(target.parent)
+        files.make_private_dirs(target.parent)
     except OSError as exc:
         raise OutputError(f"can't create the folder {exc.filename}: {exc.strerror}") from exc
     replace = _may_replace(target, MIGRATION_KIND, overwrite=overwrite)

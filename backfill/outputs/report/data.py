@@ -1,4 +1,9 @@
-"""The report's figures, read from a run folder's summary.json, results.csv and rejects.csv in bounded memory."""
+"""The report's figures: a run's summary.json, and its results.csv and rejects.csv tallied in bounded memory.
+
+The CSVs' figures are tallied row by row (`RunTally`), by the run's output as it writes each row or by
+`read_tally` reading a finished run's files back: one tally, so the report a run writes for itself and the one
+`backfill report` writes later from its files say the same.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +34,11 @@ __all__ = [
     "Latency",
     "Results",
     "Run",
+    "RunTally",
     "Throughput",
     "nice_step",
-    "read_rejects",
-    "read_results",
     "read_summary",
+    "read_tally",
 ]
 
 MAX_BUCKETS = 60  # throughput bars: more than this is unreadable on a printed page
@@ -255,82 +260,142 @@ def _cell(fields: list[str], i: int | None) -> str:
     return fields[i] if i is not None and i < len(fields) else ""
 
 
-def read_results(path: Path, run: Run) -> Results:
-    records = _open_csv(path)
-    col = _columns(path, next(records, None), ("user_id", "status"))
+class RunTally:
+    """The figures of a run's results.csv and rejects.csv, added a row at a time, in bounded memory.
+
+    The run's output feeds it each row as it writes it, so a run's report needs no second pass over a file of
+    a million rows; `read_tally` feeds it a finished run's files. `clean` is applied to every text the tally
+    keeps (error texts, messages, example user_ids): the secrets scrubber when the rows come from the run, as
+    the files' lines pass through it; nothing when they come from the files, already scrubbed.
+    """
+
+    def __init__(self, clean: Callable[[str], str] | None = None) -> None:
+        self._clean = clean
+        self._errors = _KindTally()
+        self._reasons = _KindTally()
+        self._latency = _LatencyTally()
+        self._attempts_per_row: Counter[int] = Counter()
+        self._moments = _Moments()
+        # Rows per status, in the order statuses first appear.
+        self._per_status: dict[str, int] = {}
+        self._rows = self._sent_rows = self._attempts = self._multi = 0
+        self.has_latency_column = True
+
+    def result(
+        self,
+        user_id: str,
+        status: str,
+        attempts: int,
+        finished_at: str,
+        latency_ms: int | None,
+        http_status: str,
+        result_code: str,
+        result_text: str,
+        error: str,
+    ) -> None:
+        """One results.csv row, as its columns read (`http_status` as written: digits, or empty)."""
+        self._rows += 1
+        self._per_status[status] = self._per_status.get(status, 0) + 1
+        self._attempts += attempts
+        self._attempts_per_row[min(attempts, MAX_ATTEMPTS_KEY)] += 1
+        if attempts > 0:
+            self._sent_rows += 1
+            if attempts > 1:
+                self._multi += 1
+        fine = status in FINE
+        if not fine:
+            clean = self._clean
+            if clean is not None:
+                user_id, result_text, error = clean(user_id), clean(result_text), clean(error)
+                result_code, http_status = clean(result_code), clean(http_status)
+            label = (
+                result_code
+                or (f"HTTP {http_status}" if http_status else "")
+                or error
+                or ("not sent" if not attempts else "no answer")
+            )
+            self._errors.add(label, user_id, error or result_text, status)
+        if latency_ms is not None and latency_ms >= 0:
+            self._latency.add(latency_ms)
+        self._moments.add(finished_at, fine)
+
+    def settled(self, status: str, count: int, finished_at: str) -> None:
+        """`count` results.csv rows of one status that ends well (FINE), none sent in this run, all finished at
+        `finished_at`: what `result` would make of each, in one step (a resume settles rows by the chunk)."""
+        if status not in FINE:
+            raise ValueError(
+                f"{status!r} rows each need their own line in the errors table: add them one by one"
+            )
+        if not count:
+            return
+        self._rows += count
+        self._per_status[status] = self._per_status.get(status, 0) + count
+        self._attempts_per_row[0] += count
+        self._moments.add(finished_at, True, count)
+
+    def reject(self, line: str, user_id: str, reason: str, message: str) -> None:
+        """One rejects.csv row, as its columns read."""
+        clean = self._clean
+        if clean is not None:
+            user_id, reason, message = clean(user_id), clean(reason), clean(message)
+        self._reasons.add(reason, f"line {line}: {user_id}" if line else user_id, message, "")
+
+    def results(self, run: Run) -> Results:
+        statuses = _KindTally()
+        for status, count in self._per_status.items():
+            statuses.add(status, "", "", "", count=count)
+        return Results(
+            rows=self._rows,
+            counts=tuple((k.label, k.count) for k in statuses.top(MAX_KINDS).top),
+            sent_rows=self._sent_rows,
+            attempts=self._attempts,
+            multi_attempt_rows=self._multi,
+            attempts_per_row=tuple(sorted(self._attempts_per_row.items())),
+            errors=self._errors.top(TOP),
+            latency=self._latency.result(),
+            has_latency_column=self.has_latency_column,
+            throughput=self._moments.throughput(run),
+        )
+
+    def rejects(self) -> Kinds:
+        return self._reasons.top(TOP)
+
+
+def read_tally(results: Path, rejects: Path) -> RunTally:
+    """A finished run's results.csv and rejects.csv, read back one record at a time into a tally."""
+    tally = RunTally()
+    records = _open_csv(results)
+    col = _columns(results, next(records, None), ("user_id", "status"))
     i_user, i_status = col["user_id"], col["status"]
     i_http, i_code, i_text = col.get("http_status"), col.get("result_code"), col.get("result_text")
     i_error, i_attempts = col.get("error"), col.get("attempts")
     i_finished, i_latency = col.get("finished_at"), col.get("latency_ms")
-
-    statuses = _KindTally()
-    errors = _KindTally()
-    latency = _LatencyTally()
-    attempts_per_row: Counter[int] = Counter()
-    timeline = _Timeline.for_run(run)
-    rows = sent_rows = attempts = multi = 0
-    # Rows per status, in the order statuses first appear: the tally gets each status once, with its count.
-    per_status: dict[str, int] = {}
+    tally.has_latency_column = i_latency is not None
+    add = tally.result
     for fields in records:
         if not fields:
             continue
-        rows += 1
-        user_id, status = _cell(fields, i_user), _cell(fields, i_status)
-        per_status[status] = per_status.get(status, 0) + 1
         raw_tries = _cell(fields, i_attempts)
-        tries = (int(raw_tries) if raw_tries.isdigit() else _int_or_none(raw_tries)) or 0
-        attempts += tries
-        attempts_per_row[min(tries, MAX_ATTEMPTS_KEY)] += 1
-        if tries > 0:
-            sent_rows += 1
-        if tries > 1:
-            multi += 1
-        fine = status in FINE
-        if not fine:
-            http, code = _cell(fields, i_http), _cell(fields, i_code)
-            error, text = _cell(fields, i_error), _cell(fields, i_text)
-            label = (
-                code
-                or (f"HTTP {http}" if http else "")
-                or error
-                or ("not sent" if not tries else "no answer")
-            )
-            errors.add(label, user_id, error or text, status)
-        raw_ms = _cell(fields, i_latency)
-        if raw_ms:  # empty for every row that sent nothing
-            ms = _int_or_none(raw_ms)
-            if ms is not None and ms >= 0:
-                latency.add(ms)
-        if timeline is not None:
-            timeline.add(_cell(fields, i_finished), fine)
-    for status, count in per_status.items():
-        statuses.add(status, "", "", "", count=count)
-    return Results(
-        rows=rows,
-        counts=tuple((k.label, k.count) for k in statuses.top(MAX_KINDS).top),
-        sent_rows=sent_rows,
-        attempts=attempts,
-        multi_attempt_rows=multi,
-        attempts_per_row=tuple(sorted(attempts_per_row.items())),
-        errors=errors.top(TOP),
-        latency=latency.result(),
-        has_latency_column=i_latency is not None,
-        throughput=timeline.result() if timeline is not None else None,
-    )
-
-
-def read_rejects(path: Path) -> Kinds:
-    records = _open_csv(path)
-    col = _columns(path, next(records, None), ("line", "user_id", "reason"))
+        raw_ms = _cell(fields, i_latency)  # empty for every row that sent nothing
+        add(
+            _cell(fields, i_user),
+            _cell(fields, i_status),
+            (int(raw_tries) if raw_tries.isdigit() else _int_or_none(raw_tries)) or 0,
+            _cell(fields, i_finished),
+            _int_or_none(raw_ms) if raw_ms else None,
+            _cell(fields, i_http),
+            _cell(fields, i_code),
+            _cell(fields, i_text),
+            _cell(fields, i_error),
+        )
+    records = _open_csv(rejects)
+    col = _columns(rejects, next(records, None), ("line", "user_id", "reason"))
     i_line, i_user, i_reason, i_message = col["line"], col["user_id"], col["reason"], col.get("message")
-    reasons = _KindTally()
     for fields in records:
-        if not fields:
-            continue
-        line, user_id = _cell(fields, i_line), _cell(fields, i_user)
-        example = f"line {line}: {user_id}" if line else user_id
-        reasons.add(_cell(fields, i_reason), example, _cell(fields, i_message), "")
-    return reasons.top(TOP)
+        if fields:
+            line, user_id, reason = _cell(fields, i_line), _cell(fields, i_user), _cell(fields, i_reason)
+            tally.reject(line, user_id, reason, _cell(fields, i_message))
+    return tally
 
 
 def _int_or_none(raw: str) -> int | None:
@@ -500,44 +565,79 @@ def _bucket_size(span_s: float) -> float:
     return 86400.0 * math.ceil(span_s / 86400 / MAX_BUCKETS)
 
 
-class _Timeline:
-    def __init__(self, start: datetime, end: datetime) -> None:
-        span = max(0.0, (end - start).total_seconds())
-        self._start = start
-        self._size = _bucket_size(span)
-        count = max(1, math.ceil(span / self._size - 1e-9))
-        self._fine = [0] * count
-        self._bad = [0] * count
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+# Ticks holding rows before they are merged two by two. Merging starts only once rows span more than this many
+# ticks, and a bucket is at least 1/60 of the run: so a tick stays under 1/100 of a bucket.
+_MOMENTS_MAX = 12_000
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+class _Moments:
+    """When rows finished, fine or not, held before the run's start and end are known, in bounded memory.
+
+    Rows are counted per tick: a millisecond (finished_at's precision) while no more than _MOMENTS_MAX ticks hold
+    rows, then twice as long each time they would be more. A tick is placed whole in the throughput bucket its
+    start lies in: a row is drawn one bucket early only if it finished within a tick after a bucket's edge, and
+    a tick stays under 1/100 of a bucket. A run whose rows span no more than 12 s (a resume's, say) is exact.
+    """
+
+    def __init__(self) -> None:
+        self._tick_us = 1000
+        self._ticks: dict[int, list[int]] = {}  # tick -> [rows fine, rows not fine]
         self._untimed = 0
-        self._last_text, self._last_index = "", 0
+        # The last finished_at seen and its tick's counts: rows settled together share a timestamp.
+        self._last_text: str | None = None
+        self._last_tick = [0, 0]
 
-    @classmethod
-    def for_run(cls, run: Run) -> _Timeline | None:
-        start, end = _parse_time(run.started_at), _parse_time(run.finished_at)
-        if start is None or end is None:
-            return None
-        return cls(start, end)
-
-    def add(self, finished_at: str, fine: bool) -> None:
+    def add(self, finished_at: str, fine: bool, count: int = 1) -> None:
         if finished_at == self._last_text:
-            index = self._last_index  # rows settled together share a timestamp: parse it once
+            tick = self._last_tick
         else:
             moment = _parse_time(finished_at)
             if moment is None:
-                self._untimed += 1
+                self._untimed += count
                 return
-            index = int((moment - self._start).total_seconds() // self._size)
-            index = min(max(index, 0), len(self._fine) - 1)
-            self._last_text, self._last_index = finished_at, index
-        if fine:
-            self._fine[index] += 1
-        else:
-            self._bad[index] += 1
+            key = _micros(moment) // self._tick_us
+            found = self._ticks.get(key)
+            if found is None:
+                found = self._ticks[key] = [0, 0]
+                if len(self._ticks) > _MOMENTS_MAX:
+                    self._coarsen()
+                    found = self._ticks[key // 2]
+            self._last_text, self._last_tick = finished_at, found
+            tick = found
+        tick[0 if fine else 1] += count
 
-    def result(self) -> Throughput:
-        return Throughput(
-            start=self._start,
-            bucket_s=self._size,
-            buckets=tuple(zip(self._fine, self._bad, strict=True)),
-            untimed=self._untimed,
-        )
+    def _coarsen(self) -> None:
+        self._tick_us *= 2
+        merged: dict[int, list[int]] = {}
+        for key, (fine, bad) in self._ticks.items():
+            into = merged.get(key // 2)
+            if into is None:
+                merged[key // 2] = [fine, bad]
+            else:
+                into[0] += fine
+                into[1] += bad
+        self._ticks = merged
+        self._last_text = None  # its counts were merged into another list
+
+    def throughput(self, run: Run) -> Throughput | None:
+        """Rows per bucket from the run's start to its end (rows outside them in the first or last bucket)."""
+        start, end = _parse_time(run.started_at), _parse_time(run.finished_at)
+        if start is None or end is None:
+            return None
+        span = max(0.0, (end - start).total_seconds())
+        size = _bucket_size(span)
+        count = max(1, math.ceil(span / size - 1e-9))
+        size_us, start_us, tick_us = round(size * 1_000_000), _micros(start), self._tick_us
+        fine, bad = [0] * count, [0] * count
+        for key, (f, b) in self._ticks.items():
+            index = min(max((key * tick_us - start_us) // size_us, 0), count - 1)
+            fine[index] += f
+            bad[index] += b
+        buckets = tuple(zip(fine, bad, strict=True))
+        return Throughput(start=start, bucket_s=size, buckets=buckets, untimed=self._untimed)
