@@ -19,7 +19,7 @@ from typing import Any
 
 import jinja2
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backfill import compose as runner
@@ -563,7 +563,7 @@ def test_a_mark_near_the_right_edge_is_labelled_on_its_left() -> None:
     assert chart.marks[1].label.x < chart.marks[1].x
 
 
-# --- the tally a run keeps as it writes its files ---
+# --- RunOutput: the lines it writes and the figures it tallies as it writes them ---
 
 TALLY_SECRET = "tally-secret-0042"
 redact.register(TALLY_SECRET)
@@ -642,6 +642,7 @@ def write(output: RunOutput, writes: Sequence[Any]) -> None:
             output.skipped(rows, finished_at)
 
 
+@settings(max_examples=60, deadline=None)  # each example writes and renders a run's report
 @given(WRITES)
 def test_the_figures_a_run_tallies_as_it_writes_are_those_its_files_give_back(writes: list[Any]) -> None:
     with tempfile.TemporaryDirectory() as root:
@@ -653,6 +654,25 @@ def test_the_figures_a_run_tallies_as_it_writes_are_those_its_files_give_back(wr
         assert output.tally.results(run) == read.results(run)
         assert output.tally.rejects() == read.rejects()
         assert TALLY_SECRET not in (output.dir / "report.html").read_text(encoding="utf-8")
+
+
+@settings(deadline=None)  # files on disk, on a machine whose cores are busy: no timing is asserted
+@given(st.lists(SKIPPED, max_size=4))
+def test_skipped_rows_are_written_as_result_rows_would_be_byte_for_byte(batches: list[Any]) -> None:
+    """The fast writer formats most fields once a chunk and scrubs the chunk at once: still the csv writer's."""
+    with tempfile.TemporaryDirectory() as root:
+        fast, plain = RunOutput(Path(root) / "fast"), RunOutput(Path(root) / "plain")
+        for rows, finished_at in batches:
+            fast.skipped(rows, finished_at)
+            for user_id, code, smile_job_id, job_id, message in rows:
+                plain.result(
+                    ResultRow(user_id=user_id, status=Status.SKIPPED, result_code=code, smile_job_id=smile_job_id,
+                              job_id=job_id, error=message, finished_at=finished_at)
+                )  # fmt: skip
+        for out in (fast, plain):
+            out.close_incomplete()
+        fast_bytes, plain_bytes = ((out.dir / "results.csv").read_bytes() for out in (fast, plain))
+        assert fast_bytes == plain_bytes
 
 
 def test_a_run_writes_its_report_without_reading_its_files_back(

@@ -105,8 +105,7 @@ def make_private_dirs(folder: Path) -> None:
 _RESULT_VALUES = operator.attrgetter(*RESULT_FIELDS)
 
 
-# A field the csv writer (QUOTE_MINIMAL, "\r\n") writes as it is: no delimiter, quote or line break in it.
-_PLAIN_FIELD = re.compile(r"[^,\"\r\n]+")
+# What makes the csv writer (QUOTE_MINIMAL, "\r\n") quote a field: a delimiter, a quote or a line break.
 _NEEDS_QUOTES = re.compile(r"[,\"\r\n]")
 
 
@@ -208,12 +207,12 @@ class RunOutput:
             if user_id and quoted(user_id + smile_job_id + job_id) is None:  # one scan: nearly every row
                 lines.append(f"{user_id}{head},{smile_job_id},{job_id}{tail}")
             else:
-                uid = user_id if _PLAIN_FIELD.fullmatch(user_id) else _csv_line([user_id]).rstrip("\r\n")
+                # Formatted as a first field, not as a line of its own (where an empty one is quoted).
+                uid = _csv_line([user_id, ""]).rstrip("\r\n")[:-1]
                 lines.append(uid + head + _csv_line(["", smile_job_id, job_id]).rstrip("\r\n") + tail)
         try:
-            write = self._results.handle.write
-            for line in lines:
-                write(line)  # each line through the scrubber, exactly as the csv writer's would be
+            # The chunk through the scrubber at once: every secret within a line is masked as line by line.
+            self._results.handle.write("".join(lines))
         except OSError as exc:
             raise OutputError(f"can't write to {self.dir}: {exc.strerror}") from exc
         self._tally.settled(Status.SKIPPED, len(rows), finished_at)

@@ -57,7 +57,16 @@ async def decide_batch(
     candidates: Sequence[Candidate], store: Store | None, images: ImageSource, *, resend_failed: bool = False
 ) -> tuple[list[Skipped], list[Decision]]:
     """A chunk's rows: those done with an unchanged photo (one narrow ledger query and one stat each, no
-    row object built), then a decision for every other row, as `decide` makes them, in order."""
+    row object built), then a decision for every other row, as `decide` makes them, in order.
+
+    Why a done row still costs a stat, though it is never sent again whatever its photo: the ledger can't say
+    which file the row belongs in. If the manifest now names another photo for the ID (another person given
+    a used user_id), that is reported: the row goes to rejects.csv as user_id_reused and the run exits 1,
+    instead of to results.csv as skipped. So the stat can't be dropped, nor deferred past the row's line; it
+    is the cheapest check that notices (the quick check, `unchanged`), batched into one thread hop a chunk.
+    Listing each folder instead (os.scandir) costs no less on Linux, where an entry's size and mtime take
+    an lstat each. Rows the ledger settles alone (an ID conflict) take no stat; new rows take the full check.
+    """
     if store is None or not candidates:
         return [], await decide(candidates, {}, images, resend_failed=resend_failed)
     done = await store.done([c.user_id for c in candidates])
@@ -74,6 +83,8 @@ async def decide_batch(
                 skipped.append(make(Skipped, (c.user_id, state, code, smile_job_id, job_id)))
             else:
                 changed.add(c.user_id)
+        if len(skipped) == len(candidates):
+            return skipped, []  # a finished job's resume: every row of the chunk
         rest = [c for c in candidates if c.user_id not in done or c.user_id in changed]
     else:
         rest = list(candidates)
