@@ -25,9 +25,11 @@ if __package__ in (None, ""):
 from benchmarks.suite import PLANS, WINDOW_TOLERANCE, Suite, log
 
 ROOT = Path(__file__).resolve().parent.parent
-# Resuming a completed 1M-row job: an absolute target on the 2-core development VM (issue "ledger/seams"),
-# with validation and the csv + stat floor of the same manifest reported beside it as same-run baselines.
+# Resuming a completed 1M-row job: at most this long on the 2-core development VM, or at most this share of
+# validating the same manifest in the same run (issue 19: on a VM whose cores are busy, the seconds say less
+# than the ratio); the csv + stat floor of the same manifest is reported beside them.
 RESUME_TARGET_S = 15.0
+RESUME_OVER_VALIDATE = 0.5
 # "Memory flat": the resume's peak RSS may grow this much from the smallest manifest to the largest.
 RESUME_RSS_FLAT = 1.2
 # Client overhead (issue 19): rows/s at least this share of the bare aiohttp loop's, at every photo size, and
@@ -100,11 +102,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "<= 400",
                 lambda v: v <= 400,
             )
+            share = entry.get("resume_over_validate")
             check(
                 "scale 1M: resume of a completed job (s)",
                 entry.get("resume_s") if entry.get("resume_of_complete_job") else None,
-                f"<= {RESUME_TARGET_S:g}",
-                lambda v: v <= RESUME_TARGET_S,
+                f"<= {RESUME_TARGET_S:g}, or <= {RESUME_OVER_VALIDATE:g} x validation: {share or 0:.3f} here",
+                lambda v, share=share: (
+                    v <= RESUME_TARGET_S or (share is not None and share <= RESUME_OVER_VALIDATE)
+                ),
             )
     if "rss_large_over_small" in s:
         check("scale: peak RSS 1M / 100k", s.get("rss_large_over_small"), "<= 1.5", lambda v: v <= 1.5)
