@@ -735,7 +735,17 @@ def test_a_long_run_is_held_in_bounded_ticks_each_row_within_a_tick_of_its_bucke
     start = datetime(2025, 1, 1, tzinfo=UTC)
     for second in range(86_400):
         at = (start + timedelta(seconds=second)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        tally.result(f"u{second}", "enrolled", 1, at, None, "", "", "", "")
+        tally.result(
+            user_id=f"u{second}",
+            status="enrolled",
+            attempts=1,
+            finished_at=at,
+            latency_ms=None,
+            http_status="",
+            result_code="",
+            result_text="",
+            error="",
+        )
     folder = write_run(
         tmp_path / "run",
         [],

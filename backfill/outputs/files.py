@@ -177,13 +177,21 @@ class RunOutput:
 
     def result(self, row: ResultRow) -> None:
         self._write(self._results_csv, _result_values(row))
-        http = "" if row.http_status is None else str(row.http_status)
-        values = (row.user_id, row.status, row.attempts, row.finished_at, row.latency_ms, http)
-        self._tally.result(*values, row.result_code, row.result_text, row.error)
+        self._tally.result(
+            user_id=row.user_id,
+            status=row.status,
+            attempts=row.attempts,
+            finished_at=row.finished_at,
+            latency_ms=row.latency_ms,
+            http_status="" if row.http_status is None else str(row.http_status),
+            result_code=row.result_code,
+            result_text=row.result_text,
+            error=row.error,
+        )
 
     def reject(self, row: RejectRow) -> None:
         self._write(self._rejects_csv, [row.line, row.user_id, row.reason, row.message])
-        self._tally.reject(str(row.line), row.user_id, row.reason, row.message)
+        self._tally.reject(line=str(row.line), user_id=row.user_id, reason=row.reason, message=row.message)
 
     def skipped(self, rows: Sequence[SkippedRow], finished_at: str) -> None:
         """The lines `result` would write for these skipped rows, byte for byte, without a ResultRow each.

@@ -283,6 +283,7 @@ class RunTally:
 
     def result(
         self,
+        *,
         user_id: str,
         status: str,
         attempts: int,
@@ -333,7 +334,7 @@ class RunTally:
         self._attempts_per_row[0] += count
         self._moments.add(finished_at, True, count)
 
-    def reject(self, line: str, user_id: str, reason: str, message: str) -> None:
+    def reject(self, *, line: str, user_id: str, reason: str, message: str) -> None:
         """One rejects.csv row, as its columns read."""
         clean = self._clean
         if clean is not None:
@@ -371,30 +372,33 @@ def read_tally(results: Path, rejects: Path) -> RunTally:
     i_error, i_attempts = col.get("error"), col.get("attempts")
     i_finished, i_latency = col.get("finished_at"), col.get("latency_ms")
     tally.has_latency_column = i_latency is not None
-    add = tally.result
     for fields in records:
         if not fields:
             continue
         raw_tries = _cell(fields, i_attempts)
         raw_ms = _cell(fields, i_latency)  # empty for every row that sent nothing
-        add(
-            _cell(fields, i_user),
-            _cell(fields, i_status),
-            (int(raw_tries) if raw_tries.isdigit() else _int_or_none(raw_tries)) or 0,
-            _cell(fields, i_finished),
-            _int_or_none(raw_ms) if raw_ms else None,
-            _cell(fields, i_http),
-            _cell(fields, i_code),
-            _cell(fields, i_text),
-            _cell(fields, i_error),
+        tally.result(
+            user_id=_cell(fields, i_user),
+            status=_cell(fields, i_status),
+            attempts=(int(raw_tries) if raw_tries.isdigit() else _int_or_none(raw_tries)) or 0,
+            finished_at=_cell(fields, i_finished),
+            latency_ms=_int_or_none(raw_ms) if raw_ms else None,
+            http_status=_cell(fields, i_http),
+            result_code=_cell(fields, i_code),
+            result_text=_cell(fields, i_text),
+            error=_cell(fields, i_error),
         )
     records = _open_csv(rejects)
     col = _columns(rejects, next(records, None), ("line", "user_id", "reason"))
     i_line, i_user, i_reason, i_message = col["line"], col["user_id"], col["reason"], col.get("message")
     for fields in records:
         if fields:
-            line, user_id, reason = _cell(fields, i_line), _cell(fields, i_user), _cell(fields, i_reason)
-            tally.reject(line, user_id, reason, _cell(fields, i_message))
+            tally.reject(
+                line=_cell(fields, i_line),
+                user_id=_cell(fields, i_user),
+                reason=_cell(fields, i_reason),
+                message=_cell(fields, i_message),
+            )
     return tally
 
 
