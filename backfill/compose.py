@@ -441,7 +441,7 @@ def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[R
                 rejects += [RejectRow(line=r.line, user_id=r.user_id, reason=r.reason, message=r.message)
                             for r in batch.rejects]  # fmt: skip
                 for d in await plan.decide(batch.candidates, {}, images):
-                    if isinstance(d, plan.Send):
+                    if isinstance(d, plan.ToSend):
                         valid += 1
                     elif d.reason is not None:
                         rejects.append(

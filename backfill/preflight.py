@@ -335,11 +335,11 @@ async def _pins_check(sample: list[Candidate], known: dict[str, LedgerRow], imag
     reused = [
         (d.line, d.user_id, d.message)
         for d in decisions
-        if isinstance(d, plan.Settle) and d.reason is Reason.USER_ID_REUSED
+        if isinstance(d, plan.NotSent) and d.reason is Reason.USER_ID_REUSED
     ]
     for d in decisions:
         k = known[d.user_id]
-        if not isinstance(d, plan.Send) or k.photo_sha256 is None:
+        if not isinstance(d, plan.ToSend) or k.photo_sha256 is None:
             continue
         try:
             photo = await images.read(d.fingerprint)

@@ -74,7 +74,7 @@ def state_of_2209(*, doubt_before: bool) -> State:
     of ours for the ID may have reached the server before this attempt, which the ledger's doubt says; without
     that doubt someone else holds the ID (ID_CONFLICT), for a person to look at, never a success.
 
-    The sender reads a 2209's final status from it (`run/settle.py`), and the ledger refuses any outcome that
+    The sender reads a 2209's final status from it (`run/status.py`), and the ledger refuses any outcome that
     disagrees with the doubt it holds (`ledger/transitions.py`). The answer itself neither says this attempt may
     have enrolled the user nor proves it didn't (`api/answers.py`), so it never changes the doubt it is read by.
     """

@@ -171,7 +171,7 @@ def full_batches(manifest: Manifest) -> list[FullBatch]:
         for batch in manifest.batches():
             rows, rejects = [], list(batch.rejects)
             for d in await plan.decide(batch.candidates, {}, images):
-                if isinstance(d, plan.Send):
+                if isinstance(d, plan.ToSend):
                     rows.append(Valid(line=d.line, user_id=d.user_id, user_created_at=d.user_created_at,
                                       image_path=Path(d.fingerprint.ref), image_size=d.fingerprint.size))  # fmt: skip
                 else:

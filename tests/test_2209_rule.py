@@ -18,7 +18,7 @@ from backfill.errors import TransportError
 from backfill.images import Fingerprint
 from backfill.ledger import AttemptRequest, LedgerRow, Outcome, transitions
 from backfill.redact import Secret
-from backfill.run.settle import final_status, ledger_state
+from backfill.run.status import final_status, ledger_state
 from backfill.vocab import State, Status, state_of_2209
 
 KEY, PARTNER, USER = "test-key-0123456789", "085", "u1"

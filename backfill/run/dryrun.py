@@ -5,8 +5,8 @@ from __future__ import annotations
 from ..api.client import Client
 from ..images import ImageError, ImageSource
 from ..vocab import Status
-from .plan import Send
-from .send import Sent
+from .plan import ToSend
+from .send import RowEnd
 
 
 class DryRun:
@@ -18,15 +18,15 @@ class DryRun:
     def __init__(self, *, images: ImageSource, client: Client) -> None:
         self._images, self._client = images, client
 
-    async def send(self, row: Send) -> Sent:
+    async def send(self, row: ToSend) -> RowEnd:
         try:
             photo = await self._images.read(row.fingerprint)
         except ImageError as exc:
-            return Sent(
+            return RowEnd(
                 status=Status.REJECTED,
                 reason=exc.problem.reason,
                 message=f"at send time: {exc.problem.message}",
             )
         # Built and signed as it would be sent: a photo or setting that can't make a request fails here too.
         self._client.photo_body(row.user_id, row.user_created_at, photo.data)
-        return Sent(status=Status.DRY_RUN, message="would be sent")
+        return RowEnd(status=Status.DRY_RUN, message="would be sent")

@@ -32,7 +32,7 @@ from .observe import NO_OBSERVER, Observer
 from .rate import Gate
 from .records import RejectRow, ResultRow, Sink, Summary
 from .rows import Rows
-from .send import Sent, describe
+from .send import RowEnd, describe
 from .stats import Tally, exit_code
 from .stops import Leaving, Stops
 from .workers import Workers, note, workers_are_the_limit
@@ -78,7 +78,7 @@ class Sending(Protocol):
     attempts: int  # in this run, every row
     in_flight: int  # sent, not yet answered
 
-    async def send(self, row: plan.Send) -> Sent | None: ...
+    async def send(self, row: plan.ToSend) -> RowEnd | None: ...
 
 
 class Journal(Protocol):
@@ -143,7 +143,7 @@ class Engine:
         self._shown_rate = parts.gate.rate  # the adaptive rate the progress bar last showed
         self._limited: str | None = None  # the note the progress object was last told
         self._noted: str | None = None  # the note the ledger's runs table holds for this run
-        self._queue: asyncio.Queue[plan.Send | None] | None = None
+        self._queue: asyncio.Queue[plan.ToSend | None] | None = None
 
     # --- stopping ---
 
@@ -297,7 +297,7 @@ class Engine:
 
     async def _send_all(self) -> None:
         """Every row planned and sent (or told), then the row source closed: a stop ends it early."""
-        queue: asyncio.Queue[plan.Send | None] = asyncio.Queue(maxsize=self.options.concurrency * 4)
+        queue: asyncio.Queue[plan.ToSend | None] = asyncio.Queue(maxsize=self.options.concurrency * 4)
         self._queue = queue
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.options.concurrency)]
         try:
@@ -355,7 +355,7 @@ class Engine:
         )
         return batch, skipped, decisions
 
-    async def _produce(self, queue: asyncio.Queue[plan.Send | None]) -> None:
+    async def _produce(self, queue: asyncio.Queue[plan.ToSend | None]) -> None:
         limit = self.options.limit
         queued = 0
         # One chunk planned ahead: its reading, lookup and photo checks overlap with this chunk's rows being
@@ -389,7 +389,7 @@ class Engine:
                     self._advance_many(Status.SKIPPED, len(skipped))
                     await asyncio.sleep(0)  # let the next chunk's planning take its next step
                 for n, decision in enumerate(decisions, 1):
-                    if isinstance(decision, plan.Send):
+                    if isinstance(decision, plan.ToSend):
                         if self.stopping:
                             return
                         if limit is not None and queued >= limit:
@@ -429,7 +429,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError, BackfillError):
                 await ahead  # its error, if any, belongs to a chunk that was never used
 
-    async def _worker(self, queue: asyncio.Queue[plan.Send | None]) -> None:
+    async def _worker(self, queue: asyncio.Queue[plan.ToSend | None]) -> None:
         sending = self.parts.sending
         while (row := await queue.get()) is not None:
             if self.stopping:
@@ -446,7 +446,7 @@ class Engine:
                 # full queue for ever. Stop the run as on any local failure, and say what happened.
                 self._fail(InternalError(f"internal error while sending {row.user_id!r}: {error!r}"))
 
-    def _finish(self, row: plan.Send, sent: Sent) -> None:
+    def _finish(self, row: plan.ToSend, sent: RowEnd) -> None:
         if sent.elsewhere:
             self.parts.rows.handed_back(
                 row.user_id

@@ -17,7 +17,7 @@ from ..vocab import DONE_STATES, Reason, State, Status
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Send:
+class ToSend:
     """A row to send: its checked photo's fingerprint, and what the ledger knew of it (None: a new ID)."""
 
     line: int
@@ -29,8 +29,8 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Settle:
-    """A row settled without sending: a status (or a reject's reason) and a message saying why."""
+class NotSent:
+    """A row decided without sending: a status (or a reject's reason) and a message saying why."""
 
     line: int
     user_id: str
@@ -40,7 +40,7 @@ class Settle:
     known: LedgerRow | None = None
 
 
-Decision = Send | Settle
+Decision = ToSend | NotSent
 
 
 class Skipped(NamedTuple):
@@ -129,7 +129,7 @@ async def decide(
             to_check.append(i)
         elif k.state is State.ID_CONFLICT:
             message = "the ID is held by another user on Smile ID; not sent again. A person must look"
-            decisions[i] = Settle(
+            decisions[i] = NotSent(
                 line=c.line, user_id=c.user_id, status=Status.ID_CONFLICT, message=message, known=k
             )
         elif k.state is State.FAILED and resend_failed:
@@ -153,10 +153,10 @@ async def decide(
             c = candidates[i]
             k = known.get(c.user_id)
             if isinstance(found, ImageProblem):
-                decisions[i] = Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED,
+                decisions[i] = NotSent(line=c.line, user_id=c.user_id, status=Status.REJECTED,
                                       message=found.message, reason=found.reason, known=k)  # fmt: skip
             else:
-                decisions[i] = Send(line=c.line, user_id=c.user_id, user_created_at=c.user_created_at,
+                decisions[i] = ToSend(line=c.line, user_id=c.user_id, user_created_at=c.user_created_at,
                                     image=c.image, fingerprint=found, known=k)  # fmt: skip
     return [d for d in decisions if d is not None]
 
@@ -170,8 +170,8 @@ async def _compare(
         if done:
             # Nothing is sent for an enrolled user, so its photo may be gone: a nightly cron must not fail on it.
             message = f"{NOT_SENT_AGAIN[k.state]} (its photo is no longer usable: {found.reason})"
-            return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
-        return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=found.message,
+            return NotSent(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
+        return NotSent(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=found.message,
                       reason=found.reason, known=k)  # fmt: skip
     same = unchanged(found, k.image_ref, k.image_size, k.image_version)
     if not same and k.photo_sha256 is None:
@@ -183,17 +183,19 @@ async def _compare(
         except ImageError as exc:
             if done:
                 message = f"{NOT_SENT_AGAIN[k.state]} ({exc.problem.reason})"
-                return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
-            return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=exc.problem.message,
+                return NotSent(
+                    line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k
+                )
+            return NotSent(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=exc.problem.message,
                           reason=exc.problem.reason, known=k)  # fmt: skip
     if not same:
-        return Settle(line=c.line, user_id=c.user_id, status=Status.REJECTED, reason=Reason.USER_ID_REUSED,
+        return NotSent(line=c.line, user_id=c.user_id, status=Status.REJECTED, reason=Reason.USER_ID_REUSED,
                       message=reused_message(c.user_id, k), known=k)  # fmt: skip
     if done:
-        return Settle(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=NOT_SENT_AGAIN[k.state],
+        return NotSent(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=NOT_SENT_AGAIN[k.state],
                       known=k)  # fmt: skip
     message = f"failed permanently earlier ({k.result_code or 'no code'}); fix the image or use another ID"
-    return Settle(line=c.line, user_id=c.user_id, status=Status.FAILED, message=message, known=k)
+    return NotSent(line=c.line, user_id=c.user_id, status=Status.FAILED, message=message, known=k)
 
 
 SENT_BYTES_DIFFER = (

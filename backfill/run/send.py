@@ -15,10 +15,10 @@ from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store
 from ..vocab import Kind, Reason, State, Status
 from .crash import Boundary, CrashPoints
 from .observe import NO_OBSERVER, Observer
-from .plan import NOT_SENT_AGAIN, SENT_BYTES_DIFFER, Send, reused_message
+from .plan import NOT_SENT_AGAIN, SENT_BYTES_DIFFER, ToSend, reused_message
 from .policy import RetryPolicy, is_throttled
 from .rate import Gate
-from .settle import final_status, ledger_state, unfinished_status
+from .status import final_status, ledger_state, unfinished_status
 from .stops import Stops
 from .workers import Workers
 
@@ -26,7 +26,7 @@ log = logging.getLogger("backfill")
 
 
 @dataclass(slots=True, kw_only=True)
-class Sent:
+class RowEnd:
     """How one row ended: a status (REJECTED with a reason when nothing could be sent) and its last answer."""
 
     status: Status
@@ -49,12 +49,12 @@ class Sent:
 
 @dataclass(slots=True)
 class _Row:
-    send: Send
+    send: ToSend
     attempts: int = 0
     throttled: int = 0  # of `attempts`, those answered 429: they don't spend the row's retry budget
     first_ever: bool = False
     latency_ms: int | None = None
-    last: Sent | None = None  # set when an attempt ended the row without an answer to return
+    last: RowEnd | None = None  # set when an attempt ended the row without an answer to return
     # A request of ours for this ID may have reached the server (this run's or an earlier one's, as the ledger
     # said at the last attempt): a stop before the next attempt leaves the row in doubt, not merely pending.
     doubt: bool = False
@@ -99,7 +99,7 @@ class Sender:
     def _stopping(self) -> bool:
         return self._stops.stopping
 
-    async def send(self, row: Send) -> Sent | None:
+    async def send(self, row: ToSend) -> RowEnd | None:
         """The row's end, or None when a stop came before its first attempt left (it was not reached).
 
         A plain loop: each attempt returns the policy's one decision, its answer and the wait before the next
@@ -217,7 +217,7 @@ class Sender:
                 work.last = self._elsewhere(work)
                 raise _Ended
         if wait is None:
-            work.last = Sent(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
+            work.last = RowEnd(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
                              latency_ms=work.latency_ms)  # fmt: skip
             return None
         return verdict, wait
@@ -235,30 +235,32 @@ class Sender:
         self._event(logging.WARNING, "rate_lowered", said, pause_s=paused, rate=round(rate, 3),
                     http_status=429)  # fmt: skip
 
-    def _not_sent(self, work: _Row) -> Sent | None:
+    def _not_sent(self, work: _Row) -> RowEnd | None:
         """A stop before this attempt left: nothing more of the row goes; it stays as the ledger has it."""
         if work.attempts == 0:
             return None
         return work.last or self._stopped(work, work.verdict)
 
-    def _stopped(self, work: _Row, verdict: Verdict | None) -> Sent:
+    def _stopped(self, work: _Row, verdict: Verdict | None) -> RowEnd:
         """A row whose retry a stop cancelled: in doubt if an attempt of ours may have enrolled it, else pending."""
         status = unfinished_status(doubt=work.doubt)
         said = "stopped before the next attempt"
         if status is Status.UNKNOWN:
             said += "; an earlier request may have reached the server: a re-run settles it"
-        return Sent(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
+        return RowEnd(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
                     latency_ms=work.latency_ms, message=said, cut_short=True)  # fmt: skip
 
-    def _reject(self, work: _Row, reason: Reason, message: str) -> Sent:
+    def _reject(self, work: _Row, reason: Reason, message: str) -> RowEnd:
         """Nothing can be sent now: the row goes to rejects.csv with the reason, whatever went out before it."""
-        return Sent(status=Status.REJECTED, reason=reason, message=message, attempts=work.attempts,
+        return RowEnd(status=Status.REJECTED, reason=reason, message=message, attempts=work.attempts,
                     first_ever=work.first_ever)  # fmt: skip
 
-    def _elsewhere(self, work: _Row) -> Sent:
-        return Sent(status=Status.PENDING, attempts=work.attempts, first_ever=work.first_ever, elsewhere=True)
+    def _elsewhere(self, work: _Row) -> RowEnd:
+        return RowEnd(
+            status=Status.PENDING, attempts=work.attempts, first_ever=work.first_ever, elsewhere=True
+        )
 
-    def _refused(self, work: _Row, refused: Refused) -> Sent | None:
+    def _refused(self, work: _Row, refused: Refused) -> RowEnd | None:
         if refused.why in (Refusal.CLAIM_LOST, Refusal.SENT_ELSEWHERE):
             # Its lease ended (this process stalled, or lost the database for longer), or another live process
             # is sending the ID right now: the row is another process's to tell. Nothing was sent for it here.
@@ -276,7 +278,7 @@ class Sender:
             status, message = Status.ID_CONFLICT, "held by someone else (id_conflict in the ledger); not sent"
         else:
             status, message = Status.SKIPPED, NOT_SENT_AGAIN[k.state]
-        return Sent(status=status, attempts=work.attempts, first_ever=work.first_ever, message=message,
+        return RowEnd(status=status, attempts=work.attempts, first_ever=work.first_ever, message=message,
                     result_code=k.result_code, smile_job_id=k.smile_job_id, job_id=k.job_id)  # fmt: skip
 
     def _retrying(self, work: _Row, verdict: Verdict, wait: float) -> None:
