@@ -8,12 +8,12 @@
     │   ├── LedgerAbsent (2)     no ledger there yet
     │   └── CheckpointLocked (3) another live run holds it
     ├── Declined (1)             asked before sending to production, the answer wasn't yes
-    ├── TransportError           a request got no usable answer (classified, never raised to a caller)
     └── InternalError (70)       a bug: the run stops cleanly
 
 A foreign library's exceptions (aiohttp, sqlite3, psycopg, obstore, pandas) are translated into these where that
 library is called. A row's own problem is not an error: a photo that can't be read is an `images.ImageError`
-(and a photo URL that can't name an object a `images.urls.BadUrl`), caught by the stage that reads it and turned
+(and a photo URL that can't name an object a `images.urls.BadUrl`); a request with no answer is an
+`api.answers.NoAnswer`, classified like any answer, caught by the stage that reads it and turned
 into that row's reject, so a run never stops for one row. The codes themselves are `vocab.ExitCode`.
 """
 
@@ -73,15 +73,6 @@ class Declined(BackfillError):
     """
 
     exit_code: int = ExitCode.ROWS_LEFT
-
-
-class TransportError(BackfillError):
-    """A request got no usable HTTP answer. `may_have_reached` is True when the server may have acted on it."""
-
-    def __init__(self, reason: str, *, may_have_reached: bool) -> None:
-        self.reason = reason
-        self.may_have_reached = may_have_reached
-        super().__init__(reason)
 
 
 class InternalError(BackfillError):

@@ -12,9 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from backfill.api.answers import Verdict, classify_answer, classify_transport
+from backfill.api.answers import NoAnswer, Verdict, classify_answer, classify_transport
 from backfill.api.signing import sign
-from backfill.errors import TransportError
 from backfill.images import Fingerprint
 from backfill.ledger import AttemptRequest, LedgerRow, Outcome, transitions
 from backfill.redact import Secret
@@ -39,7 +38,7 @@ def signed(code: str, signature: str | None = None) -> Verdict:
 
 
 def lost(*, reached: bool) -> Verdict:
-    return classify_transport(TransportError("no answer", may_have_reached=reached))
+    return classify_transport(NoAnswer(reason="no answer", may_have_reached=reached))
 
 
 CRASHED = None  # an attempt recorded, then the process died before its outcome: the row is left SENDING

@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 
 from backfill import compose as runner
-from backfill.api.answers import Verdict, classify_transport, unreachable_from_the_start
+from backfill.api.answers import NoAnswer, Verdict, classify_transport, unreachable_from_the_start
 from backfill.api.client import Client
 from backfill.config import Settings
-from backfill.errors import TransportError
 from backfill.ledger import Binding
 from backfill.ledger.memory import MemoryStore
 from backfill.run.policy import RetryPolicy
@@ -164,7 +163,7 @@ async def test_cant_connect_after_answers_is_a_blip_and_retried(
         if blips.get(user_id, 0):
             blips[user_id] -= 1
             return classify_transport(
-                TransportError("can't connect", may_have_reached=False), unreachable=True
+                NoAnswer(reason="can't connect", may_have_reached=False), unreachable=True
             )
         return await real(self, user_id, *args)
 
@@ -177,7 +176,7 @@ async def test_cant_connect_after_answers_is_a_blip_and_retried(
 
 def test_unreachable_is_transient_and_never_in_doubt_and_systemic_only_from_the_start() -> None:
     verdict = classify_transport(
-        TransportError("can't connect to x", may_have_reached=False), unreachable=True
+        NoAnswer(reason="can't connect to x", may_have_reached=False), unreachable=True
     )
     assert verdict.kind is Kind.TRANSIENT and not verdict.may_have_enrolled and verdict.unreachable
     first = unreachable_from_the_start(verdict)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from backfill.api.answers import (
     SHOWN_MAX,
     Kind,
+    NoAnswer,
     Verdict,
     classify_answer,
     classify_cut_off,
@@ -23,7 +24,6 @@ from backfill.api.answers import (
     printable,
 )
 from backfill.api.signing import sign
-from backfill.errors import TransportError
 from backfill.redact import Secret
 
 KEY = "test-key-0123456789"
@@ -274,9 +274,9 @@ def test_cut_off_and_transport_failures() -> None:
     refused = classify_cut_off(429, "5", "timed out")
     assert not refused.may_have_enrolled and refused.retry_after == 5.0
     assert not classify_cut_off(404, None, "x").may_have_enrolled
-    lost = classify_transport(TransportError("timed out", may_have_reached=True))
+    lost = classify_transport(NoAnswer(reason="timed out", may_have_reached=True))
     assert (lost.kind, lost.may_have_enrolled, lost.http_status) == (Kind.TRANSIENT, True, None)
-    never = classify_transport(TransportError("refused", may_have_reached=False))
+    never = classify_transport(NoAnswer(reason="refused", may_have_reached=False))
     assert not never.may_have_enrolled
 
 

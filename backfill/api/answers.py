@@ -12,7 +12,6 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import TransportError
 from ..redact import Secret
 from ..vocab import ALREADY_CODE, Kind
 from .signing import verify
@@ -163,7 +162,15 @@ def classify_cut_off(status: int, retry_after: str | None, reason: str, *, url: 
     )  # fmt: skip
 
 
-def classify_transport(error: TransportError, *, unreachable: bool = False) -> Verdict:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoAnswer:
+    """A request that got no usable HTTP answer. `may_have_reached`: the server may have acted on it."""
+
+    reason: str
+    may_have_reached: bool
+
+
+def classify_transport(error: NoAnswer, *, unreachable: bool = False) -> Verdict:
     """No HTTP answer at all; the request may have reached the server only if the connection was made.
 
     `unreachable`: no connection could be made (refused, DNS): a blip mid-run, retried like any transport

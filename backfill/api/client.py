@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import aiohttp
 
-from ..errors import TransportError
 from ..redact import Secret
 from .answers import (
+    NoAnswer,
     Verdict,
     classify_answer,
     classify_cut_off,
@@ -109,17 +109,17 @@ class Client:
         except aiohttp.ClientConnectorError as exc:
             # Refused, no such host, TLS refused: the request never left. The sender decides if that is systemic.
             reason = f"can't connect to {self._where}: {printable(str(exc), limit=200)}"
-            return classify_transport(TransportError(reason, may_have_reached=False), unreachable=True)
+            return classify_transport(NoAnswer(reason=reason, may_have_reached=False), unreachable=True)
         except aiohttp.ConnectionTimeoutError as exc:
             # The connection was never made: the request can't have reached the server.
             reason = f"can't connect to {self._where}: {printable(str(exc), limit=200)}"
-            return classify_transport(TransportError(reason, may_have_reached=False))
+            return classify_transport(NoAnswer(reason=reason, may_have_reached=False))
         except TimeoutError:
             reason = "timed out waiting for the answer"
-            return classify_transport(TransportError(reason, may_have_reached=True))
+            return classify_transport(NoAnswer(reason=reason, may_have_reached=True))
         except aiohttp.ClientError as exc:
             reason = f"connection failed: {_failure(exc)}"
-            return classify_transport(TransportError(reason, may_have_reached=True))
+            return classify_transport(NoAnswer(reason=reason, may_have_reached=True))
         return classify_answer(
             status, answer, retry_after, user_id=user_id, partner_id=self._partner_id, api_key=self._api_key,
             url=self.url, complete=complete,
