@@ -898,9 +898,14 @@ def load_settings(
         for key, raw in data.items():
             named = _BY_NAME.get(key)
             if key == "api_key":
-                refuse(ConfigError(
-                    "api_key", where, "the API key must never be stored in the config file", SPECS["api_key"].fix
-                ))  # fmt: skip
+                refuse(
+                    ConfigError(
+                        "api_key",
+                        where,
+                        "the API key must never be stored in the config file",
+                        SPECS["api_key"].fix,
+                    )
+                )
                 continue
             if (named is None or not named.in_file) and key not in _YAML_ONLY:
                 known = sorted(s.key for s in SPECS.values() if s.in_file)
@@ -1062,10 +1067,11 @@ def _check_whole(s: Settings, need_credentials: bool) -> None:
     for other in ("sandbox", "production"):
         if other != s.env and s.endpoint == endpoint_of(ENVIRONMENTS[other]):
             raise ConfigError(
-                "base_url", s.sources["base_url"],
+                "base_url",
+                s.sources["base_url"],
                 f"{s.base_url} is Smile ID's {other} API, but env is {s.env} (from {s.sources['env']})",
                 f"make them agree: set env to {other}, or remove base_url so env {s.env}'s documented URL is used",
-            )  # fmt: skip
+            )
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -1121,13 +1127,18 @@ def _not_text(key: str, raw: object, written: str | None, where: str) -> ConfigE
         read_as = f"the number {raw}"
         digits = as_written.lstrip("+-").lower()
         why = (
-            "0x makes it hexadecimal" if digits.startswith("0x")
-            else "0b makes it binary" if digits.startswith("0b")
-            else "YAML 1.1 reads a:b as base 60" if ":" in digits
-            else "a leading 0 makes it octal" if re.fullmatch(r"0[0-7_]+", digits)
-            else "YAML drops the _ in a number" if "_" in digits
+            "0x makes it hexadecimal"
+            if digits.startswith("0x")
+            else "0b makes it binary"
+            if digits.startswith("0b")
+            else "YAML 1.1 reads a:b as base 60"
+            if ":" in digits
+            else "a leading 0 makes it octal"
+            if re.fullmatch(r"0[0-7_]+", digits)
+            else "YAML drops the _ in a number"
+            if "_" in digits
             else ""
-        )  # fmt: skip
+        )
         read_as += f" ({why})" if why else ""
     elif isinstance(raw, date):
         read_as = "a date"
@@ -1161,16 +1172,20 @@ def _column_roles(raw: object, where: str, written: Mapping[str, str]) -> dict[s
             close = difflib.get_close_matches(str(role), COLUMN_KEYS, n=1)
             guess = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(
-                "columns", where, f"{str(role)!r} is not a column role{guess}",
+                "columns",
+                where,
+                f"{str(role)!r} is not a column role{guess}",
                 f"use only {', '.join(COLUMN_KEYS)}, e.g. {example}",
-            )  # fmt: skip
+            )
         if isinstance(name, bool | int | float | date):
             raise _not_text(f"columns.{role}", name, written.get(f"columns.{role}"), where)
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(
-                f"columns.{role}", where, f"{name!r} is not a column name",
+                f"columns.{role}",
+                where,
+                f"{name!r} is not a column name",
                 f"give the manifest header's name for {role}, e.g. {example}",
-            )  # fmt: skip
+            )
         out[role] = name.strip()
     return out
 
@@ -1190,9 +1205,11 @@ def _distinct(columns: dict[str, str], role_sources: Mapping[str, str]) -> dict[
         if columns[a] == columns[b]:
             where = " and ".join(dict.fromkeys(role_sources.get(r, "default") for r in (a, b)))
             raise ConfigError(
-                "columns", where, f"{a} and {b} both map to the column {columns[a]!r}",
+                "columns",
+                where,
+                f"{a} and {b} both map to the column {columns[a]!r}",
                 "map each role to its own column",
-            )  # fmt: skip
+            )
     return columns
 
 
@@ -1230,14 +1247,18 @@ def _api_key(raw: str, source: str) -> Secret:
         bad = next((c for c in key if not (c.isascii() and c.isprintable()) or c.isspace()), " ")
         what = f"U+{ord(bad):04X}"
         raise ConfigError(
-            "api_key", source, f"the key contains a character that can't be in an API key ({what})",
+            "api_key",
+            source,
+            f"the key contains a character that can't be in an API key ({what})",
             "copy the key again from the Smile ID portal, as printable text on one line",
-        )  # fmt: skip
+        )
     if len(key) > 4096:
         raise ConfigError(
-            "api_key", source, f"the key is {len(key):,} characters long, not an API key (is it a file's contents?)",
+            "api_key",
+            source,
+            f"the key is {len(key):,} characters long, not an API key (is it a file's contents?)",
             "copy the key alone from the Smile ID portal",
-        )  # fmt: skip
+        )
     return secret
 
 

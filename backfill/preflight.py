@@ -69,11 +69,14 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
     ids: list[str] | None = None
     if manifest is not None:
         rows, rejected, sample, ids = _scan(manifest)
-        checks.append(Check(
-            name="manifest", ok=True,
-            detail=f"{manifest.path}: {rows} rows, {len(ids)} pass the text rules, {rejected} don't"
-            + (" (`backfill validate` lists them)" if rejected else ""),
-        ))  # fmt: skip
+        checks.append(
+            Check(
+                name="manifest",
+                ok=True,
+                detail=f"{manifest.path}: {rows} rows, {len(ids)} pass the text rules, {rejected} don't"
+                + (" (`backfill validate` lists them)" if rejected else ""),
+            )
+        )
     ledger, known = await _ledger_checks(settings, ids, sample)
     checks += ledger
     checks += await _api_checks(settings)
@@ -90,8 +93,10 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
 
 def _settings_check(settings: Settings) -> Check:
     shown = settings.redacted()
-    parts = [f"{k}={_shown_setting(settings, k, shown[k])} (from {settings.sources.get(k, 'default')})"
-             for k in _SHOWN_SETTINGS]  # fmt: skip
+    parts = [
+        f"{k}={_shown_setting(settings, k, shown[k])} (from {settings.sources.get(k, 'default')})"
+        for k in _SHOWN_SETTINGS
+    ]
     return Check(name="settings", ok=True, detail="; ".join(parts))
 
 
@@ -111,30 +116,55 @@ def _credentials_checks(settings: Settings) -> list[Check]:
     if "partner_id" in given:
         checks.append(_refused(given["partner_id"]))
     elif not settings.partner_id:
-        checks.append(Check(name="credentials", ok=False, detail="no partner ID is set",
-                            fix="export SMILE_PARTNER_ID (as a string, e.g. 085)"))  # fmt: skip
+        checks.append(
+            Check(
+                name="credentials",
+                ok=False,
+                detail="no partner ID is set",
+                fix="export SMILE_PARTNER_ID (as a string, e.g. 085)",
+            )
+        )
     elif not settings.partner_id.isdigit():
-        checks.append(Check(name="credentials", ok=False,
-                            detail=f"partner ID {printable(settings.partner_id, limit=40)!r} (from {where_id}) is "
-                            "not digits",
-                            fix="set SMILE_PARTNER_ID to the partner ID Smile ID gave you, e.g. 085"))  # fmt: skip
+        checks.append(
+            Check(
+                name="credentials",
+                ok=False,
+                detail=f"partner ID {printable(settings.partner_id, limit=40)!r} (from {where_id}) is "
+                "not digits",
+                fix="set SMILE_PARTNER_ID to the partner ID Smile ID gave you, e.g. 085",
+            )
+        )
     if "api_key" in given:
         checks.append(_refused(given["api_key"]))
     elif not settings.api_key:
-        checks.append(Check(name="credentials", ok=False, detail="no API key is set",
-                            fix="export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the "
-                            "config"))  # fmt: skip
+        checks.append(
+            Check(
+                name="credentials",
+                ok=False,
+                detail="no API key is set",
+                fix="export SMILE_API_KEY, or name a file holding it with `api_key_file:` in the config",
+            )
+        )
     if checks:
         return checks
     # Printable and on one line was checked as the settings resolved; only the API can say the key is right.
-    return [Check(name="credentials", ok=True,
-                  detail=f"partner {settings.partner_id} (from {where_id}); API key set (from {where_key}), one "
-                  "printable line; whether the API accepts it is seen on the first row sent")]  # fmt: skip
+    return [
+        Check(
+            name="credentials",
+            ok=True,
+            detail=f"partner {settings.partner_id} (from {where_id}); API key set (from {where_key}), one "
+            "printable line; whether the API accepts it is seen on the first row sent",
+        )
+    ]
 
 
 def _refused(error: ConfigError) -> Check:
-    return Check(name="credentials", ok=False, detail=f"{error.key} (from {error.source}): {error.problem}",
-                 fix=error.fix)  # fmt: skip
+    return Check(
+        name="credentials",
+        ok=False,
+        detail=f"{error.key} (from {error.source}): {error.problem}",
+        fix=error.fix,
+    )
 
 
 def _scan(manifest: Manifest) -> tuple[int, int, list[Candidate], list[str]]:
@@ -176,9 +206,14 @@ async def _shared_ledger_checks(
         return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}
     try:
         status = await store.status()
-        checks = [Check(name="ledger", ok=True,
-                        detail=f"{store.location} opens; bound to partner {store.binding.partner_id} on "
-                        f"{store.binding.endpoint}; {len(status.processes)} run(s) of a fleet live now")]  # fmt: skip
+        checks = [
+            Check(
+                name="ledger",
+                ok=True,
+                detail=f"{store.location} opens; bound to partner {store.binding.partner_id} on "
+                f"{store.binding.endpoint}; {len(status.processes)} run(s) of a fleet live now",
+            )
+        ]
         if ids is not None:
             checks.append(await _held(store, ids))
         return checks, await store.lookup([c.user_id for c in sample])
@@ -191,38 +226,71 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
         return await _shared_ledger_checks(settings, ids, sample)
     where = settings.ledger_location()  # a file's path here: the URL case is above
     if where is None:
-        return [Check(name="ledger", ok=False,
-                      detail="the default ledger is named after the partner ID, so it can't be named until the "
-                      "partner ID is known: whether it exists, and what it holds, is not checked",
-                      fix="set SMILE_PARTNER_ID (see credentials), or name the ledger with --ledger")], {}  # fmt: skip
+        return [
+            Check(
+                name="ledger",
+                ok=False,
+                detail="the default ledger is named after the partner ID, so it can't be named until the "
+                "partner ID is known: whether it exists, and what it holds, is not checked",
+                fix="set SMILE_PARTNER_ID (see credentials), or name the ledger with --ledger",
+            )
+        ], {}
     path = Path(where)
     if not path.exists():
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             what = "is not writable" if folder.is_dir() else "is not a folder"
-            return [Check(name="ledger", ok=False, detail=f"no ledger at {path}, and {folder} {what}",
-                          fix="make the folder writable, or name another ledger with --ledger")], {}  # fmt: skip
-        bound = (f"bound to partner {settings.partner_id} on {settings.endpoint}" if settings.partner_id
-                 else f"bound to {settings.endpoint} and to the partner ID the run is given: no partner ID is "
-                 "set yet")  # fmt: skip
-        return [Check(name="ledger", ok=True, detail=f"no ledger yet at {path}: the first run creates it "
-                      f"({bound})")], {}  # fmt: skip
+            return [
+                Check(
+                    name="ledger",
+                    ok=False,
+                    detail=f"no ledger at {path}, and {folder} {what}",
+                    fix="make the folder writable, or name another ledger with --ledger",
+                )
+            ], {}
+        bound = (
+            f"bound to partner {settings.partner_id} on {settings.endpoint}"
+            if settings.partner_id
+            else f"bound to {settings.endpoint} and to the partner ID the run is given: no partner ID is "
+            "set yet"
+        )
+        return [
+            Check(
+                name="ledger", ok=True, detail=f"no ledger yet at {path}: the first run creates it ({bound})"
+            )
+        ], {}
     if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
-        return [Check(name="ledger", ok=False, detail=f"the ledger {path} (or its folder) is not writable",
-                      fix="fix its permissions (runs record every attempt there), or name another with --ledger")
-                ], {}  # fmt: skip
+        return [
+            Check(
+                name="ledger",
+                ok=False,
+                detail=f"the ledger {path} (or its folder) is not writable",
+                fix="fix its permissions (runs record every attempt there), or name another with --ledger",
+            )
+        ], {}
     try:
         store = await compose.open_store(settings, writable=False)
     except BackfillError as exc:
         return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}
     try:
-        checks = [Check(name="ledger", ok=True,
-                        detail=f"{store.location} opens; bound to partner {store.binding.partner_id} on "
-                        f"{store.binding.endpoint}")]  # fmt: skip
+        checks = [
+            Check(
+                name="ledger",
+                ok=True,
+                detail=f"{store.location} opens; bound to partner {store.binding.partner_id} on "
+                f"{store.binding.endpoint}",
+            )
+        ]
         if writer_alive(Path(store.location)):
-            checks.append(Check(name="ledger lock", ok=False, severity=ExitCode.LOCKED,
-                                detail=f"another run is writing {store.location} now",
-                                fix="wait for it to finish, or stop it (`backfill status` shows its run)"))  # fmt: skip
+            checks.append(
+                Check(
+                    name="ledger lock",
+                    ok=False,
+                    severity=ExitCode.LOCKED,
+                    detail=f"another run is writing {store.location} now",
+                    fix="wait for it to finish, or stop it (`backfill status` shows its run)",
+                )
+            )
         if ids is not None:
             checks.append(await _held(store, ids))
         return checks, await store.lookup([c.user_id for c in sample])
@@ -240,8 +308,11 @@ async def _held(store: Store, ids: list[str]) -> Check:
         counts.update(row.state.value for row in found.values())
     new = len(ids) - sum(counts.values())
     held = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    return Check(name="ledger holds", ok=True,
-                 detail=f"of this manifest's {len(ids)} IDs: {held or 'none'}; {new} not in the ledger")  # fmt: skip
+    return Check(
+        name="ledger holds",
+        ok=True,
+        detail=f"of this manifest's {len(ids)} IDs: {held or 'none'}; {new} not in the ledger",
+    )
 
 
 async def _api_checks(settings: Settings) -> list[Check]:
@@ -252,9 +323,15 @@ async def _api_checks(settings: Settings) -> list[Check]:
     try:
         found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        return [Check(name="api host", ok=False, severity=ExitCode.SYSTEMIC,
-                      detail=f"{host} (from {where}) doesn't resolve: {exc}",
-                      fix="check base_url / --env and this machine's DNS")]  # fmt: skip
+        return [
+            Check(
+                name="api host",
+                ok=False,
+                severity=ExitCode.SYSTEMIC,
+                detail=f"{host} (from {where}) doesn't resolve: {exc}",
+                fix="check base_url / --env and this machine's DNS",
+            )
+        ]
     addresses = sorted({str(a[4][0]) for a in found})
     checks = [Check(name="api host", ok=True, detail=f"{host} resolves to {', '.join(addresses[:4])}")]
     timeout = aiohttp.ClientTimeout(total=settings.timeout, sock_connect=settings.connect_timeout)
@@ -267,45 +344,76 @@ async def _api_checks(settings: Settings) -> list[Check]:
         ):
             status, date = response.status, response.headers.get("Date")
     except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError) as exc:
-        checks.append(Check(name="api tls", ok=False, severity=ExitCode.SYSTEMIC,
-                            detail=f"{where}: TLS doesn't verify: {printable(str(exc), limit=200)}",
-                            fix="the certificate must chain to a CA this machine trusts; check for a proxy "
-                            "intercepting TLS, or the system's CA bundle"))  # fmt: skip
+        checks.append(
+            Check(
+                name="api tls",
+                ok=False,
+                severity=ExitCode.SYSTEMIC,
+                detail=f"{where}: TLS doesn't verify: {printable(str(exc), limit=200)}",
+                fix="the certificate must chain to a CA this machine trusts; check for a proxy "
+                "intercepting TLS, or the system's CA bundle",
+            )
+        )
         return checks
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else printable(str(exc) or repr(exc), limit=200)
-        checks.append(Check(name="api connects", ok=False, severity=ExitCode.SYSTEMIC,
-                            detail=f"can't reach {where}: {why}",
-                            fix="check base_url / --env, the port, firewalls and proxies"))  # fmt: skip
+        checks.append(
+            Check(
+                name="api connects",
+                ok=False,
+                severity=ExitCode.SYSTEMIC,
+                detail=f"can't reach {where}: {why}",
+                fix="check base_url / --env, the port, firewalls and proxies",
+            )
+        )
         return checks
     after = time.time()
     checks.append(Check(name="api connects", ok=True, detail=f"GET {where} answered HTTP {status}"))
-    checks.append(Check(name="api tls", ok=True,
-                        detail="the certificate verifies" if parts.scheme == "https"
-                        else "plain http (no TLS): fine for a local sandbox only"))  # fmt: skip
+    checks.append(
+        Check(
+            name="api tls",
+            ok=True,
+            detail="the certificate verifies"
+            if parts.scheme == "https"
+            else "plain http (no TLS): fine for a local sandbox only",
+        )
+    )
     checks.append(_clock_check(date, (before + after) / 2))
     return checks
 
 
 def _clock_check(date: str | None, local: float) -> Check:
     if not date:
-        return Check(name="clock", ok=False, severity=ExitCode.SYSTEMIC, detail="the API sent no Date header",
-                     fix="compare this machine's clock with an NTP source by hand")  # fmt: skip
+        return Check(
+            name="clock",
+            ok=False,
+            severity=ExitCode.SYSTEMIC,
+            detail="the API sent no Date header",
+            fix="compare this machine's clock with an NTP source by hand",
+        )
     try:
         server = parsedate_to_datetime(date)
     except (TypeError, ValueError):
-        return Check(name="clock", ok=False, severity=ExitCode.SYSTEMIC,
-                     detail=f"the API's Date header {printable(date, limit=60)!r} can't be read",
-                     fix="compare this machine's clock with an NTP source by hand")  # fmt: skip
+        return Check(
+            name="clock",
+            ok=False,
+            severity=ExitCode.SYSTEMIC,
+            detail=f"the API's Date header {printable(date, limit=60)!r} can't be read",
+            fix="compare this machine's clock with an NTP source by hand",
+        )
     if server.tzinfo is None:
         server = server.replace(tzinfo=UTC)
     skew = local - server.timestamp()  # Date has whole seconds: up to 1 s of this is rounding
     said = f"this machine's clock is {abs(skew):.1f}s {'ahead of' if skew > 0 else 'behind'} the API's"
     if abs(skew) >= MAX_SKEW_S:
-        return Check(name="clock", ok=False, severity=ExitCode.SYSTEMIC,
-                     detail=f"{said} (at {datetime.fromtimestamp(local, UTC):%H:%M:%S}Z): the API refuses "
-                     "signatures with a stale timestamp (2205)",
-                     fix="sync the clock (chrony / systemd-timesyncd / ntpd)")  # fmt: skip
+        return Check(
+            name="clock",
+            ok=False,
+            severity=ExitCode.SYSTEMIC,
+            detail=f"{said} (at {datetime.fromtimestamp(local, UTC):%H:%M:%S}Z): the API refuses "
+            "signatures with a stale timestamp (2205)",
+            fix="sync the clock (chrony / systemd-timesyncd / ntpd)",
+        )
     return Check(name="clock", ok=True, detail=f"{said}, within {MAX_SKEW_S:g}s")
 
 
@@ -315,14 +423,20 @@ async def _images_check(sample: list[Candidate], images: ImageSource) -> Check:
     results = await images.check_many([c.image for c in sample])
     bad = [(c, r) for c, r in zip(sample, results, strict=True) if isinstance(r, ImageProblem)]
     if bad:
-        said = "; ".join(f"line {c.line} ({c.user_id}): {r.reason}: {r.message}"
-                         for c, r in bad[:5])  # fmt: skip
+        said = "; ".join(f"line {c.line} ({c.user_id}): {r.reason}: {r.message}" for c, r in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        return Check(name="images", ok=False, detail=f"{len(bad)} of {len(sample)} sampled photos can't be used: "
-                     f"{said}{more}", fix="fix those photos (`backfill validate` checks every one)")  # fmt: skip
-    return Check(name="images", ok=True,
-                 detail=f"{len(sample)} photos (the first {min(SAMPLE, len(sample))} and a random draw) are "
-                 "readable, complete JPEG/PNG within the size limit")  # fmt: skip
+        return Check(
+            name="images",
+            ok=False,
+            detail=f"{len(bad)} of {len(sample)} sampled photos can't be used: {said}{more}",
+            fix="fix those photos (`backfill validate` checks every one)",
+        )
+    return Check(
+        name="images",
+        ok=True,
+        detail=f"{len(sample)} photos (the first {min(SAMPLE, len(sample))} and a random draw) are "
+        "readable, complete JPEG/PNG within the size limit",
+    )
 
 
 async def _pins_check(sample: list[Candidate], known: dict[str, LedgerRow], images: ImageSource) -> Check:
@@ -345,20 +459,32 @@ async def _pins_check(sample: list[Candidate], known: dict[str, LedgerRow], imag
             photo = await images.read(d.fingerprint)
         except ImageError:
             continue  # the image check says what is wrong with it
-        attempt = AttemptRequest(user_id=d.user_id, photo_sha256=photo.sha256, fingerprint=photo.fingerprint,
-                                 user_created_at=d.user_created_at, run_id="check", at=now_iso())  # fmt: skip
+        attempt = AttemptRequest(
+            user_id=d.user_id,
+            photo_sha256=photo.sha256,
+            fingerprint=photo.fingerprint,
+            user_created_at=d.user_created_at,
+            run_id="check",
+            at=now_iso(),
+        )
         refused = transitions.begin(k, attempt)
         if isinstance(refused, Refused) and refused.why is Refusal.PHOTO_PINNED:
             reused.append((d.line, d.user_id, plan.reused_message(d.user_id, k) + SENT_BYTES_DIFFER))
     if not reused:
-        return Check(name="ledger pins", ok=True,
-                     detail=f"{len(held)} sampled rows the ledger already holds: none names another photo than "
-                     "the one its user_id was sent with")  # fmt: skip
+        return Check(
+            name="ledger pins",
+            ok=True,
+            detail=f"{len(held)} sampled rows the ledger already holds: none names another photo than "
+            "the one its user_id was sent with",
+        )
     said = "; ".join(
         f"line {line} ({uid}): {Reason.USER_ID_REUSED}: {message}" for line, uid, message in reused[:5]
     )
     more = f" (and {len(reused) - 5} more)" if len(reused) > 5 else ""
-    return Check(name="ledger pins", ok=False,
-                 detail=f"{len(reused)} of {len(held)} sampled rows the ledger already holds name another photo "
-                 f"than the one sent for their user_id, and `run` rejects them: {said}{more}",
-                 fix="give each of those users a new user_id, or restore the photo first sent for it")  # fmt: skip
+    return Check(
+        name="ledger pins",
+        ok=False,
+        detail=f"{len(reused)} of {len(held)} sampled rows the ledger already holds name another photo "
+        f"than the one sent for their user_id, and `run` rejects them: {said}{more}",
+        fix="give each of those users a new user_id, or restore the photo first sent for it",
+    )

@@ -83,9 +83,20 @@ _SYSTEMIC_CODES = {
 }
 # Codes the API documents as errors. Inside a signed result they still aren't a verdict on the enrollment
 # (2207 and 2208 even say the user *is* enrolled), so they never prove the user is not enrolled.
-_ERROR_CODES = _TRANSIENT_CODES | _SYSTEMIC_CODES.keys() | {
-    ALREADY_CODE, "2203", "2204", "2207", "2208", "2211", "2213", "2413",
-}  # fmt: skip
+_ERROR_CODES = (
+    _TRANSIENT_CODES
+    | _SYSTEMIC_CODES.keys()
+    | {
+        ALREADY_CODE,
+        "2203",
+        "2204",
+        "2207",
+        "2208",
+        "2211",
+        "2213",
+        "2413",
+    }
+)
 # Gateway and server errors can arrive after the upstream committed the enrollment; 503 and 429 say the
 # request was not taken on.
 _IN_DOUBT_STATUSES = frozenset({500, 502, 504})
@@ -143,9 +154,14 @@ def classify_answer(
     if status in _TRANSIENT_STATUSES:
         return _transient(status, code, text, pause, said, may_have_enrolled=status in _IN_DOUBT_STATUSES)
     return Verdict(
-        kind=Kind.PERMANENT, may_have_enrolled=False, proves_not_enrolled=False, http_status=status,
-        result_code=code, result_text=text, error=said,
-    )  # fmt: skip
+        kind=Kind.PERMANENT,
+        may_have_enrolled=False,
+        proves_not_enrolled=False,
+        http_status=status,
+        result_code=code,
+        result_text=text,
+        error=said,
+    )
 
 
 def classify_cut_off(status: int, retry_after: str | None, reason: str, *, url: str = "") -> Verdict:
@@ -157,9 +173,13 @@ def classify_cut_off(status: int, retry_after: str | None, reason: str, *, url: 
     refused = 400 <= status < 500 or status in _NOT_TAKEN_STATUSES
     error = f"HTTP {status}" + (f" from {where}" if where else "") + f", but the answer was cut off: {reason}"
     return Verdict(
-        kind=Kind.TRANSIENT, may_have_enrolled=not refused, proves_not_enrolled=False, http_status=status,
-        error=printable(error, limit=4 * SHOWN_MAX), retry_after=parse_retry_after(retry_after),
-    )  # fmt: skip
+        kind=Kind.TRANSIENT,
+        may_have_enrolled=not refused,
+        proves_not_enrolled=False,
+        http_status=status,
+        error=printable(error, limit=4 * SHOWN_MAX),
+        retry_after=parse_retry_after(retry_after),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,9 +197,12 @@ def classify_transport(error: NoAnswer, *, unreachable: bool = False) -> Verdict
     failure, unless nothing has answered yet (see `unreachable_from_the_start`).
     """
     return Verdict(
-        kind=Kind.TRANSIENT, may_have_enrolled=error.may_have_reached and not unreachable,
-        proves_not_enrolled=False, error=error.reason, unreachable=unreachable,
-    )  # fmt: skip
+        kind=Kind.TRANSIENT,
+        may_have_enrolled=error.may_have_reached and not unreachable,
+        proves_not_enrolled=False,
+        error=error.reason,
+        unreachable=unreachable,
+    )
 
 
 def unreachable_from_the_start(verdict: Verdict) -> Verdict:
@@ -188,11 +211,13 @@ def unreachable_from_the_start(verdict: Verdict) -> Verdict:
     Every row would get the same, so the run stops at once (systemic) rather than trying each row in turn.
     """
     return replace(
-        verdict, kind=Kind.SYSTEMIC, may_have_enrolled=False,
+        verdict,
+        kind=Kind.SYSTEMIC,
+        may_have_enrolled=False,
         error=f"{verdict.error}; nothing of this run has reached the API yet: check --base-url / --env (the URL "
         "above), that the API is reachable from this machine (DNS, firewall, VPN), and whether it needs a "
         "proxy (HTTPS_PROXY is not read)",
-    )  # fmt: skip
+    )
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -274,13 +299,24 @@ def _classify_result(
     if signature_ok and echoed == user_id and code == ENROLLED_CODE:
         # The answer nearly every row gets, built without the detours the others take.
         return Verdict(
-            kind=Kind.ENROLLED, may_have_enrolled=False, proves_not_enrolled=False, http_status=status,
-            result_code=code, result_text=text, smile_job_id=smile_job_id, job_id=job_id, signature_ok=True,
-        )  # fmt: skip
+            kind=Kind.ENROLLED,
+            may_have_enrolled=False,
+            proves_not_enrolled=False,
+            http_status=status,
+            result_code=code,
+            result_text=text,
+            smile_job_id=smile_job_id,
+            job_id=job_id,
+            signature_ok=True,
+        )
     fields: dict[str, Any] = {
-        "http_status": status, "result_code": code, "result_text": text, "smile_job_id": smile_job_id,
-        "job_id": job_id, "signature_ok": signature_ok,
-    }  # fmt: skip
+        "http_status": status,
+        "result_code": code,
+        "result_text": text,
+        "smile_job_id": smile_job_id,
+        "job_id": job_id,
+        "signature_ok": signature_ok,
+    }
     if not signature_ok:
         why = "the response's signature did not verify; not trusted as an answer"
     elif echoed != user_id:
@@ -296,9 +332,12 @@ def _classify_result(
         if decided is not None:
             return replace(decided, **fields)
         return Verdict(
-            kind=Kind.PERMANENT, may_have_enrolled=False, proves_not_enrolled=code not in _ERROR_CODES,
-            error=said, **fields,
-        )  # fmt: skip
+            kind=Kind.PERMANENT,
+            may_have_enrolled=False,
+            proves_not_enrolled=code not in _ERROR_CODES,
+            error=said,
+            **fields,
+        )
     return Verdict(
         kind=Kind.UNVERIFIED, may_have_enrolled=True, proves_not_enrolled=False, error=why, **fields
     )
@@ -308,16 +347,26 @@ def _by_error_code(code: str, status: int, text: str, pause: float | None, said:
     """The codes whose meaning doesn't depend on the status: systemic, 2209, and system errors."""
     if code in _SYSTEMIC_CODES:
         return Verdict(
-            kind=Kind.SYSTEMIC, may_have_enrolled=False, proves_not_enrolled=False, http_status=status,
-            result_code=code, result_text=text, error=f"{said}; {_SYSTEMIC_CODES[code]}",
-        )  # fmt: skip
+            kind=Kind.SYSTEMIC,
+            may_have_enrolled=False,
+            proves_not_enrolled=False,
+            http_status=status,
+            result_code=code,
+            result_text=text,
+            error=f"{said}; {_SYSTEMIC_CODES[code]}",
+        )
     if code == ALREADY_CODE:
         # Whose enrollment it is, the classifier can't know: the 2209 rule (`vocab.state_of_2209`) reads the
         # ledger's doubt. This attempt was refused, so it neither may have enrolled the user nor proves it isn't.
         return Verdict(
-            kind=Kind.ALREADY, may_have_enrolled=False, proves_not_enrolled=False, http_status=status,
-            result_code=code, result_text=text, error=said,
-        )  # fmt: skip
+            kind=Kind.ALREADY,
+            may_have_enrolled=False,
+            proves_not_enrolled=False,
+            http_status=status,
+            result_code=code,
+            result_text=text,
+            error=said,
+        )
     if code in _TRANSIENT_CODES:
         # A system error can follow a commit, unless the status itself says the request was refused.
         return _transient(
@@ -330,9 +379,15 @@ def _transient(
     status: int, code: str, text: str, pause: float | None, said: str, *, may_have_enrolled: bool
 ) -> Verdict:
     return Verdict(
-        kind=Kind.TRANSIENT, may_have_enrolled=may_have_enrolled, proves_not_enrolled=False,
-        http_status=status, result_code=code, result_text=text, error=said, retry_after=pause,
-    )  # fmt: skip
+        kind=Kind.TRANSIENT,
+        may_have_enrolled=may_have_enrolled,
+        proves_not_enrolled=False,
+        http_status=status,
+        result_code=code,
+        result_text=text,
+        error=said,
+        retry_after=pause,
+    )
 
 
 def _unreadable(
@@ -347,9 +402,13 @@ def _unreadable(
 
     def verdict(kind: Kind, may_have_enrolled: bool, error: str, retry_after: float | None = None) -> Verdict:
         return Verdict(
-            kind=kind, may_have_enrolled=may_have_enrolled, proves_not_enrolled=False, http_status=status,
-            error=error, retry_after=retry_after,
-        )  # fmt: skip
+            kind=kind,
+            may_have_enrolled=may_have_enrolled,
+            proves_not_enrolled=False,
+            http_status=status,
+            error=error,
+            retry_after=retry_after,
+        )
 
     if status in _TRANSIENT_STATUSES or status >= 500:
         return verdict(Kind.TRANSIENT, status not in _NOT_TAKEN_STATUSES, said + seen, pause)

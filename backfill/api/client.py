@@ -121,9 +121,15 @@ class Client:
             reason = f"connection failed: {_failure(exc)}"
             return classify_transport(NoAnswer(reason=reason, may_have_reached=True))
         return classify_answer(
-            status, answer, retry_after, user_id=user_id, partner_id=self._partner_id, api_key=self._api_key,
-            url=self.url, complete=complete,
-        )  # fmt: skip
+            status,
+            answer,
+            retry_after,
+            user_id=user_id,
+            partner_id=self._partner_id,
+            api_key=self._api_key,
+            url=self.url,
+            complete=complete,
+        )
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:

@@ -58,9 +58,10 @@ def manifest_arg(value: str) -> Path | str:
 lease_option = setting_options("lease")
 read_concurrency_option = setting_options("read_concurrency")
 yes_option = click.option(
-    "--yes", is_flag=True,
+    "--yes",
+    is_flag=True,
     help="Send to production without asking (asked only when stdin and stderr are a terminal).",
-)  # fmt: skip
+)
 metrics_option = setting_options("metrics_addr")
 # Where to send: the API, and the ledger that says what was sent.
 api_and_ledger_options = setting_options("env", "base_url", "ledger")
@@ -153,8 +154,9 @@ def _run(settings: Settings, manifest: Path | str, *, confirm: compose.Confirm |
     bar = TqdmProgress(settings.progress)
     setup_logging(settings, bar.enabled)
     try:
-        summary = compose.run_blocking(settings, manifest, progress=bar, on_interrupt=_acknowledge,
-                                       confirm=confirm, on_leave=_left)  # fmt: skip
+        summary = compose.run_blocking(
+            settings, manifest, progress=bar, on_interrupt=_acknowledge, confirm=confirm, on_leave=_left
+        )
     finally:
         bar.close()
     _report(summary)
@@ -214,9 +216,12 @@ def _left(leaving: Leaving) -> None:
 @main.command()
 @config_option
 @click.option(
-    "--status", "states", default=",".join(sorted(TRANSIENT_STATES)), show_default=True,
+    "--status",
+    "states",
+    default=",".join(sorted(TRANSIENT_STATES)),
+    show_default=True,
     help="Which rows to re-send: any of pending, sending, retry_exhausted, unknown, failed.",
-)  # fmt: skip
+)
 @api_and_ledger_options
 @lease_option
 @out_option
@@ -238,8 +243,14 @@ def retry(config_file: Path | None, states: str, yes: bool, **flags: Any) -> Non
     bar = TqdmProgress(settings.progress)
     setup_logging(settings, bar.enabled)
     try:
-        summary = compose.retry(settings, chosen, progress=bar, on_interrupt=_acknowledge,
-                                confirm=_production_question(settings, yes=yes), on_leave=_left)  # fmt: skip
+        summary = compose.retry(
+            settings,
+            chosen,
+            progress=bar,
+            on_interrupt=_acknowledge,
+            confirm=_production_question(settings, yes=yes),
+            on_leave=_left,
+        )
     finally:
         bar.close()
     if summary is None:
@@ -256,9 +267,13 @@ def retry(config_file: Path | None, states: str, yes: bool, **flags: Any) -> Non
     "--json", "as_json", is_flag=True, help="Machine-readable output (with --watch: one line a report)."
 )
 @click.option(
-    "--watch", type=click.FloatRange(min=0, min_open=True), is_flag=False, flag_value=WATCH_EVERY,
-    metavar="[SECONDS]", help=f"Report again every SECONDS (default {WATCH_EVERY:g}) until Ctrl-C.",
-)  # fmt: skip
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    is_flag=False,
+    flag_value=WATCH_EVERY,
+    metavar="[SECONDS]",
+    help=f"Report again every SECONDS (default {WATCH_EVERY:g}) until Ctrl-C.",
+)
 @click.option("--watch-rounds", type=click.IntRange(min=1), hidden=True)  # a test's bound on the rounds
 @guard
 def status(
@@ -294,12 +309,24 @@ def _status_lines(report: LedgerStatus) -> list[str]:
             f"oldest unfinished: {o.user_id} ({o.state}, {o.attempts} attempts, "
             f"first tried {o.first_attempt_at}, last answer {last})"
         )
-    runs = [[r.run_id, r.started_at, r.finished_at or _unfinished(report, r), short_path(r.manifest or ""),
-             r.rows if r.rows is not None else "", r.exit_code if r.exit_code is not None else ""]
-            for r in report.runs]  # fmt: skip
+    runs = [
+        [
+            r.run_id,
+            r.started_at,
+            r.finished_at or _unfinished(report, r),
+            short_path(r.manifest or ""),
+            r.rows if r.rows is not None else "",
+            r.exit_code if r.exit_code is not None else "",
+        ]
+        for r in report.runs
+    ]
     lines.append("last runs:")
-    lines.append(_table(["run", "started", "finished", "manifest", "rows", "exit"],
-                        runs or [["(none)", "", "", "", "", ""]]))  # fmt: skip
+    lines.append(
+        _table(
+            ["run", "started", "finished", "manifest", "rows", "exit"],
+            runs or [["(none)", "", "", "", "", ""]],
+        )
+    )
     for r in report.runs:
         if r.note:  # as the run last saw itself: one line each, too long for a column
             lines.append(f"{r.run_id}: {r.note}")
@@ -310,13 +337,17 @@ def _status_lines(report: LedgerStatus) -> list[str]:
             else f"; rate {report.fleet_rate:.3g}/s of {report.fleet_ceiling:g}/s"
         )
         lines.append(f"fleet: {len(report.processes)} process(es) live{rate}")
-        live = [[p.run_id, p.host, p.pid, p.started_at, p.claimed, f"{p.heartbeat_age_s:g}s ago"]
-                for p in report.processes]  # fmt: skip
+        live = [
+            [p.run_id, p.host, p.pid, p.started_at, p.claimed, f"{p.heartbeat_age_s:g}s ago"]
+            for p in report.processes
+        ]
         if live:
             lines.append(_table(["run", "host", "pid", "started", "rows claimed", "heartbeat"], live))
         for q in report.queues:
-            lines.append(f"manifest {q.manifest_sha256[:12]} ({q.path}, loaded {q.loaded_at}): {q.finished:,} of "
-                         f"{q.rows:,} rows finished, {q.claimed:,} claimed now")  # fmt: skip
+            lines.append(
+                f"manifest {q.manifest_sha256[:12]} ({q.path}, loaded {q.loaded_at}): {q.finished:,} of "
+                f"{q.rows:,} rows finished, {q.claimed:,} claimed now"
+            )
     return lines
 
 
@@ -370,11 +401,17 @@ def export(
 @config_option
 @ledger_options("Without RUN_DIR: report on this ledger, across every run.")
 @out_option
-@click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
-              help="The migration report's file (default: migration-report-<UTC>.html in --out).")  # fmt: skip
-@click.option("--overwrite", is_flag=True,
-              help="Replace a file at the report's path that backfill didn't write (its own report is rewritten "
-                   "without it).")  # fmt: skip
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The migration report's file (default: migration-report-<UTC>.html in --out).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a file at the report's path that backfill didn't write (its own report is rewritten "
+    "without it).",
+)
 @guard
 def report(
     run_dir: Path | None, config_file: Path | None, output: Path | None, overwrite: bool, **flags: Any
@@ -391,9 +428,11 @@ def report(
     given = [flag_for(k) for k, v in flags.items() if v is not None]
     if given or output is not None or config_file is not None:
         raise ConfigError(
-            "RUN_DIR", "the command line", f"a run folder's report takes none of {', '.join(given) or '--output'}",
+            "RUN_DIR",
+            "the command line",
+            f"a run folder's report takes none of {', '.join(given) or '--output'}",
             "give RUN_DIR alone for a run's report.html, or leave it out for the whole ledger's report",
-        )  # fmt: skip
+        )
     from ..outputs.report import write_report
 
     click.echo(str(write_report(run_dir, overwrite=overwrite)))
@@ -479,10 +518,14 @@ def demo(no_progress: bool) -> None:
                 None,
                 environ={"SMILE_PARTNER_ID": LOCAL_PARTNER_ID, "SMILE_API_KEY": api_key},
                 flags={
-                    "env": "local", "base_url": server.base_url, "ledger": work / "ledger.sqlite",
-                    "out": work / "out", "rate": 50, "concurrency": 4,
+                    "env": "local",
+                    "base_url": server.base_url,
+                    "ledger": work / "ledger.sqlite",
+                    "out": work / "out",
+                    "rate": 50,
+                    "concurrency": 4,
                 },
-            )  # fmt: skip
+            )
             # A real folder: the manifest's relative image paths resolve against it. (Installed packages are
             # files on disk; a zipped one would be extracted for the run.)
             with importlib.resources.as_file(importlib.resources.files(DEMO_PACKAGE)) as folder:

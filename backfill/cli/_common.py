@@ -94,8 +94,13 @@ def load_settings(
 ) -> Settings:
     """`config.load_settings`, with its warnings (an unknown BACKFILL_* variable) on stderr, error or not."""
     try:
-        settings = config.load_settings(config_file, environ, flags, need_credentials=need_credentials,
-                                        defer_credentials=defer_credentials)  # fmt: skip
+        settings = config.load_settings(
+            config_file,
+            environ,
+            flags,
+            need_credentials=need_credentials,
+            defer_credentials=defer_credentials,
+        )
     except ConfigError:
         _warn(config.environment_warnings(os.environ if environ is None else environ))
         raise

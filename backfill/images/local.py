@@ -312,8 +312,11 @@ class LocalImageSource(ImageSource):
         if fingerprint != checked:
             wrong = problem(examine_bytes(data), ref)
             if wrong is not None:
-                raise ImageError(ImageProblem(reason=wrong.reason,
-                                              message=f"{wrong.message} (it changed after it was checked)"))  # fmt: skip
+                raise ImageError(
+                    ImageProblem(
+                        reason=wrong.reason, message=f"{wrong.message} (it changed after it was checked)"
+                    )
+                )
         return Photo(data=data, sha256=hashlib.sha256(data).hexdigest(), fingerprint=fingerprint)
 
     def _read_problem(self, ref: str, exc: OSError) -> ImageProblem:

@@ -66,18 +66,32 @@ _CHANGED_RETRIES = 3  # a check that keeps seeing a new version of the object gi
 _STATUS = re.compile(r"status code: (\d{3})")
 _CODE = re.compile(r"<Code>([A-Za-z0-9.]{1,64})</Code>")
 _NO_RETRIES: RetryConfig = {"max_retries": 0}
-_PROVIDER = {"s3": "S3", "gs": "Google Cloud Storage", "az": "Azure Blob Storage", "http": "the HTTP server",
-             "https": "the HTTP server"}  # fmt: skip
+_PROVIDER = {
+    "s3": "S3",
+    "gs": "Google Cloud Storage",
+    "az": "Azure Blob Storage",
+    "http": "the HTTP server",
+    "https": "the HTTP server",
+}
 _LISTABLE = frozenset({"s3", "gs", "az", "memory"})
 
 # Environment variables whose values are secrets, registered with the scrubber as soon as a store is made, so
 # that no message (obstore's own included: an Azure SAS token can appear in a request URL) can carry one.
 SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "GOOGLE_SERVICE_ACCOUNT_KEY",
-    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_MASTER_KEY", "AZURE_STORAGE_SAS_KEY",
-    "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN", "AZURE_CLIENT_SECRET", "AZURE_STORAGE_CLIENT_SECRET",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_MASTER_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_STORAGE_CLIENT_SECRET",
     "AZURE_STORAGE_CONNECTION_STRING",
-)  # fmt: skip
+)
 
 StoreFactory = Callable[[ObjectUrl], "ObjectStore"]
 # What a failed storage call raises: obstore's errors, FileNotFoundError (a missing object) and other OSErrors
@@ -141,9 +155,11 @@ def make_store(obj: ObjectUrl, options: StoreOptions) -> ObjectStore:
     except (ValueError, GenericError, UnauthenticatedError) as exc:
         # A configuration obstore refuses (an Azure container with no account name, say): nothing can be read.
         raise ConfigError(
-            f"{obj.scheme}:// storage", "the environment", redact.scrub(_first_line(exc)),
+            f"{obj.scheme}:// storage",
+            "the environment",
+            redact.scrub(_first_line(exc)),
             f"set {_PROVIDER[obj.scheme]}'s standard environment variables (see docs/storage.md, Photos in object storage)",
-        ) from exc  # fmt: skip
+        ) from exc
 
 
 def aws_config(environ: Mapping[str, str]) -> S3Config:
@@ -158,12 +174,18 @@ def aws_config(environ: Mapping[str, str]) -> S3Config:
     profile = profile_named or "default"
     home = Path(environ.get("HOME") or os.path.expanduser("~"))
     creds = _ini(environ.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws" / "credentials", profile)
-    conf = _ini(environ.get("AWS_CONFIG_FILE") or home / ".aws" / "config",
-                profile if profile == "default" else f"profile {profile}")  # fmt: skip
+    conf = _ini(
+        environ.get("AWS_CONFIG_FILE") or home / ".aws" / "config",
+        profile if profile == "default" else f"profile {profile}",
+    )
     if profile_named and creds is None and conf is None:
-        raise ConfigError("AWS_PROFILE", "the environment", f"profile {profile!r} is in neither "
-                          "~/.aws/credentials nor ~/.aws/config", "name a profile those files define, or unset "
-                          "AWS_PROFILE and export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")  # fmt: skip
+        raise ConfigError(
+            "AWS_PROFILE",
+            "the environment",
+            f"profile {profile!r} is in neither ~/.aws/credentials nor ~/.aws/config",
+            "name a profile those files define, or unset "
+            "AWS_PROFILE and export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
     merged = {**(conf or {}), **(creds or {})}
     if not environ.get("AWS_ACCESS_KEY_ID"):
         key, secret = merged.get("aws_access_key_id"), merged.get("aws_secret_access_key")
@@ -175,11 +197,21 @@ def aws_config(environ: Mapping[str, str]) -> S3Config:
                 redact.register(token)
                 config["session_token"] = token
         elif profile_named and not environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
-            how = next((k for k in ("sso_session", "sso_start_url", "credential_process", "role_arn") if k in merged),
-                       "no static keys")  # fmt: skip
-            raise ConfigError("AWS_PROFILE", "the environment", f"profile {profile!r} gets its credentials by "
-                              f"{how}, which backfill doesn't run", f'export them first: eval "$(aws configure '
-                              f'export-credentials --profile {profile} --format env)"')  # fmt: skip
+            how = next(
+                (
+                    k
+                    for k in ("sso_session", "sso_start_url", "credential_process", "role_arn")
+                    if k in merged
+                ),
+                "no static keys",
+            )
+            raise ConfigError(
+                "AWS_PROFILE",
+                "the environment",
+                f"profile {profile!r} gets its credentials by {how}, which backfill doesn't run",
+                f'export them first: eval "$(aws configure '
+                f'export-credentials --profile {profile} --format env)"',
+            )
     if not (environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")) and merged.get("region"):
         config["region"] = merged["region"]
     if not (endpoint or environ.get("AWS_ENDPOINT_URL") or environ.get("AWS_ENDPOINT")) and merged.get(
@@ -232,15 +264,21 @@ def describe(exc: BaseException, obj: ObjectUrl, what: str = "image") -> ImagePr
     answered = f"HTTP {status}" + (f" {code.group(1)}" if code else "") if status else "no answer"
     if isinstance(exc, FileNotFoundError):
         if obj.scheme.startswith("http"):
-            return ImageProblem(reason=Reason.IMAGE_MISSING,
-                                message=f"{what} {name} doesn't exist (the server answered 404): check the URL")  # fmt: skip
-        return ImageProblem(reason=Reason.IMAGE_MISSING,
-                            message=f"{what} {name} doesn't exist (no object {obj.key!r} in bucket {bucket}, or no "
-                            "such bucket): check the path and the bucket name")  # fmt: skip
+            return ImageProblem(
+                reason=Reason.IMAGE_MISSING,
+                message=f"{what} {name} doesn't exist (the server answered 404): check the URL",
+            )
+        return ImageProblem(
+            reason=Reason.IMAGE_MISSING,
+            message=f"{what} {name} doesn't exist (no object {obj.key!r} in bucket {bucket}, or no "
+            "such bucket): check the path and the bucket name",
+        )
     if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
         if obj.scheme == "s3":
-            check = ("the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), AWS_REGION, "
-                     f"and that they allow s3:GetObject on it and s3:ListBucket on bucket {bucket}")  # fmt: skip
+            check = (
+                "the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE), AWS_REGION, "
+                f"and that they allow s3:GetObject on it and s3:ListBucket on bucket {bucket}"
+            )
         elif obj.scheme == "gs":
             check = (
                 f"the credentials (GOOGLE_APPLICATION_CREDENTIALS) and their storage.objects.get on {bucket}"
@@ -251,26 +289,35 @@ def describe(exc: BaseException, obj: ObjectUrl, what: str = "image") -> ImagePr
             )
         else:
             check = "that the server serves it without credentials"
-        return ImageProblem(reason=Reason.IMAGE_UNREADABLE,
-                            message=f"{what} {name} can't be read: access denied by {provider} ({answered}); "
-                            f"check {check}")  # fmt: skip
+        return ImageProblem(
+            reason=Reason.IMAGE_UNREADABLE,
+            message=f"{what} {name} can't be read: access denied by {provider} ({answered}); check {check}",
+        )
     if isinstance(exc, BadUrl):
         return ImageProblem(reason=Reason.IMAGE_MISSING, message=f"{what} {name} can't be used: {exc}")
     if isinstance(exc, InvalidPathError | ValueError):
-        return ImageProblem(reason=Reason.IMAGE_UNREADABLE,
-                            message=f"{what} {name} can't be addressed by the storage client "
-                            f"({redact.scrub(_first_line(exc))}): copy it to a plain key and name that")  # fmt: skip
+        return ImageProblem(
+            reason=Reason.IMAGE_UNREADABLE,
+            message=f"{what} {name} can't be addressed by the storage client "
+            f"({redact.scrub(_first_line(exc))}): copy it to a plain key and name that",
+        )
     if status in (301, 307, 400) and obj.scheme == "s3" and code and "Redirect" in code.group(1):
-        return ImageProblem(reason=Reason.IMAGE_UNREADABLE,
-                            message=f"{what} {name} can't be read: bucket {bucket} is in another region "
-                            f"({answered}); set AWS_REGION to the bucket's region")  # fmt: skip
+        return ImageProblem(
+            reason=Reason.IMAGE_UNREADABLE,
+            message=f"{what} {name} can't be read: bucket {bucket} is in another region "
+            f"({answered}); set AWS_REGION to the bucket's region",
+        )
     if transient(exc):
-        return ImageProblem(reason=Reason.IMAGE_UNREADABLE,
-                            message=f"{what} {name} can't be read: {provider} kept failing ({answered}) on "
-                            "every attempt; check the endpoint and the network, then run again")  # fmt: skip
-    return ImageProblem(reason=Reason.IMAGE_UNREADABLE,
-                        message=f"{what} {name} can't be read: {provider} answered {answered}; check the bucket "
-                        f"{bucket} and the storage settings, then run again")  # fmt: skip
+        return ImageProblem(
+            reason=Reason.IMAGE_UNREADABLE,
+            message=f"{what} {name} can't be read: {provider} kept failing ({answered}) on "
+            "every attempt; check the endpoint and the network, then run again",
+        )
+    return ImageProblem(
+        reason=Reason.IMAGE_UNREADABLE,
+        message=f"{what} {name} can't be read: {provider} answered {answered}; check the bucket "
+        f"{bucket} and the storage settings, then run again",
+    )
 
 
 def version_of(meta: ObjectMeta) -> str:
@@ -370,9 +417,13 @@ class RemoteImageSource(ImageSource):
             # limit and a byte, and is refused by its size before its body is collected.
             result = await self._first_read(store, obj.key, (0, self._max_bytes + 1))
         except FileNotFoundError as exc:
-            raise ImageError(ImageProblem(reason=Reason.IMAGE_MISSING,
-                                          message=f"image {obj.url!r} no longer exists (it did when checked): "
-                                          "put it back, or correct the manifest, then run again")) from exc  # fmt: skip
+            raise ImageError(
+                ImageProblem(
+                    reason=Reason.IMAGE_MISSING,
+                    message=f"image {obj.url!r} no longer exists (it did when checked): "
+                    "put it back, or correct the manifest, then run again",
+                )
+            ) from exc
         except _STORAGE_ERRORS as exc:
             raise ImageError(describe(exc, obj)) from exc
         meta, data = result
@@ -380,16 +431,23 @@ class RemoteImageSource(ImageSource):
         if wrong_size is not None:
             raise ImageError(wrong_size)
         if len(data) != meta["size"]:
-            raise ImageError(ImageProblem(reason=Reason.IMAGE_UNREADABLE,
-                                          message=f"image {obj.url!r} came back with {len(data):,} of its "
-                                          f"{meta['size']:,} bytes: run again"))  # fmt: skip
+            raise ImageError(
+                ImageProblem(
+                    reason=Reason.IMAGE_UNREADABLE,
+                    message=f"image {obj.url!r} came back with {len(data):,} of its "
+                    f"{meta['size']:,} bytes: run again",
+                )
+            )
         found = Fingerprint(ref=obj.url, size=meta["size"], version=version_of(meta))
         if found != fingerprint:
             # Another version than the one checked: check these very bytes, which are what would go out.
             wrong = problem(examine_bytes(data), repr(obj.url))
             if wrong is not None:
-                raise ImageError(ImageProblem(reason=wrong.reason,
-                                              message=f"{wrong.message} (it changed after it was checked)"))  # fmt: skip
+                raise ImageError(
+                    ImageProblem(
+                        reason=wrong.reason, message=f"{wrong.message} (it changed after it was checked)"
+                    )
+                )
         if len(data) > INLINE_HASH_MAX:
             digest = await asyncio.to_thread(_sha256, data)
         else:
@@ -450,9 +508,11 @@ class RemoteImageSource(ImageSource):
                 continue
             except _STORAGE_ERRORS as exc:
                 return describe(exc, obj)
-        return ImageProblem(reason=Reason.IMAGE_UNREADABLE,
-                            message=f"image {obj.url!r} changed every time it was checked: make sure nothing "
-                            "writes to the photos during the run, then run again")  # fmt: skip
+        return ImageProblem(
+            reason=Reason.IMAGE_UNREADABLE,
+            message=f"image {obj.url!r} changed every time it was checked: make sure nothing "
+            "writes to the photos during the run, then run again",
+        )
 
     async def _examine(self, store: ObjectStore, obj: ObjectUrl) -> Fingerprint | ImageProblem:
         name = repr(obj.url)

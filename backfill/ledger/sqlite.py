@@ -115,9 +115,14 @@ class SqliteStore(Store):
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, *, binding: Binding, location: str,
+        self,
+        conn: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        *,
+        binding: Binding,
+        location: str,
         lock: int | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.binding = binding
         self.location = location
         self._conn = conn
@@ -219,11 +224,14 @@ class SqliteStore(Store):
         self._raise_if_failed()
         counts, oldest, runs = await self._call(_status, self._conn, last_runs)
         return LedgerStatus(
-            location=self.location, binding=self.binding, counts=counts,
+            location=self.location,
+            binding=self.binding,
+            counts=counts,
             waiting_for_retry=sum(n for s, n in counts.items() if s in TRANSIENT_STATES),
-            oldest_unfinished=oldest, runs=runs,
+            oldest_unfinished=oldest,
+            runs=runs,
             writer_alive=self._lock is not None or writer_alive(Path(self.location)),
-        )  # fmt: skip
+        )
 
     async def rows(self, states: Collection[State] | None = None) -> AsyncIterator[LedgerRow]:
         chosen = None if states is None else sorted({State(s).value for s in states})
@@ -442,8 +450,9 @@ def _connect(
                 conn.execute("ALTER TABLE runs ADD COLUMN note TEXT")
         else:
             # A reader (status, export, a dry run) never writes: not the schema, not into some other file.
-            conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                   check_same_thread=False)  # fmt: skip
+            conn = sqlite3.connect(
+                f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA busy_timeout=5000")
         meta = _meta(conn)
     except sqlite3.DatabaseError as exc:
@@ -454,8 +463,12 @@ def _connect(
         if not writable or binding is None:
             conn.close()
             raise CheckpointError(f"{path} is not a backfill ledger (it has no binding)")
-        rows = [("schema", SCHEMA_VERSION), ("partner_id", binding.partner_id),
-                ("endpoint", binding.endpoint), ("created_at", now_iso())]  # fmt: skip
+        rows = [
+            ("schema", SCHEMA_VERSION),
+            ("partner_id", binding.partner_id),
+            ("endpoint", binding.endpoint),
+            ("created_at", now_iso()),
+        ]
         conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", rows)
         return conn, binding
     if meta.get("schema") != SCHEMA_VERSION:

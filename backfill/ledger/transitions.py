@@ -34,11 +34,19 @@ def begin(row: LedgerRow | None, request: AttemptRequest) -> tuple[LedgerRow, Ti
     fp = request.fingerprint
     if row is None:
         new = LedgerRow(
-            user_id=request.user_id, state=State.SENDING, attempts=1, doubt=False,
-            photo_sha256=request.photo_sha256, image_ref=fp.ref, image_size=fp.size, image_version=fp.version,
-            user_created_at=request.user_created_at, first_attempt_at=request.at, last_attempt_at=request.at,
+            user_id=request.user_id,
+            state=State.SENDING,
+            attempts=1,
+            doubt=False,
+            photo_sha256=request.photo_sha256,
+            image_ref=fp.ref,
+            image_size=fp.size,
+            image_version=fp.version,
+            user_created_at=request.user_created_at,
+            first_attempt_at=request.at,
+            last_attempt_at=request.at,
             run_id=request.run_id,
-        )  # fmt: skip
+        )
         return new, Ticket(user_id=request.user_id, number=1, doubt_before=False)
     if row.state not in BEGIN_FROM:
         return Refused(user_id=row.user_id, why=Refusal.TERMINAL, row=row)
@@ -48,10 +56,19 @@ def begin(row: LedgerRow | None, request: AttemptRequest) -> tuple[LedgerRow, Ti
     doubt = row.in_doubt
     number = row.attempts + 1
     new = replace(
-        row, state=State.SENDING, attempts=number, doubt=doubt, photo_sha256=request.photo_sha256,
-        image_ref=fp.ref, image_size=fp.size, image_version=fp.version, user_created_at=request.user_created_at,
-        first_attempt_at=row.first_attempt_at or request.at, last_attempt_at=request.at, run_id=request.run_id,
-    )  # fmt: skip
+        row,
+        state=State.SENDING,
+        attempts=number,
+        doubt=doubt,
+        photo_sha256=request.photo_sha256,
+        image_ref=fp.ref,
+        image_size=fp.size,
+        image_version=fp.version,
+        user_created_at=request.user_created_at,
+        first_attempt_at=row.first_attempt_at or request.at,
+        last_attempt_at=request.at,
+        run_id=request.run_id,
+    )
     return new, Ticket(user_id=row.user_id, number=number, doubt_before=doubt)
 
 
@@ -68,11 +85,17 @@ def settle(row: LedgerRow | None, outcome: Outcome) -> LedgerRow | None:
     else:
         doubt, pin = row.doubt or outcome.may_have_enrolled, row.photo_sha256
     return replace(
-        row, state=outcome.state, doubt=doubt, photo_sha256=pin, http_status=outcome.http_status,
-        result_code=outcome.result_code, result_text=outcome.result_text,
-        smile_job_id=outcome.smile_job_id or row.smile_job_id, job_id=outcome.job_id or row.job_id,
+        row,
+        state=outcome.state,
+        doubt=doubt,
+        photo_sha256=pin,
+        http_status=outcome.http_status,
+        result_code=outcome.result_code,
+        result_text=outcome.result_text,
+        smile_job_id=outcome.smile_job_id or row.smile_job_id,
+        job_id=outcome.job_id or row.job_id,
         finished_at=outcome.at,
-    )  # fmt: skip
+    )
 
 
 def must_be_durable(outcome: Outcome) -> bool:

@@ -30,9 +30,19 @@ from ..vocab import Status
 from .report.data import RunTally
 
 RESULT_FIELDS = (
-    "user_id", "status", "http_status", "result_code", "result_text", "smile_job_id", "job_id",
-    "attempts", "signature_ok", "error", "finished_at", "latency_ms",
-)  # fmt: skip
+    "user_id",
+    "status",
+    "http_status",
+    "result_code",
+    "result_text",
+    "smile_job_id",
+    "job_id",
+    "attempts",
+    "signature_ok",
+    "error",
+    "finished_at",
+    "latency_ms",
+)
 REJECT_FIELDS = ("line", "user_id", "reason", "message")
 _SIGNATURE_OK_AT = RESULT_FIELDS.index("signature_ok")
 _SMILE_JOB_ID_AT, _JOB_ID_AT = RESULT_FIELDS.index("smile_job_id"), RESULT_FIELDS.index("job_id")
@@ -205,12 +215,20 @@ class RunOutput:
         for user_id, code, smile_job_id, job_id, message in rows:
             around = parts.get((code, message))
             if around is None:
-                values = _result_values(ResultRow(user_id="", status=Status.SKIPPED, result_code=code,
-                                                  error=message, finished_at=finished_at))  # fmt: skip
+                values = _result_values(
+                    ResultRow(
+                        user_id="",
+                        status=Status.SKIPPED,
+                        result_code=code,
+                        error=message,
+                        finished_at=finished_at,
+                    )
+                )
                 # The fields between the user_id and the job ids, and those after them, each from its comma.
                 around = parts[(code, message)] = (
-                    _csv_line(values[:_SMILE_JOB_ID_AT]).rstrip("\r\n"), _csv_line(["", *values[_JOB_ID_AT + 1 :]])
-                )  # fmt: skip
+                    _csv_line(values[:_SMILE_JOB_ID_AT]).rstrip("\r\n"),
+                    _csv_line(["", *values[_JOB_ID_AT + 1 :]]),
+                )
             head, tail = around
             if user_id and quoted(user_id + smile_job_id + job_id) is None:  # one scan: nearly every row
                 lines.append(f"{user_id}{head},{smile_job_id},{job_id}{tail}")

@@ -153,11 +153,23 @@ async def decide(
             c = candidates[i]
             k = known.get(c.user_id)
             if isinstance(found, ImageProblem):
-                decisions[i] = NotSent(line=c.line, user_id=c.user_id, status=Status.REJECTED,
-                                      message=found.message, reason=found.reason, known=k)  # fmt: skip
+                decisions[i] = NotSent(
+                    line=c.line,
+                    user_id=c.user_id,
+                    status=Status.REJECTED,
+                    message=found.message,
+                    reason=found.reason,
+                    known=k,
+                )
             else:
-                decisions[i] = ToSend(line=c.line, user_id=c.user_id, user_created_at=c.user_created_at,
-                                    image=c.image, fingerprint=found, known=k)  # fmt: skip
+                decisions[i] = ToSend(
+                    line=c.line,
+                    user_id=c.user_id,
+                    user_created_at=c.user_created_at,
+                    image=c.image,
+                    fingerprint=found,
+                    known=k,
+                )
     return [d for d in decisions if d is not None]
 
 
@@ -171,8 +183,14 @@ async def _compare(
             # Nothing is sent for an enrolled user, so its photo may be gone: a nightly cron must not fail on it.
             message = f"{NOT_SENT_AGAIN[k.state]} (its photo is no longer usable: {found.reason})"
             return NotSent(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k)
-        return NotSent(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=found.message,
-                      reason=found.reason, known=k)  # fmt: skip
+        return NotSent(
+            line=c.line,
+            user_id=c.user_id,
+            status=Status.REJECTED,
+            message=found.message,
+            reason=found.reason,
+            known=k,
+        )
     same = unchanged(found, k.image_ref, k.image_size, k.image_version)
     if not same and k.photo_sha256 is None:
         return None  # a verified "not enrolled" released the pin: a fixed photo may be sent for this ID
@@ -186,14 +204,27 @@ async def _compare(
                 return NotSent(
                     line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=message, known=k
                 )
-            return NotSent(line=c.line, user_id=c.user_id, status=Status.REJECTED, message=exc.problem.message,
-                          reason=exc.problem.reason, known=k)  # fmt: skip
+            return NotSent(
+                line=c.line,
+                user_id=c.user_id,
+                status=Status.REJECTED,
+                message=exc.problem.message,
+                reason=exc.problem.reason,
+                known=k,
+            )
     if not same:
-        return NotSent(line=c.line, user_id=c.user_id, status=Status.REJECTED, reason=Reason.USER_ID_REUSED,
-                      message=reused_message(c.user_id, k), known=k)  # fmt: skip
+        return NotSent(
+            line=c.line,
+            user_id=c.user_id,
+            status=Status.REJECTED,
+            reason=Reason.USER_ID_REUSED,
+            message=reused_message(c.user_id, k),
+            known=k,
+        )
     if done:
-        return NotSent(line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=NOT_SENT_AGAIN[k.state],
-                      known=k)  # fmt: skip
+        return NotSent(
+            line=c.line, user_id=c.user_id, status=Status.SKIPPED, message=NOT_SENT_AGAIN[k.state], known=k
+        )
     message = f"failed permanently earlier ({k.result_code or 'no code'}); fix the image or use another ID"
     return NotSent(line=c.line, user_id=c.user_id, status=Status.FAILED, message=message, known=k)
 

@@ -185,8 +185,9 @@ class Sender:
         if verdict.kind is Kind.SYSTEMIC:
             self._on_systemic(verdict)
         # The one retry decision: it chooses both the state recorded below and whether `send` loops.
-        wait = self._policy.decide(verdict, attempts=work.attempts, throttled=work.throttled,
-                                   stopping=self._stopping())  # fmt: skip
+        wait = self._policy.decide(
+            verdict, attempts=work.attempts, throttled=work.throttled, stopping=self._stopping()
+        )
         status = (
             unfinished_status(doubt=work.doubt)
             if wait is not None
@@ -209,16 +210,26 @@ class Sender:
             )
         )
         if settled is Settled.FENCED:
-            self._event(logging.WARNING, "outcome_fenced",
-                        f"{row.user_id}: the ledger refused attempt {ticket.number}'s outcome {status}",
-                        user_id=row.user_id, attempt=ticket.number, status=status)  # fmt: skip
+            self._event(
+                logging.WARNING,
+                "outcome_fenced",
+                f"{row.user_id}: the ledger refused attempt {ticket.number}'s outcome {status}",
+                user_id=row.user_id,
+                attempt=ticket.number,
+                status=status,
+            )
             if self._fleet:
                 # A newer attempt by another process superseded this one: its verdict, not ours, is the row's.
                 work.last = self._elsewhere(work)
                 raise _Ended
         if wait is None:
-            work.last = RowEnd(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
-                             latency_ms=work.latency_ms)  # fmt: skip
+            work.last = RowEnd(
+                status=status,
+                verdict=verdict,
+                attempts=work.attempts,
+                first_ever=work.first_ever,
+                latency_ms=work.latency_ms,
+            )
             return None
         return verdict, wait
 
@@ -232,8 +243,9 @@ class Sender:
         said = f"the API asked us to slow down (429): {rate:.3g} requests/s now (--rate {ceiling:g})"
         if paused is not None:
             said += f"; all requests pause for {paused:g}s"
-        self._event(logging.WARNING, "rate_lowered", said, pause_s=paused, rate=round(rate, 3),
-                    http_status=429)  # fmt: skip
+        self._event(
+            logging.WARNING, "rate_lowered", said, pause_s=paused, rate=round(rate, 3), http_status=429
+        )
 
     def _not_sent(self, work: _Row) -> RowEnd | None:
         """A stop before this attempt left: nothing more of the row goes; it stays as the ledger has it."""
@@ -247,13 +259,25 @@ class Sender:
         said = "stopped before the next attempt"
         if status is Status.UNKNOWN:
             said += "; an earlier request may have reached the server: a re-run settles it"
-        return RowEnd(status=status, verdict=verdict, attempts=work.attempts, first_ever=work.first_ever,
-                    latency_ms=work.latency_ms, message=said, cut_short=True)  # fmt: skip
+        return RowEnd(
+            status=status,
+            verdict=verdict,
+            attempts=work.attempts,
+            first_ever=work.first_ever,
+            latency_ms=work.latency_ms,
+            message=said,
+            cut_short=True,
+        )
 
     def _reject(self, work: _Row, reason: Reason, message: str) -> RowEnd:
         """Nothing can be sent now: the row goes to rejects.csv with the reason, whatever went out before it."""
-        return RowEnd(status=Status.REJECTED, reason=reason, message=message, attempts=work.attempts,
-                    first_ever=work.first_ever)  # fmt: skip
+        return RowEnd(
+            status=Status.REJECTED,
+            reason=reason,
+            message=message,
+            attempts=work.attempts,
+            first_ever=work.first_ever,
+        )
 
     def _elsewhere(self, work: _Row) -> RowEnd:
         return RowEnd(
@@ -264,10 +288,17 @@ class Sender:
         if refused.why in (Refusal.CLAIM_LOST, Refusal.SENT_ELSEWHERE):
             # Its lease ended (this process stalled, or lost the database for longer), or another live process
             # is sending the ID right now: the row is another process's to tell. Nothing was sent for it here.
-            said = ("its claim passed to another process" if refused.why is Refusal.CLAIM_LOST
-                    else "another process is sending this ID now; given back to the queue")  # fmt: skip
-            self._event(logging.WARNING, str(refused.why), f"{refused.user_id}: {said}; not sent from here",
-                        user_id=refused.user_id)  # fmt: skip
+            said = (
+                "its claim passed to another process"
+                if refused.why is Refusal.CLAIM_LOST
+                else "another process is sending this ID now; given back to the queue"
+            )
+            self._event(
+                logging.WARNING,
+                str(refused.why),
+                f"{refused.user_id}: {said}; not sent from here",
+                user_id=refused.user_id,
+            )
             return self._elsewhere(work)
         if refused.why is Refusal.PHOTO_PINNED:
             message = reused_message(refused.user_id, refused.row) + SENT_BYTES_DIFFER
@@ -278,16 +309,27 @@ class Sender:
             status, message = Status.ID_CONFLICT, "held by someone else (id_conflict in the ledger); not sent"
         else:
             status, message = Status.SKIPPED, NOT_SENT_AGAIN[k.state]
-        return RowEnd(status=status, attempts=work.attempts, first_ever=work.first_ever, message=message,
-                    result_code=k.result_code, smile_job_id=k.smile_job_id, job_id=k.job_id)  # fmt: skip
+        return RowEnd(
+            status=status,
+            attempts=work.attempts,
+            first_ever=work.first_ever,
+            message=message,
+            result_code=k.result_code,
+            smile_job_id=k.smile_job_id,
+            job_id=k.job_id,
+        )
 
     def _retrying(self, work: _Row, verdict: Verdict, wait: float) -> None:
         self._observer.retry(retry_reason(verdict))
         self._event(
-            logging.INFO, "retry_scheduled",
+            logging.INFO,
+            "retry_scheduled",
             f"{work.send.user_id}: attempt {work.attempts} got {describe(verdict)}; retrying in {wait:.2f}s",
-            user_id=work.send.user_id, attempt=work.attempts, wait_s=round(wait, 3), reason=describe(verdict),
-        )  # fmt: skip
+            user_id=work.send.user_id,
+            attempt=work.attempts,
+            wait_s=round(wait, 3),
+            reason=describe(verdict),
+        )
 
 
 def retry_reason(verdict: Verdict) -> str:

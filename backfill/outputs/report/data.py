@@ -53,9 +53,31 @@ REDACTED = "***"
 # Settings are redacted before summary.json is written; this is a second lock on the same door.
 _SECRET_KEY = re.compile(r"api[_-]?key|secret|token|passw|credential|private", re.IGNORECASE)
 _BUCKET_SIZES_S = (
-    0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800,
-    21600, 43200, 86400,
-)  # fmt: skip
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1,
+    2,
+    5,
+    10,
+    15,
+    30,
+    60,
+    120,
+    300,
+    600,
+    900,
+    1800,
+    3600,
+    7200,
+    10800,
+    21600,
+    43200,
+    86400,
+)
 # Statuses that count as a row ending well, for the errors table and the throughput chart's colours.
 FINE: frozenset[str] = OK_STATUSES | {Status.DRY_RUN}
 

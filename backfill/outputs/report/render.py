@@ -10,8 +10,15 @@ from ... import __version__
 from .migration import MigrationPage
 from .page import Page
 
-__all__ = ["MIGRATION_KIND", "MIGRATION_TEMPLATE", "RUN_KIND", "TEMPLATE", "generator", "render_migration",
-           "render_page"]  # fmt: skip
+__all__ = [
+    "MIGRATION_KIND",
+    "MIGRATION_TEMPLATE",
+    "RUN_KIND",
+    "TEMPLATE",
+    "generator",
+    "render_migration",
+    "render_page",
+]
 
 TEMPLATE = "report.html.j2"
 MIGRATION_TEMPLATE = "migration.html.j2"
