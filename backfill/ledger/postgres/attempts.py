@@ -1,0 +1,385 @@
+"""Attempts and outcomes on PostgreSQL, group-committed: the two writes every row makes, many rows a transaction.
+
+`begin_attempt`s and `settle`s that arrive within one turn of the event loop form a group, applied in one
+transaction in pipeline mode; each caller's await resolves with its own answer once that commit is made. The
+rules are the ones every backend applies: the same pure functions (`transitions.py`), run on each row in the
+order its writes arrived, against the row as the database holds it under lock, so that fencing by attempt
+number and the check of a fleet's claim are exact whatever other processes do meanwhile.
+
+Two round trips for most groups: the rows read `FOR UPDATE` (in a fleet, with their claims, locked), then every
+row written at once and the commit. An outcome of an attempt this process began takes one: the row is written
+from the one its attempt wrote, on condition that it is still exactly that one (the attempt's number and token,
+still sending); the rare one that isn't (another process took the row over) is read and applied in the next
+group, as any other.
+
+Durability: a group holding an attempt, or an outcome that lowers doubt (`transitions.must_be_durable`),
+commits with `synchronous_commit = on`; a group of outcomes whose loss loses no promise commits without
+waiting for the disk (its settles answer QUEUED). One row's trouble stays its own: a race lost to another
+process (the row inserted meanwhile) runs the group again, re-read; a row the server refuses (a value it
+can't hold) makes the group apply its writes one by one, so only that row's caller hears of it. An outage is
+waited out for the whole group (its callers wait), and each write recognises itself if a try's commit
+happened unseen: an attempt by the token it carries, an outcome by what it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import AsyncCursor
+
+from ...vocab import State
+from .. import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Settled, Ticket
+from .. import transitions as tr
+from . import schema
+from .connection import Commit, Conn, Database, RefusedByDatabase
+from .queue import Queue
+
+GROUPS_IN_FLIGHT = 2  # a group fills while the one before it waits for its commit
+_BEGUN_MAX = (
+    65_536  # rows begun and never settled (a stop) are forgotten past this many: they are read instead
+)
+_N = len(schema.COLUMNS)
+_COLUMNS = ", ".join(schema.COLUMNS)
+_KEYS = (*schema.COLUMNS, "attempt_token")
+_READ = (
+    f"SELECT {', '.join('u.' + c for c in schema.COLUMNS)}, u.attempt_token, "
+    # Whether the row's attempt belongs to a run alive now: not finished, its heartbeat within a lease.
+    "u.state = 'sending' AND EXISTS (SELECT 1 FROM backfill.runs r WHERE r.run_id = u.run_id "
+    " AND r.finished_at IS NULL AND r.heartbeat_at > now() - make_interval(secs => %s)) "
+    "FROM backfill.users u WHERE u.user_id = ANY(%s) ORDER BY u.user_id FOR UPDATE OF u"
+)
+# A group's rows travel as one JSON array of objects named as the table's columns: json.dumps is C, where
+# psycopg adapts a list element by element in Python (an array per column cost 5x the JSON's client time).
+_ROWS = "json_populate_recordset(NULL::backfill.users, %s::json)"
+_SET = (
+    f"SET ({', '.join(schema.COLUMNS[1:])}, attempt_token) = "
+    f"({', '.join('v.' + c for c in schema.COLUMNS[1:])}, coalesce(v.attempt_token, u.attempt_token))"
+)
+# A new row whose ID another process inserted since the read fails the statement (a unique violation): the
+# group is then run again, and reads that row.
+_INSERT = (
+    f"INSERT INTO backfill.users ({_COLUMNS}, attempt_token) SELECT {_COLUMNS}, attempt_token FROM {_ROWS}"
+)
+_UPDATE = f"UPDATE backfill.users u {_SET} FROM {_ROWS} AS v WHERE u.user_id = v.user_id"
+# Outcomes of attempts this process began, each written only where the row is still the one its attempt
+# wrote (a settle leaves `sending`; only another attempt, with its own token, comes back to it).
+_SETTLE_BEGUN = (
+    f"{_UPDATE} AND u.state = 'sending' AND u.attempts = v.attempts AND u.attempt_token = v.attempt_token "
+    "RETURNING u.user_id"
+)
+
+
+Answer = Ticket | Refused | Settled
+
+
+@dataclass(slots=True)
+class _Begin:
+    request: AttemptRequest
+    done: asyncio.Future[Ticket | Refused]
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # recognises this attempt after an outage
+
+    @property
+    def user_id(self) -> str:
+        return self.request.user_id
+
+
+@dataclass(slots=True)
+class _Settle:
+    outcome: Outcome
+    done: asyncio.Future[Settled]
+
+    @property
+    def user_id(self) -> str:
+        return self.outcome.user_id
+
+
+_Write = _Begin | _Settle
+
+
+@dataclass(slots=True)
+class _Applied:
+    """A group's answers, by each write's place in it, and what its commit changes in this process's view."""
+
+    answers: dict[int, Answer] = field(default_factory=dict)
+    begun: dict[str, tuple[LedgerRow, str]] = field(default_factory=dict)  # rows as attempts wrote them
+    lost: set[str] = field(default_factory=set)  # claims this process no longer holds
+    handed_back: set[str] = field(default_factory=set)  # claims given back: another live process sends the ID
+    # Outcomes written on condition (see _SETTLE_BEGUN), by place; the rows the condition held for are read
+    # from `held` once the commit is made (in pipeline mode, reading it before costs a round trip).
+    conditional: dict[int, str] = field(default_factory=dict)
+    held: AsyncCursor[tuple[Any, ...]] | None = None
+
+    async def missed(self) -> set[int]:
+        """The places of outcomes written on condition whose row was no longer the one their attempt wrote."""
+        if self.held is None:
+            return set()
+        held = {uid for (uid,) in await self.held.fetchall()}
+        return {at for at, uid in self.conditional.items() if uid not in held}
+
+
+class Attempts:
+    """The group commit of `begin_attempt` and `settle`; `drain` waits for every write handed to it."""
+
+    def __init__(self, db: Database, queue: Queue, *, lease_s: float) -> None:
+        self._db = db
+        self._queue = queue
+        self._lease_s = lease_s
+        self._waiting: list[_Write] = []
+        self._starting = False
+        self._groups: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Rows this process's attempts wrote, with their tokens, until their outcome: see _SETTLE_BEGUN.
+        self._begun: dict[str, tuple[LedgerRow, str]] = {}
+
+    async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
+        done: asyncio.Future[Ticket | Refused] = asyncio.get_running_loop().create_future()
+        self._hand(_Begin(request=request, done=done))
+        return await done
+
+    async def settle(self, outcome: Outcome) -> Settled:
+        done: asyncio.Future[Settled] = asyncio.get_running_loop().create_future()
+        self._hand(_Settle(outcome=outcome, done=done))
+        return await done
+
+    async def drain(self) -> None:
+        """Wait until every write handed in so far is committed (or has failed)."""
+        await self._idle.wait()
+
+    # --- grouping ---
+
+    def _hand(self, *writes: _Write) -> None:
+        self._waiting.extend(writes)
+        self._idle.clear()
+        self._start_soon()
+
+    def _start_soon(self) -> None:
+        # Once the writes of this loop turn are all in: call_soon runs after every callback already ready.
+        if self._waiting and not self._starting and len(self._groups) < GROUPS_IN_FLIGHT:
+            self._starting = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self._starting = False
+        # A write whose caller went away before its group began is never made: an attempt nobody sends.
+        group = [w for w in self._waiting if not w.done.cancelled()]
+        self._waiting.clear()
+        if group:
+            task = asyncio.get_running_loop().create_task(self._commit(group), name="ledger-group")
+            self._groups.add(task)
+            task.add_done_callback(self._ended)
+        elif not self._groups:
+            self._idle.set()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._groups.discard(task)
+        self._start_soon()
+        if not self._groups and not self._waiting and not self._starting:
+            self._idle.set()
+
+    async def _commit(self, group: list[_Write]) -> None:
+        """Apply `group` in one transaction and answer each write; one by one if the server refuses it."""
+        durable = any(isinstance(w, _Begin) or tr.must_be_durable(w.outcome) for w in group)
+
+        async def work(conn: Conn, retried: bool) -> _Applied:
+            return await self._apply(conn, group, retried=retried)
+
+        try:
+            applied = await self._db.run(
+                work, commit=Commit.DURABLE if durable else Commit.LAZY, pipeline=True
+            )
+            missed = await applied.missed()
+        except RefusedByDatabase as exc:
+            if len(group) == 1:
+                _fail(group, exc)
+            else:
+                for write in group:  # in order: two writes to one row stay in the order they came
+                    await self._commit([write])
+            return
+        except asyncio.CancelledError:
+            for write in group:
+                write.done.cancel()
+            raise
+        except BaseException as exc:
+            _fail(group, exc)
+            return
+        for uid in applied.lost | applied.handed_back:
+            self._queue.forget(uid)
+        again: list[_Write] = []
+        for at, write in enumerate(group):
+            self._begun.pop(write.user_id, None)
+            if at in missed:
+                again.append(write)  # another process changed its row: read, in the next group
+                continue
+            if (begun := applied.begun.get(write.user_id)) is not None:
+                if len(self._begun) >= _BEGUN_MAX:
+                    self._begun.clear()
+                self._begun[write.user_id] = begun
+            answer = applied.answers[at]
+            if answer is Settled.APPLIED and not durable:
+                answer = Settled.QUEUED  # on disk within the WAL writer's delay, or at the next flush
+            if not write.done.done():
+                write.done.set_result(answer)  # type: ignore[arg-type]
+        if again:
+            self._hand(*again)
+
+    # --- one group's transaction ---
+
+    async def _apply(self, conn: Conn, group: Sequence[_Write], *, retried: bool) -> _Applied:
+        """Send the group's statements; its answers, as they stand once the commit that follows is made."""
+        applied = _Applied()
+        # After an outage every row is read: a try's commit may have happened unseen, and only a read tells.
+        settled = {} if retried else self._settled_as_begun(group)
+        if settled:
+            tokens = {row.user_id: self._begun[row.user_id][1] for row in settled.values()}
+            applied.held = await _write(conn, list(settled.values()), tokens, _SETTLE_BEGUN)
+            applied.conditional = {at: row.user_id for at, row in settled.items()}
+            applied.answers.update(dict.fromkeys(settled, Settled.APPLIED))
+        if len(settled) < len(group):
+            await self._read_and_apply(conn, group, applied, retried=retried)
+        return applied
+
+    def _settled_as_begun(self, group: Sequence[_Write]) -> dict[int, LedgerRow]:
+        """The rows after those outcomes, by place, that apply to the row their attempt wrote, as it wrote it."""
+        found: dict[int, LedgerRow] = {}
+        writes = Counter(w.user_id for w in group)
+        for at, write in enumerate(group):
+            if isinstance(write, _Settle) and writes[write.user_id] == 1:
+                begun = self._begun.get(write.user_id)
+                new = None if begun is None else tr.settle(begun[0], write.outcome)
+                if new is not None:
+                    found[at] = new
+        return found
+
+    async def _read_and_apply(
+        self, conn: Conn, group: Sequence[_Write], applied: _Applied, *, retried: bool
+    ) -> None:
+        """The group's writes not yet answered: their rows read `FOR UPDATE`, the transitions applied, written."""
+        todo = [at for at in range(len(group)) if at not in applied.answers]
+        read = await conn.execute(_READ, (self._lease_s, sorted({group[at].user_id for at in todo})))
+        begun = {group[at].user_id for at in todo if isinstance(group[at], _Begin)}
+        # Sent after the read, and fetched with it: one round trip, rows locked before their claims.
+        claimed = await self._queue.claimed(conn, begun) if self._queue.in_fleet and begun else set()
+        rows: dict[str, LedgerRow] = {}
+        tokens: dict[str, str | None] = {}
+        elsewhere: set[str] = set()  # rows whose attempt another live run is making now
+        for found in await read.fetchall():
+            uid = found[0]
+            rows[uid] = schema.row(found[:_N])
+            tokens[uid] = found[_N]
+            if found[_N + 1]:
+                elsewhere.add(uid)
+        new_ids = {group[at].user_id for at in todo} - rows.keys()
+        written: set[str] = set()
+        for at in todo:
+            write = group[at]
+            uid = write.user_id
+            answer: Answer
+            if isinstance(write, _Begin):
+                answer, new = self._begin(
+                    write,
+                    rows.get(uid),
+                    tokens.get(uid),
+                    claimed=uid in claimed,
+                    elsewhere=uid in elsewhere,
+                    retried=retried,
+                    applied=applied,
+                )
+                if isinstance(answer, Ticket):
+                    tokens[uid] = write.token
+                    applied.begun[uid] = (rows[uid] if new is None else new, write.token)
+            else:
+                answer, new = _settle(write.outcome, rows.get(uid), retried=retried)
+            if new is not None:
+                rows[uid] = new
+                written.add(uid)
+                elsewhere.discard(uid)  # its attempt is this run's now
+            applied.answers[at] = answer
+        await _write(conn, [rows[u] for u in sorted(written & new_ids)], tokens, _INSERT)
+        await _write(conn, [rows[u] for u in sorted(written - new_ids)], tokens, _UPDATE)
+        await self._queue.hand_back(conn, applied.handed_back)
+
+    def _begin(
+        self,
+        write: _Begin,
+        row: LedgerRow | None,
+        token: str | None,
+        *,
+        claimed: bool,
+        elsewhere: bool,
+        retried: bool,
+        applied: _Applied,
+    ) -> tuple[Ticket | Refused, LedgerRow | None]:
+        """The answer to one attempt, and the row after it (None: unchanged)."""
+        request = write.request
+        if retried and row is not None and token == write.token:
+            # The commit was lost to the outage, yet it happened: this very attempt is recorded.
+            return Ticket(user_id=row.user_id, number=row.attempts, doubt_before=row.doubt), None
+        if self._queue.in_fleet and not claimed:
+            applied.lost.add(request.user_id)
+            return Refused(
+                user_id=request.user_id, why=Refusal.CLAIM_LOST, row=row or _placeholder(request)
+            ), None
+        if row is not None and elsewhere and row.run_id != request.run_id:
+            # Claims are per manifest line: two manifests (or retries) holding one ID could send it twice at
+            # once. The row is given back for a moment; by then the other attempt has its answer.
+            applied.handed_back.add(request.user_id)
+            return Refused(user_id=request.user_id, why=Refusal.SENT_ELSEWHERE, row=row), None
+        result = tr.begin(row, request)
+        if isinstance(result, Refused):
+            return result, None
+        new, ticket = result
+        return ticket, new
+
+
+def _settle(outcome: Outcome, row: LedgerRow | None, *, retried: bool) -> tuple[Settled, LedgerRow | None]:
+    """The answer to one outcome, and the row after it (None: unchanged)."""
+    new = tr.settle(row, outcome)
+    if new is not None:
+        return Settled.APPLIED, new
+    if (
+        retried
+        and row is not None
+        and row.attempts == outcome.attempt
+        and row.state is outcome.state
+        and row.finished_at == outcome.at
+    ):
+        return Settled.APPLIED, None  # applied by the try whose commit the outage hid
+    return Settled.FENCED, None
+
+
+async def _write(
+    conn: Conn, rows: list[LedgerRow], tokens: Mapping[str, str | None], statement: str
+) -> AsyncCursor[tuple[Any, ...]] | None:
+    """These rows as they now are, in one statement."""
+    if not rows:
+        return None
+    objects = [dict(zip(_KEYS, (*schema.values(r), tokens.get(r.user_id)), strict=True)) for r in rows]
+    return await conn.execute(statement, (json.dumps(objects, separators=(",", ":")),))
+
+
+def _fail(group: Sequence[_Write], exc: BaseException) -> None:
+    for write in group:
+        if not write.done.done():
+            write.done.set_exception(exc)
+
+
+def _placeholder(request: AttemptRequest) -> LedgerRow:
+    """What a refusal shows for an ID the ledger has no row for yet (its claim went to another process)."""
+    return LedgerRow(
+        user_id=request.user_id,
+        state=State.PENDING,
+        attempts=0,
+        doubt=False,
+        photo_sha256=None,
+        image_ref=None,
+        image_size=None,
+        image_version=None,
+        user_created_at=request.user_created_at,
+    )

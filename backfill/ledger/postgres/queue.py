@@ -1,0 +1,349 @@
+"""A fleet's work queue in the PostgreSQL ledger: a manifest loaded once, claims with leases, and finishes.
+
+A claim is one manifest line held by one run until its lease ends; the run renews the leases of the lines it
+knows it holds (and its heartbeat) a third of a lease at a time. `begin_attempt` checks the claim inside the
+same transaction that records the attempt (attempts.py asks `claimed` here), so a process that lost its lease
+can never start an attempt another process may be making.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Collection, Sequence
+
+import psycopg
+
+from ...errors import CheckpointError
+from ...manifest import Batch, Candidate, Reject
+from ...vocab import Reason
+from .connection import Commit, Conn, Database, said
+
+HAND_BACK_S = 2.0  # a row another live process is sending is left alone this long before it is claimed again
+log = logging.getLogger("backfill")
+
+# The rows are updated through the primary key (`line = ANY(ARRAY(...))`): joined to the CTE instead, the
+# planner may hash the whole manifest's queue for each batch.
+_CLAIM = (
+    "WITH c AS (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND {which} "
+    " ORDER BY line LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+    "UPDATE backfill.queue q SET done = false, finished_by = NULL, claimed_by = %(me)s, "
+    " lease_until = now() + make_interval(secs => %(l)s) "
+    "WHERE q.manifest_sha256 = %(m)s AND q.line = ANY(ARRAY(SELECT line FROM c)) "
+    "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message"
+)
+# Rows no live process holds: never claimed, given back, or their lease ended. Lines this process holds are
+# never claimed again by it, even with their lease run out (an outage longer than the lease): the same row
+# twice in one process would be sent twice at once.
+_CLAIM_OPEN = _CLAIM.format(
+    which="NOT done AND (lease_until IS NULL OR lease_until < now()) "
+    "AND NOT (claimed_by = %(me)s AND line = ANY(%(held)s))"
+)
+# Rows finished by a run that died before its outputs were written: they are in no results.csv.
+_CLAIM_ORPHANED = _CLAIM.format(which="done AND finished_by = ANY(%(dead)s)")
+# Those of these lines of one manifest this run still holds, locked: while an attempt is being recorded, no
+# other process can take its claim over.
+_CLAIMED = (
+    "SELECT line FROM backfill.queue WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s "
+    "AND NOT done AND lease_until > now() ORDER BY line FOR UPDATE"
+)
+_HAND_BACK = (
+    "UPDATE backfill.queue SET claimed_by = NULL, lease_until = now() + make_interval(secs => %s) "
+    "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s"
+)
+
+
+class Queue:
+    """One process's side of the fleet's queue: what it claimed, and the statements that claim and finish."""
+
+    def __init__(self, db: Database, *, lease_s: float) -> None:
+        self.lease_s = lease_s
+        self.run_id: str | None = None
+        self.in_fleet = False  # set once a manifest is loaded or joined: every attempt then needs its claim
+        self._db = db
+        self.heartbeat: asyncio.Task[None] | None = None  # renews the claims and says this run lives
+        self._claims: dict[str, tuple[str, int]] = {}  # user_id -> (manifest, line) this process claimed
+        # Every line this process holds a claim on (rejects too), until it is finished or given back: only these
+        # are renewed, so a claim it has forgotten (one whose answer an outage swallowed) expires for others.
+        self._held: dict[str, set[int]] = {}
+
+    def started(self, run_id: str) -> None:
+        """The run is recorded: its claims are its own from now on, renewed while it lives."""
+        self.run_id = run_id
+        if self.heartbeat is None:
+            self.heartbeat = asyncio.create_task(self._beat(), name="ledger-heartbeat")
+
+    def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+
+    # --- inside an attempt's transaction (attempts.py) ---
+
+    def claim_of(self, user_id: str) -> tuple[str, int] | None:
+        """The (manifest, line) this process claimed for `user_id`, as far as it knows."""
+        return self._claims.get(user_id)
+
+    async def claimed(self, conn: Conn, user_ids: Collection[str]) -> set[str]:
+        """Those of these IDs whose claim this run still holds, each locked until the transaction ends."""
+        lines = self._lines_of(user_ids)
+        # Every manifest's statement is sent before any result is read: in pipeline mode, one round trip.
+        cursors = [
+            (manifest, await conn.execute(_CLAIMED, (manifest, sorted(of), self.run_id)))
+            for manifest, of in sorted(lines.items())
+        ]
+        still = {(manifest, line) for manifest, cur in cursors for (line,) in await cur.fetchall()}
+        return {uid for uid in user_ids if self._claims.get(uid) in still}
+
+    async def hand_back(self, conn: Conn, user_ids: Collection[str]) -> None:
+        """Give these rows' claims back to the queue, not to be claimed again for a moment."""
+        for manifest, lines in sorted(self._lines_of(user_ids).items()):
+            await conn.execute(_HAND_BACK, (HAND_BACK_S, manifest, sorted(lines), self.run_id))
+
+    def _lines_of(self, user_ids: Collection[str]) -> dict[str, set[int]]:
+        """The lines this process claimed for these IDs, by manifest."""
+        found: dict[str, set[int]] = {}
+        for uid in user_ids:
+            if (at := self._claims.get(uid)) is not None:
+                found.setdefault(at[0], set()).add(at[1])
+        return found
+
+    def forget(self, user_id: str) -> None:
+        """A claim this process no longer holds: not renewed, not counted as its own."""
+        held = self._claims.pop(user_id, None)
+        if held is not None:
+            self._held.get(held[0], set()).discard(held[1])
+
+    # --- the Fleet contract ---
+
+    async def load(self, manifest_sha256: str, path: str, rows: AsyncIterator[Batch]) -> bool:
+        self.in_fleet = True
+        # One transaction, not retried: if this process dies or the database goes away part-way, nothing of it
+        # stays, and the next process to join loads the manifest instead. Joiners wait on the row's lock.
+        try:
+            async with self._db.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "INSERT INTO backfill.manifests (sha256, path, loaded_by) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (sha256) DO NOTHING RETURNING sha256",
+                    (manifest_sha256, path, self.run_id),
+                )
+                if await cur.fetchone() is None:
+                    await self._maybe_new_pass(conn, manifest_sha256)
+                    return False
+                loaded = 0
+                async with conn.cursor().copy(
+                    "COPY backfill.queue (manifest_sha256, line, user_id, user_created_at, image, reason, message) "
+                    "FROM STDIN"
+                ) as copy:
+                    async for batch in rows:
+                        for c in batch.candidates:
+                            await copy.write_row(
+                                (manifest_sha256, c.line, c.user_id, c.user_created_at, c.image, None, None)
+                            )
+                        for r in batch.rejects:
+                            await copy.write_row(
+                                (manifest_sha256, r.line, r.user_id, None, None, r.reason.value, r.message)
+                            )
+                        loaded += len(batch.candidates) + len(batch.rejects)
+                await conn.execute(
+                    "UPDATE backfill.manifests SET rows = %s WHERE sha256 = %s", (loaded, manifest_sha256)
+                )
+                # The queue's statistics, now: until autovacuum's next look (up to a minute), the planner would
+                # take a queue of a million rows for an empty one, and scan all of it for each claim. A role that
+                # doesn't own the table is told so in a warning, and the claims wait for autovacuum.
+                await conn.execute("ANALYZE backfill.queue")
+                return True
+        except psycopg.Error as exc:
+            raise CheckpointError(
+                f"can't load the manifest into the ledger {self._db.location}: {said(exc)}"
+            ) from exc
+
+    async def _maybe_new_pass(self, conn: Conn, manifest_sha256: str) -> None:
+        await conn.execute(
+            "SELECT 1 FROM backfill.manifests WHERE sha256 = %s FOR UPDATE", (manifest_sha256,)
+        )
+        cur = await conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM backfill.queue WHERE manifest_sha256 = %s "
+            "AND (NOT done OR finished_by = ANY(%s)))",
+            (manifest_sha256, await dead_runs(conn, self.lease_s)),
+        )
+        left = await cur.fetchone()
+        if left is not None and not left[0]:
+            await conn.execute(
+                "UPDATE backfill.queue SET done = false, finished_by = NULL, claimed_by = NULL, lease_until = NULL "
+                "WHERE manifest_sha256 = %s",
+                (manifest_sha256,),
+            )
+            await conn.execute(
+                "UPDATE backfill.manifests SET pass = pass + 1 WHERE sha256 = %s", (manifest_sha256,)
+            )
+
+    async def claim(self, manifest_sha256: str, n: int) -> Batch:
+        me = self._require_run()
+
+        async def work(conn: Conn, retried: bool) -> Batch:
+            held = sorted(self._held.get(manifest_sha256, ()))
+            params = {"m": manifest_sha256, "n": n, "me": me, "l": self.lease_s, "held": held}
+            if retried:
+                # An earlier try may have claimed rows whose answer the outage swallowed: give them back now.
+                await conn.execute(
+                    "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL WHERE manifest_sha256 = %s "
+                    "AND claimed_by = %s AND NOT done AND NOT (line = ANY(%s))",
+                    (manifest_sha256, me, held),
+                )
+            cur = await conn.execute(_CLAIM_OPEN, params)
+            found = await cur.fetchall()
+            if len(found) < n:
+                # Claimed again (the ledger then skips the done ones), or they would be lost.
+                dead = await dead_runs(conn, self.lease_s)
+                if dead:
+                    cur = await conn.execute(_CLAIM_ORPHANED, {**params, "n": n - len(found), "dead": dead})
+                    found += await cur.fetchall()
+            batch = Batch(candidates=[], rejects=[])
+            for line, uid, created, image, reason, message in sorted(found):
+                if reason is None:
+                    batch.candidates.append(
+                        Candidate(line=line, user_id=uid, user_created_at=created, image=image)
+                    )
+                else:
+                    batch.rejects.append(
+                        Reject(line=line, user_id=uid, reason=Reason(reason), message=message)
+                    )
+            return batch
+
+        # Lazy: a claim lost in a crash only expires, and nothing was sent for it.
+        claimed = await self._db.run(work, commit=Commit.LAZY)
+        for c in claimed.candidates:
+            self._claims[c.user_id] = (manifest_sha256, c.line)
+        self._held.setdefault(manifest_sha256, set()).update(
+            [c.line for c in claimed.candidates] + [r.line for r in claimed.rejects]
+        )
+        return claimed
+
+    async def unfinished(self, manifest_sha256: str) -> int:
+        async def work(conn: Conn, retried: bool) -> int:
+            cur = await conn.execute(
+                "SELECT count(*) FILTER (WHERE NOT done) + count(*) FILTER (WHERE done AND finished_by = ANY(%s)) "
+                "FROM backfill.queue WHERE manifest_sha256 = %s",
+                (await dead_runs(conn, self.lease_s), manifest_sha256),
+            )
+            found = await cur.fetchone()
+            return int(found[0]) if found else 0
+
+        return await self._db.run(work, commit=Commit.READ, what="read")
+
+    async def finish(self, manifest_sha256: str, lines: Sequence[int]) -> None:
+        if not lines:
+            return
+        me = self._require_run()
+
+        async def work(conn: Conn, retried: bool) -> int:
+            # A row still `sending` under this run lost its outcome: an asynchronous commit the database dropped
+            # in a crash or an immediate restart. Finished, nobody would ever settle it; given back, another
+            # attempt settles it (its 2209 is ours), as a re-run after a crash does on SQLite.
+            await conn.execute(
+                "UPDATE backfill.queue q SET done = true, finished_by = %s, claimed_by = NULL, lease_until = NULL "
+                "WHERE q.manifest_sha256 = %s AND q.line = ANY(%s) AND q.claimed_by = %s AND NOT EXISTS ("
+                "SELECT 1 FROM backfill.users u WHERE u.user_id = q.user_id AND u.state = 'sending' "
+                "AND u.run_id = %s)",
+                (me, manifest_sha256, list(lines), me, me),
+            )
+            cur = await conn.execute(
+                "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
+                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                (manifest_sha256, list(lines), me),
+            )
+            return cur.rowcount
+
+        # Lazy: a finish lost in a crash makes the row claimed again, and the ledger then skips it.
+        lost = await self._db.run(work, commit=Commit.LAZY)
+        if lost > 0:
+            log.warning(
+                "%d finished row(s) had lost their outcome in the ledger (the database restarted?): given back, "
+                "so another attempt settles them",
+                lost,
+                extra={"event": "outcome_lost"},
+            )
+        self._let_go(manifest_sha256, lines)
+
+    async def give_back(self, manifest_sha256: str, lines: Sequence[int]) -> None:
+        if not lines:
+            return
+        me = self._require_run()
+
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute(
+                "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
+                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                (manifest_sha256, list(lines), me),
+            )
+
+        await self._db.run(work, commit=Commit.LAZY)  # lost in a crash, the claims simply expire
+        self._let_go(manifest_sha256, lines)
+
+    async def release(self) -> None:
+        me = self._require_run()
+
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute(
+                "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
+                "WHERE claimed_by = %s AND NOT done",
+                (me,),
+            )
+
+        await self._db.run(work)
+        self._claims.clear()
+        self._held.clear()
+
+    async def outputs_written(self) -> None:
+        me = self._require_run()
+
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute("UPDATE backfill.runs SET outputs_at = now() WHERE run_id = %s", (me,))
+
+        await self._db.run(work)
+
+    # --- inside ---
+
+    def _require_run(self) -> str:
+        if self.run_id is None:
+            raise CheckpointError("a fleet's claims need a run: start_run() first")
+        return self.run_id
+
+    def _let_go(self, manifest_sha256: str, lines: Sequence[int]) -> None:
+        """These lines are no longer this process's: finished, or given back."""
+        gone = set(lines)
+        self._held.get(manifest_sha256, set()).difference_update(gone)
+        for uid in [u for u, (m, line) in self._claims.items() if m == manifest_sha256 and line in gone]:
+            del self._claims[uid]
+
+    async def _beat(self) -> None:
+        """Renew this process's claims and heartbeat while it lives: a third of the lease at a time."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+
+            async def work(conn: Conn, retried: bool) -> None:
+                await conn.execute(
+                    "UPDATE backfill.runs SET heartbeat_at = now() WHERE run_id = %s", (self.run_id,)
+                )
+                for manifest, lines in list(self._held.items()):
+                    await conn.execute(
+                        "UPDATE backfill.queue SET lease_until = now() + make_interval(secs => %s) "
+                        "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                        (self.lease_s, manifest, sorted(lines), self.run_id),
+                    )
+
+            try:
+                await self._db.run(work, commit=Commit.LAZY)
+            except CheckpointError as exc:
+                # Renewal is best effort: a claim that expires meanwhile is refused at its next attempt.
+                log.warning("can't renew this run's claims: %s", exc, extra={"event": "lease_renewal_failed"})
+
+
+async def dead_runs(conn: Conn, lease_s: float) -> list[str]:
+    """Runs that stopped renewing (they died) before their outputs were written."""
+    cur = await conn.execute(
+        "SELECT run_id FROM backfill.runs WHERE outputs_at IS NULL "
+        "AND heartbeat_at < now() - make_interval(secs => %s)",
+        (lease_s,),
+    )
+    return [r for (r,) in await cur.fetchall()]

@@ -1,0 +1,178 @@
+"""The PostgreSQL ledger's schema: its tables, how a row of `users` maps to a LedgerRow, and the binding check."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+from ...errors import CheckpointError, LedgerAbsent
+from ...vocab import DONE_STATES, State
+from .. import Binding, LedgerRow, RunRecord, row_of, row_values
+
+if TYPE_CHECKING:
+    from .connection import Conn
+
+SCHEMA_VERSION = "1"
+_STATES = ", ".join(f"'{s.value}'" for s in State)
+_SCHEMA = f"""
+CREATE SCHEMA IF NOT EXISTS backfill;
+CREATE TABLE IF NOT EXISTS backfill.meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS backfill.users (
+    user_id text COLLATE "C" PRIMARY KEY,  -- byte order, whatever the database's: keyset pages rely on it
+    state text NOT NULL CHECK (state IN ({_STATES})),
+    attempts integer NOT NULL CHECK (attempts >= 0),
+    doubt boolean NOT NULL DEFAULT false,
+    photo_sha256 text,
+    image_ref text,
+    image_size bigint,
+    image_version text,
+    user_created_at text,
+    http_status integer,
+    result_code text NOT NULL DEFAULT '',
+    result_text text NOT NULL DEFAULT '',
+    smile_job_id text NOT NULL DEFAULT '',
+    job_id text NOT NULL DEFAULT '',
+    first_attempt_at text,
+    last_attempt_at text,
+    finished_at text,
+    run_id text,
+    attempt_token text
+);
+CREATE INDEX IF NOT EXISTS users_state ON backfill.users (state);
+CREATE TABLE IF NOT EXISTS backfill.runs (
+    run_id text PRIMARY KEY,
+    started_at text NOT NULL,
+    manifest text,
+    manifest_sha256 text,
+    pid integer,
+    host text,
+    finished_at text,
+    rows bigint,
+    exit_code integer,
+    heartbeat_at timestamptz,
+    outputs_at timestamptz,  -- its results.csv and rejects.csv are written: the rows it finished are told
+    note text
+);
+CREATE TABLE IF NOT EXISTS backfill.manifests (
+    sha256 text PRIMARY KEY,
+    path text NOT NULL,
+    rows bigint NOT NULL DEFAULT 0,
+    loaded_by text,
+    loaded_at timestamptz NOT NULL DEFAULT now(),
+    pass integer NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS backfill.queue (
+    manifest_sha256 text NOT NULL,
+    line integer NOT NULL,
+    user_id text NOT NULL,
+    user_created_at text,
+    image text,
+    reason text,  -- set for a row the manifest's text rules rejected: it is claimed and told like any other
+    message text,
+    claimed_by text,
+    lease_until timestamptz,
+    done boolean NOT NULL DEFAULT false,
+    finished_by text,  -- the run whose outputs tell this row; until they are written, the row is not safe
+    PRIMARY KEY (manifest_sha256, line)
+);
+CREATE INDEX IF NOT EXISTS queue_todo ON backfill.queue (manifest_sha256, line) WHERE NOT done;
+CREATE INDEX IF NOT EXISTS queue_claims ON backfill.queue (claimed_by) WHERE NOT done;
+CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHERE done;
+CREATE TABLE IF NOT EXISTS backfill.rate (
+    id integer PRIMARY KEY CHECK (id = 1),
+    ceiling double precision NOT NULL,
+    rate double precision NOT NULL,
+    tat double precision NOT NULL,
+    paused_until double precision NOT NULL,
+    generation integer NOT NULL,
+    grown_at double precision NOT NULL
+);
+"""
+_SCHEMA_LOCK = 0x6261636B66696C6C  # "backfill": serialises schema creation when a fleet starts all at once
+
+COLUMNS = tuple(f.name for f in fields(LedgerRow))
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM backfill.users"
+RUN_COLUMNS = tuple(f.name for f in fields(RunRecord))
+DONE_IN = ", ".join(f"'{s.value}'" for s in sorted(DONE_STATES))
+_STATE_OF = {s.value: s for s in State}
+_STATE_AT = COLUMNS.index("state")
+
+
+def row(values: Sequence[Any]) -> LedgerRow:
+    """A LedgerRow from a `users` row read in COLUMNS order."""
+    typed = list(values)
+    typed[_STATE_AT] = _STATE_OF[typed[_STATE_AT]]
+    return row_of(typed)
+
+
+def values(of: LedgerRow) -> list[Any]:
+    """A LedgerRow's values in COLUMNS order, as `users` holds them."""
+    found = row_values(of)
+    found[_STATE_AT] = of.state.value
+    return found
+
+
+def state(value: str) -> State:
+    return _STATE_OF[value]
+
+
+async def _add_run_note(conn: Conn) -> None:
+    """`runs.note`, added within schema 1 (older versions name their columns, so they read and write it still).
+
+    Looked up first: ALTER TABLE takes the table's strongest lock and needs its owner even when the column is
+    there, and every process of a fleet opens the ledger, some with a role that may read and write but not own.
+    """
+    cur = await conn.execute(
+        "SELECT 1 FROM information_schema.columns "
+        "WHERE table_schema = 'backfill' AND table_name = 'runs' AND column_name = 'note'"
+    )
+    if await cur.fetchone() is None:
+        await conn.execute("ALTER TABLE backfill.runs ADD COLUMN note text")
+
+
+async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, location: str) -> Binding:
+    """Create or migrate the schema (writable), then read and check the binding."""
+    if writable:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            await conn.execute(_SCHEMA)
+            await _add_run_note(conn)
+            cur = await conn.execute("SELECT key, value FROM backfill.meta")
+            meta: dict[str, str] = dict(await cur.fetchall())
+            if not meta and binding is not None:
+                for key, value in (
+                    ("schema", SCHEMA_VERSION),
+                    ("partner_id", binding.partner_id),
+                    ("endpoint", binding.endpoint),
+                ):
+                    await conn.execute("INSERT INTO backfill.meta (key, value) VALUES (%s, %s)", (key, value))
+                await conn.execute(
+                    "INSERT INTO backfill.meta (key, value) VALUES ('created_at', now()::text)"
+                )
+                return binding
+    else:
+        cur = await conn.execute("SELECT to_regclass('backfill.meta') IS NOT NULL")
+        exists = await cur.fetchone()
+        if exists is None or not exists[0]:
+            raise LedgerAbsent(
+                f"no backfill ledger in {location} (its schema `backfill` is absent). "
+                "A run with this --checkpoint creates it"
+            )
+        cur = await conn.execute("SELECT key, value FROM backfill.meta")
+        meta = dict(await cur.fetchall())
+    if not meta:
+        raise CheckpointError(f"{location} holds no backfill ledger (it has no binding)")
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"the ledger {location} has schema {meta.get('schema')!r}; this version of backfill reads schema "
+            f"{SCHEMA_VERSION}. Upgrade backfill"
+        )
+    held = Binding(partner_id=meta.get("partner_id", ""), endpoint=meta.get("endpoint", ""))
+    if binding is not None and held != binding:
+        raise CheckpointError(
+            f"the ledger {location} belongs to partner {held.partner_id!r} on {held.endpoint}, not partner "
+            f"{binding.partner_id!r} on {binding.endpoint}: a run must never mark users done against one API "
+            "that were sent to another. Use a database (or another --checkpoint) for this partner and endpoint"
+        )
+    return held
