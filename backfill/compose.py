@@ -176,7 +176,7 @@ async def open_postgres(settings: Settings, *, writable: bool, bound: bool = Tru
         ) from exc
     return await PostgresStore.open(url, binding(settings) if bound else None, writable=writable,
                                     pool_size=settings.concurrency + 4, lease_s=settings.lease,
-                                    outage_s=settings.ledger_outage)  # fmt: skip
+                                    outage_s=settings.ledger_outage, retries=retry_policy(settings))  # fmt: skip
 
 
 async def run(

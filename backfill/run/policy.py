@@ -69,6 +69,19 @@ class RetryPolicy:
         """A storage read failed transiently on its `attempts`-th try: the wait before the next, or None."""
         return self.decide(STORAGE_FAILURE, attempts=attempts)
 
+    def during_outage(self, tries: int, *, lasted: float, bound: float) -> float | None:
+        """The ledger can't be reached: its `tries`-th failed try, `lasted` seconds into an outage waited out for
+        up to `bound` (the ledger_outage setting). The wait before the next try, or None: the bound is reached.
+
+        The backoff, but never past the bound, and at most a tenth of it: an outage that ends just before its
+        bound is still seen to end within a tenth of the bound, whatever the send backoff's ceiling.
+        """
+        if lasted >= bound:
+            return None
+        state = RetryCallState(_NEVER_RUN, fn=None, args=(), kwargs={})
+        state.attempt_number = tries
+        return min(float(self.backoff(state)), bound / 10, bound - lasted)
+
 
 def is_throttled(verdict: Verdict) -> bool:
     """A 429: the server wants us slower; the row itself is fine."""
