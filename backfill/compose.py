@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .api.client import Client, request_url
 from .config import ENVIRONMENTS, Settings, endpoint_of
-from .errors import BackfillError, CheckpointError, ConfigError, Declined, LedgerAbsent
+from .errors import BackfillError, ConfigError, Declined, LedgerAbsent, LedgerError
 from .images import ImageSource
 from .images.dispatch import DispatchingImageSource
 from .images.local import LocalImageSource
@@ -154,7 +154,7 @@ async def open_store(settings: Settings, *, writable: bool, bound: bool = True) 
         try:
             make_private_dirs(settings.ledger_path().parent)
         except OSError as exc:
-            raise CheckpointError(f"can't create the folder {exc.filename}: {exc.strerror}") from exc
+            raise LedgerError(f"can't create the folder {exc.filename}: {exc.strerror}") from exc
     return await SqliteStore.open(
         settings.ledger_path(),
         binding(settings) if bound else None,
@@ -170,7 +170,7 @@ async def open_postgres(settings: Settings, *, writable: bool, bound: bool = Tru
     try:
         from .ledger.postgres import PostgresStore
     except ImportError as exc:
-        raise CheckpointError(
+        raise LedgerError(
             f"a PostgreSQL ledger needs psycopg ({exc.name} is missing). Install it with "
             "pip install 'backfill[postgres]'"
         ) from exc
@@ -467,7 +467,7 @@ def status(settings: Settings) -> LedgerStatus:
 
 
 def migration_report(settings: Settings, output: Path | None, *, overwrite: bool = False) -> Path:
-    """`backfill report --checkpoint`: one report across the whole ledger the settings name; its path."""
+    """`backfill report --ledger`: one report across the whole ledger the settings name; its path."""
     from .outputs.report import write_migration_report
     from .outputs.report.migration import read_ledger
 

@@ -4,17 +4,17 @@
     ├── ConfigError (2)          a setting: names the key, where its value came from, and the fix
     ├── ManifestError (2)        the manifest as a whole can't be read
     ├── OutputError (2)          the output folder or a file in it
-    ├── CheckpointError (2)      the ledger can't be opened or written, or belongs to another partner/endpoint
+    ├── LedgerError (2)          the ledger can't be opened or written, or belongs to another partner/endpoint
     │   ├── LedgerAbsent (2)     no ledger there yet
-    │   └── CheckpointLocked (3) another live run holds it
+    │   └── LedgerLocked (3)     another live run holds it
     ├── Declined (1)             asked before sending to production, the answer wasn't yes
     └── InternalError (70)       a bug: the run stops cleanly
 
 A foreign library's exceptions (aiohttp, sqlite3, psycopg, obstore, pandas) are translated into these where that
-library is called. A row's own problem is not an error: a photo that can't be read is an `images.ImageError`
-(and a photo URL that can't name an object a `images.urls.BadUrl`); a request with no answer is an
-`api.answers.NoAnswer`, classified like any answer, caught by the stage that reads it and turned
-into that row's reject, so a run never stops for one row. The codes themselves are `vocab.ExitCode`.
+library is called. A row's own problem is not an error: a photo that can't be read is an `images.ImageError` (and
+a photo URL that can't name an object an `images.urls.BadUrl`), caught by the stage that reads it and turned into
+that row's reject, so a run never stops for one row; a request with no answer is an `api.answers.NoAnswer` record,
+classified like any answer. The codes themselves are `vocab.ExitCode`.
 """
 
 from __future__ import annotations
@@ -50,18 +50,18 @@ class OutputError(BackfillError):
     exit_code: int = ExitCode.LOCAL
 
 
-class CheckpointError(BackfillError):
-    """The checkpoint database can't be opened, or isn't the one for this partner and environment."""
+class LedgerError(BackfillError):
+    """The ledger can't be opened or written, or isn't the one for this partner and endpoint."""
 
     exit_code: int = ExitCode.LOCAL
 
 
-class LedgerAbsent(CheckpointError):
+class LedgerAbsent(LedgerError):
     """The named database holds no ledger yet: a writing command creates it; a reader finds nothing."""
 
 
-class CheckpointLocked(CheckpointError):
-    """Another live run holds the checkpoint."""
+class LedgerLocked(LedgerError):
+    """Another live run holds the ledger."""
 
     exit_code: int = ExitCode.LOCKED
 

@@ -334,7 +334,7 @@ def test_c_the_ledger_named_another_way_is_still_locked(
     (`fcntl.flock(fd, ...)` on `os.open(path)`), so every name of that file meets it. A lock kept per name
     (a `<name>.lock` file, or a table of paths) lets the hard link through at least, and a second writer would
     send the rows the first hasn't finished. Tried: `acquire_lock` monkeypatched to flock `<path>.lk` instead;
-    the symlink and hard-link runs then start and send. Also: exit 3 (errors.CheckpointLocked) before any
+    the symlink and hard-link runs then start and send. Also: exit 3 (errors.LedgerLocked) before any
     output folder is made (compose.run opens the store first).
     """
     rows = 30

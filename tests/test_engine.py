@@ -17,7 +17,7 @@ from backfill import compose as runner
 from backfill.api.client import Client
 from backfill.cli.progress import TqdmProgress
 from backfill.config import Settings
-from backfill.errors import CheckpointError, InternalError
+from backfill.errors import InternalError, LedgerError
 from backfill.images import Fingerprint, ImageError, ImageProblem, Photo
 from backfill.images.local import LocalImageSource
 from backfill.redact import Secret
@@ -155,7 +155,7 @@ async def test_the_ledger_is_bound_to_the_endpoint_not_the_env_label(
     # A rehearsal against another server (here a second sandbox) must not read this one's rows as done.
     async with await start_sandbox(PARTNER_ID, API_KEY) as other:
         with pytest.raises(
-            CheckpointError, match="belongs to partner '085' on " + sandbox.base_url.removesuffix("/v1")
+            LedgerError, match="belongs to partner '085' on " + sandbox.base_url.removesuffix("/v1")
         ):
             await runner.run(make_settings(other), manifest)
         assert other.state.total_requests == 0
@@ -474,5 +474,5 @@ async def test_a_damaged_checkpoint_is_a_clear_error(
     with checkpoint.open("r+b") as handle:  # scribble over the users pages, keep the meta page
         handle.seek(size // 2)
         handle.write(bytes(range(256)) * ((size // 2 - 4096) // 256))
-    with pytest.raises(CheckpointError, match="integrity_check"):
+    with pytest.raises(LedgerError, match="integrity_check"):
         await runner.run(make_settings(sandbox), manifest)

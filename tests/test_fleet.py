@@ -660,7 +660,7 @@ def own_cluster(pg_cluster: PgCluster) -> Any:
 async def test_an_outcome_waits_for_a_restarted_database_and_a_longer_outage_is_a_clean_error(
     own_cluster: PgCluster,
 ) -> None:
-    from backfill.errors import CheckpointError
+    from backfill.errors import LedgerError
 
     url = own_cluster.create_database(f"outage{os.getpid()}")
     # A bound well above one try's GAVE_UP_TRY_S (2 s), so a busy machine can't blur "once" into "the bound".
@@ -678,15 +678,15 @@ async def test_an_outcome_waits_for_a_restarted_database_and_a_longer_outage_is_
                          smile_job_id="1", job_id="j", at="2026-01-01T00:00:01.000Z")  # fmt: skip
         assert await store.settle(failed) is Settled.APPLIED
         await back
-        # Down for longer: a CheckpointError (exit 2), not a hang or a traceback; the attempt stays recorded.
+        # Down for longer: a LedgerError (exit 2), not a hang or a traceback; the attempt stays recorded.
         own_cluster.stop("immediate")
         began = time.monotonic()
-        with pytest.raises(CheckpointError, match="can't be reached"):
+        with pytest.raises(LedgerError, match="can't be reached"):
             await store.settle(_outcome("u2", 1, State.ENROLLED))
         assert 1.5 < time.monotonic() - began < 30
         # Past the bound, each further step tries once, briefly: a run stops within the bound, not a multiple.
         began = time.monotonic()
-        with pytest.raises(CheckpointError, match="can't be reached"):
+        with pytest.raises(LedgerError, match="can't be reached"):
             await store.finish_run("r", finished_at="2026-01-01T00:01:00Z", rows=2, exit_code=2)
         assert time.monotonic() - began < 8  # one try of GAVE_UP_TRY_S, not the bound (10 s) again
     finally:
@@ -767,16 +767,16 @@ async def test_a_fleet_that_answers_slowly_still_reaches_its_capacity_under_the_
 
 
 async def test_a_reservation_the_ledger_refuses_is_an_error_not_a_free_slot() -> None:
-    from backfill.errors import CheckpointError
+    from backfill.errors import LedgerError
 
     class Refusing:
         lease_s = 30.0
 
         async def change_rate(self, change: Any) -> Any:
-            raise CheckpointError("the ledger can't be reached")
+            raise LedgerError("the ledger can't be reached")
 
     gate = FleetGate(Refusing(), 2.0)  # type: ignore[arg-type]
-    with pytest.raises(CheckpointError):
+    with pytest.raises(LedgerError):
         await gate.wait_turn(Stops(asyncio.sleep))
 
 
@@ -974,7 +974,7 @@ async def test_a_row_handed_to_another_process_gives_its_claim_back(pg_url: str)
 
 
 async def test_a_server_that_answers_no_is_an_error_at_once_not_an_outage_to_wait_out(pg_url: str) -> None:
-    from backfill.errors import CheckpointError
+    from backfill.errors import LedgerError
 
     name = pg_url.rsplit("/", 1)[1]
     store = await PostgresStore.open(pg_url, BINDING, writable=True, outage_s=30)
@@ -989,7 +989,7 @@ async def test_a_server_that_answers_no_is_an_error_at_once_not_an_outage_to_wai
                 "SELECT 1 FROM backfill.users WHERE user_id = 'u1' FOR UPDATE"
             )  # held, not released
             began = time.monotonic()
-            with pytest.raises(CheckpointError, match="refused"):
+            with pytest.raises(LedgerError, match="refused"):
                 await store.settle(_outcome("u1", 1, State.ENROLLED))
             assert time.monotonic() - began < 10  # not the 30 s an outage would be waited for
     finally:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from backfill.errors import CheckpointError, CheckpointLocked
+from backfill.errors import LedgerError, LedgerLocked
 from backfill.images import Fingerprint
 from backfill.ledger import (
     AttemptRequest,
@@ -286,12 +286,12 @@ async def test_sqlite_lock_holds_through_any_name(tmp_path: Path) -> None:
             tmp_path / "other" / ".." / "data" / "ledger.sqlite",
         ]
         for name in names:
-            with pytest.raises(CheckpointLocked, match="in use by pid"):
+            with pytest.raises(LedgerLocked, match="in use by pid"):
                 await SqliteStore.open(name, BINDING, writable=True)
         cwd = os.getcwd()
         os.chdir(tmp_path / "other")
         try:
-            with pytest.raises(CheckpointLocked):
+            with pytest.raises(LedgerLocked):
                 await SqliteStore.open(Path("../data/ledger.sqlite"), BINDING, writable=True)
         finally:
             os.chdir(cwd)
@@ -303,9 +303,9 @@ async def test_sqlite_lock_holds_through_any_name(tmp_path: Path) -> None:
     # two different ledgers after a crash.
     os.link(path, tmp_path / "hard.sqlite")
     for name in (tmp_path / "hard.sqlite", path):
-        with pytest.raises(CheckpointError, match="2 hard links"):
+        with pytest.raises(LedgerError, match="2 hard links"):
             await SqliteStore.open(name, BINDING, writable=True)
-        with pytest.raises(CheckpointError, match="2 hard links"):
+        with pytest.raises(LedgerError, match="2 hard links"):
             await SqliteStore.open(name, None, writable=False)
 
 
@@ -314,7 +314,7 @@ async def test_sqlite_binding_refuses_another_partner_or_endpoint(tmp_path: Path
     await (await SqliteStore.open(path, BINDING, writable=True)).close()
     for other in (Binding(partner_id="85", endpoint=BINDING.endpoint),
                   Binding(partner_id="085", endpoint="http://127.0.0.1:8080")):  # fmt: skip
-        with pytest.raises(CheckpointError, match="belongs to partner '085' on https://testapi"):
+        with pytest.raises(LedgerError, match="belongs to partner '085' on https://testapi"):
             await SqliteStore.open(path, other, writable=True)
     reader = await SqliteStore.open(path, None, writable=False)
     assert reader.binding == BINDING
@@ -405,12 +405,12 @@ async def test_sqlite_migrates_a_schema_1_ledger(tmp_path: Path) -> None:
 
 
 async def test_sqlite_reader_never_creates_or_writes(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no ledger at"):
+    with pytest.raises(LedgerError, match="no ledger at"):
         await SqliteStore.open(tmp_path / "none.sqlite", None, writable=False)
     assert not (tmp_path / "none.sqlite").exists()
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"not a database at all" * 100)
-    with pytest.raises(CheckpointError, match="is it a backfill ledger"):
+    with pytest.raises(LedgerError, match="is it a backfill ledger"):
         await SqliteStore.open(junk, None, writable=False)
 
 
@@ -418,7 +418,7 @@ def test_acquire_lock_names_the_holder(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     fd = acquire_lock(path)
     try:
-        with pytest.raises(CheckpointLocked, match=f"pid {os.getpid()}"):
+        with pytest.raises(LedgerLocked, match=f"pid {os.getpid()}"):
             acquire_lock(path)
     finally:
         os.close(fd)

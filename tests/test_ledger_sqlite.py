@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backfill.errors import CheckpointError
+from backfill.errors import LedgerError
 from backfill.images import Fingerprint
 from backfill.ledger import AttemptRequest, Binding, Outcome, Refused, Settled, Store, Ticket
 from backfill.ledger import sqlite as sqlite_ledger
@@ -187,15 +187,15 @@ async def test_a_group_that_cant_be_written_fails_its_callers_with_a_checkpoint_
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         assert results[200] is Settled.QUEUED
-        assert len(errors) == 201 and all(isinstance(e, CheckpointError) for e in errors)
+        assert len(errors) == 201 and all(isinstance(e, LedgerError) for e in errors)
         # Its own reason, not what undoing it said (SQLite has rolled a full disk's transaction back itself).
         reason = "database or disk is full" if fault == "disk full" else "database is locked"
         assert all(str(e) == f"the ledger can no longer be written: {reason}" for e in errors)
         assert len({id(e) for e in errors}) == len(errors)  # each caller its own, with its own traceback
         # Fail-stop: every later call hears it, the queued outcome's writer included.
-        with pytest.raises(CheckpointError, match="can no longer be written"):
+        with pytest.raises(LedgerError, match="can no longer be written"):
             await store.settle(outcome("queued", 1, State.ENROLLED))
-        with pytest.raises(CheckpointError, match="can no longer be written"):
+        with pytest.raises(LedgerError, match="can no longer be written"):
             await store.lookup(["kept"])
     finally:
         await store.close()  # still closes, and releases the lock

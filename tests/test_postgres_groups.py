@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backfill.errors import CheckpointError
+from backfill.errors import LedgerError
 from backfill.images import Fingerprint
 from backfill.ledger import AttemptRequest, Binding, Outcome, RunRecord, Settled, Ticket
 from backfill.ledger.postgres import PostgresStore
@@ -132,7 +132,7 @@ async def test_a_row_the_server_refuses_fails_only_its_own_caller(pg_url: str) -
             return_exceptions=True,
         )
         assert answers[0] is Settled.APPLIED and answers[2] is Settled.APPLIED
-        assert isinstance(answers[1], CheckpointError)
+        assert isinstance(answers[1], LedgerError)
         rows = await store.lookup(["u1", "bad", "u2"])
         assert [rows[u].state for u in ("u1", "bad", "u2")] == [State.FAILED, State.SENDING, State.FAILED]
     finally:
@@ -187,7 +187,7 @@ async def test_an_outage_the_policy_gives_up_on_fails_the_whole_group_and_record
     finally:
         await admin.close()
     assert len(policy.asked) == 1
-    assert all(isinstance(a, CheckpointError) and "can't be reached" in str(a) for a in answers), answers
+    assert all(isinstance(a, LedgerError) and "can't be reached" in str(a) for a in answers), answers
     rows = await store.lookup(["u1", "held"])
     assert "u1" not in rows and rows["held"].attempts == 1  # nothing of the group was committed
 

@@ -339,12 +339,12 @@ async def test_a_dry_run_builds_the_exact_signed_request_and_sends_nothing(
 async def test_a_dry_run_refuses_a_ledger_bound_elsewhere(
     tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
 ) -> None:
-    from backfill.errors import CheckpointError
+    from backfill.errors import LedgerError
 
     manifest = write_manifest(tmp_path, simple_rows(2))
     await compose.run(make_settings(sandbox), manifest)
     async with await start_sandbox(PARTNER_ID, API_KEY) as other:
         # "What would be sent" read from another endpoint's ledger would be a lie: it is an error instead.
-        with pytest.raises(CheckpointError, match="belongs to partner"):
+        with pytest.raises(LedgerError, match="belongs to partner"):
             await compose.run(make_settings(other, dry_run=True), manifest)
         assert other.state.total_requests == 0

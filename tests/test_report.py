@@ -189,7 +189,7 @@ def test_figures_match_a_known_run(tmp_path: Path) -> None:
     throughput = page.split('id="throughput"')[1].split("</section>")[0]
     assert "per 10&nbsp;s" in throughput and len(re.findall(r"<g><title>", throughput)) == 60
 
-    assert "<th>New rows (not in the checkpoint before)</th><td>26</td>" in page
+    assert "<th>New rows (not in the ledger before)</th><td>26</td>" in page
     for text in ("20250101T000000Z-abc123", "sandbox", "2025-01-01T00:10:00.000Z", "/data/users.csv"):
         assert text in page
     assert "<td><code>columns.user_id</code></td><td><code>uid</code></td>" in page

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..clock import now_iso
-from ..errors import CheckpointError, CheckpointLocked
+from ..errors import LedgerError, LedgerLocked
 from ..vocab import DONE_STATES, TRANSIENT_STATES, State
 from . import (
     AttemptRequest,
@@ -150,7 +150,7 @@ class SqliteStore(Store):
         """
         named = Path(os.path.abspath(path))
         if not writable and not named.is_file():
-            raise CheckpointError(f"no ledger at {named}. Name it with --checkpoint")
+            raise LedgerError(f"no ledger at {named}. Name it with --ledger")
         # SQLite names the WAL after the path it is given: opened by another name, a ledger whose last commits
         # are still in its WAL (as a killed run leaves them) would read as empty. A symlink is resolved here; a
         # hard link can't be, so it is refused, before the lock, so that nothing about it is half-done.
@@ -263,7 +263,7 @@ class SqliteStore(Store):
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except sqlite3.Error as exc:
             # A damaged file can open cleanly and fail on the first read of a users page.
-            raise CheckpointError(
+            raise LedgerError(
                 f"the ledger {self.location} can't be read: {exc}. "
                 "Check it with `sqlite3 FILE 'PRAGMA integrity_check'`"
             ) from exc
@@ -328,8 +328,8 @@ class SqliteStore(Store):
                 future.set_exception(_unwritable(exc))
 
 
-def _unwritable(exc: BaseException) -> CheckpointError:
-    return CheckpointError(f"the ledger can no longer be written: {exc}")
+def _unwritable(exc: BaseException) -> LedgerError:
+    return LedgerError(f"the ledger can no longer be written: {exc}")
 
 
 def _tell_fenced(outcome: Outcome) -> None:
@@ -352,8 +352,8 @@ def _make_private_parents(folder: Path) -> None:
         for parent in reversed(missing):
             parent.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
-        raise CheckpointError(
-            f"can't create the ledger's folder {folder}: {exc.strerror}. Name a writable place with --checkpoint"
+        raise LedgerError(
+            f"can't create the ledger's folder {folder}: {exc.strerror}. Name a writable place with --ledger"
         ) from exc
 
 
@@ -363,9 +363,9 @@ def _refuse_hard_links(named: Path, path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise CheckpointError(f"can't open the ledger {named}: {exc.strerror}") from exc
+        raise LedgerError(f"can't open the ledger {named}: {exc.strerror}") from exc
     if links > 1:
-        raise CheckpointError(
+        raise LedgerError(
             f"the ledger {named} has {links} hard links: SQLite keeps its latest commits in a file named after "
             "the path used, so two names could see two different ledgers. Remove the extra links and name the "
             "ledger by one path (a symbolic link is fine)"
@@ -373,7 +373,7 @@ def _refuse_hard_links(named: Path, path: Path) -> None:
 
 
 def acquire_lock(path: Path) -> int:
-    """Hold the ledger at `path` for this process, or raise CheckpointLocked naming the live holder.
+    """Hold the ledger at `path` for this process, or raise LedgerLocked naming the live holder.
 
     The flock is on the database file itself (created owner-only if absent), so every name of the same file
     (symlinks, hard links, relative paths) meets the same lock. flock is released by the kernel when its holder
@@ -383,7 +383,7 @@ def acquire_lock(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise CheckpointError(f"can't open the ledger {path}: {exc.strerror}") from exc
+        raise LedgerError(f"can't open the ledger {path}: {exc.strerror}") from exc
     note = Path(os.path.realpath(path) + ".lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -394,7 +394,7 @@ def acquire_lock(path: Path) -> int:
             who = f"pid {info['pid']} on {info['host']}, started {info['started_at']}"
         except (OSError, ValueError, KeyError, TypeError):
             who = "another process"
-        raise CheckpointLocked(
+        raise LedgerLocked(
             f"the ledger {path} is in use by {who}. Wait for that run to finish, or stop it; "
             "two runs on one ledger would send the same users twice"
         ) from None
@@ -456,13 +456,13 @@ def _connect(
             conn.execute("PRAGMA busy_timeout=5000")
         meta = _meta(conn)
     except sqlite3.DatabaseError as exc:
-        raise CheckpointError(f"can't open the ledger {path}: {exc} (is it a backfill ledger?)") from exc
+        raise LedgerError(f"can't open the ledger {path}: {exc} (is it a backfill ledger?)") from exc
     except OSError as exc:
-        raise CheckpointError(f"can't create the ledger {path}: {exc.strerror}") from exc
+        raise LedgerError(f"can't create the ledger {path}: {exc.strerror}") from exc
     if not meta:
         if not writable or binding is None:
             conn.close()
-            raise CheckpointError(f"{path} is not a backfill ledger (it has no binding)")
+            raise LedgerError(f"{path} is not a backfill ledger (it has no binding)")
         rows = [
             ("schema", SCHEMA_VERSION),
             ("partner_id", binding.partner_id),
@@ -473,18 +473,18 @@ def _connect(
         return conn, binding
     if meta.get("schema") != SCHEMA_VERSION:
         conn.close()
-        raise CheckpointError(
+        raise LedgerError(
             f"the ledger {path} has schema {meta.get('schema')!r}; this version of backfill reads schema "
             f"{SCHEMA_VERSION}. Open it once with a writable command (run, retry) to migrate it, or upgrade"
         )
     held = Binding(partner_id=meta.get("partner_id", ""), endpoint=meta.get("endpoint", ""))
     if binding is not None and held != binding:
         conn.close()
-        raise CheckpointError(
+        raise LedgerError(
             f"the ledger {path} belongs to partner {held.partner_id!r} on {held.endpoint}, not partner "
             f"{binding.partner_id!r} on {binding.endpoint}: a run must never mark users done against one API "
-            "that were sent to another. Use the ledger made for this partner and endpoint (--checkpoint), or "
-            "drop --checkpoint to use the default one for this partner and endpoint"
+            "that were sent to another. Use the ledger made for this partner and endpoint (--ledger), or "
+            "drop --ledger to use the default one for this partner and endpoint"
         )
     return conn, held
 
@@ -502,7 +502,7 @@ def _migrate_v1(conn: sqlite3.Connection, meta: dict[str, str], legacy: dict[str
     """Schema 1 (bound to an env label) to 2 (bound to the endpoint; attempts fenced; photo pinned)."""
     endpoint = legacy.get(meta.get("env", ""))
     if endpoint is None:
-        raise CheckpointError(f"a schema-1 ledger for env {meta.get('env')!r} can't be migrated: unknown env")
+        raise LedgerError(f"a schema-1 ledger for env {meta.get('env')!r} can't be migrated: unknown env")
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("ALTER TABLE users RENAME TO users_v1")

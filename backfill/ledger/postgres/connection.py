@@ -29,7 +29,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ... import redact
-from ...errors import CheckpointError
+from ...errors import LedgerError
 from .. import Binding
 from .schema import prepare
 
@@ -77,7 +77,7 @@ class Race(Exception):
     """A race lost to another process (a row inserted meanwhile): run the transaction again, at once."""
 
 
-class RefusedByDatabase(CheckpointError):
+class RefusedByDatabase(LedgerError):
     """The server answered, and said no (a statement or lock timeout, a full disk, a value it can't hold)."""
 
 
@@ -129,17 +129,17 @@ class Database:
                 url, autocommit=True, connect_timeout=10, application_name="backfill"
             )
         except psycopg.Error as exc:
-            raise CheckpointError(f"can't connect to the ledger {location}: {said(exc, hints=True)}") from exc
+            raise LedgerError(f"can't connect to the ledger {location}: {said(exc, hints=True)}") from exc
         try:
             held = await prepare(conn, binding, writable=writable, location=location)
         except pg_errors.InsufficientPrivilege as exc:
-            raise CheckpointError(
+            raise LedgerError(
                 f"can't open the ledger {location}: {said(exc)}. The first run creates the schema `backfill`: "
                 "the role needs CREATE on the database then (GRANT CREATE ON DATABASE <db> TO <role>), and "
                 "USAGE and read/write on that schema's tables after"
             ) from exc
         except psycopg.Error as exc:
-            raise CheckpointError(f"can't open the ledger {location}: {said(exc)}") from exc
+            raise LedgerError(f"can't open the ledger {location}: {said(exc)}") from exc
         finally:
             await conn.close()
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
@@ -242,7 +242,7 @@ class Database:
             else self._retries.during_outage(tries, lasted=now - self._outage_since, bound=self.outage_s)
         )
         if wait is None:
-            raise CheckpointError(
+            raise LedgerError(
                 f"the ledger {self.location} can't be reached ({said(exc)}) after {self.outage_s:g}s; "
                 "every attempt sent is recorded. Re-run once the database is back to continue"
             ) from exc

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 
 import psycopg
 
-from ...errors import CheckpointError
+from ...errors import LedgerError
 from ...manifest import Batch, Candidate, Reject
 from ...vocab import Reason
 from .connection import Commit, Conn, Database, said
@@ -153,7 +153,7 @@ class Queue:
                 await conn.execute("ANALYZE backfill.queue")
                 return True
         except psycopg.Error as exc:
-            raise CheckpointError(
+            raise LedgerError(
                 f"can't load the manifest into the ledger {self._db.location}: {said(exc)}"
             ) from exc
 
@@ -306,7 +306,7 @@ class Queue:
 
     def _require_run(self) -> str:
         if self.run_id is None:
-            raise CheckpointError("a fleet's claims need a run: start_run() first")
+            raise LedgerError("a fleet's claims need a run: start_run() first")
         return self.run_id
 
     def _let_go(self, manifest_sha256: str, lines: Sequence[int]) -> None:
@@ -334,7 +334,7 @@ class Queue:
 
             try:
                 await self._db.run(work, commit=Commit.LAZY)
-            except CheckpointError as exc:
+            except LedgerError as exc:
                 # Renewal is best effort: a claim that expires meanwhile is refused at its next attempt.
                 log.warning("can't renew this run's claims: %s", exc, extra={"event": "lease_renewal_failed"})
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from ...errors import CheckpointError, LedgerAbsent
+from ...errors import LedgerAbsent, LedgerError
 from ...vocab import DONE_STATES, State
 from .. import Binding, LedgerRow, RunRecord, row_of, row_values
 
@@ -157,22 +157,22 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
         if exists is None or not exists[0]:
             raise LedgerAbsent(
                 f"no backfill ledger in {location} (its schema `backfill` is absent). "
-                "A run with this --checkpoint creates it"
+                "A run with this --ledger creates it"
             )
         cur = await conn.execute("SELECT key, value FROM backfill.meta")
         meta = dict(await cur.fetchall())
     if not meta:
-        raise CheckpointError(f"{location} holds no backfill ledger (it has no binding)")
+        raise LedgerError(f"{location} holds no backfill ledger (it has no binding)")
     if meta.get("schema") != SCHEMA_VERSION:
-        raise CheckpointError(
+        raise LedgerError(
             f"the ledger {location} has schema {meta.get('schema')!r}; this version of backfill reads schema "
             f"{SCHEMA_VERSION}. Upgrade backfill"
         )
     held = Binding(partner_id=meta.get("partner_id", ""), endpoint=meta.get("endpoint", ""))
     if binding is not None and held != binding:
-        raise CheckpointError(
+        raise LedgerError(
             f"the ledger {location} belongs to partner {held.partner_id!r} on {held.endpoint}, not partner "
             f"{binding.partner_id!r} on {binding.endpoint}: a run must never mark users done against one API "
-            "that were sent to another. Use a database (or another --checkpoint) for this partner and endpoint"
+            "that were sent to another. Use a database (or another --ledger) for this partner and endpoint"
         )
     return held

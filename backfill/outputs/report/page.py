@@ -15,7 +15,7 @@ __all__ = ["Page", "build_page"]
 _STATUS_MEANINGS: dict[str, str] = {
     Status.ENROLLED: "answered 0840 with a verified signature",
     Status.ALREADY_ENROLLED: "2209 for an ID whose earlier answer was lost: that attempt enrolled it",
-    Status.SKIPPED: "already enrolled in the checkpoint: not sent",
+    Status.SKIPPED: "already enrolled in the ledger: not sent",
     Status.ID_CONFLICT: "2209 for an ID this tool never sent: someone else holds it; a person must look",
     Status.FAILED: "a permanent answer: see the error codes below",
     Status.RETRY_EXHAUSTED: "transient errors on every attempt; nothing enrolled; a re-run retries",
@@ -207,7 +207,7 @@ def _header(run: Run) -> Header:
         ("Base URL", run.base_url),
         ("Manifest", run.manifest),
         ("Manifest SHA-256", run.manifest_sha256 or _NOT_RECORDED),
-        ("Checkpoint", run.ledger or _NOT_RECORDED),
+        ("Ledger", run.ledger or _NOT_RECORDED),
         ("Output folder", run.out_dir),
         ("Started (UTC)", run.started_at or _NOT_RECORDED),
         ("Finished (UTC)", run.finished_at or _NOT_RECORDED),
@@ -218,7 +218,7 @@ def _header(run: Run) -> Header:
         ("Dry run", "yes: nothing was sent" if run.dry_run else "no"),
     ]
     if run.new_rows is not None:
-        facts.insert(11, ("New rows (not in the checkpoint before)", fmt.count(run.new_rows)))
+        facts.insert(11, ("New rows (not in the ledger before)", fmt.count(run.new_rows)))
     return Header(verdict=line, tone=tone, facts=tuple(Fact(label=k, value=v) for k, v in facts))
 
 
