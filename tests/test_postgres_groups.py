@@ -64,10 +64,12 @@ async def waiting_for_a_lock(admin: psycopg.AsyncConnection[Any], database: str)
 
 @pytest.fixture
 async def held_row(pg_url: str) -> AsyncIterator[tuple[PostgresStore, psycopg.AsyncConnection[Any]]]:
-    """A store whose row `held` exists, locked by another connection (in a transaction it leaves open)."""
+    """A store whose rows `held` and `beside` exist, `held` locked by another connection (in a transaction it
+    leaves open). Attempts of both are read, and wait for that lock, in one group."""
     store = await PostgresStore.open(pg_url, BINDING, writable=True)
-    assert isinstance(await store.begin_attempt(request("held")), Ticket)
-    assert await store.settle(failed("held", 1)) is Settled.APPLIED
+    for uid in ("held", "beside"):
+        assert isinstance(await store.begin_attempt(request(uid)), Ticket)
+        assert await store.settle(failed(uid, 1)) is Settled.APPLIED
     holder = await psycopg.AsyncConnection.connect(pg_url)
     await holder.execute("SELECT 1 FROM backfill.users WHERE user_id = 'held' FOR UPDATE")
     try:
@@ -150,7 +152,7 @@ async def test_a_group_cut_by_a_lost_connection_is_tried_again_whole_as_the_poli
     store._attempts._db._retries = policy
     admin = await psycopg.AsyncConnection.connect(pg_url, autocommit=True)
     try:
-        ids = ["u1", "held", "u2"]
+        ids = ["u1", "held", "beside"]
         group = asyncio.gather(*(store.begin_attempt(request(uid)) for uid in ids))
         # The group waits on `held`'s lock; its connection is cut (as a failover would), then the lock is let go.
         pid = await waiting_for_a_lock(admin, pg_url.rsplit("/", 1)[1])
@@ -162,10 +164,10 @@ async def test_a_group_cut_by_a_lost_connection_is_tried_again_whole_as_the_poli
         await admin.close()
     assert [(tries, bound) for tries, _, bound in policy.asked] == [(1, store._attempts._db.outage_s)]
     assert {u: (a.number, a.doubt_before) for u, a in answers.items() if isinstance(a, Ticket)} == {
-        "u1": (1, False), "held": (2, False), "u2": (1, False),
+        "u1": (1, False), "held": (2, False), "beside": (2, False),
     }  # fmt: skip
     rows = await store.lookup(ids)
-    assert {u: r.attempts for u, r in rows.items()} == {"u1": 1, "held": 2, "u2": 1}
+    assert {u: r.attempts for u, r in rows.items()} == {"u1": 1, "held": 2, "beside": 2}
 
 
 async def test_an_outage_the_policy_gives_up_on_fails_the_whole_group_and_records_nothing_twice(
@@ -177,7 +179,7 @@ async def test_an_outage_the_policy_gives_up_on_fails_the_whole_group_and_record
     admin = await psycopg.AsyncConnection.connect(pg_url, autocommit=True)
     try:
         group = asyncio.gather(
-            *(store.begin_attempt(request(uid)) for uid in ("u1", "held")), return_exceptions=True
+            *(store.begin_attempt(request(uid)) for uid in ("beside", "held")), return_exceptions=True
         )
         pid = await waiting_for_a_lock(admin, pg_url.rsplit("/", 1)[1])
         await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
@@ -188,8 +190,8 @@ async def test_an_outage_the_policy_gives_up_on_fails_the_whole_group_and_record
         await admin.close()
     assert len(policy.asked) == 1
     assert all(isinstance(a, LedgerError) and "can't be reached" in str(a) for a in answers), answers
-    rows = await store.lookup(["u1", "held"])
-    assert "u1" not in rows and rows["held"].attempts == 1  # nothing of the group was committed
+    rows = await store.lookup(["beside", "held"])
+    assert rows["beside"].attempts == 1 and rows["held"].attempts == 1  # nothing of the group was committed
 
 
 class AnswerLost:

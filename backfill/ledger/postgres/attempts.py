@@ -73,6 +73,17 @@ _SETTLE_BEGUN = (
     f"{_UPDATE} AND u.state = 'sending' AND u.attempts = v.attempts AND u.attempt_token = v.attempt_token "
     "RETURNING u.user_id"
 )
+# First attempts of IDs this process knows nothing of, each written only where the ledger has no row for it yet
+# (else it is read, in the next group).
+_INSERT_NEW = f"{_INSERT} ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
+# The same in a fleet, and only where this run still holds the row's claim, locked until the commit: the check
+# `begin_attempt` makes in the same transaction as its write (queue.py's _CLAIMED, and why IS NOT DISTINCT).
+_INSERT_CLAIMED = (
+    "WITH held AS (SELECT user_id FROM backfill.queue WHERE manifest_sha256 = %s AND line = ANY(%s) "
+    " AND claimed_by IS NOT DISTINCT FROM %s AND NOT done AND lease_until > now() ORDER BY line FOR UPDATE) "
+    f"INSERT INTO backfill.users ({_COLUMNS}, attempt_token) SELECT {_COLUMNS}, attempt_token FROM {_ROWS} "
+    "WHERE user_id IN (SELECT user_id FROM held) ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
+)
 
 
 Answer = Ticket | Refused | Settled
@@ -83,6 +94,7 @@ class _Begin:
     request: AttemptRequest
     done: asyncio.Future[Ticket | Refused]
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # recognises this attempt after an outage
+    read: bool = False  # its row is read first: a write on condition found it wasn't as this process thought
 
     @property
     def user_id(self) -> str:
@@ -93,6 +105,7 @@ class _Begin:
 class _Settle:
     outcome: Outcome
     done: asyncio.Future[Settled]
+    read: bool = False
 
     @property
     def user_id(self) -> str:
@@ -110,16 +123,14 @@ class _Applied:
     begun: dict[str, tuple[LedgerRow, str]] = field(default_factory=dict)  # rows as attempts wrote them
     lost: set[str] = field(default_factory=set)  # claims this process no longer holds
     handed_back: set[str] = field(default_factory=set)  # claims given back: another live process sends the ID
-    # Outcomes written on condition (see _SETTLE_BEGUN), by place; the rows the condition held for are read
-    # from `held` once the commit is made (in pipeline mode, reading it before costs a round trip).
+    # Writes made on condition (see _SETTLE_BEGUN and _INSERT_NEW), by place; the rows the condition held for
+    # are read from `held` once the commit is made (in pipeline mode, reading them before costs a round trip).
     conditional: dict[int, str] = field(default_factory=dict)
-    held: AsyncCursor[tuple[Any, ...]] | None = None
+    held: list[AsyncCursor[tuple[Any, ...]]] = field(default_factory=list)
 
     async def missed(self) -> set[int]:
-        """The places of outcomes written on condition whose row was no longer the one their attempt wrote."""
-        if self.held is None:
-            return set()
-        held = {uid for (uid,) in await self.held.fetchall()}
+        """The places of writes made on condition whose condition did not hold: nothing was written for them."""
+        held = {uid for cur in self.held for (uid,) in await cur.fetchall()}
         return {at for at, uid in self.conditional.items() if uid not in held}
 
 
@@ -215,7 +226,8 @@ class Attempts:
         for at, write in enumerate(group):
             self._begun.pop(write.user_id, None)
             if at in missed:
-                again.append(write)  # another process changed its row: read, in the next group
+                write.read = True  # its row isn't as this process thought: read, in the next group
+                again.append(write)
                 continue
             if (begun := applied.begun.get(write.user_id)) is not None:
                 if len(self._begun) >= _BEGUN_MAX:
@@ -235,27 +247,58 @@ class Attempts:
         """Send the group's statements; its answers, as they stand once the commit that follows is made."""
         applied = _Applied()
         # After an outage every row is read: a try's commit may have happened unseen, and only a read tells.
-        settled = {} if retried else self._settled_as_begun(group)
-        if settled:
-            tokens = {row.user_id: self._begun[row.user_id][1] for row in settled.values()}
-            applied.held = await _write(conn, list(settled.values()), tokens, _SETTLE_BEGUN)
-            applied.conditional = {at: row.user_id for at, row in settled.items()}
-            applied.answers.update(dict.fromkeys(settled, Settled.APPLIED))
-        if len(settled) < len(group):
+        if not retried:
+            await self._write_on_condition(conn, group, applied)
+        if len(applied.answers) < len(group):
             await self._read_and_apply(conn, group, applied, retried=retried)
         return applied
 
-    def _settled_as_begun(self, group: Sequence[_Write]) -> dict[int, LedgerRow]:
-        """The rows after those outcomes, by place, that apply to the row their attempt wrote, as it wrote it."""
-        found: dict[int, LedgerRow] = {}
+    async def _write_on_condition(self, conn: Conn, group: Sequence[_Write], applied: _Applied) -> None:
+        """The writes whose row this process can tell without reading it, each on condition that it is so.
+
+        An outcome of an attempt this process began applies to the row that attempt wrote; a first attempt of
+        an ID this process knows nothing of, to no row. Whichever isn't so is read, in the next group.
+        """
         writes = Counter(w.user_id for w in group)
+        settled: dict[int, LedgerRow] = {}
+        first: dict[int, tuple[_Begin, LedgerRow, Ticket]] = {}
         for at, write in enumerate(group):
-            if isinstance(write, _Settle) and writes[write.user_id] == 1:
-                begun = self._begun.get(write.user_id)
+            if write.read or writes[write.user_id] > 1:
+                continue  # two writes to one row are read, and applied in order
+            begun = self._begun.get(write.user_id)
+            if isinstance(write, _Settle):
                 new = None if begun is None else tr.settle(begun[0], write.outcome)
                 if new is not None:
-                    found[at] = new
-        return found
+                    settled[at] = new
+            elif begun is None and (
+                not self._queue.in_fleet or self._queue.manifest_of(write.user_id) is not None
+            ):
+                made = tr.begin(None, write.request)
+                assert not isinstance(made, Refused)  # nothing refuses a first attempt
+                first[at] = (write, *made)
+        if settled:
+            tokens = {row.user_id: self._begun[row.user_id][1] for row in settled.values()}
+            applied.held.append(await _write(conn, list(settled.values()), tokens, _SETTLE_BEGUN))
+            applied.answers.update(dict.fromkeys(settled, Settled.APPLIED))
+            applied.conditional.update({at: row.user_id for at, row in settled.items()})
+        if first:
+            tokens = {write.user_id: write.token for write, _, _ in first.values()}
+            if not self._queue.in_fleet:
+                applied.held.append(
+                    await _write(conn, [row for _, row, _ in first.values()], tokens, _INSERT_NEW)
+                )
+            for manifest, lines in sorted(self._queue.lines_of(tokens).items()):
+                rows = [
+                    row
+                    for write, row, _ in first.values()
+                    if self._queue.manifest_of(write.user_id) == manifest
+                ]
+                statement = (_INSERT_CLAIMED, manifest, sorted(lines), self._queue.run_id)
+                applied.held.append(await _write(conn, rows, tokens, *statement))
+            for at, (write, row, ticket) in first.items():
+                applied.answers[at] = ticket
+                applied.conditional[at] = write.user_id
+                applied.begun[write.user_id] = (row, write.token)
 
     async def _read_and_apply(
         self, conn: Conn, group: Sequence[_Write], applied: _Applied, *, retried: bool
@@ -301,8 +344,10 @@ class Attempts:
                 written.add(uid)
                 elsewhere.discard(uid)  # its attempt is this run's now
             applied.answers[at] = answer
-        await _write(conn, [rows[u] for u in sorted(written & new_ids)], tokens, _INSERT)
-        await _write(conn, [rows[u] for u in sorted(written - new_ids)], tokens, _UPDATE)
+        if inserted := [rows[u] for u in sorted(written & new_ids)]:
+            await _write(conn, inserted, tokens, _INSERT)
+        if updated := [rows[u] for u in sorted(written - new_ids)]:
+            await _write(conn, updated, tokens, _UPDATE)
         await self._queue.hand_back(conn, applied.handed_back)
 
     def _begin(
@@ -355,13 +400,11 @@ def _settle(outcome: Outcome, row: LedgerRow | None, *, retried: bool) -> tuple[
 
 
 async def _write(
-    conn: Conn, rows: list[LedgerRow], tokens: Mapping[str, str | None], statement: str
-) -> AsyncCursor[tuple[Any, ...]] | None:
-    """These rows as they now are, in one statement."""
-    if not rows:
-        return None
+    conn: Conn, rows: list[LedgerRow], tokens: Mapping[str, str | None], statement: str, *before: Any
+) -> AsyncCursor[tuple[Any, ...]]:
+    """These rows as they now are, in one statement (whose parameters `before` come first)."""
     objects = [dict(zip(_KEYS, (*schema.values(r), tokens.get(r.user_id)), strict=True)) for r in rows]
-    return await conn.execute(statement, (json.dumps(objects, separators=(",", ":")),))
+    return await conn.execute(statement, (*before, json.dumps(objects, separators=(",", ":"))))
 
 
 def _fail(group: Sequence[_Write], exc: BaseException) -> None:

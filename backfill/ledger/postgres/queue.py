@@ -41,15 +41,19 @@ _CLAIM_OPEN = _CLAIM.format(
 )
 # Rows finished by a run that died before its outputs were written: they are in no results.csv.
 _CLAIM_ORPHANED = _CLAIM.format(which="done AND finished_by = ANY(%(dead)s)")
+# Where lines are named, a run's claim is tested as `claimed_by IS NOT DISTINCT FROM`: for a run's id the same
+# as `=`, but not a test the planner answers from the index on claimed_by, which it would otherwise read whole
+# (every line the run holds) for each statement, its statistics having been taken before any line was claimed.
 # Those of these lines of one manifest this run still holds, locked: while an attempt is being recorded, no
 # other process can take its claim over.
 _CLAIMED = (
-    "SELECT line FROM backfill.queue WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s "
+    "SELECT line FROM backfill.queue WHERE manifest_sha256 = %s AND line = ANY(%s) "
+    "AND claimed_by IS NOT DISTINCT FROM %s "
     "AND NOT done AND lease_until > now() ORDER BY line FOR UPDATE"
 )
 _HAND_BACK = (
     "UPDATE backfill.queue SET claimed_by = NULL, lease_until = now() + make_interval(secs => %s) "
-    "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s"
+    "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by IS NOT DISTINCT FROM %s"
 )
 
 
@@ -79,13 +83,14 @@ class Queue:
 
     # --- inside an attempt's transaction (attempts.py) ---
 
-    def claim_of(self, user_id: str) -> tuple[str, int] | None:
-        """The (manifest, line) this process claimed for `user_id`, as far as it knows."""
-        return self._claims.get(user_id)
+    def manifest_of(self, user_id: str) -> str | None:
+        """The manifest in which this process claimed `user_id`, as far as it knows."""
+        claim = self._claims.get(user_id)
+        return None if claim is None else claim[0]
 
     async def claimed(self, conn: Conn, user_ids: Collection[str]) -> set[str]:
         """Those of these IDs whose claim this run still holds, each locked until the transaction ends."""
-        lines = self._lines_of(user_ids)
+        lines = self.lines_of(user_ids)
         # Every manifest's statement is sent before any result is read: in pipeline mode, one round trip.
         cursors = [
             (manifest, await conn.execute(_CLAIMED, (manifest, sorted(of), self.run_id)))
@@ -96,10 +101,10 @@ class Queue:
 
     async def hand_back(self, conn: Conn, user_ids: Collection[str]) -> None:
         """Give these rows' claims back to the queue, not to be claimed again for a moment."""
-        for manifest, lines in sorted(self._lines_of(user_ids).items()):
+        for manifest, lines in sorted(self.lines_of(user_ids).items()):
             await conn.execute(_HAND_BACK, (HAND_BACK_S, manifest, sorted(lines), self.run_id))
 
-    def _lines_of(self, user_ids: Collection[str]) -> dict[str, set[int]]:
+    def lines_of(self, user_ids: Collection[str]) -> dict[str, set[int]]:
         """The lines this process claimed for these IDs, by manifest."""
         found: dict[str, set[int]] = {}
         for uid in user_ids:
@@ -242,14 +247,15 @@ class Queue:
             # attempt settles it (its 2209 is ours), as a re-run after a crash does on SQLite.
             await conn.execute(
                 "UPDATE backfill.queue q SET done = true, finished_by = %s, claimed_by = NULL, lease_until = NULL "
-                "WHERE q.manifest_sha256 = %s AND q.line = ANY(%s) AND q.claimed_by = %s AND NOT EXISTS ("
+                "WHERE q.manifest_sha256 = %s AND q.line = ANY(%s) AND q.claimed_by IS NOT DISTINCT FROM %s "
+                "AND NOT EXISTS ("
                 "SELECT 1 FROM backfill.users u WHERE u.user_id = q.user_id AND u.state = 'sending' "
                 "AND u.run_id = %s)",
                 (me, manifest_sha256, list(lines), me, me),
             )
             cur = await conn.execute(
                 "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
-                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by IS NOT DISTINCT FROM %s AND NOT done",
                 (manifest_sha256, list(lines), me),
             )
             return cur.rowcount
@@ -273,7 +279,7 @@ class Queue:
         async def work(conn: Conn, retried: bool) -> None:
             await conn.execute(
                 "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
-                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by IS NOT DISTINCT FROM %s AND NOT done",
                 (manifest_sha256, list(lines), me),
             )
 
@@ -328,7 +334,8 @@ class Queue:
                 for manifest, lines in list(self._held.items()):
                     await conn.execute(
                         "UPDATE backfill.queue SET lease_until = now() + make_interval(secs => %s) "
-                        "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by = %s AND NOT done",
+                        "WHERE manifest_sha256 = %s AND line = ANY(%s) "
+                        "AND claimed_by IS NOT DISTINCT FROM %s AND NOT done",
                         (self.lease_s, manifest, sorted(lines), self.run_id),
                     )
 
