@@ -6,19 +6,21 @@ rules are the ones every backend applies: the same pure functions (`transitions.
 order its writes arrived, against the row as the database holds it under lock, so that fencing by attempt
 number and the check of a fleet's claim are exact whatever other processes do meanwhile.
 
-Two round trips for most groups: the rows read `FOR UPDATE` (in a fleet, with their claims, locked), then every
-row written at once and the commit. An outcome of an attempt this process began takes one: the row is written
-from the one its attempt wrote, on condition that it is still exactly that one (the attempt's number and token,
-still sending); the rare one that isn't (another process took the row over) is read and applied in the next
-group, as any other.
+One round trip for most groups, the writes made on condition and the commit sent together: a first attempt of
+an ID this process knows nothing of is inserted where the ledger has no row for it (in a fleet, where this
+run's claim holds, locked); an outcome of an attempt this process began is written over the row that attempt
+wrote, where it is still exactly that one (the attempt's number and token, still sending). A write whose
+condition didn't hold wrote nothing: it is read and applied in the next group, as any other write is, in two
+round trips: the rows read `FOR UPDATE` (in a fleet, with their claims, locked), then written, and the commit.
 
 Durability: a group holding an attempt, or an outcome that lowers doubt (`transitions.must_be_durable`),
 commits with `synchronous_commit = on`; a group of outcomes whose loss loses no promise commits without
 waiting for the disk (its settles answer QUEUED). One row's trouble stays its own: a race lost to another
-process (the row inserted meanwhile) runs the group again, re-read; a row the server refuses (a value it
-can't hold) makes the group apply its writes one by one, so only that row's caller hears of it. An outage is
-waited out for the whole group (its callers wait), and each write recognises itself if a try's commit
-happened unseen: an attempt by the token it carries, an outcome by what it wrote.
+process (the row inserted meanwhile) sends that row to the next group, or runs a group that read it again; a
+row the server refuses (a value it can't hold) makes the group apply its writes one by one, so only that
+row's caller hears of it. An outage is waited out for the whole group (its callers wait), every row then read,
+and each write recognises itself if a try's commit happened unseen: an attempt by the token it carries, an
+outcome by what it wrote.
 """
 
 from __future__ import annotations
