@@ -221,9 +221,13 @@ async def _fleet_path(store: Any, rows: int, workers: int) -> tuple[float, float
     queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=workers * 4)
 
     async def claimer() -> None:
-        while (batch := await claims.next_batch()) is not None:
+        handed = 0
+        # Until every row is handed out, not until the claim stage says the manifest is done: that waits for the
+        # last rows to be finished, a nap of up to a second that is no cost of the rows.
+        while handed < rows and (batch := await claims.next_batch()) is not None:
             for c in batch.candidates:
                 await queue.put(c.user_id)
+            handed += len(batch.candidates)
         for _ in range(workers):
             await queue.put(None)
 
