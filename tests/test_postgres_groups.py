@@ -288,3 +288,39 @@ async def test_compose_hands_the_ledger_the_runs_one_retry_policy_and_its_outage
         assert db._retries == compose.retry_policy(settings) and db.outage_s == 7
     finally:
         await store.close()
+
+
+# --- a first attempt, written on condition, still checks its claim ---
+
+
+async def test_a_first_attempt_after_the_claim_went_to_another_process_is_refused(pg_url: str) -> None:
+    from backfill.ledger import Refusal, Refused
+    from backfill.manifest import Batch, Candidate
+
+    async def rows() -> AsyncIterator[Batch]:
+        yield Batch(candidates=[Candidate(line=2, user_id="u1", user_created_at="2021-01-01", image="u1.png")],
+                    rejects=[])  # fmt: skip
+
+    a = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
+    b = await PostgresStore.open(pg_url, BINDING, writable=True, lease_s=0.6)
+    try:
+        for store, run in ((a, "run-a"), (b, "run-b")):
+            await store.start_run(RunRecord(run_id=run, started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        await a.load("m1", "m.csv", rows())
+        await b.load("m1", "m.csv", rows())
+        assert [c.user_id for c in (await a.claim("m1", 10)).candidates] == ["u1"]
+        assert a._heartbeat is not None
+        a._heartbeat.cancel()  # A stalls before its first attempt, past its lease
+        for _ in range(600):  # B takes the row once A's lease has ended (the bound: a guard against a hang)
+            if (await b.claim("m1", 10)).candidates:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("A's lease never ended")
+        refused = await a.begin_attempt(request("u1", run="run-a"))
+        assert isinstance(refused, Refused) and refused.why is Refusal.CLAIM_LOST
+        ticket = await b.begin_attempt(request("u1", run="run-b"))
+        assert isinstance(ticket, Ticket) and ticket.number == 1 and not ticket.doubt_before  # nothing of A's
+    finally:
+        await a.close()
+        await b.close()
