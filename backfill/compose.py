@@ -68,11 +68,19 @@ Confirm = Callable[[Outbound], bool]
 
 def _ask(confirm: Confirm, settings: Settings, *, rows: int, source: str) -> None:
     ledger = settings.ledger_location() or str(settings.ledger_path())
-    outbound = Outbound(rows=rows, source=source, partner_id=settings.partner_id,
-                        url=request_url(settings.base_url), ledger=ledger, limit=settings.limit)  # fmt: skip
+    outbound = Outbound(
+        rows=rows,
+        source=source,
+        partner_id=settings.partner_id,
+        url=request_url(settings.base_url),
+        ledger=ledger,
+        limit=settings.limit,
+    )
     if not confirm(outbound):
-        raise Declined("nothing sent, and the ledger untouched: the answer was not yes. Answer y to send, or "
-                       "pass --yes to send without being asked")  # fmt: skip
+        raise Declined(
+            "nothing sent, and the ledger untouched: the answer was not yes. Answer y to send, or "
+            "pass --yes to send without being asked"
+        )
 
 
 RETRY_MANIFEST = "the retry manifest backfill wrote"
@@ -98,8 +106,11 @@ def binding(settings: Settings) -> Binding:
 
 def retry_policy(settings: Settings) -> RetryPolicy:
     """The run's one retry policy, made once per run here and handed to the sender and to object storage."""
-    return RetryPolicy(max_attempts=settings.max_attempts, backoff_initial=settings.backoff_initial,
-                       backoff_max=settings.backoff_max)  # fmt: skip
+    return RetryPolicy(
+        max_attempts=settings.max_attempts,
+        backoff_initial=settings.backoff_initial,
+        backoff_max=settings.backoff_max,
+    )
 
 
 def image_source(
@@ -117,9 +128,11 @@ def image_source(
     base = Path.cwd() if remote_base is not None else Path(manifest_path).absolute().parent
     local = LocalImageSource(base=base, root=settings.images_root, max_bytes=settings.max_image_bytes)
     return DispatchingImageSource(
-        local=local, remote=lambda: remote or remote_image_source(settings, policy), base=remote_base,
+        local=local,
+        remote=lambda: remote or remote_image_source(settings, policy),
+        base=remote_base,
         root=str(settings.images_root) if settings.images_root is not None else None,
-    )  # fmt: skip
+    )
 
 
 def remote_image_source(settings: Settings, policy: RetryPolicy) -> RemoteImageSource:
@@ -127,9 +140,11 @@ def remote_image_source(settings: Settings, policy: RetryPolicy) -> RemoteImageS
     from .images.remote import RemoteImageSource, StoreOptions  # obstore is loaded only when a URL is used
 
     return RemoteImageSource(
-        max_bytes=settings.max_image_bytes, read_concurrency=settings.read_concurrency,
-        options=StoreOptions(timeout=settings.timeout, connect_timeout=settings.connect_timeout), retries=policy,
-    )  # fmt: skip
+        max_bytes=settings.max_image_bytes,
+        read_concurrency=settings.read_concurrency,
+        options=StoreOptions(timeout=settings.timeout, connect_timeout=settings.connect_timeout),
+        retries=policy,
+    )
 
 
 async def load_manifest(
@@ -174,9 +189,15 @@ async def open_postgres(settings: Settings, *, writable: bool, bound: bool = Tru
             f"a PostgreSQL ledger needs psycopg ({exc.name} is missing). Install it with "
             "pip install 'backfill[postgres]'"
         ) from exc
-    return await PostgresStore.open(url, binding(settings) if bound else None, writable=writable,
-                                    pool_size=settings.concurrency + 4, lease_s=settings.lease,
-                                    outage_s=settings.ledger_outage, retries=retry_policy(settings))  # fmt: skip
+    return await PostgresStore.open(
+        url,
+        binding(settings) if bound else None,
+        writable=writable,
+        pool_size=settings.concurrency + 4,
+        lease_s=settings.lease,
+        outage_s=settings.ledger_outage,
+        retries=retry_policy(settings),
+    )
 
 
 async def run(
@@ -197,9 +218,18 @@ async def run(
     `confirm`: asked once the manifest is read, before the ledger is opened (or made) and anything is sent.
     """
     with _fewer_collections():
-        return await _run(settings, manifest_path, progress=progress, sleep=sleep, resend_failed=resend_failed,
-                          store=store, images=images, engine_ready=engine_ready, confirm=confirm,
-                          on_leave=on_leave)  # fmt: skip
+        return await _run(
+            settings,
+            manifest_path,
+            progress=progress,
+            sleep=sleep,
+            resend_failed=resend_failed,
+            store=store,
+            images=images,
+            engine_ready=engine_ready,
+            confirm=confirm,
+            on_leave=on_leave,
+        )
 
 
 @contextlib.contextmanager
@@ -234,8 +264,12 @@ async def _run(
     manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
     if confirm is not None:
         # The manifest is read for its row count first: a question without the number is not worth answering.
-        _ask(confirm, settings, rows=manifest.total_rows,
-             source=f"the manifest {manifest_path}; those the ledger holds as done are skipped")  # fmt: skip
+        _ask(
+            confirm,
+            settings,
+            rows=manifest.total_rows,
+            source=f"the manifest {manifest_path}; those the ledger holds as done are skipped",
+        )
     own_store = store is None
     if store is None:
         # Before the output folder: a locked ledger leaves no litter. A dry run only reads, and may find none.
@@ -256,13 +290,30 @@ async def _run(
         output = RunOutput(settings.out)
         if metrics is not None:
             metrics.describe(run_id=output.run_id, env=settings.env)
-        client = Client(settings.base_url, settings.partner_id, settings.api_key, timeout=settings.timeout,
-                        connect_timeout=settings.connect_timeout, concurrency=settings.concurrency)  # fmt: skip
+        client = Client(
+            settings.base_url,
+            settings.partner_id,
+            settings.api_key,
+            timeout=settings.timeout,
+            connect_timeout=settings.connect_timeout,
+            concurrency=settings.concurrency,
+        )
         engine = build_engine(
-            settings, manifest=manifest, store=store, images=images, client=client, policy=policy, sink=output,
-            run_id=output.run_id, out_dir=str(output.dir), observer=metrics, progress=progress, sleep=sleep,
-            resend_failed=resend_failed, on_leave=on_leave,
-        )  # fmt: skip
+            settings,
+            manifest=manifest,
+            store=store,
+            images=images,
+            client=client,
+            policy=policy,
+            sink=output,
+            run_id=output.run_id,
+            out_dir=str(output.dir),
+            observer=metrics,
+            progress=progress,
+            sleep=sleep,
+            resend_failed=resend_failed,
+            on_leave=on_leave,
+        )
         if engine_ready is not None:
             engine_ready(engine)
         try:
@@ -340,9 +391,12 @@ def build_engine(
     if fleet is not None:
         # A process of a fleet: rows are claimed from the shared ledger, and the rate is the fleet's.
         claims = Claims(
-            fleet, manifest, batch=max(16, min(settings.chunk_rows, settings.concurrency * 4)),
-            stopping=lambda: stops.stopping, nap=stops.nap,
-        )  # fmt: skip
+            fleet,
+            manifest,
+            batch=max(16, min(settings.chunk_rows, settings.concurrency * 4)),
+            stopping=lambda: stops.stopping,
+            nap=stops.nap,
+        )
 
         def unsaid(error: BaseException) -> None:
             events(logging.WARNING, "fleet_rate_unsaid", f"can't tell the fleet's rate limit: {error}")
@@ -355,15 +409,36 @@ def build_engine(
     else:
         journal = store
         sending = Sender(
-            store=store, images=images, client=client, gate=gate, policy=policy,
-            crash=crash if crash is not None else CrashPoints(os.environ.get(CRASH_ENV)), run_id=run_id,
-            stops=stops, on_systemic=on_systemic(stops), event=events, observer=watcher, fleet=fleet is not None,
+            store=store,
+            images=images,
+            client=client,
+            gate=gate,
+            policy=policy,
+            crash=crash if crash is not None else CrashPoints(os.environ.get(CRASH_ENV)),
+            run_id=run_id,
+            stops=stops,
+            on_systemic=on_systemic(stops),
+            event=events,
+            observer=watcher,
+            fleet=fleet is not None,
             workers=workers,
-        )  # fmt: skip
+        )
     parts = Collaborators(
-        manifest=manifest, rows=rows, store=store, images=images, sending=sending, gate=gate, journal=journal,
-        sink=sink, stops=stops, workers=workers, events=events, run_id=run_id, out_dir=out_dir, observer=watcher,
-    )  # fmt: skip
+        manifest=manifest,
+        rows=rows,
+        store=store,
+        images=images,
+        sending=sending,
+        gate=gate,
+        journal=journal,
+        sink=sink,
+        stops=stops,
+        workers=workers,
+        events=events,
+        run_id=run_id,
+        out_dir=out_dir,
+        observer=watcher,
+    )
     return Engine(run_options(settings, resend_failed=resend_failed), parts, progress=progress)
 
 
@@ -403,8 +478,17 @@ def run_blocking(
     def ready(engine: Engine) -> None:
         _stop_on_signals(engine, on_interrupt)
 
-    return asyncio.run(run(settings, manifest_path, progress=progress, resend_failed=resend_failed,
-                           engine_ready=ready, confirm=confirm, on_leave=on_leave))  # fmt: skip
+    return asyncio.run(
+        run(
+            settings,
+            manifest_path,
+            progress=progress,
+            resend_failed=resend_failed,
+            engine_ready=ready,
+            confirm=confirm,
+            on_leave=on_leave,
+        )
+    )
 
 
 # The first SIGINT/SIGTERM of a run, and how many requests it still waits for: the caller's to show.
@@ -438,8 +522,10 @@ def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[R
         valid, rejects = 0, []
         try:
             for batch in manifest.batches():
-                rejects += [RejectRow(line=r.line, user_id=r.user_id, reason=r.reason, message=r.message)
-                            for r in batch.rejects]  # fmt: skip
+                rejects += [
+                    RejectRow(line=r.line, user_id=r.user_id, reason=r.reason, message=r.message)
+                    for r in batch.rejects
+                ]
                 for d in await plan.decide(batch.candidates, {}, images):
                     if isinstance(d, plan.ToSend):
                         valid += 1
@@ -483,25 +569,54 @@ def migration_report(settings: Settings, output: Path | None, *, overwrite: bool
 
 
 EXPORT_FIELDS = (
-    "user_id", "user_created_at", "image_path", "state", "in_doubt", "attempts", "http_status", "result_code",
-    "result_text", "smile_job_id", "job_id", "photo_sha256", "first_attempt_at", "last_attempt_at",
-    "finished_at", "run_id",
-)  # fmt: skip
+    "user_id",
+    "user_created_at",
+    "image_path",
+    "state",
+    "in_doubt",
+    "attempts",
+    "http_status",
+    "result_code",
+    "result_text",
+    "smile_job_id",
+    "job_id",
+    "photo_sha256",
+    "first_attempt_at",
+    "last_attempt_at",
+    "finished_at",
+    "run_id",
+)
 
 
 def export_fields(settings: Settings) -> tuple[str, ...]:
     """The export's columns: the manifest's three under the names `run` with the same settings reads."""
-    names = {"user_id": settings.columns["user_id"], "user_created_at": settings.columns["user_created_at"],
-             "image_path": settings.columns["image_path"]}  # fmt: skip
+    names = {
+        "user_id": settings.columns["user_id"],
+        "user_created_at": settings.columns["user_created_at"],
+        "image_path": settings.columns["image_path"],
+    }
     return tuple(names.get(f, f) for f in EXPORT_FIELDS)
 
 
 def _export_row(row: LedgerRow, fields: tuple[str, ...]) -> dict[str, Any]:
     values = (
-        row.user_id, row.user_created_at, row.image_ref, row.state.value, row.in_doubt, row.attempts,
-        row.http_status, row.result_code, row.result_text, row.smile_job_id, row.job_id, row.photo_sha256,
-        row.first_attempt_at, row.last_attempt_at, row.finished_at, row.run_id,
-    )  # fmt: skip
+        row.user_id,
+        row.user_created_at,
+        row.image_ref,
+        row.state.value,
+        row.in_doubt,
+        row.attempts,
+        row.http_status,
+        row.result_code,
+        row.result_text,
+        row.smile_job_id,
+        row.job_id,
+        row.photo_sha256,
+        row.first_attempt_at,
+        row.last_attempt_at,
+        row.finished_at,
+        row.run_id,
+    )
     return dict(zip(fields, values, strict=True))
 
 
@@ -567,20 +682,30 @@ def retry(
             if not chosen:
                 return None
             path = write_retry_manifest(
-                settings.out, settings.columns,
+                settings.out,
+                settings.columns,
                 ([r.user_id, r.user_created_at or "", r.image_ref or ""] for r in chosen),
-            )  # fmt: skip
+            )
 
             def ready(engine: Engine) -> None:
                 _stop_on_signals(engine, on_interrupt)
 
             # The retry manifest is the tool's own CSV (comma, UTF-8), whatever the partner's manifests are in.
             own = dataclasses.replace(
-                settings, delimiter=Settings.delimiter, encoding=Settings.encoding,
+                settings,
+                delimiter=Settings.delimiter,
+                encoding=Settings.encoding,
                 sources={**settings.sources, "delimiter": RETRY_MANIFEST, "encoding": RETRY_MANIFEST},
-            )  # fmt: skip
-            return await run(own, path, progress=progress, resend_failed=State.FAILED in states, store=store,
-                             engine_ready=ready, on_leave=on_leave)  # fmt: skip
+            )
+            return await run(
+                own,
+                path,
+                progress=progress,
+                resend_failed=State.FAILED in states,
+                store=store,
+                engine_ready=ready,
+                on_leave=on_leave,
+            )
         finally:
             await store.close()
 
@@ -604,6 +729,8 @@ async def _count_rows(settings: Settings, states: Collection[State]) -> int:
 
 def _bad_states(wrong: Collection[State]) -> Exception:
     return ConfigError(
-        "--status", "the command line", f"{', '.join(sorted(wrong)) or 'nothing'} can't be retried",
+        "--status",
+        "the command line",
+        f"{', '.join(sorted(wrong)) or 'nothing'} can't be retried",
         f"name some of {', '.join(sorted(RETRYABLE_STATES))}",
-    )  # fmt: skip
+    )
