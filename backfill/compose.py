@@ -28,7 +28,8 @@ from .images.urls import is_url, prefix_of
 from .ledger import Binding, Fleet, LedgerRow, LedgerStatus, Store
 from .ledger.sqlite import SqliteStore
 from .manifest import Manifest, ManifestRules, open_manifest
-from .outputs.files import RunOutput, make_private_dirs, write_retry_manifest
+from .outputs.files import RunOutput, write_retry_manifest
+from .outputs.private import make_private_dirs
 from .run import plan
 from .run.claims import Claims, FinishingSink
 from .run.crash import CRASH_ENV, CrashPoints

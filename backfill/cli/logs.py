@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..config import Settings
 from ..errors import ConfigError
-from ..outputs.files import make_private_dirs
+from ..outputs.private import make_private_dirs
 from ..redact import scrub
 
 

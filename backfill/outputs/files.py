@@ -27,6 +27,8 @@ from ..errors import OutputError
 from ..redact import scrub
 from ..run.records import RejectRow, ResultRow, SkippedRow, Summary
 from ..vocab import Status
+from .private import make_private_dirs
+from .report import write_report
 from .report.data import RunTally
 
 RESULT_FIELDS = (
@@ -103,13 +105,6 @@ def new_run_dir(root: Path, suffix: str = "") -> tuple[str, Path]:
             f"can't create the output folder {folder}: {exc.strerror}. Choose a writable folder with --out"
         ) from exc
     return run_id, folder
-
-
-def make_private_dirs(folder: Path) -> None:
-    """`folder` and any missing parents, the new ones owner-only."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    for path in reversed(missing):
-        path.mkdir(mode=0o700, exist_ok=True)
 
 
 _RESULT_VALUES = operator.attrgetter(*RESULT_FIELDS)
@@ -272,8 +267,6 @@ class RunOutput:
         return out.path
 
     def _write_report(self) -> None:
-        from .report import write_report  # here: the report package imports this module
-
         try:
             write_report(self.dir, tally=self._tally)
         except Exception as error:

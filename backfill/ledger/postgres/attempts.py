@@ -39,8 +39,9 @@ from ...vocab import State
 from .. import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Settled, Ticket
 from .. import transitions as tr
 from . import schema
-from .connection import Commit, Conn, Database, RefusedByDatabase
+from .connection import Commit, Database, RefusedByDatabase
 from .queue import Queue
+from .schema import Conn
 
 GROUPS_IN_FLIGHT = 2  # a group fills while the one before it waits for its commit
 _BEGUN_MAX = (

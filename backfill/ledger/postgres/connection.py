@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
@@ -31,10 +31,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ... import redact
 from ...errors import LedgerError
 from .. import Binding
-from .schema import prepare
+from .schema import Conn, prepare
 
 T = TypeVar("T")
-Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 Work = Callable[
     [Conn, bool], Awaitable[T]
 ]  # one transaction's statements; the flag: an outage cut a try of it

@@ -17,7 +17,8 @@ import psycopg
 from ...errors import LedgerError
 from ...manifest import Batch, Candidate, Reject
 from ...vocab import Reason
-from .connection import Commit, Conn, Database, said
+from .connection import Commit, Database, said
+from .schema import Conn
 
 HAND_BACK_S = 2.0  # a row another live process is sending is left alone this long before it is claimed again
 log = logging.getLogger("backfill")

@@ -8,7 +8,8 @@ from typing import TypeVar
 from psycopg import errors as pg_errors
 
 from .. import RateChange, RateState
-from .connection import Commit, Conn, Database, Race
+from .connection import Commit, Database, Race
+from .schema import Conn
 
 T = TypeVar("T")
 _COLUMNS = tuple(f.name for f in fields(RateState))

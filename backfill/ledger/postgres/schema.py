@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import psycopg
 
 from ...errors import LedgerAbsent, LedgerError
 from ...vocab import DONE_STATES, State
 from .. import Binding, LedgerRow, RunRecord, row_of, row_values
 
-if TYPE_CHECKING:
-    from .connection import Conn
+# A connection of the ledger's pool: rows come back as plain tuples.
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 SCHEMA_VERSION = "1"
 _STATES = ", ".join(f"'{s.value}'" for s in State)

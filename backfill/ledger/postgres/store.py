@@ -14,7 +14,8 @@ from dataclasses import replace
 from ...vocab import TRANSIENT_STATES, State
 from .. import Binding, DoneRow, LedgerRow, LedgerStatus, Process, QueueState, RunRecord
 from . import schema
-from .connection import Commit, Conn, Database
+from .connection import Commit, Database
+from .schema import Conn
 
 _PAGE = 1000
 _DONE = (

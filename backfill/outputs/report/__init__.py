@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ...errors import OutputError
-from .. import files  # as a module: files imports this package's tally while it loads
+from ..private import make_private_dirs
 from .data import RunTally, read_summary, read_tally
 from .migration import LedgerView, build_migration
 from .page import build_page
@@ -56,7 +56,7 @@ def write_migration_report(
     stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"  # as a run folder is named
     target = output or out_dir / f"migration-report-{stamp}.html"
     try:
-        files.make_private_dirs(target.parent)
+        make_private_dirs(target.parent)
     except OSError as exc:
         raise OutputError(f"can't create the folder {exc.filename}: {exc.strerror}") from exc
     replace = _may_replace(target, MIGRATION_KIND, overwrite=overwrite)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from functools import cache
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from ... import __version__
 from .migration import MigrationPage
 from .page import Page
+
+if TYPE_CHECKING:
+    import jinja2
 
 __all__ = [
     "MIGRATION_KIND",
@@ -32,6 +34,8 @@ def _coord(value: float) -> str:
 
 @cache
 def _environment() -> jinja2.Environment:
+    import jinja2  # here: every run tallies its report, but jinja2 loads only when one is written
+
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("backfill.outputs.report", "templates"),
         # Every value on the page comes from files a partner or an API answer filled in: all of it is text.
