@@ -388,7 +388,7 @@ def build_engine(
     watcher = observer if observer is not None else NO_OBSERVER
     rows: Rows = ManifestRows(manifest)
     gate: Gate = RateGate(settings.rate)
-    fleet = store if isinstance(store, Fleet) and not settings.dry_run else None
+    fleet = _fleet_of(store, settings)
     if fleet is not None:
         # A process of a fleet: rows are claimed from the shared ledger, and the rate is the fleet's.
         claims = Claims(
@@ -443,10 +443,16 @@ def build_engine(
     return Engine(run_options(settings, resend_failed=resend_failed), parts, progress=progress)
 
 
+def _fleet_of(store: Store | None, settings: Settings) -> Fleet | None:
+    """The fleet this run is a process of: a shared ledger, unless the run is dry (which claims nothing)."""
+    return store if isinstance(store, Fleet) and not settings.dry_run else None
+
+
 async def _outputs_written(store: Store | None, settings: Settings) -> None:
     """A fleet's run tells the ledger its outputs are whole: only then are the rows it finished safe."""
-    if isinstance(store, Fleet) and not settings.dry_run:
-        await store.outputs_written()
+    fleet = _fleet_of(store, settings)
+    if fleet is not None:
+        await fleet.outputs_written()
 
 
 def serve_metrics(settings: Settings) -> RunMetrics | None:

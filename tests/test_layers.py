@@ -142,10 +142,9 @@ LIBRARIES: dict[str, tuple[frozenset[str], str]] = {
     "psycopg_pool": (frozenset({"ledger.postgres"}), "the PostgreSQL ledger's connections"),
     "prometheus_client": (frozenset({"outputs.metrics"}), "a run's metrics"),
     "obstore": (frozenset({"images.remote"}), "photos and manifests in object storage"),
-    "tenacity": (frozenset({"run.policy", "run.send", "images.remote"}),
-                 "the retry policy (run/policy.py); run/send.py names its RetryCallState in the callback's "
-                 "signature; images/remote.py retries object-storage reads with a tenacity loop of its own "
-                 "(the review counts it as the retry policy spread)"),
+    "tenacity": (frozenset({"run.policy"}),
+                 "the retry policy's backoff, built once as data; sends, storage reads and ledger outages all ask "
+                 "the policy, never tenacity itself"),
     "jinja2": (frozenset({"outputs.report"}), "report.html's templates"),
     "tqdm": (frozenset({"cli.progress", "cli.logs"}),
              "the progress bar (cli/progress.py); cli/logs.py writes log lines through tqdm.write so they "

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import OutputError
-from ...vocab import OK_STATUSES, Status
+from ...vocab import FINE_STATUSES
 from .fmt import MAX_SHOWN_CHARS
 
 __all__ = [
-    "FINE",
     "LATENCY_BINS",
     "MAX_ATTEMPTS_KEY",
     "MAX_BUCKETS",
@@ -78,8 +77,6 @@ _BUCKET_SIZES_S = (
     43200,
     86400,
 )
-# Statuses that count as a row ending well, for the errors table and the throughput chart's colours.
-FINE: frozenset[str] = OK_STATUSES | {Status.DRY_RUN}
 
 
 # --- values ---
@@ -325,7 +322,7 @@ class RunTally:
             self._sent_rows += 1
             if attempts > 1:
                 self._multi += 1
-        fine = status in FINE
+        fine = status in FINE_STATUSES
         if not fine:
             clean = self._clean
             if clean is not None:
@@ -343,9 +340,9 @@ class RunTally:
         self._moments.add(finished_at, fine)
 
     def settled(self, status: str, count: int, finished_at: str) -> None:
-        """`count` results.csv rows of one status that ends well (FINE), none sent in this run, all finished at
+        """`count` results.csv rows of one status that ends well, none sent in this run, all finished at
         `finished_at`: what `result` would make of each, in one step (a resume settles rows by the chunk)."""
-        if status not in FINE:
+        if status not in FINE_STATUSES:
             raise ValueError(
                 f"{status!r} rows each need their own line in the errors table: add them one by one"
             )

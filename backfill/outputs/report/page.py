@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from ...vocab import EXIT_MEANINGS, Status
+from ...vocab import EXIT_MEANINGS, FINE_STATUSES, Status
 from . import fmt, svg
-from .data import FINE, MAX_ATTEMPTS_KEY, Kinds, Results, Run
+from .data import MAX_ATTEMPTS_KEY, Kinds, Results, Run
 
 __all__ = ["Page", "build_page"]
 
@@ -183,7 +183,7 @@ def build_page(run: Run, res: Results, rejects: Kinds, now: datetime) -> Page:
 
 
 def _header(run: Run) -> Header:
-    problems = [(s, n) for s, n in run.counts if s not in FINE and s != Status.REJECTED and n]
+    problems = [(s, n) for s, n in run.counts if s not in FINE_STATUSES and s != Status.REJECTED and n]
     tone: Literal["ok", "warn"]
     if run.exit_code == 0:
         verdict, tone = "Complete", "ok"
