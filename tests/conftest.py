@@ -18,14 +18,21 @@ from typing import Any
 
 import pytest
 
+from backfill.compose import retry_policy
 from backfill.config import Settings, load_settings
 from backfill.images.local import LocalImageSource
 from backfill.manifest import Manifest, ManifestRules, Reject, open_manifest
 from backfill.run import plan
+from backfill.run.policy import RetryPolicy
 from backfill.sandbox import RunningSandbox, start_sandbox
 
 PARTNER_ID = "085"
 API_KEY = "test-api-key"
+
+
+def default_retry_policy() -> RetryPolicy:
+    """The policy a run gets from the settings' defaults, built as compose.py builds it."""
+    return retry_policy(Settings())
 
 
 def png_bytes(seed: int, size: int = 8) -> bytes:

@@ -104,7 +104,7 @@ async def test_a_429_halves_the_rate_once_per_generation_and_good_answers_climb_
 
 
 def test_429s_do_not_spend_the_retry_budget_but_have_a_cap_of_their_own() -> None:
-    policy = RetryPolicy(max_attempts=2, max_throttled=3)
+    policy = RetryPolicy(max_attempts=2, max_throttled=3, backoff_initial=0.5, backoff_max=30.0)
     throttled = Verdict(
         kind=Kind.TRANSIENT, may_have_enrolled=False, proves_not_enrolled=False, http_status=429
     )

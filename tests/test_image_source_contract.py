@@ -33,10 +33,9 @@ from obstore.store import S3Store
 from backfill.images import Fingerprint, ImageError, ImageProblem, ImageSource, size_problem
 from backfill.images.local import LocalImageSource
 from backfill.images.remote import FIRST_READ, RemoteImageSource
-from backfill.run.policy import RetryPolicy
 from backfill.vocab import Reason
 
-from .conftest import png_bytes
+from .conftest import default_retry_policy, png_bytes
 from .s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 from .test_images import BIG_SCAN, jpeg
 
@@ -171,7 +170,7 @@ class ObjectStoreBackend(Backend):
 
     def source(self) -> ImageSource:
         # Its stores made from the environment, as in a run (compose.remote_image_source).
-        return RemoteImageSource(max_bytes=LIMIT, read_concurrency=8, retries=RetryPolicy())
+        return RemoteImageSource(max_bytes=LIMIT, read_concurrency=8, retries=default_retry_policy())
 
 
 _BUCKETS = itertools.count(1)

@@ -34,7 +34,7 @@ from backfill.remote_manifest import open_remote_manifest
 from backfill.run.policy import RetryPolicy
 from backfill.vocab import Reason
 
-from .conftest import png_bytes
+from .conftest import default_retry_policy, png_bytes
 from .test_images import jpeg
 
 LIMIT = 100_000
@@ -71,7 +71,7 @@ def source(buckets: Buckets) -> RemoteImageSource:
         return None
 
     return RemoteImageSource(
-        max_bytes=LIMIT, read_concurrency=4, stores=buckets, retries=RetryPolicy(), sleep=no_sleep
+        max_bytes=LIMIT, read_concurrency=4, stores=buckets, retries=default_retry_policy(), sleep=no_sleep
     )
 
 
@@ -148,8 +148,8 @@ async def test_every_rule_holds_for_objects_with_the_same_reasons(
 async def test_a_limit_is_inclusive(buckets: Buckets) -> None:
     data = png_bytes(5)
     buckets.put("s3://b/exact.png", data)
-    exact = RemoteImageSource(max_bytes=len(data), stores=buckets, retries=RetryPolicy())
-    under = RemoteImageSource(max_bytes=len(data) - 1, stores=buckets, retries=RetryPolicy())
+    exact = RemoteImageSource(max_bytes=len(data), stores=buckets, retries=default_retry_policy())
+    under = RemoteImageSource(max_bytes=len(data) - 1, stores=buckets, retries=default_retry_policy())
     assert reasons(await exact.check_many(["s3://b/exact.png"])) == ["ok"]
     assert reasons(await under.check_many(["s3://b/exact.png"])) == ["image_too_large"]
 
@@ -375,7 +375,7 @@ async def test_photos_by_http_url_are_checked_fingerprinted_and_read(tmp_path: P
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        source = RemoteImageSource(max_bytes=LIMIT, retries=RetryPolicy())
+        source = RemoteImageSource(max_bytes=LIMIT, retries=default_retry_policy())
         urls = [f"http://127.0.0.1:{port}/p/a%20b.png", f"http://127.0.0.1:{port}/p/cut.png",
                 f"http://127.0.0.1:{port}/p/nope.png"]  # fmt: skip
         checked = await source.check_many(urls)

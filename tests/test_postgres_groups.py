@@ -267,7 +267,7 @@ async def test_an_outcome_whose_row_another_process_took_over_is_read_and_fenced
 def test_the_policy_waits_out_an_outage_within_its_bound_and_stops_at_it(
     tries: int, lasted: float, bound: float
 ) -> None:
-    policy = RetryPolicy(backoff_initial=0.5, backoff_max=30.0)
+    policy = RetryPolicy(max_attempts=5, backoff_initial=0.5, backoff_max=30.0)
     wait = policy.during_outage(tries, lasted=lasted, bound=bound)
     if lasted >= bound:
         assert wait is None

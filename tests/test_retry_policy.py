@@ -20,7 +20,7 @@ from backfill.run.policy import RetryPolicy, is_throttled
 from backfill.sandbox import Faults, start_sandbox
 from backfill.vocab import Kind
 
-from .conftest import API_KEY, PARTNER_ID, Sleeps, simple_rows, write_manifest
+from .conftest import API_KEY, PARTNER_ID, Sleeps, default_retry_policy, simple_rows, write_manifest
 
 
 def answer(
@@ -106,14 +106,15 @@ def test_the_backoff_is_built_once_and_no_retry_object_is_made_per_decision(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     counted = CountedRetrying(monkeypatch)
-    policy = RetryPolicy()
+    policy = default_retry_policy()
     backoff = policy.backoff
     for attempts in range(1, 5):
         assert policy.decide(BUSY, attempts=attempts) is not None
         assert policy.decide(THROTTLED, attempts=attempts, throttled=1) is not None
     assert counted.made == 0 and policy.backoff is backoff
     # Settings' values reach the strategy, and a policy copied with other values gets its own.
-    assert (backoff.multiplier, backoff.max) == (0.5, 30.0)
+    defaults = Settings()
+    assert (backoff.multiplier, backoff.max) == (defaults.backoff_initial, defaults.backoff_max)
     shorter = dataclasses.replace(policy, backoff_max=2.0)
     assert shorter.backoff.max == 2.0 and policy.backoff.max == 30.0
 

@@ -25,11 +25,14 @@ STORAGE_FAILURE = Verdict(kind=Kind.TRANSIENT, may_have_enrolled=False, proves_n
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
-    """The budgets and the backoff, as data; compose.py fills them from the run's settings."""
+    """The budgets and the backoff, as data; compose.py fills them from the run's settings.
 
-    max_attempts: int = 5
-    backoff_initial: float = 0.5  # seconds: exponential backoff with full jitter starts here
-    backoff_max: float = 30.0
+    The three budgets the settings carry have no default here: their defaults live once, in config.py's fields.
+    """
+
+    max_attempts: int
+    backoff_initial: float  # seconds: exponential backoff with full jitter starts here
+    backoff_max: float
     retry_after_max: float = RETRY_AFTER_MAX_S  # a server's Retry-After is honoured up to this
     # 429s don't spend max_attempts (the row was fine, only too fast), but a server that 429s for ever must
     # still let the row end: this many 429s for one row, and it is retry_exhausted.
