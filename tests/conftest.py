@@ -6,6 +6,7 @@ import asyncio
 import csv
 import json
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from backfill.cli import main
 from backfill.compose import retry_policy
 from backfill.config import Settings, load_settings
 from backfill.images.local import LocalImageSource
@@ -74,6 +77,60 @@ async def sandbox() -> AsyncIterator[RunningSandbox]:
     server = await start_sandbox(PARTNER_ID, API_KEY)
     yield server
     await server.stop()
+
+
+# --- the CLI as a user meets it (CliRunner, in this process) --------------------------------------------------
+
+CREDENTIALS = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
+
+
+def cli(*args: str, env: Mapping[str, str | None] | None = None) -> tuple[int, str, str]:
+    """`backfill ARGS` with the test credentials (a None in `env` unsets a variable): exit code, stdout, stderr."""
+    result = CliRunner().invoke(main, list(args), env={**CREDENTIALS, **(env or {})}, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def sandbox_ledger(tmp_path: Path, server: RunningSandbox) -> list[str]:
+    """The flags that name the test's sandbox and a ledger of its own."""
+    return ["--env", "local", "--base-url", server.base_url, "--checkpoint", str(tmp_path / "cp.sqlite")]
+
+
+def enrolled(tmp_path: Path, server: RunningSandbox, rows: int = 2) -> list[str]:
+    """`rows` rows run through the sandbox into tmp_path/out, every one enrolled: the flags that name the ledger."""
+    manifest = write_manifest(tmp_path, simple_rows(rows))
+    where = sandbox_ledger(tmp_path, server)
+    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 0, err
+    return where
+
+
+def shown(out: str) -> dict[str, str]:
+    """`config show`'s table as {setting: its whole line}."""
+    return {line.split()[0]: line for line in out.splitlines()[2:]}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        return int(probe.getsockname()[1])
+
+
+MAPPED = "user_id=customer_ref,user_created_at=signup,image_path=selfie"
+RENAMED = tuple(arg for pair in MAPPED.split(",") for arg in ("--column", pair))
+
+
+def european_export(folder: Path, rows: int = 3) -> Path:
+    """A spreadsheet's export as many European installs write it: semicolons, Windows-1252, its own headers,
+    and photo names with accents (so only the right encoding finds the files)."""
+    (folder / "images").mkdir(exist_ok=True)
+    lines = ["customer_ref;signup;selfie"]
+    for i in range(rows):
+        name = f"josé_{i}.png"
+        (folder / "images" / name).write_bytes(png_bytes(i))
+        lines.append(f"user_{i:04d};2021-08-12;images/{name}")
+    path = folder / "export.csv"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("cp1252"))
+    return path
 
 
 @pytest.fixture

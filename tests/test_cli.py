@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from backfill.cli import main
 from backfill.ledger.sqlite import acquire_lock
 from backfill.sandbox import RunningSandbox
 
-from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
+from .conftest import API_KEY, CREDENTIALS, PARTNER_ID, cli, enrolled, simple_rows, write_manifest
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "manifest.csv"
 ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
@@ -113,3 +115,52 @@ def test_the_progress_bar_counts_rejects_apart_from_failures() -> None:
     assert (bar._rejected, bar._failures) == (2, 1)
     assert bar._postfix == {"rejected": 2, "failed": 1}
     bar.close()
+
+
+# --- commands with no ledger, and a reader gone from the pipe -----------------------------------------------
+
+
+def test_export_with_no_ledger_prints_no_header_before_the_error(tmp_path: Path) -> None:
+    code, out, err = cli("export", "--checkpoint", str(tmp_path / "none.sqlite"))
+    assert code == 2 and out == "" and "no ledger" in err
+
+
+def test_status_and_export_create_no_folder_for_a_ledger_that_isnt_there(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "cp.sqlite"
+    assert cli("status", "--checkpoint", str(missing))[0] == 2
+    assert not missing.parent.exists()
+
+
+def test_export_into_a_pipe_closed_early_exits_141_quietly(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    where = enrolled(tmp_path, threaded_sandbox, rows=3)
+    # As in `backfill export | head -0`: the reader is gone before the first write. Buffered as in cron.
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | CREDENTIALS
+    for command in (["export", *where], ["status", *where]):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "backfill", *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environ,
+            cwd=tmp_path,
+        )
+        assert child.stdout is not None and child.stderr is not None
+        child.stdout.close()
+        err = child.stderr.read().decode()
+        assert child.wait(timeout=60) == 141 and err == "", (command, err)
+
+
+def test_only_a_reader_gone_from_stdout_counts_as_a_closed_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backfill.cli._common import _stdout_gone
+
+    read_end, write_end = os.pipe()
+    with open(write_end, "w") as pipe, (tmp_path / "out.txt").open("w") as file:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert not _stdout_gone()  # a BrokenPipeError from elsewhere is not swallowed
+        os.close(read_end)
+        assert _stdout_gone()
+        monkeypatch.setattr(sys, "stdout", file)
+        assert not _stdout_gone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -12,12 +14,25 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from backfill.cli import main
 from backfill.cli._common import SettingOption
 from backfill.config import COLUMN_KEYS, ENVIRONMENTS, SPECS, Settings, Spec, Takes, load_settings
 from backfill.errors import ConfigError
 from backfill.redact import Secret
+from backfill.sandbox import RunningSandbox
+
+from .conftest import (
+    cli,
+    enrolled,
+    european_export,
+    free_port,
+    sandbox_ledger,
+    shown,
+    simple_rows,
+    write_manifest,
+)
 
 CREDS = {"SMILE_PARTNER_ID": "085", "SMILE_API_KEY": "k-123"}
 
@@ -442,3 +457,247 @@ def test_a_bad_base_url_is_a_config_error_not_a_traceback(tmp_path: Path, url: s
     )  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-300:])
     assert "s3cret" not in done.stderr and "base_url" in done.stderr
+
+
+# --- settings as the CLI takes them: states, credentials, variables, --help, config show, the manifest's format -
+
+
+def test_a_misspelt_status_is_exit_2_naming_it_the_valid_ones_and_the_nearest(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    where = enrolled(tmp_path, threaded_sandbox, rows=3)
+    code, out, err = cli("export", *where, "--status", "faild")
+    assert code == 2 and out == "" and "'faild' is not a state (did you mean failed?)" in err
+    assert "enrolled, failed, id_conflict" in err and "Traceback" not in err
+    code, out, err = cli("retry", *where, "--status", "unknwon,pending", env={"SMILE_API_KEY": None})
+    assert code == 2 and "'unknwon' is not a state (did you mean unknown?)" in err  # before the credentials
+    assert cli("export", *where, "--status", "")[0] == 2  # naming nothing is not "everything"
+    code, out, _ = cli("export", *where, "--status", "enrolled")
+    assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 3
+
+
+def test_a_dry_run_without_credentials_is_refused(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    code, _, err = cli(
+        "run",
+        str(manifest),
+        "--dry-run",
+        "--out",
+        str(tmp_path / "out"),
+        env={"SMILE_PARTNER_ID": None, "SMILE_API_KEY": None},
+    )
+    assert code == 2 and "SMILE_PARTNER_ID" in err and "SMILE_API_KEY" in err and "backfill validate" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_backfill_variable_warns_on_stderr(tmp_path: Path) -> None:
+    code, out, err = cli(
+        "config", "show", env={"BACKFILL_RAET": "20", "BACKFILL_TEST_CRASH_AT": "in_flight:3"}
+    )
+    assert code == 0 and "BACKFILL_RAET" not in out
+    assert err.splitlines() == [
+        "backfill: warning: environment BACKFILL_RAET is not a setting and was ignored (did you mean BACKFILL_RATE?)"
+    ]
+    # Said even when the settings then fail: the typo may be why.
+    code, _, err = cli(
+        "run", str(tmp_path / "m.csv"), env={"SMILE_PARTNER_ID": None, "BACKFILL_PARTNERID": "085"}
+    )
+    assert code == 2 and "did you mean BACKFILL_PARTNER_ID?" in err and "no partner ID" in err
+
+
+def test_run_help_shows_the_real_defaults_without_setting_them() -> None:
+    defaults = {f.name: f.default for f in fields(Settings)}
+    help_text = " ".join(CliRunner().invoke(main, ["run", "--help"]).stdout.split())
+    command = main.commands["run"]
+    context = click.Context(command)
+    for key in [
+        "concurrency",
+        "rate",
+        "max_attempts",
+        "timeout",
+        "fail_threshold",
+        "out",
+        "env",
+        "log_level",
+        "log_format",
+    ]:
+        option = next(p for p in command.params if p.name == key and isinstance(p, click.Option))
+        record = option.get_help_record(context)
+        assert record is not None and f"[default: ({defaults[key]})]" in record[1], key
+        assert " ".join(record[1].split()) in help_text
+    # Shown, not set: a flag left out must reach the settings as None, or it would override YAML and BACKFILL_*.
+    given = command.make_context("run", ["users.csv"]).params
+    assert {k: v for k, v in given.items() if k in defaults and v is not None} == {}
+
+
+def test_production_with_the_sandbox_url_stops_before_anything_is_sent(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    config = tmp_path / "backfill.yaml"
+    config.write_text("base_url: https://testapi.smileidentity.com/v1\n")
+    code, _, err = cli(
+        "run", str(manifest), "--config", str(config), "--env", "production", "--out", str(tmp_path / "out")
+    )
+    assert code == 2 and "base_url (from config file" in err and "env is production (from flag --env)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_show_names_the_ledger_the_run_used_and_says_it_is_derived(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    env: dict[str, str | None] = {
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "BACKFILL_BASE_URL": threaded_sandbox.base_url,
+    }
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    code, _, err = cli(
+        "run", str(manifest), "--env", "local", "--out", str(tmp_path / "out"), "--no-progress", env=env
+    )
+    assert code == 0, err
+    code, out, _ = cli("status", "--env", "local", env=env)
+    used = out.splitlines()[0].split()[1]  # "ledger PATH (partner ..., endpoint)"
+    assert code == 0 and Path(used).is_file()
+
+    code, out, _ = cli("config", "show", "--env", "local", env=env)
+    row = shown(out)["ledger"]
+    assert code == 0 and "null" not in row
+    assert row.split()[1] == used and "partner_id and base_url" in row
+    code, out, _ = cli("config", "show", "--env", "local", "--json", env=env)
+    assert json.loads(out)["ledger"]["value"] == used
+
+    # One that is named is shown as named, with where it was named, under its old name too.
+    for variable in ("BACKFILL_LEDGER", "BACKFILL_CHECKPOINT"):
+        code, out, _ = cli("config", "show", env={variable: str(tmp_path / "cp.sqlite")})
+        row = shown(out)["ledger"]
+        assert str(tmp_path / "cp.sqlite") in row and f"environment {variable}" in row
+
+
+def test_config_show_without_a_partner_id_says_the_ledger_cannot_be_derived() -> None:
+    code, out, _ = cli("config", "show", env={"SMILE_PARTNER_ID": None})
+    row = shown(out)["ledger"]
+    assert code == 0 and "null" not in row and "nopartner" not in row
+    assert "no partner ID" in row and "SMILE_PARTNER_ID" in row
+    code, out, _ = cli("config", "show", "--json", env={"SMILE_PARTNER_ID": None})
+    assert "no partner ID" in json.loads(out)["ledger"]["source"]
+
+
+def test_the_manifest_settings_take_yaml_then_environment_then_flags_and_say_where_each_came_from(
+    tmp_path: Path,
+) -> None:
+    manifest = european_export(tmp_path)
+    config = tmp_path / "backfill.yaml"
+    config.write_text('delimiter: "|"\nencoding: latin-1\ncolumns: {user_id: customer_ref, image_path: x}\n')
+    env: dict[str, str | None] = {"BACKFILL_ENCODING": "cp1252", "BACKFILL_COLUMNS": "image_path=selfie"}
+    code, out, err = cli("config", "show", "--config", str(config), env=env)
+    rows = shown(out)
+    assert code == 0 and err == ""  # BACKFILL_COLUMNS is a setting: no "not a setting" warning
+    assert rows["delimiter"].split()[1] == "|" and f"config file {config}" in rows["delimiter"]
+    assert rows["encoding"].split()[1] == "cp1252" and "environment BACKFILL_ENCODING" in rows["encoding"]
+    assert '"user_id": "customer_ref"' in rows["columns"] and '"image_path": "selfie"' in rows["columns"]
+    mixed = f"user_id from config file {config}; image_path from environment BACKFILL_COLUMNS"
+    assert mixed in rows["columns"]
+    code, out, _ = cli("config", "show", "--config", str(config), "--json", env=env)
+    assert json.loads(out)["delimiter"] == {"value": "|", "source": f"config file {config}"}
+
+    # The file is semicolon-separated and calls its date column `signup`: only the flags make it readable.
+    v = ["--out", str(tmp_path / "v")]
+    code, _, err = cli("validate", str(manifest), "--config", str(config), *v, env=env)
+    assert code == 2 and "--delimiter ';'" in err  # the mistake is named, with the flag that fixes it
+    flags = ["--delimiter", ";", "--column", "user_created_at=signup"]
+    code, out, err = cli("validate", str(manifest), "--config", str(config), *flags, *v, env=env)
+    assert code == 0 and out.startswith("3 valid, 0 rejected"), err
+    # A flag beats the environment, role by role.
+    env["BACKFILL_COLUMNS"] = "image_path=x,user_created_at=signup"
+    code, out, err = cli(
+        "validate",
+        str(manifest),
+        "--config",
+        str(config),
+        *flags,
+        "--column",
+        "image_path=selfie",
+        *v,
+        env=env,
+    )
+    assert code == 0 and out.startswith("3 valid, 0 rejected"), err
+
+
+@pytest.mark.parametrize(
+    ("flag", "problem", "fix"),
+    [
+        (
+            ["--column", "customer_ref"],
+            "columns (from flag --column): 'customer_ref' is not ROLE=NAME",
+            "Fix: write it as --column user_id=customer_ref",
+        ),
+        (
+            ["--column", "userid=customer_ref"],
+            "columns (from flag --column): 'userid' is not a column role (did you mean user_id?)",
+            "use only user_id, user_created_at, image_path, e.g. --column user_id=customer_ref",
+        ),
+        (
+            ["--column", "user_id="],
+            "columns.user_id (from flag --column): '' is not a column name",
+            "e.g. --column user_id=customer_ref",
+        ),
+        (
+            ["--column", "user_id=a", "--column", "image_path=a"],
+            "columns (from flag --column): user_id and image_path both map to the column 'a'",
+            "its own column",
+        ),
+        (
+            ["--delimiter", ";;"],
+            "delimiter (from flag --delimiter): ';;' is not one ASCII character",
+            "or tab",
+        ),
+        (["--delimiter", "§"], "delimiter (from flag --delimiter): '§' is not one ASCII character", "or tab"),
+        (
+            ["--encoding", "klingon"],
+            "encoding (from flag --encoding): 'klingon' is not a text encoding",
+            "cp1252",
+        ),
+    ],
+)
+def test_a_bad_manifest_flag_is_a_config_error_naming_the_flag_and_the_fix(
+    tmp_path: Path, flag: list[str], problem: str, fix: str
+) -> None:
+    manifest = european_export(tmp_path)
+    for command in ("validate", "run"):
+        code, out, err = cli(command, str(manifest), *flag, "--out", str(tmp_path / "out"))
+        assert code == 2 and out == "" and problem in err and fix in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    code, out, _ = cli("check", str(manifest), *flag)
+    assert code == 2 and f"problem  settings: {problem}" in out
+
+
+def test_metrics_addr_with_no_host_is_accepted_by_run_and_config_show(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    port = free_port()
+    code, _, err = cli(
+        "run",
+        str(manifest),
+        *sandbox_ledger(tmp_path, threaded_sandbox),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--metrics-addr",
+        f":{port}",
+    )
+    assert code == 0 and "config error" not in err, err
+    code, out, _ = cli("config", "show", env={"BACKFILL_METRICS_ADDR": f":{port}"})
+    row = shown(out)["metrics_addr"]
+    assert code == 0 and f":{port}" in row and "environment BACKFILL_METRICS_ADDR" in row
+    # The other forms still are what they were.
+    for addr in (f"127.0.0.1:{port}", f"[::1]:{port}", f"0.0.0.0:{port}"):
+        code, out, _ = cli("config", "show", env={"BACKFILL_METRICS_ADDR": addr})
+        assert code == 0 and addr in shown(out)["metrics_addr"]
+
+
+@pytest.mark.parametrize("bad", [":", ":0", ":http", ":70000", "9464"])
+def test_a_bad_metrics_addr_still_names_the_key_its_source_and_the_fix(tmp_path: Path, bad: str) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    code, _, err = cli("run", str(manifest), "--metrics-addr", bad, "--out", str(tmp_path / "out"))
+    assert code == 2 and "metrics_addr (from flag --metrics-addr)" in err and "Fix:" in err, err
+    assert ":PORT for every interface (:9464)" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -397,8 +397,6 @@ def test_the_cron_jobs_env_file_is_shell_that_sets_only_real_settings(tmp_path: 
 
 
 def test_the_cron_script_runs_the_alert_that_is_tested() -> None:
-    from .test_first_use import CRON_ALERT
-
     assert CRON_ALERT in block_starting(REPO / "docs" / "operating.md", "#!/bin/sh").splitlines()
 
 
@@ -451,3 +449,27 @@ def test_the_configuration_page_lists_every_setting_as_the_code_declares_it() ->
     assert table in page, f"docs/configuration.md's table of settings, as the code has them:\n{table}"
     # The old name is said here, since --help hides it.
     assert "`--ledger` (old name: `--checkpoint`)" in table
+
+
+# --- the nightly job's alert in docs/operating.md names backfill's exit code, not `test`'s ------------------
+
+
+# The nightly job in docs/operating.md, after the command: `$?` read once, into a variable, before anything else runs.
+CRON_ALERT = 'code=$?; [ "$code" -le 1 ] || mail -s "backfill exit $code" ops@example.com </dev/null'
+
+OLD_CRON_ALERT = 'test $? -le 1 || mail -s "backfill exit $?" ops@example.com </dev/null'
+
+
+def alert(shell: str, snippet: str, exit_code: int) -> str:
+    """What the snippet mails after a backfill that exits `exit_code` (mail replaced by echo)."""
+    script = f'mail() {{ echo "mail $*"; }}\nbackfill() {{ return {exit_code}; }}\nbackfill run users.csv\n{snippet}'
+    return subprocess.run([shell, "-c", script], capture_output=True, text=True, check=False).stdout.strip()
+
+
+@pytest.mark.parametrize("shell", ["bash", "sh"])  # cron runs /bin/sh
+def test_the_cron_alert_mails_backfills_exit_code(shell: str) -> None:
+    assert alert(shell, CRON_ALERT, 4) == "mail -s backfill exit 4 ops@example.com"
+    assert alert(shell, CRON_ALERT, 130) == "mail -s backfill exit 130 ops@example.com"
+    assert alert(shell, CRON_ALERT, 0) == alert(shell, CRON_ALERT, 1) == ""
+    # The old line mailed the exit code of `test` (1), whatever backfill said.
+    assert alert(shell, OLD_CRON_ALERT, 4) == "mail -s backfill exit 1 ops@example.com"

@@ -1,4 +1,4 @@
-"""Bad input, tried on purpose (issue #3): hostile manifests, each with the expected outcome of every row.
+"""Bad input, tried on purpose: hostile manifests, each with the expected outcome of every row.
 
 Two parts:
 - CORPUS: one parametrized test over files built to break the reader (encodings, line ends, quoting, ragged

@@ -17,15 +17,9 @@ from backfill.config import Settings, load_settings
 from backfill.errors import ConfigError
 from backfill.sandbox import Faults, start_sandbox
 
-from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
+from .conftest import API_KEY, PARTNER_ID, free_port, simple_rows, write_manifest
 
 CREDS = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def value(text: str, sample: str) -> float:
@@ -131,3 +125,33 @@ def test_metrics_addr_is_off_by_default_and_read_from_the_environment() -> None:
     assert load_settings(None, CREDS).metrics_addr is None
     env = {**CREDS, "BACKFILL_METRICS_ADDR": "[::1]:9464"}
     assert load_settings(None, env).metrics_addr == "[::1]:9464"
+
+
+# --- `:PORT` listens on every interface, as Prometheus exporters do ------------------------------------------
+
+
+class ScrapeThrough:
+    """A progress object that scrapes `url` when the first row settles, while the run's listener is up."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.text = url, ""
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, status: str) -> None:
+        if not self.text:
+            with urllib.request.urlopen(self.url, timeout=5) as answer:
+                self.text = answer.read().decode()
+
+
+async def test_metrics_on_no_host_answer_on_an_address_other_than_localhost(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    port = free_port()
+    # 127.0.0.2 is this machine too, but only a listener on every interface (not 127.0.0.1 alone) answers it.
+    scrape = ScrapeThrough(f"http://127.0.0.2:{port}/metrics")
+    async with await start_sandbox(PARTNER_ID, API_KEY) as server:
+        summary = await compose.run(make_settings(server, metrics_addr=f":{port}"), manifest, progress=scrape)
+    assert summary.counts == {"enrolled": 2} and "backfill_rows_total" in scrape.text

@@ -14,7 +14,17 @@ from backfill.cli import main
 from backfill.ledger.sqlite import acquire_lock
 from backfill.sandbox import Faults, RunningSandbox
 
-from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, simple_rows, write_manifest
+from .conftest import (
+    API_KEY,
+    MAPPED,
+    PARTNER_ID,
+    RENAMED,
+    ThreadedSandboxes,
+    european_export,
+    sandbox_ledger,
+    simple_rows,
+    write_manifest,
+)
 
 ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY, "BACKFILL_BACKOFF_INITIAL": "0.001",
        "BACKFILL_BACKOFF_MAX": "0.01"}  # fmt: skip
@@ -225,3 +235,50 @@ def test_a_retry_refused_by_the_lock_leaves_no_record_of_a_send(
         os.close(lock)
     assert code == 3 and "in use" in err
     assert not list((tmp_path / "out").glob("retry-*.csv"))
+
+
+# --- a partner's own manifest format, for run and retry alike --------------------------------------------------
+
+
+def test_validate_check_and_run_read_a_semicolon_cp1252_export_with_its_own_headers(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = european_export(tmp_path)
+    how = ["--delimiter", ";", "--encoding", "cp1252", *RENAMED]
+    code, out, err = cli("validate", str(manifest), *how, "--out", str(tmp_path / "v"))
+    assert code == 0 and out.startswith("3 valid, 0 rejected"), err
+
+    code, out, _ = cli("check", str(manifest), *how, *sandbox_ledger(tmp_path, threaded_sandbox))
+    assert f"ok       manifest: {manifest}: 3 rows, 3 pass the text rules" in out, out
+    assert "problem  photos" not in out
+
+    code, out, err = cli(
+        "run",
+        str(manifest),
+        *how,
+        *sandbox_ledger(tmp_path, threaded_sandbox),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    )
+    assert code == 0 and "3 rows: 3 enrolled" in out, err
+    assert threaded_sandbox.state.enrolled.keys() == {"user_0000", "user_0001", "user_0002"}
+
+
+def test_retry_reads_its_own_manifest_whatever_delimiter_the_partners_files_use(
+    tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
+) -> None:
+    server = threaded_sandboxes.start(faults=Faults(script={"user_0001": [503]}))
+    manifest = european_export(tmp_path)
+    # As a nightly job would: the partner's format in the environment, for run and retry alike.
+    env: dict[str, str | None] = {
+        "BACKFILL_DELIMITER": ";",
+        "BACKFILL_ENCODING": "cp1252",
+        "BACKFILL_COLUMNS": MAPPED,
+    }
+    where = [*sandbox_ledger(tmp_path, server), "--out", str(tmp_path / "out"), "--no-progress"]
+    code, out, err = cli("run", str(manifest), *where, "--max-attempts", "1", env=env)
+    assert code == 1 and "1 retry_exhausted" in out, err
+    code, out, err = cli("retry", *where, env=env)
+    assert code == 0 and "1 enrolled" in out, err
+    assert server.state.enrolled.keys() == {"user_0000", "user_0001", "user_0002"}
