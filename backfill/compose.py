@@ -283,7 +283,7 @@ async def _run(
                 store = await open_store(settings, writable=False)
         else:
             store = await open_store(settings, writable=True)
-    images = images or image_source(settings, manifest.path, policy=policy, remote=remote)
+    images = images or image_source(settings, manifest.name, policy=policy, remote=remote)
     metrics: RunMetrics | None = None
     try:
         # Before the output folder: a port already taken leaves no litter.
@@ -525,7 +525,7 @@ def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[R
     async def go() -> tuple[int, list[RejectRow]]:
         policy = retry_policy(settings)
         manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
-        images = image_source(settings, manifest.path, policy=policy, remote=remote)
+        images = image_source(settings, manifest.name, policy=policy, remote=remote)
         valid, rejects = 0, []
         try:
             for batch in manifest.batches():

@@ -217,20 +217,21 @@ class _Snapshot:
     the size or mtime, which `unchanged()` checks before each chunk is let through.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, name: str) -> None:
         self.path = path
+        self.name = name  # what messages call it: the path, or the URL a fetched copy came from
         try:
             # O_NONBLOCK: a FIFO given as the manifest must not hang the open; it is refused just below.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError as exc:
-            raise ManifestError(f"manifest {path} doesn't exist: check the path") from exc
+            raise ManifestError(f"manifest {name} doesn't exist: check the path") from exc
         except OSError as exc:
-            raise ManifestError(f"manifest {path} can't be read: {exc.strerror or exc}") from exc
+            raise ManifestError(f"manifest {name} can't be read: {exc.strerror or exc}") from exc
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise ManifestError(
-                f"manifest {path} is {file_kind(st.st_mode)}, not a file: give the path of the CSV file"
+                f"manifest {name} is {file_kind(st.st_mode)}, not a file: give the path of the CSV file"
             )
         self._fd, self.size, self._mtime_ns = fd, st.st_size, st.st_mtime_ns
         self._finalizer = weakref.finalize(self, os.close, fd)
@@ -253,7 +254,7 @@ class _Snapshot:
         st = os.fstat(self._fd)
         if (st.st_size, st.st_mtime_ns) != (self.size, self._mtime_ns):
             raise ManifestError(
-                f"{self.path} changed while being read ({self.size:,} bytes when opened, {st.st_size:,} now): "
+                f"{self.name} changed while being read ({self.size:,} bytes when opened, {st.st_size:,} now): "
                 "rows the duplicate scan didn't see must not be sent. Don't edit the manifest during a run; "
                 "write a new file and run that"
             )
@@ -267,7 +268,7 @@ class Manifest:
 
     def __init__(
         self,
-        path: Path,
+        name: str,
         rules: ManifestRules,
         header: list[str],
         positions: tuple[int, int, int],
@@ -276,7 +277,9 @@ class Manifest:
         now: datetime,
         snapshot: _Snapshot,
     ) -> None:
-        self.path = path
+        self.name = (
+            name  # its path, or the URL it was fetched from: what the run's records and messages call it
+        )
         self.total_rows = scan.total_rows
         self.duplicate_ids = len(duplicates)
         self._rules = rules
@@ -309,15 +312,19 @@ class Manifest:
         self._snapshot.unchanged()
         if line - 2 != self.total_rows:
             raise ManifestError(
-                f"{self.path} changed while being read ({line - 2} rows now, {self.total_rows} when opened): "
+                f"{self.name} changed while being read ({line - 2} rows now, {self.total_rows} when opened): "
                 "don't edit the manifest during a run; run again"
             )
 
 
-def open_manifest(path: Path, rules: ManifestRules) -> Manifest:
-    """Check that the file is usable as a whole and pre-scan it; raises ManifestError when it isn't."""
+def open_manifest(path: Path, rules: ManifestRules, *, name: str | None = None) -> Manifest:
+    """Check that the file is usable as a whole and pre-scan it; raises ManifestError when it isn't.
+
+    `name`: what the manifest is called, when not its path (a local copy of an object named by its URL).
+    """
     path = Path(os.path.abspath(path))
-    snapshot = _Snapshot(path)
+    name = str(path) if name is None else name
+    snapshot = _Snapshot(path, name)
     now = _utc(rules.now) if rules.now is not None else datetime.now(UTC)
     pattern = re.compile(rules.user_id_pattern, re.ASCII)
     if rules.images_root is not None and not os.path.isdir(rules.images_root):
@@ -326,7 +333,7 @@ def open_manifest(path: Path, rules: ManifestRules) -> Manifest:
             "folder that holds the photos, or remove it"
         )
     with (
-        _decoding_errors(path, rules),
+        _decoding_errors(snapshot, rules),
         io.TextIOWrapper(snapshot.stream(), encoding=rules.codec, newline="") as text,
     ):
         reader = csv.reader(text, delimiter=rules.delimiter)
@@ -334,14 +341,14 @@ def open_manifest(path: Path, rules: ManifestRules) -> Manifest:
         # notes column; the limit is process-wide, so it is raised only for the scan.
         field_limit = csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
         try:
-            header = _read_header(reader, path)
-            positions = _positions(header, rules, path)
+            header = _read_header(reader, name)
+            positions = _positions(header, rules, name)
             scan = _prescan(snapshot, reader, len(header), positions[0], rules)
         finally:
             csv.field_size_limit(field_limit)
-    with _decoding_errors(path, rules):
+    with _decoding_errors(snapshot, rules):
         duplicates = _confirm_duplicates(snapshot, positions[0], rules, scan.candidates, pattern)
-    return Manifest(path, rules, header, positions, scan, duplicates, now, snapshot)
+    return Manifest(name, rules, header, positions, scan, duplicates, now, snapshot)
 
 
 class _RowChecker:
@@ -551,23 +558,23 @@ def _header_problem(header: list[str], rules: ManifestRules) -> str | None:
     return None
 
 
-def _read_header(reader: Iterator[list[str]], path: Path) -> list[str]:
+def _read_header(reader: Iterator[list[str]], name: str) -> list[str]:
     try:
         header = next(reader, None)
     except csv.Error as exc:
-        raise ManifestError(f"{path}: the header row can't be read ({exc}): check its quotes") from exc
+        raise ManifestError(f"{name}: the header row can't be read ({exc}): check its quotes") from exc
     if header is None:
         raise ManifestError(
-            f"{path} is empty: it needs a header row (user_id,user_created_at,image_path) and one row per user"
+            f"{name} is empty: it needs a header row (user_id,user_created_at,image_path) and one row per user"
         )
     if not any(name.strip() for name in header):
         raise ManifestError(
-            f"{path}: line 1 is blank; the header row (e.g. user_id,user_created_at,image_path) must be line 1"
+            f"{name}: line 1 is blank; the header row (e.g. user_id,user_created_at,image_path) must be line 1"
         )
     return header
 
 
-def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int, int, int]:
+def _positions(header: list[str], rules: ManifestRules, called: str) -> tuple[int, int, int]:
     """Where the user_id, user_created_at and image_path columns are, or a ManifestError saying what to fix."""
     wanted = (
         ("user_id", rules.user_id_column),
@@ -580,7 +587,7 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
         # "Rename the column" is the wrong fix when the header isn't in the delimiter and encoding read at all.
         problem = _header_problem(header, rules)
         if problem is not None:
-            raise ManifestError(f"{path} doesn't read as a CSV header row ({found[:200]}): {problem}")
+            raise ManifestError(f"{called} doesn't read as a CSV header row ({found[:200]}): {problem}")
         parts = []
         guesses: dict[str, str | None] = {}
         for role, name in missing:
@@ -595,14 +602,14 @@ def _positions(header: list[str], rules: ManifestRules, path: Path) -> tuple[int
             f"{role}: {_yaml_text(name) if name != _ITS_COLUMN else name}" for role, name in example.items()
         )
         raise ManifestError(
-            f"{path} is missing the column{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Columns found: "
+            f"{called} is missing the column{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Columns found: "
             f"{found}. Fix: rename the column in the file, or map your column names with {flags} (or in the "
             f"config YAML, e.g. columns: {{{yaml}}})"
         )
     repeated = [name for _, name in wanted if header.count(name) > 1]
     if repeated:
         raise ManifestError(
-            f"{path} has more than one column named {repeated[0]!r}: there is no telling which one to use; "
+            f"{called} has more than one column named {repeated[0]!r}: there is no telling which one to use; "
             "rename or delete the extra column"
         )
     uid, created, image = (header.index(name) for _, name in wanted)
@@ -637,17 +644,17 @@ def _prescan(
     bad_lines: list[int] = []
     bad_fields: list[int] = []
     total = 0
-    path = snapshot.path
+    name = snapshot.name
     for frame in _frames(snapshot, [uid_at], rules):
         try:
             rows = list(islice(reader, len(frame)))
         except csv.Error as exc:
             raise ManifestError(
-                f"{path}: a row after line {total + 1} can't be read ({exc}). Fix: {_QUOTING}"
+                f"{name}: a row after line {total + 1} can't be read ({exc}). Fix: {_QUOTING}"
             ) from exc
         uids = [r[uid_at] if len(r) > uid_at else "" for r in rows]
         if uids != frame.iloc[:, 0].tolist():
-            _disagreement(path, total, uids, frame.iloc[:, 0].tolist())
+            _disagreement(name, total, uids, frame.iloc[:, 0].tolist())
         for i in np.flatnonzero(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)) > width):
             row = rows[i]
             if any(value.strip() for value in row[width:]):
@@ -660,7 +667,7 @@ def _prescan(
     except csv.Error:
         leftover = []
     if leftover is not None:
-        _disagreement(path, total, [""], [])
+        _disagreement(name, total, [""], [])
     everything = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
     del hashes
     everything.sort()
@@ -673,12 +680,12 @@ def _prescan(
     )
 
 
-def _disagreement(path: Path, before: int, ours: list[str], theirs: list[str]) -> NoReturn:
+def _disagreement(name: str, before: int, ours: list[str], theirs: list[str]) -> NoReturn:
     at = next(
         (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
     )
     raise ManifestError(
-        f"{path}: the rows around line {before + at + 2} can't be split unambiguously. Fix: {_QUOTING}"
+        f"{name}: the rows around line {before + at + 2} can't be split unambiguously. Fix: {_QUOTING}"
     )
 
 
@@ -714,8 +721,8 @@ def _confirm_duplicates(
 
 def _frames(snapshot: _Snapshot, usecols: list[int], rules: ManifestRules) -> Iterator[pd.DataFrame]:
     """The file's rows, `chunk_rows` at a time, as DataFrames of str; read errors become ManifestErrors."""
-    path = snapshot.path
-    with _decoding_errors(path, rules), snapshot.stream() as stream:
+    name = snapshot.name
+    with _decoding_errors(snapshot, rules), snapshot.stream() as stream:
         try:
             # Every value a str exactly as written: no "NA"/"null" to NaN, no "00123" to 123. No compression
             # guessed from the file name either: the csv module must see the same bytes.
@@ -744,23 +751,23 @@ def _frames(snapshot: _Snapshot, usecols: list[int], rules: ManifestRules) -> It
                 if unclosed
                 else f"it can't be parsed as CSV ({str(exc).strip()})"
             )
-            raise ManifestError(f"{path}: {problem}. Fix: {_QUOTING}") from exc
+            raise ManifestError(f"{name}: {problem}. Fix: {_QUOTING}") from exc
         except pd.errors.EmptyDataError as exc:
-            raise ManifestError(f"{path} is empty: it needs a header row and one row per user") from exc
+            raise ManifestError(f"{name} is empty: it needs a header row and one row per user") from exc
 
 
 @contextmanager
-def _decoding_errors(path: Path, rules: ManifestRules) -> Iterator[None]:
+def _decoding_errors(snapshot: _Snapshot, rules: ManifestRules) -> Iterator[None]:
     """Turns a UnicodeError or OSError while reading the manifest into a ManifestError that says where."""
     try:
         yield
     except UnicodeError as exc:  # a codec like idna raises its own UnicodeError, not a UnicodeDecodeError
-        raise _encoding_error(path, rules) from exc
+        raise _encoding_error(snapshot, rules) from exc
     except OSError as exc:
-        raise ManifestError(f"{path} can't be read: {exc.strerror or exc}") from exc
+        raise ManifestError(f"{snapshot.name} can't be read: {exc.strerror or exc}") from exc
 
 
-def _encoding_error(path: Path, rules: ManifestRules) -> ManifestError:
+def _encoding_error(snapshot: _Snapshot, rules: ManifestRules) -> ManifestError:
     """Finds the first byte that isn't in the encoding read: the parser's own offsets are relative to its buffer."""
     excel = "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
     named = "UTF-8" if rules.utf8 else rules.encoding
@@ -770,17 +777,17 @@ def _encoding_error(path: Path, rules: ManifestRules) -> ManifestError:
         else f"Fix: name the encoding the file is in with --encoding (or `encoding:` in the config file), or save "
         f"it as UTF-8 {excel} and leave encoding out"
     )
-    with path.open("rb") as raw:
+    with snapshot.path.open("rb") as raw:
         start = raw.read(4)
         # Byte order marks say what a file is only when it isn't read as the encoding that has one.
         if rules.utf8 and start.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # UTF-16's start too
-            return ManifestError(f"{path} is UTF-32 text, not UTF-8. {fix}")
+            return ManifestError(f"{snapshot.name} is UTF-32 text, not UTF-8. {fix}")
         if rules.utf8 and start.startswith((b"\xff\xfe", b"\xfe\xff")):
-            return ManifestError(f"{path} is UTF-16 text, not UTF-8. {fix}")
+            return ManifestError(f"{snapshot.name} is UTF-16 text, not UTF-8. {fix}")
         if start.startswith(b"\x1f\x8b"):
-            return ManifestError(f"{path} is gzip-compressed: decompress it and give the .csv file")
+            return ManifestError(f"{snapshot.name} is gzip-compressed: decompress it and give the .csv file")
         if start.startswith(b"PK\x03\x04"):
-            return ManifestError(f"{path} is a ZIP file or an Excel workbook, not CSV. {fix}")
+            return ManifestError(f"{snapshot.name} is a ZIP file or an Excel workbook, not CSV. {fix}")
         raw.seek(0)
         decoder = codecs.getincrementaldecoder(rules.encoding)()
         offset, newlines = 0, 0
@@ -791,7 +798,7 @@ def _encoding_error(path: Path, rules: ManifestRules) -> ManifestError:
             except UnicodeDecodeError as exc:
                 line = newlines + exc.object[: exc.start].count(b"\n") + 1
                 return ManifestError(
-                    f"{path} is not {named}: byte 0x{exc.object[exc.start]:02X} at offset "
+                    f"{snapshot.name} is not {named}: byte 0x{exc.object[exc.start]:02X} at offset "
                     f"{offset - pending + exc.start} (line {line}) can't be decoded. {fix}"
                 )
             except UnicodeError:
@@ -802,8 +809,10 @@ def _encoding_error(path: Path, rules: ManifestRules) -> ManifestError:
             try:
                 decoder.decode(b"", final=True)
             except UnicodeError:
-                return ManifestError(f"{path} is not {named}: it ends in the middle of a character. {fix}")
-    return ManifestError(f"{path} is not {named}. {fix}")
+                return ManifestError(
+                    f"{snapshot.name} is not {named}: it ends in the middle of a character. {fix}"
+                )
+    return ManifestError(f"{snapshot.name} is not {named}. {fix}")
 
 
 def _nul(values: list[str]) -> npt.NDArray[np.bool_]:

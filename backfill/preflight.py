@@ -73,7 +73,7 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
             Check(
                 name="manifest",
                 ok=True,
-                detail=f"{manifest.path}: {rows} rows, {len(ids)} pass the text rules, {rejected} don't"
+                detail=f"{manifest.name}: {rows} rows, {len(ids)} pass the text rules, {rejected} don't"
                 + (" (`backfill validate` lists them)" if rejected else ""),
             )
         )
@@ -81,7 +81,7 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
     checks += ledger
     checks += await _api_checks(settings)
     if manifest is not None:
-        images = compose.image_source(settings, manifest.path, policy=policy, remote=remote)
+        images = compose.image_source(settings, manifest.name, policy=policy, remote=remote)
         try:
             checks.append(await _images_check(sample, images))
             if known:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from pathlib import Path, PosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ManifestError
@@ -23,26 +23,6 @@ if TYPE_CHECKING:
 # during the download leaves its folder in the temp directory).
 
 
-class UrlPath(PosixPath):
-    """The local copy's path, which shows itself as the manifest's URL: what summaries, logs, the ledger's run
-    record and the manifest's own error messages name. Opening it (os.fspath) opens the copy."""
-
-    _url: str | None = None  # paths derived from this one (its parent, say) are the copy's own
-
-    def with_url(self, url: str) -> UrlPath:
-        self._url = url
-        return self
-
-    def __str__(self) -> str:
-        return self._url or super().__str__()
-
-    def __repr__(self) -> str:
-        return f"UrlPath({str(self)!r})"
-
-    def __fspath__(self) -> str:
-        return super().__str__()
-
-
 async def open_remote_manifest(url: str, rules: ManifestRules, source: RemoteImageSource) -> Manifest:
     """The manifest at `url`, opened and pre-scanned like a local one; ManifestError if it can't be had."""
     folder = tempfile.mkdtemp(prefix="backfill-manifest-")  # 0700
@@ -52,13 +32,10 @@ async def open_remote_manifest(url: str, rules: ManifestRules, source: RemoteIma
             await source.download(url, copy)
         except ImageError as exc:
             raise ManifestError(exc.problem.message) from exc
-        try:
-            manifest = open_manifest(copy, rules)
-        except ManifestError as exc:
-            raise ManifestError(str(exc).replace(str(copy), url)) from exc
+        # Named by its URL from the start: every message, record and summary calls it that, never the copy.
+        manifest = open_manifest(copy, rules, name=url)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(copy)
         shutil.rmtree(folder, ignore_errors=True)
-    manifest.path = UrlPath(copy).with_url(url)
     return manifest

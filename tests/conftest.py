@@ -227,7 +227,7 @@ def full_batches(manifest: Manifest) -> list[FullBatch]:
     """Every batch of `manifest` with its image checks done, through the same plan stage a run uses."""
     rules = manifest._rules
     images = LocalImageSource(
-        base=manifest.path.parent, root=rules.images_root, max_bytes=rules.max_image_bytes
+        base=Path(manifest.name).parent, root=rules.images_root, max_bytes=rules.max_image_bytes
     )
 
     async def go() -> list[FullBatch]:

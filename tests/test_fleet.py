@@ -867,7 +867,7 @@ async def test_a_row_stopped_before_its_retry_goes_back_to_the_fleet_not_finishe
         rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
                 for i in range(3)]  # fmt: skip
         await a.load("m1", "m.csv", _rows(rows))
-        manifest = SimpleNamespace(sha256="m1", path="m.csv")
+        manifest = SimpleNamespace(sha256="m1", name="m.csv")
         claims = Claims(a, manifest, batch=10, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
         assert [c.user_id for c in (await claims.next_batch() or Batch(candidates=[], rejects=[])).candidates] == [
             "u0", "u1", "u2"
@@ -962,7 +962,7 @@ async def test_a_row_handed_to_another_process_gives_its_claim_back(pg_url: str)
     async with two_processes(pg_url) as (a, b):
         await a.load("m1", "m.csv", _rows([Candidate(line=2, user_id="u0", user_created_at="2021-01-01",
                                                      image="u0.png")]))  # fmt: skip
-        manifest = SimpleNamespace(sha256="m1", path="m.csv")
+        manifest = SimpleNamespace(sha256="m1", name="m.csv")
         claims = Claims(a, manifest, batch=10, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
         await claims.next_batch()
         # Its outcome was fenced: another process's newer attempt tells the row. A keeping (and renewing) the

@@ -62,9 +62,7 @@ class Claims:
     async def next_batch(self) -> Batch | None:
         """The next claimed rows, or None once every row of the manifest is finished (or on a stop)."""
         if self._loaded is None:
-            self._loaded = await self._fleet.load(
-                self._manifest.sha256, str(self._manifest.path), self._read()
-            )
+            self._loaded = await self._fleet.load(self._manifest.sha256, self._manifest.name, self._read())
             log.info(
                 "manifest %s %s the fleet's ledger",
                 self._manifest.sha256[:12],

@@ -244,7 +244,7 @@ class Engine:
                 RunRecord(
                     run_id=parts.run_id,
                     started_at=started,
-                    manifest=str(parts.manifest.path),
+                    manifest=parts.manifest.name,
                     manifest_sha256=parts.manifest.sha256,
                 )
             )
@@ -277,9 +277,9 @@ class Engine:
         self._event(
             logging.INFO,
             "run_started",
-            f"run {parts.run_id}: {manifest.total_rows} rows from {manifest.path} to {o.base_url} ({o.env}); "
+            f"run {parts.run_id}: {manifest.total_rows} rows from {manifest.name} to {o.base_url} ({o.env}); "
             f"outputs in {parts.out_dir}",
-            manifest=str(manifest.path),
+            manifest=manifest.name,
             total_rows=manifest.total_rows,
             env=o.env,
             base_url=o.base_url,
@@ -545,7 +545,7 @@ class Engine:
         return Summary(
             run_id=parts.run_id,
             out_dir=parts.out_dir,
-            manifest=str(parts.manifest.path),
+            manifest=parts.manifest.name,
             manifest_sha256=parts.manifest.sha256,
             ledger=parts.store.location if parts.store is not None else "",
             env=o.env,
