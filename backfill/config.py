@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
@@ -998,6 +999,24 @@ def _refuse_both_names(spec: Spec, given: Sequence[tuple[str, object, str]]) -> 
         sources = " and ".join(dict.fromkeys(source for _, _, source in given))
         problem = f"{' and '.join(names)} are one setting ({', '.join(names[:-1])}: its old name)"
         raise ConfigError(spec.key, sources, f"{problem}, given different values", f"give {names[-1]} alone")
+
+
+def early_log_format(config_file: Path | None, environ: Mapping[str, str], flag: str | None) -> str:
+    """The log format as far as it is known before the settings are whole, for the lines that say why they aren't
+    (a config error, a warning): --log-format, else BACKFILL_LOG_FORMAT, else the config file's log_format, the
+    first of them that names a format; else text. Never raises: a bad value is the settings' error to tell."""
+    spec = SPECS["log_format"]
+    given: list[object] = [flag, *(environ.get(var) for var in reversed(spec.variables))]
+    if config_file is not None:
+        # A file that can't be read is the settings' error to tell, in the format known without it.
+        with contextlib.suppress(ConfigError):
+            given.append(_read_yaml(config_file)[0].get(spec.key))
+    for raw in given:
+        try:
+            return str(spec.read(raw))
+        except ValueError:
+            continue  # not given, or not a format: the next source down may name one
+    return Settings.log_format
 
 
 # BACKFILL_* variables that are not settings but are read elsewhere: never warned about.

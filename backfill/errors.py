@@ -26,6 +26,8 @@ class BackfillError(Exception):
     """Base of every error this package raises on purpose; `exit_code` is what the CLI exits with."""
 
     exit_code: int = ExitCode.ROWS_LEFT
+    # What to do, when this error knows better than its exit code's general advice (vocab.EXIT_FIXES).
+    fix: str = ""
 
 
 class ConfigError(BackfillError):

@@ -107,6 +107,21 @@ EXIT_MEANINGS: dict[int, str] = {
     ExitCode.SIGTERM: "interrupted by SIGTERM; every attempt is recorded, re-run to resume",
 }
 
+# What to do about each exit code, as docs/operating.md's table says it (test_docs keeps the two the same): the
+# `fix` of a JSON log's error or summary line, when the error itself knows no better one.
+EXIT_FIXES: dict[int, str] = {
+    ExitCode.OK: "nothing",
+    ExitCode.ROWS_LEFT: "read rejects.csv / results.csv; re-run or backfill retry",
+    ExitCode.LOCAL: "fix what the message names, re-run",
+    ExitCode.LOCKED: "wait for the other run, or stop it; a lock left by a dead process is taken over automatically",
+    ExitCode.SYSTEMIC: "check the key, environment and clock, the URL and network, or the images and the API's "
+    "status; re-run",
+    ExitCode.INTERNAL: "re-run to resume, and please report it with the message",
+    ExitCode.SIGINT: "re-run to resume",
+    ExitCode.SIGPIPE: "nothing; with set -o pipefail, expect it from a pipe cut short",
+    ExitCode.SIGTERM: "re-run to resume",
+}
+
 
 # A ledger row in one of these is never sent again, whatever the manifest says.
 DONE_STATES = frozenset({State.ENROLLED, State.ALREADY_ENROLLED})

@@ -414,6 +414,24 @@ def test_the_exit_codes_the_docs_list_are_the_ones_the_tool_has() -> None:
     assert set(EXIT_MEANINGS) == set(ExitCode)  # the report can say what every code means
 
 
+def exit_fixes_table(text: str) -> dict[int, str]:
+    """Each code's "what to do" cell in docs/operating.md's "Exit codes" table, as plain text (no backticks)."""
+    section = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    fixes = {}
+    for line in section.splitlines():
+        if re.match(r"\|\s*\d", line):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            for code in cells[0].split(","):
+                fixes[int(code)] = cells[-1].replace("`", "").replace("\\|", "|")
+    return fixes
+
+
+def test_a_json_lines_fix_for_each_exit_code_is_what_the_docs_say_to_do() -> None:
+    from backfill.vocab import EXIT_FIXES
+
+    assert exit_fixes_table((REPO / "docs" / "operating.md").read_text()) == EXIT_FIXES
+
+
 def test_the_exit_codes_reader_sees_a_missing_code() -> None:
     table = "## Exit codes\n\n| code | meaning |\n|---|---|\n| 0 | fine |\n| 130, 143 | signals |\n\n## Next\n| 9 | x |"
     assert exit_codes_table(table) == {0, 130, 143}

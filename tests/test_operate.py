@@ -152,7 +152,8 @@ def test_json_log_has_stable_events_one_run_id_and_no_secrets(
     assert code == 1
     records = [json.loads(line) for line in log.read_text().splitlines()]
     events = [r["event"] for r in records]
-    assert events[0] == "run_started" and events[-1] == "run_finished"
+    # The run's last event is run_finished; the command's summary of it follows, the log file's last line.
+    assert events[0] == "run_started" and events[-2:] == ["run_finished", "run_summary"]
     assert {"row_finished", "retry_scheduled", "rate_lowered"} <= set(events)
     assert len({r["run_id"] for r in records}) == 1 and records[0]["run_id"]
     finished = {r["user_id"]: r["status"] for r in records if r["event"] == "row_finished"}

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import importlib.resources
 import json
+import logging
+import os
 import secrets
 import signal
 import sys
@@ -17,14 +19,14 @@ from typing import Any, NoReturn
 import click
 
 from .. import __version__, compose
-from ..config import Settings, flag_for
+from ..config import Settings, early_log_format, flag_for
 from ..errors import ConfigError
 from ..ledger import LedgerStatus, RunRecord
 from ..outputs import files as rs
 from ..redact import scrub
 from ..run.records import Summary
 from ..run.stops import Leaving
-from ..vocab import RETRYABLE_STATES, TRANSIENT_STATES, Status
+from ..vocab import EXIT_FIXES, RETRYABLE_STATES, TRANSIENT_STATES, ExitCode, Status
 from ._common import (
     LOCAL_PARTNER_ID,
     config_option,
@@ -36,7 +38,7 @@ from ._common import (
     out_option,
     setting_options,
 )
-from .logs import setup_logging
+from .logs import Said, json_lines, say, setup_logging, start
 from .progress import TqdmProgress
 from .sandbox import sandbox
 from .watch import WATCH_EVERY, Screen, every
@@ -67,7 +69,51 @@ metrics_option = setting_options("metrics_addr")
 api_and_ledger_options = setting_options("env", "base_url", "ledger")
 
 
-@click.group()
+class _Commands(click.Group):
+    """backfill's commands: a usage error (an unknown flag, a value click refuses) is a JSON line too when the
+    format asked for is JSON, as far as the words given say it (the settings were never read)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[_ARGS] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            args = ctx.meta.get(_ARGS, [])
+            config_file = _given("--config", args)
+            path = None if config_file is None else Path(config_file)
+            start(early_log_format(path, os.environ, _given("--log-format", args)))
+            if not json_lines():
+                raise  # click says it, as it always has
+            where = error.ctx.command_path if error.ctx is not None else "backfill"
+            say(
+                logging.ERROR,
+                Said.FATAL_ERROR,
+                error.format_message(),
+                exit_code=error.exit_code,
+                error=type(error).__name__,
+                fix=f"see {where} --help",
+            )
+            sys.exit(error.exit_code)
+
+
+_ARGS = "backfill.args"  # the command line's words, kept for a usage error's format
+
+
+def _given(flag: str, args: list[str]) -> str | None:
+    """The value of `flag` among the command line's words (the last one wins, as click has it), or None."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg.partition("=")[2]
+    return found
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="backfill")
 def main() -> None:
     """Enroll existing users into Smile ID from a manifest CSV, resumably and at most once per user_id.
@@ -151,7 +197,7 @@ def run(manifest: str, config_file: Path | None, yes: bool, **flags: Any) -> Non
 
 
 def _run(settings: Settings, manifest: Path | str, *, confirm: compose.Confirm | None) -> NoReturn:
-    bar = TqdmProgress(settings.progress)
+    bar = _bar(settings)
     setup_logging(settings, bar.enabled)
     try:
         summary = compose.run_blocking(
@@ -161,6 +207,11 @@ def _run(settings: Settings, manifest: Path | str, *, confirm: compose.Confirm |
         bar.close()
     _report(summary)
     sys.exit(summary.exit_code)
+
+
+def _bar(settings: Settings) -> TqdmProgress:
+    """The progress bar, on a terminal unless --no-progress; never among JSON lines, which a bar would tear."""
+    return TqdmProgress(settings.progress and settings.log_format == "text")
 
 
 def interactive() -> bool:
@@ -194,9 +245,11 @@ def _ask_production(outbound: compose.Outbound) -> bool:
 
 def _acknowledge(signum: int, in_flight: int) -> None:
     """The first signal, said at once: the stop itself waits for the answers in flight (up to --timeout)."""
-    again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {signal.Signals(signum).name} again"
+    name = signal.Signals(signum).name
+    again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
     requests = "1 request" if in_flight == 1 else f"{in_flight} requests"
-    click.echo(f"\nstopping: {requests} in flight, {again} to leave now", err=True)
+    said = f"stopping: {requests} in flight, {again} to leave now"
+    say(logging.WARNING, Said.STOP_REQUESTED, f"\n{said}", message=said, signal=name, in_flight=in_flight)
 
 
 def _left(leaving: Leaving) -> None:
@@ -206,10 +259,18 @@ def _left(leaving: Leaving) -> None:
     requests = "1 request" if leaving.in_flight == 1 else f"{leaving.in_flight} requests"
     # Partial: rows still in the writers' buffers are lost with the process, and the ledger has them all.
     kept = f"partial results in {', '.join(parts)}" if parts else "no results"
-    click.echo(
-        f"\nleft now: {requests} in flight, in doubt until a re-run settles them; the run folder {folder} holds "
-        f"{kept} (no summary.json); re-run the same command to resume",
-        err=True,
+    said = (
+        f"left now: {requests} in flight, in doubt until a re-run settles them; the run folder {folder} holds "
+        f"{kept} (no summary.json); re-run the same command to resume"
+    )
+    say(
+        logging.WARNING,
+        Said.LEFT_NOW,
+        f"\n{said}",
+        message=said,
+        in_flight=leaving.in_flight,
+        out_dir=str(folder),
+        partial=parts,
     )
 
 
@@ -240,7 +301,7 @@ def retry(config_file: Path | None, states: str, yes: bool, **flags: Any) -> Non
     """
     chosen = compose.parse_status_names(states, allowed=RETRYABLE_STATES, what="retried")
     settings = load_settings(config_file, flags=flags)
-    bar = TqdmProgress(settings.progress)
+    bar = _bar(settings)
     setup_logging(settings, bar.enabled)
     try:
         summary = compose.retry(
@@ -254,7 +315,11 @@ def retry(config_file: Path | None, states: str, yes: bool, **flags: Any) -> Non
     finally:
         bar.close()
     if summary is None:
-        click.echo("nothing to retry: no ledger row is in " + ", ".join(chosen))
+        said = "nothing to retry: no ledger row is in " + ", ".join(chosen)
+        if json_lines():
+            say(logging.INFO, Said.NOTHING_TO_RETRY, said, states=[str(s) for s in chosen])
+        else:
+            click.echo(said)
         return
     _report(summary)
     sys.exit(summary.exit_code)
@@ -393,7 +458,13 @@ def export(
         sys.stdout.flush()  # here, where a reader gone away (`| head`) is a quiet exit, not at interpreter exit
         return
     count = rs.export_to(out_path, rows, fields, fmt)
-    click.echo(f"{count} rows written to {out_path}", err=True)
+    say(
+        logging.INFO,
+        Said.EXPORT_WRITTEN,
+        f"{count} rows written to {out_path}",
+        rows=count,
+        path=str(out_path),
+    )
 
 
 @main.command()
@@ -478,6 +549,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _report(summary: Summary) -> None:
+    """The run's summary: lines on stdout (the reason it stopped on stderr), or one JSON line among the log's."""
+    if json_lines():
+        _report_line(summary)
+        return
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
     click.echo(f"{summary.total_rows} rows: {counts}")
     skipped = summary.counts.get(Status.SKIPPED, 0)
@@ -498,6 +573,36 @@ def _report(summary: Summary) -> None:
     report = Path(summary.out_dir) / "report.html"
     if report.exists():
         click.echo(f"report:  {report}")
+
+
+def _report_line(summary: Summary) -> None:
+    counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
+    report = Path(summary.out_dir) / "report.html"
+    code = summary.exit_code
+    said = f"{summary.total_rows} rows: {counts}; results: {summary.out_dir}"
+    if summary.stop_reason:
+        said += f"; stopped: {summary.stop_reason}"
+    level = logging.INFO if code <= ExitCode.ROWS_LEFT else logging.WARNING
+    say(
+        logging.ERROR
+        if code in (ExitCode.LOCAL, ExitCode.LOCKED, ExitCode.SYSTEMIC, ExitCode.INTERNAL)
+        else level,
+        Said.RUN_SUMMARY,
+        said,
+        run_id=summary.run_id,
+        exit_code=code,
+        total_rows=summary.total_rows,
+        counts=summary.counts,
+        new_rows=summary.new_rows,
+        skipped=summary.counts.get(Status.SKIPPED, 0),
+        rejected=summary.rejected,
+        in_doubt=summary.counts.get(Status.UNKNOWN, 0),
+        not_reached=summary.not_reached,
+        stop_reason=summary.stop_reason or None,
+        out_dir=summary.out_dir,
+        report=str(report) if report.exists() else None,
+        fix=EXIT_FIXES[code] if code != ExitCode.OK else None,
+    )
 
 
 @main.command()

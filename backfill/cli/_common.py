@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import sys
@@ -16,8 +17,8 @@ import click
 from .. import config
 from ..config import Settings, Spec, Takes
 from ..errors import BackfillError, ConfigError
-from ..redact import scrub
-from ..vocab import ExitCode
+from ..vocab import EXIT_FIXES, ExitCode
+from .logs import Said, say, start
 
 # The local sandbox's credentials when none are given: public values for an emulator, not secrets.
 LOCAL_PARTNER_ID = "000"
@@ -27,21 +28,47 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(error: BackfillError) -> NoReturn:
-    click.echo(scrub(f"backfill: {error}"), err=True)
+    """The error's one line (with its exit code and fix, as JSON) and its exit code."""
+    named = (
+        {"setting": error.key, "source": error.source, "problem": error.problem}
+        if isinstance(error, ConfigError)
+        else {}
+    )
+    say(
+        logging.ERROR,
+        Said.FATAL_ERROR,
+        f"backfill: {error}",
+        message=str(error),
+        exit_code=error.exit_code,
+        error=type(error).__name__,
+        fix=error.fix or EXIT_FIXES[error.exit_code],
+        **named,
+    )
     sys.exit(error.exit_code)
 
 
 def guard(fn: F) -> F:
-    """Turn the library's errors into a one-line message and the error's exit code: no traceback."""
+    """Turn the library's errors into a one-line message and the error's exit code: no traceback.
+
+    Each line is in the log format as far as it is known from the command's flags, the environment and its
+    config file before the settings are read (config.early_log_format), so an error in them is told in it too.
+    """
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start(config.early_log_format(kwargs.get("config_file"), os.environ, kwargs.get("log_format")))
         try:
             return fn(*args, **kwargs)
         except BackfillError as error:
             fail(error)
         except KeyboardInterrupt:
-            click.echo("backfill: interrupted", err=True)
+            say(
+                logging.WARNING,
+                Said.INTERRUPTED,
+                "backfill: interrupted",
+                message="interrupted",
+                exit_code=ExitCode.SIGINT,
+            )
             sys.exit(ExitCode.SIGINT)
         except BrokenPipeError as error:
             if not _stdout_gone():
@@ -59,7 +86,16 @@ def guard(fn: F) -> F:
 
 def _internal(error: BaseException) -> NoReturn:
     """A bug: one line saying so and exit 70, not Python's traceback and 1 (which reads as "rows left")."""
-    click.echo(scrub(f"backfill: internal error: {error!r}. Please report it; re-run to resume"), err=True)
+    said = f"internal error: {error!r}. Please report it; re-run to resume"
+    say(
+        logging.ERROR,
+        Said.FATAL_ERROR,
+        f"backfill: {said}",
+        message=said,
+        exit_code=ExitCode.INTERNAL,
+        error=type(error).__name__,
+        fix=EXIT_FIXES[ExitCode.INTERNAL],
+    )
     sys.exit(ExitCode.INTERNAL)
 
 
@@ -110,7 +146,7 @@ def load_settings(
 
 def _warn(warnings: Iterable[str]) -> None:
     for warning in warnings:
-        click.echo(f"backfill: warning: {warning}", err=True)
+        say(logging.WARNING, Said.SETTINGS_WARNING, f"backfill: warning: {warning}", message=warning)
 
 
 class SettingOption(click.Option):
