@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .api.client import Client, request_url
-from .config import ENVIRONMENTS, Settings, endpoint_of
+from .config import DERIVED_LEDGER, ENVIRONMENTS, Settings, endpoint_of
 from .errors import BackfillError, ConfigError, Declined, LedgerAbsent, LedgerError
 from .images import ImageSource
 from .images.dispatch import DispatchingImageSource
 from .images.local import LocalImageSource
 from .images.urls import is_url, prefix_of
 from .ledger import Binding, Fleet, LedgerRow, LedgerStatus, Store
-from .ledger.sqlite import SqliteStore
+from .ledger.sqlite import FoundLedger, SqliteStore, find_ledgers
 from .manifest import Manifest, ManifestRules, open_manifest
 from .outputs.files import RunOutput, write_retry_manifest
 from .outputs.private import make_private_dirs
@@ -546,6 +546,82 @@ def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[R
         return valid, rejects
 
     return asyncio.run(go())
+
+
+def ledgers(settings: Settings) -> list[FoundLedger]:
+    """`backfill ledgers`: every SQLite ledger in the default folder, each read without writing."""
+    return find_ledgers(settings.ledger_folder)
+
+
+# How many ledgers an error names before it points at `backfill ledgers` for the rest.
+NAMED_AT_MOST = 5
+
+
+def default_or_only(settings: Settings, *, sending: bool) -> tuple[Settings, FoundLedger | None]:
+    """The settings a command that reads (or retries) a ledger uses, and the ledger found in their place, if any.
+
+    Unless --ledger, --env or --base-url is given (anywhere: flag, environment, file), a command reads the default
+    ledger of the default API. When that one doesn't exist but others do (a rehearsal with --env local), it reads
+    the only one bound to this partner instead, and says so (None: the settings as they are). `sending` (retry):
+    only one for an API whose URL an --env names and that isn't production, which is only ever used when asked
+    for. Several, or none for this partner: LedgerAbsent naming them.
+    """
+    if _picks_a_ledger(settings) or settings.ledger_path().exists():
+        return settings, None
+    found = [f for f in ledgers(settings) if f.binding is not None and not f.problem]
+    if not found:
+        return settings, None  # no ledger anywhere: as it always was (nothing yet to read or retry)
+    mine = [
+        f for f in found if settings.partner_id and f.binding and f.binding.partner_id == settings.partner_id
+    ]
+    if len(mine) == 1 and mine[0].binding is not None:
+        only, endpoint = mine[0], mine[0].binding.endpoint
+        said = f"the only ledger for partner {settings.partner_id} in {settings.ledger_folder}"
+        sources = {**settings.sources, "ledger": said}
+        if not sending:
+            return dataclasses.replace(settings, ledger=Path(only.path), sources=sources), only
+        env = next((e for e, url in ENVIRONMENTS.items() if endpoint_of(url) == endpoint), None)
+        if env is not None and env != "production":
+            chosen = dataclasses.replace(
+                settings,
+                env=env,
+                base_url=ENVIRONMENTS[env],
+                ledger=Path(only.path),
+                sources={**sources, "env": said, "base_url": f"env={env}"},
+            )
+            return chosen, only
+    raise LedgerAbsent(_which_ledger(settings, mine or found, sending=sending))
+
+
+def _picks_a_ledger(settings: Settings) -> bool:
+    """Whether --ledger, --env or --base-url was given anywhere, rather than each left to its default."""
+    s = settings.sources
+    derived = s.get("ledger", "").startswith(DERIVED_LEDGER) and s.get("base_url", "").startswith("env=")
+    return not (derived and s.get("env") == "default")
+
+
+def _which_ledger(settings: Settings, found: list[FoundLedger], *, sending: bool) -> str:
+    """Why no ledger was read, naming those there are (with the --env that picks each, where one does)."""
+    named = []
+    for f in found[:NAMED_AT_MOST]:
+        assert f.binding is not None
+        env = next((e for e, url in ENVIRONMENTS.items() if endpoint_of(url) == f.binding.endpoint), None)
+        rows = f"{f.rows:,} row{'' if f.rows == 1 else 's'}"
+        picks = f"; --env {env} picks it" if env is not None else ""
+        named.append(f"{f.path} (partner {f.binding.partner_id}, {f.binding.endpoint}, {rows}{picks})")
+    more = f"; and {len(found) - NAMED_AT_MOST} more" if len(found) > NAMED_AT_MOST else ""
+    partner = f"partner {settings.partner_id}" if settings.partner_id else "no partner ID set"
+    how = (
+        "Name its API with --env, or with --base-url and --ledger PATH: a retry sends, so it picks a ledger itself "
+        "only when an --env other than production names its API"
+        if sending
+        else "Name one with --ledger PATH, or with the --env or --base-url of its API"
+    )
+    return (
+        f"no ledger at {settings.ledger_path()} ({partner}, {settings.endpoint}, the default --env "
+        f"{settings.env}). The ledgers in {settings.ledger_folder}: {'; '.join(named)}{more}. {how} "
+        "(backfill ledgers lists them all)"
+    )
 
 
 def status(settings: Settings) -> LedgerStatus:

@@ -790,7 +790,12 @@ class Settings:
         parts = urlsplit(self.base_url)
         host = f"{parts.hostname or 'nohost'}_{_port(parts)}"
         name = _SAFE.sub("_", f"{self.partner_id or 'nopartner'}@{host}")
-        return self.data_dir / "ledgers" / f"{name}.sqlite"
+        return self.ledger_folder / f"{name}.sqlite"
+
+    @property
+    def ledger_folder(self) -> Path:
+        """Where the default ledgers live, one per partner and endpoint: `backfill ledgers` lists them."""
+        return self.data_dir / "ledgers"
 
     def ledger_location(self) -> str | None:
         """The ledger a run with these settings uses, as text: the URL, the file named, or the default one; None

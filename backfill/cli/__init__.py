@@ -22,6 +22,7 @@ from .. import __version__, compose
 from ..config import Settings, early_log_format, flag_for
 from ..errors import ConfigError
 from ..ledger import LedgerStatus, RunRecord
+from ..ledger.sqlite import FoundLedger
 from ..outputs import files as rs
 from ..redact import scrub
 from ..run.records import Summary
@@ -303,6 +304,7 @@ def retry(config_file: Path | None, states: str, yes: bool, **flags: Any) -> Non
     settings = load_settings(config_file, flags=flags)
     bar = _bar(settings)
     setup_logging(settings, bar.enabled)
+    settings = _reading(settings, sending=True)
     try:
         summary = compose.retry(
             settings,
@@ -345,7 +347,7 @@ def status(
     config_file: Path | None, as_json: bool, watch: float | None, watch_rounds: int | None, **flags: Any
 ) -> None:
     """Counts per state, the last runs, and what is waiting for a retry, from the ledger."""
-    settings = load_settings(config_file, flags=flags, need_credentials=False)
+    settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
 
     def draw() -> str:
         report = compose.status(settings)  # the ledger opened afresh each round: what the run wrote since
@@ -416,6 +418,91 @@ def _status_lines(report: LedgerStatus) -> list[str]:
     return lines
 
 
+@main.command()
+@config_option
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@guard
+def ledgers(config_file: Path | None, fmt: str) -> None:
+    """Every ledger in the default folder: partner, endpoint, rows by state, last run, path. Writes nothing.
+
+    A command that reads a ledger (status, export, report, retry) with none named uses the default one for the
+    partner and --env; `--env`, `--base-url` or `--ledger` picks another. A PostgreSQL ledger is named, not here.
+    """
+    settings = load_settings(config_file, need_credentials=False)
+    found = compose.ledgers(settings)
+    folder = settings.ledger_folder
+    if fmt == "json":
+        listed = [
+            {
+                "path": f.path,
+                "partner_id": f.binding.partner_id if f.binding else None,
+                "endpoint": f.binding.endpoint if f.binding else None,
+                "rows": f.rows,
+                "counts": f.counts,
+                "last_run": asdict(f.last_run) if f.last_run else None,
+                "running": f.running,
+                "problem": f.problem or None,
+            }
+            for f in found
+        ]
+        click.echo(json.dumps({"folder": str(folder), "ledgers": listed}, indent=2))
+        return
+    if not found:
+        click.echo(
+            f"no ledgers in {folder}: a run makes one there for its partner and API, unless --ledger names one"
+        )
+        return
+    click.echo(f"ledgers in {folder}:")
+    click.echo(
+        _table(
+            ["partner", "endpoint", "rows", "by state", "last run", "path"],
+            [
+                [
+                    f.binding.partner_id if f.binding else "?",
+                    (f.binding.endpoint or "?") if f.binding else "?",
+                    f"{f.rows:,}" if not f.problem else "",
+                    f.problem or ", ".join(f"{n:,} {state}" for state, n in f.counts.items()) or "(empty)",
+                    _last_run(f),
+                    f.path,
+                ]
+                for f in found
+            ],
+        )
+    )
+
+
+def _last_run(found: FoundLedger) -> str:
+    """When its last run started, and how it ended: its exit code, still running, or died unfinished."""
+    run = found.last_run
+    if run is None:
+        return "(none)"
+    if run.exit_code is not None:
+        return f"{run.started_at} (exit {run.exit_code})"
+    return f"{run.started_at} ({'running' if found.running else 'died'})"
+
+
+def _reading(settings: Settings, *, sending: bool = False) -> Settings:
+    """The settings naming the ledger a command reads (`sending`: retries): the default one, or, when it doesn't
+    exist and no flag picks one, the only one for this partner, said on stderr (compose.default_or_only)."""
+    chosen, found = compose.default_or_only(settings, sending=sending)
+    if found is not None and found.binding is not None:
+        doing = f"retrying from it, to {chosen.base_url} (--env {chosen.env})" if sending else "reading it"
+        said = (
+            f"no ledger at {settings.ledger_path()}; the only one for partner {found.binding.partner_id} is "
+            f"{found.path} ({found.binding.endpoint}): {doing}"
+        )
+        say(
+            logging.INFO,
+            Said.LEDGER_CHOSEN,
+            f"backfill: {said}",
+            message=said,
+            path=found.path,
+            partner_id=found.binding.partner_id,
+            endpoint=found.binding.endpoint,
+        )
+    return chosen
+
+
 def short_path(path: str, width: int = 40) -> str:
     """A manifest's path as a column shows it: whole when short, else its end (the file and its folders), whole
     folders where they fit. `status --json` has every path in full."""
@@ -450,7 +537,7 @@ def export(
 ) -> None:
     """Everything the ledger knows, across runs, as one file; CSV starts with the manifest's columns."""
     chosen = compose.parse_status_names(states) if states is not None else None
-    settings = load_settings(config_file, flags=flags, need_credentials=False)
+    settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
     rows = compose.export_rows(settings, chosen)  # opens the ledger now: an error comes before any output
     fields = compose.export_fields(settings)
     if out_path is None:
@@ -493,7 +580,7 @@ def report(
     every user_id's final state, every run with its manifest's SHA-256, and the open items.
     """
     if run_dir is None:
-        settings = load_settings(config_file, flags=flags, need_credentials=False)
+        settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
         click.echo(str(compose.migration_report(settings, output, overwrite=overwrite)))
         return
     given = [flag_for(k) for k, v in flags.items() if v is not None]

@@ -12,7 +12,7 @@ import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +427,73 @@ def writer_alive(path: Path) -> bool:
     finally:
         os.close(fd)  # closing the descriptor releases the probe's shared lock, if it got one
     return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FoundLedger:
+    """A SQLite ledger found in a folder, as read without writing: whose it is, what it holds, its last run."""
+
+    path: str
+    binding: Binding | None  # None: not a ledger this version reads (see `problem`)
+    counts: dict[str, int]  # rows by state
+    last_run: RunRecord | None
+    running: bool  # a live process holds its writer's lock now
+    problem: str = ""  # why it can't be read as it is: an older schema, not a ledger, damaged
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts.values())
+
+
+def find_ledgers(folder: Path) -> list[FoundLedger]:
+    """Every SQLite ledger (`*.sqlite`) in `folder`, by path: none when the folder doesn't exist.
+
+    Each is opened read-only: nothing is created, migrated or locked (a run may be writing it now). One that can't
+    be read as this version's ledger is still listed, with the reason.
+    """
+    if not folder.is_dir():
+        return []
+    return [_found(Path(os.path.abspath(p))) for p in sorted(folder.glob("*.sqlite")) if p.is_file()]
+
+
+def _found(path: Path) -> FoundLedger:
+    running = writer_alive(path)
+    # With no write-ahead log beside it, every commit is in the file itself and no one is writing (a writer's
+    # connection keeps its log): read as it stands, SQLite leaves no -wal or -shm file behind. With one (a run
+    # now, or one that was killed), its commits are read through it, from the files already there.
+    quiet = not Path(f"{path}-wal").exists()
+
+    def unread(problem: str, binding: Binding | None = None) -> FoundLedger:
+        return FoundLedger(
+            path=str(path), binding=binding, counts={}, last_run=None, running=running, problem=problem
+        )
+
+    try:
+        mode = "immutable=1" if quiet else "mode=ro"
+        conn = sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        return unread(f"can't be opened: {exc}")
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            meta = _meta(conn)
+        except sqlite3.DatabaseError as exc:
+            return unread(f"not a backfill ledger ({exc})")
+        if not meta:
+            return unread("not a backfill ledger (it has no binding)")
+        if meta.get("schema") != SCHEMA_VERSION:
+            # Schema 1 was bound to an env label, not an endpoint: a writable command migrates it.
+            old = Binding(partner_id=meta.get("partner_id", ""), endpoint=meta.get("env", ""))
+            return unread(f"schema {meta.get('schema')!r}: run or retry with it once to migrate it", old)
+        counts, _, runs = _status(conn, 1)
+    except sqlite3.Error as exc:
+        return unread(f"can't be read: {exc}")
+    finally:
+        conn.close()
+    binding = Binding(partner_id=meta.get("partner_id", ""), endpoint=meta.get("endpoint", ""))
+    return FoundLedger(
+        path=str(path), binding=binding, counts=counts, last_run=next(iter(runs), None), running=running
+    )
 
 
 # --- functions below run on the ledger's own thread only ---
