@@ -96,6 +96,14 @@ def test_the_docs_list_every_event_the_code_logs_and_no_other() -> None:
     assert set(EVENTS) == events_in_the_code()
 
 
+def test_the_docs_example_lines_are_lines_as_the_docs_describe_them() -> None:
+    for page in (REPO / "README.md", REPO / "docs" / "operating.md"):
+        examples = re.findall(r"```json\n(.*?)```", page.read_text(), re.S)
+        assert examples, page
+        for example in examples:
+            json_lines(example)
+
+
 def test_the_event_reader_finds_calls_and_records() -> None:
     found = events_in_the_code()
     assert {"run_started", "progress", "report_failed", "fleet_joined", "fatal_error", "claim_lost"} <= found
