@@ -320,5 +320,5 @@ def test_a_second_sigterm_leaves_at_once_saying_so_in_json(running: Running) -> 
     code, out, records = running.finish()
     assert code == ExitCode.SIGTERM and out == ""
     left = the(records, "left_now")
-    assert left["in_flight"] >= 1 and left["run_id"] == records[0]["run_id"]
+    assert left["signal"] == "SIGTERM" and left["in_flight"] >= 1 and left["run_id"] == records[0]["run_id"]
     assert "run_summary" not in [r["event"] for r in records]  # it left without one: a re-run resumes

@@ -269,6 +269,7 @@ def _left(leaving: Leaving) -> None:
         Said.LEFT_NOW,
         f"\n{said}",
         message=said,
+        signal=signal.Signals(leaving.signum).name,
         in_flight=leaving.in_flight,
         out_dir=str(folder),
         partial=parts,
@@ -663,17 +664,21 @@ def _report(summary: Summary) -> None:
 
 
 def _report_line(summary: Summary) -> None:
+    """The summary as one JSON line, at the level a log pipeline alerts on: error when something must be fixed."""
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
     report = Path(summary.out_dir) / "report.html"
     code = summary.exit_code
     said = f"{summary.total_rows} rows: {counts}; results: {summary.out_dir}"
     if summary.stop_reason:
         said += f"; stopped: {summary.stop_reason}"
-    level = logging.INFO if code <= ExitCode.ROWS_LEFT else logging.WARNING
+    if code in (ExitCode.OK, ExitCode.ROWS_LEFT):
+        level = logging.INFO
+    elif code in (ExitCode.SIGINT, ExitCode.SIGTERM):
+        level = logging.WARNING  # stopped as asked: every attempt recorded, resumable
+    else:
+        level = logging.ERROR  # stopped by something to fix (2, 3, 4) or a bug (70)
     say(
-        logging.ERROR
-        if code in (ExitCode.LOCAL, ExitCode.LOCKED, ExitCode.SYSTEMIC, ExitCode.INTERNAL)
-        else level,
+        level,
         Said.RUN_SUMMARY,
         said,
         run_id=summary.run_id,
