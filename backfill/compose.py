@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .api import network
 from .api.client import Client, request_url
 from .config import DERIVED_LEDGER, ENVIRONMENTS, Settings, endpoint_of
 from .errors import BackfillError, ConfigError, Declined, LedgerAbsent, LedgerError
@@ -111,6 +112,16 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         max_attempts=settings.max_attempts,
         backoff_initial=settings.backoff_initial,
         backoff_max=settings.backoff_max,
+    )
+
+
+def api_route(settings: Settings) -> network.Route:
+    """How requests reach the API: the environment's proxy for its URL, trusting ca_bundle's CAs or the machine's.
+    A proxy variable or a bundle that can't be used is a ConfigError, before anything is opened or sent."""
+    return network.route(
+        settings.base_url,
+        ca_bundle=settings.ca_bundle,
+        ca_source=settings.sources.get("ca_bundle", "default"),
     )
 
 
@@ -262,6 +273,7 @@ async def _run(
     on_leave: OnLeave | None,
 ) -> Summary:
     policy = retry_policy(settings)
+    route = api_route(settings)
     manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
     if confirm is not None:
         # The manifest is read for its row count first: a question without the number is not worth answering.
@@ -298,6 +310,7 @@ async def _run(
             timeout=settings.timeout,
             connect_timeout=settings.connect_timeout,
             concurrency=settings.concurrency,
+            route=route,
         )
         engine = build_engine(
             settings,

@@ -440,6 +440,20 @@ class Settings:
             )
         },
     )
+    # None: this machine's default CAs. Below every source of its own comes SSL_CERT_FILE, which OpenSSL reads.
+    ca_bundle: Path | None = field(
+        default=None,
+        metadata={
+            SETTING: Spec(
+                help="A PEM file of the CAs the API's certificate must chain to (a private CA, a proxy that re-signs "
+                "TLS), instead of this machine's; default: SSL_CERT_FILE, when set.",
+                example="/etc/backfill/corporate-ca.pem",
+                parse=_path,
+                text=True,
+                flag=Flag(metavar="PATH", takes=Takes.FILE),
+            )
+        },
+    )
     backoff_initial: float = field(
         default=0.5,
         metadata={
@@ -942,6 +956,9 @@ def load_settings(
             else:
                 old = var.removeprefix(ENV_PREFIX).lower()
                 put(spec, old if old in spec.aliases else spec.key, raw, source)
+    if "ca_bundle" not in values and environ.get("SSL_CERT_FILE", "").strip():
+        # The machine's own choice, as OpenSSL, curl and Python read it; any source of the setting wins over it.
+        put(SPECS["ca_bundle"], "ca_bundle", environ["SSL_CERT_FILE"], "environment SSL_CERT_FILE")
     warnings = environment_warnings(environ)
     if "data_dir" not in values:
         values["data_dir"] = _data_dir(environ)

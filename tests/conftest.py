@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import re
 import socket
 import struct
@@ -31,6 +32,11 @@ from backfill.sandbox import RunningSandbox, start_sandbox
 
 PARTNER_ID = "085"
 API_KEY = "test-api-key"
+
+# The tool honours the proxy variables as curl does: a developer's or a CI runner's proxy would otherwise carry
+# every test's requests for 127.0.0.1. Tests that want a proxy set one themselves (tests/test_proxy_tls.py).
+for _variable in [name for name in os.environ if name.lower() in {"http_proxy", "https_proxy", "all_proxy"}]:
+    del os.environ[_variable]
 
 
 def default_retry_policy() -> RetryPolicy:

@@ -26,6 +26,8 @@ __all__ = [
     "classify_transport",
     "parse_retry_after",
     "printable",
+    "proxy_fix",
+    "proxy_refused",
     "unreachable_from_the_start",
     "url_for_messages",
 ]
@@ -215,8 +217,49 @@ def unreachable_from_the_start(verdict: Verdict) -> Verdict:
         kind=Kind.SYSTEMIC,
         may_have_enrolled=False,
         error=f"{verdict.error}; nothing of this run has reached the API yet: check --base-url / --env (the URL "
-        "above), that the API is reachable from this machine (DNS, firewall, VPN), and whether it needs a "
-        "proxy (HTTPS_PROXY is not read)",
+        "above), that the API is reachable from this machine (DNS, firewall, VPN), the proxy if it is reached "
+        "through one (HTTPS_PROXY, NO_PROXY), and, if the API or a proxy re-signing TLS has a private CA, give "
+        "its bundle with --ca-bundle PATH or SSL_CERT_FILE; `backfill check` tests each",
+    )
+
+
+def proxy_refused(status: int, reason: str, through: str, *, tunnel: bool) -> Verdict:
+    """The proxy's own refusal (`through` names it): the request never reached the API.
+
+    `tunnel`: it answered CONNECT (an https:// API), so whatever the status, nothing went further. A 5xx there is
+    the proxy failing to reach the API, a blip like any "can't connect"; anything else is its policy or our
+    credentials, which every row would meet alike: the run stops. Without a tunnel only a 407 is surely the
+    proxy's, and only that comes here.
+    """
+    said = f"HTTP {status}" + (f" {printable(reason, limit=60)}" if reason else "")
+    what = "open a tunnel to the API" if tunnel else "forward the request to the API"
+    error = f"the proxy refused to {what} ({said}); requests go {through}"
+    if tunnel and status >= 500:
+        return Verdict(
+            kind=Kind.TRANSIENT,
+            may_have_enrolled=False,
+            proves_not_enrolled=False,
+            error=f"{error}: it couldn't reach the API",
+            unreachable=True,
+        )
+    return Verdict(
+        kind=Kind.SYSTEMIC,
+        may_have_enrolled=False,
+        proves_not_enrolled=False,
+        error=f"{error}: {proxy_fix(status)}",
+    )
+
+
+def proxy_fix(status: int) -> str:
+    """What to do about a proxy that answered `status` instead of passing the request on."""
+    if status == 407:
+        return (
+            "give the proxy's user and password in its URL (http://user:password@proxy.example:3128, with any "
+            "@ : / in them percent-encoded)"
+        )
+    return (
+        "ask the proxy's administrators to allow the API's host and port, or set NO_PROXY to the API's host if "
+        "it is reachable without the proxy"
     )
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
+from dataclasses import replace
 
 import aiohttp
 
 from ..redact import Secret
+from ..vocab import Kind
 from .answers import (
     NoAnswer,
     Verdict,
@@ -16,8 +18,10 @@ from .answers import (
     classify_cut_off,
     classify_transport,
     printable,
+    proxy_refused,
     url_for_messages,
 )
+from .network import Route
 from .signing import sign, utc_timestamp
 
 # A JSON string as json.dumps writes one (ASCII, escaped): the body's fields, one at a time.
@@ -46,8 +50,12 @@ class Client:
         timeout: float,
         connect_timeout: float,
         concurrency: int,
+        route: Route | None = None,
     ) -> None:
         self.url = request_url(base_url)
+        # How requests travel (network.route): None is direct, trusting this machine's CAs.
+        self._route = route
+        self._proxy = route.proxy.url if route is not None and route.proxy is not None else None
         self._where = url_for_messages(self.url)  # what messages may show: no credentials or query string
         self._partner_id = partner_id
         self._head_start = f'{{"partner_id":{_dumps(partner_id)},"timestamp":'
@@ -57,8 +65,13 @@ class Client:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Client:
-        # TLS verification stays on (aiohttp's default); there is deliberately no switch to turn it off.
-        connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=self._concurrency)
+        # TLS verification stays on (aiohttp's default, or a context trusting ca_bundle's CAs); there is
+        # deliberately no switch to turn it off.
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency,
+            limit_per_host=self._concurrency,
+            ssl=self._route.ssl if self._route is not None else True,
+        )
         # identity: answers are small, and a compressed one could inflate far past what was sent.
         headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector, headers=headers)
@@ -100,19 +113,28 @@ class Client:
         body = self.body(user_id, user_created_at, photo_b64)
         try:
             # Redirects aren't followed: a 307 would re-send the signed body and photo to wherever it points.
-            async with self._session.post(self.url, data=body, allow_redirects=False) as response:
+            async with self._session.post(
+                self.url, data=body, allow_redirects=False, proxy=self._proxy
+            ) as response:
                 status, retry_after = response.status, response.headers.get("Retry-After")
+                if status == 407:
+                    # The proxy's own answer (an http:// API is asked through it): the API never saw the request.
+                    return proxy_refused(status, response.reason or "", self._through(), tunnel=False)
                 try:
                     answer, complete = await _read_bounded(response)
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     return classify_cut_off(status, retry_after, _failure(exc), url=self.url)
+        except aiohttp.ClientHttpProxyError as exc:
+            # The proxy answered CONNECT with something other than 200: no tunnel, so nothing reached the API.
+            return proxy_refused(exc.status, str(exc.message or ""), self._through(), tunnel=True)
         except aiohttp.ClientConnectorError as exc:
             # Refused, no such host, TLS refused: the request never left. The sender decides if that is systemic.
-            reason = f"can't connect to {self._where}: {printable(str(exc), limit=200)}"
+            reason = self._cant_connect(exc)
             return classify_transport(NoAnswer(reason=reason, may_have_reached=False), unreachable=True)
         except aiohttp.ConnectionTimeoutError as exc:
             # The connection was never made: the request can't have reached the server.
-            reason = f"can't connect to {self._where}: {printable(str(exc), limit=200)}"
+            via = f" ({self._through()})" if self._proxy is not None else ""
+            reason = f"can't connect to {self._where}{via}: {printable(str(exc), limit=200)}"
             return classify_transport(NoAnswer(reason=reason, may_have_reached=False))
         except TimeoutError:
             reason = "timed out waiting for the answer"
@@ -120,7 +142,7 @@ class Client:
         except aiohttp.ClientError as exc:
             reason = f"connection failed: {_failure(exc)}"
             return classify_transport(NoAnswer(reason=reason, may_have_reached=True))
-        return classify_answer(
+        verdict = classify_answer(
             status,
             answer,
             retry_after,
@@ -130,6 +152,30 @@ class Client:
             url=self.url,
             complete=complete,
         )
+        if verdict.kind is Kind.SYSTEMIC and self._proxy is not None:
+            # A 403 or a wrong-place answer may be the proxy's: say which one stood between.
+            return replace(verdict, error=f"{verdict.error} (requests go {self._through()})")
+        return verdict
+
+    def _through(self) -> str:
+        return self._route.via if self._route is not None else "directly"
+
+    def _cant_connect(self, exc: aiohttp.ClientConnectorError) -> str:
+        """Why no connection was made, naming the proxy or the CAs when they are the reason, never credentials."""
+        why = printable(exc.strerror or type(exc.os_error).__name__, limit=200)
+        route = self._route
+        proxy = route.proxy if route is not None else None
+        # A proxy's name that doesn't resolve fails as a DNS error about its host, not as a proxy error.
+        if proxy is not None and (
+            isinstance(exc, aiohttp.ClientProxyConnectionError) or exc.host == proxy.host
+        ):
+            return f"can't connect to {proxy}, through which {self._where} is reached: {why}"
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            trusted = route.trusts if route is not None else "this machine's default CAs"
+            said = printable(str(getattr(exc.certificate_error, "verify_message", "") or why), limit=200)
+            via = f" (reached {route.via})" if route is not None and route.proxy else ""
+            return f"the certificate of {self._where}{via} doesn't verify against {trusted}: {said}"
+        return f"can't connect to {self._where}: {why}"
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:

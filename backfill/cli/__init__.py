@@ -67,7 +67,7 @@ yes_option = click.option(
 )
 metrics_option = setting_options("metrics_addr")
 # Where to send: the API, and the ledger that says what was sent.
-api_and_ledger_options = setting_options("env", "base_url", "ledger")
+api_and_ledger_options = setting_options("env", "base_url", "ca_bundle", "ledger")
 
 
 class _Commands(click.Group):
@@ -178,6 +178,7 @@ def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
 @setting_options(
     "env", "base_url", "concurrency", "rate", "max_attempts", "timeout", "fail_threshold", "ledger"
 )
+@setting_options("ca_bundle")
 @lease_option
 @out_option
 @setting_options("dry_run", "limit", "max_duration")
