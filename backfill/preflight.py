@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import compose
-from .api.answers import printable, url_for_messages
+from .api.answers import printable, proxy_fix, url_for_messages
+from .api.network import Route
 from .clock import now_iso
 from .config import Settings
 from .errors import BackfillError, ConfigError, LedgerAbsent
@@ -316,70 +317,145 @@ async def _held(store: Store, ids: list[str]) -> Check:
 
 
 async def _api_checks(settings: Settings) -> list[Check]:
-    """DNS, connection, TLS and the clock, from one GET of the API root: a GET enrolls nobody."""
+    """The way to the API (proxy, CAs), then DNS, connection, TLS and the clock, from one GET of the API root: a
+    GET enrolls nobody."""
     parts = urlsplit(settings.base_url)
     where = url_for_messages(settings.base_url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
+        route = compose.api_route(settings)
+    except ConfigError as exc:
         return [
             Check(
-                name="api host",
+                name="api route",
                 ok=False,
-                severity=ExitCode.SYSTEMIC,
-                detail=f"{host} (from {where}) doesn't resolve: {exc}",
-                fix="check base_url / --env and this machine's DNS",
+                detail=f"{exc.key} (from {exc.source}): {exc.problem}",
+                fix=exc.fix,
             )
         ]
-    addresses = sorted({str(a[4][0]) for a in found})
-    checks = [Check(name="api host", ok=True, detail=f"{host} resolves to {', '.join(addresses[:4])}")]
+    tls = parts.scheme == "https"
+    trusted = f"; its certificate must chain to {route.trusts}" if tls else ""
+    checks = [Check(name="api route", ok=True, detail=f"{where} is reached {route.via}{trusted}")]
+    host, port = parts.hostname or "", parts.port or (443 if tls else 80)
+    if route.proxy is not None:
+        # Behind a proxy the machine often can't resolve outside names at all, and needn't: the proxy does.
+        checks.append(Check(name="api host", ok=True, detail=f"{host} is resolved by the proxy, not here"))
+    else:
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            checks.append(
+                Check(
+                    name="api host",
+                    ok=False,
+                    severity=ExitCode.SYSTEMIC,
+                    detail=f"{host} (from {where}) doesn't resolve: {exc}",
+                    fix="check base_url / --env and this machine's DNS, or set HTTPS_PROXY if the API is "
+                    "reached through a proxy",
+                )
+            )
+            return checks
+        addresses = sorted({str(a[4][0]) for a in found})
+        checks.append(
+            Check(name="api host", ok=True, detail=f"{host} resolves to {', '.join(addresses[:4])}")
+        )
     timeout = aiohttp.ClientTimeout(total=settings.timeout, sock_connect=settings.connect_timeout)
+    proxy = route.proxy.url if route.proxy is not None else None
     before = time.time()
     try:
-        # TLS verification as the run does it (aiohttp's default context); redirects not followed.
+        # TLS verification and the proxy as the run has them (network.route); redirects not followed.
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(settings.base_url, allow_redirects=False) as response,
+            aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=route.ssl)) as session,
+            session.get(settings.base_url, allow_redirects=False, proxy=proxy) as response,
         ):
-            status, date = response.status, response.headers.get("Date")
-    except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            status, date, reason = response.status, response.headers.get("Date"), response.reason or ""
+    except aiohttp.ClientConnectorCertificateError as exc:
+        said = getattr(exc.certificate_error, "verify_message", "") or type(exc.certificate_error).__name__
         checks.append(
             Check(
                 name="api tls",
                 ok=False,
                 severity=ExitCode.SYSTEMIC,
-                detail=f"{where}: TLS doesn't verify: {printable(str(exc), limit=200)}",
-                fix="the certificate must chain to a CA this machine trusts; check for a proxy "
-                "intercepting TLS, or the system's CA bundle",
+                detail=f"{where}: the certificate doesn't verify against {route.trusts}: "
+                f"{printable(str(said), limit=200)}",
+                fix="if the API, or a proxy that re-signs TLS, uses a private CA, give its CA bundle with "
+                "--ca-bundle PATH (or `ca_bundle:` in the file, or SSL_CERT_FILE)",
             )
         )
         return checks
+    except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+        checks.append(
+            Check(
+                name="api tls",
+                ok=False,
+                severity=ExitCode.SYSTEMIC,
+                detail=f"{where}: the TLS handshake failed: {_why(exc)}",
+                fix="check that base_url's port speaks https, and any proxy between here and the API",
+            )
+        )
+        return checks
+    except aiohttp.ClientProxyConnectionError as exc:
+        checks.append(
+            Check(
+                name="api proxy",
+                ok=False,
+                severity=ExitCode.SYSTEMIC,
+                detail=f"can't connect to {route.proxy}: {_why(exc)}",
+                fix="correct the proxy's host and port, or unset it (or set NO_PROXY to the API's host) if the "
+                "API is reachable without it",
+            )
+        )
+        return checks
+    except aiohttp.ClientHttpProxyError as exc:
+        checks.append(_proxy_refused(route, exc.status, str(exc.message or "")))
+        return checks
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        why = "timed out" if isinstance(exc, TimeoutError) else printable(str(exc) or repr(exc), limit=200)
+        via = f" ({route.via})" if route.proxy is not None else ""
         checks.append(
             Check(
                 name="api connects",
                 ok=False,
                 severity=ExitCode.SYSTEMIC,
-                detail=f"can't reach {where}: {why}",
+                detail=f"can't reach {where}{via}: {_why(exc)}",
                 fix="check base_url / --env, the port, firewalls and proxies",
             )
         )
         return checks
     after = time.time()
+    if status == 407:  # the proxy's own answer: an http:// API asked through it
+        checks.append(_proxy_refused(route, status, reason))
+        return checks
     checks.append(Check(name="api connects", ok=True, detail=f"GET {where} answered HTTP {status}"))
     checks.append(
         Check(
             name="api tls",
             ok=True,
-            detail="the certificate verifies"
-            if parts.scheme == "https"
+            detail=f"the certificate verifies against {route.trusts}"
+            if tls
             else "plain http (no TLS): fine for a local sandbox only",
         )
     )
     checks.append(_clock_check(date, (before + after) / 2))
     return checks
+
+
+def _proxy_refused(route: Route, status: int, reason: str) -> Check:
+    said = f"HTTP {status}" + (f" {printable(reason, limit=60)}" if reason else "")
+    return Check(
+        name="api proxy",
+        ok=False,
+        severity=ExitCode.SYSTEMIC,
+        detail=f"{route.proxy or 'a proxy'} refused to pass a request on to the API: {said}",
+        fix=proxy_fix(status),
+    )
+
+
+def _why(exc: BaseException) -> str:
+    """What went wrong, without the URL or the TLS context aiohttp's own text shows."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return printable(exc.strerror or type(exc.os_error).__name__, limit=200)
+    return printable(str(exc) or type(exc).__name__, limit=200)
 
 
 def _clock_check(date: str | None, local: float) -> Check:

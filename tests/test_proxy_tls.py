@@ -308,6 +308,92 @@ async def test_a_proxy_that_cant_reach_the_api_is_a_blip_never_a_doubt() -> None
     assert "couldn't reach the API" in verdict.error and f"127.0.0.1:{proxy.port}" in verdict.error
 
 
+# --- what check and config show say -----------------------------------------------------------------------
+
+
+def test_check_and_config_show_name_the_proxy_and_the_ca_bundle_never_the_password(
+    tmp_path: Path,
+    tls_sandbox: RunningSandbox,
+    threaded_sandboxes: ThreadedSandboxes,
+    proxies: list[ForwardProxy],
+    ca_pem: Path,
+) -> None:
+    proxy = start(
+        proxies,
+        threaded_sandboxes,
+        ForwardProxy(user="ops", password=PASSWORD, hosts={HIDDEN_HOST: "127.0.0.1"}),
+    )
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    env = {"HTTPS_PROXY": proxy.url}
+    code, out, err = cli(
+        "check",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        hidden_url(tls_sandbox),
+        "--ca-bundle",
+        str(ca_pem),
+        "--ledger",
+        str(tmp_path / "l.sqlite"),
+        env=env,
+    )
+    assert code == 0, out + err
+    route = next(line for line in out.splitlines() if "api route:" in line)
+    assert f"through the proxy http://***@127.0.0.1:{proxy.port} (from environment HTTPS_PROXY)" in route
+    assert f"the CA bundle {ca_pem} (from flag --ca-bundle)" in route
+    assert "resolved by the proxy" in out and "the certificate verifies against" in out
+    assert tls_sandbox.state.total_requests == 0 and proxy.tunnels  # one GET of the API root, through it
+    code, out, err = cli(
+        "config", "show", env={**env, "BACKFILL_BASE_URL": hidden_url(tls_sandbox), "BACKFILL_ENV": "local"}
+    )
+    assert code == 0 and f"http://***@127.0.0.1:{proxy.port}" in out and "environment HTTPS_PROXY" in out
+    assert PASSWORD not in out + err
+
+
+@pytest.mark.parametrize(
+    ("proxy", "trust", "name", "says"),
+    [
+        ("refused", "ca", "api proxy", "can't connect to the proxy http://***@127.0.0.1:"),
+        ("407", "ca", "api proxy", "HTTP 407"),
+        ("none", "system", "api tls", "doesn't verify against this machine's default CAs"),
+    ],
+)
+def test_check_names_a_refusing_proxy_or_an_untrusted_certificate_with_exit_4(
+    tmp_path: Path,
+    tls_sandbox: RunningSandbox,
+    threaded_sandboxes: ThreadedSandboxes,
+    proxies: list[ForwardProxy],
+    ca_pem: Path,
+    proxy: str,
+    trust: str,
+    name: str,
+    says: str,
+) -> None:
+    env = {"SSL_CERT_FILE": str(ca_pem)} if trust == "ca" else {}
+    if proxy == "refused":
+        env["HTTPS_PROXY"] = f"http://ops:{PASSWORD}@127.0.0.1:{closed_port()}"
+    elif proxy == "407":
+        wanting = start(proxies, threaded_sandboxes, ForwardProxy(user="ops", password="the-right-one"))
+        env["HTTPS_PROXY"] = f"http://ops:{PASSWORD}@127.0.0.1:{wanting.port}"
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    code, out, err = cli(
+        "check",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        tls_sandbox.base_url,
+        "--ledger",
+        str(tmp_path / "l.sqlite"),
+        env=env,
+    )
+    assert code == 4, out + err
+    line = next(x for x in out.splitlines() if f"{name}:" in x)
+    assert line.startswith("problem") and says in line, out
+    assert PASSWORD not in out + err and tls_sandbox.state.total_requests == 0
+
+
 # --- which proxy, as curl and requests choose it -----------------------------------------------------------
 
 HTTPS_API = "https://api.example.com/v1"

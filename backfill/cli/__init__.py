@@ -616,6 +616,12 @@ def config_show(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     ledger = settings.ledger_location()
     values["ledger"] = ledger if ledger is not None or as_json else NO_LEDGER
     sources = {k: settings.sources.get(k, "default") for k in values}
+    # Not a setting, but what a run would use for base_url: the environment's proxy, never its credentials.
+    route = compose.api_route(settings)
+    values["proxy"] = route.proxy.shown if route.proxy is not None else None if as_json else "(none: direct)"
+    sources["proxy"] = route.proxy.source if route.proxy is not None else route.direct
+    if settings.ca_bundle is None and not as_json:
+        values["ca_bundle"] = f"(none: {route.trusts})"
     if as_json:
         shown = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in values.items()}
         click.echo(json.dumps({k: {"value": v, "source": sources[k]} for k, v in shown.items()}, indent=2))
