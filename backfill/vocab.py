@@ -114,8 +114,8 @@ EXIT_FIXES: dict[int, str] = {
     ExitCode.ROWS_LEFT: "read rejects.csv / results.csv; re-run or backfill retry",
     ExitCode.LOCAL: "fix what the message names, re-run",
     ExitCode.LOCKED: "wait for the other run, or stop it; a lock left by a dead process is taken over automatically",
-    ExitCode.SYSTEMIC: "check the key, environment and clock, the URL and network, or the images and the API's "
-    "status; re-run",
+    ExitCode.SYSTEMIC: "check the key, environment and clock, the URL, network, proxy and CA bundle (backfill check), "
+    "or the images and the API's status; re-run",
     ExitCode.INTERNAL: "re-run to resume, and please report it with the message",
     ExitCode.SIGINT: "re-run to resume",
     ExitCode.SIGPIPE: "nothing; with set -o pipefail, expect it from a pipe cut short",

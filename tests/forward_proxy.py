@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ class ForwardProxy:
     password: str = ""  # with `user`: a request without these credentials gets a 407
     deny: bool = False  # every request gets a 403, as for a destination the proxy's policy forbids
     hosts: Mapping[str, str] = field(default_factory=dict)  # a name only this proxy resolves → an address
+    tls: ssl.SSLContext | None = None  # given: an https:// proxy, the client's TLS ending here
     tunnels: list[str] = field(default_factory=list)  # CONNECT targets, host:port
     forwarded: list[str] = field(default_factory=list)  # absolute-form targets passed on
     refused: list[int] = field(default_factory=list)  # the status of each refusal
@@ -36,10 +38,10 @@ class ForwardProxy:
     def url(self) -> str:
         """The proxy's URL as HTTPS_PROXY gives it, with its credentials when it wants some."""
         credentials = f"{self.user}:{self.password}@" if self.user else ""
-        return f"http://{credentials}127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{credentials}127.0.0.1:{self.port}"
 
     async def start(self) -> ForwardProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

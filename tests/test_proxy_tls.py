@@ -29,7 +29,7 @@ from backfill.redact import Secret
 from backfill.sandbox import RunningSandbox, make_app
 from backfill.vocab import Kind
 
-from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, simple_rows, write_manifest
+from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, png_bytes, simple_rows, write_manifest
 from .forward_proxy import ForwardProxy
 
 # A name nothing resolves but the proxy: a request for it that succeeds went through the proxy.
@@ -306,6 +306,35 @@ async def test_a_proxy_that_cant_reach_the_api_is_a_blip_never_a_doubt() -> None
         await proxy.stop()
     assert verdict.kind is Kind.TRANSIENT and verdict.unreachable and not verdict.may_have_enrolled
     assert "couldn't reach the API" in verdict.error and f"127.0.0.1:{proxy.port}" in verdict.error
+
+
+async def test_an_https_proxy_is_verified_against_the_ca_bundle_too(
+    sandbox: RunningSandbox, authority: trustme.CA, ca_pem: Path
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    proxy = await ForwardProxy(tls=context).start()
+    verdicts = []
+    try:
+        for bundle in (ca_pem, None):
+            route = network.route(sandbox.base_url, ca_bundle=bundle, environ={"http_proxy": proxy.url})
+            async with Client(
+                sandbox.base_url,
+                PARTNER_ID,
+                Secret(API_KEY),
+                timeout=5,
+                connect_timeout=5,
+                concurrency=1,
+                route=route,
+            ) as client:
+                verdicts.append(await client.send_photo("u1", "2021-01-01", png_bytes(1)))
+    finally:
+        await proxy.stop()
+    trusted, untrusted = verdicts
+    assert trusted.kind is Kind.ENROLLED and len(proxy.forwarded) == sandbox.state.total_requests == 1
+    assert untrusted.unreachable and not untrusted.may_have_enrolled
+    assert f"can't connect to the proxy https://127.0.0.1:{proxy.port}" in untrusted.error
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.error
 
 
 # --- what check and config show say -----------------------------------------------------------------------
