@@ -364,7 +364,7 @@ async def _api_checks(settings: Settings) -> list[Check]:
     try:
         # TLS verification and the proxy as the run has them (network.route); redirects not followed.
         async with (
-            aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=route.ssl)) as session,
+            aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=route.tls)) as session,
             session.get(settings.base_url, allow_redirects=False, proxy=proxy) as response,
         ):
             status, date, reason = response.status, response.headers.get("Date"), response.reason or ""

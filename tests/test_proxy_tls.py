@@ -461,6 +461,7 @@ HTTPS_API = "https://api.example.com/v1"
         ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "::1"}, "https://[::1]:8443/v1", None),
         ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "[::1]:9999"}, "https://[::1]:8443/v1", "http://p:1"),
         ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "fd00::/8"}, "https://[fd12::1]/v1", None),
+        ({"ALL_PROXY": "socks5://p:1080", "NO_PROXY": "example.com"}, HTTPS_API, None),  # unused: not read
     ],
 )
 def test_the_proxy_is_chosen_as_curl_and_requests_choose_it(

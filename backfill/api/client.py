@@ -70,7 +70,7 @@ class Client:
         connector = aiohttp.TCPConnector(
             limit=self._concurrency,
             limit_per_host=self._concurrency,
-            ssl=self._route.ssl if self._route is not None else True,
+            ssl=self._route.tls if self._route is not None else True,
         )
         # identity: answers are small, and a compressed one could inflate far past what was sent.
         headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}

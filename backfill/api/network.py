@@ -45,7 +45,7 @@ class Route:
     ca_bundle: Path | None  # None: this machine's default CAs
     ca_source: str
     # What the HTTP client verifies certificates with: True is its own default context (the machine's CAs).
-    ssl: ssl.SSLContext | bool = True
+    tls: ssl.SSLContext | bool = True
 
     @property
     def via(self) -> str:
@@ -79,19 +79,23 @@ def route(
     host = (parts.hostname or "").lower()
     port = parts.port or (443 if scheme == "https" else 80)
     named = _variable(environ, f"{scheme}_proxy") or _variable(environ, "all_proxy")
-    proxy = _proxy(*named) if named is not None else None
-    direct = f"no proxy is set for {scheme} ({scheme.upper()}_PROXY, {scheme}_proxy or ALL_PROXY)"
     exempt = _variable(environ, "no_proxy")
-    if proxy is not None and exempt is not None and _bypassed(host, port, exempt[1]):
-        proxy, direct = None, f"{exempt[0]} covers {host}, so {proxy} is not used"
-    # Loading a bundle takes a tenth of a second: done only where TLS is spoken, else the file is only opened.
-    tls = scheme == "https" or (proxy is not None and proxy.url.lower().startswith("https:"))
+    proxy = None
+    if named is None:
+        direct = f"no proxy is set for {scheme} ({scheme.upper()}_PROXY, {scheme}_proxy or ALL_PROXY)"
+    elif exempt is not None and _bypassed(host, port, exempt[1]):
+        # Not even read: a variable meant for other tools (a SOCKS ALL_PROXY) can't stop a run it doesn't serve.
+        direct = f"{exempt[0]} covers {host}, so {named[0]} is not used"
+    else:
+        proxy, direct = _proxy(*named), ""
     context: ssl.SSLContext | bool = True
     if ca_bundle is not None:
-        context = _context(ca_bundle, ca_source) if tls else _readable(ca_bundle, ca_source)
-    return Route(
-        proxy=proxy, direct="" if proxy else direct, ca_bundle=ca_bundle, ca_source=ca_source, ssl=context
-    )
+        # Loading a bundle takes a tenth of a second: done only where TLS is spoken, else the file is only opened.
+        if scheme == "https" or (proxy is not None and proxy.url.lower().startswith("https:")):
+            context = _context(ca_bundle, ca_source)
+        else:
+            _readable(ca_bundle, ca_source)
+    return Route(proxy=proxy, direct=direct, ca_bundle=ca_bundle, ca_source=ca_source, tls=context)
 
 
 def default_cas() -> str:
@@ -200,11 +204,11 @@ def _context(bundle: Path, source: str) -> ssl.SSLContext:
         ) from None
 
 
-def _readable(bundle: Path, source: str) -> bool:
+def _readable(bundle: Path, source: str) -> None:
     """Plain http speaks no TLS, so the bundle is unused; one that can't even be opened is still a mistake."""
     try:
         with bundle.open("rb"):
-            return True
+            pass
     except OSError as exc:
         raise ConfigError(
             "ca_bundle", source, f"can't read {bundle} ({exc.strerror})", _bundle_fix(source)
