@@ -449,7 +449,7 @@ def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_
     tmp_path: Path, pg_cluster: PgCluster, pg_url: str
 ) -> None:
     rate = 40.0
-    fleet = Fleet(tmp_path, pg_cluster, pg_url, rows=240, foreign=12, seed=11)
+    fleet = Fleet(tmp_path, pg_cluster, pg_url, rows=300, foreign=12, seed=11)
     fleet.start_sandbox()
     procs = [fleet.start_run(rate) for _ in range(3)]
     logs = list(fleet.logs)
@@ -468,14 +468,16 @@ def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_
             victim = fleet.rng.choice(alive)
             fleet.kill(procs[victim], logs[victim])
             kills += 1
+            if kills == CHAOS_KILLS // 2:
+                # Every connection drops mid-run. Only once each live process holds its connections: a process
+                # can't start with the database down, and one still starting on a busy machine would exit so.
+                for i in alive:
+                    if i != victim:
+                        fleet.wait_for_start(procs[i], logs[i])
+                pg_cluster.restart_immediate(down_for=1.0)  # returns with the database up again
+                restarts += 1
             procs[victim] = fleet.start_run(rate)  # restarted at once: the fleet keeps 3 processes
             logs[victim] = fleet.logs[-1]
-            if kills == CHAOS_KILLS // 2:
-                # Once the new process holds its connections (a process can't start with the database down),
-                # every connection drops mid-run.
-                fleet.wait_for_start(procs[victim], logs[victim])
-                pg_cluster.restart_immediate(down_for=1.0)
-                restarts += 1
             # `status` runs beside the fleet, not in the harness's way: a slow start on a busy machine must not
             # let the fleet finish before the kills are made.
             if looking is not None and looking.poll() is not None:
@@ -490,7 +492,10 @@ def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_
             said = looking.communicate(timeout=60)[0]
             status_seen = said if "process(es) live" in said else ""
         codes = [p.wait(timeout=240) for p in procs]
-        assert all(c in (0, 1) for c in codes), [p.stderr.read().decode()[-3000:] for p in procs if p.stderr]
+        assert all(c in (0, 1) for c in codes), (
+            codes,
+            [p.stderr.read().decode()[-1500:] for p in procs if p.stderr],
+        )
         # The fleet waits for the rows a dead process held, so nothing should be left. (Another run now would
         # start a new pass over a finished manifest and hide a row lost from the outputs: none is started.)
         assert fleet.unfinished() == 0
