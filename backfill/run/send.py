@@ -11,7 +11,7 @@ from ..api.answers import Verdict, unreachable_from_the_start
 from ..api.client import Client
 from ..clock import now_iso
 from ..images import ImageError, ImageSource
-from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store
+from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store, Ticket
 from ..vocab import Kind, Reason, State, Status
 from .crash import Boundary, CrashPoints
 from .observe import NO_OBSERVER, Observer
@@ -140,6 +140,10 @@ class Sender:
         except ImageError as exc:
             work.last = self._reject(work, exc.problem.reason, f"at send time: {exc.problem.message}")
             raise _Ended from None
+        if self._stopping():
+            # A stop came while the photo was read: no request starts after a stop.
+            work.last = self._not_sent(work)
+            raise _Ended
         self._crash.reached(Boundary.WAITING)
         ticket = await self._store.begin_attempt(
             AttemptRequest(
@@ -154,8 +158,11 @@ class Sender:
         if isinstance(ticket, Refused):
             work.last = self._refused(work, ticket)
             raise _Ended
-        # Recorded means sent: a stop arriving from here on still lets this request go.
         self._crash.reached(Boundary.AFTER_ATTEMPT)
+        if self._stopping():
+            # A stop came while the attempt was being recorded: no request starts after a stop.
+            work.last = await self._withdraw(work, ticket)
+            raise _Ended
         work.attempts += 1
         work.first_ever = work.first_ever or ticket.number == 1
         self.attempts += 1
@@ -246,6 +253,27 @@ class Sender:
         self._event(
             logging.WARNING, "rate_lowered", said, pause_s=paused, rate=round(rate, 3), http_status=429
         )
+
+    async def _withdraw(self, work: _Row, ticket: Ticket) -> RowEnd | None:
+        """An attempt recorded but never sent: settled unfinished with no new doubt, so that the ledger never
+        holds as maybe sent a request that never left (a 2209 later is someone else's unless earlier doubt says)."""
+        status = unfinished_status(doubt=ticket.doubt_before)
+        await self._store.settle(
+            Outcome(
+                user_id=work.send.user_id,
+                attempt=ticket.number,
+                state=ledger_state(status),
+                may_have_enrolled=False,
+                proves_not_enrolled=False,
+                http_status=None,
+                result_code="",
+                result_text="",
+                smile_job_id="",
+                job_id="",
+                at=now_iso(),
+            )
+        )
+        return self._not_sent(work)
 
     def _not_sent(self, work: _Row) -> RowEnd | None:
         """A stop before this attempt left: nothing more of the row goes; it stays as the ledger has it."""
