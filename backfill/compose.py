@@ -356,6 +356,7 @@ def run_options(settings: Settings, *, resend_failed: bool = False) -> RunOption
         concurrency=settings.concurrency,
         status_every=settings.status_every,
         max_duration=settings.max_duration,
+        stop_timeout=settings.stop_timeout,
         limit=settings.limit,
         fail_threshold=settings.fail_threshold,
         resend_failed=resend_failed,
@@ -491,7 +492,8 @@ def run_blocking(
 ) -> Summary:
     """One backfill in a new event loop, with SIGINT/SIGTERM stopping it cleanly (exit 130/143).
 
-    `on_interrupt(signum, in_flight)` hears the first signal at once, before the rows in flight finish;
+    `on_interrupt(signum, in_flight, wait_s)` hears the first signal at once, before the rows in flight finish
+    (they are waited for `wait_s` seconds at most);
     `on_leave(leaving)` hears what a second one leaves behind, just before the process exits.
     """
 
@@ -511,12 +513,14 @@ def run_blocking(
     )
 
 
-# The first SIGINT/SIGTERM of a run, and how many requests it still waits for: the caller's to show.
-OnInterrupt = Callable[[int, int], None]
+# The first SIGINT/SIGTERM of a run, how many requests it still waits for, and for how many seconds at most: the
+# caller's to show.
+OnInterrupt = Callable[[int, int, float], None]
 
 
 def _stop_on_signals(engine: Engine, on_interrupt: OnInterrupt | None) -> None:
-    """SIGINT/SIGTERM stop the run cleanly; a second one leaves at once (see run/stops.py)."""
+    """SIGINT/SIGTERM stop the run cleanly, waiting for answers in flight --stop-timeout at most; a second one
+    leaves at once (see run/stops.py)."""
     loop = asyncio.get_running_loop()
     heard = 0
 
@@ -524,8 +528,8 @@ def _stop_on_signals(engine: Engine, on_interrupt: OnInterrupt | None) -> None:
         nonlocal heard
         heard += 1
         if heard == 1 and on_interrupt is not None:
-            # Told before the engine stops: a stop can wait up to --timeout for answers, in silence otherwise.
-            on_interrupt(signum, engine.in_flight)
+            # Told before the engine stops: a stop can wait up to --stop-timeout for answers, in silence otherwise.
+            on_interrupt(signum, engine.in_flight, engine.stop_wait)
         engine.interrupt(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):

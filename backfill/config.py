@@ -171,6 +171,16 @@ def _duration(raw: object) -> float:
     return value
 
 
+def _duration_or_zero(raw: object) -> float:
+    """A duration as `_duration` reads it, or none at all (`0`, `0s`)."""
+    text = str(raw).strip().lower()
+    try:
+        zero = not isinstance(raw, bool) and float(text[:-1] if text[-1:] in ("s", "m", "h") else text) == 0
+    except ValueError:
+        zero = False
+    return 0.0 if zero else _duration(raw)
+
+
 def _host_port(raw: object) -> str:
     """HOST:PORT to listen on (`127.0.0.1:9464`, `[::1]:9464`, `0.0.0.0:9464`), or `:9464` for every interface
     (how Prometheus exporters write it); the port from 1 to 65535."""
@@ -703,6 +713,18 @@ class Settings:
                 example="90m",
                 parse=_duration,
                 flag=Flag(metavar="DURATION"),
+            )
+        },
+    )
+    stop_timeout: float = field(
+        default=20.0,
+        metadata={
+            SETTING: Spec(
+                help="Seconds a stop (a signal, --max-duration) waits for answers in flight before leaving their "
+                "rows in doubt for a re-run to settle (20, 1m; 0: not at all).",
+                example="5",
+                parse=_duration_or_zero,
+                flag=Flag(metavar="SECONDS"),
             )
         },
     )

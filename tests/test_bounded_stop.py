@@ -1,12 +1,23 @@
-"""A bounded stop: no request starts after a stop (a signal, --max-duration, a failure), and an attempt recorded
-as the stop came is withdrawn, adding no doubt."""
+"""A bounded stop: after a signal or --max-duration, answers are waited for --stop-timeout at most, then the rows
+still on the wire are left in doubt; and no request starts after a stop."""
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import dataclasses
+import json
+import os
+import queue
 import signal
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -19,7 +30,210 @@ from backfill.ledger.sqlite import SqliteStore
 from backfill.run.engine import Engine
 from backfill.sandbox import Faults, start_sandbox
 
-from .conftest import API_KEY, PARTNER_ID, simple_rows, write_manifest
+from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, simple_rows, write_manifest
+from .crash_rig import Chaos, CrashRig
+
+STOP_TIMEOUT = 2.0  # --stop-timeout in these tests
+GRACE = 5.0  # seconds the issue allows past --stop-timeout for writing the outputs and leaving
+GENEROUS = 120.0  # seconds: a bound only against a hang, never a measure
+
+
+class Lines:
+    """A child's stderr, read line by line as it comes, each line with the moment it was read."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        assert stream is not None
+        self._stream = stream
+        self._lines: queue.Queue[tuple[float, str]] = queue.Queue()
+        self.text = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            self._lines.put((time.monotonic(), line))
+
+    def wait_for(self, part: str) -> float:
+        """When the first line holding `part` was read."""
+        give_up = time.monotonic() + GENEROUS
+        while time.monotonic() < give_up:
+            try:
+                at, line = self._lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.text += line
+            if part in line:
+                return at
+        raise AssertionError(f"no line with {part!r} on stderr; read so far:\n{self.text}")
+
+    def rest(self) -> str:
+        """Every line read, once the child has exited."""
+        while True:
+            try:
+                self.text += self._lines.get(timeout=1)[1]
+            except queue.Empty:
+                return self.text
+
+
+def requests_seen(log: Path) -> int:
+    """Requests the sandbox has logged on arrival (an event count, read as often as asked)."""
+    if not log.exists():
+        return 0
+    whole = log.read_text()
+    whole = whole[: whole.rfind("\n") + 1]  # a line still being written is counted next time
+    return sum(json.loads(line)["event"] == "request" for line in whole.splitlines() if line.strip())
+
+
+def wait_until(done: Callable[[], bool], what: str) -> None:
+    give_up = time.monotonic() + GENEROUS
+    while not done():
+        assert time.monotonic() < give_up, f"never: {what}"
+        time.sleep(0.02)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- SIGTERM while every answer hangs for a minute: exit 143 within --stop-timeout + 5 s, rows in doubt ---
+
+HANGING = Chaos(
+    latency_ms=60_000, jitter_ms=0, error_rate=0, reset_before_rate=0, reset_after_rate=0, slow_rate=0,
+    timeout_s=120, sandbox_kill_rate=0, rate=100,
+)  # fmt: skip
+
+
+class BoundedRig(CrashRig):
+    """The crash rig's run, stopped with a short --stop-timeout."""
+
+    def run_command(self) -> list[str]:
+        return [*super().run_command(), "--stop-timeout", f"{STOP_TIMEOUT:g}"]
+
+
+def test_sigterm_while_every_answer_hangs_exits_143_in_time_and_a_rerun_settles_the_rows_as_ours(
+    tmp_path: Path,
+) -> None:
+    rig = BoundedRig(tmp_path, rows=30, chaos=HANGING, seed=3)
+    rig.start_sandbox()  # every request is enrolled at once, then answered a minute later
+    try:
+        run = subprocess.Popen(
+            rig.run_command(), env=rig.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=rig.folder,
+        )  # fmt: skip
+        stderr = Lines(run.stderr)
+        wait_until(lambda: requests_seen(rig.request_log) >= 8, "every worker's request on the wire")
+        signalled = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(GENEROUS)
+        took = time.monotonic() - signalled
+        said = stderr.rest()
+        assert code == 143, said[-3000:]
+        assert took <= STOP_TIMEOUT + GRACE, f"exited {took:.1f}s after SIGTERM"
+        assert "answers awaited 2s at most (--stop-timeout)" in said  # the first-signal line says the bound
+        assert "8 requests still unanswered 2s after the stop" in said and "Traceback" not in said
+
+        # The outputs are whole, and every manifest row is accounted for: in doubt, rejected, or not reached.
+        summary = rig.last_summary()
+        assert summary["exit_code"] == 143 and summary["counts"] == {"unknown": 8, "rejected": 3}
+        assert summary["not_reached"] == 30 - 8
+        folder = rig.out / str(summary["run_id"])
+        results = read_csv(folder / "results.csv")
+        assert len(results) == 8 and {r["status"] for r in results} == {"unknown"}
+        assert all("--stop-timeout" in r["error"] for r in results)
+        assert len(read_csv(folder / "rejects.csv")) == 3
+        # In doubt in the ledger too: recorded as sent, never as not sent, pending or failed.
+        with sqlite3.connect(rig.checkpoint) as conn:
+            held = conn.execute("SELECT state, doubt, count(*) FROM users GROUP BY state, doubt").fetchall()
+        assert held == [("unknown", 1, 8)]
+
+        # A re-run against an API that answers settles them: the 2209 each gets is ours (already_enrolled).
+        rig.kill_sandbox()
+        rig.chaos = dataclasses.replace(HANGING, latency_ms=0, timeout_s=5)
+        rig.start_sandbox()
+        figures = rig.verify(rig.resume_until_done())
+        assert figures["answers_2209"] == 8 and figures["duplicates"] == 0
+    finally:
+        rig.kill_sandbox()
+
+
+def test_max_duration_against_an_api_answering_in_30s_exits_within_the_duration_and_the_stop_timeout(
+    tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
+) -> None:
+    server = threaded_sandboxes.start(faults=Faults(latency_ms=30_000))
+    manifest = write_manifest(tmp_path, simple_rows(10))
+    env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", server.base_url,
+         "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(tmp_path / "out"), "--concurrency", "4",
+         "--rate", "100", "--timeout", "60", "--max-duration", "2", "--stop-timeout", f"{STOP_TIMEOUT:g}",
+         "--no-progress"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stderr = Lines(run.stderr)
+    started = stderr.wait_for("run_started")  # the --max-duration clock starts with the run
+    code = run.wait(GENEROUS)
+    took = time.monotonic() - started
+    said = stderr.rest()
+    assert code == 1, said[-3000:]  # a planned stop with rows left, not a failure
+    assert took <= 2 + STOP_TIMEOUT + GRACE, f"exited {took:.1f}s after the run started"
+    assert server.state.total_requests == 4  # no request started after the stop
+    [folder] = (tmp_path / "out").iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert "--max-duration" in summary["stop_reason"]
+    assert summary["counts"] == {"unknown": 4} and summary["not_reached"] == 6
+
+
+# --- in one process: the library's stop, cut off at --stop-timeout ---
+
+
+async def test_a_stop_abandons_the_requests_still_unanswered_at_the_stop_timeout_and_says_they_are_in_doubt(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(6))
+    engines: list[Engine] = []
+    async with await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(latency_ms=60_000)) as server:
+
+        async def stop_once_sent() -> float:
+            while server.state.total_requests < 3:
+                await asyncio.sleep(0.01)
+            engines[0].interrupt(signal.SIGTERM)
+            return time.monotonic()
+
+        stopper = asyncio.ensure_future(stop_once_sent())
+        summary = await asyncio.wait_for(
+            compose.run(
+                make_settings(server, concurrency=3, timeout=120, stop_timeout=0.5),
+                manifest,
+                engine_ready=engines.append,
+            ),
+            GENEROUS,
+        )
+        took = time.monotonic() - await stopper
+    assert took <= 0.5 + GRACE
+    assert (summary.exit_code, summary.counts, summary.not_reached) == (143, {"unknown": 3}, 3)
+    assert server.state.total_requests == 3
+    with sqlite3.connect(tmp_path / "checkpoint.sqlite") as conn:
+        assert conn.execute("SELECT state, doubt FROM users").fetchall() == [("unknown", 1)] * 3
+
+
+async def test_answers_that_come_within_the_stop_timeout_are_recorded_not_abandoned(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(6))
+    engines: list[Engine] = []
+    async with await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(latency_ms=300)) as server:
+
+        async def stop_once_sent() -> None:
+            while server.state.total_requests < 3:
+                await asyncio.sleep(0.01)
+            engines[0].interrupt(signal.SIGTERM)
+
+        stopper = asyncio.ensure_future(stop_once_sent())
+        summary = await compose.run(
+            make_settings(server, concurrency=3, stop_timeout=60), manifest, engine_ready=engines.append
+        )
+        await stopper
+    assert (summary.exit_code, summary.counts, summary.not_reached) == (143, {"enrolled": 3}, 3)
 
 
 class StopWhileRecording(SqliteStore):
@@ -85,3 +299,17 @@ async def test_no_request_starts_after_a_stop_and_an_attempt_never_sent_adds_no_
         assert rows == ([] if during == "the photo read" else [("pending", 0)])
         again = await compose.run(settings, manifest)
     assert again.counts == {"id_conflict": 1}  # someone else's: no request of ours ever reached the server
+
+
+async def test_cancelling_a_run_whose_requests_hang_still_cancels_it(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """What cuts a request off at --stop-timeout must never swallow a cancellation that isn't its own."""
+    manifest = write_manifest(tmp_path, simple_rows(4))
+    async with await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(latency_ms=60_000)) as server:
+        run = asyncio.ensure_future(compose.run(make_settings(server, concurrency=2, timeout=120), manifest))
+        while server.state.total_requests < 2:
+            await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, GENEROUS)

@@ -181,7 +181,7 @@ def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
 @setting_options("ca_bundle")
 @lease_option
 @out_option
-@setting_options("dry_run", "limit", "max_duration")
+@setting_options("dry_run", "limit", "max_duration", "stop_timeout")
 @metrics_option
 @manifest_options
 @read_concurrency_option
@@ -245,13 +245,21 @@ def _ask_production(outbound: compose.Outbound) -> bool:
     return sys.stdin.readline().strip().lower() in {"y", "yes"}
 
 
-def _acknowledge(signum: int, in_flight: int) -> None:
-    """The first signal, said at once: the stop itself waits for the answers in flight (up to --timeout)."""
+def _acknowledge(signum: int, in_flight: int, wait_s: float) -> None:
+    """The first signal, said at once: the stop itself waits for the answers in flight (up to --stop-timeout)."""
     name = signal.Signals(signum).name
     again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
     requests = "1 request" if in_flight == 1 else f"{in_flight} requests"
-    said = f"stopping: {requests} in flight, {again} to leave now"
-    say(logging.WARNING, Said.STOP_REQUESTED, f"\n{said}", message=said, signal=name, in_flight=in_flight)
+    said = f"stopping: {requests} in flight, answers awaited {wait_s:g}s at most (--stop-timeout), {again} to leave now"
+    say(
+        logging.WARNING,
+        Said.STOP_REQUESTED,
+        f"\n{said}",
+        message=said,
+        signal=name,
+        in_flight=in_flight,
+        stop_timeout_s=wait_s,
+    )
 
 
 def _left(leaving: Leaving) -> None:
@@ -289,7 +297,7 @@ def _left(leaving: Leaving) -> None:
 @api_and_ledger_options
 @lease_option
 @out_option
-@setting_options("concurrency", "rate", "max_attempts", "timeout", "max_duration")
+@setting_options("concurrency", "rate", "max_attempts", "timeout", "max_duration", "stop_timeout")
 @metrics_option
 @read_concurrency_option
 @log_options

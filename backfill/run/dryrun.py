@@ -18,6 +18,9 @@ class DryRun:
     def __init__(self, *, images: ImageSource, client: Client) -> None:
         self._images, self._client = images, client
 
+    def abandon(self, reason: str) -> int:
+        return 0  # nothing is ever on the wire
+
     async def send(self, row: ToSend) -> RowEnd:
         try:
             photo = await self._images.read(row.fingerprint)

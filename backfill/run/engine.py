@@ -61,6 +61,7 @@ class RunOptions:
     concurrency: int  # workers: rows on the wire at once, at most
     status_every: float  # seconds between one-line status events
     max_duration: float | None  # seconds: the run stops cleanly (exit 0) once this long
+    stop_timeout: float  # seconds a stop waits for answers in flight before abandoning them, in doubt
     limit: int | None  # rows queued to send, at most
     fail_threshold: float  # share of the last rows failing that stops the run as systemic
     resend_failed: bool = False  # `retry --status failed`: send even unchanged photos again
@@ -79,6 +80,10 @@ class Sending(Protocol):
     in_flight: int  # sent, not yet answered
 
     async def send(self, row: plan.ToSend) -> RowEnd | None: ...
+
+    def abandon(self, reason: str) -> int:
+        """Stop waiting: every request on the wire is cut off, its row in doubt (`reason` says why); how many."""
+        ...
 
 
 class Journal(Protocol):
@@ -144,6 +149,7 @@ class Engine:
         self._limited: str | None = None  # the note the progress object was last told
         self._noted: str | None = None  # the note the ledger's runs table holds for this run
         self._queue: asyncio.Queue[plan.ToSend | None] | None = None
+        self._abandon_at: float | None = None  # on the loop's clock: when a stop stops waiting for answers
 
     # --- stopping ---
 
@@ -159,8 +165,15 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        """Requests on the wire now (sent, not yet answered): what a stop waits for, up to --timeout."""
+        """Requests on the wire now (sent, not yet answered): what a stop waits for, up to `stop_wait`."""
         return self.parts.sending.in_flight
+
+    @property
+    def stop_wait(self) -> float:
+        """Seconds a stop made now still waits for answers in flight: --stop-timeout, or what is left of it."""
+        if self._abandon_at is None:
+            return self.options.stop_timeout
+        return max(0.0, self._abandon_at - asyncio.get_running_loop().time())
 
     def _fail(self, error: BackfillError) -> None:
         """A local failure (disk full, ledger unwritable): stop cleanly, then raise it once the run ends."""
@@ -238,6 +251,7 @@ class Engine:
         parts = self.parts
         started = now_iso()
         ticker: asyncio.Task[None] | None = None
+        bound: asyncio.Task[None] | None = None
         deadline: asyncio.TimerHandle | None = None
         try:
             await parts.journal.start_run(
@@ -250,13 +264,15 @@ class Engine:
             )
             self._started()
             ticker = asyncio.create_task(self._status_every(parts.manifest.total_rows))
+            bound = asyncio.create_task(self._bounded_stop())
             deadline = self._deadline()
             await self._send_all()
-            ticker.cancel()  # before run_finished, which must be the run's last event
+            for quiet in (ticker, bound):
+                quiet.cancel()  # before run_finished, which must be the run's last event
             summary = self._summary(started)
             await self._finished(summary)
         finally:
-            for pending in (ticker, deadline):
+            for pending in (ticker, bound, deadline):
                 if pending is not None:
                     pending.cancel()  # a library caller's loop lives on after the run
         if self._fatal is not None:
@@ -287,6 +303,33 @@ class Engine:
             ledger=parts.store.location if parts.store else "",
             settings=o.settings,
         )
+
+    async def _bounded_stop(self) -> None:
+        """What a stop (a signal, --max-duration, a failure) does besides ending the reading of rows.
+
+        Answers in flight are waited for `stop_timeout` seconds at most; then the requests still on the wire are
+        abandoned, their rows in doubt (the ledger holds each attempt as sent), so that the process can write
+        its outputs and exit within an orchestrator's grace period, whatever the API does.
+        """
+        stops = self._stops
+        if not stops.stopping:
+            await stops.event.wait()
+        seconds = self.options.stop_timeout
+        loop = asyncio.get_running_loop()
+        self._abandon_at = loop.time() + seconds
+        await asyncio.sleep(seconds)
+        cut = self.parts.sending.abandon(
+            f"no answer {seconds:g}s after the stop (--stop-timeout): abandoned, in doubt until a re-run settles it"
+        )
+        if cut:
+            self._event(
+                logging.WARNING,
+                "requests_abandoned",
+                f"{cut} request{'' if cut == 1 else 's'} still unanswered {seconds:g}s after the stop "
+                "(--stop-timeout): abandoned, their rows in doubt until a re-run settles them",
+                abandoned=cut,
+                stop_timeout_s=seconds,
+            )
 
     def _deadline(self) -> asyncio.TimerHandle | None:
         seconds = self.options.max_duration

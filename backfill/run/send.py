@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from ..api.answers import Verdict, unreachable_from_the_start
+from ..api.answers import NoAnswer, Verdict, classify_transport, unreachable_from_the_start
 from ..api.client import Client
 from ..clock import now_iso
 from ..images import ImageError, ImageSource
@@ -23,6 +25,7 @@ from .stops import Stops
 from .workers import Workers
 
 log = logging.getLogger("backfill")
+T = TypeVar("T")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -93,11 +96,49 @@ class Sender:
         self._workers = workers if workers is not None else Workers()
         self.attempts = 0  # in this run, every row
         self.in_flight = 0  # requests sent whose answer hasn't come: what a stop still waits for
+        # Workers in a step that may be cut off (a photo being read, a request on the wire), and those cut off:
+        # a stop's wait for answers is bounded (`abandon`). A ledger write is never cut off half-way.
+        self._cuttable: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
+        self._abandoned: str | None = None  # why the requests on the wire were cut off, once they were
         # Some request of this run got an HTTP answer: from then on "can't connect" is a blip, retried.
         self.connected = False
 
     def _stopping(self) -> bool:
         return self._stops.stopping
+
+    def abandon(self, reason: str) -> int:
+        """Stop waiting for answers (a stop's time is up): every request on the wire is cut off and its row left
+        in doubt, since the ledger holds its attempt as sent; photos being read are dropped, their rows unsent.
+        Returns how many requests were cut off."""
+        self._abandoned = reason
+        for task in self._cuttable:
+            self._cut.add(task)
+            task.cancel()
+        return self.in_flight
+
+    async def _unless_cut(self, step: Awaitable[T]) -> T | None:
+        """`step`'s result, or None when `abandon` cut it off."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._cuttable.add(task)
+        try:
+            result = await step
+        except asyncio.CancelledError:
+            if not self._was_cut(task):
+                raise
+            return None
+        finally:
+            self._cuttable.discard(task)
+        # Cut off as it ended, the cancellation swallowed inside it (a timeout made of it): the cut still holds.
+        return None if self._was_cut(task) else result
+
+    def _was_cut(self, task: asyncio.Task[Any]) -> bool:
+        """Whether `abandon` cut `task` off; if so its cancellation is taken back, unless its caller's came too."""
+        if task not in self._cut:
+            return False
+        self._cut.discard(task)
+        return task.uncancel() == 0
 
     async def send(self, row: ToSend) -> RowEnd | None:
         """The row's end, or None when a stop came before its first attempt left (it was not reached).
@@ -136,11 +177,11 @@ class Sender:
         wait before the next attempt, or None when there is none."""
         row = work.send
         try:
-            photo = await self._images.read(row.fingerprint)
+            photo = await self._unless_cut(self._images.read(row.fingerprint))
         except ImageError as exc:
             work.last = self._reject(work, exc.problem.reason, f"at send time: {exc.problem.message}")
             raise _Ended from None
-        if self._stopping():
+        if photo is None or self._stopping():
             # A stop came while the photo was read: no request starts after a stop.
             work.last = self._not_sent(work)
             raise _Ended
@@ -170,9 +211,13 @@ class Sender:
         sent_at = time.perf_counter()
         self.in_flight += 1
         try:
-            verdict = await self._client.send_photo(row.user_id, row.user_created_at, photo.data)
+            answer = await self._unless_cut(
+                self._client.send_photo(row.user_id, row.user_created_at, photo.data)
+            )
         finally:
             self.in_flight -= 1
+        # Cut off by a stop whose time was up: the request may have reached the server, so the row is in doubt.
+        verdict = answer if answer is not None else self._cut_off()
         took = time.perf_counter() - sent_at
         work.latency_ms = round(took * 1000)
         work.doubt, work.verdict = ticket.doubt_before or verdict.may_have_enrolled, verdict
@@ -253,6 +298,10 @@ class Sender:
         self._event(
             logging.WARNING, "rate_lowered", said, pause_s=paused, rate=round(rate, 3), http_status=429
         )
+
+    def _cut_off(self) -> Verdict:
+        """A request `abandon` cut off: no answer, and it may have reached the server."""
+        return classify_transport(NoAnswer(reason=self._abandoned or "abandoned", may_have_reached=True))
 
     async def _withdraw(self, work: _Row, ticket: Ticket) -> RowEnd | None:
         """An attempt recorded but never sent: settled unfinished with no new doubt, so that the ledger never

@@ -47,7 +47,7 @@ class Stops:
         return bool(self.reason)
 
     def stop(self, reason: str, code: int) -> None:
-        """Stop taking new rows; in-flight requests finish and are recorded.
+        """Stop taking new rows and starting requests; those in flight get --stop-timeout (`Engine`) to answer.
 
         The first reason wins, except that a failure (a systemic answer, a full disk) outranks a planned stop
         (--max-duration, exit 0): the exit code must still tell cron something is wrong.
