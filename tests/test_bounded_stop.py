@@ -1,5 +1,5 @@
 """A bounded stop: after a signal or --max-duration, answers are waited for --stop-timeout at most, then the rows
-still on the wire are left in doubt; and no request starts after a stop."""
+still on the wire are left in doubt; no request starts after a stop, and a fleet's unsent claims go back at once."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -313,3 +313,84 @@ async def test_cancelling_a_run_whose_requests_hang_still_cancels_it(
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(run, GENEROUS)
+
+
+# --- a fleet: a SIGTERMed process's unsent claims go back at once, and another process takes them ---
+
+
+@pytest.fixture
+def fleet_sandbox(threaded_sandboxes: ThreadedSandboxes, tmp_path: Path) -> Iterator[Any]:
+    # The first two rows are enrolled, then answered only after a minute; every other answer comes at once.
+    hang = {"user_0000": ["slow"], "user_0001": ["slow"]}
+    yield threaded_sandboxes.start(
+        faults=Faults(script=hang, slow_ms=60_000), request_log=tmp_path / "requests.jsonl"
+    )
+
+
+def test_a_sigtermed_fleet_process_gives_its_unsent_claims_back_at_once_and_another_takes_them(
+    tmp_path: Path, pg_url: str, fleet_sandbox: Any
+) -> None:
+    from backfill.ledger.postgres import PostgresStore
+
+    manifest = write_manifest(tmp_path, simple_rows(12))
+    env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
+
+    def start(name: str, concurrency: int) -> tuple[subprocess.Popen[str], Lines]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url",
+             fleet_sandbox.base_url, "--checkpoint", pg_url, "--out", str(tmp_path / name), "--no-progress",
+             "--concurrency", str(concurrency), "--rate", "50", "--timeout", "120", "--lease", "30",
+             "--stop-timeout", f"{STOP_TIMEOUT:g}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        return process, Lines(process.stderr)
+
+    loop = asyncio.new_event_loop()
+    ledgers: list[PostgresStore] = []  # opened once the first run has made the ledger
+
+    def claimed_by(pid: int) -> int:
+        if not ledgers:
+            ledgers.append(loop.run_until_complete(PostgresStore.open(pg_url, None, writable=False)))
+        found = loop.run_until_complete(ledgers[0].status()).processes
+        return next((p.claimed for p in found if p.pid == pid), 0)
+
+    a, a_said = start("a", concurrency=2)
+    b: subprocess.Popen[str] | None = None
+    try:
+        # A claims all 12 rows (one batch); its two workers send the two rows that hang, and hold the rest.
+        wait_until(lambda: fleet_sandbox.state.total_requests >= 2, "A's two requests on the wire")
+        wait_until(lambda: claimed_by(a.pid) == 12, "A holding every row")
+        assert set(fleet_sandbox.state.requests) == {"user_0000", "user_0001"}
+        b, b_said = start("b", concurrency=4)
+        b_said.wait_for("fleet_joined")  # B is in: it finds nothing to claim, and looks again
+
+        signalled = time.monotonic()
+        a.send_signal(signal.SIGTERM)
+        heard = a_said.wait_for("stopping:")
+        wait_until(lambda: claimed_by(a.pid) <= 2, "A's unsent claims back")
+        back = time.monotonic()
+        assert back - heard <= 1.0, f"A's unsent claims came back {back - heard:.2f}s after it heard SIGTERM"
+
+        assert a.wait(GENEROUS) == 143, a_said.rest()[-3000:]
+        assert time.monotonic() - signalled <= STOP_TIMEOUT + GRACE
+        # B sent the rows A gave back, then the two A abandoned in doubt: their 2209 is ours.
+        assert b.wait(GENEROUS) == 0, b_said.rest()[-3000:]
+    finally:
+        for process in (a, b):
+            if process is not None and process.poll() is None:
+                process.kill()
+        for ledger in ledgers:
+            loop.run_until_complete(ledger.close())
+        loop.close()
+    [a_run] = (tmp_path / "a").iterdir()
+    a_results = {r["user_id"]: r["status"] for r in read_csv(a_run / "results.csv")}
+    assert a_results == {"user_0000": "unknown", "user_0001": "unknown"}
+    assert json.loads((a_run / "summary.json").read_text())["not_reached"] == 10
+    [b_run] = (tmp_path / "b").iterdir()
+    b_results = {r["user_id"]: r["status"] for r in read_csv(b_run / "results.csv")}
+    expected = {f"user_{i:04d}": "enrolled" for i in range(2, 12)}
+    assert b_results == {**expected, "user_0000": "already_enrolled", "user_0001": "already_enrolled"}
+    # Each user enrolled once: the sandbox answered the two resent IDs 2209.
+    state = fleet_sandbox.state
+    assert len(state.enrolled) == 12
+    assert state.enroll_attempts_after_enrolled == {"user_0000": 1, "user_0001": 1}

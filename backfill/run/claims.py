@@ -12,8 +12,9 @@ come back when their lease ends, and some live process finishes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 
 from ..errors import BackfillError
 from ..ledger import Fleet
@@ -45,6 +46,8 @@ class Claims:
         self._given_back: list[int] = []
         self._closing = False
         self._flusher: asyncio.Task[None] | None = None
+        # Set once a stop gives rows back: from then on every flush goes at once, never FINISH_EVERY_S later.
+        self._hurry: asyncio.Event | None = None
 
     @property
     def total(self) -> None:
@@ -72,6 +75,11 @@ class Claims:
         wait = min(1.0, self._fleet.lease_s / 4)
         while not self._stopping():
             claimed = await self._fleet.claim(self._manifest.sha256, self._batch)
+            if self._stopping():
+                # Claimed as the stop came: never this process's to tell, so back to the fleet at once.
+                self._given_back += [c.line for c in claimed.candidates] + [r.line for r in claimed.rejects]
+                self._flush_now()
+                return None
             if claimed.candidates or claimed.rejects:
                 self.responsible += len(claimed.candidates) + len(claimed.rejects)
                 self._lines.update((c.user_id, c.line) for c in claimed.candidates)
@@ -100,6 +108,21 @@ class Claims:
             self._given_back.append(line)
             self._schedule()
 
+    def give_back_unsent(self, in_hand: Collection[str]) -> None:
+        """A stop: every claimed row not finished and not `in_hand` goes back to the fleet now, not at close.
+
+        Still counted in `responsible`: this process took them and didn't reach them (its summary's not reached).
+        """
+        self._given_back += [line for uid, line in self._lines.items() if uid not in in_hand]
+        self._lines = {uid: line for uid, line in self._lines.items() if uid in in_hand}
+        self._flush_now()
+
+    def _flush_now(self) -> None:
+        if self._hurry is None:
+            self._hurry = asyncio.Event()
+        self._hurry.set()  # wakes a flush waiting out FINISH_EVERY_S
+        self._schedule()
+
     def finished(self, user_ids: Sequence[str] = (), lines: Sequence[int] = ()) -> None:
         """These rows ended (in results or rejects): the ledger hears so within FINISH_EVERY_S.
 
@@ -118,7 +141,11 @@ class Claims:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(FINISH_EVERY_S)
+        if self._hurry is None:
+            self._hurry = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FINISH_EVERY_S):
+                await self._hurry.wait()
         try:
             await self._flush()
         except BackfillError as exc:

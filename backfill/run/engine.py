@@ -149,6 +149,7 @@ class Engine:
         self._limited: str | None = None  # the note the progress object was last told
         self._noted: str | None = None  # the note the ledger's runs table holds for this run
         self._queue: asyncio.Queue[plan.ToSend | None] | None = None
+        self._in_hand: set[str] = set()  # rows a worker holds: being sent, or about to be
         self._abandon_at: float | None = None  # on the loop's clock: when a stop stops waiting for answers
 
     # --- stopping ---
@@ -307,13 +308,15 @@ class Engine:
     async def _bounded_stop(self) -> None:
         """What a stop (a signal, --max-duration, a failure) does besides ending the reading of rows.
 
-        Answers in flight are waited for `stop_timeout` seconds at most; then the requests still on the wire are
-        abandoned, their rows in doubt (the ledger holds each attempt as sent), so that the process can write
-        its outputs and exit within an orchestrator's grace period, whatever the API does.
+        At once, every row taken and not in a worker's hands goes back (a fleet's claims: other processes take
+        them now). Answers in flight are waited for `stop_timeout` seconds at most; then the requests still on
+        the wire are abandoned, their rows in doubt (the ledger holds each attempt as sent), so that the process
+        can write its outputs and exit within an orchestrator's grace period, whatever the API does.
         """
         stops = self._stops
         if not stops.stopping:
             await stops.event.wait()
+        self.parts.rows.give_back_unsent(self._in_hand)
         seconds = self.options.stop_timeout
         loop = asyncio.get_running_loop()
         self._abandon_at = loop.time() + seconds
@@ -473,10 +476,11 @@ class Engine:
                 await ahead  # its error, if any, belongs to a chunk that was never used
 
     async def _worker(self, queue: asyncio.Queue[plan.ToSend | None]) -> None:
-        sending = self.parts.sending
+        sending, rows, hand = self.parts.sending, self.parts.rows, self._in_hand
         while (row := await queue.get()) is not None:
             if self.stopping:
                 continue  # dequeued but never sent: counted as not reached
+            hand.add(row.user_id)
             try:
                 sent = await sending.send(row)
                 if sent is not None:
@@ -488,6 +492,11 @@ class Engine:
                 # A bug must not kill this worker silently: with every worker gone the producer would wait on a
                 # full queue for ever. Stop the run as on any local failure, and say what happened.
                 self._fail(InternalError(f"internal error while sending {row.user_id!r}: {error!r}"))
+            finally:
+                hand.discard(row.user_id)
+            if self.stopping:
+                # This row too, unless it finished: the stop ended it unsent, or between two attempts.
+                rows.give_back_unsent(hand)
 
     def _finish(self, row: plan.ToSend, sent: RowEnd) -> None:
         if sent.elsewhere:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from ..errors import InternalError
@@ -26,6 +26,12 @@ class Rows(Protocol):
 
     def handed_back(self, user_id: str) -> None:
         """Another process tells this row now: it is no longer this one's to account for."""
+
+    def give_back_unsent(self, in_hand: Collection[str]) -> None:
+        """A stop came: every row taken, unfinished and not `in_hand` (a worker's) won't be sent from here.
+
+        A fleet's process gives their claims back at once, so that other processes take them now.
+        """
 
     async def close(self) -> None:
         """Every row taken is told for: done with the source."""
@@ -55,6 +61,9 @@ class ManifestRows:
     def handed_back(self, user_id: str) -> None:
         # Only a ledger shared by a fleet says another process sends a row; a row handed to nobody would be lost.
         raise InternalError(f"{user_id!r} was handed to another process, but this run is not part of a fleet")
+
+    def give_back_unsent(self, in_hand: Collection[str]) -> None:
+        pass  # rows read from the manifest are nobody else's: the next run reads them again
 
     async def close(self) -> None:
         pass

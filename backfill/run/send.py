@@ -281,6 +281,7 @@ class Sender:
                 attempts=work.attempts,
                 first_ever=work.first_ever,
                 latency_ms=work.latency_ms,
+                cut_short=answer is None,  # a fleet's other processes may settle it now
             )
             return None
         return verdict, wait
