@@ -15,23 +15,32 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import IO, Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from backfill import compose
 from backfill.config import Settings
 from backfill.images import Fingerprint, Photo
 from backfill.images.local import LocalImageSource
-from backfill.ledger import AttemptRequest, Refused, Ticket
+from backfill.ledger import AttemptRequest, Binding, Refused, RunRecord, Ticket
 from backfill.ledger.sqlite import SqliteStore
+from backfill.manifest import Candidate
+from backfill.run.claims import Claims, FinishingSink
 from backfill.run.engine import Engine
+from backfill.run.records import RejectRow, ResultRow, SkippedRow
 from backfill.sandbox import Faults, start_sandbox
+from backfill.vocab import Status
 
 from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, simple_rows, write_manifest
 from .crash_rig import Chaos, CrashRig
+from .test_fleet import _rows
 
 STOP_TIMEOUT = 2.0  # --stop-timeout in these tests
 GRACE = 5.0  # seconds the issue allows past --stop-timeout for writing the outputs and leaving
@@ -394,3 +403,90 @@ def test_a_sigtermed_fleet_process_gives_its_unsent_claims_back_at_once_and_anot
     state = fleet_sandbox.state
     assert len(state.enrolled) == 12
     assert state.enroll_attempts_after_enrolled == {"user_0000": 1, "user_0001": 1}
+
+
+class Unwritten:
+    """A run's files, left out: the claim stage is what these tests look at."""
+
+    def result(self, row: ResultRow) -> None:
+        pass
+
+    def reject(self, row: RejectRow) -> None:
+        pass
+
+    def skipped(self, rows: Sequence[SkippedRow], finished_at: str) -> None:
+        pass
+
+
+async def stopped_with_rows_in_hand(
+    pg_url: str, ids: list[str], done: set[str], in_hand: set[str], ends: dict[str, str]
+) -> None:
+    """Process A claims every row; some finish; a stop comes with `in_hand` in its workers' hands, which then end
+    as `ends` says (finished, unfinished: stopped between attempts or cut off in doubt, unsent). Process B must
+    be able to take, at once, exactly the rows A will not send, and after A's close exactly those not finished."""
+    from backfill.ledger.postgres import PostgresStore
+
+    line = {uid: i + 2 for i, uid in enumerate(ids)}
+    sha = uuid.uuid4().hex  # a manifest of its own in the one database the examples share
+    binding = Binding(partner_id=PARTNER_ID, endpoint="http://127.0.0.1:1")
+    a = await PostgresStore.open(pg_url, binding, writable=True, lease_s=30)
+    b = await PostgresStore.open(pg_url, binding, writable=True, lease_s=30)
+    try:
+        for store in (a, b):
+            await store.start_run(
+                RunRecord(run_id=uuid.uuid4().hex, started_at="2026-01-01T00:00:00Z", manifest="m")
+            )
+        rows = [
+            Candidate(line=line[u], user_id=u, user_created_at="2021-01-01", image=f"{u}.png") for u in ids
+        ]
+        await a.load(sha, "m.csv", _rows(rows))
+        stopping = False
+        manifest = SimpleNamespace(sha256=sha, path="m.csv")
+        claims = Claims(a, manifest, batch=len(ids), stopping=lambda: stopping, nap=asyncio.sleep)  # type: ignore[arg-type]
+        batch = await claims.next_batch()
+        assert batch is not None and len(batch.candidates) == len(ids)
+        sink = FinishingSink(Unwritten(), claims)
+        for uid in sorted(done):
+            sink.result(ResultRow(user_id=uid, status=Status.ENROLLED))
+
+        stopping = True
+        hand = set(in_hand)
+        claims.give_back_unsent(hand)
+        # Before A closes: B takes every row neither finished nor in a worker's hands, and no other.
+        now = {line[u] for u in ids if u not in done | in_hand}
+        taken: set[int] = set()
+        give_up = time.monotonic() + 10  # one write of A's: only a hang takes this long
+        while taken != now:
+            assert time.monotonic() < give_up, f"B took {sorted(taken)}, not {sorted(now)}"
+            got = {c.line for c in (await b.claim(sha, len(ids))).candidates}
+            assert not got & taken and got <= now, f"B took {sorted(got)} of {sorted(now)}"
+            taken |= got
+            await asyncio.sleep(0.01)
+
+        for uid, end in sorted(ends.items()):
+            if end == "finished":
+                sink.result(ResultRow(user_id=uid, status=Status.ENROLLED))
+            elif end == "unfinished":
+                sink.result(ResultRow(user_id=uid, status=Status.UNKNOWN, unfinished=True))
+            hand.discard(uid)  # "unsent": the sender returned nothing, and nothing is told
+            claims.give_back_unsent(hand)
+        await claims.close()
+        later = {line[u] for u, end in ends.items() if end != "finished"}
+        assert {c.line for c in (await b.claim(sha, len(ids))).candidates} == later
+        finished = len(done) + sum(end == "finished" for end in ends.values())
+        assert await a.unfinished(sha) == len(ids) - finished
+    finally:
+        await a.close()
+        await b.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_stop_gives_back_at_once_exactly_the_claimed_rows_it_will_not_send(pg_url: str, data: Any) -> None:
+    ids = [f"u{i}" for i in range(data.draw(st.integers(1, 10), label="rows"))]
+    done = data.draw(st.sets(st.sampled_from(ids)), label="finished before the stop")
+    rest = [u for u in ids if u not in done]
+    in_hand = data.draw(st.sets(st.sampled_from(rest)) if rest else st.just(set()), label="in hand")
+    ways = st.sampled_from(["finished", "unfinished", "unsent"])
+    ends = {u: data.draw(ways, label=f"{u} ends") for u in sorted(in_hand)}
+    asyncio.run(stopped_with_rows_in_hand(pg_url, ids, done, in_hand, ends))
