@@ -1,5 +1,4 @@
-"""A bounded stop: after a signal or --max-duration, answers are waited for --stop-timeout at most, then the rows
-still on the wire are left in doubt; no request starts after a stop, and a fleet's unsent claims go back at once."""
+"""A bounded stop: answers awaited --stop-timeout at most, the rest left in doubt; none sent after; claims back at once."""
 
 from __future__ import annotations
 

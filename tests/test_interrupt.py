@@ -1,4 +1,4 @@
-"""Ctrl-C in a real process: the first is acknowledged at once, a second leaves no empty file under a final name."""
+"""Ctrl-C in a real process: the first is said at once with its bound, a second leaves no empty file under a final name."""
 
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def test_first_ctrl_c_is_acknowledged_at_once_naming_the_requests_in_flight(runn
     # Said while the 4 s answers are still on their way: the process has not finished stopping.
     assert running.process.poll() is None
     assert "4 requests in flight" in said and "press Ctrl-C again to leave now" in said
+    assert "answers awaited 20s at most (--stop-timeout)" in said  # how long, at most: the default
     assert running.process.wait(GENEROUS) == 130
     assert (next(running.out.iterdir()) / "summary.json").exists()
 
