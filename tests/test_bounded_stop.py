@@ -440,7 +440,7 @@ async def stopped_with_rows_in_hand(
         ]
         await a.load(sha, "m.csv", _rows(rows))
         stopping = False
-        manifest = SimpleNamespace(sha256=sha, path="m.csv")
+        manifest = SimpleNamespace(sha256=sha, name="m.csv")
         claims = Claims(a, manifest, batch=len(ids), stopping=lambda: stopping, nap=asyncio.sleep)  # type: ignore[arg-type]
         batch = await claims.next_batch()
         assert batch is not None and len(batch.candidates) == len(ids)

@@ -161,6 +161,9 @@ def setup_logging(settings: Settings, bar_shown: bool) -> None:
         other = logging.StreamHandler(sys.stderr)
         other.setFormatter(formatter)
         other.setLevel(logging.WARNING)
+        # psycopg's pool warns of every failed reconnect in an outage; the ledger says the outage itself, once
+        # (ledger_unreachable), and the text format never showed the pool's lines either.
+        other.addFilter(lambda record: not record.name.startswith("psycopg"))
         logging.getLogger().addHandler(other)
         _terminal.root_handlers = (other,)
         logging.captureWarnings(True)
