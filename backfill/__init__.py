@@ -1,3 +1,5 @@
 """backfill: enroll a partner's existing users into Smile ID, resumably and exactly once per user_id."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__"]

@@ -83,7 +83,7 @@ def inside(module: str, place: str) -> bool:
 # --- the rules ----------------------------------------------------------------------------------------------
 
 EVERY = frozenset(room(m) for m in modules(PACKAGE))
-BASE = frozenset({"errors", "vocab", "clock", "redact"})
+BASE = frozenset({"errors", "vocab", "clock", "redact", "version"})
 LIBRARY = frozenset({"run", "ledger", "images", "api", "manifest", "remote_manifest", "sandbox"})
 
 
@@ -130,7 +130,7 @@ RULES = (
     rule({"config"}, EVERY - BASE - {"config"},
          "settings are values resolved from text: they need nothing above the base"),
     rule(BASE, EVERY - BASE,
-         "the base (errors, vocab, clock, redact) is the ground floor: it imports nothing else of backfill"),
+         "the base (errors, vocab, clock, redact, version) is the ground floor: it imports nothing else of backfill"),
 )
 
 # (importing file, forbidden place): why it is still there. Each is to be removed, and its entry with it.
@@ -272,7 +272,7 @@ def test_the_reader_sees_imports_inside_functions_and_relative_ones_from_any_dep
         "backfill.preflight",
     ) in seen  # `from .. import preflight`, in `check`
     assert ("backfill/cli/__init__.py", "backfill.sandbox") in seen  # `from ..sandbox import …`, in `demo`
-    assert ("backfill/outputs/report/render.py", "backfill") in seen  # `from ... import __version__`
+    assert ("backfill/outputs/report/render.py", "backfill.version") in seen  # `from ...version import …`
     assert ("backfill/compose.py", "backfill.config") in seen  # `from .config import …`
 
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .. import __version__, compose
+from .. import compose
 from ..config import Settings, early_log_format, flag_for
 from ..errors import ConfigError
 from ..ledger import LedgerStatus, RunRecord
@@ -27,6 +27,7 @@ from ..outputs import files as rs
 from ..redact import scrub
 from ..run.records import Summary
 from ..run.stops import Leaving
+from ..version import __version__
 from ..vocab import EXIT_FIXES, RETRYABLE_STATES, TRANSIENT_STATES, ExitCode, Status
 from ._common import (
     LOCAL_PARTNER_ID,

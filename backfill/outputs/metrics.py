@@ -9,9 +9,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from .. import __version__
 from ..config import listen_address
 from ..errors import ConfigError
+from ..version import __version__
 from ..vocab import Kind, Status
 
 # Seconds: from a fast sandbox answer to the client's --timeout (60 s by default).

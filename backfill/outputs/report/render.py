@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cache
 from typing import TYPE_CHECKING
 
-from ... import __version__
+from ...version import __version__
 from .migration import MigrationPage
 from .page import Page
 
