@@ -33,6 +33,8 @@ DERIVED_LEDGER = (
 )
 DATA_DIR = Path("~/.local/share/backfill")  # where default ledgers live, unless XDG_DATA_HOME says otherwise
 ENV_PREFIX = "BACKFILL_"
+# Where a setting came from when a Python caller gave it as a keyword (backfill.run(manifest, rate=20)).
+ARGUMENT = "python argument"
 
 
 # --- parsing of single values: each returns the value or raises ValueError with a human reason ---
@@ -866,9 +868,17 @@ _BY_NAME: Mapping[str, Spec] = {name: s for s in SPECS.values() for name in (s.k
 _BY_VARIABLE: Mapping[str, Spec] = {var: s for s in SPECS.values() for var in s.variables}
 # Read by load_settings itself: columns merge role by role; the API key is checked without ever being shown.
 _READ_APART = frozenset({"columns", "api_key"})
-# Keys only the YAML may set; `api_key` is named so the error can say why it is refused.
+# Keys only the YAML (and a Python caller, who sets the file's keys) may set; `api_key` is named so the error can
+# say why it is refused.
 _YAML_ONLY = {"api_key_file"}
 _CREDENTIALS = frozenset({"partner_id", "api_key", "api_key_file"})
+# (problem, fix) for the key itself given as a key of the file, or as a Python caller's keyword.
+_KEY_IN_FILE = ("the API key must never be stored in the config file", SPECS["api_key"].fix)
+_KEY_AS_ARGUMENT = (
+    "the API key is never an argument: an orchestrator shows a task's arguments in its UI and logs",
+    "export SMILE_API_KEY (or put it in the environment mapping given with the settings), or name a file "
+    "holding it with api_key_file=",
+)
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9@._-]")
@@ -890,10 +900,13 @@ def load_settings(
     *,
     need_credentials: bool = True,
     defer_credentials: bool = False,
+    arguments: Mapping[str, object] | None = None,
 ) -> Settings:
     """Resolve settings from every layer; the first problem raises ConfigError naming key, source, fix.
 
     `flags` is the top layer, by setting key (or old name): the CLI's option values, None where not given.
+    `arguments`, above even that: a Python caller's keywords, by the config file's keys (`ARGUMENT` is their
+    source), read as the file's values are, but for the YAML's own typing (a number for text is simply wrong).
     `defer_credentials` (with need_credentials=False): a credential given but unusable doesn't raise; it is
     left unset and its error kept in `credential_problems`, for a caller that reports every problem at once.
     """
@@ -932,9 +945,11 @@ def load_settings(
         for role, name in _column_roles(raw, source, written).items():
             columns[role], column_sources[role] = name, source
 
-    if config_file is not None:
-        where = f"config file {config_file}"
-        data, written = _read_yaml(config_file)
+    def put_keys(
+        data: Mapping[str, object], where: str, written: Mapping[str, str] | None, base: Path
+    ) -> None:
+        """The config file's keys (or a Python caller's), from `where`; `written`: the YAML's scalars as typed
+        (None: not YAML); `base`: the folder a relative `api_key_file` is in."""
         for spec in SPECS.values():
             _refuse_both_names(spec, [(k, data[k], where) for k in (*spec.aliases, spec.key) if k in data])
         for key, raw in data.items():
@@ -942,10 +957,7 @@ def load_settings(
             if key == "api_key":
                 refuse(
                     ConfigError(
-                        "api_key",
-                        where,
-                        "the API key must never be stored in the config file",
-                        SPECS["api_key"].fix,
+                        "api_key", where, *(_KEY_IN_FILE if written is not None else _KEY_AS_ARGUMENT)
                     )
                 )
                 continue
@@ -954,17 +966,24 @@ def load_settings(
                 close = difflib.get_close_matches(str(key), [*known, *_YAML_ONLY], n=1)
                 hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
                 raise ConfigError(str(key), where, "unknown key", f"remove it or fix its name ({hint})")
-            if named is not None and named.text and isinstance(raw, bool | int | float | date):
+            if (
+                written is not None
+                and named is not None
+                and named.text
+                and isinstance(raw, bool | int | float | date)
+            ):
                 refuse(_not_text(key, raw, written.get(key), where))
                 continue
             if named is None:  # api_key_file
-                key_from(
-                    functools.partial(_read_key_file, raw, config_file, where), f"{where} (api_key_file)"
-                )
+                key_from(functools.partial(_read_key_file, raw, base, where), f"{where} (api_key_file)")
             elif named.key == "columns":
-                put_columns(raw, where, written)
+                put_columns(raw, where, written or {})
             else:
                 put(named, key, raw, where)
+
+    if config_file is not None:
+        data, written = _read_yaml(config_file)
+        put_keys(data, f"config file {config_file}", written, config_file.parent)
 
     for spec in SPECS.values():
         given = [(var, environ[var], f"environment {var}") for var in spec.variables if var in environ]
@@ -1005,6 +1024,8 @@ def load_settings(
                     put_columns(flags[name], source, {})
             else:
                 put(spec, name, flags[name], source)
+    if arguments:
+        put_keys(arguments, ARGUMENT, None, Path.cwd())
 
     if "ledger" not in values:
         # Said where the path comes from: a user who sees it change with the partner or the URL knows why.
@@ -1284,12 +1305,15 @@ def _columns_source(role_sources: Mapping[str, str]) -> str:
     return "; ".join(f"{role} from {role_sources[role]}" for role in COLUMN_KEYS if role in role_sources)
 
 
-def _read_key_file(raw: object, config_file: Path, where: str) -> Secret:
+def _read_key_file(raw: object, base: Path, where: str) -> Secret:
+    """The key in the file `raw` names; a relative path is in `base` (the config file's folder)."""
+    if isinstance(raw, os.PathLike):
+        raw = os.fspath(raw)
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError("api_key_file", where, "must be a path", "give the path of a file holding the key")
     path = Path(raw).expanduser()
     if not path.is_absolute():
-        path = config_file.parent / path
+        path = base / path
     try:
         key = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:

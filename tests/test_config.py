@@ -459,6 +459,23 @@ def test_a_bad_base_url_is_a_config_error_not_a_traceback(tmp_path: Path, url: s
     assert "s3cret" not in done.stderr and "base_url" in done.stderr
 
 
+def test_a_python_callers_arguments_are_the_files_keys_on_top_of_every_layer(tmp_path: Path) -> None:
+    config = write(tmp_path, "rate: 5\nconcurrency: 3\n")
+    environ = {**CREDS, "BACKFILL_RATE": "6", "BACKFILL_CONCURRENCY": "4"}
+    s = load_settings(config, environ, {"rate": 8.0}, arguments={"rate": 9, "checkpoint": tmp_path / "l.db"})
+    assert (s.rate, s.concurrency, s.ledger) == (9.0, 4, tmp_path / "l.db")
+    assert s.sources["rate"] == s.sources["ledger"] == "python argument"
+    # The key itself is refused as an argument (orchestrators show a task's arguments), and never repeated.
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, CREDS, arguments={"api_key": "k-shown-nowhere"})
+    assert (info.value.key, info.value.source) == ("api_key", "python argument")
+    assert "SMILE_API_KEY" in info.value.fix and "k-shown-nowhere" not in str(info.value)
+    # A number where text is meant is simply wrong in Python, not YAML's reading of what was typed.
+    with pytest.raises(ConfigError, match="85 is not text") as info:
+        load_settings(None, CREDS, arguments={"partner_id": 85})
+    assert "was read as" not in info.value.problem
+
+
 # --- settings as the CLI takes them: states, credentials, variables, --help, config show, the manifest's format -
 
 
