@@ -834,3 +834,20 @@ def _bad_states(wrong: Collection[State]) -> Exception:
         f"{', '.join(sorted(wrong)) or 'nothing'} can't be retried",
         f"name some of {', '.join(sorted(RETRYABLE_STATES))}",
     )
+
+
+def stop_on_signals(engine: Engine) -> Callable[[], None]:
+    """For a library caller that asks for it: SIGINT and SIGTERM stop `engine`'s run as they stop the CLI's
+    (`_stop_on_signals`). The function returned takes the handlers away again and puts back those before, so that
+    the caller's process is left as it was found."""
+    loop = asyncio.get_running_loop()
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    _stop_on_signals(engine, None)
+
+    def undo() -> None:
+        for signum, handler in before.items():
+            loop.remove_signal_handler(signum)
+            if handler is not None:  # None: set from outside Python, which can't be put back from here
+                signal.signal(signum, handler)
+
+    return undo

@@ -102,6 +102,9 @@ def rule(bound: set[str] | frozenset[str], never: set[str] | frozenset[str], why
 RULES = (
     rule(EVERY - {"cli", "__main__"}, {"cli"},
          "the click layer is the top floor: only `python -m backfill` enters it"),
+    rule(EVERY - {"__init__"}, {"__init__", "python_api"},
+         "the package's face (its __init__ and the Python API it exports) is a top floor too, beside the CLI: "
+         "nothing below reaches it, and the two faces never call each other"),
     rule(LIBRARY, {"compose", "preflight", "outputs", "cli"},
          "the library is handed its collaborators and hands its rows to a sink: it never reaches up to the "
          "root, the checks, the outputs or the face"),
