@@ -11,6 +11,9 @@ import asyncio
 import importlib
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,7 +31,9 @@ from backfill import python_api
 from backfill.ledger.sqlite import acquire_lock
 from backfill.sandbox import Faults, RunningSandbox, start_sandbox
 
-from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, simple_rows, write_manifest
+from .conftest import API_KEY, PARTNER_ID, ThreadedSandboxes, simple_rows, spawn_sandbox, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
 
 CREDS = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
 GENEROUS = 60.0  # seconds: only a hang fails on time
@@ -380,3 +385,47 @@ def test_a_signal_stops_a_real_process_cleanly(
     summary = json.loads((the_run_dir(out) / "summary.json").read_text())
     assert summary["stop_reason"] == reason and summary["exit_code"] == code
     assert "enrolled" not in summary["counts"]  # nothing was answered
+
+
+# --- the README's example -------------------------------------------------------------------------------------
+
+
+def test_the_readmes_python_api_example_runs_as_written(tmp_path: Path) -> None:
+    """The section's shell lines start the sandbox (on a free port here) with the credentials they export; each
+    Python block then runs as written, from a folder holding sample_data/, and says what the README shows."""
+    section = (REPO / "README.md").read_text().split("## Python API\n", 1)[1].split("\n## ", 1)[0]
+    page = read_text_blocks(section)
+    shell = next(text for lang, text in page if lang == "sh")
+    exported = next(line for line in shell.splitlines() if line.startswith("export "))
+    env = {**os.environ, **dict(w.split("=", 1) for w in shlex.split(exported)[1:])}
+    env.pop("BACKFILL_OUT", None)
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")  # the default ledger, in a folder of the test's own
+    shutil.copytree(REPO / "backfill" / "demo", tmp_path / "sample_data")
+    assert "backfill sandbox &" in shell
+    sandbox, base_url = spawn_sandbox([], env)
+    try:
+        env["BACKFILL_BASE_URL"] = base_url  # where the sandbox listens, as the README says to set it
+        said = []
+        for lang, text in page:
+            if lang != "python":
+                continue
+            done = subprocess.run(
+                [sys.executable, "-c", text], cwd=tmp_path, env=env, capture_output=True, text=True,
+                timeout=GENEROUS,
+            )  # fmt: skip
+            assert done.returncode == 0 and done.stderr == "", done.stderr
+            said.append(done.stdout.strip())
+    finally:
+        sandbox.terminate()
+        sandbox.wait(GENEROUS)
+    shown = next(text for lang, text in page if lang == "text")
+    assert said[0].startswith(
+        shown.split(" outputs in ")[0] + " outputs in " + str(tmp_path / "backfill-out")
+    )
+    # Run again, the deadline example sends nothing new: every valid user is already enrolled.
+    assert said[1:] == ["exit 1: {'rejected': 9, 'skipped': 15}"]
+
+
+def read_text_blocks(markdown: str) -> list[tuple[str, str]]:
+    """(language, text) of each fenced block of `markdown`, in order."""
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```$", markdown, re.M | re.S)]
