@@ -6,13 +6,13 @@ Settings are the config file's keys, read by the same machinery as every other l
 `config.ARGUMENT`), above the environment and an optional config file; the credentials come from the environment
 as for the CLI. A call never prints, never exits the process and installs no signal handler unless asked. What
 the CLI exits 2, 3 or 4 with is raised as the project's exception carrying that exit code; any other outcome is a
-`RunResult`. Cancelling the task stops the run as a first signal does; cancelling it again leaves at once, as a
-second signal does.
+`RunResult`. Cancelling the task stops the run as a first signal does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -86,7 +86,11 @@ def run(
     **settings: object,
 ) -> RunResult:
     """One backfill of `manifest` (a path, or an s3://, gs://, az:// or https:// URL), in an event loop of its
-    own; see `arun`. Ctrl-C stops it as a cancellation does, then raises KeyboardInterrupt."""
+    own; see `arun`.
+
+    An exception that interrupts the call (Ctrl-C's KeyboardInterrupt, or what a host's own SIGTERM handler
+    raises, as Airflow's and Dagster's do) stops the run as a cancellation does, and then goes on.
+    """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -95,9 +99,25 @@ def run(
         raise RuntimeError(
             "backfill.run() can't start a loop inside a running event loop: await backfill.arun()"
         )
-    return asyncio.run(
-        arun(manifest, config=config, environ=environ, handle_signals=handle_signals, **settings)
-    )
+    main: asyncio.Task[RunResult] | None = None
+
+    async def go() -> RunResult:
+        nonlocal main
+        main = asyncio.current_task()
+        return await arun(manifest, config=config, environ=environ, handle_signals=handle_signals, **settings)
+
+    # asyncio.Runner, as asyncio.run: a first Ctrl-C cancels the run's task (a stop, not an exception mid-step).
+    with asyncio.Runner() as runner:
+        try:
+            return runner.run(go())
+        except BaseException:
+            # Only the run's task is cancelled, and waited for: closing the runner would cancel every task of the
+            # loop at once, the engine's own among them, which is a crash, not a stop.
+            if main is not None and not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    runner.get_loop().run_until_complete(main)
+            raise
 
 
 async def arun(
@@ -116,9 +136,10 @@ async def arun(
     the run as they stop the CLI's, until it ends (main thread only; a second signal ends the process at once).
 
     Raises ConfigError, ManifestError, OutputError or LedgerError (exit_code 2), LedgerLocked (3), SystemicStop
-    (4, with the run's result), InternalError (70). Cancelled, the run stops taking rows, its requests in flight
-    are recorded and its outputs written, and CancelledError is raised again; cancelled a second time while it
-    stops, it is left at once (attempts in flight stay in doubt in the ledger until a re-run settles them).
+    (4, with the run's result), InternalError (70). Cancelled, the run stops as on a first signal (no new request
+    starts, those in flight are recorded, the outputs are written: summary.json's exit code is 143), and then
+    CancelledError is raised again; cancelled again while it stops, the stop goes on. Cancel this task, not the
+    whole loop: the engine's own tasks are not to be cancelled from outside.
     """
     loaded = _settings(config, environ, settings)
     if handle_signals and threading.current_thread() is not threading.main_thread():
@@ -174,17 +195,19 @@ def _quiet_unless_configured() -> None:
 
 
 async def _stop(work: asyncio.Future[Summary], engines: list[Engine]) -> None:
-    """The caller cancelled: stop as on a first signal and wait for the run to end; cancelled again, leave at
-    once, as a second signal does."""
+    """The caller cancelled: stop as on a first signal, and wait for the run to end.
+
+    Cancelled again meanwhile, the stop goes on: it is bounded (no new request starts; those in flight are waited
+    for as the engine's stop says), and it is what writes the outputs. A library can't leave the process at once
+    as a second signal does, and cutting the run's task short would leave a run folder with no summary.json.
+    """
     if engines:
         engines[0].stop(CANCELLED, ExitCode.SIGTERM)
     else:
         work.cancel()  # nothing sent yet: the run is only being set up
     while not work.done():
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({work})
-        except asyncio.CancelledError:
-            work.cancel()
     if not work.cancelled() and (error := work.exception()) is not None:
         # The caller asked for a stop and hears CancelledError; what went wrong while stopping is logged.
         log.warning("while stopping: %s", error, extra={"event": "stop_failed", "fields": {}})

@@ -276,26 +276,29 @@ async def test_cancelling_the_task_stops_the_run_as_a_first_signal_does(
     assert ledger_states(tmp_path / "ledger.sqlite") == {"enrolled": 4}
 
 
-async def test_cancelled_again_while_stopping_the_run_is_left_and_a_rerun_owns_its_2209s(
+async def test_cancelled_again_the_stop_goes_on_and_a_rerun_owns_the_rows_it_left_in_doubt(
     tmp_path: Path,
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(8))
     enrolled = tmp_path / "sandbox-state.jsonl"  # the API's memory, across the two sandboxes
+    # Answers never come: the stop ends when the requests in flight time out (timeout 2 s).
+    given = settings(None, tmp_path, timeout=2)
     async with await start_sandbox(PARTNER_ID, API_KEY, faults=HELD, state_file=enrolled) as server:
-        task = asyncio.create_task(backfill.arun(manifest, environ=CREDS, **settings(server, tmp_path)))
+        task = asyncio.create_task(backfill.arun(manifest, environ=CREDS, base_url=server.base_url, **given))
         await requests_reach(server, 4)
         task.cancel()
         await settle()
-        assert not task.done()  # stopping: waiting for the 4 answers, which never come
-        task.cancel()
+        assert not task.done()  # stopping: waiting for the 4 answers
+        task.cancel()  # changes nothing: the stop goes on, and writes the outputs
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert not (the_run_dir(tmp_path / "out") / "summary.json").exists()  # its absence: not finished
-        assert ledger_states(tmp_path / "ledger.sqlite") == {"sending": 4}  # in doubt, never "not sent"
         port = urlsplit(server.base_url).port  # the ledger is bound to the endpoint: the same one again
+    summary = json.loads((the_run_dir(tmp_path / "out") / "summary.json").read_text())
+    assert summary["counts"] == {"unknown": 4} and summary["stop_reason"] == python_api.CANCELLED
+    assert ledger_states(tmp_path / "ledger.sqlite") == {"unknown": 4}  # in doubt: never "not sent"
 
     async with await start_sandbox(PARTNER_ID, API_KEY, state_file=enrolled, port=port or 0) as server:
-        again = await backfill.arun(manifest, environ=CREDS, **settings(server, tmp_path))
+        again = await backfill.arun(manifest, environ=CREDS, base_url=server.base_url, **given)
     # The 4 left in doubt had reached the API: its 2209 for them is ours, never someone else's.
     assert again.counts == {"already_enrolled": 4, "enrolled": 4} and again.exit_code == 0
 
@@ -327,7 +330,12 @@ class Child:
         )  # fmt: skip
 
     def finish(self) -> tuple[int, str, str]:
-        out, err = self.process.communicate(timeout=GENEROUS)
+        try:
+            out, err = self.process.communicate(timeout=GENEROUS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, err = self.process.communicate()
+            raise AssertionError(f"the process did not end: {err}") from None
         return self.process.returncode, out, err
 
 
@@ -344,13 +352,22 @@ def wait_for_requests(server: RunningSandbox, count: int) -> None:
 
 
 CHILD = """\
-import json, sys, backfill
+import json, signal, sys, backfill
+
+class Interrupted(Exception):
+    pass
+
+def interrupted(signum, frame):
+    raise Interrupted(signum)  # as Airflow's and Dagster's own SIGTERM handlers do
+
+if sys.argv[5] == "host":
+    signal.signal(signal.SIGTERM, interrupted)
 try:
     r = backfill.run(sys.argv[1], env="local", base_url=sys.argv[2], out=sys.argv[3], ledger=sys.argv[4],
                      concurrency=4, timeout=2, handle_signals=sys.argv[5] == "yes")
     print(json.dumps({"exit_code": r.exit_code, "run_dir": str(r.run_dir)}))
-except KeyboardInterrupt:
-    print("KeyboardInterrupt")
+except (KeyboardInterrupt, Interrupted) as error:
+    print(type(error).__name__)
 """
 
 
@@ -361,8 +378,10 @@ except KeyboardInterrupt:
         (signal.SIGTERM, "yes", '"exit_code": 143', "interrupted by SIGTERM", 143),
         # Not asked: Ctrl-C cancels the blocking call's run (a clean stop), then KeyboardInterrupt as usual.
         (signal.SIGINT, "no", "KeyboardInterrupt", python_api.CANCELLED, 143),
+        # Not asked, and the host's own SIGTERM handler raises: the run stops cleanly before that goes on.
+        (signal.SIGTERM, "host", "Interrupted", python_api.CANCELLED, 143),
     ],
-    ids=["sigterm-handled", "ctrl-c-cancels"],
+    ids=["sigterm-handled", "ctrl-c-cancels", "host-handler-raises"],
 )
 def test_a_signal_stops_a_real_process_cleanly(
     tmp_path: Path,
@@ -384,7 +403,7 @@ def test_a_signal_stops_a_real_process_cleanly(
     assert exited == 0 and said in stdout, stderr
     summary = json.loads((the_run_dir(out) / "summary.json").read_text())
     assert summary["stop_reason"] == reason and summary["exit_code"] == code
-    assert "enrolled" not in summary["counts"]  # nothing was answered
+    assert summary["counts"] == {"unknown": 4} and summary["not_reached"] == 16
 
 
 # --- the README's example -------------------------------------------------------------------------------------
