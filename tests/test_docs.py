@@ -31,7 +31,7 @@ from backfill.config import load_settings
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted(
     [REPO / "README.md", *(REPO / "docs").glob("*.md"), REPO / "benchmarks" / "README.md",
-     REPO / "sample_data" / "README.md"]
+     REPO / "sample_data" / "README.md", REPO / "deploy" / "README.md"]
 )  # fmt: skip
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console"}
 # `python -m` modules of this repository: their options are checked too.
