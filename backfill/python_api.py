@@ -218,7 +218,7 @@ def _result(summary: Summary, warnings: tuple[str, ...]) -> RunResult:
         summary.out_dir
     ).absolute()  # a caller may change folders later; the run's folder stays put
     result = RunResult(
-        exit_code=summary.exit_code,
+        exit_code=int(summary.exit_code),
         counts=dict(summary.counts),
         run_dir=run_dir,
         summary=json.loads((run_dir / "summary.json").read_text(encoding="utf-8")),
