@@ -154,18 +154,24 @@ async def arun(
         log.warning(warning, extra={"event": "setting_ignored", "fields": {}})
     engines: list[Engine] = []
     undo: list[Callable[[], None]] = []
+    cancelled = False
 
     def ready(engine: Engine) -> None:
         engines.append(engine)
         if handle_signals:
             undo.append(compose.stop_on_signals(engine))
+        if cancelled:  # while the run was being set up: it stops before its first request
+            engine.stop(CANCELLED, ExitCode.SIGTERM)
 
     work = asyncio.ensure_future(compose.run(loaded, os.fspath(manifest), engine_ready=ready))
     try:
         try:
             await asyncio.wait({work})  # a cancellation of this task lands here, and leaves `work` running
         except asyncio.CancelledError:
-            await _stop(work, engines)
+            cancelled = True
+            if engines:
+                engines[0].stop(CANCELLED, ExitCode.SIGTERM)
+            await _stopped(work)
             raise
     finally:
         for step in undo:
@@ -194,17 +200,14 @@ def _quiet_unless_configured() -> None:
         log.addHandler(_quiet)
 
 
-async def _stop(work: asyncio.Future[Summary], engines: list[Engine]) -> None:
-    """The caller cancelled: stop as on a first signal, and wait for the run to end.
+async def _stopped(work: asyncio.Future[Summary]) -> None:
+    """Wait for a run the caller cancelled to end its stop, as on a first signal.
 
-    Cancelled again meanwhile, the stop goes on: it is bounded (no new request starts; those in flight are waited
-    for as the engine's stop says), and it is what writes the outputs. A library can't leave the process at once
-    as a second signal does, and cutting the run's task short would leave a run folder with no summary.json.
+    The run's task itself is never cancelled: its stop is bounded (no new request starts; those in flight are
+    waited for as the engine's stop says), writes the outputs, and leaves nothing half-open (a ledger being opened
+    in a thread, say). Cancelled again meanwhile, the stop goes on: a library can't leave the process at once as a
+    second signal does, and cutting the run short would leave a run folder with no summary.json.
     """
-    if engines:
-        engines[0].stop(CANCELLED, ExitCode.SIGTERM)
-    else:
-        work.cancel()  # nothing sent yet: the run is only being set up
     while not work.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({work})
@@ -214,9 +217,8 @@ async def _stop(work: asyncio.Future[Summary], engines: list[Engine]) -> None:
 
 
 def _result(summary: Summary, warnings: tuple[str, ...]) -> RunResult:
-    run_dir = Path(
-        summary.out_dir
-    ).absolute()  # a caller may change folders later; the run's folder stays put
+    # Absolute: a caller may change folders later, and the run's folder stays where it is.
+    run_dir = Path(summary.out_dir).absolute()
     result = RunResult(
         exit_code=int(summary.exit_code),
         counts=dict(summary.counts),

@@ -276,6 +276,27 @@ async def test_cancelling_the_task_stops_the_run_as_a_first_signal_does(
     assert ledger_states(tmp_path / "ledger.sqlite") == {"enrolled": 4}
 
 
+async def test_cancelled_while_it_is_set_up_the_run_stops_before_its_first_request(
+    tmp_path: Path, held: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(10))
+    task = asyncio.create_task(backfill.arun(manifest, environ=CREDS, **settings(held, tmp_path)))
+    await asyncio.sleep(
+        0
+    )  # the call has started the run, which is reading its manifest and opening its ledger
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert held.state.total_requests == 0
+    summary = json.loads((the_run_dir(tmp_path / "out") / "summary.json").read_text())
+    assert summary["stop_reason"] == python_api.CANCELLED and summary["not_reached"] == 10
+    # Nothing was left open: the ledger is free for the next run, which sends every row.
+    held.release_held()
+    assert (await backfill.arun(manifest, environ=CREDS, **settings(held, tmp_path))).counts == {
+        "enrolled": 10
+    }
+
+
 async def test_cancelled_again_the_stop_goes_on_and_a_rerun_owns_the_rows_it_left_in_doubt(
     tmp_path: Path,
 ) -> None:
