@@ -1,8 +1,9 @@
 """The Python API an orchestrator calls: `backfill.run` and `backfill.arun`, against the real sandbox and ledger.
 
-What a call returns and raises, where its settings come from, and how it stops: cancelled once, as a first signal
-stops the CLI; cancelled again, left at once, as a second signal leaves; Ctrl-C in the blocking form; a signal
-only when asked. Signals and printing are checked on real processes.
+What a call returns and raises, where its settings come from, and how it stops: cancelled, as a first signal stops
+the CLI (while it is set up, and again while it stops); interrupted in the blocking form (Ctrl-C, a host's own
+SIGTERM handler); by a signal only when asked. Signals and printing are checked on real processes; the README's
+example is run as written.
 """
 
 from __future__ import annotations
@@ -37,9 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 CREDS = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
 GENEROUS = 60.0  # seconds: only a hang fails on time
-HELD = Faults(
-    latency_ms=600_000
-)  # every answer waits until the test releases it (RunningSandbox.release_held)
+# Every answer waits until the test releases it (RunningSandbox.release_held); requests are taken, and enroll, at once.
+HELD = Faults(latency_ms=600_000)
 
 
 def settings(server: RunningSandbox | None, tmp_path: Path, **more: Any) -> dict[str, Any]:
@@ -118,8 +118,11 @@ def test_a_call_prints_nothing_even_with_warnings_and_no_logging_configured(
     env = {**os.environ, **CREDS, "XDG_DATA_HOME": str(tmp_path / "data"), "BACKFILL_RAET": "5"}
     done = subprocess.run(
         [sys.executable, "-c", script, str(manifest), server.base_url, str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=GENEROUS,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=GENEROUS,
+    )
     assert done.stderr == "" and done.returncode == 0
     said = json.loads(done.stdout)
     assert said["exit_code"] == 1 and said["counts"] == {"enrolled": 2, "failed": 1}
@@ -281,9 +284,8 @@ async def test_cancelled_while_it_is_set_up_the_run_stops_before_its_first_reque
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(10))
     task = asyncio.create_task(backfill.arun(manifest, environ=CREDS, **settings(held, tmp_path)))
-    await asyncio.sleep(
-        0
-    )  # the call has started the run, which is reading its manifest and opening its ledger
+    # One step: the call has started the run, which is reading its manifest and opening its ledger.
+    await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -292,9 +294,8 @@ async def test_cancelled_while_it_is_set_up_the_run_stops_before_its_first_reque
     assert summary["stop_reason"] == python_api.CANCELLED and summary["not_reached"] == 10
     # Nothing was left open: the ledger is free for the next run, which sends every row.
     held.release_held()
-    assert (await backfill.arun(manifest, environ=CREDS, **settings(held, tmp_path))).counts == {
-        "enrolled": 10
-    }
+    again = await backfill.arun(manifest, environ=CREDS, **settings(held, tmp_path))
+    assert again.counts == {"enrolled": 10}
 
 
 async def test_cancelled_again_the_stop_goes_on_and_a_rerun_owns_the_rows_it_left_in_doubt(
@@ -346,9 +347,12 @@ class Child:
 
     def __init__(self, script: str, *args: str, env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", script, *args], env={**os.environ, **env},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [sys.executable, "-c", script, *args],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def finish(self) -> tuple[int, str, str]:
         try:
@@ -450,9 +454,13 @@ def test_the_readmes_python_api_example_runs_as_written(tmp_path: Path) -> None:
             if lang != "python":
                 continue
             done = subprocess.run(
-                [sys.executable, "-c", text], cwd=tmp_path, env=env, capture_output=True, text=True,
+                [sys.executable, "-c", text],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
                 timeout=GENEROUS,
-            )  # fmt: skip
+            )
             assert done.returncode == 0 and done.stderr == "", done.stderr
             said.append(done.stdout.strip())
     finally:
