@@ -301,10 +301,22 @@ def from_flag(spec: Spec, flag: str, name: str) -> Settings:
     return load_settings(None, {}, given, need_credentials=False)
 
 
+def from_argument(tmp_path: Path, spec: Spec, name: str) -> Settings:
+    """As a Python caller gives it (backfill.run's keywords): the file's key, with a Python value."""
+    if spec.key == "api_key":  # never an argument itself: a file named by one holds it
+        (tmp_path / "key.txt").write_text(spec.example)
+        given: dict[str, object] = {"api_key_file": tmp_path / "key.txt"}
+    else:
+        given = {name: expected(spec) if spec.key == "columns" else spec.read(spec.example)}
+    return load_settings(None, {}, need_credentials=False, arguments=given)
+
+
 def sources_of(spec: Spec) -> list[tuple[str, str]]:
     """(how, where): each place the setting may come from, under each of its names."""
-    found = [("file", name) for name in (spec.key, *spec.aliases) if spec.in_file]
-    found += [("file", "api_key_file")] if spec.key == "api_key" else []
+    found = [
+        (how, name) for how in ("file", "argument") for name in (spec.key, *spec.aliases) if spec.in_file
+    ]
+    found += [("file", "api_key_file"), ("argument", "api_key_file")] if spec.key == "api_key" else []
     found += [("environment", var) for var in spec.variables]
     if spec.flag is not None:
         found += [("flag", flag) for flag in (spec.flag_name, *spec.old_flags)]
@@ -321,6 +333,8 @@ def test_every_setting_is_read_from_each_of_its_sources(
     assert expected(spec) != default_of(key)  # else the test could pass without reading it
     if how == "file":
         s, source = from_file(tmp_path, spec, where), f"config file {tmp_path / 'backfill.yaml'}"
+    elif how == "argument":
+        s, source = from_argument(tmp_path, spec, where), "python argument"
     elif how == "environment":
         raw = "user_id=customer_ref" if key == "columns" else spec.example
         s, source = load_settings(None, {where: raw}, need_credentials=False), f"environment {where}"
