@@ -8,7 +8,8 @@
     │   ├── LedgerAbsent (2)     no ledger there yet
     │   └── LedgerLocked (3)     another live run holds it
     ├── Declined (1)             asked before sending to production, the answer wasn't yes
-    └── InternalError (70)       a bug: the run stops cleanly
+    ├── InternalError (70)       a bug: the run stops cleanly
+    └── SystemicStop (4)         python_api.py: a library caller's run stopped early; carries its RunResult
 
 A foreign library's exceptions (aiohttp, sqlite3, psycopg, obstore, pandas) are translated into these where that
 library is called. A row's own problem is not an error: a photo that can't be read is an `images.ImageError` (and
