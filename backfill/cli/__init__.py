@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib.resources
 import json
 import logging
 import os
+import resource
 import secrets
 import signal
 import sys
@@ -122,6 +124,21 @@ def main() -> None:
 
     Credentials come from SMILE_PARTNER_ID and SMILE_API_KEY (never a flag).
     """
+    no_core_dumps()
+
+
+# prctl(2)'s option that makes a process (un)dumpable, from <linux/prctl.h>.
+PR_SET_DUMPABLE = 4
+
+
+def no_core_dumps() -> None:
+    """Photos and the API key sit in this process's memory, so it never leaves a core dump: RLIMIT_CORE is 0
+    (hard too), and on Linux the process is not dumpable either, because a core_pattern that pipes to a handler
+    (systemd-coredump, apport) is not bound by RLIMIT_CORE. Not dumpable also keeps other processes of the same
+    OS user from attaching to it or reading its memory and environment (root still can)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 @main.command()
