@@ -30,7 +30,7 @@ from backfill.config import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted(
-    [REPO / "README.md", *(REPO / "docs").glob("*.md"), REPO / "benchmarks" / "README.md",
+    [REPO / "README.md", REPO / "SECURITY.md", *(REPO / "docs").glob("*.md"), REPO / "benchmarks" / "README.md",
      REPO / "sample_data" / "README.md", REPO / "deploy" / "README.md"]
 )  # fmt: skip
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console"}
