@@ -98,6 +98,10 @@ TRACED = (
     "/^(open|openat|openat2|creat|write|writev|pwrite64|pwritev2?|sendfile(64)?|copy_file_range|splice|mmap)$"
 )
 
+# -f: every thread (the ledger's writer, object storage's); -y: the path behind each descriptor; -xx: every string
+# in hex, so parsing is exact; -s: whole writes, never cut.
+STRACE = ("strace", "-f", "-qq", "-y", "-xx", "-s", str(1 << 24), "-e", f"trace={TRACED}")
+
 
 def unhex(text: str) -> bytes:
     return bytes.fromhex(text.replace("\\x", ""))
@@ -217,20 +221,7 @@ class Watched:
         command = [sys.executable, "-m", "backfill", *args]
         if TRACING:
             log = self.trace_dir / f"{len(self.traces)}.strace"
-            command = [
-                "strace",
-                "-f",
-                "-qq",
-                "-y",
-                "-xx",
-                "-s",
-                str(1 << 24),
-                "-e",
-                f"trace={TRACED}",
-                "-o",
-                str(log),
-                *command,
-            ]
+            command = [*STRACE, "-o", str(log), *command]
         done = subprocess.run(
             command,
             cwd=self.root / "home",
