@@ -214,7 +214,7 @@ async def _fleet_path(store: Any, rows: int, workers: int) -> tuple[float, float
     await store.start_run(RunRecord(run_id="bench", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
     candidates = [Candidate(line=i + 2, user_id=f"c{i:07d}", user_created_at="2021-01-01", image="x")
                   for i in range(rows)]  # fmt: skip
-    manifest = SimpleNamespace(sha256="bench", path="m.csv",
+    manifest = SimpleNamespace(sha256="bench", name="m.csv",
                                batches=lambda: iter([Batch(candidates=candidates, rejects=[])]))  # fmt: skip
     # The engine's claim batch for this many workers: max(16, min(chunk_rows, concurrency * 4)).
     claims = Claims(store, manifest, batch=workers * 4, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
