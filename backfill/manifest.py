@@ -47,6 +47,11 @@ from .vocab import Reason
 #   strings), finds repeated hashes with numpy, then a second user_id-only pass confirms the candidates
 #   exactly. The hash is Python's own `hash` (stable within a process): measured 10x faster than
 #   pd.util.hash_pandas_object on these strings, with the same collision odds for this purpose.
+# - Exact copies: lines whose user_id, user_created_at and image_path are all the same text (an export that
+#   wrote a row twice) are one user, not a conflict: the first is checked and sent, every later one is a
+#   `duplicate_row` naming it. If any line of the id differs in either value, there is no telling which is
+#   right, so every line of it is `duplicate_user_id`, the identical ones too. The confirming pass keeps, per
+#   candidate id only, the first line's two values and whether every later line matched them.
 # - Values are never trimmed: user_id and user_created_at are sent exactly as written, so " 123" is a bad id,
 #   not "123". Header names must match the configured column names exactly (the error suggests near misses).
 # - A NUL character can't be part of any id, date, file name or object key, and PostgreSQL text can't hold one
@@ -60,6 +65,7 @@ REASONS = (
     Reason.EMPTY_VALUE,
     Reason.BAD_USER_ID,
     Reason.DUPLICATE_USER_ID,
+    Reason.DUPLICATE_ROW,
     Reason.BAD_DATE,
     Reason.FUTURE_DATE,
     Reason.IMAGE_MISSING,
@@ -67,7 +73,7 @@ REASONS = (
 
 # Codes for the checks done on whole columns; 0 means "no problem found yet".
 # _HEADER_AGAIN is a row that repeats the header (two exports joined): a malformed_row with its own message.
-_MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE, _HEADER_AGAIN, _NUL_IMAGE = range(1, 9)
+_MALFORMED, _EMPTY, _BAD_ID, _DUPLICATE, _BAD_DATE, _FUTURE, _HEADER_AGAIN, _NUL_IMAGE, _COPY = range(1, 10)
 _CODE_REASON = {
     _MALFORMED: Reason.MALFORMED_ROW,
     _EMPTY: Reason.EMPTY_VALUE,
@@ -77,6 +83,7 @@ _CODE_REASON = {
     _FUTURE: Reason.FUTURE_DATE,
     _HEADER_AGAIN: Reason.MALFORMED_ROW,
     _NUL_IMAGE: Reason.IMAGE_MISSING,
+    _COPY: Reason.DUPLICATE_ROW,
 }
 
 # The separators a header that reads as one column is checked for: what it is, said as its plural and as the
@@ -273,7 +280,7 @@ class Manifest:
         header: list[str],
         positions: tuple[int, int, int],
         scan: _Prescan,
-        duplicates: dict[str, tuple[int, list[int]]],
+        duplicates: _Duplicates,
         now: datetime,
         snapshot: _Snapshot,
     ) -> None:
@@ -281,13 +288,14 @@ class Manifest:
             name  # its path, or the URL it was fetched from: what the run's records and messages call it
         )
         self.total_rows = scan.total_rows
-        self.duplicate_ids = len(duplicates)
+        self.duplicate_ids = len(duplicates.conflicts)
         self._rules = rules
         self._header = header
         self._positions = positions  # of user_id, user_created_at, image_path
         self._malformed_lines = scan.malformed_lines
         self._malformed_fields = scan.malformed_fields
-        self._duplicates = duplicates
+        self._duplicates = duplicates.conflicts
+        self._copies = duplicates.copies
         self._now = now
         self._snapshot = snapshot
         # Of the file as this run reads it (a file replaced by rename since is not what was sent): for the record.
@@ -347,7 +355,7 @@ def open_manifest(path: Path, rules: ManifestRules, *, name: str | None = None) 
         finally:
             csv.field_size_limit(field_limit)
     with _decoding_errors(snapshot, rules):
-        duplicates = _confirm_duplicates(snapshot, positions[0], rules, scan.candidates, pattern)
+        duplicates = _confirm_duplicates(snapshot, positions, rules, scan.candidates, pattern)
     return Manifest(name, rules, header, positions, scan, duplicates, now, snapshot)
 
 
@@ -391,6 +399,11 @@ class _RowChecker:
         _mark(codes, ~good_id | _nul(uids), _BAD_ID)
         if m._duplicates:
             _mark(codes, uid.isin(m._duplicates.keys()).to_numpy(dtype=bool), _DUPLICATE)
+        if m._copies:
+            later = np.zeros(n, dtype=bool)
+            for i in np.flatnonzero(uid.isin(m._copies.keys()).to_numpy(dtype=bool)).tolist():
+                later[i] = m._copies[uids[i]] != first_line + i
+            _mark(codes, later, _COPY)
         # Dates repeat a lot (many accounts a day), so each distinct value is parsed once.
         index, distinct = pd.factorize(created)
         verdicts = [self._date_verdict(v) for v in distinct]
@@ -522,6 +535,13 @@ class _RowChecker:
             return (
                 f"{labels['user_id']} {uid!r} appears {count} times in the manifest (lines {shown}): every copy "
                 "is held back because there is no telling which photo is right; keep one row per user"
+            )
+        if code == _COPY:
+            first = self._manifest._copies[uid]
+            return (
+                f"{labels['user_id']} {uid!r} is on line {first} too, with the same {labels['user_created_at']} "
+                f"and {labels['image_path']}: the same user written twice, sent once from line {first}; delete "
+                "this copy"
             )
         if code == _NUL_IMAGE:
             return (
@@ -689,34 +709,54 @@ def _disagreement(name: str, before: int, ours: list[str], theirs: list[str]) ->
     )
 
 
+class _Duplicates(NamedTuple):
+    conflicts: dict[str, tuple[int, list[int]]]  # {user_id: (count, its first lines)}: lines that differ
+    copies: dict[str, int]  # {user_id: the line sent}: every line of the id has the same values
+
+
 def _confirm_duplicates(
     snapshot: _Snapshot,
-    uid_at: int,
+    positions: tuple[int, int, int],
     rules: ManifestRules,
     candidates: npt.NDArray[np.int64],
     pattern: re.Pattern[str],
-) -> dict[str, tuple[int, list[int]]]:
-    """{user_id: (count, its first lines)} for the ids that really occur more than once."""
+) -> _Duplicates:
+    """The ids that really occur more than once, split into exact copies and conflicts."""
     # Blank and invalid ids are left out: every row with one is rejected for that reason first anyway.
     if not candidates.size:
-        return {}
+        return _Duplicates({}, {})
+    order = sorted(set(positions))
+    uid_at, created_at, image_at = (order.index(p) for p in positions)
     seen: dict[str, tuple[int, list[int]]] = {}
+    firsts: dict[str, tuple[str, str] | None] = {}  # the first line's values; None once a line differed
     line = 2
-    for frame in _frames(snapshot, [uid_at], rules):
-        uids = frame.iloc[:, 0].tolist()
+    for frame in _frames(snapshot, order, rules):
+        uids = frame.iloc[:, uid_at].tolist()
         hashes = np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids))
-        for i in np.flatnonzero(np.isin(hashes, candidates)).tolist():
+        hits = np.flatnonzero(np.isin(hashes, candidates)).tolist()
+        if hits:
+            dates, images = frame.iloc[:, created_at].tolist(), frame.iloc[:, image_at].tolist()
+        for i in hits:
             uid = uids[i]
             count, lines = seen.get(uid, (0, []))
             if len(lines) < _DUPLICATE_LINES_SHOWN:
                 lines.append(line + i)
             seen[uid] = (count + 1, lines)
+            values = (dates[i], images[i])
+            if count == 0:
+                firsts[uid] = values
+            elif firsts[uid] != values:
+                firsts[uid] = None
         line += len(uids)
-    return {
-        uid: entry
-        for uid, entry in seen.items()
-        if entry[0] > 1 and uid.isascii() and "\x00" not in uid and pattern.fullmatch(uid) is not None
-    }
+    conflicts: dict[str, tuple[int, list[int]]] = {}
+    copies: dict[str, int] = {}
+    for uid, entry in seen.items():
+        if entry[0] > 1 and uid.isascii() and "\x00" not in uid and pattern.fullmatch(uid) is not None:
+            if firsts[uid] is None:
+                conflicts[uid] = entry
+            else:
+                copies[uid] = entry[1][0]
+    return _Duplicates(conflicts, copies)
 
 
 def _frames(snapshot: _Snapshot, usecols: list[int], rules: ManifestRules) -> Iterator[pd.DataFrame]:

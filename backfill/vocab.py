@@ -41,6 +41,7 @@ class Reason(StrEnum):
     EMPTY_VALUE = "empty_value"
     BAD_USER_ID = "bad_user_id"
     DUPLICATE_USER_ID = "duplicate_user_id"
+    DUPLICATE_ROW = "duplicate_row"  # a later copy of a line with the same user_id, date and photo: sent once
     BAD_DATE = "bad_date"
     FUTURE_DATE = "future_date"
     PATH_OUTSIDE_ROOT = "path_outside_root"

@@ -178,6 +178,7 @@ def actionable(reject: Reject, uid: str, created: str, image: str) -> None:
     named = {
         "bad_user_id": repr(uid),
         "duplicate_user_id": repr(uid),
+        "duplicate_row": repr(uid),
         "bad_date": repr(created),
         "future_date": repr(created),
     }.get(reject.reason, repr(image) if reject.reason.startswith(("image_", "path_")) else "")
@@ -376,6 +377,14 @@ CORPUS = [
         (f"dup ,{D},ok.png", "bad_user_id"),  # never trimmed, so not a copy of "dup"
         (f"dup,{D},ok.png,extra", "malformed_row"),  # rejected for its own fault, but still counted as a copy
         ("dup,nonsense,missing.png", "duplicate_user_id"),  # duplicate comes before the date and image checks
+    ])),
+    Case("rows-copied", *raw([
+        (f"twin,{D},ok.png", "ok"),  # the first of identical lines is the user's one row
+        (f"u1,{D},ok.png", "ok"),
+        (f"twin,{D},ok.png", "duplicate_row|'twin' is on line 2 too"),
+        (f"twin,{D},ok.png", "duplicate_row|sent once from line 2"),
+        (f"twin,{D},ok.png,extra", "malformed_row"),  # its own fault comes first
+        (f'"twin","{D}","ok.png"', "duplicate_row"),  # the same values, quoted or not
     ])),
     # --- image contents: the format is in the bytes, not the name ---
     Case("image-formats", *column("image_path", [
@@ -620,14 +629,18 @@ def test_generated_manifests_keep_the_invariants(
     manifest, out = run(path, rules(world, root=root, chunk_rows=chunk_rows))
     assert manifest.total_rows == len(rows)
     counts = Counter(uid for uid, *_ in rows)
-    for outcome, (uid, _, _, extra) in zip(out, rows, strict=True):
+    values = {uid: {(c, i) for u, c, i, _ in rows if u == uid} for uid in counts}
+    firsts = {uid: next(n for n, r in enumerate(rows) if r[0] == uid) for uid in counts}
+    for n, (outcome, (uid, _, _, extra)) in enumerate(zip(out, rows, strict=True)):
         reason = outcome.reason if isinstance(outcome, Reject) else "ok"
         if extra is not None and extra.strip():
             assert reason == "malformed_row"
         elif not (uid.isascii() and PATTERN.fullmatch(uid)):
             assert reason in ("malformed_row", "empty_value", "bad_user_id")
-        elif counts[uid] > 1:
+        elif counts[uid] > 1 and len(values[uid]) > 1:
             assert reason in ("malformed_row", "empty_value", "duplicate_user_id")
+        elif counts[uid] > 1 and n != firsts[uid]:  # a later exact copy of the id's first line
+            assert reason in ("malformed_row", "empty_value", "duplicate_row")
 
 
 # Mostly text (separators, quotes, values, look-alikes, NUL, a stray BOM), plus at most one splice of random

@@ -350,7 +350,8 @@ def test_a_nul_is_refused_in_every_column_used_whatever_the_pattern(tmp_path: Pa
 def test_every_occurrence_of_a_duplicate_is_rejected_across_chunks(tmp_path: Path) -> None:
     image(tmp_path, "a.png")
     ids = ["d1", "u1", "d2", "u2", "d1", "u3", "d2", "u4", "d1", "", "", "bad id", "bad id"]
-    path = manifest_of(tmp_path, [(i, "2021-08-12", "a.png") for i in ids])
+    # Each line on another day: lines that differ (exact copies are duplicate_row, test_manifest_copies.py).
+    path = manifest_of(tmp_path, [(i, f"2021-08-{n + 1:02d}", "a.png") for n, i in enumerate(ids)])
     manifest = open_manifest(path, rules(chunk_rows=2))
     assert manifest.duplicate_ids == 2  # blank and invalid ids are rejected for what they are, not counted
     found = {r.line: r for b in full_batches(manifest) for r in b.rejects}
@@ -361,7 +362,7 @@ def test_every_occurrence_of_a_duplicate_is_rejected_across_chunks(tmp_path: Pat
 
 def test_duplicate_message_lists_the_first_lines_and_counts_the_rest(tmp_path: Path) -> None:
     image(tmp_path, "a.png")
-    path = manifest_of(tmp_path, [("same", "2021-08-12", "a.png")] * 25)
+    path = manifest_of(tmp_path, [("same", f"2021-08-{n + 1:02d}", "a.png") for n in range(25)])
     _, rejects = read(path)
     assert len(rejects) == 25 and "appears 25 times" in rejects[0].message
     assert "lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 15 more" in rejects[0].message
@@ -653,7 +654,7 @@ def mixed_manifest(folder: Path) -> Path:
                 "ok.png" if kind not in (3, 4) else ("missing.png" if kind == 3 else "text.jpg"),
             )
         )
-    rows[7] = rows[30] = ("twice", "2021-08-12", "ok.png")
+    rows[7], rows[30] = ("twice", "2021-08-12", "ok.png"), ("twice", "2021-08-13", "ok.png")
     return manifest_of(folder, rows)
 
 
@@ -728,8 +729,11 @@ rows_strategy = st.lists(
 )
 
 
-def expected_reason(row: tuple[str, str, str, str | None], counts: Counter[str]) -> str:
-    """An independent statement of the rules, for the finite pools above."""
+def expected_reason(
+    row: tuple[str, str, str, str | None], counts: Counter[str], *, copy: bool, same: bool
+) -> str:
+    """An independent statement of the rules, for the finite pools above. `copy`: the row is a later line of an
+    id whose lines all have the `same` date and photo."""
     user_id, created, name, extra = row
     if extra:
         return "malformed_row"
@@ -737,8 +741,10 @@ def expected_reason(row: tuple[str, str, str, str | None], counts: Counter[str])
         return "empty_value"
     if not (user_id.isascii() and PATTERN.fullmatch(user_id)):
         return "bad_user_id"
-    if counts[user_id] > 1:
+    if counts[user_id] > 1 and not same:
         return "duplicate_user_id"
+    if copy:
+        return "duplicate_row"
     if created in BAD_DATES:
         return "bad_date"
     if created in FUTURE_DATES:
@@ -772,7 +778,12 @@ def test_generated_manifests(rows: list[tuple[str, str, str, str | None]], chunk
         valid_ids = [r.user_id for b in batches for r in b.rows]
         assert len(valid_ids) == len(set(valid_ids)) and all(PATTERN.fullmatch(i) for i in valid_ids)
         counts = Counter(u for u, *_ in rows)
-        assert got == {line: expected_reason(row, counts) for line, row in enumerate(rows, start=2)}
+        values = {uid: {(c, n) for u, c, n, _ in rows if u == uid} for uid in counts}
+        first = {uid: next(i for i, r in enumerate(rows) if r[0] == uid) for uid in counts}
+        assert got == {
+            i + 2: expected_reason(row, counts, copy=i != first[row[0]], same=len(values[row[0]]) == 1)
+            for i, row in enumerate(rows)
+        }
 
 
 # --- dates as databases and languages write them -----------------------------------------------------------
