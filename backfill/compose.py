@@ -99,6 +99,7 @@ def manifest_rules(settings: Settings) -> ManifestRules:
         chunk_rows=settings.chunk_rows,
         delimiter=settings.delimiter,
         encoding=settings.encoding,
+        manifest_format=settings.manifest_format,
     )
 
 
@@ -795,7 +796,13 @@ def retry(
                 settings,
                 delimiter=Settings.delimiter,
                 encoding=Settings.encoding,
-                sources={**settings.sources, "delimiter": RETRY_MANIFEST, "encoding": RETRY_MANIFEST},
+                manifest_format="csv",
+                sources={
+                    **settings.sources,
+                    "delimiter": RETRY_MANIFEST,
+                    "encoding": RETRY_MANIFEST,
+                    "manifest_format": RETRY_MANIFEST,
+                },
             )
             return await run(
                 own,

@@ -646,6 +646,19 @@ class Settings:
             )
         },
     )
+    # auto: by the file name's extension (.jsonl/.ndjson, .parquet; anything else is CSV), a URL's too.
+    manifest_format: str = field(
+        default="auto",
+        metadata={
+            SETTING: Spec(
+                help="The manifest's format: csv, jsonl or parquet; auto goes by its extension.",
+                example="jsonl",
+                choices=("auto", "csv", "jsonl", "parquet"),
+                text=True,
+                flag=Flag(metavar="FORMAT"),
+            )
+        },
+    )
     user_id_pattern: str = field(
         default=r"[A-Za-z0-9_-]+",
         metadata={

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ManifestError
 from .images import ImageError
-from .manifest import Manifest, ManifestRules, open_manifest
+from .manifest import Manifest, ManifestRules, extension_of, open_manifest
 
 if TYPE_CHECKING:
     from .images.remote import RemoteImageSource
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 async def open_remote_manifest(url: str, rules: ManifestRules, source: RemoteImageSource) -> Manifest:
     """The manifest at `url`, opened and pre-scanned like a local one; ManifestError if it can't be had."""
     folder = tempfile.mkdtemp(prefix="backfill-manifest-")  # 0700
-    copy = Path(folder) / "manifest.csv"
+    # Its extension says the format as the URL's does (open_manifest goes by the name, the URL, first anyway).
+    copy = Path(folder) / f"manifest{extension_of(url, rules.manifest_format)}"
     try:
         try:
             await source.download(url, copy)

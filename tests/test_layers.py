@@ -155,6 +155,7 @@ LIBRARIES: dict[str, tuple[frozenset[str], str]] = {
     "click": (frozenset({"cli"}), "the command line"),
     "pandas": (frozenset({"manifest"}), "the manifest's pre-scan"),
     "numpy": (frozenset({"manifest"}), "the duplicate scan's hashes, beside pandas"),
+    "pyarrow": (frozenset({"manifest.parquet"}), "Parquet manifests"),
     "aiohttp": (frozenset({"api.client", "sandbox", "preflight"}),
                 "the HTTP exchange and the emulator's server; preflight.py opens its own session to probe "
                 "the endpoint's TLS (the review's section 6 notes it)"),

@@ -155,6 +155,11 @@ def validate(manifest: str, config_file: Path | None, **flags: Any) -> None:
     valid, rejects = compose.validate(settings, manifest_arg(manifest))
     path = rs.write_rejects(settings.out, rejects)
     click.echo(f"{valid} valid, {len(rejects)} rejected; rejects: {path}")
+    counts: dict[str, int] = {}
+    for reject in rejects:
+        counts[reject.reason] = counts.get(reject.reason, 0) + 1
+    for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        click.echo(f"  {reason}: {count}")
     sys.exit(0 if not rejects else 1)
 
 

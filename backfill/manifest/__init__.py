@@ -1,4 +1,4 @@
-"""Reading the manifest CSV and checking each row's text: every data row becomes a Candidate or a Reject saying why."""
+"""Reading the manifest (CSV, JSON lines or Parquet) and checking each row's text: a Candidate or a Reject per row."""
 
 from __future__ import annotations
 
@@ -14,21 +14,25 @@ import shlex
 import stat
 import unicodedata
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
+from enum import StrEnum
 from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from .errors import ManifestError
-from .images import file_kind
-from .vocab import Reason
+from ..errors import ManifestError
+from ..images import file_kind
+from ..vocab import Reason
+
+if TYPE_CHECKING:
+    from .parquet import ParquetManifest
 
 # How the file is read, and why:
 # - Line numbers are what a spreadsheet shows: the header is 1, the first data row 2. A value with a quoted
@@ -54,6 +58,13 @@ from .vocab import Reason
 #   candidate id only, the first line's two values and whether every later line matched them.
 # - Values are never trimmed: user_id and user_created_at are sent exactly as written, so " 123" is a bad id,
 #   not "123". Header names must match the configured column names exactly (the error suggests near misses).
+# - JSON lines and Parquet: the same rules, reasons and checks on the same three values, read by name. JSON lines
+#   have no header: line numbers are the file's own (the first object is line 1; blank lines are rows, as in a
+#   CSV), and the columns are every key any object has. A used value that is missing or null is empty; one that
+#   is not a JSON string (a number, which can't keep `00123`; true; a list) makes the row a malformed_row, as
+#   does a line that isn't a JSON object. Parquet rows are numbered from 1, in file order; its used columns must
+#   be text (an integer or timestamp column refuses the file, saying how to write it), and null is empty. Both
+#   are read through the same snapshot as a CSV, a batch at a time; only the pre-scan's hashes are kept whole.
 # - A NUL character can't be part of any id, date, file name or object key, and PostgreSQL text can't hold one
 #   (a fleet's ledger queues every row, rejects too): a row with one in a column that is used is rejected, and
 #   a reject's user_id shows it as U+2400, never the NUL itself (see Reject).
@@ -122,6 +133,35 @@ _YAML_WORDS = frozenset({"yes", "no", "y", "n", "true", "false", "on", "off", "n
 _DATE_EXAMPLES = "write it like 2021-08-12, 2021-05-18 15:14:43-0700 or 2021-05-18T15:14:43Z"
 
 
+class ManifestFormat(StrEnum):
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+
+
+_EXTENSIONS = {
+    ".jsonl": ManifestFormat.JSONL,
+    ".ndjson": ManifestFormat.JSONL,
+    ".parquet": ManifestFormat.PARQUET,
+}
+AUTO = "auto"  # the format named by the file's extension: anything not listed above is CSV, as it always was
+
+
+def format_of(name: str, chosen: str = AUTO) -> ManifestFormat:
+    """The format `chosen`, or when that is `auto` the one the extension of `name` (a path or a URL) says."""
+    if chosen != AUTO:
+        return ManifestFormat(chosen)
+    path = name.split("?", 1)[0] if "://" in name else name  # a URL's query is no part of its name
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return _EXTENSIONS.get(os.path.splitext(last)[1].lower(), ManifestFormat.CSV)
+
+
+def extension_of(name: str, chosen: str = AUTO) -> str:
+    """A file extension that `format_of` reads as the format of `name`: what a local copy of it is called."""
+    kind = format_of(name, chosen)
+    return next((ext for ext, f in _EXTENSIONS.items() if f is kind), ".csv")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
     """A row whose text passed every rule; its image is checked later, after the ledger has had its say."""
@@ -160,6 +200,7 @@ class ManifestRules:
     now: datetime | None = None  # "the future" is after this (naive = UTC); None = the time of open_manifest
     delimiter: str = ","  # the one character between values
     encoding: str = "utf-8"  # the file's text encoding, any Python knows; UTF-8 with or without a BOM
+    manifest_format: str = AUTO  # a ManifestFormat, or `auto`: by the file name's extension
 
     def __post_init__(self) -> None:
         if self.chunk_rows < 1:
@@ -171,6 +212,8 @@ class ManifestRules:
                 f"delimiter must be one character other than a quote or line break, not {self.delimiter!r}"
             )
         "".encode(self.encoding)  # LookupError for a name that is no text encoding
+        if self.manifest_format != AUTO:
+            ManifestFormat(self.manifest_format)  # ValueError for a format with no reader
         re.compile(self.user_id_pattern)
 
     @property
@@ -206,6 +249,17 @@ class _Bounded(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:  # Parquet is read from its footer back
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}[whence]
+        self._at = max(0, base + offset)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
     def readinto(self, buffer: Any) -> int:
         want = min(len(buffer), self._size - self._at)
         if want <= 0:
@@ -238,7 +292,7 @@ class _Snapshot:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise ManifestError(
-                f"manifest {name} is {file_kind(st.st_mode)}, not a file: give the path of the CSV file"
+                f"manifest {name} is {file_kind(st.st_mode)}, not a file: give the path of the manifest file"
             )
         self._fd, self.size, self._mtime_ns = fd, st.st_size, st.st_mtime_ns
         self._finalizer = weakref.finalize(self, os.close, fd)
@@ -283,6 +337,7 @@ class Manifest:
         duplicates: _Duplicates,
         now: datetime,
         snapshot: _Snapshot,
+        reading: _Reading,
     ) -> None:
         self.name = (
             name  # its path, or the URL it was fetched from: what the run's records and messages call it
@@ -298,6 +353,7 @@ class Manifest:
         self._copies = duplicates.copies
         self._now = now
         self._snapshot = snapshot
+        self._reading = reading
         # Of the file as this run reads it (a file replaced by rename since is not what was sent): for the record.
         self.sha256 = snapshot.sha256()
 
@@ -310,18 +366,18 @@ class Manifest:
         checker = _RowChecker(self)
         order = sorted(set(self._positions))  # pandas returns the columns in file order
         uid, created, image = (order.index(p) for p in self._positions)
-        line = 2
-        for frame in _frames(self._snapshot, order, self._rules):
+        first = line = self._reading.first_line
+        for frame in self._reading.frames(order):
             self._snapshot.unchanged()
-            frame = frame.iloc[: max(0, self.total_rows - (line - 2))]
+            frame = frame.iloc[: max(0, self.total_rows - (line - first))]
             if len(frame):
                 yield checker.check(frame.iloc[:, uid], frame.iloc[:, created], frame.iloc[:, image], line)
                 line += len(frame)
         self._snapshot.unchanged()
-        if line - 2 != self.total_rows:
+        if line - first != self.total_rows:
             raise ManifestError(
-                f"{self.name} changed while being read ({line - 2} rows now, {self.total_rows} when opened): "
-                "don't edit the manifest during a run; run again"
+                f"{self.name} changed while being read ({line - first} rows now, {self.total_rows} when "
+                "opened): don't edit the manifest during a run; run again"
             )
 
 
@@ -340,6 +396,13 @@ def open_manifest(path: Path, rules: ManifestRules, *, name: str | None = None) 
             f"images_root {str(rules.images_root)!r} is not a folder: set images_root in the config to the "
             "folder that holds the photos, or remove it"
         )
+    kind = format_of(name, rules.manifest_format)
+    if kind is not ManifestFormat.CSV:
+        try:
+            return _open_records(snapshot, rules, kind, now, pattern)
+        except BaseException:
+            snapshot.close()
+            raise
     with (
         _decoding_errors(snapshot, rules),
         io.TextIOWrapper(snapshot.stream(), encoding=rules.codec, newline="") as text,
@@ -354,9 +417,174 @@ def open_manifest(path: Path, rules: ManifestRules, *, name: str | None = None) 
             scan = _prescan(snapshot, reader, len(header), positions[0], rules)
         finally:
             csv.field_size_limit(field_limit)
+    reading = _Reading(ManifestFormat.CSV, 2, lambda order: _frames(snapshot, order, rules), header)
     with _decoding_errors(snapshot, rules):
-        duplicates = _confirm_duplicates(snapshot, positions, rules, scan.candidates, pattern)
-    return Manifest(name, rules, header, positions, scan, duplicates, now, snapshot)
+        duplicates = _confirm_duplicates(reading, positions, scan.candidates, pattern)
+    return Manifest(name, rules, header, positions, scan, duplicates, now, snapshot, reading)
+
+
+class _Reading(NamedTuple):
+    """How one manifest's rows are read again: its format, the number of its first row, and its frames."""
+
+    format: ManifestFormat
+    first_line: int  # CSV: 2, after the header (as a spreadsheet shows); JSON lines: 1; Parquet: row 1
+    frames: Callable[[list[int]], Iterator[pd.DataFrame]]  # the header's columns at these positions, as str
+    header: list[str]
+    problems: dict[int, str] | None = None  # {line: why it is a malformed_row}, for JSON lines
+
+    @property
+    def unit(self) -> str:
+        return "row" if self.format is ManifestFormat.PARQUET else "line"
+
+
+# A row's values (one list per column asked for) and {offset in the chunk: why the row is malformed}.
+_Chunk = tuple[list[list[str]], dict[int, str]]
+
+
+def _open_records(
+    snapshot: _Snapshot, rules: ManifestRules, kind: ManifestFormat, now: datetime, pattern: re.Pattern[str]
+) -> Manifest:
+    """open_manifest for JSON lines and Parquet: the same pre-scan and duplicate scan, columns read by name."""
+    name = snapshot.name
+    roles = {
+        "user_id": rules.user_id_column,
+        "user_created_at": rules.user_created_at_column,
+        "image_path": rules.image_path_column,
+    }
+    used = list(dict.fromkeys(roles.values()))
+    parquet: ParquetManifest | None = None
+    if kind is ManifestFormat.PARQUET:
+        from .parquet import ParquetManifest  # only a Parquet manifest needs pyarrow
+
+        parquet = ParquetManifest(snapshot.stream(), name)
+        header = parquet.header
+        positions = _positions(header, rules, name)
+        parquet.require_text(roles)
+        file = parquet
+
+        def chunks(names: list[str]) -> Iterator[_Chunk]:
+            return ((values, {}) for values in file.chunks(names, rules.chunk_rows))
+
+        with _decoding_errors(snapshot, rules):
+            scan, problems = _prescan_records(chunks([rules.user_id_column]), 1)
+        if scan.total_rows != parquet.total_rows:
+            raise ManifestError(
+                f"{name} holds {scan.total_rows} rows, but its footer says {parquet.total_rows}"
+            )
+    else:
+        keys: dict[str, None] = {}
+        example = json.dumps({column: _EXAMPLE[role] for role, column in roles.items()})
+
+        def chunks(names: list[str]) -> Iterator[_Chunk]:
+            return _jsonl_chunks(snapshot, names, rules, example)
+
+        with _decoding_errors(snapshot, rules):
+            scan, problems = _prescan_records(_jsonl_chunks(snapshot, used, rules, example, keys), 1)
+        if not scan.total_rows:
+            raise ManifestError(f"{name} is empty: it needs one JSON object per line, one line per user")
+        header = list(keys)
+        positions = _positions(header, rules, name)
+
+    def frames(order: list[int]) -> Iterator[pd.DataFrame]:
+        for values, _ in chunks([header[p] for p in order]):
+            yield pd.DataFrame(dict(enumerate(values)), dtype=object)
+
+    reading = _Reading(kind, 1, frames, header, problems if kind is ManifestFormat.JSONL else None)
+    with _decoding_errors(snapshot, rules):
+        duplicates = _confirm_duplicates(reading, positions, scan.candidates, pattern)
+    return Manifest(name, rules, header, positions, scan, duplicates, now, snapshot, reading)
+
+
+_EXAMPLE = {"user_id": "00123", "user_created_at": "2021-08-12", "image_path": "images/00123.jpg"}
+_KEYS_KEPT = 1000  # of a JSON lines manifest's distinct keys: enough to name every column an export has
+
+
+def _jsonl_chunks(
+    snapshot: _Snapshot,
+    names: list[str],
+    rules: ManifestRules,
+    example: str,
+    keys: dict[str, None] | None = None,
+) -> Iterator[_Chunk]:
+    """The values of `names` in each line's object, `chunk_rows` lines at a time; `keys` gathers the keys seen."""
+    columns: list[list[str]] = [[] for _ in names]
+    problems: dict[int, str] = {}
+    with snapshot.stream() as stream:
+        for raw in stream:
+            values, problem = _jsonl_values(raw.decode(rules.codec).rstrip("\r\n"), names, example, keys)
+            if problem is not None:
+                problems[len(columns[0])] = problem
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+            if len(columns[0]) == rules.chunk_rows:
+                yield columns, problems
+                columns, problems = [[] for _ in names], {}
+    if columns[0]:
+        yield columns, problems
+
+
+def _jsonl_values(
+    text: str, names: list[str], example: str, keys: dict[str, None] | None
+) -> tuple[list[str], str | None]:
+    """One line's values of `names`, and why the row is malformed (None if it isn't)."""
+    blank = [""] * len(names)
+    if not text.strip():
+        return blank, None  # a blank line: every value empty, as in a CSV
+    fix = f"write one JSON object per line, e.g. {example}"
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return blank, f"the line isn't valid JSON ({exc.msg} at character {exc.pos + 1}): {fix}"
+    if not isinstance(found, dict):
+        return blank, f"the line is a JSON {_json_kind(found)}, not an object with the user's values: {fix}"
+    if keys is not None and len(keys) < _KEYS_KEPT:
+        for key in found:
+            keys.setdefault(key)
+    values: list[str] = []
+    problem = None
+    for name in names:
+        value = found.get(name)
+        if value is None or isinstance(value, str):
+            values.append(value or "")
+            continue
+        values.append("")
+        if problem is None:
+            written = json.dumps(value)[:60]
+            problem = (
+                f"{name!r} is the JSON {_json_kind(value)} {written}, not a string: values are sent exactly as "
+                f"written, which a {_json_kind(value)} can't keep (00123 would be 123). Fix: write it as a JSON "
+                f"string, e.g. {json.dumps(written)}"
+            )
+    return values, problem
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "true/false value"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list):
+        return "list"
+    return "object" if isinstance(value, dict) else "value"
+
+
+def _prescan_records(chunks: Iterator[_Chunk], first: int) -> tuple[_Prescan, dict[int, str]]:
+    """Counts rows and hashes every user_id (the first column of each chunk); {line: problem} of bad rows."""
+    hashes: list[npt.NDArray[np.int64]] = []
+    problems: dict[int, str] = {}
+    total = 0
+    for values, found in chunks:
+        uids = values[0]
+        for offset, problem in found.items():
+            problems[first + total + offset] = problem
+        hashes.append(np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids)))
+        total += len(uids)
+    everything = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
+    del hashes
+    everything.sort()
+    repeated = everything[1:][everything[1:] == everything[:-1]]
+    lines = np.array(sorted(problems), dtype=np.int64)
+    return _Prescan(total, np.unique(repeated), lines, np.zeros(len(lines), dtype=np.int64)), problems
 
 
 class _RowChecker:
@@ -489,6 +717,8 @@ class _RowChecker:
         labels = self._labels
         if code == _MALFORMED:
             m = self._manifest
+            if m._reading.problems is not None:
+                return m._reading.problems[line]
             at = int(np.searchsorted(m._malformed_lines, line))
             fields = int(m._malformed_fields[at])
             one = _called(m._rules.delimiter)[:-1]
@@ -532,15 +762,16 @@ class _RowChecker:
             shown = ", ".join(map(str, lines)) + (
                 f" and {count - len(lines)} more" if count > len(lines) else ""
             )
+            unit = self._manifest._reading.unit
             return (
-                f"{labels['user_id']} {uid!r} appears {count} times in the manifest (lines {shown}): every copy "
+                f"{labels['user_id']} {uid!r} appears {count} times in the manifest ({unit}s {shown}): every copy "
                 "is held back because there is no telling which photo is right; keep one row per user"
             )
         if code == _COPY:
-            first = self._manifest._copies[uid]
+            first, unit = self._manifest._copies[uid], self._manifest._reading.unit
             return (
-                f"{labels['user_id']} {uid!r} is on line {first} too, with the same {labels['user_created_at']} "
-                f"and {labels['image_path']}: the same user written twice, sent once from line {first}; delete "
+                f"{labels['user_id']} {uid!r} is on {unit} {first} too, with the same {labels['user_created_at']} "
+                f"and {labels['image_path']}: the same user written twice, sent once from {unit} {first}; delete "
                 "this copy"
             )
         if code == _NUL_IMAGE:
@@ -715,9 +946,8 @@ class _Duplicates(NamedTuple):
 
 
 def _confirm_duplicates(
-    snapshot: _Snapshot,
+    reading: _Reading,
     positions: tuple[int, int, int],
-    rules: ManifestRules,
     candidates: npt.NDArray[np.int64],
     pattern: re.Pattern[str],
 ) -> _Duplicates:
@@ -729,8 +959,8 @@ def _confirm_duplicates(
     uid_at, created_at, image_at = (order.index(p) for p in positions)
     seen: dict[str, tuple[int, list[int]]] = {}
     firsts: dict[str, tuple[str, str] | None] = {}  # the first line's values; None once a line differed
-    line = 2
-    for frame in _frames(snapshot, order, rules):
+    line = reading.first_line
+    for frame in reading.frames(order):
         uids = frame.iloc[:, uid_at].tolist()
         hashes = np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids))
         hits = np.flatnonzero(np.isin(hashes, candidates)).tolist()
