@@ -327,3 +327,11 @@ def test_a_manifest_in_a_bucket_is_read_in_its_format(
     assert valid == 2
     assert [(r.line, r.user_id, r.reason) for r in rejects] == [(first + 2, "u2", "duplicate_row")]
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("backfill-manifest-*"))  # the copy is gone
+
+
+def test_the_formats_benchmark_runs_and_reads_every_row(tmp_path: Path) -> None:
+    from benchmarks.manifests import FORMATS, measure
+
+    figures = measure(300, tmp_path)  # every child asserts it read all 300 rows
+    assert all(figures[name]["rows_per_s"] > 0 and figures[name]["peak_rss_mb"] > 0 for name in FORMATS)
+    assert figures["csv"]["wall_over_csv"] == 1.0 and figures["imports_peak_rss_mb"] > 0
