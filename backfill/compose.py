@@ -24,6 +24,7 @@ from .config import DERIVED_LEDGER, ENVIRONMENTS, Settings, endpoint_of
 from .errors import BackfillError, ConfigError, Declined, LedgerAbsent, LedgerError
 from .images import ImageSource
 from .images.dispatch import DispatchingImageSource
+from .images.keyed import KeyedImageSource
 from .images.local import LocalImageSource
 from .images.urls import is_url, prefix_of
 from .ledger import Binding, Fleet, LedgerRow, LedgerStatus, Store
@@ -419,6 +420,9 @@ def build_engine(
 
         rows, sink = claims, FinishingSink(sink, claims)
         gate = FleetGate(fleet, settings.rate, on_error=unsaid)
+    if store is not None:
+        # Every pin the run makes or compares is keyed by the ledger's own secret, whatever source it was given.
+        images = KeyedImageSource(images, store.photo_key)
     journal: Journal = UNRECORDED
     if store is None or settings.dry_run:
         sending = DryRun(images=images, client=client)

@@ -23,7 +23,8 @@ from .api.network import Route
 from .clock import now_iso
 from .config import Settings
 from .errors import BackfillError, ConfigError, LedgerAbsent
-from .images import ImageError, ImageProblem, ImageSource
+from .images import ImageError, ImageProblem, ImageSource, PhotoKey
+from .images.keyed import KeyedImageSource
 from .ledger import AttemptRequest, LedgerRow, Refusal, Refused, Store, transitions
 from .ledger.sqlite import writer_alive
 from .manifest import Candidate, Manifest
@@ -78,11 +79,13 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
                 + (" (`backfill validate` lists them)" if rejected else ""),
             )
         )
-    ledger, known = await _ledger_checks(settings, ids, sample)
+    ledger, known, key = await _ledger_checks(settings, ids, sample)
     checks += ledger
     checks += await _api_checks(settings)
     if manifest is not None:
         images = compose.image_source(settings, manifest.name, policy=policy, remote=remote)
+        if key is not None:  # pins compared as the run compares them: keyed by the ledger's secret
+            images = KeyedImageSource(images, key)
         try:
             checks.append(await _images_check(sample, images))
             if known:
@@ -191,8 +194,8 @@ def _scan(manifest: Manifest) -> tuple[int, int, list[Candidate], list[str]]:
     return manifest.total_rows, rejected, head + drawn, ids
 
 
-# The ledger's checks, and its rows for the sampled IDs (what `run` would decide those rows from).
-LedgerChecks = tuple[list[Check], dict[str, LedgerRow]]
+# The ledger's checks, its rows for the sampled IDs (what `run` would decide those rows from) and its PhotoKey.
+LedgerChecks = tuple[list[Check], dict[str, LedgerRow], PhotoKey | None]
 
 
 async def _shared_ledger_checks(
@@ -202,9 +205,9 @@ async def _shared_ledger_checks(
     try:
         store = await compose.open_store(settings, writable=False)
     except LedgerAbsent as exc:
-        return [Check(name="ledger", ok=True, detail=f"{exc}; the first run creates it")], {}
+        return [Check(name="ledger", ok=True, detail=f"{exc}; the first run creates it")], {}, None
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}, None
     try:
         status = await store.status()
         checks = [
@@ -217,7 +220,7 @@ async def _shared_ledger_checks(
         ]
         if ids is not None:
             checks.append(await _held(store, ids))
-        return checks, await store.lookup([c.user_id for c in sample])
+        return checks, await store.lookup([c.user_id for c in sample]), store.photo_key
     finally:
         await store.close()
 
@@ -227,52 +230,70 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
         return await _shared_ledger_checks(settings, ids, sample)
     where = settings.ledger_location()  # a file's path here: the URL case is above
     if where is None:
-        return [
-            Check(
-                name="ledger",
-                ok=False,
-                detail="the default ledger is named after the partner ID, so it can't be named until the "
-                "partner ID is known: whether it exists, and what it holds, is not checked",
-                fix="set SMILE_PARTNER_ID (see credentials), or name the ledger with --ledger",
-            )
-        ], {}
+        return (
+            [
+                Check(
+                    name="ledger",
+                    ok=False,
+                    detail="the default ledger is named after the partner ID, so it can't be named until the "
+                    "partner ID is known: whether it exists, and what it holds, is not checked",
+                    fix="set SMILE_PARTNER_ID (see credentials), or name the ledger with --ledger",
+                )
+            ],
+            {},
+            None,
+        )
     path = Path(where)
     if not path.exists():
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), path.parent)
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             what = "is not writable" if folder.is_dir() else "is not a folder"
-            return [
-                Check(
-                    name="ledger",
-                    ok=False,
-                    detail=f"no ledger at {path}, and {folder} {what}",
-                    fix="make the folder writable, or name another ledger with --ledger",
-                )
-            ], {}
+            return (
+                [
+                    Check(
+                        name="ledger",
+                        ok=False,
+                        detail=f"no ledger at {path}, and {folder} {what}",
+                        fix="make the folder writable, or name another ledger with --ledger",
+                    )
+                ],
+                {},
+                None,
+            )
         bound = (
             f"bound to partner {settings.partner_id} on {settings.endpoint}"
             if settings.partner_id
             else f"bound to {settings.endpoint} and to the partner ID the run is given: no partner ID is "
             "set yet"
         )
-        return [
-            Check(
-                name="ledger", ok=True, detail=f"no ledger yet at {path}: the first run creates it ({bound})"
-            )
-        ], {}
+        return (
+            [
+                Check(
+                    name="ledger",
+                    ok=True,
+                    detail=f"no ledger yet at {path}: the first run creates it ({bound})",
+                )
+            ],
+            {},
+            None,
+        )
     if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
-        return [
-            Check(
-                name="ledger",
-                ok=False,
-                detail=f"the ledger {path} (or its folder) is not writable",
-                fix="fix its permissions (runs record every attempt there), or name another with --ledger",
-            )
-        ], {}
+        return (
+            [
+                Check(
+                    name="ledger",
+                    ok=False,
+                    detail=f"the ledger {path} (or its folder) is not writable",
+                    fix="fix its permissions (runs record every attempt there), or name another with --ledger",
+                )
+            ],
+            {},
+            None,
+        )
     try:
         store = await compose.open_store(settings, writable=False)
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}, None
     try:
         checks = [
             Check(
@@ -294,9 +315,9 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
             )
         if ids is not None:
             checks.append(await _held(store, ids))
-        return checks, await store.lookup([c.user_id for c in sample])
+        return checks, await store.lookup([c.user_id for c in sample]), store.photo_key
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}
+        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}, None
     finally:
         await store.close()
 

@@ -25,7 +25,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from backfill import compose
 from backfill.config import Settings
-from backfill.images import Fingerprint, ImageProblem, ImageSource, Photo
+from backfill.images import Fingerprint, ImageProblem, ImageSource, Photo, PhotoKey
 from backfill.images.local import LocalImageSource
 from backfill.ledger import LedgerRow
 from backfill.ledger.sqlite import acquire_lock
@@ -203,9 +203,14 @@ async def swap_setup(tmp_path: Path, make_settings: Callable[..., Settings]) -> 
 
 
 async def ledger_rows(settings: Settings) -> dict[str, LedgerRow]:
+    return (await keyed_ledger_rows(settings))[0]
+
+
+async def keyed_ledger_rows(settings: Settings) -> tuple[dict[str, LedgerRow], PhotoKey]:
+    """Every row of the ledger, and its PhotoKey: what it pins is `key.pin` of the server's SHA-256."""
     store = await compose.open_store(settings, writable=False, bound=False)
     try:
-        return {row.user_id: row async for row in store.rows()}
+        return {row.user_id: row async for row in store.rows()}, store.photo_key
     finally:
         await store.close()
 
@@ -238,9 +243,9 @@ async def test_b_a_photo_swapped_before_a_retry_or_a_send_never_leaves_as_that_i
     assert seen[RETRIED] == {sha(original)} and state.requests[RETRIED] == 1
     # UNSENT had never left: its first attempt is its photo, the one the server got and the ledger pins.
     assert seen[UNSENT] == {sha(swapped[UNSENT])}
-    rows = await ledger_rows(settings)
+    rows, key = await keyed_ledger_rows(settings)
     for user_id, user in state.enrolled.items():
-        assert rows[user_id].photo_sha256 == user.photo_sha256, (
+        assert rows[user_id].photo_sha256 == key.pin(user.photo_sha256), (
             f"{user_id}: pinned bytes aren't the ones sent"
         )
     # The run that saw the swap says so (send.py `_refused` -> `_reject`, even after an attempt went out),

@@ -401,7 +401,8 @@ async def test_sqlite_migrates_a_schema_1_ledger(tmp_path: Path) -> None:
     assert rows["u1"].state is State.ENROLLED and rows["u1"].fingerprint == Fingerprint(
         ref="/i/u1.jpg", size=10, version="123"
     )
-    assert rows["u2"].in_doubt and rows["u2"].photo_sha256 == "cd" and rows["u2"].attempts == 2
+    assert rows["u2"].in_doubt and rows["u2"].attempts == 2
+    assert rows["u2"].photo_sha256 == store.photo_key.pin("cd")  # keyed, in the same step (schema 3)
 
 
 async def test_sqlite_reader_never_creates_or_writes(tmp_path: Path) -> None:

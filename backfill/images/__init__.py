@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..vocab import Reason
 
@@ -33,11 +36,45 @@ class ImageProblem:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Photo:
-    """The exact bytes that will go out, their SHA-256 (the ledger pins it to the user_id), and what was read."""
+    """The exact bytes that will go out, their digest (the ledger pins it to the user_id), and what was read.
+
+    `sha256` is the bytes' plain SHA-256 as a local or object-storage source reads them, held in memory only;
+    the source a run is given (keyed.py) replaces it with its `PhotoKey.pin`, so the ledger never pins, and no
+    file ever holds, a plain SHA-256 of a photo.
+    """
 
     data: bytes
     sha256: str
     fingerprint: Fingerprint
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhotoKey:
+    """A ledger's secret, and the keyed digest of a photo under it: HMAC-SHA256(secret, SHA-256(bytes)), in hex.
+
+    A plain SHA-256 lets anyone holding a photo prove it was enrolled; without the secret this can't be computed.
+    It is keyed over the photo's SHA-256, not over its bytes, so that a ledger which pinned plain digests is
+    migrated in place (`pin` of each stored digest) without reading a single photo, and its pins then compare
+    equal to those of photos read later, by the one formula.
+    """
+
+    secret: bytes = field(repr=False)
+
+    @classmethod
+    def new(cls) -> PhotoKey:
+        """32 random bytes: made once, with the ledger that keeps it."""
+        return cls(secret=secrets.token_bytes(SECRET_BYTES))
+
+    def pin(self, sha256: str) -> str:
+        """The keyed digest of a photo whose plain SHA-256 is `sha256` (hex)."""
+        return hmac.digest(self.secret, bytes.fromhex(sha256), "sha256").hex()
+
+    def of(self, data: bytes) -> str:
+        """The keyed digest of these bytes."""
+        return self.pin(hashlib.sha256(data).hexdigest())
+
+
+SECRET_BYTES = 32
 
 
 def file_kind(mode: int) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, NamedTuple, TypeVar
 
-from ..images import Fingerprint
+from ..images import Fingerprint, PhotoKey
 from ..manifest import Batch
 from ..vocab import DONE_STATES, TRANSIENT_STATES, State
 
@@ -320,6 +320,9 @@ class Store(ABC):
 
     binding: Binding
     location: str  # for messages: a path, or a URL without its password
+    # The ledger's secret, made with it and kept in it: every photo_sha256 it holds is `photo_key.pin` of a
+    # photo's SHA-256, never the plain digest (see PhotoKey). Lose it and no pin can be checked again.
+    photo_key: PhotoKey
 
     @abstractmethod
     async def lookup(self, user_ids: Sequence[str]) -> dict[str, LedgerRow]:

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 
+from ..images import PhotoKey
 from ..vocab import TRANSIENT_STATES, State
 from . import (
     AttemptRequest,
@@ -28,6 +29,7 @@ class MemoryStore(Store):
     def __init__(self, binding: Binding, *, location: str = "memory") -> None:
         self.binding = binding
         self.location = location
+        self.photo_key = PhotoKey.new()
         self.users: dict[str, LedgerRow] = {}
         self.runs: dict[str, RunRecord] = {}
         self.closed = False

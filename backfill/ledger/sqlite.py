@@ -18,6 +18,7 @@ from typing import Any
 
 from ..clock import now_iso
 from ..errors import LedgerError, LedgerLocked
+from ..images import PhotoKey
 from ..vocab import DONE_STATES, TRANSIENT_STATES, State
 from . import (
     AttemptRequest,
@@ -35,7 +36,8 @@ from . import (
 )
 from . import transitions as tr
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
+_KEY = "photo_key"  # meta's row holding the ledger's PhotoKey secret, in hex
 log = logging.getLogger("backfill")
 _STATES = ", ".join(f"'{s.value}'" for s in State)
 _USERS = f"""
@@ -122,9 +124,11 @@ class SqliteStore(Store):
         binding: Binding,
         location: str,
         lock: int | None,
+        photo_key: PhotoKey,
     ) -> None:
         self.binding = binding
         self.location = location
+        self.photo_key = photo_key
         self._conn = conn
         self._executor = executor
         self._lock = lock
@@ -168,7 +172,7 @@ class SqliteStore(Store):
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         loop = asyncio.get_running_loop()
         try:
-            conn, held = await loop.run_in_executor(
+            conn, held, key = await loop.run_in_executor(
                 executor, _connect, path, binding, writable, dict(legacy_endpoints)
             )
         except BaseException:
@@ -176,7 +180,7 @@ class SqliteStore(Store):
             if lock is not None:
                 os.close(lock)
             raise
-        return cls(conn, executor, binding=held, location=str(path), lock=lock)
+        return cls(conn, executor, binding=held, location=str(path), lock=lock, photo_key=key)
 
     # --- the contract ---
 
@@ -482,8 +486,10 @@ def _found(path: Path) -> FoundLedger:
         if not meta:
             return unread("not a backfill ledger (it has no binding)")
         if meta.get("schema") != SCHEMA_VERSION:
-            # Schema 1 was bound to an env label, not an endpoint: a writable command migrates it.
-            old = Binding(partner_id=meta.get("partner_id", ""), endpoint=meta.get("env", ""))
+            # Schema 1 was bound to an env label, not an endpoint; 2 pinned plain digests: a writable command
+            # migrates either.
+            endpoint = meta.get("endpoint") or meta.get("env", "")
+            old = Binding(partner_id=meta.get("partner_id", ""), endpoint=endpoint)
             return unread(f"schema {meta.get('schema')!r}: run or retry with it once to migrate it", old)
         counts, _, runs = _status(conn, 1)
     except sqlite3.Error as exc:
@@ -501,7 +507,7 @@ def _found(path: Path) -> FoundLedger:
 
 def _connect(
     path: Path, binding: Binding | None, writable: bool, legacy: dict[str, str]
-) -> tuple[sqlite3.Connection, Binding]:
+) -> tuple[sqlite3.Connection, Binding, PhotoKey]:
     try:
         if writable:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -509,8 +515,16 @@ def _connect(
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             meta = _meta(conn)
-            if meta.get("schema") == "1":
-                _migrate_v1(conn, meta, legacy)
+            if meta.get("schema") in ("1", "2"):
+                # The plain photo digests an older schema kept must not outlive the migration anywhere in the
+                # file: what a migration frees or overwrites is zeroed, and the WAL that held the pages as they
+                # were is checkpointed into the file and truncated.
+                conn.execute("PRAGMA secure_delete=ON")
+                if meta.get("schema") == "1":
+                    _migrate_v1(conn, meta, legacy)
+                _migrate_v2(conn)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                conn.execute("PRAGMA secure_delete=OFF")
             conn.executescript(_SCHEMA)
             if "note" not in _run_columns(conn):
                 # Added within schema 2: older versions name their columns, so they read and write it still.
@@ -530,14 +544,16 @@ def _connect(
         if not writable or binding is None:
             conn.close()
             raise LedgerError(f"{path} is not a backfill ledger (it has no binding)")
+        key = PhotoKey.new()
         rows = [
             ("schema", SCHEMA_VERSION),
             ("partner_id", binding.partner_id),
             ("endpoint", binding.endpoint),
             ("created_at", now_iso()),
+            (_KEY, key.secret.hex()),
         ]
         conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", rows)
-        return conn, binding
+        return conn, binding, key
     if meta.get("schema") != SCHEMA_VERSION:
         conn.close()
         raise LedgerError(
@@ -553,7 +569,7 @@ def _connect(
             "that were sent to another. Use the ledger made for this partner and endpoint (--ledger), or "
             "drop --ledger to use the default one for this partner and endpoint"
         )
-    return conn, held
+    return conn, held, PhotoKey(secret=bytes.fromhex(meta[_KEY]))
 
 
 def _meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -588,8 +604,29 @@ def _migrate_v1(conn: sqlite3.Connection, meta: dict[str, str], legacy: dict[str
         conn.execute("DROP TABLE users_v1")
         conn.execute("ALTER TABLE runs ADD COLUMN manifest_sha256 TEXT")
         conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('endpoint', ?)", (endpoint,))
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
         conn.execute("DELETE FROM meta WHERE key = 'env'")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    """Schema 2 (photos pinned by their plain SHA-256) to 3 (pinned by PhotoKey, the ledger's own secret).
+
+    Each stored digest is replaced by its pin, computed from the digest alone: no photo is read, and a finished
+    row is still skipped by its fingerprint, or its photo's pin, exactly as before.
+    """
+    key = PhotoKey.new()
+    conn.create_function("backfill_pin", 1, key.pin, deterministic=True)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "UPDATE users SET photo_sha256 = backfill_pin(photo_sha256) WHERE photo_sha256 IS NOT NULL"
+        )
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (_KEY, key.secret.hex()))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
     except BaseException:
         conn.execute("ROLLBACK")
         raise

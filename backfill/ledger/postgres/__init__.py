@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TypeVar
 
+from ...images import PhotoKey
 from ...manifest import Batch
 from ...vocab import State
 from .. import (
@@ -40,9 +41,10 @@ from .. import (
     Ticket,
 )
 from .attempts import Attempts
-from .connection import Database, Retries, SteadyRetries, location_of
+from .connection import Commit, Database, Retries, SteadyRetries, location_of
 from .queue import Queue
 from .rate import SharedRate
+from .schema import photo_key
 from .store import Records
 
 T = TypeVar("T")
@@ -55,8 +57,11 @@ LEASE_S = 30.0
 class PostgresStore(Store, Fleet):
     """A ledger in PostgreSQL, shared by any number of runs (see `Fleet` for how they share it)."""
 
-    def __init__(self, db: Database, *, binding: Binding, writable: bool, lease_s: float) -> None:
+    def __init__(
+        self, db: Database, *, binding: Binding, writable: bool, lease_s: float, key: PhotoKey
+    ) -> None:
         self.binding = binding
+        self.photo_key = key
         self.location = db.location
         self.lease_s = lease_s
         self._db = db
@@ -90,7 +95,12 @@ class PostgresStore(Store, Fleet):
             outage_s=outage_s,
             retries=retries or SteadyRetries(),
         )
-        return cls(db, binding=held, writable=writable, lease_s=lease_s)
+        try:
+            key = await db.run(photo_key, commit=Commit.READ, what="read")
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, binding=held, writable=writable, lease_s=lease_s, key=key)
 
     @property
     def _heartbeat(self) -> asyncio.Task[None] | None:

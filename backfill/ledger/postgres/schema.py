@@ -9,13 +9,14 @@ from typing import Any
 import psycopg
 
 from ...errors import LedgerAbsent, LedgerError
+from ...images import PhotoKey
 from ...vocab import DONE_STATES, State
 from .. import Binding, LedgerRow, RunRecord, row_of, row_values
 
 # A connection of the ledger's pool: rows come back as plain tuples.
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _STATES = ", ".join(f"'{s.value}'" for s in State)
 _SCHEMA = f"""
 CREATE SCHEMA IF NOT EXISTS backfill;
@@ -81,6 +82,8 @@ CREATE TABLE IF NOT EXISTS backfill.queue (
 CREATE INDEX IF NOT EXISTS queue_todo ON backfill.queue (manifest_sha256, line) WHERE NOT done;
 CREATE INDEX IF NOT EXISTS queue_claims ON backfill.queue (claimed_by) WHERE NOT done;
 CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHERE done;
+-- The ledger's PhotoKey secret, apart from meta so that a role may be let read meta (status) and not this.
+CREATE TABLE IF NOT EXISTS backfill.secrets (name text PRIMARY KEY, value bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS backfill.rate (
     id integer PRIMARY KEY CHECK (id = 1),
     ceiling double precision NOT NULL,
@@ -91,6 +94,8 @@ CREATE TABLE IF NOT EXISTS backfill.rate (
     grown_at double precision NOT NULL
 );
 """
+_PHOTO_KEY = "photo_key"
+_REPIN_BATCH = 10_000
 _SCHEMA_LOCK = 0x6261636B66696C6C  # "backfill": serialises schema creation when a fleet starts all at once
 
 COLUMNS = tuple(f.name for f in fields(LedgerRow))
@@ -133,6 +138,42 @@ async def _add_run_note(conn: Conn) -> None:
         await conn.execute("ALTER TABLE backfill.runs ADD COLUMN note text")
 
 
+async def _keep_key(conn: Conn, key: PhotoKey) -> None:
+    await conn.execute("INSERT INTO backfill.secrets (name, value) VALUES (%s, %s)", (_PHOTO_KEY, key.secret))
+
+
+async def _migrate_v1(conn: Conn) -> None:
+    """Schema 1 (photos pinned by their plain SHA-256) to 2 (pinned by PhotoKey, the ledger's own secret).
+
+    Each stored digest is replaced by its pin, computed from the digest alone: no photo is read, and a finished
+    row is still skipped exactly as before. Inside prepare's transaction, under its lock: a fleet starting all
+    at once migrates once. The old row versions stay in the table's files until VACUUM (FULL) rewrites them.
+    """
+    key = PhotoKey.new()
+    await _keep_key(conn, key)
+    cur = await conn.execute(
+        "SELECT user_id, photo_sha256 FROM backfill.users WHERE photo_sha256 IS NOT NULL"
+    )
+    held = await cur.fetchall()
+    for start in range(0, len(held), _REPIN_BATCH):
+        part = held[start : start + _REPIN_BATCH]
+        await conn.execute(
+            "UPDATE backfill.users u SET photo_sha256 = p.pin FROM unnest(%s::text[], %s::text[]) AS p(uid, pin) "
+            "WHERE u.user_id = p.uid",
+            ([uid for uid, _ in part], [key.pin(digest) for _, digest in part]),
+        )
+    await conn.execute("UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,))
+
+
+async def photo_key(conn: Conn, retried: bool = False) -> PhotoKey:
+    """The ledger's PhotoKey, as `Database.run` reads it."""
+    cur = await conn.execute("SELECT value FROM backfill.secrets WHERE name = %s", (_PHOTO_KEY,))
+    found = await cur.fetchone()
+    if found is None:
+        raise LedgerError("the ledger holds no photo key (backfill.secrets): it can't check any photo's pin")
+    return PhotoKey(secret=bytes(found[0]))
+
+
 async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, location: str) -> Binding:
     """Create or migrate the schema (writable), then read and check the binding."""
     if writable:
@@ -152,7 +193,11 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
                 await conn.execute(
                     "INSERT INTO backfill.meta (key, value) VALUES ('created_at', now()::text)"
                 )
+                await _keep_key(conn, PhotoKey.new())
                 return binding
+            if meta.get("schema") == "1":
+                await _migrate_v1(conn)
+                meta["schema"] = SCHEMA_VERSION
     else:
         cur = await conn.execute("SELECT to_regclass('backfill.meta') IS NOT NULL")
         exists = await cur.fetchone()

@@ -1,0 +1,33 @@
+"""An ImageSource whose photos carry their PhotoKey pin, not their plain SHA-256: what a run is given."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import Fingerprint, ImageProblem, ImageSource, Photo, PhotoKey
+
+
+class KeyedImageSource(ImageSource):
+    """`inner`'s photos, each with its digest replaced by `key.pin` of it: the ledger's key (Store.photo_key).
+
+    compose.py wraps the source of every run that has a ledger in one, so the pin the ledger records and the
+    one plan.py compares are keyed alike, and the plain digest never leaves memory. The photo's SHA-256 is
+    computed where the bytes are read (in a thread for big ones); its pin is one HMAC over 32 bytes.
+    """
+
+    def __init__(self, inner: ImageSource, key: PhotoKey) -> None:
+        self._inner = inner
+        self._key = key
+
+    async def fingerprint_many(self, raws: Sequence[str]) -> list[Fingerprint | ImageProblem]:
+        return await self._inner.fingerprint_many(raws)
+
+    async def check_many(self, raws: Sequence[str]) -> list[Fingerprint | ImageProblem]:
+        return await self._inner.check_many(raws)
+
+    async def read(self, fingerprint: Fingerprint) -> Photo:
+        photo = await self._inner.read(fingerprint)
+        return Photo(data=photo.data, sha256=self._key.pin(photo.sha256), fingerprint=photo.fingerprint)
+
+    async def close(self) -> None:
+        await self._inner.close()
