@@ -13,7 +13,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from .api import network
 from .api.client import Client, request_url
 from .config import DERIVED_LEDGER, ENVIRONMENTS, Settings, endpoint_of
 from .errors import BackfillError, ConfigError, Declined, LedgerAbsent, LedgerError
-from .images import ImageSource
+from .images import ImageSource, PhotoKey
 from .images.dispatch import DispatchingImageSource
 from .images.keyed import KeyedImageSource
 from .images.local import LocalImageSource
@@ -37,7 +37,7 @@ from .run.claims import Claims, FinishingSink
 from .run.crash import CRASH_ENV, CrashPoints
 from .run.dryrun import DryRun
 from .run.engine import UNRECORDED, Collaborators, Engine, Journal, OnLeave, Progress, RunOptions, Sleep
-from .run.events import Events
+from .run.events import Events, name_users
 from .run.observe import NO_OBSERVER, Observer
 from .run.policy import RetryPolicy
 from .run.rate import FleetGate, Gate, RateGate
@@ -46,7 +46,7 @@ from .run.rows import ManifestRows, Rows
 from .run.send import Sender
 from .run.stops import Leaving, Stops, on_systemic
 from .run.workers import Workers
-from .vocab import RETRYABLE_STATES, State, parse_states
+from .vocab import RETRYABLE_STATES, State, UserIds, parse_states
 
 if TYPE_CHECKING:
     from .images.remote import RemoteImageSource
@@ -298,6 +298,8 @@ async def _run(
         else:
             store = await open_store(settings, writable=True)
     images = images or image_source(settings, manifest.name, policy=policy, remote=remote)
+    # Every line the run logs names its users as log_user_ids says (keyed by this ledger's secret if hashed).
+    unname_users = name_users(user_naming(settings, store))
     metrics: RunMetrics | None = None
     try:
         # Before the output folder: a port already taken leaves no litter.
@@ -345,11 +347,27 @@ async def _run(
         await _outputs_written(store, settings)
         return summary
     finally:
+        unname_users()
         if metrics is not None:
             await asyncio.to_thread(metrics.close)  # waits for the listener's thread: off the event loop
         await images.close()
         if own_store and store is not None:
             await store.close()
+
+
+def user_naming(settings: Settings, store: Store | None) -> Callable[[str], str] | None:
+    """How the run's log lines name a user; None: by the user_id itself (the default)."""
+    mode = UserIds(settings.log_user_ids)
+    if mode is UserIds.PLAIN:
+        return None
+    if mode is UserIds.OMIT:
+        return lambda _: OMITTED
+    # A dry run with no ledger yet: a key of the moment, so nothing said can name a user.
+    key = store.photo_key if store is not None else PhotoKey.new()
+    return key.user
+
+
+OMITTED = "(user)"  # a user_id in a log line when log_user_ids is omit
 
 
 def run_options(settings: Settings, *, resend_failed: bool = False) -> RunOptions:
@@ -651,6 +669,19 @@ def status(settings: Settings) -> LedgerStatus:
         store = await open_store(settings, writable=False, bound=False)
         try:
             return await store.status()
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def find_users(settings: Settings, user_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """`backfill find-user`: each user_id with the name log lines give it under log_user_ids: hashed."""
+
+    async def go() -> list[tuple[str, str]]:
+        store = await open_store(settings, writable=False, bound=False)  # the key is all it reads
+        try:
+            return [(uid, store.photo_key.user(uid)) for uid in user_ids]
         finally:
             await store.close()
 

@@ -21,6 +21,7 @@ import yaml
 
 from .errors import ConfigError
 from .redact import Secret
+from .vocab import UserIds
 
 ENVIRONMENTS: dict[str, str] = {
     "local": "http://127.0.0.1:8080/v1",
@@ -764,6 +765,19 @@ class Settings:
                 parse=_path,
                 text=True,
                 flag=Flag(takes=Takes.FILE),
+            )
+        },
+    )
+    log_user_ids: str = field(
+        default=UserIds.PLAIN.value,
+        metadata={
+            SETTING: Spec(
+                help="How log lines name a user: plain, hashed (keyed by the ledger's secret; `backfill "
+                "find-user` prints an ID's) or omit.",
+                example="hashed",
+                choices=tuple(u.value for u in UserIds),
+                text=True,
+                flag=Flag(),
             )
         },
     )

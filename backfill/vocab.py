@@ -19,6 +19,14 @@ class State(StrEnum):
     UNKNOWN = "unknown"
 
 
+class UserIds(StrEnum):
+    """How log lines and metric labels name a user (the `log_user_ids` setting)."""
+
+    PLAIN = "plain"  # the user_id as the manifest has it
+    HASHED = "hashed"  # a keyed hash under the ledger's secret: `backfill find-user ID` finds it again
+    OMIT = "omit"  # not at all: for logs shipped to a third party
+
+
 class Status(StrEnum):
     """A row's status in one run's outputs: the ledger's final states plus those that only a run has."""
 

@@ -397,6 +397,18 @@ def status(
         every(draw, watch, screen, rounds=watch_rounds)
 
 
+@main.command("find-user")
+@config_option
+@ledger_options()
+@click.argument("user_ids", nargs=-1, required=True, metavar="USER_ID...")
+@guard
+def find_user(config_file: Path | None, user_ids: tuple[str, ...], **flags: Any) -> None:
+    """Each USER_ID's name in log lines written with log_user_ids: hashed (keyed by the ledger's secret)."""
+    settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
+    for user_id, hashed in compose.find_users(settings, user_ids):
+        click.echo(f"{hashed}\t{user_id}")
+
+
 def _status_lines(report: LedgerStatus) -> list[str]:
     b = report.binding
     lines = [f"ledger {report.location} (partner {b.partner_id}, {b.endpoint})"]

@@ -217,7 +217,7 @@ config_option = click.option(
     "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), help="YAML settings file."
 )
 out_option = setting_options("out")
-log_options = setting_options("log_format", "log_file", "log_level")
+log_options = setting_options("log_format", "log_file", "log_level", "log_user_ids")
 # How a command that reads a manifest reads it, as `run` does.
 manifest_options = setting_options("delimiter", "encoding", "manifest_format", "columns")
 

@@ -50,7 +50,8 @@ class Photo:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PhotoKey:
-    """A ledger's secret, and the keyed digest of a photo under it: HMAC-SHA256(secret, SHA-256(bytes)), in hex.
+    """A ledger's secret, and the keyed digest of a photo under it: HMAC-SHA256(secret, SHA-256(bytes)), in hex
+    (and, for logs that must not name users, of a user_id: `user`).
 
     A plain SHA-256 lets anyone holding a photo prove it was enrolled; without the secret this can't be computed.
     It is keyed over the photo's SHA-256, not over its bytes, so that a ledger which pinned plain digests is
@@ -73,8 +74,17 @@ class PhotoKey:
         """The keyed digest of these bytes."""
         return self.pin(hashlib.sha256(data).hexdigest())
 
+    def user(self, user_id: str) -> str:
+        """How a log line names `user_id` when `log_user_ids` is hashed: whoever holds the ledger can compute it
+        (`backfill find-user`), no one else can, nor link it to a photo's pin (another label is hashed)."""
+        message = b"user_id\0" + user_id.encode("utf-8", "surrogatepass")
+        return "u-" + hmac.digest(self.secret, message, "sha256").hex()[:USER_HEX]
+
 
 SECRET_BYTES = 32
+USER_HEX = (
+    20  # 80 bits of a user_id's keyed hash: unique among billions of IDs, and short enough for a log line
+)
 
 
 def file_kind(mode: int) -> str:
