@@ -10,15 +10,18 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import getpass
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .api import network
+from . import __version__
+from .api import network, signing
 from .api.client import Client, request_url
 from .config import DERIVED_LEDGER, ENVIRONMENTS, Settings, endpoint_of
 from .errors import BackfillError, ConfigError, Declined, LedgerAbsent, LedgerError
@@ -27,7 +30,7 @@ from .images.dispatch import DispatchingImageSource
 from .images.keyed import KeyedImageSource
 from .images.local import LocalImageSource
 from .images.urls import is_url, prefix_of
-from .ledger import Binding, Fleet, LedgerRow, LedgerStatus, Store
+from .ledger import Audit, Binding, Fleet, LedgerRow, LedgerStatus, Store
 from .ledger.sqlite import FoundLedger, SqliteStore, find_ledgers
 from .manifest import Manifest, ManifestRules, open_manifest
 from .outputs.files import RunOutput, write_retry_manifest
@@ -385,6 +388,24 @@ def run_options(settings: Settings, *, resend_failed: bool = False) -> RunOption
         base_url=settings.base_url,
         dry_run=settings.dry_run,
         settings=settings.redacted(),
+        audit=audit(settings),
+    )
+
+
+def audit(settings: Settings) -> Audit:
+    """Who runs this, from where, with what: the operator (BACKFILL_OPERATOR, else the OS user), the host, the
+    tool's version and the API key's key_id (never the key)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container): its number says who
+        user = f"uid {os.getuid()}"
+    return Audit(
+        operator=settings.operator or user,
+        host=socket.gethostname(),
+        version=__version__,
+        api_key_id=signing.key_id(settings.api_key.reveal()) if settings.api_key else "",
+        partner_id=settings.partner_id,
+        endpoint=settings.endpoint,
     )
 
 

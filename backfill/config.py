@@ -768,6 +768,18 @@ class Settings:
             )
         },
     )
+    operator: str = field(
+        default="",
+        metadata={
+            SETTING: Spec(
+                help="Who runs the tool, for the audit trail in the ledger and summary.json (default: the OS user).",
+                example="jane.doe@bank.example",
+                parse=_text,
+                text=True,
+                flag=Flag(),
+            )
+        },
+    )
     log_user_ids: str = field(
         default=UserIds.PLAIN.value,
         metadata={

@@ -33,6 +33,17 @@ def sign(timestamp: str, partner_id: str, api_key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+KEY_ID_LABEL = b"backfill api key id v1"  # documented: anyone holding a key can check it against a key_id
+
+
+def key_id(api_key: str) -> str:
+    """Which API key a run used, for the audit trail: HMAC-SHA256(api_key, KEY_ID_LABEL), 16 hex digits.
+
+    Whoever holds a key can tell whether it is the one named; the key_id itself reveals nothing of it.
+    """
+    return "k-" + hmac.digest(api_key.encode(), KEY_ID_LABEL, "sha256").hex()[:16]
+
+
 def verify(signature: object, timestamp: object, partner_id: str, api_key: str) -> bool:
     """True when `signature` is the one for `timestamp`, compared in constant time; False for non-strings."""
     if not isinstance(signature, str) or not isinstance(timestamp, str):

@@ -209,7 +209,7 @@ def check(manifest: str, config_file: Path | None, **flags: Any) -> None:
 @manifest_options
 @read_concurrency_option
 @log_options
-@setting_options("progress")
+@setting_options("progress", "operator")
 @yes_option
 @guard
 def run(manifest: str, config_file: Path | None, yes: bool, **flags: Any) -> None:
@@ -324,7 +324,7 @@ def _left(leaving: Leaving) -> None:
 @metrics_option
 @read_concurrency_option
 @log_options
-@setting_options("progress")
+@setting_options("progress", "operator")
 @yes_option
 @guard
 def retry(config_file: Path | None, states: str, yes: bool, **flags: Any) -> None:
@@ -426,6 +426,8 @@ def _status_lines(report: LedgerStatus) -> list[str]:
             r.run_id,
             r.started_at,
             r.finished_at or _unfinished(report, r),
+            f"{r.operator or '-'}@{r.host or '-'}",
+            r.api_key_id or "-",
             short_path(r.manifest or ""),
             r.rows if r.rows is not None else "",
             r.exit_code if r.exit_code is not None else "",
@@ -435,8 +437,8 @@ def _status_lines(report: LedgerStatus) -> list[str]:
     lines.append("last runs:")
     lines.append(
         _table(
-            ["run", "started", "finished", "manifest", "rows", "exit"],
-            runs or [["(none)", "", "", "", "", ""]],
+            ["run", "started", "finished", "by", "api key", "manifest", "rows", "exit"],
+            runs or [["(none)", "", "", "", "", "", "", ""]],
         )
     )
     for r in report.runs:

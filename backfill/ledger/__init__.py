@@ -192,6 +192,23 @@ class RunRecord:
     exit_code: int | None = None
     # What the run says about itself for `status`, e.g. that its workers, not the rate, are the limit.
     note: str | None = None
+    # The audit trail: who ran it (BACKFILL_OPERATOR, else the OS user), with which version of the tool and
+    # which API key (signing.key_id: checkable against a key, revealing nothing of it).
+    operator: str | None = None
+    version: str | None = None
+    api_key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Audit:
+    """Who ran a run, from where, with what: recorded in the ledger's runs and in summary.json."""
+
+    operator: str
+    host: str
+    version: str
+    api_key_id: str
+    partner_id: str
+    endpoint: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -37,6 +37,7 @@ from . import (
 from . import transitions as tr
 
 SCHEMA_VERSION = "3"
+_AUDIT_COLUMNS = ("operator", "version", "api_key_id")
 _KEY = "photo_key"  # meta's row holding the ledger's PhotoKey secret, in hex
 log = logging.getLogger("backfill")
 _STATES = ", ".join(f"'{s.value}'" for s in State)
@@ -75,7 +76,10 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at TEXT,
     rows INTEGER,
     exit_code INTEGER,
-    note TEXT
+    note TEXT,
+    operator TEXT,
+    version TEXT,
+    api_key_id TEXT
 );
 """
 _COLUMNS = tuple(f.name for f in fields(LedgerRow))
@@ -526,9 +530,11 @@ def _connect(
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 conn.execute("PRAGMA secure_delete=OFF")
             conn.executescript(_SCHEMA)
-            if "note" not in _run_columns(conn):
-                # Added within schema 2: older versions name their columns, so they read and write it still.
-                conn.execute("ALTER TABLE runs ADD COLUMN note TEXT")
+            present = _run_columns(conn)
+            # Added within a schema: older versions name their columns, so they read and write it still.
+            for column in ("note", *_AUDIT_COLUMNS):
+                if column not in present:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
         else:
             # A reader (status, export, a dry run) never writes: not the schema, not into some other file.
             conn = sqlite3.connect(

@@ -23,7 +23,7 @@ from ..api.answers import Verdict
 from ..clock import now_iso
 from ..errors import BackfillError, InternalError
 from ..images import ImageSource
-from ..ledger import RunRecord, Store
+from ..ledger import Audit, RunRecord, Store
 from ..manifest import Batch, Manifest
 from ..vocab import FINE_STATUSES, ExitCode, Status
 from . import plan
@@ -67,6 +67,7 @@ class RunOptions:
     resend_failed: bool = False  # `retry --status failed`: send even unchanged photos again
     log_rows: bool = False  # an event for every row, not only for the ones that went wrong
     # What the run is, for its log and summary.json: said, never decided on.
+    audit: Audit | None = None  # who ran it, from where, with what (recorded in the ledger's runs too)
     env: str
     base_url: str
     dry_run: bool = False
@@ -261,6 +262,10 @@ class Engine:
                     started_at=started,
                     manifest=parts.manifest.name,
                     manifest_sha256=parts.manifest.sha256,
+                    operator=a.operator if (a := self.options.audit) else None,
+                    host=a.host if a else None,
+                    version=a.version if a else None,
+                    api_key_id=a.api_key_id if a else None,
                 )
             )
             self._started()
@@ -618,6 +623,7 @@ class Engine:
             stop_reason=self._stops.reason or self._limit_note,
             dry_run=o.dry_run,
             settings=o.settings,
+            audit=o.audit,
             effective_rate_min=round(parts.gate.rate_min, 3),
             effective_rate_final=round(parts.gate.rate, 3),
         )

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..ledger import Audit
 from ..vocab import Reason, Status
 
 
@@ -75,6 +76,7 @@ class Summary:
     stop_reason: str = ""
     dry_run: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    audit: Audit | None = None  # who ran it, from where, with what
     # requests/s: the lowest the adaptive rate went after 429s, and where it ended (both --rate without any)
     effective_rate_min: float = 0.0
     effective_rate_final: float = 0.0

@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS backfill.runs (
     exit_code integer,
     heartbeat_at timestamptz,
     outputs_at timestamptz,  -- its results.csv and rejects.csv are written: the rows it finished are told
-    note text
+    note text,
+    operator text,
+    version text,
+    api_key_id text
 );
 CREATE TABLE IF NOT EXISTS backfill.manifests (
     sha256 text PRIMARY KEY,
@@ -125,17 +128,19 @@ def state(value: str) -> State:
 
 
 async def _add_run_note(conn: Conn) -> None:
-    """`runs.note`, added within schema 1 (older versions name their columns, so they read and write it still).
+    """`runs.note` and the audit trail's columns, added within a schema (older versions name their columns, so
+    they read and write it still).
 
     Looked up first: ALTER TABLE takes the table's strongest lock and needs its owner even when the column is
     there, and every process of a fleet opens the ledger, some with a role that may read and write but not own.
     """
     cur = await conn.execute(
-        "SELECT 1 FROM information_schema.columns "
-        "WHERE table_schema = 'backfill' AND table_name = 'runs' AND column_name = 'note'"
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'backfill' AND table_name = 'runs'"
     )
-    if await cur.fetchone() is None:
-        await conn.execute("ALTER TABLE backfill.runs ADD COLUMN note text")
+    held = {name for (name,) in await cur.fetchall()}
+    for column in ("note", "operator", "version", "api_key_id"):  # the last three: the audit trail
+        if column not in held:
+            await conn.execute(f"ALTER TABLE backfill.runs ADD COLUMN {column} text")
 
 
 async def _keep_key(conn: Conn, key: PhotoKey) -> None:

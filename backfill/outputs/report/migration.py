@@ -87,6 +87,9 @@ class RunLine:
     manifest_sha256: str
     rows: str
     exit_code: str
+    by: str  # the audit trail: operator@host
+    api_key_id: str
+    version: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,6 +184,9 @@ def build_migration(view: LedgerView, written: datetime) -> MigrationPage:
                 manifest_sha256=r.manifest_sha256 or "(not recorded)",
                 rows="" if r.rows is None else fmt.count(r.rows),
                 exit_code="" if r.exit_code is None else str(r.exit_code),
+                by=f"{r.operator or '(not recorded)'}@{r.host or '(not recorded)'}",
+                api_key_id=r.api_key_id or "(not recorded)",
+                version=r.version or "(not recorded)",
             )
             for r in runs
         ),
