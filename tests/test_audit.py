@@ -41,8 +41,12 @@ async def test_a_run_records_who_ran_it_in_the_ledger_and_its_summary(
     assert API_KEY not in written and key_id(API_KEY) != key_id(API_KEY + "x")
     (run,) = (await ledger_status(settings)).runs
     assert (run.run_id, run.operator, run.host, run.version, run.api_key_id) == (
-        summary.run_id, "jane.doe@bank.example", socket.gethostname(), __version__, key_id(API_KEY)
-    )  # fmt: skip
+        summary.run_id,
+        "jane.doe@bank.example",
+        socket.gethostname(),
+        __version__,
+        key_id(API_KEY),
+    )
     assert run.manifest_sha256 == summary.manifest_sha256 and run.exit_code == 0 and run.finished_at
 
 
@@ -92,9 +96,16 @@ async def test_an_older_ledgers_runs_table_gains_the_audit_columns(
 async def test_each_ledger_keeps_a_runs_audit_trail(tmp_path: Path, kind: str) -> None:
     store = await open_store(kind, tmp_path)
     record = RunRecord(
-        run_id="r1", started_at="2026-01-01T00:00:00.000Z", manifest="m.csv", manifest_sha256="ab" * 32,
-        pid=7, host="h1", operator="jane", version="9.9", api_key_id="k-0123456789abcdef",
-    )  # fmt: skip
+        run_id="r1",
+        started_at="2026-01-01T00:00:00.000Z",
+        manifest="m.csv",
+        manifest_sha256="ab" * 32,
+        pid=7,
+        host="h1",
+        operator="jane",
+        version="9.9",
+        api_key_id="k-0123456789abcdef",
+    )
     try:
         await store.start_run(record)
         await store.finish_run("r1", finished_at="2026-01-01T00:01:00.000Z", rows=3, exit_code=0)

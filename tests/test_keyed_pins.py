@@ -87,8 +87,11 @@ def test_a_run_its_resume_export_and_reports_hold_no_plain_photo_digest(
         said += [stdout, stderr]
     runs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(runs) == 2
-    for args in (["report", str(runs[0])], ["report", *where, "--output", str(work / "migration.html")],
-                 ["status", *where]):  # fmt: skip
+    for args in (
+        ["report", str(runs[0])],
+        ["report", *where, "--output", str(work / "migration.html")],
+        ["status", *where],
+    ):
         code, stdout, stderr = cli(*args)
         assert code == 0, stderr
         said += [stdout, stderr]

@@ -42,10 +42,22 @@ def logged_runs(tmp_path: Path, sandboxes: ThreadedSandboxes, mode: str) -> tupl
                 str(tmp_path / f"{fmt}.sqlite"),
             ]
         code, out, err = cli(
-            "run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress", "--log-format", fmt,
-            "--log-file", str(log_file), "--log-level", "debug", "--log-user-ids", mode,
+            "run",
+            str(manifest),
+            *where,
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--log-format",
+            fmt,
+            "--log-file",
+            str(log_file),
+            "--log-level",
+            "debug",
+            "--log-user-ids",
+            mode,
             env={"BACKFILL_BACKOFF_INITIAL": "0.001", "BACKFILL_BACKOFF_MAX": "0.01"},
-        )  # fmt: skip
+        )
         assert code == 1, err  # the empty photo is rejected, every other row enrolled (then skipped)
         assert server.state.requests[RETRIED] == 2  # its retry was logged, naming it
         said += [out, err]
