@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from .api import network, signing
 from .api.client import Client, request_url
 from .config import DERIVED_LEDGER, ENVIRONMENTS, Settings, endpoint_of
@@ -49,6 +48,7 @@ from .run.rows import ManifestRows, Rows
 from .run.send import Sender
 from .run.stops import Leaving, Stops, on_systemic
 from .run.workers import Workers
+from .version import __version__
 from .vocab import RETRYABLE_STATES, State, UserIds, parse_states
 
 if TYPE_CHECKING:
