@@ -1,8 +1,9 @@
-"""One contract for every ImageSource, run on each backend: local files, and S3 through a real moto server.
+"""One contract for every ImageSource, run on each backend: local files, and S3, GCS and Azure on real servers.
 
 A backend is a small factory (`Backend`): it stores photos where its source reads them, replaces and removes
-them, and names them as a manifest would. Another store (GCS or Azure, on its emulator) joins by one class
-added to BACKENDS; every promise below is then tested on it too, with nothing mocked.
+them, and names them as a manifest would. Every object store the tool reads is one: S3 on moto's server, GCS on
+fake-gcs-server, Azure Blob on Azurite (tests/storage_servers.py); every promise below is tested on each, with
+nothing mocked.
 
 The promises, as the run relies on them:
 - `check_many` gives one answer per value, in order: a complete JPEG or PNG within the limit passes with its
@@ -22,25 +23,21 @@ import hashlib
 import itertools
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-import obstore
 import pytest
-from obstore.store import S3Store
 
 from backfill.images import Fingerprint, ImageError, ImageProblem, ImageSource, size_problem
 from backfill.images.local import LocalImageSource
 from backfill.images.remote import FIRST_READ, RemoteImageSource
 from backfill.vocab import Reason
 
+from . import storage_servers
 from .conftest import default_retry_policy, png_bytes
-from .s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
+from .storage_servers import StorageServer
 from .test_images import BIG_SCAN, jpeg
-
-if TYPE_CHECKING:
-    from obstore.store import ObjectStore
 
 LIMIT = 200_000  # max_image_bytes of every source here, inclusive
 
@@ -142,28 +139,37 @@ class LocalFiles(Backend):
 
 
 class ObjectStoreBackend(Backend):
-    """Objects in a bucket of an object store, written through obstore; a subclass says how to reach its
-    server (in `create`: the environment a run would find, and a store to write with)."""
+    """Objects in a bucket of a real object-store server (tests/storage_servers.py), reached as a run reaches
+    it: through the environment its server gives."""
 
-    scheme: ClassVar[str]
+    def __init__(self, server: StorageServer, bucket: str) -> None:
+        self.server, self.bucket = server, bucket
 
-    def __init__(self, bucket: str, writer: ObjectStore) -> None:
-        self.bucket, self.writer = bucket, writer
+    @classmethod
+    def create(cls, request: pytest.FixtureRequest) -> Backend:
+        server = storage_servers.server(cls.label)
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("HOME", "/nonexistent")  # no shared config files of the machine's user
+        bucket = f"contract-{next(_BUCKETS)}"
+        server.create_bucket(bucket)
+        return cls(server, bucket)
 
     def _key(self, name: str) -> str:
         return f"photos/{name}"
 
     def put(self, name: str, data: bytes) -> None:
-        obstore.put(self.writer, self._key(name), data)
+        self.server.put(self.bucket, self._key(name), data)
 
     def replace(self, name: str, data: bytes) -> None:
         self.put(name, data)  # every write of an object is a new version, with its own ETag
 
     def remove(self, name: str) -> None:
-        obstore.delete(self.writer, self._key(name))
+        self.server.delete(self.bucket, self._key(name))
 
     def ref(self, name: str) -> str:
-        return f"{self.scheme}://{self.bucket}/{self._key(name)}"
+        return f"{self.label}://{self.bucket}/{self._key(name)}"
 
     def where(self, name: str) -> str:
         return self.ref(name)
@@ -179,30 +185,22 @@ _BUCKETS = itertools.count(1)
 class S3Objects(ObjectStoreBackend):
     """S3, on moto's server in its own process."""
 
-    label = scheme = "s3"
-
-    @classmethod
-    def create(cls, request: pytest.FixtureRequest) -> Backend:
-        server: S3Server = request.getfixturevalue("s3_server")
-        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
-        for name, value in server.env.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("HOME", "/nonexistent")  # no shared config files of the machine's user
-        bucket = f"contract-{next(_BUCKETS)}"
-        server.client().create_bucket(Bucket=bucket)
-        writer = S3Store(bucket, endpoint=server.url, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY,
-                         region=REGION, client_options={"allow_http": True})  # fmt: skip
-        return cls(bucket, writer)
+    label = "s3"
 
 
-BACKENDS: tuple[type[Backend], ...] = (LocalFiles, S3Objects)
+class GCSObjects(ObjectStoreBackend):
+    """Google Cloud Storage, on fake-gcs-server."""
+
+    label = "gs"
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    server = S3Server.start()
-    yield server
-    server.stop()
+class AzureObjects(ObjectStoreBackend):
+    """Azure Blob Storage, on Azurite."""
+
+    label = "az"
+
+
+BACKENDS: tuple[type[Backend], ...] = (LocalFiles, S3Objects, GCSObjects, AzureObjects)
 
 
 @pytest.fixture(params=BACKENDS, ids=[b.label for b in BACKENDS])
