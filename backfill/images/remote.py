@@ -50,8 +50,8 @@ _T = TypeVar("_T")
 #   (S3's start-after), so a dense run of keys costs one request per thousand and a sparse one skips what lies
 #   between. Listings of S3, GCS, Azure and the in-memory store come in key order, which is what lets a key
 #   absent from a page that went past it count as missing. HTTP servers can't list: there, and where listing is
-#   refused (no s3:ListBucket, say) or fails on a key the client can't represent, it falls back to one HEAD
-#   per row.
+#   refused (no s3:ListBucket, say), fails on a key the client can't represent, or ignores the start offset,
+#   it falls back to one HEAD per row.
 # - obstore's own retries are off: a transient failure (5xx, 429, a timeout, a dropped connection) is retried
 #   here with the run's retry policy (attempts and backoff from backfill.run.policy, injected), so storage
 #   and the API back off alike and the attempts are counted in one place.
@@ -639,6 +639,10 @@ class RemoteImageSource(ImageSource):
 
             async with self._slots:
                 entries = await self._retrying(page)
+            if offset is not None and entries and entries[0]["path"] <= offset:
+                # A server that ignores start-after (fake-gcs-server does) would give this page forever: such a
+                # bucket is fingerprinted by HEAD instead, as one whose listing is refused.
+                raise ValueError("the listing ignored its start offset")
             for meta in entries:
                 if meta["path"] in wanted:
                     found[meta["path"]] = meta
