@@ -44,6 +44,10 @@ def _bucket_of(path: str) -> str:
     return parts[2] if len(parts) > 2 and parts[1] == ACCOUNT else ""
 
 
+def _is_listing(path: str, query: str) -> bool:
+    return path.count("/") == 2 and "comp=list" in query
+
+
 class AzuriteServer:
     """Azurite's blob service and its proxy; `env` is what a run needs to reach it."""
 
@@ -51,7 +55,7 @@ class AzuriteServer:
 
     def __init__(self, process: subprocess.Popen[bytes], upstream: str) -> None:
         self.process, self.upstream = process, upstream
-        self.proxy = RecordingProxy(upstream, _bucket_of)
+        self.proxy = RecordingProxy(upstream, _bucket_of, _is_listing)
         self.env = {"AZURE_STORAGE_USE_EMULATOR": "true", "AZURITE_BLOB_STORAGE_URL": self.proxy.url}
         self._writers: dict[str, AzureStore] = {}
 
@@ -159,5 +163,5 @@ class AzuriteServer:
         return [
             r
             for r in log
-            if r["method"] == "GET" and r["path"] == f"/{ACCOUNT}/{bucket}" and "comp=list" in r["query"]
+            if r["method"] == "GET" and _is_listing(r["path"], r["query"]) and _bucket_of(r["path"]) == bucket
         ]

@@ -51,6 +51,12 @@ def _bucket_of(path: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+def _is_listing(path: str, query: str) -> bool:
+    """A listing by the XML API (obstore's: `GET /bucket?list-type=2`) or the JSON one."""
+    xml = path.count("/") == 1 and "list-type=" in query
+    return xml or (path.startswith("/storage/v1/b/") and path.endswith("/o"))
+
+
 class GCSServer:
     """fake-gcs-server and its proxy; `env` is what a run needs to reach it."""
 
@@ -58,7 +64,7 @@ class GCSServer:
 
     def __init__(self, process: subprocess.Popen[bytes], upstream: str) -> None:
         self.process, self.upstream = process, upstream
-        self.proxy = RecordingProxy(upstream, _bucket_of)
+        self.proxy = RecordingProxy(upstream, _bucket_of, _is_listing)
         self.env = {"STORAGE_EMULATOR_HOST": self.proxy.url}
 
     @classmethod
@@ -155,4 +161,8 @@ class GCSServer:
         ]
 
     def lists(self, log: list[dict[str, Any]], bucket: str) -> list[dict[str, Any]]:
-        return [r for r in log if r["method"] == "GET" and r["path"] == f"/storage/v1/b/{bucket}/o"]
+        return [
+            r
+            for r in log
+            if r["method"] == "GET" and _is_listing(r["path"], r["query"]) and _bucket_of(r["path"]) == bucket
+        ]

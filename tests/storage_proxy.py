@@ -2,8 +2,9 @@
 
 The emulators (fake-gcs-server, Azurite) are other programs with no request log of their own to read, so the
 tool is pointed at this proxy instead, in a thread of the test process on a free port. Its control API is the
-S3 server's: `requests()`, `reset()`, and `faults(deny=[bucket, ...], fail=N, status=503, method="GET")`,
-which answers 403 to every request of a bucket, or `status` to the next N requests (of `method`, if given).
+S3 server's: `requests()`, `reset()`, and `faults(deny=[bucket, ...], deny_list=[bucket, ...], fail=N,
+status=503, method="GET")`, which answers 403 to every request of a bucket, 403 to its listings only, or `status`
+to the next N requests (of `method`, if given).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ _TEXT = {403: "Forbidden", 500: "Internal Server Error", 503: "Service Unavailab
 class RecordingProxy:
     """Forwards every request to `upstream` (host:port), logging method, path (decoded), query and range.
 
-    `bucket_of(path)` names the bucket a request is about (each emulator lays its paths out its own way), for
-    the `deny` fault and for callers filtering the log.
+    `bucket_of(path)` names the bucket a request is about and `is_listing(path, query)` tells a listing (each
+    emulator lays its paths out its own way), for the faults.
     """
 
-    def __init__(self, upstream: str, bucket_of: Callable[[str], str]) -> None:
-        self.upstream, self.bucket_of = upstream, bucket_of
+    def __init__(
+        self, upstream: str, bucket_of: Callable[[str], str], is_listing: Callable[[str, str], bool]
+    ) -> None:
+        self.upstream, self.bucket_of, self.is_listing = upstream, bucket_of, is_listing
         self.lock = threading.Lock()
         self.log: list[dict[str, Any]] = []
         self.injected: dict[str, Any] = {}
@@ -71,9 +74,13 @@ class RecordingProxy:
         with self.lock:
             self.injected = dict(faults)
 
-    def _fault(self, method: str, bucket: str) -> int | None:
+    def _fault(self, method: str, path: str, query: str) -> int | None:
+        bucket = self.bucket_of(path)
         with self.lock:
             if bucket in self.injected.get("deny", ()):
+                return 403
+            listing = method == "GET" and self.is_listing(path, query)
+            if listing and bucket in self.injected.get("deny_list", ()):
                 return 403
             if self.injected.get("fail", 0) > 0 and self.injected.get("method") in (None, method):
                 self.injected["fail"] -= 1
@@ -90,7 +97,7 @@ class RecordingProxy:
             self.log.append(
                 {"method": method, "path": path, "query": query, "range": request.headers["Range"]}
             )
-        status = self._fault(method, self.bucket_of(path))
+        status = self._fault(method, path, query)
         if status is not None:
             text = _TEXT.get(status, "Error")
             data = f"<?xml version='1.0'?><Error><Code>{text.replace(' ', '')}</Code></Error>".encode()

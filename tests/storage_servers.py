@@ -45,6 +45,9 @@ class S3(S3Server):
     scheme = "s3"
 
     def _writer(self, bucket: str) -> S3Store:
+        return _S3_WRITERS.get(bucket) or _S3_WRITERS.setdefault(bucket, self._new_writer(bucket))
+
+    def _new_writer(self, bucket: str) -> S3Store:
         return S3Store(
             bucket,
             endpoint=self.url,
@@ -76,6 +79,7 @@ class S3(S3Server):
         return [r for r in log if r["method"] == "GET" and r["path"] == f"/{bucket}"]
 
 
+_S3_WRITERS: dict[str, S3Store] = {}  # one connection pool a bucket
 _started: dict[str, StorageServer] = {}
 
 
