@@ -3,7 +3,7 @@ recording proxy (tests/storage_proxy.py) that the tool is pointed at.
 
 The tool reaches it as a partner would reach Azurite: AZURE_STORAGE_USE_EMULATOR=true, with
 AZURITE_BLOB_STORAGE_URL naming where it listens (both read by obstore itself), and Azurite's well-known
-development account. `.ci/run` installs Azurite with npm and names it in $AZURITE_BLOB; under CI
+development account. `.ci/run` installs Azurite with npm (into CI_INSTALL) and names it in $AZURITE_BLOB; under CI
 (REQUIRE_STORAGE_TESTS or CI set) a missing one fails the tests instead of skipping them.
 """
 
@@ -33,10 +33,17 @@ KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr
 _LISTENING = re.compile(rb"listens on (http://127\.0\.0\.1:\d+)")
 
 
+# Where .ci/run installs it (keep the version the same in both).
+CI_INSTALL = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "backfill-ci" / "azurite-3.37.0"
+)
+
+
 def binary() -> Path | None:
-    """$AZURITE_BLOB, or `azurite-blob` on PATH."""
+    """$AZURITE_BLOB, `azurite-blob` on PATH, or the one .ci/run installed on this machine."""
     named = os.environ.get("AZURITE_BLOB") or shutil.which("azurite-blob")
-    return Path(named) if named and Path(named).exists() else None
+    found = Path(named) if named else CI_INSTALL / "node_modules" / ".bin" / "azurite-blob"
+    return found if found.exists() else None
 
 
 def _bucket_of(path: str) -> str:
