@@ -137,6 +137,16 @@ def test_the_body_is_exactly_what_json_would_write(
     )
 
 
+@given(photo=st.binary(max_size=5000), user_id=st.text(min_size=1, max_size=30))
+def test_the_photo_goes_as_the_standard_librarys_base64(photo: bytes, user_id: str) -> None:
+    """The vectorised encoder writes standard base64 (the `+/` alphabet, `=` padding, no line breaks), byte
+    for byte what `base64.b64encode` writes, at every length and alignment."""
+    client = Client("http://x/v1", PARTNER, KEY, timeout=1, connect_timeout=1, concurrency=1)
+    document = json.loads(client.photo_body(user_id, "2021-08-12", photo))
+    assert document["photo"] == base64.b64encode(photo).decode("ascii")
+    assert document["user_id"] == user_id
+
+
 def test_each_attempt_is_signed_at_the_moment_it_is_built() -> None:
     client = Client("http://x/v1", PARTNER, KEY, timeout=1, connect_timeout=1, concurrency=1)
     before = datetime.now(UTC)

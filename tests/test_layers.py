@@ -160,6 +160,7 @@ LIBRARIES: dict[str, tuple[frozenset[str], str]] = {
                 "the HTTP exchange and the emulator's server; preflight.py opens its own session to probe "
                 "the endpoint's TLS (the review's section 6 notes it)"),
     "yaml": (frozenset({"config"}), "the settings file"),
+    "pybase64": (frozenset({"api.client"}), "the photo's base64, the request body's bulk"),
 }
 # fmt: on
 

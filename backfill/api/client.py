@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
 from dataclasses import replace
 
 import aiohttp
+from pybase64 import b64encode
 
 from ..redact import Secret
 from ..vocab import Kind
@@ -101,11 +101,16 @@ class Client:
 
     def photo_body(self, user_id: str, user_created_at: str, photo: bytes) -> bytes:
         """The signed body for the image's raw bytes: what a dry run builds, and what send_photo posts."""
-        return self.body(user_id, user_created_at, base64.b64encode(photo))
+        return self.body(user_id, user_created_at, b64encode(photo))
 
     async def send_photo(self, user_id: str, user_created_at: str, photo: bytes) -> Verdict:
-        """One signed attempt with the image's raw bytes, base64-encoded here once."""
-        return await self.send(user_id, user_created_at, base64.b64encode(photo))
+        """One signed attempt with the image's raw bytes, base64-encoded here once.
+
+        Standard base64, the very bytes the standard library writes, by pybase64's vectorised encoder: 1 us for
+        a 20 KB photo where the standard library's takes 23 (of a request's ~300 us of CPU), 0.2 ms for 2 MB
+        where it takes 3.5 (docs/performance.md, client overhead).
+        """
+        return await self.send(user_id, user_created_at, b64encode(photo))
 
     async def send(self, user_id: str, user_created_at: str, photo_b64: bytes) -> Verdict:
         """One signed attempt with the image already in base64. Always a Verdict, whatever comes back."""
