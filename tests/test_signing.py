@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -59,3 +61,31 @@ def test_timestamp_is_utc_millis_z(moment: datetime) -> None:
     stamp = utc_timestamp(lambda: moment)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
     assert datetime.fromisoformat(stamp).replace(microsecond=0) == moment.replace(microsecond=0)
+
+
+def test_signing_keeps_the_gil() -> None:
+    """A signature is a few microseconds under the GIL: letting go of it (as the one-shot hmac.digest does)
+    hands the event loop's thread to any other thread that wants it, and the loop waits to get it back.
+
+    Told without timing: with the switch interval far away, a thread made ready to run can only get the GIL
+    when this one lets go of it of its own accord; if signing never does, that thread has not run after it.
+    """
+    ready, ran = threading.Event(), threading.Event()
+    interval = sys.getswitchinterval()
+
+    def other() -> None:
+        ready.wait()
+        ran.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    sys.setswitchinterval(1000)
+    try:
+        ready.set()  # the other thread wakes, and waits for the GIL from here on
+        for n in range(200):
+            sign(f"2023-02-14T00:07:49.{n:03d}Z", "085", "test-api-key")  # each a new one: no cached answer
+        let_go = ran.is_set()
+    finally:
+        sys.setswitchinterval(interval)
+        thread.join()
+    assert not let_go
