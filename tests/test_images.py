@@ -733,3 +733,33 @@ async def test_a_file_changing_while_read_is_refused(tmp_path: Path, monkeypatch
     monkeypatch.setattr(os, "fstat", later)
     found = await read_problem(src, fingerprint)
     assert found.reason is Reason.IMAGE_UNREADABLE and "changed while it was being read" in found.message
+
+
+async def test_a_photo_is_one_read_and_a_short_read_is_read_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that returns the size fstat gave is the whole file (the fstat after it says nothing changed): no
+    second read to see the end. One that returns less, as a network share may, is read on to the end, never
+    sent cut short."""
+    data = jpeg([BIG_SCAN[:5000]])
+    put(tmp_path / "a.jpg", data)
+    src = source(tmp_path)
+    fingerprint = await checked(src, "a.jpg")
+    real_read = os.read
+    reads: list[int] = []
+
+    def counted(fd: int, n: int) -> bytes:
+        reads.append(n)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", counted)
+    assert (await src.read(fingerprint)).data == data and len(reads) == 1
+
+    def short(fd: int, n: int) -> bytes:
+        reads.append(n)
+        return real_read(fd, min(n, 1000) if len(reads) == 1 else n)
+
+    reads.clear()
+    monkeypatch.setattr(os, "read", short)
+    photo = await src.read(fingerprint)
+    assert photo.data == data and photo.sha256 == hashlib.sha256(data).hexdigest() and len(reads) > 1
