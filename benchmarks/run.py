@@ -237,14 +237,14 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
         rows += [
             (
                 "6 ledger",
-                f"begin+settle rows/s ({led['users']} users; baseline: bare executemany, as durable)",
+                f"begin+settle rows/s ({led['users']} users; baseline: the bare writes, as durable)",
                 o["rows_per_s"],
                 f["rows_per_s"],
                 led["over_floor"],
             ),
             (
                 "6 ledger",
-                "CPU us/row (baseline: bare executemany, as durable)",
+                "CPU us/row (baseline: the bare writes, as durable)",
                 o["cpu_us_per_row"],
                 f["cpu_us_per_row"],
                 led["cpu_per_row_over_floor"],

@@ -529,14 +529,14 @@ class Suite:
     def ledger(self) -> dict[str, Any]:
         """begin_attempt + settle through SqliteStore (durable, group commits) vs its writes done bare.
 
-        Baselines from the same run: the same rows as raw executemany in as many durable commits (the floor of
-        any durable store), one fsync'd transaction per write (no group commit), and no fsync at all.
+        Baselines from the same run: the same rows as raw multi-row INSERTs in as many durable commits (the floor
+        of any durable store), one fsync'd transaction per write (no group commit), and no fsync at all.
         """
         users, naive_users, concurrency = self.plan.ledger_users, self.plan.naive_users, 64
         folder = self.work / "ledger"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        log(f"ledger: {users} users through SqliteStore and as bare executemany, {self.plan.ledger_repeats}x")
+        log(f"ledger: {users} users through SqliteStore and as bare writes, {self.plan.ledger_repeats}x")
         runs: dict[str, list[dict[str, Any]]] = {"ours": [], "floor": []}
         for n in range(self.plan.ledger_repeats):  # interleaved, so a busy spell on the machine hits both
             runs["ours"].append(

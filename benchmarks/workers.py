@@ -26,7 +26,7 @@ from backfill.clock import now_iso
 from backfill.config import load_settings
 from backfill.images import Fingerprint
 from backfill.ledger import AttemptRequest, Binding, Outcome, RunRecord, transitions
-from backfill.ledger.sqlite import _SCHEMA, _UPSERT, SqliteStore, _values
+from backfill.ledger.sqlite import _ROWS_PER_STATEMENT, _SCHEMA, _UPSERT, SqliteStore, _upsert_rows, _values
 from backfill.vocab import State
 
 from .servers import API_KEY, PARTNER_ID, ROOT
@@ -377,24 +377,30 @@ def ledger_one_fsync_each(path: str, users: int) -> dict[str, Any]:
 
 def ledger_floor(path: str, users: int, concurrency: int) -> dict[str, Any]:
     """The store's writes with none of its machinery: the same rows (made by transitions.py, as the store must)
-    and as many durable commits (synchronous=FULL) as its group commit makes, each one executemany of a group's
-    attempts and one of the outcomes of the group before, as they share a group in the store."""
+    and as many durable commits (synchronous=FULL) as its group commit makes, each writing a group's attempts and
+    the outcomes of the group before (as they share a group in the store) in statements of as many rows as the
+    store puts in one."""
     conn = _raw_store(path, "FULL")
     start = _clock()
     outcomes: list[tuple[object, ...]] = []
     for first in range(0, users, concurrency):
         pairs = [_rows(i) for i in range(first, min(first + concurrency, users))]
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_UPSERT, [begun for begun, _ in pairs])
-        conn.executemany(_UPSERT, outcomes)
+        _write_rows(conn, [begun for begun, _ in pairs] + outcomes)
         conn.execute("COMMIT")
         outcomes = [done for _, done in pairs]
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(_UPSERT, outcomes)
+    _write_rows(conn, outcomes)
     conn.execute("COMMIT")
     result = _since(start)
     conn.close()
     return {**result, "users": users}
+
+
+def _write_rows(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+    for at in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[at : at + _ROWS_PER_STATEMENT]
+        conn.execute(_upsert_rows(len(chunk)), [value for row in chunk for value in row])
 
 
 def ledger_no_fsync(path: str, users: int) -> dict[str, Any]:
@@ -403,8 +409,8 @@ def ledger_no_fsync(path: str, users: int) -> dict[str, Any]:
     start = _clock()
     conn.execute("BEGIN")
     pairs = [_rows(i) for i in range(users)]
-    conn.executemany(_UPSERT, (begun for begun, _ in pairs))
-    conn.executemany(_UPSERT, (done for _, done in pairs))
+    _write_rows(conn, [begun for begun, _ in pairs])
+    _write_rows(conn, [done for _, done in pairs])
     conn.execute("COMMIT")
     result = _since(start)
     conn.close()

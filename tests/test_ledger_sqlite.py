@@ -135,6 +135,22 @@ async def test_one_group_with_fenced_writes_applies_the_others(tmp_path: Path) -
         await store.close()
 
 
+async def test_a_groups_rows_are_written_a_statement_per_fifty_not_one_per_row(tmp_path: Path) -> None:
+    """Every statement is a step, and the sqlite3 module lets go of the GIL around each: a step per row handed
+    the event loop's thread the GIL and back twice a row. 120 rows in one group: three statements."""
+    store = await SqliteStore.open(tmp_path / "ledger.sqlite", BINDING, writable=True)
+    try:
+        statements = await _groups(store)
+        uids = [f"u{i:03d}" for i in range(120)]
+        tickets = await asyncio.gather(*(store.begin_attempt(request(uid)) for uid in uids))
+        assert _commits(statements) == 1 and all(isinstance(t, Ticket) for t in tickets)
+        assert sum(s.startswith("INSERT OR REPLACE INTO users") for s in statements) == 3
+        rows = await store.lookup(uids)
+        assert sorted(rows) == uids and {(r.state, r.attempts) for r in rows.values()} == {(State.SENDING, 1)}
+    finally:
+        await store.close()
+
+
 async def test_rows_the_cache_dropped_are_read_from_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

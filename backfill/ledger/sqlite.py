@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import logging
 import operator
@@ -85,6 +86,10 @@ CREATE TABLE IF NOT EXISTS runs (
 _COLUMNS = tuple(f.name for f in fields(LedgerRow))
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM users"
 _UPSERT = f"INSERT OR REPLACE INTO users ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+# A group's rows go in statements of this many rows at most: each is one sqlite3_step, and the sqlite3 module lets
+# go of the GIL around every step, so executemany's step per row handed the GIL to the event loop's thread and
+# back twice a row (see _upsert_many). 50 rows bind 900 values, within the 999 any SQLite allows.
+_ROWS_PER_STATEMENT = 50
 _RUN_COLUMNS = tuple(f.name for f in fields(RunRecord))
 
 
@@ -94,6 +99,25 @@ _STATE_AT, _DOUBT_AT = _COLUMNS.index("state"), _COLUMNS.index("doubt")
 # A row's values in column order, as _UPSERT binds them: sqlite3 binds the State (a str) and the bool (an int)
 # as they are, so nothing is converted on the way in.
 _values: Callable[[LedgerRow], tuple[Any, ...]] = operator.attrgetter(*_COLUMNS)
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
+def _upsert_rows(n: int) -> str:
+    """_UPSERT for `n` rows in one statement."""
+    one = f"({', '.join('?' * len(_COLUMNS))})"
+    return f"INSERT OR REPLACE INTO users ({', '.join(_COLUMNS)}) VALUES {', '.join([one] * n)}"
+
+
+def _upsert_many(conn: sqlite3.Connection, rows: Sequence[LedgerRow]) -> None:
+    """Write `rows` (one per user_id), a statement per _ROWS_PER_STATEMENT of them.
+
+    Not executemany: it steps once per row, and each step lets go of the GIL and takes it back, which with the
+    event loop's thread busy meant a wait (and a context switch on both threads) per row written. Measured in a
+    run of 20 KB photos: the ledger's thread took 80 us of CPU a row, with 1.3 context switches a row.
+    """
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        conn.execute(_upsert_rows(len(chunk)), [v for row in chunk for v in _values(row)])
 
 
 def _row(values: Sequence[Any]) -> LedgerRow:
@@ -678,7 +702,7 @@ def _apply(conn: sqlite3.Connection, begun: dict[str, LedgerRow], writes: list[_
                     conn.execute(*what)
                 results.append(None)
         if changed:
-            conn.executemany(_UPSERT, map(_values, changed.values()))
+            _upsert_many(conn, list(changed.values()))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:  # a COMMIT that failed may have ended the transaction itself
