@@ -198,6 +198,9 @@ async def _read_bounded(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
             return b"".join(chunks), True
         chunks.append(chunk)
         size += len(chunk)
+        if size == declared:
+            # All the Content-Length said, which aiohttp never reads past: the end, without a read to see it.
+            return b"".join(chunks), True
     response.close()  # drop the connection rather than drain an answer that may never end
     return b"".join(chunks)[:MAX_ANSWER_BYTES], False
 

@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def _upsert_many(conn: sqlite3.Connection, rows: Sequence[LedgerRow]) -> None:
     """
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        conn.execute(_upsert_rows(len(chunk)), [v for row in chunk for v in _values(row)])
+        conn.execute(_upsert_rows(len(chunk)), list(chain.from_iterable(map(_values, chunk))))
 
 
 def _row(values: Sequence[Any]) -> LedgerRow:
