@@ -151,6 +151,25 @@ async def test_a_groups_rows_are_written_a_statement_per_fifty_not_one_per_row(t
         await store.close()
 
 
+async def test_ids_a_lookup_found_absent_are_begun_without_reading_them_again(tmp_path: Path) -> None:
+    """The planner looks up every row it sends: one that isn't in the ledger is begun as new without a read in
+    the writer's transaction. Once written it is no longer absent: its next attempt is its second."""
+    store = await SqliteStore.open(tmp_path / "ledger.sqlite", BINDING, writable=True)
+    try:
+        assert await store.lookup(["a", "b"]) == {}
+        statements = await _groups(store)
+        tickets = await asyncio.gather(store.begin_attempt(request("a")), store.begin_attempt(request("b")))
+        assert [t.number for t in tickets if isinstance(t, Ticket)] == [1, 1]
+        assert not any("json_each" in s for s in statements)
+        assert await store.settle(outcome("a", 1, State.PENDING)) is Settled.APPLIED
+        await store.flush()
+        assert await store.begin_attempt(request("a")) == Ticket(user_id="a", number=2, doubt_before=False)
+        assert await store.begin_attempt(request("c")) == Ticket(user_id="c", number=1, doubt_before=False)
+        assert any("json_each" in s for s in statements)  # never looked up: read in the group
+    finally:
+        await store.close()
+
+
 async def test_rows_the_cache_dropped_are_read_from_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -170,6 +170,11 @@ class SqliteStore(Store):
         # SELECTing them again. Touched only on the writer thread, after each commit; exact, because this store is
         # the ledger's one writer (the flock) and every write to users goes through begin/settle.
         self._begun: dict[str, LedgerRow] = {}
+        # IDs a lookup found nowhere in the ledger and no commit has written since: a group begins them as new
+        # without reading them again. The planner looks up every row it sends just before, so a run's new rows
+        # cost no read in the writer's transaction. Exact for the same reason as `_begun`; touched only on the
+        # ledger's thread.
+        self._absent: set[str] = set()
 
     @classmethod
     async def open(
@@ -215,7 +220,7 @@ class SqliteStore(Store):
 
     async def lookup(self, user_ids: Sequence[str]) -> dict[str, LedgerRow]:
         self._raise_if_failed()
-        found: dict[str, LedgerRow] = await self._call(_lookup, self._conn, list(user_ids))
+        found: dict[str, LedgerRow] = await self._call(_lookup, self._conn, list(user_ids), self._absent)
         return found
 
     async def done(self, user_ids: Sequence[str]) -> dict[str, DoneRow]:
@@ -333,7 +338,7 @@ class SqliteStore(Store):
     def _commit(self, writes: list[_Write], loop: asyncio.AbstractEventLoop) -> None:
         """On the ledger's thread: apply the group, then wake the event loop once to tell every writer in it."""
         try:
-            results = _apply(self._conn, self._begun, writes)
+            results = _apply(self._conn, self._begun, self._absent, writes)
         except BaseException as exc:  # any failure: waiters must hear of it, or they wait for ever
             loop.call_soon_threadsafe(self._failed, writes, exc)
         else:
@@ -664,21 +669,26 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-def _apply(conn: sqlite3.Connection, begun: dict[str, LedgerRow], writes: list[_Write]) -> list[object]:
+def _apply(
+    conn: sqlite3.Connection, begun: dict[str, LedgerRow], absent: set[str], writes: list[_Write]
+) -> list[object]:
     """Apply one group of writes in one transaction; each one's result, in order (None for a statement or flush).
 
     Each attempt and outcome goes through transitions.py in the order it was made, onto the row as the writes
     before it in the group left it (a queued outcome and the next attempt of the same ID can share a group). Every
-    row the group changed is then written once, in its final state, by one executemany. `begun` is the cache of
-    rows left SENDING; it is brought up to date only once the commit has succeeded.
+    row the group changed is then written once, in its final state, by multi-row INSERTs. `begun` is the cache of
+    rows left SENDING and `absent` the IDs known to have no row; both are brought up to date only once the commit
+    has succeeded.
     """
     changed: dict[str, LedgerRow] = {}
     results: list[object] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        # The rows not in the cache, read in one query: IDs seen before by another run, or never seen at all.
+        # The rows neither cache holds, read in one query: IDs seen before by another run, or never looked up.
         unknown = {
-            w.user_id for w, _ in writes if isinstance(w, AttemptRequest | Outcome) and w.user_id not in begun
+            w.user_id
+            for w, _ in writes
+            if isinstance(w, AttemptRequest | Outcome) and w.user_id not in begun and w.user_id not in absent
         }
         stored = _lookup(conn, list(unknown)) if unknown else {}
         for what, _ in writes:
@@ -711,6 +721,7 @@ def _apply(conn: sqlite3.Connection, begun: dict[str, LedgerRow], writes: list[_
         raise
     if len(begun) >= _BEGUN_MAX:
         begun.clear()  # rows begun and never settled (stops): bounded, and a miss is read from disk
+    absent.difference_update(changed)
     for uid, row in changed.items():
         if row.state is State.SENDING:
             begun[uid] = row
@@ -719,9 +730,17 @@ def _apply(conn: sqlite3.Connection, begun: dict[str, LedgerRow], writes: list[_
     return results
 
 
-def _lookup(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, LedgerRow]:
+def _lookup(
+    conn: sqlite3.Connection, user_ids: list[str], absent: set[str] | None = None
+) -> dict[str, LedgerRow]:
+    """The rows of `user_ids` the ledger holds; those it doesn't are added to `absent`, if given."""
     sql = _SELECT + " WHERE user_id IN (SELECT value FROM json_each(?))"
-    return {r[0]: _row(r) for r in conn.execute(sql, (json.dumps(user_ids),)).fetchall()}
+    found = {r[0]: _row(r) for r in conn.execute(sql, (json.dumps(user_ids),)).fetchall()}
+    if absent is not None:
+        if len(absent) >= _BEGUN_MAX:
+            absent.clear()  # bounded as `begun` is: an ID it forgets is read again, never taken as new
+        absent.update(uid for uid in user_ids if uid not in found)
+    return found
 
 
 _DONE_IN = ", ".join(repr(str(s)) for s in sorted(DONE_STATES))
