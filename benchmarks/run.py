@@ -164,7 +164,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
              r["end_to_end_rows_per_s"] / rate),
         ]  # fmt: skip
     for label, e in (results.get("client_overhead") or {}).items():
-        o, b, j = e["ours"], e["baseline"], e["baseline_json"]
+        o, b, j, sb = e["ours"], e["baseline"], e["baseline_json"], e["baseline_stdlib"]
         rows += [
             ("2 overhead", f"{label}: rows/s end-to-end ({e['rows']} rows)", o["rows_per_s"], b["rows_per_s"],
              e["throughput_ratio"]),
@@ -173,6 +173,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
             ("2 overhead", f"{label}: CPU us/request", o["cpu_us_per_request"], b["cpu_us_per_request"],
              e["cpu_per_request_ratio"]),
             ("2 overhead", f"{label}: server busy (fraction of a core)", o["server_busy"], b["server_busy"], None),
+            ("2 overhead", f"{label}: rows/s (baseline: bare loop, stdlib base64)", o["rows_per_s"],
+             sb["rows_per_s"], e["throughput_ratio_stdlib"]),
+            ("2 overhead", f"{label}: CPU us/request (baseline: bare loop, stdlib base64)",
+             o["cpu_us_per_request"], sb["cpu_us_per_request"], e["cpu_per_request_ratio_stdlib"]),
             ("2 overhead", f"{label}: rows/s (baseline: bare loop, json.dumps body)", o["rows_per_s"],
              j["rows_per_s"], e["throughput_ratio_json"]),
             ("2 overhead", f"{label}: CPU us/request (baseline: bare loop, json.dumps body)",

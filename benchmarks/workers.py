@@ -20,6 +20,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pybase64
+
 from backfill import compose
 from backfill.api.signing import sign, utc_timestamp
 from backfill.clock import now_iso
@@ -186,14 +188,27 @@ def _body(uid: str, created: str, path: str) -> bytes:
 
 def _spliced_body(uid: str, created: str, path: str) -> bytes:
     """The same bytes built as the tool builds them: a small JSON head, the base64 photo spliced in (base64
-    never needs escaping), so the baseline does no more work than the tool must."""
+    never needs escaping), written by the tool's own encoder, so the baseline does no more work than the tool
+    must, and no less."""
+    head = json.dumps(_signed_head(uid, created), separators=(",", ":")).encode()
+    return b"".join((head[:-1], b',"photo":"', pybase64.b64encode(Path(path).read_bytes()), b'"}'))
+
+
+def _spliced_stdlib_body(uid: str, created: str, path: str) -> bytes:
+    """The spliced body with the standard library's encoder, as the fair baseline was built before the tool
+    took pybase64's: kept as a figure, since the tool's encoder is an advantage any script could take too."""
     head = json.dumps(_signed_head(uid, created), separators=(",", ":")).encode()
     return b"".join((head[:-1], b',"photo":"', base64.b64encode(Path(path).read_bytes()), b'"}'))
 
 
-# How the bare loop builds each body: "spliced" is the fair floor the targets compare with; "json" is the loop
-# as it was first written, kept as a second figure.
-BARE_BODIES: dict[str, Callable[[str, str, str], bytes]] = {"spliced": _spliced_body, "json": _body}
+# How the bare loop builds each body: "spliced" is the fair floor the targets compare with; "spliced_stdlib"
+# the same with the standard library's base64; "json" the loop as it was first written. The latter two are
+# kept as figures.
+BARE_BODIES: dict[str, Callable[[str, str, str], bytes]] = {
+    "spliced": _spliced_body,
+    "spliced_stdlib": _spliced_stdlib_body,
+    "json": _body,
+}
 
 
 def bare_aiohttp(rows: Rows, base_url: str, concurrency: int, body: str = "spliced") -> dict[str, Any]:
