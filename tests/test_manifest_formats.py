@@ -23,8 +23,8 @@ from backfill.manifest import Candidate, ManifestRules, Reject, format_of, open_
 from backfill.sandbox import RunningSandbox
 
 from .conftest import cli, png_bytes, sandbox_ledger
-from .s3_server import S3Server
-from .test_s3_e2e import Bucket, aws_env, s3  # noqa: F401 (its fixtures, used below)
+from .storage_servers import StorageServer
+from .test_storage_e2e import Bucket, store  # noqa: F401 (its fixture, used below)
 
 Rows = list[tuple[str, str, str]]
 COLUMNS = ["user_id", "user_created_at", "image_path"]
@@ -310,13 +310,16 @@ def test_without_pyarrow_a_parquet_manifest_names_the_extra(
 @pytest.mark.parametrize("name", ["jsonl", "parquet"])
 def test_a_manifest_in_a_bucket_is_read_in_its_format(
     tmp_path: Path,
-    s3: S3Server,  # noqa: F811 (the fixture imported above)
-    aws_env: dict[str, str],  # noqa: F811
+    store: StorageServer,  # noqa: F811 (the fixture imported above): each object store in turn
+    monkeypatch: pytest.MonkeyPatch,
     make_settings: Callable[..., Settings],
     name: str,
 ) -> None:
+    for variable, value in store.env.items():  # in-process: the stores read os.environ
+        monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no shared config files of the machine's user
     write, file, first = WRITERS[name]
-    bucket = Bucket(s3, f"formats-{name}")
+    bucket = Bucket(store, f"formats-{name}")
     bucket.put_many({"p/a.png": png_bytes(0), "p/b.png": png_bytes(1)})
     rows = [
         ("00123", "2021-08-12", "../p/a.png"),
