@@ -68,7 +68,7 @@ class PhotoKey:
 
     def pin(self, sha256: str) -> str:
         """The keyed digest of a photo whose plain SHA-256 is `sha256` (hex)."""
-        return hmac.digest(self.secret, bytes.fromhex(sha256), "sha256").hex()
+        return hmac.new(self.secret, bytes.fromhex(sha256), "sha256").hexdigest()
 
     def of(self, data: bytes) -> str:
         """The keyed digest of these bytes."""
@@ -78,7 +78,7 @@ class PhotoKey:
         """How a log line names `user_id` when `log_user_ids` is hashed: whoever holds the ledger can compute it
         (`backfill find-user`), no one else can, nor link it to a photo's pin (another label is hashed)."""
         message = b"user_id\0" + user_id.encode("utf-8", "surrogatepass")
-        return "u-" + hmac.digest(self.secret, message, "sha256").hex()[:USER_HEX]
+        return "u-" + hmac.new(self.secret, message, "sha256").hexdigest()[:USER_HEX]
 
 
 SECRET_BYTES = 32
