@@ -253,11 +253,21 @@ def test_status_lists_each_runs_manifest(tmp_path: Path, threaded_sandboxes: Thr
     assert code == 0, err
     code, out, _ = cli("status", *place(tmp_path))
     header, _, row = out.split("last runs:\n", 1)[1].splitlines()[:3]
-    assert code == 0 and header.split() == ["run", "started", "finished", "manifest", "rows", "exit"]
+    assert code == 0 and header.split() == [
+        "run",
+        "started",
+        "finished",
+        "by",
+        "api",
+        "key",
+        "manifest",
+        "rows",
+        "exit",
+    ]
     assert (
         short_path(str(manifest)) in row
         and str(manifest) not in row
-        and row.split()[3].endswith("manifest.csv")
+        and row.split()[5].endswith("manifest.csv")
     )
     code, out, _ = cli("status", *place(tmp_path), "--json")
     assert json.loads(out)["runs"][0]["manifest"] == str(manifest)  # in full where a program reads it
