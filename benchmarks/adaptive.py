@@ -31,9 +31,13 @@ async def measure(*, rows: int, server_limit: float, rate: float, concurrency: i
         )
         async with await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(rate_limit=server_limit)) as server:
             flags = {
-                "base_url": server.base_url, "checkpoint": folder / "ledger.sqlite", "out": folder / "out",
-                "rate": rate, "concurrency": concurrency, "progress": False,
-            }  # fmt: skip
+                "base_url": server.base_url,
+                "checkpoint": folder / "ledger.sqlite",
+                "out": folder / "out",
+                "rate": rate,
+                "concurrency": concurrency,
+                "progress": False,
+            }
             settings = load_settings(None, {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}, flags)
             began = time.perf_counter()
             summary = await compose.run(settings, manifest)
@@ -42,13 +46,24 @@ async def measure(*, rows: int, server_limit: float, rate: float, concurrency: i
     # The server's bucket starts full (one second's worth), so the ideal is rows / limit at most.
     ideal = rows / server_limit
     return {
-        "rows": rows, "server_limit_per_s": server_limit, "rate": rate, "concurrency": concurrency,
-        "ideal_s": round(ideal, 3), "ours_s": round(ours, 3), "ratio": round(ours / ideal, 3),
-        "target_ratio": TARGET_RATIO, "answers_429": answered_429, "attempts": summary.attempts,
-        "counts": summary.counts, "retry_exhausted": summary.counts.get("retry_exhausted", 0),
-        "effective_rate_min": summary.effective_rate_min, "effective_rate_final": summary.effective_rate_final,
-        "ok": ours / ideal <= TARGET_RATIO and answered_429 < rows and not summary.counts.get("retry_exhausted"),
-    }  # fmt: skip
+        "rows": rows,
+        "server_limit_per_s": server_limit,
+        "rate": rate,
+        "concurrency": concurrency,
+        "ideal_s": round(ideal, 3),
+        "ours_s": round(ours, 3),
+        "ratio": round(ours / ideal, 3),
+        "target_ratio": TARGET_RATIO,
+        "answers_429": answered_429,
+        "attempts": summary.attempts,
+        "counts": summary.counts,
+        "retry_exhausted": summary.counts.get("retry_exhausted", 0),
+        "effective_rate_min": summary.effective_rate_min,
+        "effective_rate_final": summary.effective_rate_final,
+        "ok": ours / ideal <= TARGET_RATIO
+        and answered_429 < rows
+        and not summary.counts.get("retry_exhausted"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

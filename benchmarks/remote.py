@@ -36,8 +36,13 @@ POOL = 50  # distinct photos; rows cycle through them (every row still has its o
 def _s3_env(port: int) -> dict[str, str]:
     from tests.s3_server import ACCESS_KEY, REGION, SECRET_KEY
 
-    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 def _store() -> Any:
@@ -182,14 +187,21 @@ def bench(
         path = work / "local" / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(photos[i % POOL])
-    local_manifest = data.write_manifest(work / "local" / "manifest.csv",
-                                         ((data.user_id(i), "2021-08-12", key) for i, key in enumerate(keys)))  # fmt: skip
-    remote_manifest = data.write_manifest(work / "remote.csv", ((data.user_id(i), "2021-08-12", f"s3://{BUCKET}/{key}")
-                                                                for i, key in enumerate(keys)))  # fmt: skip
+    local_manifest = data.write_manifest(
+        work / "local" / "manifest.csv", ((data.user_id(i), "2021-08-12", key) for i, key in enumerate(keys))
+    )
+    remote_manifest = data.write_manifest(
+        work / "remote.csv",
+        ((data.user_id(i), "2021-08-12", f"s3://{BUCKET}/{key}") for i, key in enumerate(keys)),
+    )
     s3 = S3Server.start()
     os.environ.update(_s3_env(s3.port))  # the spawned children inherit it
-    results: dict[str, Any] = {"rows": rows, "photo_bytes": photo_bytes, "read_concurrency": read_concurrency,
-                               "concurrency": concurrency}  # fmt: skip
+    results: dict[str, Any] = {
+        "rows": rows,
+        "photo_bytes": photo_bytes,
+        "read_concurrency": read_concurrency,
+        "concurrency": concurrency,
+    }
     try:
         s3.client().create_bucket(Bucket=BUCKET)
         results["upload"] = in_child(upload, photos, rows, 32)
@@ -206,17 +218,33 @@ def bench(
             timed[f"validate_{name}"]["requests"] = dict(_requests(s3))
         with ServerProcess("fast") as api:
             for name, manifest in (("local", str(local_manifest)), ("remote", str(remote_manifest))):
-                flags = settings_flags(api.base_url, work / name, rate=UNTHROTTLED, concurrency=concurrency,
-                                       read_concurrency=read_concurrency)  # fmt: skip
+                flags = settings_flags(
+                    api.base_url,
+                    work / name,
+                    rate=UNTHROTTLED,
+                    concurrency=concurrency,
+                    read_concurrency=read_concurrency,
+                )
                 timed[f"run_{name}"] = in_child(run, manifest, flags)
                 timed[f"run_{name}"]["requests"] = dict(_requests(s3))
-            flags = settings_flags(api.base_url, work / "remote", rate=UNTHROTTLED, concurrency=concurrency,
-                                   read_concurrency=read_concurrency)  # fmt: skip
+            flags = settings_flags(
+                api.base_url,
+                work / "remote",
+                rate=UNTHROTTLED,
+                concurrency=concurrency,
+                read_concurrency=read_concurrency,
+            )
             timed["resume_remote"] = in_child(run, str(remote_manifest), flags)
             timed["resume_remote"]["requests"] = dict(_requests(s3))
         cpu = _server_cpu_s(s3.process.pid) - cpu0
-        served = sum(sum(timed[k]["requests"].values()) for k in timed if isinstance(timed[k], dict)
-                     and "requests" in timed[k]) + 2 * rows  # the bare loops' GETs  # fmt: skip
+        served = (
+            sum(
+                sum(timed[k]["requests"].values())
+                for k in timed
+                if isinstance(timed[k], dict) and "requests" in timed[k]
+            )
+            + 2 * rows
+        )  # the bare loops' GETs
         timed["s3_server_cpu_us_per_request"] = round(cpu / served * 1e6)
         results.update(timed)
     finally:
@@ -243,11 +271,20 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
 
 
 def table(r: dict[str, Any]) -> str:
-    lines = [f"{r['rows']:,} photos of {r['photo_bytes']:,} bytes; read concurrency {r['read_concurrency']}, "
-             f"send concurrency {r['concurrency']}",
-             f"{'measurement':<22} {'rows/s':>9} {'CPU us/row':>11}  S3 requests"]  # fmt: skip
-    for name in ("bare_get_ranged", "bare_get_whole", "validate_local", "validate_remote", "run_local", "run_remote",
-                 "resume_remote"):  # fmt: skip
+    lines = [
+        f"{r['rows']:,} photos of {r['photo_bytes']:,} bytes; read concurrency {r['read_concurrency']}, "
+        f"send concurrency {r['concurrency']}",
+        f"{'measurement':<22} {'rows/s':>9} {'CPU us/row':>11}  S3 requests",
+    ]
+    for name in (
+        "bare_get_ranged",
+        "bare_get_whole",
+        "validate_local",
+        "validate_remote",
+        "run_local",
+        "run_remote",
+        "resume_remote",
+    ):
         m = r[name]
         lines.append(
             f"{name:<22} {m['rows_per_s']:>9,.0f} {m['cpu_us_per_row']:>11,}  {m.get('requests', '')}"
@@ -269,8 +306,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = 200 if args.smoke else args.rows
     sys.path.insert(0, str(ROOT))  # tests/s3_server.py, the moto wrapper
-    results = bench(rows, args.photo_bytes, args.read_concurrency, args.concurrency,
-                    profile=not (args.smoke or args.no_profile))  # fmt: skip
+    results = bench(
+        rows,
+        args.photo_bytes,
+        args.read_concurrency,
+        args.concurrency,
+        profile=not (args.smoke or args.no_profile),
+    )
     print(table(results))
     hot = results["validate_remote"].get("hotspots")
     if hot:

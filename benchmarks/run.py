@@ -64,23 +64,30 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         check("rate: 429s from a 210/s limit", r.get("http_429"), "== 0", lambda v: v == 0)
         check(
             "rate control (20 KB only): worst 1-s window / configured",
-            _get(r, "control_20KB.worst_1s_window_over_configured"), f"<= {WINDOW_TOLERANCE}",
+            _get(r, "control_20KB.worst_1s_window_over_configured"),
+            f"<= {WINDOW_TOLERANCE}",
             lambda v: v <= WINDOW_TOLERANCE,
-        )  # fmt: skip
+        )
         check(
-            "rate: worst 1-s window / configured", r.get("worst_1s_window_over_configured"),
-            f"<= {WINDOW_TOLERANCE}", lambda v: v <= WINDOW_TOLERANCE,
-        )  # fmt: skip
+            "rate: worst 1-s window / configured",
+            r.get("worst_1s_window_over_configured"),
+            f"<= {WINDOW_TOLERANCE}",
+            lambda v: v <= WINDOW_TOLERANCE,
+        )
     for label, entry in (results.get("client_overhead") or {}).items():
         check(
-            f"overhead {label}: throughput / bare aiohttp (spliced)", entry.get("throughput_ratio"),
-            f">= {OVERHEAD_THROUGHPUT}", lambda v: v >= OVERHEAD_THROUGHPUT,
-        )  # fmt: skip
+            f"overhead {label}: throughput / bare aiohttp (spliced)",
+            entry.get("throughput_ratio"),
+            f">= {OVERHEAD_THROUGHPUT}",
+            lambda v: v >= OVERHEAD_THROUGHPUT,
+        )
         if label == "20KB":
             check(
-                f"overhead {label}: CPU per request / bare aiohttp (spliced)", entry.get("cpu_per_request_ratio"),
-                f"<= {OVERHEAD_CPU}", lambda v: v <= OVERHEAD_CPU,
-            )  # fmt: skip
+                f"overhead {label}: CPU per request / bare aiohttp (spliced)",
+                entry.get("cpu_per_request_ratio"),
+                f"<= {OVERHEAD_CPU}",
+                lambda v: v <= OVERHEAD_CPU,
+            )
     a = results.get("vs_adhoc", {})
     if a:
         check("vs ad-hoc script: speed-up", a.get("speedup"), "> 1 (no number set)", lambda v: v > 1)
@@ -115,17 +122,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         check("scale: peak RSS 1M / 100k", s.get("rss_large_over_small"), "<= 1.5", lambda v: v <= 1.5)
     if "resume_rss_large_over_small" in s:
         check(
-            "scale: resume peak RSS, largest / smallest (flat)", s.get("resume_rss_large_over_small"),
-            f"<= {RESUME_RSS_FLAT:g}", lambda v: v <= RESUME_RSS_FLAT,
-        )  # fmt: skip
+            "scale: resume peak RSS, largest / smallest (flat)",
+            s.get("resume_rss_large_over_small"),
+            f"<= {RESUME_RSS_FLAT:g}",
+            lambda v: v <= RESUME_RSS_FLAT,
+        )
     st = results.get("retry_storm", {})
     for run in ("clean", "storm"):
         if run in st:
             check(
                 f"retry storm ({run}): worst 1-s window / configured",
-                st[run].get("worst_1s_window_over_configured"), f"<= {WINDOW_TOLERANCE}",
+                st[run].get("worst_1s_window_over_configured"),
+                f"<= {WINDOW_TOLERANCE}",
                 lambda v: v <= WINDOW_TOLERANCE,
-            )  # fmt: skip
+            )
     return out
 
 
@@ -152,67 +162,173 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
     if r:
         rate = r["configured_rate"]
         rows += [
-            ("1 rate", f"req/s at server (rate {rate:g}, {r['rows']} rows)", r["achieved_rate"], rate,
-             r["achieved_over_configured"]),
-            ("1 rate", "worst 1-s window (requests)", r["worst_1s_window"], rate,
-             r["worst_1s_window_over_configured"]),
+            (
+                "1 rate",
+                f"req/s at server (rate {rate:g}, {r['rows']} rows)",
+                r["achieved_rate"],
+                rate,
+                r["achieved_over_configured"],
+            ),
+            (
+                "1 rate",
+                "worst 1-s window (requests)",
+                r["worst_1s_window"],
+                rate,
+                r["worst_1s_window_over_configured"],
+            ),
             ("1 rate", "429s from a 210/s limit", r["http_429"], 0, None),
             ("1 rate", "worst 5-s window / (5 x rate)", None, None, r["worst_5s_window_over_configured"]),
-            ("1 rate", "control, 20 KB only: worst 1-s window", r["control_20KB"]["worst_1s_window"], rate,
-             r["control_20KB"]["worst_1s_window_over_configured"]),
-            ("1 rate", "end-to-end rows/s (incl. validation)", r["end_to_end_rows_per_s"], rate,
-             r["end_to_end_rows_per_s"] / rate),
-        ]  # fmt: skip
+            (
+                "1 rate",
+                "control, 20 KB only: worst 1-s window",
+                r["control_20KB"]["worst_1s_window"],
+                rate,
+                r["control_20KB"]["worst_1s_window_over_configured"],
+            ),
+            (
+                "1 rate",
+                "end-to-end rows/s (incl. validation)",
+                r["end_to_end_rows_per_s"],
+                rate,
+                r["end_to_end_rows_per_s"] / rate,
+            ),
+        ]
     for label, e in (results.get("client_overhead") or {}).items():
         o, b, j, sb = e["ours"], e["baseline"], e["baseline_json"], e["baseline_stdlib"]
         rows += [
-            ("2 overhead", f"{label}: rows/s end-to-end ({e['rows']} rows)", o["rows_per_s"], b["rows_per_s"],
-             e["throughput_ratio"]),
-            ("2 overhead", f"{label}: req/s while sending", o["send_phase_rate"], b["send_phase_rate"],
-             e["send_phase_ratio"]),
-            ("2 overhead", f"{label}: CPU us/request", o["cpu_us_per_request"], b["cpu_us_per_request"],
-             e["cpu_per_request_ratio"]),
-            ("2 overhead", f"{label}: server busy (fraction of a core)", o["server_busy"], b["server_busy"], None),
-            ("2 overhead", f"{label}: rows/s (baseline: bare loop, stdlib base64)", o["rows_per_s"],
-             sb["rows_per_s"], e["throughput_ratio_stdlib"]),
-            ("2 overhead", f"{label}: CPU us/request (baseline: bare loop, stdlib base64)",
-             o["cpu_us_per_request"], sb["cpu_us_per_request"], e["cpu_per_request_ratio_stdlib"]),
-            ("2 overhead", f"{label}: rows/s (baseline: bare loop, json.dumps body)", o["rows_per_s"],
-             j["rows_per_s"], e["throughput_ratio_json"]),
-            ("2 overhead", f"{label}: CPU us/request (baseline: bare loop, json.dumps body)",
-             o["cpu_us_per_request"], j["cpu_us_per_request"], e["cpu_per_request_ratio_json"]),
-        ]  # fmt: skip
+            (
+                "2 overhead",
+                f"{label}: rows/s end-to-end ({e['rows']} rows)",
+                o["rows_per_s"],
+                b["rows_per_s"],
+                e["throughput_ratio"],
+            ),
+            (
+                "2 overhead",
+                f"{label}: req/s while sending",
+                o["send_phase_rate"],
+                b["send_phase_rate"],
+                e["send_phase_ratio"],
+            ),
+            (
+                "2 overhead",
+                f"{label}: CPU us/request",
+                o["cpu_us_per_request"],
+                b["cpu_us_per_request"],
+                e["cpu_per_request_ratio"],
+            ),
+            (
+                "2 overhead",
+                f"{label}: server busy (fraction of a core)",
+                o["server_busy"],
+                b["server_busy"],
+                None,
+            ),
+            (
+                "2 overhead",
+                f"{label}: rows/s (baseline: bare loop, stdlib base64)",
+                o["rows_per_s"],
+                sb["rows_per_s"],
+                e["throughput_ratio_stdlib"],
+            ),
+            (
+                "2 overhead",
+                f"{label}: CPU us/request (baseline: bare loop, stdlib base64)",
+                o["cpu_us_per_request"],
+                sb["cpu_us_per_request"],
+                e["cpu_per_request_ratio_stdlib"],
+            ),
+            (
+                "2 overhead",
+                f"{label}: rows/s (baseline: bare loop, json.dumps body)",
+                o["rows_per_s"],
+                j["rows_per_s"],
+                e["throughput_ratio_json"],
+            ),
+            (
+                "2 overhead",
+                f"{label}: CPU us/request (baseline: bare loop, json.dumps body)",
+                o["cpu_us_per_request"],
+                j["cpu_us_per_request"],
+                e["cpu_per_request_ratio_json"],
+            ),
+        ]
     a = results.get("vs_adhoc")
     if a:
         rows.append(
-            ("3 vs script", f"seconds for {a['rows']} rows (script: {a['script_client']})", a["ours_s"],
-             a["script_s"], a["speedup"])
-        )  # fmt: skip
+            (
+                "3 vs script",
+                f"seconds for {a['rows']} rows (script: {a['script_client']})",
+                a["ours_s"],
+                a["script_s"],
+                a["speedup"],
+            )
+        )
     s = results.get("scale") or {}
     for key, e in s.items():
         if not key.isdigit():
             continue
         n = f"{int(key):,}"
         rows += [
-            ("4 scale", f"{n}: validation rows/s", e["validate_rows_per_s"], e["floor_rows_per_s"],
-             e["validate_over_floor"]),
-            ("4 scale", f"{n}: first touch of the files, rows/s (cold-ish)", e["first_touch_rows_per_s"], None,
-             None),
+            (
+                "4 scale",
+                f"{n}: validation rows/s",
+                e["validate_rows_per_s"],
+                e["floor_rows_per_s"],
+                e["validate_over_floor"],
+            ),
+            (
+                "4 scale",
+                f"{n}: first touch of the files, rows/s (cold-ish)",
+                e["first_touch_rows_per_s"],
+                None,
+                None,
+            ),
             ("4 scale", f"{n}: full run s (fast server)", e["run_s"], None, None),
             ("4 scale", f"{n}: full run rows/s", e["run_rows_per_s"], None, None),
-            ("4 scale", f"{n}: peak RSS MB (baseline: CLI --version)", e["run_maxrss_mb"],
-             s.get("cli_startup_rss_mb"), (e["run_maxrss_mb"] or 0) / (s.get("cli_startup_rss_mb") or 1)),
-            ("4 scale", f"{n}: resume of completed job s (baseline: validate)", e["resume_s"], e["validate_s"],
-             e["resume_over_validate"]),
-            ("4 scale", f"{n}: resume of completed job s (baseline: csv + stat)", e["resume_s"],
-             e.get("stat_floor_s"), e.get("resume_over_stat_floor")),
-            ("4 scale", f"{n}: resume CPU s (baseline: resume wall s)", e.get("resume_cpu_s"), e["resume_s"],
-             ratio(e.get("resume_cpu_s"), e["resume_s"])),
-            ("4 scale", f"{n}: resume peak RSS MB (baseline: CLI --version)", e.get("resume_maxrss_mb"),
-             s.get("cli_startup_rss_mb"), e.get("resume_rss_over_startup")),
-            ("4 scale", f"{n}: machine short of CPU during resume (share of its wall time)",
-             e.get("resume_cpu_stall_share"), None, None),
-        ]  # fmt: skip
+            (
+                "4 scale",
+                f"{n}: peak RSS MB (baseline: CLI --version)",
+                e["run_maxrss_mb"],
+                s.get("cli_startup_rss_mb"),
+                (e["run_maxrss_mb"] or 0) / (s.get("cli_startup_rss_mb") or 1),
+            ),
+            (
+                "4 scale",
+                f"{n}: resume of completed job s (baseline: validate)",
+                e["resume_s"],
+                e["validate_s"],
+                e["resume_over_validate"],
+            ),
+            (
+                "4 scale",
+                f"{n}: resume of completed job s (baseline: csv + stat)",
+                e["resume_s"],
+                e.get("stat_floor_s"),
+                e.get("resume_over_stat_floor"),
+            ),
+            (
+                "4 scale",
+                f"{n}: resume CPU s (baseline: resume wall s)",
+                e.get("resume_cpu_s"),
+                e["resume_s"],
+                ratio(e.get("resume_cpu_s"), e["resume_s"]),
+            ),
+            (
+                "4 scale",
+                f"{n}: resume peak RSS MB (baseline: CLI --version)",
+                e.get("resume_maxrss_mb"),
+                s.get("cli_startup_rss_mb"),
+                e.get("resume_rss_over_startup"),
+            ),
+            (
+                "4 scale",
+                f"{n}: machine short of CPU during resume (share of its wall time)",
+                e.get("resume_cpu_stall_share"),
+                None,
+                None,
+            ),
+        ]
     if "rss_large_over_small" in s:
         rows.append(("4 scale", "peak RSS largest / smallest", None, None, s["rss_large_over_small"]))
     if "resume_rss_large_over_small" in s:
@@ -222,19 +338,49 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
     st = results.get("retry_storm")
     if st:
         rows += [
-            ("5 storm", f"completion s ({st['rows']} rows, baseline: clean run)", st["storm"]["wall_s"],
-             st["clean"]["wall_s"], st["completion_ratio"]),
-            ("5 storm", "server silent s (gaps >= 0.25 s; baseline: clean)", st["storm"]["silent_s"],
-             st["clean"]["silent_s"], None),
-            ("5 storm", "tail after 99% of requests s (baseline: clean)", st["storm"]["tail_after_99pct_s"],
-             st["clean"]["tail_after_99pct_s"], None),
-            ("5 storm", "attempts (baseline: clean run)", st["storm"]["attempts"], st["clean"]["attempts"],
-             st["attempts_ratio"]),
-            ("5 storm", "worst 1-s window, storm (baseline: rate)", st["storm"]["worst_1s_window"],
-             st["configured_rate"], st["storm"]["worst_1s_window_over_configured"]),
-            ("5 storm", "worst 1-s window, clean (baseline: rate)", st["clean"]["worst_1s_window"],
-             st["configured_rate"], st["clean"]["worst_1s_window_over_configured"]),
-        ]  # fmt: skip
+            (
+                "5 storm",
+                f"completion s ({st['rows']} rows, baseline: clean run)",
+                st["storm"]["wall_s"],
+                st["clean"]["wall_s"],
+                st["completion_ratio"],
+            ),
+            (
+                "5 storm",
+                "server silent s (gaps >= 0.25 s; baseline: clean)",
+                st["storm"]["silent_s"],
+                st["clean"]["silent_s"],
+                None,
+            ),
+            (
+                "5 storm",
+                "tail after 99% of requests s (baseline: clean)",
+                st["storm"]["tail_after_99pct_s"],
+                st["clean"]["tail_after_99pct_s"],
+                None,
+            ),
+            (
+                "5 storm",
+                "attempts (baseline: clean run)",
+                st["storm"]["attempts"],
+                st["clean"]["attempts"],
+                st["attempts_ratio"],
+            ),
+            (
+                "5 storm",
+                "worst 1-s window, storm (baseline: rate)",
+                st["storm"]["worst_1s_window"],
+                st["configured_rate"],
+                st["storm"]["worst_1s_window_over_configured"],
+            ),
+            (
+                "5 storm",
+                "worst 1-s window, clean (baseline: rate)",
+                st["clean"]["worst_1s_window"],
+                st["configured_rate"],
+                st["clean"]["worst_1s_window_over_configured"],
+            ),
+        ]
     led = results.get("ledger")
     if led:
         o, f = led["ours"], led["floor"]
@@ -345,8 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     args.data_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="work-", dir=args.data_dir))
     # The resume is profiled with the 20 KB send, when the profile benchmark is chosen (and can run).
-    suite = Suite(plan, args.data_dir, work, results_dir=args.results_dir, stamp=stamp,
-                  profile_resume="profile" in chosen)  # fmt: skip
+    suite = Suite(
+        plan,
+        args.data_dir,
+        work,
+        results_dir=args.results_dir,
+        stamp=stamp,
+        profile_resume="profile" in chosen,
+    )
     started = time.perf_counter()
     results: dict[str, Any] = {}
     failed: dict[str, str] = {}

@@ -125,9 +125,15 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
 
 class Suite:
     def __init__(
-        self, plan: Plan, data_dir: Path, work_dir: Path, *, results_dir: Path | None = None, stamp: str = "",
+        self,
+        plan: Plan,
+        data_dir: Path,
+        work_dir: Path,
+        *,
+        results_dir: Path | None = None,
+        stamp: str = "",
         profile_resume: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.plan = plan
         self.data_dir = data_dir
         self.work = work_dir
@@ -231,9 +237,12 @@ class Suite:
                         cpu0 = server.stats()["cpu_s"]
                         if who == "ours":
                             result = self._ours(
-                                manifest, server.base_url, f"overhead-{label}", rate=UNTHROTTLED,
+                                manifest,
+                                server.base_url,
+                                f"overhead-{label}",
+                                rate=UNTHROTTLED,
                                 concurrency=concurrency,
-                            )  # fmt: skip
+                            )
                             ok = result["summary"]["counts"].get("enrolled", 0)
                         else:
                             body = BARE_LOOPS[who]
@@ -294,10 +303,20 @@ class Suite:
                 report = results_dir / f"profile-{stamp}.pyspy.txt"
                 log(f"profile: {rows_n} rows of {label}, `backfill run` under py-spy -> {report}")
                 args = [
-                    "run", str(manifest), "--base-url", server.base_url, "--rate", str(UNTHROTTLED),
-                    "--concurrency", "64", "--checkpoint", str(folder / "checkpoint.sqlite"),
-                    "--out", str(folder / "out"), "--no-progress",
-                ]  # fmt: skip
+                    "run",
+                    str(manifest),
+                    "--base-url",
+                    server.base_url,
+                    "--rate",
+                    str(UNTHROTTLED),
+                    "--concurrency",
+                    "64",
+                    "--checkpoint",
+                    str(folder / "checkpoint.sqlite"),
+                    "--out",
+                    str(folder / "out"),
+                    "--no-progress",
+                ]
                 # --gil: only the thread holding the GIL is sampled. The event loop's thread is the bottleneck,
                 # and waiting threads (idle pool workers, fsync, SQLite without the GIL) are not its cost.
                 spy_args = ["record", "--gil", "--format", "raw", "--full-filenames", "--rate", "250"]
@@ -396,9 +415,18 @@ class Suite:
             }
             with ServerProcess("fast") as server:
                 args = [
-                    "run", str(manifest), "--base-url", server.base_url, "--rate", str(UNTHROTTLED),
-                    "--concurrency", "64", "--checkpoint", str(folder / "checkpoint.sqlite"), "--no-progress",
-                ]  # fmt: skip
+                    "run",
+                    str(manifest),
+                    "--base-url",
+                    server.base_url,
+                    "--rate",
+                    str(UNTHROTTLED),
+                    "--concurrency",
+                    "64",
+                    "--checkpoint",
+                    str(folder / "checkpoint.sqlite"),
+                    "--no-progress",
+                ]
                 log(f"scale {n:,}: full run against the fast server (CLI subprocess)")
                 full = workers.run_cli(
                     [*args, "--out", str(folder / "out-run")], ENV, self.plan.run_timeout_s
@@ -478,9 +506,13 @@ class Suite:
             spy_args.insert(1, "--gil")
         started = time.perf_counter()
         subprocess.run(
-            [spy, *spy_args, "--", *workers.cli_command(args)], env={**os.environ, **ENV}, cwd=ROOT,
-            capture_output=True, check=True, timeout=self.plan.run_timeout_s,
-        )  # fmt: skip
+            [spy, *spy_args, "--", *workers.cli_command(args)],
+            env={**os.environ, **ENV},
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=self.plan.run_timeout_s,
+        )
         return {
             "tool": "py-spy",
             "threads": "GIL holder" if gil else "all on CPU",

@@ -325,14 +325,30 @@ BINDING = Binding(partner_id=PARTNER_ID, endpoint="http://127.0.0.1:8080")
 
 def _attempt(i: int) -> AttemptRequest:
     fp = Fingerprint(ref=f"/photos/u{i:07d}.png", size=20480, version="1")
-    return AttemptRequest(user_id=f"u{i:07d}", photo_sha256="0" * 64, fingerprint=fp,
-                          user_created_at="2021-08-12", run_id="r", at=now_iso())  # fmt: skip
+    return AttemptRequest(
+        user_id=f"u{i:07d}",
+        photo_sha256="0" * 64,
+        fingerprint=fp,
+        user_created_at="2021-08-12",
+        run_id="r",
+        at=now_iso(),
+    )
 
 
 def _outcome(i: int) -> Outcome:
-    return Outcome(user_id=f"u{i:07d}", attempt=1, state=State.ENROLLED, may_have_enrolled=False,
-                   proves_not_enrolled=False, http_status=200, result_code="0840", result_text="Enroll User",
-                   smile_job_id="0000021007", job_id="job", at=now_iso())  # fmt: skip
+    return Outcome(
+        user_id=f"u{i:07d}",
+        attempt=1,
+        state=State.ENROLLED,
+        may_have_enrolled=False,
+        proves_not_enrolled=False,
+        http_status=200,
+        result_code="0840",
+        result_text="Enroll User",
+        smile_job_id="0000021007",
+        job_id="job",
+        at=now_iso(),
+    )
 
 
 def _rows(i: int) -> tuple[tuple[object, ...], tuple[object, ...]]:

@@ -242,8 +242,15 @@ def full_batches(manifest: Manifest) -> list[FullBatch]:
             rows, rejects = [], list(batch.rejects)
             for d in await plan.decide(batch.candidates, {}, images):
                 if isinstance(d, plan.ToSend):
-                    rows.append(Valid(line=d.line, user_id=d.user_id, user_created_at=d.user_created_at,
-                                      image_path=Path(d.fingerprint.ref), image_size=d.fingerprint.size))  # fmt: skip
+                    rows.append(
+                        Valid(
+                            line=d.line,
+                            user_id=d.user_id,
+                            user_created_at=d.user_created_at,
+                            image_path=Path(d.fingerprint.ref),
+                            image_size=d.fingerprint.size,
+                        )
+                    )
                 else:
                     assert d.reason is not None
                     rejects.append(Reject(line=d.line, user_id=d.user_id, reason=d.reason, message=d.message))
@@ -282,8 +289,10 @@ def spawn_sandbox(options: Sequence[str], env: Mapping[str, str]) -> tuple[subpr
     """`backfill sandbox --port 0 OPTIONS` as a process of its own: the process, and the API root it printed."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "backfill", "sandbox", "--port", "0", *options],
-        env=dict(env), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=dict(env),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
     assert proc.stderr is not None
     line = proc.stderr.readline().decode()
     found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)

@@ -145,13 +145,35 @@ class CrashRig:
     def start_sandbox(self) -> None:
         c = self.chaos
         command = [
-            sys.executable, "-m", "backfill", "sandbox", "--port", str(self.port),
-            "--latency-ms", str(c.latency_ms), "--jitter-ms", str(c.jitter_ms), "--error-rate", str(c.error_rate),
-            "--reset-before-rate", str(c.reset_before_rate), "--reset-after-rate", str(c.reset_after_rate),
-            "--slow-rate", str(c.slow_rate), "--slow-ms", str(c.slow_ms), "--retry-after", "0.05",
-            "--seed", str(self.rng.randrange(1 << 30)), "--state-file", str(self.state_file),
-            "--request-log", str(self.request_log),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "backfill",
+            "sandbox",
+            "--port",
+            str(self.port),
+            "--latency-ms",
+            str(c.latency_ms),
+            "--jitter-ms",
+            str(c.jitter_ms),
+            "--error-rate",
+            str(c.error_rate),
+            "--reset-before-rate",
+            str(c.reset_before_rate),
+            "--reset-after-rate",
+            str(c.reset_after_rate),
+            "--slow-rate",
+            str(c.slow_rate),
+            "--slow-ms",
+            str(c.slow_ms),
+            "--retry-after",
+            "0.05",
+            "--seed",
+            str(self.rng.randrange(1 << 30)),
+            "--state-file",
+            str(self.state_file),
+            "--request-log",
+            str(self.request_log),
+        ]
         if self.foreign_ids:
             # An explicit set, so every restart's new --seed keeps the same IDs foreign.
             command += ["--foreign-ids", str(self.foreign_file)]
@@ -170,12 +192,31 @@ class CrashRig:
 
     def run_command(self) -> list[str]:
         return [
-            sys.executable, "-m", "backfill", "run", str(self.manifest), "--env", "local",
-            "--base-url", self.base_url, "--checkpoint", self.checkpoint_name or str(self.checkpoint),
-            "--out", str(self.out),
-            "--no-progress", "--timeout", str(self.chaos.timeout_s), "--max-attempts", "4",
-            "--concurrency", "8", "--rate", str(self.chaos.rate), "--fail-threshold", "1",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "backfill",
+            "run",
+            str(self.manifest),
+            "--env",
+            "local",
+            "--base-url",
+            self.base_url,
+            "--checkpoint",
+            self.checkpoint_name or str(self.checkpoint),
+            "--out",
+            str(self.out),
+            "--no-progress",
+            "--timeout",
+            str(self.chaos.timeout_s),
+            "--max-attempts",
+            "4",
+            "--concurrency",
+            "8",
+            "--rate",
+            str(self.chaos.rate),
+            "--fail-threshold",
+            "1",
+        ]
 
     # --- one cycle: run, maybe kill, check what was sent ---
 
@@ -197,9 +238,13 @@ class CrashRig:
         if crash_at:
             env[CRASH_ENV] = crash_at
         process = subprocess.Popen(
-            self.run_command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.folder,
+            self.run_command(),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.folder,
             preexec_fn=preexec,
-        )  # fmt: skip
+        )
         sending_since: float | None = None  # signals are timed from the first request the sandbox sees
         pending = sorted(signals)
         restart_at = None

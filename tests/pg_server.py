@@ -71,9 +71,22 @@ class PgCluster:
             os.chown(pwfile, info.pw_uid, info.pw_gid)
         cluster = cls(bin=pg_bin, data=data, port=_free_port(), user=user)
         cluster._as_server(
-            [str(pg_bin / "initdb"), "-D", str(data), "-U", SUPERUSER, "--pwfile", str(pwfile), "-E", "UTF8",
-             "--auth-local=trust", "--auth-host=scram-sha-256", "--no-instructions", "--no-sync"],
-        )  # fmt: skip
+            [
+                str(pg_bin / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                SUPERUSER,
+                "--pwfile",
+                str(pwfile),
+                "-E",
+                "UTF8",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-instructions",
+                "--no-sync",
+            ],
+        )
         pwfile.unlink()
         conf = [
             "listen_addresses = '127.0.0.1'",
@@ -91,8 +104,19 @@ class PgCluster:
         return cluster
 
     def start(self) -> None:
-        self._as_server([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.data.parent / "log"),
-                         "-w", "-t", "60", "start"])  # fmt: skip
+        self._as_server(
+            [
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.data.parent / "log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
 
     def stop(self, mode: str = "fast") -> None:
         self._as_server(
@@ -121,9 +145,23 @@ class PgCluster:
 
     def sql(self, statement: str, dbname: str = "postgres") -> str:
         done = self._as_server(
-            [str(self.bin / "psql"), "-h", str(self.data.parent), "-p", str(self.port), "-U", SUPERUSER,
-             "-d", dbname, "-v", "ON_ERROR_STOP=1", "-At", "-c", statement],
-        )  # fmt: skip
+            [
+                str(self.bin / "psql"),
+                "-h",
+                str(self.data.parent),
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-d",
+                dbname,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-c",
+                statement,
+            ],
+        )
         return done.stdout.strip()
 
     def env(self) -> dict[str, str]:
@@ -135,9 +173,13 @@ class PgCluster:
         if psql:
             argv = ["psql", *argv[1:]]
         done = subprocess.run(
-            argv, user=self.user, cwd=self.data.parent if self.data.parent.exists() else "/",
-            capture_output=True, text=True, env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C.UTF-8"},
-        )  # fmt: skip
+            argv,
+            user=self.user,
+            cwd=self.data.parent if self.data.parent.exists() else "/",
+            capture_output=True,
+            text=True,
+            env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C.UTF-8"},
+        )
         if check and done.returncode != 0:
             log = self.data.parent / "log"
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""

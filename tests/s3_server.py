@@ -49,8 +49,10 @@ def serve(port: int) -> None:
 
     def answer(start_response: Callable[..., Any], status: int, code: str, message: str) -> list[bytes]:
         body = _XML.format(code=code, message=message).encode()
-        start_response(f"{status} {_STATUS_TEXT.get(status, 'Error')}",
-                       [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])  # fmt: skip
+        start_response(
+            f"{status} {_STATUS_TEXT.get(status, 'Error')}",
+            [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))],
+        )
         return [body]
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -115,18 +117,24 @@ class S3Server:
     def start(cls) -> S3Server:
         port = free_port()
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.s3_server", str(port)], cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [sys.executable, "-m", "tests.s3_server", str(port)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         assert process.stdout is not None
         if process.stdout.readline().strip() != b"ready":
             process.kill()
             raise RuntimeError("the moto S3 server did not start")
         env = {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": REGION, "AWS_ALLOW_HTTP": "true",
-            "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false", "AWS_EC2_METADATA_DISABLED": "true",
-        }  # fmt: skip
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": REGION,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
         return cls(port=port, process=process, env=env)
 
     def stop(self) -> None:
@@ -164,8 +172,13 @@ class S3Server:
         """A boto3 client of the server, for setting buckets and objects up (moto brings boto3)."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, region_name=REGION, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY)  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
 
 
 def photo_gets(log: Iterable[dict[str, Any]], bucket: str) -> list[dict[str, Any]]:

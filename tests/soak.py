@@ -22,9 +22,12 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=300)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
-        "--foreign", type=float, default=0.0, metavar="FRACTION",
+        "--foreign",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
         help="Make this fraction of the valid IDs foreign: held by another partner user on the sandbox.",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     if not 0.0 <= args.foreign < 1.0:

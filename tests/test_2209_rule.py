@@ -26,15 +26,22 @@ OURS, THEIRS = State.ALREADY_ENROLLED, State.ID_CONFLICT
 
 
 def answer(status: int, body: dict[str, object]) -> Verdict:
-    return classify_answer(status, json.dumps(body).encode(), None, user_id=USER, partner_id=PARTNER,
-                           api_key=Secret(KEY))  # fmt: skip
+    return classify_answer(
+        status, json.dumps(body).encode(), None, user_id=USER, partner_id=PARTNER, api_key=Secret(KEY)
+    )
 
 
 def signed(code: str, signature: str | None = None) -> Verdict:
-    return answer(200, {
-        "ResultCode": code, "ResultText": "x", "PartnerParams": {"user_id": USER, "job_id": "j"},
-        "timestamp": STAMP, "signature": signature or sign(STAMP, PARTNER, KEY),
-    })  # fmt: skip
+    return answer(
+        200,
+        {
+            "ResultCode": code,
+            "ResultText": "x",
+            "PartnerParams": {"user_id": USER, "job_id": "j"},
+            "timestamp": STAMP,
+            "signature": signature or sign(STAMP, PARTNER, KEY),
+        },
+    )
 
 
 def lost(*, reached: bool) -> Verdict:
@@ -55,24 +62,42 @@ TABLE: list[tuple[str, list[Callable[[], Verdict | None]], State]] = [
     ("HTTP 503: not taken on", [lambda: answer(503, {"code": "2201", "error": "x"})], THEIRS),
     ("a 2xx whose signature fails", [lambda: signed("0840", signature="forged")], OURS),
     ("refused: 2213 missing parameter", [lambda: answer(400, {"code": "2213", "error": "x"})], THEIRS),
-    ("in doubt, then verifiably not enrolled (0001)", [lambda: lost(reached=True), lambda: signed("0001")], THEIRS),
+    (
+        "in doubt, then verifiably not enrolled (0001)",
+        [lambda: lost(reached=True), lambda: signed("0001")],
+        THEIRS,
+    ),
     ("verifiably not enrolled, then in doubt", [lambda: signed("0001"), lambda: lost(reached=True)], OURS),
     ("in doubt, then refused: doubt stays", [lambda: lost(reached=True), lambda: answer(429, {})], OURS),
-]  # fmt: skip
+]
 
 
 def request(n: int) -> AttemptRequest:
     fp = Fingerprint(ref="/p/u1.png", size=10, version="1")
-    return AttemptRequest(user_id=USER, photo_sha256="0" * 64, fingerprint=fp, user_created_at="2021-08-12",
-                          run_id="r", at=f"2026-12-07T10:00:0{n}.000Z")  # fmt: skip
+    return AttemptRequest(
+        user_id=USER,
+        photo_sha256="0" * 64,
+        fingerprint=fp,
+        user_created_at="2021-08-12",
+        run_id="r",
+        at=f"2026-12-07T10:00:0{n}.000Z",
+    )
 
 
 def outcome(verdict: Verdict, attempt: int, status: Status) -> Outcome:
-    return Outcome(user_id=USER, attempt=attempt, state=ledger_state(status),
-                   may_have_enrolled=verdict.may_have_enrolled, proves_not_enrolled=verdict.proves_not_enrolled,
-                   http_status=verdict.http_status, result_code=verdict.result_code,
-                   result_text=verdict.result_text, smile_job_id=verdict.smile_job_id, job_id=verdict.job_id,
-                   at="2026-12-07T10:00:09.000Z")  # fmt: skip
+    return Outcome(
+        user_id=USER,
+        attempt=attempt,
+        state=ledger_state(status),
+        may_have_enrolled=verdict.may_have_enrolled,
+        proves_not_enrolled=verdict.proves_not_enrolled,
+        http_status=verdict.http_status,
+        result_code=verdict.result_code,
+        result_text=verdict.result_text,
+        smile_job_id=verdict.smile_job_id,
+        job_id=verdict.job_id,
+        at="2026-12-07T10:00:09.000Z",
+    )
 
 
 def begin(row: LedgerRow | None, n: int) -> tuple[LedgerRow, bool]:
@@ -84,9 +109,10 @@ def begin(row: LedgerRow | None, n: int) -> tuple[LedgerRow, bool]:
 
 @pytest.mark.parametrize("history, expected", [pytest.param(h, e, id=name) for name, h, e in TABLE])
 @pytest.mark.parametrize(
-    "already", [lambda: answer(400, {"code": "2209", "error": "already enrolled"}), lambda: signed("2209")],
+    "already",
+    [lambda: answer(400, {"code": "2209", "error": "already enrolled"}), lambda: signed("2209")],
     ids=["2209 error body", "signed 2209 result"],
-)  # fmt: skip
+)
 def test_whose_a_2209_is_after_each_history(
     history: list[Callable[[], Verdict | None]], expected: State, already: Callable[[], Verdict]
 ) -> None:

@@ -196,8 +196,14 @@ class Throttled(Client):
         first = len(SENT) == 1
         await asyncio.sleep(0.3)  # the answer takes a while, so other workers are queued for slots meanwhile
         if first:
-            return Verdict(kind=Kind.TRANSIENT, may_have_enrolled=False, proves_not_enrolled=False,
-                           http_status=429, error="HTTP 429", retry_after=1.5)  # fmt: skip
+            return Verdict(
+                kind=Kind.TRANSIENT,
+                may_have_enrolled=False,
+                proves_not_enrolled=False,
+                http_status=429,
+                error="HTTP 429",
+                retry_after=1.5,
+            )
         return Verdict(
             kind=Kind.ENROLLED, may_have_enrolled=False, proves_not_enrolled=False, http_status=200
         )
@@ -211,8 +217,9 @@ async def test_a_429_pause_holds_the_workers_already_queued_for_a_slot(
     manifest = write_manifest(tmp_path, simple_rows(8))
     settings = make_settings(None, base_url="http://127.0.0.1:9/v1", rate=4, concurrency=8)
     store = MemoryStore(Binding(partner_id="085", endpoint=settings.endpoint))
-    summary, _ = await run_by_hand(settings, manifest, store=store, images=CountingImages(tmp_path),
-                                   client_class=Throttled)  # fmt: skip
+    summary, _ = await run_by_hand(
+        settings, manifest, store=store, images=CountingImages(tmp_path), client_class=Throttled
+    )
     assert summary.counts == {"enrolled": 8}
     answered = SENT[0] + 0.3  # when the 429 came back
     inside = [round(t - answered, 2) for t in SENT[1:] if answered < t < answered + 1.45]

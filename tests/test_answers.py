@@ -46,10 +46,13 @@ def result(
 ) -> dict[str, object]:
     """A result body, signed with `key` (the right one by default)."""
     body: dict[str, object] = {
-        "ResultCode": code, "ResultText": "Enroll User", "SmileJobID": "0000021007",
+        "ResultCode": code,
+        "ResultText": "Enroll User",
+        "SmileJobID": "0000021007",
         "PartnerParams": {"job_type": 4, "user_id": user_id, "job_id": "j-1"},
-        "timestamp": STAMP, "signature": sign(STAMP, "085", key),
-    }  # fmt: skip
+        "timestamp": STAMP,
+        "signature": sign(STAMP, "085", key),
+    }
     body.update(extra)
     return body
 
@@ -112,7 +115,7 @@ def test_a_verified_0840_is_enrolled_on_any_2xx(status: int) -> None:
         ({"code": ["2209"]}, Kind.TRANSIENT),  # a code that isn't one
         ({"code": None, "error": "x"}, Kind.TRANSIENT),
     ],
-)  # fmt: skip
+)
 def test_any_other_2xx_is_in_doubt(status: int, body: object, kind: Kind) -> None:
     """Bug: a 201/202 with a forged or unreadable result was a permanent failure, not in doubt; so was a
     verified ResultCode 840 (a number), which then even looked like proof the user wasn't enrolled."""
@@ -193,16 +196,31 @@ SYSTEMIC, ALREADY, PERMANENT, TRANSIENT = Kind.SYSTEMIC, Kind.ALREADY, Kind.PERM
 @pytest.mark.parametrize(
     ("status", "code", "kind", "doubt"),
     [
-        (401, "2205", SYSTEMIC, False), (400, "2405", SYSTEMIC, False), (400, "2220", SYSTEMIC, False),
-        (400, "2209", ALREADY, False), (400, "2203", PERMANENT, False), (400, "2204", PERMANENT, False),
-        (400, "2207", PERMANENT, False), (400, "2213", PERMANENT, False), (500, "2201", TRANSIENT, True),
-        (400, "2301", TRANSIENT, True), (400, "2401", TRANSIENT, True), (503, "2201", TRANSIENT, False),
-        (429, "2201", TRANSIENT, False), (429, "", TRANSIENT, False), (503, "", TRANSIENT, False),
-        (408, "", TRANSIENT, False), (500, "", TRANSIENT, True), (502, "", TRANSIENT, True),
-        (504, "", TRANSIENT, True), (500, "9999", TRANSIENT, True), (503, "9999", TRANSIENT, False),
-        (400, "9999", PERMANENT, False), (400, "", PERMANENT, False),
+        (401, "2205", SYSTEMIC, False),
+        (400, "2405", SYSTEMIC, False),
+        (400, "2220", SYSTEMIC, False),
+        (400, "2209", ALREADY, False),
+        (400, "2203", PERMANENT, False),
+        (400, "2204", PERMANENT, False),
+        (400, "2207", PERMANENT, False),
+        (400, "2213", PERMANENT, False),
+        (500, "2201", TRANSIENT, True),
+        (400, "2301", TRANSIENT, True),
+        (400, "2401", TRANSIENT, True),
+        (503, "2201", TRANSIENT, False),
+        (429, "2201", TRANSIENT, False),
+        (429, "", TRANSIENT, False),
+        (503, "", TRANSIENT, False),
+        (408, "", TRANSIENT, False),
+        (500, "", TRANSIENT, True),
+        (502, "", TRANSIENT, True),
+        (504, "", TRANSIENT, True),
+        (500, "9999", TRANSIENT, True),
+        (503, "9999", TRANSIENT, False),
+        (400, "9999", PERMANENT, False),
+        (400, "", PERMANENT, False),
     ],
-)  # fmt: skip
+)
 def test_error_codes_and_statuses(status: int, code: str, kind: Kind, doubt: bool) -> None:
     body = {"code": code, "error": "x"} if code else {"error": "x"}
     v = classify(status, body)
@@ -400,11 +418,27 @@ def test_retry_after_forms() -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        "1e400", "inf", "Infinity", "-inf", "nan", "NaN", "-5", "-0.5", "1_000", "٣", "9" * 400, "0x10",
-        "Mon, 01 Jan 2024 00:00:00 +99999999999999", "Wed, 21 Oct 99999 07:28:00 GMT",
-        "\ud800", "Wed, 21 Oct 2015 07:28:00 \udcff", "", " ", "Wed, 32 Foo 2015",
+        "1e400",
+        "inf",
+        "Infinity",
+        "-inf",
+        "nan",
+        "NaN",
+        "-5",
+        "-0.5",
+        "1_000",
+        "٣",
+        "9" * 400,
+        "0x10",
+        "Mon, 01 Jan 2024 00:00:00 +99999999999999",
+        "Wed, 21 Oct 99999 07:28:00 GMT",
+        "\ud800",
+        "Wed, 21 Oct 2015 07:28:00 \udcff",
+        "",
+        " ",
+        "Wed, 32 Foo 2015",
     ],
-)  # fmt: skip
+)
 def test_retry_after_junk_is_none(value: str) -> None:
     """Bug: "1e400" and "inf" gave an infinite wait, "nan" a NaN one; float() also took "1_000" and "٣"."""
     assert parse_retry_after(value) is None
@@ -431,21 +465,26 @@ def test_retry_after_is_none_or_finite_and_not_negative(value: str | None) -> No
 # --- the properties -------------------------------------------------------------------------------
 
 JSON_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
     st.sampled_from(["0840", "0001", "2209", "2205", "2201", "u1", STAMP, KEY, "\ud800", "é" * 44]),
     st.text(st.characters(codec=None), max_size=10),  # lone surrogates too: JSON can spell them
-)  # fmt: skip
+)
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
         st.dictionaries(
             st.one_of(st.text(max_size=8), st.sampled_from(["user_id", "job_id", "code", "ResultCode"])),
-            inner, max_size=4,
+            inner,
+            max_size=4,
         ),
     ),
     max_leaves=20,
-)  # fmt: skip
+)
 FIELDS = st.sampled_from(
     ["code", "error", "ResultCode", "ResultText", "PartnerParams", "SmileJobID", "signature", "timestamp"]
 )

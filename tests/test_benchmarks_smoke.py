@@ -85,9 +85,14 @@ def test_client_overhead(smoke: dict[str, Any]) -> None:
         for who in ("ours", "baseline", "baseline_stdlib", "baseline_json"):
             assert entry[who]["ok"] == entry["rows"]  # every signed answer verified and counted
             assert _positive(entry[who]["cpu_us_per_request"])
-        for name in ("throughput_ratio", "cpu_per_request_ratio", "throughput_ratio_stdlib",
-                     "cpu_per_request_ratio_stdlib", "throughput_ratio_json",
-                     "cpu_per_request_ratio_json"):  # fmt: skip
+        for name in (
+            "throughput_ratio",
+            "cpu_per_request_ratio",
+            "throughput_ratio_stdlib",
+            "cpu_per_request_ratio_stdlib",
+            "throughput_ratio_json",
+            "cpu_per_request_ratio_json",
+        ):
             assert _positive(entry[name]), name
     named = {t["name"]: t for t in smoke["targets"]}
     assert (
@@ -131,10 +136,16 @@ def test_scale(smoke: dict[str, Any]) -> None:
         assert e["resume_of_complete_job"] is True
         assert len(e["resume_runs_s"]) >= 1 and min(e["resume_runs_s"]) == e["resume_s"]
         for name in (
-            "validate_rows_per_s", "validate_over_floor", "run_maxrss_mb", "resume_over_validate",
-            "stat_floor_s", "resume_over_stat_floor", "resume_cpu_s", "resume_maxrss_mb",
+            "validate_rows_per_s",
+            "validate_over_floor",
+            "run_maxrss_mb",
+            "resume_over_validate",
+            "stat_floor_s",
+            "resume_over_stat_floor",
+            "resume_cpu_s",
+            "resume_maxrss_mb",
             "resume_rss_over_startup",
-        ):  # fmt: skip
+        ):
             assert _positive(e[name]), name
         share = e["resume_cpu_stall_share"]
         assert share is None or (isinstance(share, float) and share >= 0)
@@ -164,8 +175,12 @@ def test_resume_targets_read_the_figures_they_name() -> None:
     from benchmarks.run import RESUME_RSS_FLAT, RESUME_TARGET_S, targets
 
     def scale(resume_s: float, complete: bool, rss_ratio: float) -> dict[str, Any]:
-        entry = {"validate_rows_per_s": 1.0, "run_maxrss_mb": 1.0, "resume_s": resume_s,
-                 "resume_of_complete_job": complete}  # fmt: skip
+        entry = {
+            "validate_rows_per_s": 1.0,
+            "run_maxrss_mb": 1.0,
+            "resume_s": resume_s,
+            "resume_of_complete_job": complete,
+        }
         return {"scale": {"1000000": entry, "resume_rss_large_over_small": rss_ratio}}
 
     def met(results: dict[str, Any], prefix: str) -> bool | None:
@@ -187,8 +202,12 @@ def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_clust
     }
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.fleet", "--smoke", "--results-dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (written,) = tmp_path.glob("fleet-*.json")
     results = json.loads(written.read_text())
@@ -196,5 +215,7 @@ def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_clust
     assert all(scaling[n]["requests"] == scaling[n]["rows"] for n in ("1", "2", "4"))  # every row sent once
     assert all(_positive(scaling[n]["ratio_to_one"]) for n in ("2", "4"))
     assert _positive(fidelity["worst_ratio_to_rate"])
-    assert all(_positive(cost[k]) for k in ("sqlite_rows_per_s", "postgres_rows_per_s",
-                                            "postgres_with_claims_rows_per_s"))  # fmt: skip
+    assert all(
+        _positive(cost[k])
+        for k in ("sqlite_rows_per_s", "postgres_rows_per_s", "postgres_with_claims_rows_per_s")
+    )

@@ -106,9 +106,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 # --- SIGTERM while every answer hangs for a minute: exit 143 within --stop-timeout + 5 s, rows in doubt ---
 
 HANGING = Chaos(
-    latency_ms=60_000, jitter_ms=0, error_rate=0, reset_before_rate=0, reset_after_rate=0, slow_rate=0,
-    timeout_s=120, sandbox_kill_rate=0, rate=100,
-)  # fmt: skip
+    latency_ms=60_000,
+    jitter_ms=0,
+    error_rate=0,
+    reset_before_rate=0,
+    reset_after_rate=0,
+    slow_rate=0,
+    timeout_s=120,
+    sandbox_kill_rate=0,
+    rate=100,
+)
 
 
 class BoundedRig(CrashRig):
@@ -125,9 +132,13 @@ def test_sigterm_while_every_answer_hangs_exits_143_in_time_and_a_rerun_settles_
     rig.start_sandbox()  # every request is enrolled at once, then answered a minute later
     try:
         run = subprocess.Popen(
-            rig.run_command(), env=rig.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            rig.run_command(),
+            env=rig.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
             cwd=rig.folder,
-        )  # fmt: skip
+        )
         stderr = Lines(run.stderr)
         wait_until(lambda: requests_seen(rig.request_log) >= 8, "every worker's request on the wire")
         signalled = time.monotonic()
@@ -171,12 +182,37 @@ def test_max_duration_against_an_api_answering_in_30s_exits_within_the_duration_
     manifest = write_manifest(tmp_path, simple_rows(10))
     env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
     run = subprocess.Popen(
-        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", server.base_url,
-         "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(tmp_path / "out"), "--concurrency", "4",
-         "--rate", "100", "--timeout", "60", "--max-duration", "2", "--stop-timeout", f"{STOP_TIMEOUT:g}",
-         "--no-progress"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "run",
+            str(manifest),
+            "--env",
+            "local",
+            "--base-url",
+            server.base_url,
+            "--checkpoint",
+            str(tmp_path / "cp.sqlite"),
+            "--out",
+            str(tmp_path / "out"),
+            "--concurrency",
+            "4",
+            "--rate",
+            "100",
+            "--timeout",
+            "60",
+            "--max-duration",
+            "2",
+            "--stop-timeout",
+            f"{STOP_TIMEOUT:g}",
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stderr = Lines(run.stderr)
     started = stderr.wait_for("run_started")  # the --max-duration clock starts with the run
     code = run.wait(GENEROUS)
@@ -345,12 +381,37 @@ def test_a_sigtermed_fleet_process_gives_its_unsent_claims_back_at_once_and_anot
 
     def start(name: str, concurrency: int) -> tuple[subprocess.Popen[str], Lines]:
         process = subprocess.Popen(
-            [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url",
-             fleet_sandbox.base_url, "--checkpoint", pg_url, "--out", str(tmp_path / name), "--no-progress",
-             "--concurrency", str(concurrency), "--rate", "50", "--timeout", "120", "--lease", "30",
-             "--stop-timeout", f"{STOP_TIMEOUT:g}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "backfill",
+                "run",
+                str(manifest),
+                "--env",
+                "local",
+                "--base-url",
+                fleet_sandbox.base_url,
+                "--checkpoint",
+                pg_url,
+                "--out",
+                str(tmp_path / name),
+                "--no-progress",
+                "--concurrency",
+                str(concurrency),
+                "--rate",
+                "50",
+                "--timeout",
+                "120",
+                "--lease",
+                "30",
+                "--stop-timeout",
+                f"{STOP_TIMEOUT:g}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         return process, Lines(process.stderr)
 
     loop = asyncio.new_event_loop()

@@ -45,8 +45,11 @@ def files(folder: Path) -> dict[str, str]:
     An empty -wal (made by a reader too) is counted as no file: it holds no write either.
     """
     found = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
-    return {name: hashlib.sha256(p.read_bytes()).hexdigest() for name, p in found.items()
-            if not name.endswith("-shm") and not (name.endswith("-wal") and p.stat().st_size == 0)}  # fmt: skip
+    return {
+        name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for name, p in found.items()
+        if not name.endswith("-shm") and not (name.endswith("-wal") and p.stat().st_size == 0)
+    }
 
 
 # --- 9. check: every credential problem in one run, and its wording ------------------------------------------
@@ -56,9 +59,17 @@ def test_check_names_every_missing_credential_at_once(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(3))
-    code, out, _ = cli("check", str(manifest), "--env", "local", "--base-url", threaded_sandbox.base_url,
-                       "--checkpoint", str(tmp_path / "cp.sqlite"),
-                       env={"SMILE_PARTNER_ID": None, "SMILE_API_KEY": None})  # fmt: skip
+    code, out, _ = cli(
+        "check",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        threaded_sandbox.base_url,
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+        env={"SMILE_PARTNER_ID": None, "SMILE_API_KEY": None},
+    )
     assert code == 2, out
     said = "\n".join(problems(out))
     assert "no partner ID is set" in said and "no API key is set" in said, out
@@ -69,9 +80,17 @@ def test_check_names_a_bad_key_and_a_bad_partner_id_together_and_goes_on(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(3))
-    code, out, _ = cli("check", str(manifest), "--env", "local", "--base-url", threaded_sandbox.base_url,
-                       "--checkpoint", str(tmp_path / "cp.sqlite"),
-                       env={"SMILE_PARTNER_ID": "abc", "SMILE_API_KEY": "good-part\x01rest"})  # fmt: skip
+    code, out, _ = cli(
+        "check",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        threaded_sandbox.base_url,
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+        env={"SMILE_PARTNER_ID": "abc", "SMILE_API_KEY": "good-part\x01rest"},
+    )
     assert code == 2, out
     said = "\n".join(problems(out))
     assert "'abc'" in said and "is not digits" in said, out
@@ -85,16 +104,28 @@ def test_check_names_a_bad_key_and_a_bad_partner_id_together_and_goes_on(
 
 def test_check_wording_without_a_partner_id(tmp_path: Path, threaded_sandbox: RunningSandbox) -> None:
     manifest = write_manifest(tmp_path, simple_rows(3))
-    env: dict[str, str | None] = {"SMILE_PARTNER_ID": None, "SMILE_API_KEY": API_KEY,
-                                  "XDG_DATA_HOME": str(tmp_path / "data")}  # fmt: skip
+    env: dict[str, str | None] = {
+        "SMILE_PARTNER_ID": None,
+        "SMILE_API_KEY": API_KEY,
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+    }
     code, out, _ = cli("check", str(manifest), "--env", "local", env=env)
     assert code != 0
     assert "from derived from" not in out and "(from env=local)" in out, out
     assert "nopartner" not in out, out
     assert "can't be named until the partner ID is known" in out, out
     # A ledger named by --checkpoint, not there yet: what it will be bound to, with no blank partner.
-    code, out, _ = cli("check", str(manifest), "--env", "local", "--base-url", threaded_sandbox.base_url,
-                       "--checkpoint", str(tmp_path / "cp.sqlite"), env=env)  # fmt: skip
+    code, out, _ = cli(
+        "check",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        threaded_sandbox.base_url,
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+        env=env,
+    )
     assert "partner  on" not in out and "bound to partner" not in out, out
     assert "no partner ID is set yet" in out, out
     assert not (tmp_path / "data").exists() and not (tmp_path / "cp.sqlite").exists()
@@ -104,8 +135,14 @@ def test_check_reports_a_sampled_id_pinned_to_another_photo_as_run_would(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(3))
-    where = ["--env", "local", "--base-url", threaded_sandbox.base_url,
-             "--checkpoint", str(tmp_path / "cp.sqlite")]  # fmt: skip
+    where = [
+        "--env",
+        "local",
+        "--base-url",
+        threaded_sandbox.base_url,
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+    ]
     code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress", env=ENV)
     assert code == 0, err
     (tmp_path / "images" / "user_0001.png").write_bytes(png_bytes(99))  # another person under the same ID
@@ -116,8 +153,9 @@ def test_check_reports_a_sampled_id_pinned_to_another_photo_as_run_would(
     assert threaded_sandbox.state.total_requests == sent  # sent nothing
     assert files(tmp_path) == before  # and wrote nothing
 
-    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out2"), "--no-progress",
-                       env=ENV)  # fmt: skip
+    code, _, err = cli(
+        "run", str(manifest), *where, "--out", str(tmp_path / "out2"), "--no-progress", env=ENV
+    )
     assert code == 1, err
     with next((tmp_path / "out2").glob("*/rejects.csv")).open(newline="") as handle:
         (reject,) = list(csv.DictReader(handle))
@@ -135,8 +173,17 @@ def test_check_reports_a_pinned_id_still_to_be_sent_whose_photo_changed(
     server = threaded_sandboxes.start(faults=Faults(script={"user_0001": [503]}))
     manifest = write_manifest(tmp_path, simple_rows(3))
     where = ["--env", "local", "--base-url", server.base_url, "--checkpoint", str(tmp_path / "cp.sqlite")]
-    code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress",
-                       "--max-attempts", "1", env=ENV)  # fmt: skip
+    code, _, err = cli(
+        "run",
+        str(manifest),
+        *where,
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--max-attempts",
+        "1",
+        env=ENV,
+    )
     assert code == 1, err
     (tmp_path / "images" / "user_0001.png").write_bytes(png_bytes(99))
     code, out, _ = cli("check", str(manifest), *where, env=ENV)
@@ -166,8 +213,14 @@ class Terminal:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SMILE_", "BACKFILL_"))}
         env.update(ENV, XDG_DATA_HOME=str(tmp_path / "data"))
         master, slave = pty.openpty()
-        self.proc = subprocess.Popen([sys.executable, "-m", "backfill", *args], stdin=slave, stdout=slave,
-                                     stderr=slave, env=env, cwd=tmp_path)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "backfill", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=tmp_path,
+        )
         os.close(slave)  # the child's copy alone keeps it open: its exit reads as the end of output here
         self.fd, self.seen, self.ended = master, "", False
 
@@ -198,8 +251,18 @@ class Terminal:
 
 def production_run(tmp_path: Path, *extra: str) -> list[str]:
     manifest = write_manifest(tmp_path, simple_rows(3), images=False)
-    return ["run", str(manifest), "--env", "production", "--checkpoint", str(tmp_path / "cp.sqlite"),
-            "--out", str(tmp_path / "out"), "--no-progress", *extra]  # fmt: skip
+    return [
+        "run",
+        str(manifest),
+        "--env",
+        "production",
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_production_is_decided_by_the_endpoint_the_run_uses() -> None:
@@ -259,17 +322,34 @@ def test_a_production_retry_in_a_terminal_asks_before_opening_the_ledger_to_writ
         binding = Binding(partner_id=PARTNER_ID, endpoint="https://api.smileidentity.com:443")
         store = await SqliteStore.open(ledger, binding, writable=True)
         try:
-            await store.begin_attempt(AttemptRequest(
-                user_id="user_0000", photo_sha256="a" * 64, user_created_at="2021-08-12", run_id="r1",
-                fingerprint=Fingerprint(ref=str(tmp_path / "gone.png"), size=1, version="1"), at="t",
-            ))  # fmt: skip
+            await store.begin_attempt(
+                AttemptRequest(
+                    user_id="user_0000",
+                    photo_sha256="a" * 64,
+                    user_created_at="2021-08-12",
+                    run_id="r1",
+                    fingerprint=Fingerprint(ref=str(tmp_path / "gone.png"), size=1, version="1"),
+                    at="t",
+                )
+            )
         finally:
             await store.close()
 
     asyncio.run(left_sending())
     before = files(tmp_path)
-    terminal = Terminal(["retry", "--env", "production", "--checkpoint", str(ledger), "--out", str(tmp_path / "out"),
-                         "--no-progress"], tmp_path)  # fmt: skip
+    terminal = Terminal(
+        [
+            "retry",
+            "--env",
+            "production",
+            "--checkpoint",
+            str(ledger),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     shown = terminal.read_until(QUESTION)
     assert "1 row in the ledger, in pending, retry_exhausted, sending, unknown" in shown, shown
     assert PRODUCTION_URL in shown, shown

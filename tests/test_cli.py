@@ -37,8 +37,19 @@ def test_validate_sample_data_writes_rejects(tmp_path: Path) -> None:
 
 def test_run_against_the_sandbox_then_resume(tmp_path: Path, threaded_sandbox: RunningSandbox) -> None:
     manifest = write_manifest(tmp_path, simple_rows(12))
-    args = ["run", str(manifest), "--env", "local", "--base-url", threaded_sandbox.base_url,
-            "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    args = [
+        "run",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        threaded_sandbox.base_url,
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     code, out, _ = run_cli(*args)
     assert code == 0 and "12 enrolled" in out
     code, out, _ = run_cli(*args)
@@ -49,9 +60,17 @@ def test_run_against_the_sandbox_then_resume(tmp_path: Path, threaded_sandbox: R
 def test_api_key_appears_in_no_output(tmp_path: Path, threaded_sandbox: RunningSandbox) -> None:
     manifest = write_manifest(tmp_path, [*simple_rows(5), ("bad id", "2021-01-01", "x.png")])
     _, out, err = run_cli(
-        "run", str(manifest), "--env", "local", "--base-url", threaded_sandbox.base_url,
-        "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(tmp_path / "out"),
-    )  # fmt: skip
+        "run",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        threaded_sandbox.base_url,
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert API_KEY not in out + err
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts]
     assert len(written) >= 4  # checkpoint, results, rejects, summary (and the lock file)
@@ -70,8 +89,16 @@ def test_config_error_exits_2_naming_the_key_without_traceback(tmp_path: Path) -
 def test_unreadable_manifest_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "m.csv"
     bad.write_text("id,when,photo\n1,2,3\n")
-    code, _, err = run_cli("run", str(bad), "--env", "local", "--out", str(tmp_path / "o"),
-                           "--checkpoint", str(tmp_path / "cp.sqlite"))  # fmt: skip
+    code, _, err = run_cli(
+        "run",
+        str(bad),
+        "--env",
+        "local",
+        "--out",
+        str(tmp_path / "o"),
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+    )
     assert code == 2 and "user_id" in err and "Traceback" not in err
 
 
@@ -79,8 +106,16 @@ def test_locked_checkpoint_exits_3(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, simple_rows(1))
     lock = acquire_lock(tmp_path / "cp.sqlite")
     try:
-        code, _, err = run_cli("run", str(manifest), "--env", "local", "--checkpoint", str(tmp_path / "cp.sqlite"),
-                               "--out", str(tmp_path / "o"))  # fmt: skip
+        code, _, err = run_cli(
+            "run",
+            str(manifest),
+            "--env",
+            "local",
+            "--checkpoint",
+            str(tmp_path / "cp.sqlite"),
+            "--out",
+            str(tmp_path / "o"),
+        )
     finally:
         os.close(lock)
     assert code == 3 and f"pid {os.getpid()}" in err

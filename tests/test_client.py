@@ -32,10 +32,13 @@ RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[No
 
 def success(user_id: str, code: str = "0840") -> dict[str, object]:
     return {
-        "ResultCode": code, "ResultText": "Enroll User", "SmileJobID": "0000021007",
+        "ResultCode": code,
+        "ResultText": "Enroll User",
+        "SmileJobID": "0000021007",
         "PartnerParams": {"job_type": 4, "user_id": user_id, "job_id": "j-1"},
-        "timestamp": STAMP, "signature": sign(STAMP, PARTNER, KEY.reveal()),
-    }  # fmt: skip
+        "timestamp": STAMP,
+        "signature": sign(STAMP, PARTNER, KEY.reveal()),
+    }
 
 
 @asynccontextmanager
@@ -128,9 +131,13 @@ def test_the_body_is_exactly_what_json_would_write(
     client = Client("http://x/v1", partner_id, KEY, timeout=1, connect_timeout=1, concurrency=1)
     b64 = base64.b64encode(photo)
     document = {
-        "partner_id": partner_id, "timestamp": stamp, "signature": sign(stamp, partner_id, KEY.reveal()),
-        "user_id": user_id, "user_created_at": created, "photo": b64.decode(),
-    }  # fmt: skip
+        "partner_id": partner_id,
+        "timestamp": stamp,
+        "signature": sign(stamp, partner_id, KEY.reveal()),
+        "user_id": user_id,
+        "user_created_at": created,
+        "photo": b64.decode(),
+    }
     assert (
         client.body(user_id, created, b64, timestamp=stamp)
         == json.dumps(document, separators=(",", ":")).encode()

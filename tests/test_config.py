@@ -163,13 +163,24 @@ def test_a_dry_run_needs_credentials_too(environ: dict[str, str], key: str) -> N
 @pytest.mark.parametrize(
     ("yaml_text", "flags", "env", "env_from", "url_from"),
     [
-        ("", {"env": "production", "base_url": ENVIRONMENTS["sandbox"]}, "production", "flag --env", "flag --base-url"),
+        (
+            "",
+            {"env": "production", "base_url": ENVIRONMENTS["sandbox"]},
+            "production",
+            "flag --env",
+            "flag --base-url",
+        ),
         ("", {"base_url": "https://API.smileidentity.com/v1/"}, "sandbox", "default", "flag --base-url"),
         ("env: local\n", {"base_url": ENVIRONMENTS["production"]}, "local", "config file", "flag --base-url"),
-        ("env: sandbox\nbase_url: https://api.smileidentity.com:443/v1\n", {}, "sandbox", "config file",
-         "config file"),
+        (
+            "env: sandbox\nbase_url: https://api.smileidentity.com:443/v1\n",
+            {},
+            "sandbox",
+            "config file",
+            "config file",
+        ),
     ],
-)  # fmt: skip
+)
 def test_an_env_and_a_base_url_that_disagree_are_refused(
     tmp_path: Path, yaml_text: str, flags: dict[str, str], env: str, env_from: str, url_from: str
 ) -> None:
@@ -465,10 +476,27 @@ def test_a_bad_base_url_is_a_config_error_not_a_traceback(tmp_path: Path, url: s
     manifest.write_text("user_id,user_created_at,image_path\n")
     env = {**os.environ, "SMILE_PARTNER_ID": "000", "SMILE_API_KEY": "local-sandbox-key"}
     done = subprocess.run(
-        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", url,
-         "--checkpoint", str(tmp_path / "l.sqlite"), "--out", str(tmp_path / "o"), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "run",
+            str(manifest),
+            "--env",
+            "local",
+            "--base-url",
+            url,
+            "--checkpoint",
+            str(tmp_path / "l.sqlite"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-300:])
     assert "s3cret" not in done.stderr and "base_url" in done.stderr
 

@@ -38,9 +38,15 @@ from .crash_rig import Chaos, CrashRig
 
 # A sandbox that answers at once and never fails: whatever goes wrong below is the kills', never the network's.
 CALM = Chaos(
-    latency_ms=0, jitter_ms=0, error_rate=0, reset_before_rate=0, reset_after_rate=0, slow_rate=0,
-    sandbox_kill_rate=0, timeout_s=5.0,
-)  # fmt: skip
+    latency_ms=0,
+    jitter_ms=0,
+    error_rate=0,
+    reset_before_rate=0,
+    reset_after_rate=0,
+    slow_rate=0,
+    sandbox_kill_rate=0,
+    timeout_s=5.0,
+)
 
 
 # --- a. killed while rows wait on the rate limiter ------------------------------------------------------
@@ -327,9 +333,18 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def run_command(manifest: Path, base_url: str, *flags: str) -> list[str]:
     return [
-        sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", base_url,
-        "--no-progress", *flags,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "backfill",
+        "run",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        base_url,
+        "--no-progress",
+        *flags,
+    ]
 
 
 def test_c_the_ledger_named_another_way_is_still_locked(
@@ -357,10 +372,21 @@ def test_c_the_ledger_named_another_way_is_still_locked(
     ledger = tmp_path / "dir" / "ledger.sqlite"
     env = cli_env(tmp_path)
     first = subprocess.Popen(
-        run_command(manifest, server.base_url, "--checkpoint", str(ledger), "--timeout", "900", "--out",
-                    str(tmp_path / "out")),
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        run_command(
+            manifest,
+            server.base_url,
+            "--checkpoint",
+            str(ledger),
+            "--timeout",
+            "900",
+            "--out",
+            str(tmp_path / "out"),
+        ),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 30
         while state.total_requests == 0:  # the lock is held, the ledger exists, rows are going out
@@ -374,11 +400,17 @@ def test_c_the_ledger_named_another_way_is_still_locked(
         # All three at once, while the first run holds the ledger; each with its own --out, to see it left none.
         seconds = {
             how: subprocess.Popen(
-                run_command(manifest, server.base_url, "--checkpoint", name, "--out", str(tmp_path / f"out-{i}")),
-                env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                run_command(
+                    manifest, server.base_url, "--checkpoint", name, "--out", str(tmp_path / f"out-{i}")
+                ),
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for i, (how, (name, cwd)) in enumerate(names.items())
-        }  # fmt: skip
+        }
         for i, (how, process) in enumerate(seconds.items()):
             _, said = process.communicate(timeout=60)
             assert process.returncode == 3, f"{how}: exit {process.returncode}: {said[-800:]}"
@@ -387,10 +419,20 @@ def test_c_the_ledger_named_another_way_is_still_locked(
         # A hard link is a name SQLite can't resolve to the same WAL: refused outright (exit 2), held or not.
         os.link(ledger, tmp_path / "links" / "hard.sqlite")
         hard = subprocess.run(
-            run_command(manifest, server.base_url, "--checkpoint", str(tmp_path / "links" / "hard.sqlite"),
-                        "--out", str(tmp_path / "out-hard")),
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            run_command(
+                manifest,
+                server.base_url,
+                "--checkpoint",
+                str(tmp_path / "links" / "hard.sqlite"),
+                "--out",
+                str(tmp_path / "out-hard"),
+            ),
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert hard.returncode == 2 and "hard links" in hard.stderr, hard.stderr[-800:]
         (tmp_path / "links" / "hard.sqlite").unlink()
         # Otherwise the refusals proved nothing: the first run must still have been holding the ledger.
@@ -408,10 +450,20 @@ def test_c_the_ledger_named_another_way_is_still_locked(
 
     # A resume, through one of the other names, finds every row done and sends nothing.
     again = subprocess.run(
-        run_command(manifest, server.base_url, "--checkpoint", str(tmp_path / "links" / "sym.sqlite"), "--out",
-                    str(tmp_path / "out")),
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        run_command(
+            manifest,
+            server.base_url,
+            "--checkpoint",
+            str(tmp_path / "links" / "sym.sqlite"),
+            "--out",
+            str(tmp_path / "out"),
+        ),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 0, again.stderr[-800:]
     assert state.total_requests == rows
     latest = sorted((tmp_path / "out").glob("*/summary.json"))[-1]
@@ -428,10 +480,20 @@ def test_c_a_ledger_with_a_hard_link_is_refused_while_held(tmp_path: Path) -> No
     try:
         os.link(ledger, tmp_path / "hard.sqlite")
         refused = subprocess.run(
-            run_command(manifest, server_url, "--checkpoint", str(tmp_path / "hard.sqlite"), "--out",
-                        str(tmp_path / "out")),
-            env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            run_command(
+                manifest,
+                server_url,
+                "--checkpoint",
+                str(tmp_path / "hard.sqlite"),
+                "--out",
+                str(tmp_path / "out"),
+            ),
+            env=cli_env(tmp_path),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         os.close(held)
     assert refused.returncode == 2, refused.stderr[-800:]

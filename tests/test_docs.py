@@ -30,9 +30,15 @@ from backfill.config import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted(
-    [REPO / "README.md", REPO / "SECURITY.md", *(REPO / "docs").glob("*.md"), REPO / "benchmarks" / "README.md",
-     REPO / "sample_data" / "README.md", REPO / "deploy" / "README.md"]
-)  # fmt: skip
+    [
+        REPO / "README.md",
+        REPO / "SECURITY.md",
+        *(REPO / "docs").glob("*.md"),
+        REPO / "benchmarks" / "README.md",
+        REPO / "sample_data" / "README.md",
+        REPO / "deploy" / "README.md",
+    ]
+)
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console"}
 # `python -m` modules of this repository: their options are checked too.
 REPO_MODULES = {"benchmarks", "tests"}
@@ -147,8 +153,11 @@ def test_every_link_in_the_docs_resolves() -> None:
 
 
 def test_the_readme_links_every_page_of_docs() -> None:
-    linked = {(REPO / t.partition("#")[0]).resolve() for p, _, t in links() if p.path.name == "README.md"
-              and p.path.parent == REPO}  # fmt: skip
+    linked = {
+        (REPO / t.partition("#")[0]).resolve()
+        for p, _, t in links()
+        if p.path.name == "README.md" and p.path.parent == REPO
+    }
     assert set((REPO / "docs").glob("*.md")) <= linked
 
 

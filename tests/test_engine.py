@@ -228,8 +228,13 @@ async def test_dry_run_sends_nothing_and_writes_no_checkpoint(
 async def test_every_manifest_row_lands_in_exactly_one_output(
     tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
 ) -> None:
-    rows = [*simple_rows(6), ("bad id!", "2021-01-01", "x.png"), ("user_0000", "2021-01-01", "dup.png"),
-            ("user_0009", "not a date", "user_0009.png"), ("user_0010", "2021-01-01", "missing.png")]  # fmt: skip
+    rows = [
+        *simple_rows(6),
+        ("bad id!", "2021-01-01", "x.png"),
+        ("user_0000", "2021-01-01", "dup.png"),
+        ("user_0009", "not a date", "user_0009.png"),
+        ("user_0010", "2021-01-01", "missing.png"),
+    ]
     manifest = write_manifest(tmp_path, rows)
     (tmp_path / "images" / "missing.png").unlink()
     summary = await runner.run(make_settings(sandbox), manifest)
@@ -284,10 +289,16 @@ async def test_malformed_answers_are_recorded_as_such_without_crashing(
 
     def success(user_id: str, *, key: str = API_KEY, echo: str | None = None) -> web.Response:
         stamp = utc_timestamp()
-        return web.json_response({
-            "ResultCode": "0840", "ResultText": "Enrolled", "SmileJobID": "1", "timestamp": stamp,
-            "signature": sign(stamp, PARTNER_ID, key), "PartnerParams": {"user_id": echo or user_id, "job_id": "j"},
-        })  # fmt: skip
+        return web.json_response(
+            {
+                "ResultCode": "0840",
+                "ResultText": "Enrolled",
+                "SmileJobID": "1",
+                "timestamp": stamp,
+                "signature": sign(stamp, PARTNER_ID, key),
+                "PartnerParams": {"user_id": echo or user_id, "job_id": "j"},
+            }
+        )
 
     answers = {
         "html": lambda u: web.Response(status=502, text="<html><body>Bad gateway</body></html>"),
@@ -385,8 +396,9 @@ async def test_a_stop_during_a_retry_after_a_lost_answer_leaves_the_row_in_doubt
         manifest = write_manifest(tmp_path, simple_rows(1))
         settings = make_settings(server, timeout=0.3)
         bar = TqdmProgress(enabled=False)
-        first = await runner.run(settings, manifest, sleep=stop_at_the_backoff, engine_ready=engine.append,
-                                 progress=bar)  # fmt: skip
+        first = await runner.run(
+            settings, manifest, sleep=stop_at_the_backoff, engine_ready=engine.append, progress=bar
+        )
         assert (first.counts, first.exit_code) == ({"unknown": 1}, 1)
         # The progress line tells doubt apart: not a failure, not done.
         assert bar._postfix.get("in_doubt") == 1 and "failed" not in bar._postfix

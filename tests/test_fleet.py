@@ -58,21 +58,33 @@ BINDING = Binding(partner_id=PARTNER_ID, endpoint="http://127.0.0.1:1")
 
 def test_a_url_with_a_password_is_refused_and_says_where_the_password_goes() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings(flags={"checkpoint": "postgresql://app:hunter2-pw@db.example:5432/migration"},
-                      environ={}, need_credentials=False)  # fmt: skip
+        load_settings(
+            flags={"checkpoint": "postgresql://app:hunter2-pw@db.example:5432/migration"},
+            environ={},
+            need_credentials=False,
+        )
     error = caught.value
     assert error.key == "checkpoint" and "flag --checkpoint" in error.source
     assert "PGPASSWORD" in str(error) and "~/.pgpass" in str(error)
     assert "hunter2-pw" not in str(error)
     with pytest.raises(ConfigError, match="password"):
-        load_settings(flags={"checkpoint": "postgres://app@db/migration?password=hunter2-pw"}, environ={},
-                      need_credentials=False)  # fmt: skip
+        load_settings(
+            flags={"checkpoint": "postgres://app@db/migration?password=hunter2-pw"},
+            environ={},
+            need_credentials=False,
+        )
     with pytest.raises(ConfigError, match="password"):  # a client certificate's key's password
-        load_settings(flags={"checkpoint": "postgresql://app@db/m?sslpassword=hunter2-pw"}, environ={},
-                      need_credentials=False)  # fmt: skip
+        load_settings(
+            flags={"checkpoint": "postgresql://app@db/m?sslpassword=hunter2-pw"},
+            environ={},
+            need_credentials=False,
+        )
     with pytest.raises(ConfigError, match="password"):  # libpq decodes the key: this is `password`
-        load_settings(flags={"checkpoint": "postgresql://app@db/m?pass%77ord=hunter2-pw"}, environ={},
-                      need_credentials=False)  # fmt: skip
+        load_settings(
+            flags={"checkpoint": "postgresql://app@db/m?pass%77ord=hunter2-pw"},
+            environ={},
+            need_credentials=False,
+        )
     with pytest.raises(ConfigError, match="names no database"):
         load_settings(flags={"checkpoint": "postgresql://app@db.example"}, environ={}, need_credentials=False)
 
@@ -82,8 +94,10 @@ def test_both_schemes_are_kept_as_urls_from_flags_and_the_environment() -> None:
         flags={"checkpoint": "postgres://app@db.example:6432/m"}, environ={}, need_credentials=False
     )
     assert s.ledger_url == "postgres://app@db.example:6432/m"
-    s = load_settings(environ={"BACKFILL_CHECKPOINT": "postgresql://app@db/m", "BACKFILL_LEASE": "5"},
-                      need_credentials=False)  # fmt: skip
+    s = load_settings(
+        environ={"BACKFILL_CHECKPOINT": "postgresql://app@db/m", "BACKFILL_LEASE": "5"},
+        need_credentials=False,
+    )
     assert s.ledger_url == "postgresql://app@db/m" and s.lease == 5.0
     file_ledger = load_settings(flags={"checkpoint": "ledger.sqlite"}, environ={}, need_credentials=False)
     assert file_ledger.ledger_url is None and file_ledger.ledger_path().name == "ledger.sqlite"
@@ -177,8 +191,10 @@ async def test_a_fleet_joining_leaving_and_dying_stays_within_its_one_rate(seed:
 
         await asyncio.gather(*(worker() for _ in range(workers)))
 
-    plans = [(1000.0 + rng.uniform(0, 3), 1000.0 + rng.uniform(4, 12), rng.uniform(-5, 5), rng.randint(1, 16))
-             for _ in range(rng.randint(2, 6))]  # fmt: skip
+    plans = [
+        (1000.0 + rng.uniform(0, 3), 1000.0 + rng.uniform(4, 12), rng.uniform(-5, 5), rng.randint(1, 16))
+        for _ in range(rng.randint(2, 6))
+    ]
     tasks = [asyncio.ensure_future(process(*p)) for p in plans]
     await vt.drive(until=1013.0)
     for t in tasks:
@@ -200,14 +216,30 @@ def test_a_429_anywhere_pauses_the_fleet_until_retry_after() -> None:
 
 def _request(user_id: str, run: str, photo: str = "a") -> AttemptRequest:
     fp = Fingerprint(ref=f"/img/{user_id}.png", size=10, version="1")
-    return AttemptRequest(user_id=user_id, photo_sha256=photo * 64, fingerprint=fp, user_created_at="2021-01-01",
-                          run_id=run, at="2026-01-01T00:00:00.000Z")  # fmt: skip
+    return AttemptRequest(
+        user_id=user_id,
+        photo_sha256=photo * 64,
+        fingerprint=fp,
+        user_created_at="2021-01-01",
+        run_id=run,
+        at="2026-01-01T00:00:00.000Z",
+    )
 
 
 def _outcome(user_id: str, attempt: int, state: State) -> Outcome:
-    return Outcome(user_id=user_id, attempt=attempt, state=state, may_have_enrolled=False, proves_not_enrolled=False,
-                   http_status=200, result_code="0840", result_text="ok", smile_job_id="1", job_id="j",
-                   at="2026-01-01T00:00:01.000Z")  # fmt: skip
+    return Outcome(
+        user_id=user_id,
+        attempt=attempt,
+        state=state,
+        may_have_enrolled=False,
+        proves_not_enrolled=False,
+        http_status=200,
+        result_code="0840",
+        result_text="ok",
+        smile_job_id="1",
+        job_id="j",
+        at="2026-01-01T00:00:01.000Z",
+    )
 
 
 async def _rows(candidates: list[Candidate]) -> AsyncIterator[Batch]:
@@ -233,8 +265,10 @@ async def test_a_finished_row_whose_outcome_the_database_lost_goes_back_to_the_f
     on, writes the row to results.csv and finishes it. Finished, the row would stay `sending` for ever with
     no process to settle it (a success the ledger doesn't know). It goes back to the queue instead."""
     async with two_processes(pg_url) as (a, b):
-        rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
-                for i in range(2)]  # fmt: skip
+        rows = [
+            Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
+            for i in range(2)
+        ]
         await a.load("m1", "m.csv", _rows(rows))
         assert [c.user_id for c in (await a.claim("m1", 10)).candidates] == ["u0", "u1"]
         for uid in ("u0", "u1"):
@@ -280,8 +314,10 @@ async def test_a_process_whose_lease_ended_cannot_write_over_a_newer_attempt(pg_
 
 async def test_claims_split_the_rows_and_a_clean_stop_gives_its_claims_back(pg_url: str) -> None:
     async with two_processes(pg_url, lease_s=30) as (a, b):
-        rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
-                for i in range(10)]  # fmt: skip
+        rows = [
+            Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
+            for i in range(10)
+        ]
         await a.load("m1", "m.csv", _rows(rows))
         await b.load("m1", "m.csv", _rows(rows))
         got_a = (await a.claim("m1", 4)).candidates
@@ -312,8 +348,11 @@ async def test_a_manifest_every_row_of_which_is_done_starts_a_new_pass(pg_url: s
 
 # --- real processes: a fleet killed at random, the database restarted under it ---
 
-BAD_ROWS = [("bad id!", "2021-01-01", "ok_0.png"), ("future_user", "2999-01-01", "ok_0.png"),
-            ("missing_image", "2021-01-01", "nowhere.png")]  # fmt: skip
+BAD_ROWS = [
+    ("bad id!", "2021-01-01", "ok_0.png"),
+    ("future_user", "2999-01-01", "ok_0.png"),
+    ("missing_image", "2021-01-01", "nowhere.png"),
+]
 
 
 CHAOS_KILLS = 6
@@ -330,8 +369,14 @@ class Fleet:
         (folder / "foreign.txt").write_text("".join(f"{u}\n" for u in sorted(self.foreign)))
         self.manifest = self._manifest()
         self.request_log = folder / "requests.jsonl"
-        self.env = {**os.environ, **cluster.env(), "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY,
-                    "BACKFILL_BACKOFF_INITIAL": "0.05", "BACKFILL_BACKOFF_MAX": "0.3"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            **cluster.env(),
+            "SMILE_PARTNER_ID": PARTNER_ID,
+            "SMILE_API_KEY": API_KEY,
+            "BACKFILL_BACKOFF_INITIAL": "0.05",
+            "BACKFILL_BACKOFF_MAX": "0.3",
+        }
         self.sandbox: subprocess.Popen[bytes] | None = None
         self.base_url = ""
         self.runs = 0
@@ -373,24 +418,72 @@ class Fleet:
 
     def start_sandbox(self) -> None:
         self.sandbox, self.base_url = spawn_sandbox(
-            ["--latency-ms", "40", "--jitter-ms", "30", "--error-rate", "0.08", "--reset-before-rate", "0.04",
-             "--reset-after-rate", "0.04", "--retry-after", "0.05", "--seed", str(self.rng.randrange(1 << 30)),
-             "--state-file", str(self.folder / "sandbox-state.jsonl"), "--request-log", str(self.request_log),
-             "--foreign-ids", str(self.folder / "foreign.txt")],
+            [
+                "--latency-ms",
+                "40",
+                "--jitter-ms",
+                "30",
+                "--error-rate",
+                "0.08",
+                "--reset-before-rate",
+                "0.04",
+                "--reset-after-rate",
+                "0.04",
+                "--retry-after",
+                "0.05",
+                "--seed",
+                str(self.rng.randrange(1 << 30)),
+                "--state-file",
+                str(self.folder / "sandbox-state.jsonl"),
+                "--request-log",
+                str(self.request_log),
+                "--foreign-ids",
+                str(self.folder / "foreign.txt"),
+            ],
             self.env,
-        )  # fmt: skip
+        )
 
     def start_run(self, rate: float) -> subprocess.Popen[bytes]:
         self.runs += 1
         self.logs.append(self.folder / f"run{self.runs}.log")
         return subprocess.Popen(
-            [sys.executable, "-m", "backfill", "run", str(self.manifest), "--env", "local", "--base-url",
-             self.base_url, "--checkpoint", self.url, "--out", str(self.folder / "out"), "--no-progress",
-             "--timeout", "1", "--max-attempts", "6", "--concurrency", "4", "--rate", str(rate),
-             "--fail-threshold", "1", "--lease", "2", "--log-format", "json",
-             "--log-file", str(self.folder / f"run{self.runs}.log")],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.folder,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "backfill",
+                "run",
+                str(self.manifest),
+                "--env",
+                "local",
+                "--base-url",
+                self.base_url,
+                "--checkpoint",
+                self.url,
+                "--out",
+                str(self.folder / "out"),
+                "--no-progress",
+                "--timeout",
+                "1",
+                "--max-attempts",
+                "6",
+                "--concurrency",
+                "4",
+                "--rate",
+                str(rate),
+                "--fail-threshold",
+                "1",
+                "--lease",
+                "2",
+                "--log-format",
+                "json",
+                "--log-file",
+                str(self.folder / f"run{self.runs}.log"),
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=self.folder,
+        )
 
     def wait_for_arrivals(self, count: int, procs: list[subprocess.Popen[bytes]]) -> int:
         """Block until the sandbox has seen `count` requests arrive, or every process has exited: how many it saw.
@@ -485,9 +578,13 @@ def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_
                 status_seen = said if "process(es) live" in said else ""
                 looking = None
             if looking is None and not status_seen:
-                looking = subprocess.Popen([sys.executable, "-m", "backfill", "status", "--checkpoint", pg_url],
-                                           env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                           text=True)  # fmt: skip
+                looking = subprocess.Popen(
+                    [sys.executable, "-m", "backfill", "status", "--checkpoint", pg_url],
+                    env=fleet.env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
         if looking is not None and not status_seen:
             said = looking.communicate(timeout=60)[0]
             status_seen = said if "process(es) live" in said else ""
@@ -581,8 +678,9 @@ def test_run_status_export_retry_report_and_check_all_take_a_postgresql_ledger(
         "run", str(manifest), *where, "--dry-run", "--out", str(tmp_path / "out"), "--no-progress"
     )
     assert code == 0 and "8 dry_run" in out and server.state.total_requests == 0, out
-    code, out = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress",
-                    "--max-attempts", "2")  # fmt: skip
+    code, out = cli(
+        "run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress", "--max-attempts", "2"
+    )
     assert code == 1 and "7 enrolled" in out, out  # user_0001 got two 503s: left for a retry
     code, out = cli("status", *where)
     assert code == 0 and re.search(r"enrolled +7", out) and "fleet: 0 process(es) live; rate" in out, out
@@ -623,9 +721,23 @@ def test_a_nul_byte_in_a_manifest_is_a_reject_on_a_fleet_as_on_sqlite(
     def run(ledger: str, name: str) -> tuple[list[dict[str, str]], dict[str, str], bytes]:
         server = threaded_sandboxes.start()  # a sandbox each: the second run must not meet the first's users
         result = CliRunner().invoke(
-            main, ["run", str(manifest), "--env", "local", "--base-url", server.base_url, "--checkpoint", ledger,
-                   "--out", str(tmp_path / name), "--no-progress"], env=env, catch_exceptions=False,
-        )  # fmt: skip
+            main,
+            [
+                "run",
+                str(manifest),
+                "--env",
+                "local",
+                "--base-url",
+                server.base_url,
+                "--checkpoint",
+                ledger,
+                "--out",
+                str(tmp_path / name),
+                "--no-progress",
+            ],
+            env=env,
+            catch_exceptions=False,
+        )
         assert result.exit_code == 1, result.output
         assert server.state.total_requests == 2  # the good rows only, once each
         (rejects,) = (tmp_path / name).rglob("rejects.csv")
@@ -639,8 +751,10 @@ def test_a_nul_byte_in_a_manifest_is_a_reject_on_a_fleet_as_on_sqlite(
 
     fleet_rejects, fleet_results, fleet_raw = run(pg_url, "fleet")
     assert [(r["line"], r["user_id"], r["reason"]) for r in fleet_rejects] == [
-        ("3", "nul\u2400id", "bad_user_id"), ("4", "nul_image", "image_missing"), ("5", "nul_date", "bad_date"),
-    ]  # fmt: skip
+        ("3", "nul\u2400id", "bad_user_id"),
+        ("4", "nul_image", "image_missing"),
+        ("5", "nul_date", "bad_date"),
+    ]
     assert "NUL" in fleet_rejects[1]["message"] and r"'2021-08-12\x00'" in fleet_rejects[2]["message"]
     assert b"\x00" not in fleet_raw  # the NUL shown as a symbol: readable in rejects.csv, as in the ledger
     assert r"'nul\x00id' contains a NUL character (character 4)" in fleet_rejects[0]["message"]
@@ -678,9 +792,19 @@ async def test_an_outcome_waits_for_a_restarted_database_and_a_longer_outage_is_
         own_cluster.stop("immediate")
         loop = asyncio.get_running_loop()
         back = loop.run_in_executor(None, lambda: (time.sleep(0.8), own_cluster.start()))
-        failed = Outcome(user_id="u1", attempt=1, state=State.FAILED, may_have_enrolled=False,
-                         proves_not_enrolled=True, http_status=200, result_code="0001", result_text="no face",
-                         smile_job_id="1", job_id="j", at="2026-01-01T00:00:01.000Z")  # fmt: skip
+        failed = Outcome(
+            user_id="u1",
+            attempt=1,
+            state=State.FAILED,
+            may_have_enrolled=False,
+            proves_not_enrolled=True,
+            http_status=200,
+            result_code="0001",
+            result_text="no face",
+            smile_job_id="1",
+            job_id="j",
+            at="2026-01-01T00:00:01.000Z",
+        )
         assert await store.settle(failed) is Settled.APPLIED
         await back
         # Down for longer: a LedgerError (exit 2), not a hang or a traceback; the attempt stays recorded.
@@ -753,8 +877,9 @@ async def test_a_429_with_retry_after_pauses_every_process_of_the_fleet_at_once(
             gate.throttled(gate.generation)
             gate.pause(5.0)
 
-    sent = await _fleet_on_virtual_time(bucket, vt, processes=20, workers=8, rate=200, answer_s=0.05,
-                                        until=1015.0, on_send=on_send)  # fmt: skip
+    sent = await _fleet_on_virtual_time(
+        bucket, vt, processes=20, workers=8, rate=200, answer_s=0.05, until=1015.0, on_send=on_send
+    )
     t429 = paused[0]
     during = [t for t in sent if t429 + 0.3 < t < t429 + 5.0]
     assert during == []  # every process heard it within a reservation or two, and held off
@@ -765,8 +890,9 @@ async def test_a_fleet_that_answers_slowly_still_reaches_its_capacity_under_the_
     # 10 processes of 4 workers, answers in 0.3 s: at most 133 a second, under --rate 400. Reserving slots
     # nobody waits for would spend the fleet's rate and hold it far below that.
     vt = VirtualTime()
-    sent = await _fleet_on_virtual_time(SharedBucket(vt, random.Random(4)), vt, processes=10, workers=4,
-                                        rate=400, answer_s=0.3, until=1020.0)  # fmt: skip
+    sent = await _fleet_on_virtual_time(
+        SharedBucket(vt, random.Random(4)), vt, processes=10, workers=4, rate=400, answer_s=0.3, until=1020.0
+    )
     busy = [t for t in sent if 1005.0 <= t < 1015.0]
     assert len(busy) / 10 >= 0.9 * (10 * 4 / 0.3)
 
@@ -790,15 +916,19 @@ async def test_a_reservation_the_ledger_refuses_is_an_error_not_a_free_slot() ->
 
 async def test_a_claim_this_process_has_forgotten_expires_instead_of_holding_the_fleet(pg_url: str) -> None:
     async with two_processes(pg_url, lease_s=0.6) as (a, b):
-        rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
-                for i in range(3)]  # fmt: skip
+        rows = [
+            Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
+            for i in range(3)
+        ]
         await a.load("m1", "m.csv", _rows(rows))
         await a.claim("m1", 1)  # line 2: known to A
         # Line 3 is claimed by A in the database but not in its memory (the claim's answer was lost in an
         # outage): A's renewals must not keep it alive, or no process could ever finish the manifest.
         with psycopg.connect(pg_url) as conn:
-            conn.execute("UPDATE backfill.queue SET claimed_by = 'run-a', lease_until = now() + interval '0.6 s' "
-                         "WHERE line = 3")  # fmt: skip
+            conn.execute(
+                "UPDATE backfill.queue SET claimed_by = 'run-a', lease_until = now() + interval '0.6 s' "
+                "WHERE line = 3"
+            )
         await asyncio.sleep(1.2)  # A renews (every 0.2 s) what it knows of
         got = await b.claim("m1", 10)
         assert [c.line for c in got.candidates] == [3, 4]  # line 2 still A's; the forgotten line 3 came back
@@ -824,8 +954,10 @@ async def test_one_id_in_two_manifests_is_never_sent_by_two_processes_at_once(pg
 
 async def test_rows_pages_through_every_id_whatever_the_databases_collation(pg_cluster: PgCluster) -> None:
     name = f"icu{os.getpid()}"
-    pg_cluster.sql(f"CREATE DATABASE {name} OWNER backfill_app TEMPLATE template0 LOCALE_PROVIDER icu "
-                   "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")  # fmt: skip
+    pg_cluster.sql(
+        f"CREATE DATABASE {name} OWNER backfill_app TEMPLATE template0 LOCALE_PROVIDER icu "
+        "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    )
     store = await PostgresStore.open(pg_cluster.url(name), BINDING, writable=True)
     try:
         # Upper and lower case: en-US sorts them together, byte order apart. 2,500 IDs: three pages.
@@ -869,14 +1001,16 @@ async def test_a_row_stopped_before_its_retry_goes_back_to_the_fleet_not_finishe
     from backfill.vocab import Status
 
     async with two_processes(pg_url) as (a, b):
-        rows = [Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
-                for i in range(3)]  # fmt: skip
+        rows = [
+            Candidate(line=i + 2, user_id=f"u{i}", user_created_at="2021-01-01", image=f"u{i}.png")
+            for i in range(3)
+        ]
         await a.load("m1", "m.csv", _rows(rows))
         manifest = SimpleNamespace(sha256="m1", name="m.csv")
         claims = Claims(a, manifest, batch=10, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
-        assert [c.user_id for c in (await claims.next_batch() or Batch(candidates=[], rejects=[])).candidates] == [
-            "u0", "u1", "u2"
-        ]  # fmt: skip
+        assert [
+            c.user_id for c in (await claims.next_batch() or Batch(candidates=[], rejects=[])).candidates
+        ] == ["u0", "u1", "u2"]
 
         class Collect:
             def result(self, row: Any) -> None: ...
@@ -906,15 +1040,41 @@ def test_a_run_that_loses_its_ledger_for_longer_than_the_bound_exits_2_soon_and_
     url = own_cluster.create_database(f"gone{os.getpid()}")
     server = threaded_sandboxes.start(faults=Faults(latency_ms=100))
     manifest = write_manifest(tmp_path, simple_rows(200))
-    env = {**os.environ, **own_cluster.env(), "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": "test-api-key",
-           "BACKFILL_LEDGER_OUTAGE": "2"}  # fmt: skip
+    env = {
+        **os.environ,
+        **own_cluster.env(),
+        "SMILE_PARTNER_ID": PARTNER_ID,
+        "SMILE_API_KEY": "test-api-key",
+        "BACKFILL_LEDGER_OUTAGE": "2",
+    }
     log = tmp_path / "run.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", server.base_url,
-         "--checkpoint", url, "--out", str(tmp_path / "out"), "--no-progress", "--rate", "20",
-         "--log-format", "json", "--log-file", str(log)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "run",
+            str(manifest),
+            "--env",
+            "local",
+            "--base-url",
+            server.base_url,
+            "--checkpoint",
+            url,
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--rate",
+            "20",
+            "--log-format",
+            "json",
+            "--log-file",
+            str(log),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         while server.state.total_requests < 10:
             assert proc.poll() is None, proc.communicate()
@@ -965,8 +1125,11 @@ async def test_a_row_handed_to_another_process_gives_its_claim_back(pg_url: str)
     from backfill.run.claims import Claims
 
     async with two_processes(pg_url) as (a, b):
-        await a.load("m1", "m.csv", _rows([Candidate(line=2, user_id="u0", user_created_at="2021-01-01",
-                                                     image="u0.png")]))  # fmt: skip
+        await a.load(
+            "m1",
+            "m.csv",
+            _rows([Candidate(line=2, user_id="u0", user_created_at="2021-01-01", image="u0.png")]),
+        )
         manifest = SimpleNamespace(sha256="m1", name="m.csv")
         claims = Claims(a, manifest, batch=10, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
         await claims.next_batch()

@@ -171,9 +171,26 @@ def actionable(reject: Reject, uid: str, created: str, image: str) -> None:
     assert reject.reason in set(Reason) - {Reason.USER_ID_REUSED}, reject
     assert message and message == message.strip() and "nan" not in message.split(), reject
     fixes = (
-        "fix", "check", "delete", "fill", "point", "move", "export", "convert", "resize", "give", "correct",
-        "quote", "let ", "keep", "copy", "write", "set ", "change", "rename",
-    )  # fmt: skip
+        "fix",
+        "check",
+        "delete",
+        "fill",
+        "point",
+        "move",
+        "export",
+        "convert",
+        "resize",
+        "give",
+        "correct",
+        "quote",
+        "let ",
+        "keep",
+        "copy",
+        "write",
+        "set ",
+        "change",
+        "rename",
+    )
     assert any(word in message.lower() for word in fixes), f"no fix in {message!r}"
     named = {
         "bad_user_id": repr(uid),
@@ -268,7 +285,6 @@ def each(role: str, values: list[str], expect: str) -> tuple[str, list[str]]:
     return column(role, [(v, expect) for v in values])
 
 
-# fmt: off
 CORPUS = [
     # --- encodings and line ends ---
     Case("bom", "\ufeff" + lines(f"u1,{D},ok.png"), ["ok"]),
@@ -287,225 +303,433 @@ CORPUS = [
     Case("utf16-no-bom", lines(f"u1,{D},ok.png").encode("utf-16-le"), r"NUL bytes.*UTF-16.*save the file"),
     Case("utf32", lines(f"u1,{D},ok.png").encode("utf-32"), r"is UTF-32 text, not UTF-8"),
     Case("bom-twice", "\ufeff\ufeff" + lines(f"u1,{D},ok.png"), re.escape("did you mean '\\ufeffuser_id'")),
-    Case("semicolons", lines(f"u1;{D};ok.png").replace(",", ";"), r"separated by semicolons.*comma-separated"),
+    Case(
+        "semicolons", lines(f"u1;{D};ok.png").replace(",", ";"), r"separated by semicolons.*comma-separated"
+    ),
     Case("tabs", lines(f"u1\t{D}\tok.png").replace(",", "\t"), r"separated by tabs, not commas"),
-    Case("two-exports-joined", *raw([
-        (f"u1,{D},ok.png", "ok"),
-        ("\ufeff" + HEADER, "malformed_row|repeats the header"),  # the second export's header, BOM and all
-        (f"u2,{D},ok.png", "ok"),
-        (HEADER, "malformed_row|repeats the header"),
-    ])),
-    Case("nul-in-values", *raw([(f"u\x001,{D},ok.png", "bad_user_id"), (f"u2,{D},ok.png\x00", "image_missing|NUL")])),
+    Case(
+        "two-exports-joined",
+        *raw(
+            [
+                (f"u1,{D},ok.png", "ok"),
+                (
+                    "\ufeff" + HEADER,
+                    "malformed_row|repeats the header",
+                ),  # the second export's header, BOM and all
+                (f"u2,{D},ok.png", "ok"),
+                (HEADER, "malformed_row|repeats the header"),
+            ]
+        ),
+    ),
+    Case(
+        "nul-in-values",
+        *raw([(f"u\x001,{D},ok.png", "bad_user_id"), (f"u2,{D},ok.png\x00", "image_missing|NUL")]),
+    ),
     # --- quoting ---
     Case("quoted-comma-in-path", lines(f'u1,{D},"smith, john.png"'), ["ok"]),
     Case("quoted-newline-in-id", *raw([(f'"u\n1",{D},ok.png', "bad_user_id"), (f"u2,{D},ok.png", "ok")])),
-    Case("quoted-crlf-in-other-column", *raw(
-        [(f'u1,{D},ok.png,"a\r\nb\r\n\r\nc"', "ok"), (f"u2,{D},ok.png,", "ok")], header=HEADER + ",notes"
-    )),
+    Case(
+        "quoted-crlf-in-other-column",
+        *raw(
+            [(f'u1,{D},ok.png,"a\r\nb\r\n\r\nc"', "ok"), (f"u2,{D},ok.png,", "ok")], header=HEADER + ",notes"
+        ),
+    ),
     Case("doubled-quotes-in-id", lines(f'"a""b",{D},ok.png'), ["bad_user_id"]),
     Case("quoted-blank-ids", *raw([(f'"",{D},ok.png', "empty_value"), (f'" ",{D},ok.png', "empty_value")])),
-    Case("stray-quote-mid-value", *raw([(f'ab"c,{D},ok.png', "bad_user_id"), (f'u2,{D},ok"x.png', "image_missing")])),
-    Case("everything-quoted", '"user_id","user_created_at","image_path"\n' + f'"u1","{D}","ok.png"\n', ["ok"]),
+    Case(
+        "stray-quote-mid-value",
+        *raw([(f'ab"c,{D},ok.png', "bad_user_id"), (f'u2,{D},ok"x.png', "image_missing")]),
+    ),
+    Case(
+        "everything-quoted", '"user_id","user_created_at","image_path"\n' + f'"u1","{D}","ok.png"\n', ["ok"]
+    ),
     Case("space-before-quote", lines('u1, "a,b",ok.png'), ["malformed_row|4 values"]),
     # A quoted value followed by more text: both readers (and Excel) join them, so this is "u1x", valid.
     Case("text-after-closing-quote", lines(f'"u1"x,{D},ok.png'), ["ok"]),
-    Case("unclosed-quote", lines(f"u1,{D},ok.png", f'u2,"{D},ok.png', f"u3,{D},ok.png"), "line 3 is never closed"),
+    Case(
+        "unclosed-quote",
+        lines(f"u1,{D},ok.png", f'u2,"{D},ok.png', f"u3,{D},ok.png"),
+        "line 3 is never closed",
+    ),
     Case("unclosed-quote-in-header", '"' + lines(f"u1,{D},ok.png"), r"quote in it is probably never closed"),
     Case("quoted-newline-in-header", lines(f"x,u1,{D},ok.png", header='"my\nnotes",' + HEADER), ["ok"]),
     # --- ragged rows ---
-    Case("ragged", *raw([
-        (f"u1,{D},ok.png,surprise", "malformed_row|4 values"),  # the first data row, which pandas alone exempts
-        (f"u2,{D},ok.png,,", "ok"),  # trailing commas lose nothing
-        (f"u3,{D}", "empty_value|image_path"),
-        ("u4", "empty_value|user_created_at and image_path"),
-        (f"u5,{D},ok.png" + "," * 20 + "z", "malformed_row|23 values"),
-        (",,,,,,", "empty_value|blank"),
-        (f"Smith, John,{D},ok.png", "malformed_row"),
-    ])),
-    Case("ragged-columns-reordered", *raw(
-        [("ok.png", "empty_value|user_id"), (f"ok.png,{D},u1", "ok"), (f"ok.png,{D},u2,x", "malformed_row")],
-        header="image_path,user_created_at,user_id",
-    )),
-    Case("whitespace-lines", *raw(
-        [("   ", "empty_value|blank"), ("\t", "empty_value|blank"), (f"u1,{D},ok.png", "ok"), ("", "empty_value")]
-    )),
+    Case(
+        "ragged",
+        *raw(
+            [
+                (
+                    f"u1,{D},ok.png,surprise",
+                    "malformed_row|4 values",
+                ),  # the first data row, which pandas alone exempts
+                (f"u2,{D},ok.png,,", "ok"),  # trailing commas lose nothing
+                (f"u3,{D}", "empty_value|image_path"),
+                ("u4", "empty_value|user_created_at and image_path"),
+                (f"u5,{D},ok.png" + "," * 20 + "z", "malformed_row|23 values"),
+                (",,,,,,", "empty_value|blank"),
+                (f"Smith, John,{D},ok.png", "malformed_row"),
+            ]
+        ),
+    ),
+    Case(
+        "ragged-columns-reordered",
+        *raw(
+            [
+                ("ok.png", "empty_value|user_id"),
+                (f"ok.png,{D},u1", "ok"),
+                (f"ok.png,{D},u2,x", "malformed_row"),
+            ],
+            header="image_path,user_created_at,user_id",
+        ),
+    ),
+    Case(
+        "whitespace-lines",
+        *raw(
+            [
+                ("   ", "empty_value|blank"),
+                ("\t", "empty_value|blank"),
+                (f"u1,{D},ok.png", "ok"),
+                ("", "empty_value"),
+            ]
+        ),
+    ),
     # --- headers ---
     Case("no-header", f"u1,{D},ok.png\nu2,{D},ok.png\n", r"missing the columns 'user_id', 'user_created_at'"),
-    Case("duplicate-header", lines(f"u1,{D},ok.png,b.png", header=HEADER + ",image_path"), "more than one column"),
-    Case("duplicate-and-blank-other-headers", *raw(
-        [(f"a,u1,b,c,{D},ok.png,", "ok")], header="n,user_id,n,,user_created_at,image_path,"
-    )),
+    Case(
+        "duplicate-header",
+        lines(f"u1,{D},ok.png,b.png", header=HEADER + ",image_path"),
+        "more than one column",
+    ),
+    Case(
+        "duplicate-and-blank-other-headers",
+        *raw([(f"a,u1,b,c,{D},ok.png,", "ok")], header="n,user_id,n,,user_created_at,image_path,"),
+    ),
     Case("header-only-no-newline", HEADER, []),
     Case("header-only-crlf", HEADER + "\r\n", []),
     Case("header-only-bom", "\ufeff" + HEADER + "\n", []),
     Case("empty-file", "", r"is empty: it needs a header row"),
     Case("spaces-only", "   \n", r"line 1 is blank"),
     Case("newlines-only", "\n\n\n", r"line 1 is blank"),
-    Case("header-case", lines(f"u1,{D},ok.png", header="User_ID,user_created_at,image_path"), "did you mean 'User_ID'"),
+    Case(
+        "header-case",
+        lines(f"u1,{D},ok.png", header="User_ID,user_created_at,image_path"),
+        "did you mean 'User_ID'",
+    ),
     # --- user ids ---
-    Case("ids-as-written", *each(
-        "user_id", ["00123", "0", "-0", "NA", "null", "None", "nan", "NaN", "TRUE", "1e5", "0x1F", "-", "_"], "ok"
-    )),
-    Case("ids-not-allowed", *each(
-        "user_id", ["N/A", "#N/A", "1.0", "+1", "user@x", "u 1", "u\\1", "<u1>"], "bad_user_id"
-    )),
-    Case("ids-surrounding-spaces", *column("user_id", [
-        (" v1", "bad_user_id|spaces"),  # trimmed, it would be "v1": a different user, or a hidden duplicate
-        ("v1 ", "bad_user_id|spaces"),
-        ("\tv1", "bad_user_id|spaces"),
-        ("v1\u00a0", "bad_user_id|spaces"),  # a no-break space, as pasted from a web page
-        ("\u00a0", "empty_value"),
-        ("v1", "ok"),
-    ])),
-    Case("ids-look-alikes", *column("user_id", [
-        ("\u0430bc", "bad_user_id|character 1 is U+0430 CYRILLIC SMALL LETTER A"),
-        ("\uff11\uff12\uff13", "bad_user_id|U+FF11 FULLWIDTH DIGIT ONE"),
-        ("abc\u200b", "bad_user_id|character 4 is U+200B ZERO WIDTH SPACE"),
-        ("\u00e9", "bad_user_id|U+00E9"),
-        ("e\u0301", "bad_user_id|U+0301 COMBINING ACUTE ACCENT"),
-        ("abc", "ok"),  # the Latin original of a look-alike: a different string, so no duplicate
-        ("123", "ok"),
-    ])),
+    Case(
+        "ids-as-written",
+        *each(
+            "user_id",
+            ["00123", "0", "-0", "NA", "null", "None", "nan", "NaN", "TRUE", "1e5", "0x1F", "-", "_"],
+            "ok",
+        ),
+    ),
+    Case(
+        "ids-not-allowed",
+        *each("user_id", ["N/A", "#N/A", "1.0", "+1", "user@x", "u 1", "u\\1", "<u1>"], "bad_user_id"),
+    ),
+    Case(
+        "ids-surrounding-spaces",
+        *column(
+            "user_id",
+            [
+                (
+                    " v1",
+                    "bad_user_id|spaces",
+                ),  # trimmed, it would be "v1": a different user, or a hidden duplicate
+                ("v1 ", "bad_user_id|spaces"),
+                ("\tv1", "bad_user_id|spaces"),
+                ("v1\u00a0", "bad_user_id|spaces"),  # a no-break space, as pasted from a web page
+                ("\u00a0", "empty_value"),
+                ("v1", "ok"),
+            ],
+        ),
+    ),
+    Case(
+        "ids-look-alikes",
+        *column(
+            "user_id",
+            [
+                ("\u0430bc", "bad_user_id|character 1 is U+0430 CYRILLIC SMALL LETTER A"),
+                ("\uff11\uff12\uff13", "bad_user_id|U+FF11 FULLWIDTH DIGIT ONE"),
+                ("abc\u200b", "bad_user_id|character 4 is U+200B ZERO WIDTH SPACE"),
+                ("\u00e9", "bad_user_id|U+00E9"),
+                ("e\u0301", "bad_user_id|U+0301 COMBINING ACUTE ACCENT"),
+                ("abc", "ok"),  # the Latin original of a look-alike: a different string, so no duplicate
+                ("123", "ok"),
+            ],
+        ),
+    ),
     Case("ids-case-variants", *each("user_id", ["Abc", "abc", "ABC", "aBc"], "ok")),
     Case("ids-leading-zeros", *each("user_id", ["00123", "0123", "123"], "ok")),
     Case("id-very-long", *each("user_id", ["a" * 5000], "ok")),  # API.md gives no length limit
-    Case("ids-duplicates", *raw([
-        (f"dup,{D},ok.png", "duplicate_user_id|appears 4 times in the manifest (lines 2, 4, 7, 8)"),
-        (f"u1,{D},ok.png", "ok"),
-        (f"dup,{D},ok.png", "duplicate_user_id"),
-        (f"Dup,{D},ok.png", "ok"),  # a case variant is another id
-        (f"dup ,{D},ok.png", "bad_user_id"),  # never trimmed, so not a copy of "dup"
-        (f"dup,{D},ok.png,extra", "malformed_row"),  # rejected for its own fault, but still counted as a copy
-        ("dup,nonsense,missing.png", "duplicate_user_id"),  # duplicate comes before the date and image checks
-    ])),
-    Case("rows-copied", *raw([
-        (f"twin,{D},ok.png", "ok"),  # the first of identical lines is the user's one row
-        (f"u1,{D},ok.png", "ok"),
-        (f"twin,{D},ok.png", "duplicate_row|'twin' is on line 2 too"),
-        (f"twin,{D},ok.png", "duplicate_row|sent once from line 2"),
-        (f"twin,{D},ok.png,extra", "malformed_row"),  # its own fault comes first
-        (f'"twin","{D}","ok.png"', "duplicate_row"),  # the same values, quoted or not
-    ])),
+    Case(
+        "ids-duplicates",
+        *raw(
+            [
+                (f"dup,{D},ok.png", "duplicate_user_id|appears 4 times in the manifest (lines 2, 4, 7, 8)"),
+                (f"u1,{D},ok.png", "ok"),
+                (f"dup,{D},ok.png", "duplicate_user_id"),
+                (f"Dup,{D},ok.png", "ok"),  # a case variant is another id
+                (f"dup ,{D},ok.png", "bad_user_id"),  # never trimmed, so not a copy of "dup"
+                (
+                    f"dup,{D},ok.png,extra",
+                    "malformed_row",
+                ),  # rejected for its own fault, but still counted as a copy
+                (
+                    "dup,nonsense,missing.png",
+                    "duplicate_user_id",
+                ),  # duplicate comes before the date and image checks
+            ]
+        ),
+    ),
+    Case(
+        "rows-copied",
+        *raw(
+            [
+                (f"twin,{D},ok.png", "ok"),  # the first of identical lines is the user's one row
+                (f"u1,{D},ok.png", "ok"),
+                (f"twin,{D},ok.png", "duplicate_row|'twin' is on line 2 too"),
+                (f"twin,{D},ok.png", "duplicate_row|sent once from line 2"),
+                (f"twin,{D},ok.png,extra", "malformed_row"),  # its own fault comes first
+                (f'"twin","{D}","ok.png"', "duplicate_row"),  # the same values, quoted or not
+            ]
+        ),
+    ),
     # --- image contents: the format is in the bytes, not the name ---
-    Case("image-formats", *column("image_path", [
-        ("jpeg_named.png", "ok"),
-        ("png_named.jpg", "ok"),
-        ("noext", "ok"),
-        ("UPPER.JPG", "ok"),
-        ("text.jpg", "image_not_jpeg_or_png|looks like text"),
-        ("page.jpg", "image_not_jpeg_or_png|HTML"),
-        ("gif.png", "image_not_jpeg_or_png|GIF"),
-        ("zero.jpg", "image_empty"),
-        ("ln_zero.jpg", "image_empty"),
-    ])),
-    Case("image-truncated", *column("image_path", [
-        ("cut.jpg", "image_truncated|FF D9"),
-        ("cut_half.jpg", "image_truncated"),
-        ("soi_only.jpg", "image_truncated"),
-        ("cut.png", "image_truncated|IEND"),
-        ("tiny.jpg", "ok"),  # known limit of the sniff, see the module docstring
-        ("thumb_cut.jpg", "image_truncated"),  # the thumbnail's own end marker is skipped, not taken for the photo's
-    ])),
-    Case("image-size-limit", *column("image_path", [
-        ("exact.jpg", "ok"),
-        ("over.jpg", "image_too_large|5,242,881 bytes, over the limit of 5,242,880"),
-    ])),
+    Case(
+        "image-formats",
+        *column(
+            "image_path",
+            [
+                ("jpeg_named.png", "ok"),
+                ("png_named.jpg", "ok"),
+                ("noext", "ok"),
+                ("UPPER.JPG", "ok"),
+                ("text.jpg", "image_not_jpeg_or_png|looks like text"),
+                ("page.jpg", "image_not_jpeg_or_png|HTML"),
+                ("gif.png", "image_not_jpeg_or_png|GIF"),
+                ("zero.jpg", "image_empty"),
+                ("ln_zero.jpg", "image_empty"),
+            ],
+        ),
+    ),
+    Case(
+        "image-truncated",
+        *column(
+            "image_path",
+            [
+                ("cut.jpg", "image_truncated|FF D9"),
+                ("cut_half.jpg", "image_truncated"),
+                ("soi_only.jpg", "image_truncated"),
+                ("cut.png", "image_truncated|IEND"),
+                ("tiny.jpg", "ok"),  # known limit of the sniff, see the module docstring
+                (
+                    "thumb_cut.jpg",
+                    "image_truncated",
+                ),  # the thumbnail's own end marker is skipped, not taken for the photo's
+            ],
+        ),
+    ),
+    Case(
+        "image-size-limit",
+        *column(
+            "image_path",
+            [
+                ("exact.jpg", "ok"),
+                ("over.jpg", "image_too_large|5,242,881 bytes, over the limit of 5,242,880"),
+            ],
+        ),
+    ),
     # --- image paths ---
-    Case("not-files", *column("image_path", [
-        ("folder", "image_not_file|folder"),
-        ("folder/", "image_not_file|folder"),
-        (".", "image_not_file|folder"),
-        ("fifo", "image_not_file|FIFO"),  # never opened: reading a FIFO would hang the run
-        ("ln_fifo.jpg", "image_not_file|FIFO"),
-        ("sock", "image_not_file|socket"),
-        ("ln_dir", "image_not_file|folder"),
-        ("ln_devzero.jpg", "image_not_file|device"),
-        ("/dev/null", "image_not_file|device"),
-    ])),
-    Case("links", *column("image_path", [
-        ("broken.png", "image_missing|gone.png"),
-        ("loop1", "image_missing|loops"),
-        ("self", "image_missing|loops"),
-        ("dirloop/x.png", "image_missing|loops"),
-        ("ln_chain.png", "ok"),
-        ("ln_into_root.png", "ok"),
-    ])),
-    Case("odd-spellings", *column("image_path", [
-        (" ok.png", "image_missing|spaces"),
-        ("ok.png ", "image_missing|spaces"),
-        ("images\\ok.png", "image_missing"),  # a Windows path: "\" is part of the name here
-        ("~/ok.png", "image_missing"),  # no shell: "~" is not expanded
-        ("file://{world}/ok.png", "image_missing"),  # no URLs
-        ("OK.PNG", "image_missing"),  # names are case-sensitive
-        ("ok.png/x", "image_missing"),
-        ("x" * 300, "image_missing"),
-        ("ok.png\x00", "image_missing|NUL"),
-        ("{world}/ok.png", "ok"),
-        ("./ok.png", "ok"),
-        (".//ok.png", "ok"),
-        ("folder/../ok.png", "ok"),
-        ("ok.png/", "ok"),  # realpath is lexical here: accepted, see the module docstring
-        ("nope/../ok.png", "ok"),  # likewise
-    ])),
-    Case("images-root", *column("image_path", [
-        ("photos/in.png", "ok"),
-        ("ok.png", "path_outside_root|outside images_root"),
-        ("photos/../ok.png", "path_outside_root"),
-        ("photos/nope/../../ok.png", "path_outside_root"),
-        ("photos/ln_out.png", "path_outside_root"),  # a link counts where it points...
-        ("ln_into_root.png", "ok"),  # ...both ways
-        ("photos/ln_in.png", "ok"),
-        ("{world}/ok.png", "path_outside_root"),
-        ("{world}/photos/in.png", "ok"),
-        ("photos/../photos/in.png", "ok"),
-        ("photos-evil/x.png", "path_outside_root"),  # a sibling whose name starts with the root's
-        ("/dev/null", "path_outside_root"),
-        ("..", "path_outside_root"),
-        ("loop1", "path_outside_root"),
-        ("photos", "image_not_file"),
-        ("photos/missing.png", "image_missing"),
-        ("photos/loop", "image_missing|loops"),
-    ]), root=True),
+    Case(
+        "not-files",
+        *column(
+            "image_path",
+            [
+                ("folder", "image_not_file|folder"),
+                ("folder/", "image_not_file|folder"),
+                (".", "image_not_file|folder"),
+                ("fifo", "image_not_file|FIFO"),  # never opened: reading a FIFO would hang the run
+                ("ln_fifo.jpg", "image_not_file|FIFO"),
+                ("sock", "image_not_file|socket"),
+                ("ln_dir", "image_not_file|folder"),
+                ("ln_devzero.jpg", "image_not_file|device"),
+                ("/dev/null", "image_not_file|device"),
+            ],
+        ),
+    ),
+    Case(
+        "links",
+        *column(
+            "image_path",
+            [
+                ("broken.png", "image_missing|gone.png"),
+                ("loop1", "image_missing|loops"),
+                ("self", "image_missing|loops"),
+                ("dirloop/x.png", "image_missing|loops"),
+                ("ln_chain.png", "ok"),
+                ("ln_into_root.png", "ok"),
+            ],
+        ),
+    ),
+    Case(
+        "odd-spellings",
+        *column(
+            "image_path",
+            [
+                (" ok.png", "image_missing|spaces"),
+                ("ok.png ", "image_missing|spaces"),
+                ("images\\ok.png", "image_missing"),  # a Windows path: "\" is part of the name here
+                ("~/ok.png", "image_missing"),  # no shell: "~" is not expanded
+                ("file://{world}/ok.png", "image_missing"),  # no URLs
+                ("OK.PNG", "image_missing"),  # names are case-sensitive
+                ("ok.png/x", "image_missing"),
+                ("x" * 300, "image_missing"),
+                ("ok.png\x00", "image_missing|NUL"),
+                ("{world}/ok.png", "ok"),
+                ("./ok.png", "ok"),
+                (".//ok.png", "ok"),
+                ("folder/../ok.png", "ok"),
+                ("ok.png/", "ok"),  # realpath is lexical here: accepted, see the module docstring
+                ("nope/../ok.png", "ok"),  # likewise
+            ],
+        ),
+    ),
+    Case(
+        "images-root",
+        *column(
+            "image_path",
+            [
+                ("photos/in.png", "ok"),
+                ("ok.png", "path_outside_root|outside images_root"),
+                ("photos/../ok.png", "path_outside_root"),
+                ("photos/nope/../../ok.png", "path_outside_root"),
+                ("photos/ln_out.png", "path_outside_root"),  # a link counts where it points...
+                ("ln_into_root.png", "ok"),  # ...both ways
+                ("photos/ln_in.png", "ok"),
+                ("{world}/ok.png", "path_outside_root"),
+                ("{world}/photos/in.png", "ok"),
+                ("photos/../photos/in.png", "ok"),
+                ("photos-evil/x.png", "path_outside_root"),  # a sibling whose name starts with the root's
+                ("/dev/null", "path_outside_root"),
+                ("..", "path_outside_root"),
+                ("loop1", "path_outside_root"),
+                ("photos", "image_not_file"),
+                ("photos/missing.png", "image_missing"),
+                ("photos/loop", "image_missing|loops"),
+            ],
+        ),
+        root=True,
+    ),
     # --- dates (NOW is 2030-01-01 12:00 UTC) ---
-    Case("dates-valid", *each("user_created_at", [
-        "2021-08-12", "2021-08-12T15:14:43", "2021-08-12 15:14", "2021-08-12T15:14:43Z",
-        "2021-08-12T15:14:43+05:30", "2021-08-12T15:14:43-0700", "2021-08-12T15:14:43.5Z",
-        "2021-08-12T15:14:43.123456789-00:00", "2020-02-29", "1900-01-01",
-        "1900-01-01T00:00:00+01:00",  # 1899 in UTC, but its own calendar date is what counts
-        "2030-01-01",  # today is not the future
-        "2030-01-01T12:00:00Z",  # exactly now
-        "2030-01-01T23:59:59+14:00",  # 09:59:59 UTC
-        "2030-01-01T11:59:59",  # naive = UTC
-    ], "ok")),
-    Case("dates-not-iso", *each("user_created_at", [
-        "2021-W32-4", "2021-W32", "2021-224", "20210812T151443Z", "2021-08-12T15:14:43+5",
-        "2021-05-18 15:14:43 -0700", "2021-08-12T15:14:43.Z", "2021-08-12Z", "10000-01-01", "-2021-08-12",
-        "12 Aug 2021", "Aug 12, 2021", "1628726400", "2021/08/12", "12/08/2021", "garbage", "NaT", "null", "NA",
-    ], "bad_date|not an ISO 8601 date or date-time")),
+    Case(
+        "dates-valid",
+        *each(
+            "user_created_at",
+            [
+                "2021-08-12",
+                "2021-08-12T15:14:43",
+                "2021-08-12 15:14",
+                "2021-08-12T15:14:43Z",
+                "2021-08-12T15:14:43+05:30",
+                "2021-08-12T15:14:43-0700",
+                "2021-08-12T15:14:43.5Z",
+                "2021-08-12T15:14:43.123456789-00:00",
+                "2020-02-29",
+                "1900-01-01",
+                "1900-01-01T00:00:00+01:00",  # 1899 in UTC, but its own calendar date is what counts
+                "2030-01-01",  # today is not the future
+                "2030-01-01T12:00:00Z",  # exactly now
+                "2030-01-01T23:59:59+14:00",  # 09:59:59 UTC
+                "2030-01-01T11:59:59",  # naive = UTC
+            ],
+            "ok",
+        ),
+    ),
+    Case(
+        "dates-not-iso",
+        *each(
+            "user_created_at",
+            [
+                "2021-W32-4",
+                "2021-W32",
+                "2021-224",
+                "20210812T151443Z",
+                "2021-08-12T15:14:43+5",
+                "2021-05-18 15:14:43 -0700",
+                "2021-08-12T15:14:43.Z",
+                "2021-08-12Z",
+                "10000-01-01",
+                "-2021-08-12",
+                "12 Aug 2021",
+                "Aug 12, 2021",
+                "1628726400",
+                "2021/08/12",
+                "12/08/2021",
+                "garbage",
+                "NaT",
+                "null",
+                "NA",
+            ],
+            "bad_date|not an ISO 8601 date or date-time",
+        ),
+    ),
     # As databases and languages write them; sent as written.
-    Case("dates-as-systems-write-them", *each("user_created_at", [
-        "2021-08-12T15:14:43+05", "2021-05-18 15:14:43.924617+00", "2021-08-12T15:14:43,5Z",
-        "2021-08-12t15:14:43.1234567z", "2021-08-12T15", "2016-12-31T23:59:60Z",  # RFC 3339's leap second
-    ], "ok")),
-    Case("dates-bad", *column("user_created_at", [
-        ("2016-12-31T23:58:60Z", "bad_date|not a real date"),  # a leap second is the last of a minute 59
-        ("2021-08-12T24:00:00", "bad_date|not a real date"),
-        ("2021-02-29", "bad_date|not a real date"),
-        ("2021-04-31", "bad_date|not a real date"),
-        ("1899-12-31T23:59:59Z", "bad_date|before 1900"),
-        ("0001-01-01", "bad_date|before 1900"),
-        ("\uff12021-08-12", "bad_date|U+FF12 FULLWIDTH DIGIT TWO"),
-        ("2021-08-12\u200b", "bad_date|U+200B ZERO WIDTH SPACE"),
-        (" 2021-08-12", "bad_date|spaces"),
-        ("2021-08-12\t", "bad_date|spaces"),
-        ("2021-08-12\n", "bad_date|spaces"),
-    ])),
-    Case("dates-future", *each("user_created_at", [
-        "2030-01-03", "2030-01-01T12:00:01Z", "2030-01-01T12:00:00-00:01", "2030-01-02 02:00:00.000001",
-        "2099-12-31T00:00:00Z", "9999-12-31", "9999-12-31T23:59:59-23:59",  # past year 9999 in UTC: no overflow
-    ], "future_date|in the future")),
+    Case(
+        "dates-as-systems-write-them",
+        *each(
+            "user_created_at",
+            [
+                "2021-08-12T15:14:43+05",
+                "2021-05-18 15:14:43.924617+00",
+                "2021-08-12T15:14:43,5Z",
+                "2021-08-12t15:14:43.1234567z",
+                "2021-08-12T15",
+                "2016-12-31T23:59:60Z",  # RFC 3339's leap second
+            ],
+            "ok",
+        ),
+    ),
+    Case(
+        "dates-bad",
+        *column(
+            "user_created_at",
+            [
+                (
+                    "2016-12-31T23:58:60Z",
+                    "bad_date|not a real date",
+                ),  # a leap second is the last of a minute 59
+                ("2021-08-12T24:00:00", "bad_date|not a real date"),
+                ("2021-02-29", "bad_date|not a real date"),
+                ("2021-04-31", "bad_date|not a real date"),
+                ("1899-12-31T23:59:59Z", "bad_date|before 1900"),
+                ("0001-01-01", "bad_date|before 1900"),
+                ("\uff12021-08-12", "bad_date|U+FF12 FULLWIDTH DIGIT TWO"),
+                ("2021-08-12\u200b", "bad_date|U+200B ZERO WIDTH SPACE"),
+                (" 2021-08-12", "bad_date|spaces"),
+                ("2021-08-12\t", "bad_date|spaces"),
+                ("2021-08-12\n", "bad_date|spaces"),
+            ],
+        ),
+    ),
+    Case(
+        "dates-future",
+        *each(
+            "user_created_at",
+            [
+                "2030-01-03",
+                "2030-01-01T12:00:01Z",
+                "2030-01-01T12:00:00-00:01",
+                "2030-01-02 02:00:00.000001",
+                "2099-12-31T00:00:00Z",
+                "9999-12-31",
+                "9999-12-31T23:59:59-23:59",  # past year 9999 in UTC: no overflow
+            ],
+            "future_date|in the future",
+        ),
+    ),
 ]
-# fmt: on
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
@@ -577,17 +801,59 @@ def test_unreadable_image_says_what_to_do(world: Path, monkeypatch: pytest.Monke
 # --- generated manifests --------------------------------------------------------------------------------------
 
 WORLD_IMAGES = [
-    "ok.png", "ok.jpg", "jpeg_named.png", "text.jpg", "gif.png", "zero.jpg", "cut.jpg", "over.jpg", "folder",
-    "fifo", "broken.png", "loop1", "photos/in.png", "photos/ln_out.png", "missing.png", " ok.png", "image_path",
-]  # fmt: skip
+    "ok.png",
+    "ok.jpg",
+    "jpeg_named.png",
+    "text.jpg",
+    "gif.png",
+    "zero.jpg",
+    "cut.jpg",
+    "over.jpg",
+    "folder",
+    "fifo",
+    "broken.png",
+    "loop1",
+    "photos/in.png",
+    "photos/ln_out.png",
+    "missing.png",
+    " ok.png",
+    "image_path",
+]
 ID_POOL = [
-    "u1", "u2", "dup", "dup", "00123", "NA", "null", "nan", "Abc", "abc", " u1", "u1 ", "\u0430bc", "\uff11",
-    "a\u200b", "", " ", "user_id", "\ufeffuser_id",
-]  # fmt: skip
+    "u1",
+    "u2",
+    "dup",
+    "dup",
+    "00123",
+    "NA",
+    "null",
+    "nan",
+    "Abc",
+    "abc",
+    " u1",
+    "u1 ",
+    "\u0430bc",
+    "\uff11",
+    "a\u200b",
+    "",
+    " ",
+    "user_id",
+    "\ufeffuser_id",
+]
 DATE_POOL = [
-    "2021-08-12", "2021-05-18 15:14:43-0700", "2021-05-18T15:14:43Z", "2030-01-02", "9999-12-31T23:59:59-23:59",
-    "2021-02-30", "2021-W32-4", "1899-12-31", "\uff12021-08-12", " 2021-08-12", "", "user_created_at",
-]  # fmt: skip
+    "2021-08-12",
+    "2021-05-18 15:14:43-0700",
+    "2021-05-18T15:14:43Z",
+    "2030-01-02",
+    "9999-12-31T23:59:59-23:59",
+    "2021-02-30",
+    "2021-W32-4",
+    "1899-12-31",
+    "\uff12021-08-12",
+    " 2021-08-12",
+    "",
+    "user_created_at",
+]
 any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)  # anything UTF-8 can carry
 generated_rows = st.lists(
     st.tuples(
@@ -647,10 +913,29 @@ def test_generated_manifests_keep_the_invariants(
 # bytes: often invalid UTF-8, which must refuse the whole file, but not so often that nothing else is tried.
 fragments = st.sampled_from(
     [
-        b",", b",", b",", b"\n", b"\r\n", b"\r", b'"', b'""', b" ", b"\x00", b"\xef\xbb\xbf", b"ok.png", b"u1",
-        b"u1", b"00123", b"NA", b"2021-08-12", b"2099-01-01", b"\xc3\xa9", b"\xd0\xb0bc", b"\xef\xbc\x91",
+        b",",
+        b",",
+        b",",
+        b"\n",
+        b"\r\n",
+        b"\r",
+        b'"',
+        b'""',
+        b" ",
+        b"\x00",
+        b"\xef\xbb\xbf",
+        b"ok.png",
+        b"u1",
+        b"u1",
+        b"00123",
+        b"NA",
+        b"2021-08-12",
+        b"2099-01-01",
+        b"\xc3\xa9",
+        b"\xd0\xb0bc",
+        b"\xef\xbc\x91",
     ]
-)  # fmt: skip
+)
 splices = st.one_of(st.none(), st.none(), st.binary(min_size=1, max_size=4))
 
 

@@ -248,13 +248,37 @@ async def test_check_many_judges_every_photo_by_the_same_rules_one_answer_each_i
 ) -> None:
     for name, data in PHOTOS.items():
         backend.put(name, data)
-    names = ["cut.jpg", "small.jpg", "missing.jpg", "photo.png", "empty.jpg", "big.jpg", "over-limit.jpg",
-             "page.jpg", "small.jpg", "at-limit.jpg", "anim.png", "cut-small.jpg", "cut.png"]  # fmt: skip
+    names = [
+        "cut.jpg",
+        "small.jpg",
+        "missing.jpg",
+        "photo.png",
+        "empty.jpg",
+        "big.jpg",
+        "over-limit.jpg",
+        "page.jpg",
+        "small.jpg",
+        "at-limit.jpg",
+        "anim.png",
+        "cut-small.jpg",
+        "cut.png",
+    ]
     found = await source.check_many([backend.ref(name) for name in names])
     assert [outcome(f) for f in found] == [
-        "image_truncated", "ok", "image_missing", "ok", "image_empty", "ok", "image_too_large",
-        "image_not_jpeg_or_png", "ok", "ok", "image_not_jpeg_or_png", "image_truncated", "image_truncated",
-    ]  # fmt: skip
+        "image_truncated",
+        "ok",
+        "image_missing",
+        "ok",
+        "image_empty",
+        "ok",
+        "image_too_large",
+        "image_not_jpeg_or_png",
+        "ok",
+        "ok",
+        "image_not_jpeg_or_png",
+        "image_truncated",
+        "image_truncated",
+    ]
     for name, result in zip(names, found, strict=True):
         if isinstance(result, Fingerprint):
             assert result.ref == backend.where(name) and result.size == len(PHOTOS[name])

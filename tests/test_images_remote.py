@@ -136,9 +136,19 @@ async def test_every_rule_holds_for_objects_with_the_same_reasons(
         buckets.put(url, data)
     urls = [*objects, "s3://b/p/missing.png", "s3://nobucket/p/x.png"]
     found = await source.check_many(urls)
-    assert reasons(found) == ["ok", "ok", "ok", "image_empty", "image_too_large", "image_truncated",
-                              "image_truncated", "image_not_jpeg_or_png", "ok", "image_missing",
-                              "image_missing"]  # fmt: skip
+    assert reasons(found) == [
+        "ok",
+        "ok",
+        "ok",
+        "image_empty",
+        "image_too_large",
+        "image_truncated",
+        "image_truncated",
+        "image_not_jpeg_or_png",
+        "ok",
+        "image_missing",
+        "image_missing",
+    ]
     assert "HTML" in found[7].message if isinstance(found[7], ImageProblem) else False
     ok = found[1]
     assert isinstance(ok, Fingerprint) and ok.ref == "s3://b/p/big.jpg" and ok.size == len(big_jpeg)
@@ -327,8 +337,13 @@ def test_access_denied_names_the_bucket_and_what_to_check_and_never_a_secret() -
 
 def test_storage_secrets_are_registered_when_a_store_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
     secret, token = "aws-secret-3f9c2b7d", "aws-session-token-81ac"
-    environ = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": token,
-               "AWS_REGION": "eu-west-1", "HOME": "/nonexistent"}  # fmt: skip
+    environ = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_SESSION_TOKEN": token,
+        "AWS_REGION": "eu-west-1",
+        "HOME": "/nonexistent",
+    }
     make_store(parse("s3://b/k"), StoreOptions(environ=environ))
     assert redact.scrub(f"x {secret} y {token}") == "x *** y ***"
 
@@ -342,8 +357,12 @@ def test_a_profile_in_the_shared_files_gives_keys_region_and_endpoint(tmp_path: 
         "[profile partner]\nregion = eu-central-1\nendpoint_url = http://127.0.0.1:9000\n"
     )
     config = aws_config({"AWS_PROFILE": "partner", "HOME": str(tmp_path)})
-    assert config == {"access_key_id": "AKIAPROFILE", "secret_access_key": "profile-secret-77aa",
-                      "region": "eu-central-1", "endpoint": "http://127.0.0.1:9000"}  # fmt: skip
+    assert config == {
+        "access_key_id": "AKIAPROFILE",
+        "secret_access_key": "profile-secret-77aa",
+        "region": "eu-central-1",
+        "endpoint": "http://127.0.0.1:9000",
+    }
     assert redact.scrub("profile-secret-77aa") == "***"
     # The environment wins over the files, as in the SDKs.
     env = {"AWS_PROFILE": "partner", "HOME": str(tmp_path), "AWS_ACCESS_KEY_ID": "AKIAENV", "AWS_REGION": "x"}
@@ -376,8 +395,11 @@ async def test_photos_by_http_url_are_checked_fingerprinted_and_read(tmp_path: P
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         source = RemoteImageSource(max_bytes=LIMIT, retries=default_retry_policy())
-        urls = [f"http://127.0.0.1:{port}/p/a%20b.png", f"http://127.0.0.1:{port}/p/cut.png",
-                f"http://127.0.0.1:{port}/p/nope.png"]  # fmt: skip
+        urls = [
+            f"http://127.0.0.1:{port}/p/a%20b.png",
+            f"http://127.0.0.1:{port}/p/cut.png",
+            f"http://127.0.0.1:{port}/p/nope.png",
+        ]
         checked = await source.check_many(urls)
         assert reasons(checked) == ["ok", "image_truncated", "image_missing"]
         assert reasons(await source.fingerprint_many(urls)) == ["ok", "ok", "image_missing"]
@@ -418,9 +440,12 @@ async def test_dispatch_routes_each_row_and_keeps_the_order() -> None:
     images = DispatchingImageSource(local=local, remote=make, base="s3://b/batch/")
     got = await images.check_many(["a.jpg", "/data/b.jpg", "s3://c/d.jpg", "file:///data/e.jpg", "f/g.png"])
     assert [f.ref for f in got if isinstance(f, Fingerprint)] == [
-        "remote:s3://b/batch/a.jpg", "local:/data/b.jpg", "remote:s3://c/d.jpg", "local:/data/e.jpg",
+        "remote:s3://b/batch/a.jpg",
+        "local:/data/b.jpg",
+        "remote:s3://c/d.jpg",
+        "local:/data/e.jpg",
         "remote:s3://b/batch/f/g.png",
-    ]  # fmt: skip
+    ]
     assert made == [1]
     assert (await images.read(Fingerprint(ref="s3://c/d.jpg", size=1, version="v"))).data == b"remote"
     assert (await images.read(Fingerprint(ref="/data/b.jpg", size=1, version="v"))).data == b"local"
@@ -458,8 +483,10 @@ def manifest_bytes(rows: list[tuple[str, str, str]]) -> bytes:
 async def test_a_manifest_at_a_url_is_read_like_a_local_one(
     source: RemoteImageSource, buckets: Buckets
 ) -> None:
-    buckets.put("s3://b/batches/b7/manifest.csv", manifest_bytes([("u1", "2021-08-12", "images/u1.png"),
-                                                                  ("bad id", "2021-08-12", "x.png")]))  # fmt: skip
+    buckets.put(
+        "s3://b/batches/b7/manifest.csv",
+        manifest_bytes([("u1", "2021-08-12", "images/u1.png"), ("bad id", "2021-08-12", "x.png")]),
+    )
     before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
     manifest = await open_remote_manifest("s3://b/batches/b7/manifest.csv", ManifestRules(), source)
     assert manifest.name == "s3://b/batches/b7/manifest.csv" and manifest.total_rows == 2

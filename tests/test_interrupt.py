@@ -29,11 +29,33 @@ class Running:
         self.out = tmp_path / "out"
         env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url",
-             server.base_url, "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(self.out),
-             "--concurrency", "4", "--rate", "100", "--timeout", "30", "--no-progress"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "backfill",
+                "run",
+                str(manifest),
+                "--env",
+                "local",
+                "--base-url",
+                server.base_url,
+                "--checkpoint",
+                str(tmp_path / "cp.sqlite"),
+                "--out",
+                str(self.out),
+                "--concurrency",
+                "4",
+                "--rate",
+                "100",
+                "--timeout",
+                "30",
+                "--no-progress",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 

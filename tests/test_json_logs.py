@@ -114,13 +114,28 @@ def test_the_event_reader_finds_calls_and_records() -> None:
 
 def environment(tmp_path: Path, **more: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BACKFILL_")}
-    return {**clean, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY,
-            "XDG_DATA_HOME": str(tmp_path / "data"), **more}  # fmt: skip
+    return {
+        **clean,
+        "SMILE_PARTNER_ID": PARTNER_ID,
+        "SMILE_API_KEY": API_KEY,
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        **more,
+    }
 
 
 def run_flags(tmp_path: Path, server: RunningSandbox) -> list[str]:
-    return ["--env", "local", "--base-url", server.base_url, "--ledger", str(tmp_path / "ledger.sqlite"),
-            "--out", str(tmp_path / "out"), "--rate", "500"]  # fmt: skip
+    return [
+        "--env",
+        "local",
+        "--base-url",
+        server.base_url,
+        "--ledger",
+        str(tmp_path / "ledger.sqlite"),
+        "--out",
+        str(tmp_path / "out"),
+        "--rate",
+        "500",
+    ]
 
 
 def backfill(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
@@ -159,8 +174,16 @@ def test_a_clean_run_is_json_lines_from_start_to_summary_and_nothing_on_stdout(
     manifest = write_manifest(tmp_path, simple_rows(5))
     # One worker and 50 ms answers: the run lasts 250 ms or more, so a status line every 50 ms comes first.
     env = environment(tmp_path, BACKFILL_STATUS_EVERY="0.05", BACKFILL_RAET="1")
-    done = backfill("run", str(manifest), *run_flags(tmp_path, server), "--concurrency", "1",
-                    "--log-format", "json", env=env)  # fmt: skip
+    done = backfill(
+        "run",
+        str(manifest),
+        *run_flags(tmp_path, server),
+        "--concurrency",
+        "1",
+        "--log-format",
+        "json",
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # the summary is a log line, not text among them (stdout and stderr often merge)
     records = json_lines(done.stderr)
@@ -247,10 +270,25 @@ class Running:
     def __init__(self, tmp_path: Path, server: RunningSandbox) -> None:
         manifest = write_manifest(tmp_path, simple_rows(20))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "backfill", "run", str(manifest), *run_flags(tmp_path, server),
-             "--concurrency", "4", "--timeout", "30", "--log-format", "json"],
-            env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "backfill",
+                "run",
+                str(manifest),
+                *run_flags(tmp_path, server),
+                "--concurrency",
+                "4",
+                "--timeout",
+                "30",
+                "--log-format",
+                "json",
+            ],
+            env=environment(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -98,42 +98,85 @@ def rule(bound: set[str] | frozenset[str], never: set[str] | frozenset[str], why
     return Rule(frozenset(bound), frozenset(never), why)
 
 
-# fmt: off
 RULES = (
-    rule(EVERY - {"cli", "__main__"}, {"cli"},
-         "the click layer is the top floor: only `python -m backfill` enters it"),
-    rule(EVERY - {"__init__"}, {"__init__", "python_api"},
-         "the package's face (its __init__ and the Python API it exports) is a top floor too, beside the CLI: "
-         "nothing below reaches it, and the two faces never call each other"),
-    rule(LIBRARY, {"compose", "preflight", "outputs", "cli"},
-         "the library is handed its collaborators and hands its rows to a sink: it never reaches up to the "
-         "root, the checks, the outputs or the face"),
-    rule({"outputs"}, {"compose", "preflight"},
-         "outputs implement the engine's Sink and Observer; the root builds them, never the other way"),
-    rule({"compose"}, {"preflight"},
-         "`backfill check` asks the root how a run would be built; the root never runs the checks"),
-    rule({"ledger", "images", "api", "sandbox"}, {"run"},
-         "the engine drives the ledger, the photos and the API; none of them knows it is driven"),
-    rule({"run"}, {"config"},
-         "the engine is handed what it needs by the root, not the whole Settings"),
-    rule({"preflight"}, {"run.engine"},
-         "`backfill check` asks the plan what a run would do; it never starts the pipeline"),
-    rule({"outputs.report"}, {"run"},
-         "the report reads a ledger through the Store contract and a run's files, never the engine"),
-    rule({"api"}, {"ledger", "config"},
-         "the API signs, sends and classifies; what is stored and how settings resolve are decided elsewhere"),
-    rule({"ledger"}, {"api", "config"},
-         "the ledger keeps states and applies transitions; it neither talks to the API nor reads settings"),
-    rule({"images"}, {"manifest", "remote_manifest", "ledger"},
-         "a photo is read by its name; what the manifest says and what the ledger remembers are decided above"),
-    rule({"manifest", "remote_manifest"}, {"api", "ledger"},
-         "reading a manifest needs neither the API nor the ledger"),
-    rule({"sandbox"}, {"ledger", "config"},
-         "the emulator shares only the signing with the client: it has no ledger and none of our settings"),
-    rule({"config"}, EVERY - BASE - {"config"},
-         "settings are values resolved from text: they need nothing above the base"),
-    rule(BASE, EVERY - BASE,
-         "the base (errors, vocab, clock, redact, version) is the ground floor: it imports nothing else of backfill"),
+    rule(
+        EVERY - {"cli", "__main__"},
+        {"cli"},
+        "the click layer is the top floor: only `python -m backfill` enters it",
+    ),
+    rule(
+        EVERY - {"__init__"},
+        {"__init__", "python_api"},
+        "the package's face (its __init__ and the Python API it exports) is a top floor too, beside the CLI: "
+        "nothing below reaches it, and the two faces never call each other",
+    ),
+    rule(
+        LIBRARY,
+        {"compose", "preflight", "outputs", "cli"},
+        "the library is handed its collaborators and hands its rows to a sink: it never reaches up to the "
+        "root, the checks, the outputs or the face",
+    ),
+    rule(
+        {"outputs"},
+        {"compose", "preflight"},
+        "outputs implement the engine's Sink and Observer; the root builds them, never the other way",
+    ),
+    rule(
+        {"compose"},
+        {"preflight"},
+        "`backfill check` asks the root how a run would be built; the root never runs the checks",
+    ),
+    rule(
+        {"ledger", "images", "api", "sandbox"},
+        {"run"},
+        "the engine drives the ledger, the photos and the API; none of them knows it is driven",
+    ),
+    rule({"run"}, {"config"}, "the engine is handed what it needs by the root, not the whole Settings"),
+    rule(
+        {"preflight"},
+        {"run.engine"},
+        "`backfill check` asks the plan what a run would do; it never starts the pipeline",
+    ),
+    rule(
+        {"outputs.report"},
+        {"run"},
+        "the report reads a ledger through the Store contract and a run's files, never the engine",
+    ),
+    rule(
+        {"api"},
+        {"ledger", "config"},
+        "the API signs, sends and classifies; what is stored and how settings resolve are decided elsewhere",
+    ),
+    rule(
+        {"ledger"},
+        {"api", "config"},
+        "the ledger keeps states and applies transitions; it neither talks to the API nor reads settings",
+    ),
+    rule(
+        {"images"},
+        {"manifest", "remote_manifest", "ledger"},
+        "a photo is read by its name; what the manifest says and what the ledger remembers are decided above",
+    ),
+    rule(
+        {"manifest", "remote_manifest"},
+        {"api", "ledger"},
+        "reading a manifest needs neither the API nor the ledger",
+    ),
+    rule(
+        {"sandbox"},
+        {"ledger", "config"},
+        "the emulator shares only the signing with the client: it has no ledger and none of our settings",
+    ),
+    rule(
+        {"config"},
+        EVERY - BASE - {"config"},
+        "settings are values resolved from text: they need nothing above the base",
+    ),
+    rule(
+        BASE,
+        EVERY - BASE,
+        "the base (errors, vocab, clock, redact, version) is the ground floor: it imports nothing else of backfill",
+    ),
 )
 
 # (importing file, forbidden place): why it is still there. Each is to be removed, and its entry with it.
@@ -145,24 +188,29 @@ LIBRARIES: dict[str, tuple[frozenset[str], str]] = {
     "psycopg_pool": (frozenset({"ledger.postgres"}), "the PostgreSQL ledger's connections"),
     "prometheus_client": (frozenset({"outputs.metrics"}), "a run's metrics"),
     "obstore": (frozenset({"images.remote"}), "photos and manifests in object storage"),
-    "tenacity": (frozenset({"run.policy"}),
-                 "the retry policy's backoff, built once as data; sends, storage reads and ledger outages all ask "
-                 "the policy, never tenacity itself"),
+    "tenacity": (
+        frozenset({"run.policy"}),
+        "the retry policy's backoff, built once as data; sends, storage reads and ledger outages all ask "
+        "the policy, never tenacity itself",
+    ),
     "jinja2": (frozenset({"outputs.report"}), "report.html's templates"),
-    "tqdm": (frozenset({"cli.progress", "cli.logs"}),
-             "the progress bar (cli/progress.py); cli/logs.py writes log lines through tqdm.write so they "
-             "don't tear it"),
+    "tqdm": (
+        frozenset({"cli.progress", "cli.logs"}),
+        "the progress bar (cli/progress.py); cli/logs.py writes log lines through tqdm.write so they "
+        "don't tear it",
+    ),
     "click": (frozenset({"cli"}), "the command line"),
     "pandas": (frozenset({"manifest"}), "the manifest's pre-scan"),
     "numpy": (frozenset({"manifest"}), "the duplicate scan's hashes, beside pandas"),
     "pyarrow": (frozenset({"manifest.parquet"}), "Parquet manifests"),
-    "aiohttp": (frozenset({"api.client", "sandbox", "preflight"}),
-                "the HTTP exchange and the emulator's server; preflight.py opens its own session to probe "
-                "the endpoint's TLS (the review's section 6 notes it)"),
+    "aiohttp": (
+        frozenset({"api.client", "sandbox", "preflight"}),
+        "the HTTP exchange and the emulator's server; preflight.py opens its own session to probe "
+        "the endpoint's TLS (the review's section 6 notes it)",
+    ),
     "yaml": (frozenset({"config"}), "the settings file"),
     "pybase64": (frozenset({"api.client"}), "the photo's base64, the request body's bulk"),
 }
-# fmt: on
 
 
 # --- the checks ---------------------------------------------------------------------------------------------
@@ -182,10 +230,14 @@ def climbs(found: list[Import], rules: tuple[Rule, ...], known: dict[tuple[str, 
                 if key in known:
                     excused.add(key)
                 else:
-                    broken.append(f"{imp.where} imports {imp.target}, but {room(imp.source)} never imports "
-                                  f"{place}: {r.why}")  # fmt: skip
-    stale = [f"KNOWN excuses {file} importing {place}, which no longer happens: delete the entry"
-             for file, place in sorted(known.keys() - excused)]  # fmt: skip
+                    broken.append(
+                        f"{imp.where} imports {imp.target}, but {room(imp.source)} never imports "
+                        f"{place}: {r.why}"
+                    )
+    stale = [
+        f"KNOWN excuses {file} importing {place}, which no longer happens: delete the entry"
+        for file, place in sorted(known.keys() - excused)
+    ]
     return broken + stale
 
 
@@ -196,13 +248,16 @@ def strays(found: list[Import], libraries: dict[str, tuple[frozenset[str], str]]
         if imp.internal or imp.target in sys.stdlib_module_names:
             continue
         if imp.target not in libraries:
-            broken.append(f"{imp.where} imports {imp.target}, which has no home in LIBRARIES: add the one "
-                          f"module that owns its job")  # fmt: skip
+            broken.append(
+                f"{imp.where} imports {imp.target}, which has no home in LIBRARIES: add the one "
+                f"module that owns its job"
+            )
             continue
         homes, note = libraries[imp.target]
         if not any(inside(imp.source, home) for home in homes):
-            broken.append(f"{imp.where} imports {imp.target}, which lives only in {', '.join(sorted(homes))} "
-                          f"({note})")  # fmt: skip
+            broken.append(
+                f"{imp.where} imports {imp.target}, which lives only in {', '.join(sorted(homes))} ({note})"
+            )
     return broken
 
 

@@ -63,14 +63,30 @@ async def open_store(kind: str, folder: Path, binding: Binding = BINDING) -> Sto
 
 def request(user_id: str, photo: str = "a", *, run: str = "r1") -> AttemptRequest:
     fp = Fingerprint(ref=f"/img/{user_id}.jpg", size=10, version="1")
-    return AttemptRequest(user_id=user_id, photo_sha256=photo * 64, fingerprint=fp,
-                          user_created_at="2021-01-01", run_id=run, at="2026-01-01T00:00:00.000Z")  # fmt: skip
+    return AttemptRequest(
+        user_id=user_id,
+        photo_sha256=photo * 64,
+        fingerprint=fp,
+        user_created_at="2021-01-01",
+        run_id=run,
+        at="2026-01-01T00:00:00.000Z",
+    )
 
 
 def outcome(user_id: str, attempt: int, state: State, *, may: bool = False, proves: bool = False) -> Outcome:
-    return Outcome(user_id=user_id, attempt=attempt, state=state, may_have_enrolled=may, proves_not_enrolled=proves,
-                   http_status=200, result_code="0840" if state is State.ENROLLED else "x", result_text="t",
-                   smile_job_id="1", job_id="j", at="2026-01-01T00:00:01.000Z")  # fmt: skip
+    return Outcome(
+        user_id=user_id,
+        attempt=attempt,
+        state=state,
+        may_have_enrolled=may,
+        proves_not_enrolled=proves,
+        http_status=200,
+        result_code="0840" if state is State.ENROLLED else "x",
+        result_text="t",
+        smile_job_id="1",
+        job_id="j",
+        at="2026-01-01T00:00:01.000Z",
+    )
 
 
 # --- the model: what the contract promises, written independently of ledger/transitions.py ---
@@ -168,8 +184,11 @@ class LedgerMachine(RuleBasedStateMachine):
         for uid, expected in self.model.items():
             got = rows[uid]
             assert (got.state, got.attempts, got.in_doubt, got.photo_sha256) == (
-                expected.state, expected.attempts, expected.in_doubt, expected.pin,
-            ), uid  # fmt: skip
+                expected.state,
+                expected.attempts,
+                expected.in_doubt,
+                expected.pin,
+            ), uid
 
 
 class MemoryLedger(LedgerMachine):
@@ -184,8 +203,9 @@ class PostgresLedger(LedgerMachine):
     kind = "postgres"
 
 
-_SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+_SETTINGS = settings(
+    max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestMemoryLedger = _SETTINGS(MemoryLedger).TestCase
 TestSqliteLedger = _SETTINGS(SqliteLedger).TestCase
 # Fewer examples: each one makes a database of its own on the shared cluster.
@@ -312,8 +332,10 @@ async def test_sqlite_lock_holds_through_any_name(tmp_path: Path) -> None:
 async def test_sqlite_binding_refuses_another_partner_or_endpoint(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     await (await SqliteStore.open(path, BINDING, writable=True)).close()
-    for other in (Binding(partner_id="85", endpoint=BINDING.endpoint),
-                  Binding(partner_id="085", endpoint="http://127.0.0.1:8080")):  # fmt: skip
+    for other in (
+        Binding(partner_id="85", endpoint=BINDING.endpoint),
+        Binding(partner_id="085", endpoint="http://127.0.0.1:8080"),
+    ):
         with pytest.raises(LedgerError, match="belongs to partner '085' on https://testapi"):
             await SqliteStore.open(path, other, writable=True)
     reader = await SqliteStore.open(path, None, writable=False)

@@ -333,11 +333,27 @@ async def test_a_refused_outcome_queued_without_waiting_is_still_told(
 ) -> None:
     """SQLite answered QUEUED for an outcome its transitions then refused, and nobody heard of it."""
     binding = Binding(partner_id="085", endpoint="http://127.0.0.1:1")
-    request = AttemptRequest(user_id="u1", photo_sha256="a" * 64, fingerprint=Fingerprint(ref="/x", size=1,
-                             version="1"), user_created_at="2021-08-12", run_id="r", at="t")  # fmt: skip
-    stale = Outcome(user_id="u1", attempt=1, state=State.ENROLLED, may_have_enrolled=False,
-                    proves_not_enrolled=False, http_status=200, result_code="0840", result_text="", smile_job_id="",
-                    job_id="", at="t")  # fmt: skip
+    request = AttemptRequest(
+        user_id="u1",
+        photo_sha256="a" * 64,
+        fingerprint=Fingerprint(ref="/x", size=1, version="1"),
+        user_created_at="2021-08-12",
+        run_id="r",
+        at="t",
+    )
+    stale = Outcome(
+        user_id="u1",
+        attempt=1,
+        state=State.ENROLLED,
+        may_have_enrolled=False,
+        proves_not_enrolled=False,
+        http_status=200,
+        result_code="0840",
+        result_text="",
+        smile_job_id="",
+        job_id="",
+        at="t",
+    )
     store = await SqliteStore.open(tmp_path / "l.sqlite", binding, writable=True)
     try:
         await store.begin_attempt(request)

@@ -26,8 +26,13 @@ from .test_ledger_contract import _V1_SCHEMA
 
 
 def cli(tmp_path: Path, *args: str, partner: str = PARTNER_ID) -> tuple[int, str, str]:
-    env = {"SMILE_PARTNER_ID": partner, "SMILE_API_KEY": API_KEY, "XDG_DATA_HOME": str(tmp_path / "data"),
-           "BACKFILL_BACKOFF_INITIAL": "0.001", "BACKFILL_BACKOFF_MAX": "0.01"}  # fmt: skip
+    env = {
+        "SMILE_PARTNER_ID": partner,
+        "SMILE_API_KEY": API_KEY,
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "BACKFILL_BACKOFF_INITIAL": "0.001",
+        "BACKFILL_BACKOFF_MAX": "0.01",
+    }
     result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
@@ -39,8 +44,22 @@ def folder(tmp_path: Path) -> Path:
 def rehearse(tmp_path: Path, server: RunningSandbox, rows: int = 3, *, env: str = "local") -> int:
     """A real run into the default ledger of `server`'s endpoint (no --ledger): its exit code."""
     manifest = write_manifest(tmp_path, simple_rows(rows))
-    code, _, _ = cli(tmp_path, "run", str(manifest), "--env", env, "--base-url", server.base_url,
-                     "--out", str(tmp_path / "out"), "--no-progress", "--rate", "500", "--max-attempts", "1")  # fmt: skip
+    code, _, _ = cli(
+        tmp_path,
+        "run",
+        str(manifest),
+        "--env",
+        env,
+        "--base-url",
+        server.base_url,
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--rate",
+        "500",
+        "--max-attempts",
+        "1",
+    )
     return code
 
 
@@ -158,8 +177,18 @@ def test_retry_sends_from_the_only_ledger_when_an_env_other_than_production_name
     # `local` names this sandbox here, as it names 127.0.0.1:8080 in a rehearsal: a port of the test's own.
     monkeypatch.setitem(ENVIRONMENTS, "local", server.base_url)
     manifest = write_manifest(tmp_path, simple_rows(3))
-    code, _, _ = cli(tmp_path, "run", str(manifest), "--env", "local", "--out", str(tmp_path / "out"),
-                     "--no-progress", "--max-attempts", "1")  # fmt: skip
+    code, _, _ = cli(
+        tmp_path,
+        "run",
+        str(manifest),
+        "--env",
+        "local",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--max-attempts",
+        "1",
+    )
     assert code == 1 and server.state.requests["user_0001"] == 1
 
     code, out, err = cli(tmp_path, "retry", "--out", str(tmp_path / "out"), "--no-progress")
@@ -186,8 +215,20 @@ def test_retry_never_picks_production_by_itself(
     server = threaded_sandboxes.start()
     manifest = write_manifest(tmp_path, simple_rows(2))
     ledger = folder(tmp_path) / "elsewhere.sqlite"
-    code, _, _ = cli(tmp_path, "run", str(manifest), "--env", "local", "--base-url", server.base_url,
-                     "--ledger", str(ledger), "--out", str(tmp_path / "out"), "--no-progress")  # fmt: skip
+    code, _, _ = cli(
+        tmp_path,
+        "run",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        server.base_url,
+        "--ledger",
+        str(ledger),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    )
     assert code == 0
     conn = sqlite3.connect(ledger)  # rebound as a production ledger would be: only its binding differs
     conn.execute("UPDATE meta SET value = 'https://api.smileidentity.com:443' WHERE key = 'endpoint'")

@@ -247,8 +247,13 @@ def test_ragged_rows_are_rejected_not_lost(tmp_path: Path) -> None:
     )
     _, rejects = read(path)
     assert reasons(path) == {
-        2: "malformed_row", 3: "ok", 4: "ok", 5: "malformed_row", 6: "malformed_row", 7: "empty_value"
-    }  # fmt: skip
+        2: "malformed_row",
+        3: "ok",
+        4: "ok",
+        5: "malformed_row",
+        6: "malformed_row",
+        7: "empty_value",
+    }
     first = next(r for r in rejects if r.line == 2)
     assert first.user_id == "u1" and "4 values" in first.message and "3 columns" in first.message
     assert "quote" in first.message
@@ -340,8 +345,10 @@ def test_a_nul_is_refused_in_every_column_used_whatever_the_pattern(tmp_path: Pa
     rows, rejects = read(path, rules(user_id_pattern=r"[^,]+"))  # a pattern that a NUL matches
     assert not rows
     assert [(r.line, r.reason, r.user_id) for r in rejects] == [
-        (2, "bad_user_id", "a\u2400"), (3, "image_missing", "b"), (4, "bad_date", "c"),
-    ]  # fmt: skip
+        (2, "bad_user_id", "a\u2400"),
+        (3, "image_missing", "b"),
+        (4, "bad_date", "c"),
+    ]
     assert "'a\\x00' contains a NUL character (character 2)" in rejects[0].message
     assert "'a\\x00.png' contains a NUL character" in rejects[1].message
     assert not any("\x00" in r.user_id + r.message for r in rejects)
@@ -408,14 +415,37 @@ def test_good_dates(tmp_path: Path, created: str) -> None:
 @pytest.mark.parametrize(
     "created",
     [
-        "12/08/2021", "2021-8-12", "20210812", " 2021-08-12", "2021-08-12 ", "2021-08-12T", "2021-08-12T1",
-        "2021-13-01", "2021-02-30", "2021-05-18 24:00", "2021-05-18 15:60", "2021-05-18T15:14:43+2500",
-        "2021-05-18T15:14:43+01:60", "2021-05-18T15:14:43 Z", "\uff12021-08-12", "1899-12-31", "0000-01-01",
-        "NA", "20210518T151443Z", "2021-W20-2", "2021-138", "2021-05-18T15:14:43.", "2021-05-18T15:14:43+5",
-        "2021-05-18T15:14:43+05:3", "2021-05-18T15:14:60Z", "9999-12-31T23:59:60", "2021-05-18T1514",
-        "2021-05-18 15:14:43 UTC", "2021-05-18T15:14:43+05:30[Asia/Kolkata]",
+        "12/08/2021",
+        "2021-8-12",
+        "20210812",
+        " 2021-08-12",
+        "2021-08-12 ",
+        "2021-08-12T",
+        "2021-08-12T1",
+        "2021-13-01",
+        "2021-02-30",
+        "2021-05-18 24:00",
+        "2021-05-18 15:60",
+        "2021-05-18T15:14:43+2500",
+        "2021-05-18T15:14:43+01:60",
+        "2021-05-18T15:14:43 Z",
+        "\uff12021-08-12",
+        "1899-12-31",
+        "0000-01-01",
+        "NA",
+        "20210518T151443Z",
+        "2021-W20-2",
+        "2021-138",
+        "2021-05-18T15:14:43.",
+        "2021-05-18T15:14:43+5",
+        "2021-05-18T15:14:43+05:3",
+        "2021-05-18T15:14:60Z",
+        "9999-12-31T23:59:60",
+        "2021-05-18T1514",
+        "2021-05-18 15:14:43 UTC",
+        "2021-05-18T15:14:43+05:30[Asia/Kolkata]",
     ],
-)  # fmt: skip
+)
 def test_bad_dates(tmp_path: Path, created: str) -> None:
     reject = only_reject(one_row(tmp_path, created=created))
     assert reject.reason == "bad_date" and repr(created) in reject.message
@@ -437,11 +467,15 @@ def test_bad_date_messages_say_why(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "created",
     [
-        "2030-01-03", "2030-01-01T12:00:01Z", "2030-01-01T12:30:00+00:15", "2099-01-01",
+        "2030-01-03",
+        "2030-01-01T12:00:01Z",
+        "2030-01-01T12:30:00+00:15",
+        "2099-01-01",
         "2030-01-02 02:00:01",  # one second past the present at UTC+14
-        "2030-01-02T02:00:00.000001", "2030-01-02 03",
+        "2030-01-02T02:00:00.000001",
+        "2030-01-02 03",
     ],
-)  # fmt: skip
+)
 def test_future_dates(tmp_path: Path, created: str) -> None:
     reject = only_reject(one_row(tmp_path, created=created))
     assert reject.reason == "future_date" and "future" in reject.message
@@ -493,9 +527,14 @@ def test_path_outside_root(tmp_path: Path) -> None:
     )
     confined = rules(images_root=root)
     assert reasons(path, confined) == {
-        2: "ok", 3: "path_outside_root", 4: "path_outside_root", 5: "path_outside_root", 6: "ok",
-        7: "path_outside_root", 8: "image_missing",
-    }  # fmt: skip
+        2: "ok",
+        3: "path_outside_root",
+        4: "path_outside_root",
+        5: "path_outside_root",
+        6: "ok",
+        7: "path_outside_root",
+        8: "image_missing",
+    }
     rows, rejects = read(path, confined)
     assert rows[1].image_path == (root / "in.png").resolve()  # a symbolic link counts where it points
     assert "images_root" in rejects[0].message
@@ -637,8 +676,12 @@ def test_first_failure_wins(tmp_path: Path) -> None:
         ],
     )
     assert list(reasons(path).values()) == [
-        "empty_value", "bad_user_id", "duplicate_user_id", "duplicate_user_id", "future_date"
-    ]  # fmt: skip
+        "empty_value",
+        "bad_user_id",
+        "duplicate_user_id",
+        "duplicate_user_id",
+        "future_date",
+    ]
 
 
 def mixed_manifest(folder: Path) -> Path:
@@ -813,8 +856,11 @@ def written_by_systems(moment: datetime) -> list[str]:
     """`moment` as Python, PostgreSQL, MySQL, JavaScript and .NET write it."""
     utc = moment.astimezone(UTC) if moment.tzinfo is not None else moment
     plain = moment.strftime("%Y-%m-%d %H:%M:%S")
-    out = [moment.isoformat(sep=sep, timespec=spec) for sep in "T " for spec in
-           ("auto", "hours", "minutes", "seconds", "milliseconds", "microseconds")]  # fmt: skip
+    out = [
+        moment.isoformat(sep=sep, timespec=spec)
+        for sep in "T "
+        for spec in ("auto", "hours", "minutes", "seconds", "milliseconds", "microseconds")
+    ]
     out.append(moment.date().isoformat())
     # PostgreSQL: timestamp(tz) as text, trailing zeros of the fraction dropped, an hour-only offset when it can.
     pg = plain + (f".{moment.microsecond:06d}".rstrip("0").rstrip(".") if moment.microsecond else "")

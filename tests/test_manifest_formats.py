@@ -117,9 +117,14 @@ def test_the_same_rows_as_csv_json_lines_and_parquet_validate_the_same(
     valid, rejects = outcomes["csv"]
     assert valid + len(rejects) == 10_000 and valid > 4000
     assert {r[2] for r in rejects} == {
-        "bad_user_id", "empty_value", "duplicate_user_id", "duplicate_row", "bad_date", "future_date",
+        "bad_user_id",
+        "empty_value",
+        "duplicate_user_id",
+        "duplicate_row",
+        "bad_date",
+        "future_date",
         "image_missing",
-    }  # fmt: skip
+    }
 
 
 def run_outputs(out: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
@@ -195,9 +200,15 @@ def test_json_lines_values_are_text_as_written_and_each_bad_line_says_why(tmp_pa
     )
     found = outcomes(path)
     assert [(o.line, getattr(o, "reason", "ok")) for o in found] == [
-        (1, "ok"), (2, "malformed_row"), (3, "empty_value"), (4, "empty_value"), (5, "malformed_row"),
-        (6, "malformed_row"), (7, "ok"), (8, "empty_value"),
-    ]  # fmt: skip
+        (1, "ok"),
+        (2, "malformed_row"),
+        (3, "empty_value"),
+        (4, "empty_value"),
+        (5, "malformed_row"),
+        (6, "malformed_row"),
+        (7, "ok"),
+        (8, "empty_value"),
+    ]
     assert [o.user_id for o in found if isinstance(o, Candidate)] == ["00123", "NA"]
     messages = {o.line: o.message for o in found if isinstance(o, Reject)}
     assert "JSON number 123, not a string" in messages[2] and "00123 would be 123" in messages[2]

@@ -104,8 +104,9 @@ async def test_a_taken_port_is_a_config_error_before_any_output(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("bad", ["9464", "localhost", ":", "127.0.0.1:0", "127.0.0.1:70000", "::1:9464",
-                                 "127.0.0.1:http"])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad", ["9464", "localhost", ":", "127.0.0.1:0", "127.0.0.1:70000", "::1:9464", "127.0.0.1:http"]
+)
 def test_a_bad_metrics_addr_is_a_config_error_naming_the_key(bad: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(None, CREDS, {"metrics_addr": bad})

@@ -23,8 +23,11 @@ HOSTILE = '<script>alert("x")</script>&'
 
 
 def _state_counts(page: str) -> dict[str, int]:
-    found = re.findall(r'<tr(?: class="zero")? data-state="([a-z_]+)"><td><code>[^<]*</code></td><td>[^<]*</td>'
-                       r'<td class="n">([\d,]+)</td>', page)  # fmt: skip
+    found = re.findall(
+        r'<tr(?: class="zero")? data-state="([a-z_]+)"><td><code>[^<]*</code></td><td>[^<]*</td>'
+        r'<td class="n">([\d,]+)</td>',
+        page,
+    )
     return {state: int(n.replace(",", "")) for state, n in found if int(n.replace(",", ""))}
 
 
@@ -36,8 +39,10 @@ def _open_ids(page: str, state: str) -> set[str]:
 def test_migration_report_across_two_runs_and_a_retry(
     tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
 ) -> None:
-    faults = Faults(script={"user_0001": ["2213"], "user_0002": [503, 503], HOSTILE: ["2213"]},
-                    foreign_ids=frozenset({"user_0003"}))  # fmt: skip
+    faults = Faults(
+        script={"user_0001": ["2213"], "user_0002": [503, 503], HOSTILE: ["2213"]},
+        foreign_ids=frozenset({"user_0003"}),
+    )
     server = threaded_sandboxes.start(faults=faults)
     env = {"BACKFILL_USER_ID_PATTERN": ".+"}  # lets the hostile ID through to the ledger and the page
     (tmp_path / "a").mkdir()
@@ -109,14 +114,29 @@ def test_a_missing_ledger_is_an_error_not_an_empty_report(tmp_path: Path) -> Non
 
 
 def _row(user_id: str, state: State) -> LedgerRow:
-    return LedgerRow(user_id=user_id, state=state, attempts=1, doubt=False, photo_sha256=None, image_ref=None,
-                     image_size=None, image_version=None, user_created_at=None, result_code="2213")  # fmt: skip
+    return LedgerRow(
+        user_id=user_id,
+        state=state,
+        attempts=1,
+        doubt=False,
+        photo_sha256=None,
+        image_ref=None,
+        image_size=None,
+        image_version=None,
+        user_created_at=None,
+        result_code="2213",
+    )
 
 
 def test_open_items_are_capped_with_a_note_and_the_export_command() -> None:
-    status = LedgerStatus(location="/l.sqlite", binding=Binding(partner_id="085", endpoint="https://h:443"),
-                          counts={"enrolled": 10, "failed": 500}, waiting_for_retry=0, oldest_unfinished=None,
-                          runs=[])  # fmt: skip
+    status = LedgerStatus(
+        location="/l.sqlite",
+        binding=Binding(partner_id="085", endpoint="https://h:443"),
+        counts={"enrolled": 10, "failed": 500},
+        waiting_for_retry=0,
+        oldest_unfinished=None,
+        runs=[],
+    )
     view = LedgerView(
         status=status, open_rows={State.FAILED: (_row("u1", State.FAILED), _row("u2", State.FAILED))}
     )

@@ -26,8 +26,12 @@ from .conftest import (
     write_manifest,
 )
 
-ENV = {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY, "BACKFILL_BACKOFF_INITIAL": "0.001",
-       "BACKFILL_BACKOFF_MAX": "0.01"}  # fmt: skip
+ENV = {
+    "SMILE_PARTNER_ID": PARTNER_ID,
+    "SMILE_API_KEY": API_KEY,
+    "BACKFILL_BACKOFF_INITIAL": "0.001",
+    "BACKFILL_BACKOFF_MAX": "0.01",
+}
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -106,8 +110,9 @@ def test_export_is_manifest_shaped_and_feeds_back(
 def test_config_show_names_each_source_and_redacts_the_key(tmp_path: Path) -> None:
     config = tmp_path / "backfill.yaml"
     config.write_text("rate: 7\nconcurrency: 3\n")
-    code, out, _ = cli("config", "show", "--config", str(config), "--env", "local",
-                       env={"BACKFILL_CONCURRENCY": "5"})  # fmt: skip
+    code, out, _ = cli(
+        "config", "show", "--config", str(config), "--env", "local", env={"BACKFILL_CONCURRENCY": "5"}
+    )
     lines = {line.split()[0]: line for line in out.splitlines()[2:]}
     assert code == 0 and API_KEY not in out
     assert "7.0" in lines["rate"] and str(config) in lines["rate"]
@@ -143,12 +148,21 @@ def test_max_duration_stops_starting_rows_and_resumes(
 def test_json_log_has_stable_events_one_run_id_and_no_secrets(
     tmp_path: Path, threaded_sandboxes: ThreadedSandboxes
 ) -> None:
-    server = threaded_sandboxes.start(faults=Faults(script={"user_0001": [503], "user_0002": [429]},
-                                                    retry_after_s=0.01))  # fmt: skip
+    server = threaded_sandboxes.start(
+        faults=Faults(script={"user_0001": [503], "user_0002": [429]}, retry_after_s=0.01)
+    )
     manifest = write_manifest(tmp_path, [*simple_rows(4), ("bad id", "2021-01-01", "x.png")])
     log = tmp_path / "run.log"
-    code, _, err = cli("run", str(manifest), *run_flags(tmp_path, server), "--log-format", "json",
-                       "--log-file", str(log), env={"BACKFILL_STATUS_EVERY": "0.01"})  # fmt: skip
+    code, _, err = cli(
+        "run",
+        str(manifest),
+        *run_flags(tmp_path, server),
+        "--log-format",
+        "json",
+        "--log-file",
+        str(log),
+        env={"BACKFILL_STATUS_EVERY": "0.01"},
+    )
     assert code == 1
     records = [json.loads(line) for line in log.read_text().splitlines()]
     events = [r["event"] for r in records]

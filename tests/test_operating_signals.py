@@ -100,8 +100,20 @@ def test_a_run_held_by_one_slow_worker_says_workers_are_the_limit_in_its_log_and
     server = threaded_sandboxes.start(faults=Faults(latency_ms=1200))
     manifest = write_manifest(tmp_path, simple_rows(1))
     log = tmp_path / "run.jsonl"
-    code, _, err = cli("run", str(manifest), *run_flags(tmp_path, server), "--concurrency", "1", "--rate", "1000",
-                       "--log-format", "json", "--log-file", str(log), env={"BACKFILL_STATUS_EVERY": "0.1"})  # fmt: skip
+    code, _, err = cli(
+        "run",
+        str(manifest),
+        *run_flags(tmp_path, server),
+        "--concurrency",
+        "1",
+        "--rate",
+        "1000",
+        "--log-format",
+        "json",
+        "--log-file",
+        str(log),
+        env={"BACKFILL_STATUS_EVERY": "0.1"},
+    )
     assert code == 0, err
     progress = [r for line in log.read_text().splitlines() if (r := json.loads(line))["event"] == "progress"]
     limited = [r for r in progress if r["limited_by"] == "workers"]
@@ -204,11 +216,31 @@ def test_a_second_ctrl_c_says_what_was_in_flight_where_the_part_files_are_and_ho
     out = tmp_path / "out"
     env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}
     process = subprocess.Popen(
-        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url", base_url,
-         "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(out), "--concurrency", "3", "--rate", "100",
-         "--no-progress"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "run",
+            str(manifest),
+            "--env",
+            "local",
+            "--base-url",
+            base_url,
+            "--checkpoint",
+            str(tmp_path / "cp.sqlite"),
+            "--out",
+            str(out),
+            "--concurrency",
+            "3",
+            "--rate",
+            "100",
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         stderr = Lines(process)
         deadline = time.monotonic() + GENEROUS
@@ -331,16 +363,51 @@ def test_the_log_file_and_error_lines_are_scrubbed_like_every_other_output(tmp_p
     env = {**os.environ, "SMILE_PARTNER_ID": "000", "SMILE_API_KEY": key}
     log = tmp_path / "log.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url",
-         "http://127.0.0.1:9/v1", "--checkpoint", str(tmp_path / "l.sqlite"), "--out", str(tmp_path / "o"),
-         "--no-progress", "--log-file", str(log), "--log-format", "json"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "run",
+            str(manifest),
+            "--env",
+            "local",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--checkpoint",
+            str(tmp_path / "l.sqlite"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--log-file",
+            str(log),
+            "--log-format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     summary = next((tmp_path / "o").glob("*/summary.json")).read_text()
     assert key not in summary and key not in log.read_text() and key not in done.stderr + done.stdout
     missing = subprocess.run(
-        [sys.executable, "-m", "backfill", "run", str(folder / "nope.csv"), "--env", "local", "--base-url",
-         "http://127.0.0.1:9/v1", "--checkpoint", str(tmp_path / "l.sqlite"), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "run",
+            str(folder / "nope.csv"),
+            "--env",
+            "local",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--checkpoint",
+            str(tmp_path / "l.sqlite"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert missing.returncode == 2 and key not in missing.stderr and "***" in missing.stderr

@@ -23,8 +23,9 @@ from .test_cli import run_cli
 
 
 def check(manifest: Path, base_url: str, checkpoint: Path) -> tuple[int, str]:
-    code, out, err = run_cli("check", str(manifest), "--env", "local", "--base-url", base_url,
-                             "--checkpoint", str(checkpoint))  # fmt: skip
+    code, out, err = run_cli(
+        "check", str(manifest), "--env", "local", "--base-url", base_url, "--checkpoint", str(checkpoint)
+    )
     assert "Traceback" not in out + err and API_KEY not in out + err
     return code, out
 
@@ -37,8 +38,17 @@ def test_all_fine_exits_0_and_sends_nothing(tmp_path: Path, threaded_sandbox: Ru
     manifest = write_manifest(tmp_path, simple_rows(60))
     code, out = check(manifest, threaded_sandbox.base_url, tmp_path / "cp.sqlite")
     assert code == 0 and "all checks passed" in out, out
-    for name in ("settings", "credentials", "manifest", "ledger", "api host", "api connects", "api tls",
-                 "clock", "images"):  # fmt: skip
+    for name in (
+        "settings",
+        "credentials",
+        "manifest",
+        "ledger",
+        "api host",
+        "api connects",
+        "api tls",
+        "clock",
+        "images",
+    ):
         assert line(out, name).startswith("ok"), name
     assert "60 rows, 60 pass" in line(out, "manifest") and "40 photos" in line(out, "images")
     assert "base_url=" in line(out, "settings") and "(from flag --base-url)" in line(out, "settings")
@@ -50,9 +60,21 @@ def test_reports_what_the_ledger_holds_for_this_manifest(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(12))
-    code, _, _ = run_cli("run", str(manifest), "--env", "local", "--base-url", threaded_sandbox.base_url,
-                         "--checkpoint", str(tmp_path / "cp.sqlite"), "--out", str(tmp_path / "out"),
-                         "--limit", "5", "--no-progress")  # fmt: skip
+    code, _, _ = run_cli(
+        "run",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        threaded_sandbox.base_url,
+        "--checkpoint",
+        str(tmp_path / "cp.sqlite"),
+        "--out",
+        str(tmp_path / "out"),
+        "--limit",
+        "5",
+        "--no-progress",
+    )
     assert code == 1
     sent = threaded_sandbox.state.total_requests
     code, out = check(manifest, threaded_sandbox.base_url, tmp_path / "cp.sqlite")

@@ -50,8 +50,9 @@ async def run_by_hand(
 ) -> tuple[Summary, RunOutput]:
     """The engine built from collaborators of the test's choosing, as compose.run would build it."""
     output = RunOutput(settings.out)
-    client = client_class(settings.base_url, settings.partner_id, settings.api_key, timeout=5, connect_timeout=5,
-                          concurrency=2)  # fmt: skip
+    client = client_class(
+        settings.base_url, settings.partner_id, settings.api_key, timeout=5, connect_timeout=5, concurrency=2
+    )
     engine = compose.build_engine(
         settings,
         manifest=open_manifest(manifest, compose.manifest_rules(settings)),
@@ -176,8 +177,9 @@ async def test_new_rows_counts_rows_first_sent_in_this_run(
         PARTNER_ID, API_KEY, faults=Faults(script={"user_0000": [503, 503]})
     ) as server:
         manifest = write_manifest(tmp_path, simple_rows(10))
-        canary = await compose.run(make_settings(server, limit=3, concurrency=1, max_attempts=2), manifest,
-                                   sleep=sleeps)  # fmt: skip
+        canary = await compose.run(
+            make_settings(server, limit=3, concurrency=1, max_attempts=2), manifest, sleep=sleeps
+        )
         assert canary.new_rows == 3 and canary.sent == 3 and canary.not_reached == 7
         rest = await compose.run(make_settings(server), manifest, sleep=sleeps)
         # user_0000 was first sent by the canary (retry_exhausted): resent now, but not new.
@@ -233,10 +235,26 @@ def test_a_full_disk_at_close_leaves_no_summary(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(os, "fsync", full)
     summary = Summary(
-        run_id=output.run_id, out_dir=str(output.dir), manifest="m", ledger="l", env="local", base_url="u",
-        started_at="s", finished_at="f", duration_s=0, total_rows=0, counts={}, rejected=0, sent=0, attempts=0,
-        new_rows=0, retries=0, not_reached=0, rows_per_s=0, exit_code=0,
-    )  # fmt: skip
+        run_id=output.run_id,
+        out_dir=str(output.dir),
+        manifest="m",
+        ledger="l",
+        env="local",
+        base_url="u",
+        started_at="s",
+        finished_at="f",
+        duration_s=0,
+        total_rows=0,
+        counts={},
+        rejected=0,
+        sent=0,
+        attempts=0,
+        new_rows=0,
+        retries=0,
+        not_reached=0,
+        rows_per_s=0,
+        exit_code=0,
+    )
     with pytest.raises(OutputError, match="No space left"):
         output.close(summary)
     # Whatever exists under a final name is whole; nothing half-written is left under any name.

@@ -98,25 +98,85 @@ def known_run(folder: Path) -> Path:
         return f"2025-01-01T00:{minute:02d}:30.000Z"
 
     rows = [
-        *(result(f"ok_{i}", "enrolled", http_status=200, result_code="0840", attempts=1,
-                 latency_ms=100 + i, finished_at=at(i % 10)) for i in range(20)),
-        result("again_1", "already_enrolled", http_status=200, result_code="2209", attempts=2, latency_ms=150,
-               finished_at=at(3)),
+        *(
+            result(
+                f"ok_{i}",
+                "enrolled",
+                http_status=200,
+                result_code="0840",
+                attempts=1,
+                latency_ms=100 + i,
+                finished_at=at(i % 10),
+            )
+            for i in range(20)
+        ),
+        result(
+            "again_1",
+            "already_enrolled",
+            http_status=200,
+            result_code="2209",
+            attempts=2,
+            latency_ms=150,
+            finished_at=at(3),
+        ),
         result("skip_1", "skipped", result_code="0840", finished_at=at(0)),
         result("skip_2", "skipped", result_code="0840", finished_at=at(0)),
-        result("dis_1", "failed", http_status=400, result_code="2207", error="HTTP 400 code 2207", attempts=1,
-               latency_ms=90, finished_at=at(4)),
-        result(HOSTILE, "failed", http_status=400, result_code="2207", error="HTTP 400 code 2207", attempts=1,
-               latency_ms=95, finished_at=at(4)),
-        result("dis_3", "failed", http_status=400, result_code="2207", error="HTTP 400 code 2207", attempts=1,
-               latency_ms=97, finished_at=at(5)),
-        result("bad_img", "failed", http_status=200, result_code="0001", error="result 0001: unusable",
-               attempts=1, latency_ms=120, finished_at=at(6)),
-        *(result(f"busy_{i}", "retry_exhausted", http_status=503, error="HTTP 503, not JSON", attempts=5,
-                 latency_ms=30_000, finished_at=at(8)) for i in range(2)),
-        result("lost_1", "unknown", error="timeout after 60s", attempts=3, latency_ms=60_000,
-               finished_at=at(9)),
-    ]  # fmt: skip
+        result(
+            "dis_1",
+            "failed",
+            http_status=400,
+            result_code="2207",
+            error="HTTP 400 code 2207",
+            attempts=1,
+            latency_ms=90,
+            finished_at=at(4),
+        ),
+        result(
+            HOSTILE,
+            "failed",
+            http_status=400,
+            result_code="2207",
+            error="HTTP 400 code 2207",
+            attempts=1,
+            latency_ms=95,
+            finished_at=at(4),
+        ),
+        result(
+            "dis_3",
+            "failed",
+            http_status=400,
+            result_code="2207",
+            error="HTTP 400 code 2207",
+            attempts=1,
+            latency_ms=97,
+            finished_at=at(5),
+        ),
+        result(
+            "bad_img",
+            "failed",
+            http_status=200,
+            result_code="0001",
+            error="result 0001: unusable",
+            attempts=1,
+            latency_ms=120,
+            finished_at=at(6),
+        ),
+        *(
+            result(
+                f"busy_{i}",
+                "retry_exhausted",
+                http_status=503,
+                error="HTTP 503, not JSON",
+                attempts=5,
+                latency_ms=30_000,
+                finished_at=at(8),
+            )
+            for i in range(2)
+        ),
+        result(
+            "lost_1", "unknown", error="timeout after 60s", attempts=3, latency_ms=60_000, finished_at=at(9)
+        ),
+    ]
     rejects = [
         (4, "when_1", "bad_date", "user_created_at 'x' is not a date: correct it"),
         (7, "when_2", "bad_date", "user_created_at 'y' is not a date: correct it"),
@@ -231,8 +291,9 @@ def test_overwrite_replaces_a_symlink_instead_of_following_it(tmp_path: Path) ->
 
 def test_header_only_results_say_no_rows_sent(tmp_path: Path) -> None:
     rejects = [(2, "a", "bad_date", "not a date"), (3, HOSTILE, "bad_user_id", f"id {HOSTILE!r} is bad")]
-    folder = write_run(tmp_path / "run", [], rejects, duration_s=0.0, rows_per_s=0.0,
-                       finished_at="2025-01-01T00:00:00.000Z")  # fmt: skip
+    folder = write_run(
+        tmp_path / "run", [], rejects, duration_s=0.0, rows_per_s=0.0, finished_at="2025-01-01T00:00:00.000Z"
+    )
     page = write_report(folder).read_text(encoding="utf-8")
     assert cells(page, "total")[0] == "2" and cells(page, "rejected")[0] == "2"
     assert cells(page, "enrolled") == ["0", "0.0%"]
@@ -362,15 +423,67 @@ HOSTILE_VALUES = (
     "&amp; &lt;b&gt; & <b>bold</b>",
 )
 PAGE_TAGS = {
-    "html", "head", "meta", "title", "style", "body", "main", "header", "h1", "h2", "h3", "p", "table",
-    "colgroup", "col", "thead", "tbody", "tr", "th", "td", "code", "br", "section", "ul", "li", "strong", "span",
-    "figure", "svg", "line", "text", "g", "rect", "footer",
-}  # fmt: skip
+    "html",
+    "head",
+    "meta",
+    "title",
+    "style",
+    "body",
+    "main",
+    "header",
+    "h1",
+    "h2",
+    "h3",
+    "p",
+    "table",
+    "colgroup",
+    "col",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "code",
+    "br",
+    "section",
+    "ul",
+    "li",
+    "strong",
+    "span",
+    "figure",
+    "svg",
+    "line",
+    "text",
+    "g",
+    "rect",
+    "footer",
+}
 PAGE_ATTRIBUTES = {
-    "lang", "charset", "http-equiv", "content", "name", "class", "id", "style", "colspan", "data-status",
-    "data-kind", "data-figure", "viewbox", "role", "aria-label", "x", "y", "x1", "x2", "y1", "y2", "width",
-    "height", "text-anchor",
-}  # fmt: skip
+    "lang",
+    "charset",
+    "http-equiv",
+    "content",
+    "name",
+    "class",
+    "id",
+    "style",
+    "colspan",
+    "data-status",
+    "data-kind",
+    "data-figure",
+    "viewbox",
+    "role",
+    "aria-label",
+    "x",
+    "y",
+    "x1",
+    "x2",
+    "y1",
+    "y2",
+    "width",
+    "height",
+    "text-anchor",
+}
 
 
 class _Elements(html.parser.HTMLParser):
@@ -398,20 +511,37 @@ def elements(page: str) -> _Elements:
 def test_hostile_values_stay_text(tmp_path: Path) -> None:
     one, two, three, four = HOSTILE_VALUES
     rows = [
-        result(one, "failed", http_status=400, result_code=two, result_text=three, attempts=1, latency_ms=90,
-               finished_at="2025-01-01T00:01:00Z"),
+        result(
+            one,
+            "failed",
+            http_status=400,
+            result_code=two,
+            result_text=three,
+            attempts=1,
+            latency_ms=90,
+            finished_at="2025-01-01T00:01:00Z",
+        ),
         result(four, "unknown", error=one, attempts=2, latency_ms=150, finished_at="2025-01-01T00:02:00Z"),
         result(three, "failed", result_code=four, error=two, attempts=1, latency_ms=80),
         result("ok_1", "enrolled", attempts=1, latency_ms=100, finished_at="2025-01-01T00:03:00Z"),
-    ]  # fmt: skip
+    ]
     rejects = [(2, two, four, three), (3, three, one, two)]
     folder = write_run(tmp_path / "run", rows, rejects)
     summary = json.loads((folder / "summary.json").read_text())
     counts = {**summary["counts"], one: 0}  # a status this version doesn't know gets its own row
-    folder.joinpath("summary.json").write_text(json.dumps({
-        **summary, "counts": counts, "run_id": two, "manifest": three, "env": four, "stop_reason": one,
-        "settings": {"columns": {one: two}, four: three, "note": HOSTILE},
-    }))  # fmt: skip
+    folder.joinpath("summary.json").write_text(
+        json.dumps(
+            {
+                **summary,
+                "counts": counts,
+                "run_id": two,
+                "manifest": three,
+                "env": four,
+                "stop_reason": one,
+                "settings": {"columns": {one: two}, four: three, "note": HOSTILE},
+            }
+        )
+    )
 
     page = write_report(folder).read_text(encoding="utf-8")
     parsed = elements(page)
@@ -668,9 +798,16 @@ def test_skipped_rows_are_written_as_result_rows_would_be_byte_for_byte(batches:
             fast.skipped(rows, finished_at)
             for user_id, code, smile_job_id, job_id, message in rows:
                 plain.result(
-                    ResultRow(user_id=user_id, status=Status.SKIPPED, result_code=code, smile_job_id=smile_job_id,
-                              job_id=job_id, error=message, finished_at=finished_at)
-                )  # fmt: skip
+                    ResultRow(
+                        user_id=user_id,
+                        status=Status.SKIPPED,
+                        result_code=code,
+                        smile_job_id=smile_job_id,
+                        job_id=job_id,
+                        error=message,
+                        finished_at=finished_at,
+                    )
+                )
         for out in (fast, plain):
             out.close_incomplete()
         fast_bytes, plain_bytes = ((out.dir / "results.csv").read_bytes() for out in (fast, plain))

@@ -26,8 +26,13 @@ from .conftest import API_KEY, PARTNER_ID, Sleeps, default_retry_policy, simple_
 def answer(
     kind: Kind = Kind.TRANSIENT, status: int | None = 503, retry_after: float | None = None
 ) -> Verdict:
-    return Verdict(kind=kind, may_have_enrolled=False, proves_not_enrolled=False, http_status=status,
-                   retry_after=retry_after)  # fmt: skip
+    return Verdict(
+        kind=kind,
+        may_have_enrolled=False,
+        proves_not_enrolled=False,
+        http_status=status,
+        retry_after=retry_after,
+    )
 
 
 THROTTLED = answer(status=429)
@@ -147,8 +152,13 @@ def test_any_sequence_of_answers_ends_within_the_budgets(
     """A row's attempts as the sender makes them, each answer taken from the list (its last one repeated):
     the row always ends, 429s spend only their own budget, every wait is the server's (capped) or the
     backoff's, and once a stop has come nothing more waits."""
-    policy = RetryPolicy(max_attempts=max_attempts, max_throttled=max_throttled, backoff_initial=0.5,
-                         backoff_max=30.0, retry_after_max=300.0)  # fmt: skip
+    policy = RetryPolicy(
+        max_attempts=max_attempts,
+        max_throttled=max_throttled,
+        backoff_initial=0.5,
+        backoff_max=30.0,
+        retry_after_max=300.0,
+    )
     attempts = throttled = 0
     while True:
         verdict = answers[min(attempts, len(answers) - 1)]

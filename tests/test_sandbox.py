@@ -102,13 +102,22 @@ async def test_success_is_shaped_like_the_contract_and_signed(
     )
     assert status == 200
     assert set(answer) == {
-        "Actions", "ConfidenceValue", "PartnerParams", "ResultCode", "ResultText", "Source", "SmileJobID",
-        "signature", "timestamp",
-    }  # fmt: skip
+        "Actions",
+        "ConfidenceValue",
+        "PartnerParams",
+        "ResultCode",
+        "ResultText",
+        "Source",
+        "SmileJobID",
+        "signature",
+        "timestamp",
+    }
     actions = answer["Actions"]
     assert (actions["Register_Selfie"], actions["Selfie_Check"], actions["Selfie_Provided"]) == (
-        "Approved", "Passed", "Passed",
-    )  # fmt: skip
+        "Approved",
+        "Passed",
+        "Passed",
+    )
     assert len(actions) == 14
     others = {
         k: v for k, v in actions.items() if k not in {"Register_Selfie", "Selfie_Check", "Selfie_Provided"}
@@ -606,9 +615,12 @@ async def _post_many(
     """Each user_id's answer code (ResultCode or error code), sent 32 at a time with one signature."""
     timestamp = utc_timestamp()
     common = {
-        "partner_id": PARTNER, "timestamp": timestamp, "signature": sign(timestamp, PARTNER, KEY),
-        "user_created_at": "2021-08-12", "photo": _photo(),
-    }  # fmt: skip
+        "partner_id": PARTNER,
+        "timestamp": timestamp,
+        "signature": sign(timestamp, PARTNER, KEY),
+        "user_created_at": "2021-08-12",
+        "photo": _photo(),
+    }
     gate = asyncio.Semaphore(32)
 
     async def one(user_id: str) -> tuple[str, str]:
@@ -717,9 +729,13 @@ async def test_foreign_rate_agrees_across_a_restart_and_the_state_file_never_hol
 def test_a_state_file_enrolling_a_now_foreign_id_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "state.jsonl"
     record = {
-        "user_id": "u1", "job_id": "j", "smile_job_id": "0000000001", "photo_sha256": "x",
-        "user_created_at": "2021-08-12", "enrolled_at": "2021-08-12T00:00:00.000Z",
-    }  # fmt: skip
+        "user_id": "u1",
+        "job_id": "j",
+        "smile_job_id": "0000000001",
+        "photo_sha256": "x",
+        "user_created_at": "2021-08-12",
+        "enrolled_at": "2021-08-12T00:00:00.000Z",
+    }
     path.write_text(json.dumps(record) + "\n")
     make_app(PARTNER, KEY, state_file=path)  # ours, as written
     with pytest.raises(ConfigError, match=r"line 1 enrolls 'u1'.*foreign"):
@@ -842,11 +858,22 @@ def test_cli_sandbox_process_answers_2209_for_a_foreign_id(tmp_path: Path) -> No
     foreign, log = tmp_path / "foreign.txt", tmp_path / "requests.jsonl"
     foreign.write_text("theirs\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "backfill", "sandbox", "--port", "0", "--foreign-ids", str(foreign),
-         "--request-log", str(log)],
+        [
+            sys.executable,
+            "-m",
+            "backfill",
+            "sandbox",
+            "--port",
+            "0",
+            "--foreign-ids",
+            str(foreign),
+            "--request-log",
+            str(log),
+        ],
         env={**os.environ, "SMILE_PARTNER_ID": PARTNER, "SMILE_API_KEY": KEY},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert process.stderr is not None
         line = process.stderr.readline().decode()
@@ -872,5 +899,8 @@ def test_cli_sandbox_process_answers_2209_for_a_foreign_id(tmp_path: Path) -> No
             process.wait()
     assert process.returncode == 0
     assert json.loads(log.read_text().splitlines()[-1]) == {
-        "user_id": "theirs", "event": "answer", "answer": "2209", "foreign": True,
-    }  # fmt: skip
+        "user_id": "theirs",
+        "event": "answer",
+        "answer": "2209",
+        "foreign": True,
+    }

@@ -15,9 +15,16 @@ from .crash_rig import Chaos, CrashRig
 
 # Slow answers and a low rate, so a signal always finds rows in flight and rows not yet sent.
 CALM = Chaos(
-    latency_ms=300, jitter_ms=0, error_rate=0, reset_before_rate=0, reset_after_rate=0, slow_rate=0,
-    timeout_s=5, sandbox_kill_rate=0, rate=20,
-)  # fmt: skip
+    latency_ms=300,
+    jitter_ms=0,
+    error_rate=0,
+    reset_before_rate=0,
+    reset_after_rate=0,
+    slow_rate=0,
+    timeout_s=5,
+    sandbox_kill_rate=0,
+    rate=20,
+)
 
 
 @pytest.fixture

@@ -27,9 +27,24 @@ def test_a_killed_run_shows_as_died_and_a_finished_one_its_finish_time(
     server = threaded_sandboxes.start(faults=Faults(latency_ms=300))
     manifest = write_manifest(tmp_path, simple_rows(8))
     checkpoint = tmp_path / "cp.sqlite"
-    args = [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url",
-            server.base_url, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--no-progress",
-            "--rate", "100"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "backfill",
+        "run",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        server.base_url,
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--rate",
+        "100",
+    ]
     env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY, CRASH_ENV: "in_flight:2"}
     killed = subprocess.run(args, env=env, capture_output=True, timeout=60)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -56,8 +71,22 @@ def test_the_run_holding_the_lock_shows_as_running(
     server = threaded_sandboxes.start(faults=Faults(latency_ms=300))
     manifest = write_manifest(tmp_path, simple_rows(4))
     checkpoint = tmp_path / "cp.sqlite"
-    args = [sys.executable, "-m", "backfill", "run", str(manifest), "--env", "local", "--base-url",
-            server.base_url, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "backfill",
+        "run",
+        str(manifest),
+        "--env",
+        "local",
+        "--base-url",
+        server.base_url,
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     env = {**os.environ, "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY, CRASH_ENV: "in_flight:1"}
     assert subprocess.run(args, env=env, capture_output=True, timeout=60).returncode == -signal.SIGKILL
     lock = acquire_lock(checkpoint)  # as a live run holds it

@@ -98,17 +98,45 @@ class Bucket:
 def cli(
     tmp: Path, server: StorageServer, *args: str, extra: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **server.env, "HOME": str(tmp), "SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY,
-           "BACKFILL_BACKOFF_INITIAL": "0.01", "BACKFILL_BACKOFF_MAX": "0.05", **(extra or {}),
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "backfill", *args], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        **server.env,
+        "HOME": str(tmp),
+        "SMILE_PARTNER_ID": PARTNER_ID,
+        "SMILE_API_KEY": API_KEY,
+        "BACKFILL_BACKOFF_INITIAL": "0.01",
+        "BACKFILL_BACKOFF_MAX": "0.05",
+        **(extra or {}),
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "backfill", *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def run_args(tmp: Path, sandbox: RunningSandbox, manifest: str) -> list[str]:
-    return ["run", manifest, "--env", "local", "--base-url", sandbox.base_url, "--checkpoint",
-            str(tmp / "ledger.sqlite"), "--out", str(tmp / "out"), "--no-progress", "--rate", "2000",
-            "--concurrency", "16"]  # fmt: skip
+    return [
+        "run",
+        manifest,
+        "--env",
+        "local",
+        "--base-url",
+        sandbox.base_url,
+        "--checkpoint",
+        str(tmp / "ledger.sqlite"),
+        "--out",
+        str(tmp / "out"),
+        "--no-progress",
+        "--rate",
+        "2000",
+        "--concurrency",
+        "16",
+    ]
 
 
 def run_dir(done: subprocess.CompletedProcess[str]) -> Path:
@@ -129,31 +157,48 @@ def test_a_run_from_a_bucket_sends_the_exact_bytes_and_rejects_each_bad_object_b
 ) -> None:
     bucket = Bucket(store, "e2e-mixed")
     big = jpeg([os.urandom(40_000)])
-    bucket.put_many({
-        "batches/b7/images/u0.png": png_bytes(0), "batches/b7/images/u1.jpg": big,
-        "batches/b7/images/a b/ü é 1.png": png_bytes(1), "elsewhere/u3.png": png_bytes(3),
-        "batches/b7/images/empty.png": b"", "batches/b7/images/cut.jpg": big[:-50],
-        "batches/b7/images/page.png": b"<html>AccessDenied</html>",
-        "batches/b7/images/huge.png": png_bytes(4) + bytes(5 * 1024 * 1024),
-    })  # fmt: skip
+    bucket.put_many(
+        {
+            "batches/b7/images/u0.png": png_bytes(0),
+            "batches/b7/images/u1.jpg": big,
+            "batches/b7/images/a b/ü é 1.png": png_bytes(1),
+            "elsewhere/u3.png": png_bytes(3),
+            "batches/b7/images/empty.png": b"",
+            "batches/b7/images/cut.jpg": big[:-50],
+            "batches/b7/images/page.png": b"<html>AccessDenied</html>",
+            "batches/b7/images/huge.png": png_bytes(4) + bytes(5 * 1024 * 1024),
+        }
+    )
     local = tmp_path / "local.png"
     local.write_bytes(png_bytes(9))
-    url = bucket.manifest("batches/b7/manifest.csv", [
-        ("u0", "2021-08-12", "images/u0.png"), ("u1", "2021-08-12", "images/u1.jpg"),
-        ("u2", "2021-08-12", "images/a b/ü é 1.png"), ("u3", "2021-08-12", bucket.url("elsewhere/u3.png")),
-        ("u4", "2021-08-12", str(local)),
-        ("empty", "2021-08-12", "images/empty.png"), ("cut", "2021-08-12", "images/cut.jpg"),
-        ("page", "2021-08-12", "images/page.png"), ("huge", "2021-08-12", "images/huge.png"),
-        ("missing", "2021-08-12", "images/nope.png"), ("nobucket", "2021-08-12", f"{store.scheme}://e2e-no-such/x.png"),
-    ])  # fmt: skip
+    url = bucket.manifest(
+        "batches/b7/manifest.csv",
+        [
+            ("u0", "2021-08-12", "images/u0.png"),
+            ("u1", "2021-08-12", "images/u1.jpg"),
+            ("u2", "2021-08-12", "images/a b/ü é 1.png"),
+            ("u3", "2021-08-12", bucket.url("elsewhere/u3.png")),
+            ("u4", "2021-08-12", str(local)),
+            ("empty", "2021-08-12", "images/empty.png"),
+            ("cut", "2021-08-12", "images/cut.jpg"),
+            ("page", "2021-08-12", "images/page.png"),
+            ("huge", "2021-08-12", "images/huge.png"),
+            ("missing", "2021-08-12", "images/nope.png"),
+            ("nobucket", "2021-08-12", f"{store.scheme}://e2e-no-such/x.png"),
+        ],
+    )
     done = cli(tmp_path, store, *run_args(tmp_path, threaded_sandbox, url))
     assert done.returncode == 1, done.stdout + done.stderr
     out = run_dir(done)
     rejects = {r["user_id"]: r for r in read_csv(out / "rejects.csv")}
     assert {uid: r["reason"] for uid, r in rejects.items()} == {
-        "empty": "image_empty", "cut": "image_truncated", "page": "image_not_jpeg_or_png",
-        "huge": "image_too_large", "missing": "image_missing", "nobucket": "image_missing",
-    }  # fmt: skip
+        "empty": "image_empty",
+        "cut": "image_truncated",
+        "page": "image_not_jpeg_or_png",
+        "huge": "image_too_large",
+        "missing": "image_missing",
+        "nobucket": "image_missing",
+    }
     assert bucket.url("batches/b7/images/nope.png") in rejects["missing"]["message"]
     results = {r["user_id"]: r["status"] for r in read_csv(out / "results.csv")}
     assert results == dict.fromkeys(["u0", "u1", "u2", "u3", "u4"], "enrolled")
@@ -194,8 +239,9 @@ def done_job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     photos = {f"photos/u{i:05d}.png": png_bytes(i % 200, 4) for i in range(ROWS)}
     fillers = {f"{key}~{j}": b"not in the manifest" for key in photos for j in range(FILLERS)}
     bucket.put_many({**photos, **fillers})
-    url = bucket.manifest("manifest.csv", [(f"u{i:05d}", "2021-08-12", f"photos/u{i:05d}.png")
-                                           for i in range(ROWS)])  # fmt: skip
+    url = bucket.manifest(
+        "manifest.csv", [(f"u{i:05d}", "2021-08-12", f"photos/u{i:05d}.png") for i in range(ROWS)]
+    )
     sandboxes = ThreadedSandboxes()
     sandbox = sandboxes.start()
     first = cli(tmp, server, *run_args(tmp, sandbox, url))
@@ -258,21 +304,43 @@ def test_access_denied_is_a_reject_naming_the_bucket_and_transient_errors_are_re
     bucket = Bucket(store, "e2e-faults")
     bucket.put_many({f"p/u{i}.png": png_bytes(i) for i in range(6)})
     manifest = tmp_path / "m.csv"
-    manifest.write_text("user_id,user_created_at,image_path\n"
-                        + "".join(f"u{i},2021-08-12,{bucket.url(f'p/u{i}.png')}\n" for i in range(6)))  # fmt: skip
+    manifest.write_text(
+        "user_id,user_created_at,image_path\n"
+        + "".join(f"u{i},2021-08-12,{bucket.url(f'p/u{i}.png')}\n" for i in range(6))
+    )
     store.faults(fail=4, status=503, method="GET")  # the first GETs fail: each is tried again, never rejected
     try:
         ok = cli(tmp_path, store, "validate", str(manifest), "--out", str(tmp_path / "v1"))
     finally:
         store.faults()
     assert ok.returncode == 0 and "6 valid, 0 rejected" in ok.stdout, ok.stdout + ok.stderr
-    dry = cli(tmp_path, store, "run", str(manifest), "--dry-run", "--env", "local", "--out", str(tmp_path / "dry"),
-              "--checkpoint", str(tmp_path / "none.sqlite"), "--no-progress")  # fmt: skip
+    dry = cli(
+        tmp_path,
+        store,
+        "run",
+        str(manifest),
+        "--dry-run",
+        "--env",
+        "local",
+        "--out",
+        str(tmp_path / "dry"),
+        "--checkpoint",
+        str(tmp_path / "none.sqlite"),
+        "--no-progress",
+    )
     assert "6 rows: 6 dry_run" in dry.stdout, dry.stdout + dry.stderr
     store.faults(deny=["e2e-faults"])
     try:
-        denied = cli(tmp_path, store, "validate", str(manifest), "--out", str(tmp_path / "v2"),
-                     "--read-concurrency", "2")  # fmt: skip
+        denied = cli(
+            tmp_path,
+            store,
+            "validate",
+            str(manifest),
+            "--out",
+            str(tmp_path / "v2"),
+            "--read-concurrency",
+            "2",
+        )
     finally:
         store.faults()
     assert denied.returncode == 1
@@ -294,8 +362,11 @@ def test_a_run_killed_mid_flight_then_resumed_loses_nothing_and_enrolls_each_onc
     bucket = Bucket(s3, "e2e-crash")
     rows = 40
     bucket.put_many({f"p/u{i:03d}.png": png_bytes(i) for i in range(rows)})
-    url = bucket.manifest("m/manifest.csv", [(f"u{i:03d}", "2021-08-12", f"../p/u{i:03d}.png") for i in range(rows)]
-                          + [("gone", "2021-08-12", "../p/gone.png")])  # fmt: skip
+    url = bucket.manifest(
+        "m/manifest.csv",
+        [(f"u{i:03d}", "2021-08-12", f"../p/u{i:03d}.png") for i in range(rows)]
+        + [("gone", "2021-08-12", "../p/gone.png")],
+    )
     args = run_args(tmp_path, sandbox, url)
     killed = cli(tmp_path, s3, *args, extra={CRASH_ENV: "in_flight:12"})
     assert killed.returncode == -9, killed.stdout + killed.stderr
@@ -358,8 +429,9 @@ async def test_an_object_swapped_after_its_check_is_checked_again_and_what_is_se
 ) -> None:
     bucket = Bucket(s3, "e2e-swap")
     bucket.put_many({"a.png": png_bytes(1), "b.png": png_bytes(2), "c.png": png_bytes(3)})
-    url = bucket.manifest("m.csv", [("a", "2021-08-12", "a.png"), ("b", "2021-08-12", "b.png"),
-                                    ("c", "2021-08-12", "c.png")])  # fmt: skip
+    url = bucket.manifest(
+        "m.csv", [("a", "2021-08-12", "a.png"), ("b", "2021-08-12", "b.png"), ("c", "2021-08-12", "c.png")]
+    )
 
     def swap(_: int, fingerprint: Fingerprint) -> None:
         if fingerprint.ref.endswith("/a.png"):
@@ -392,8 +464,10 @@ async def test_a_bucket_deleted_mid_run_rejects_the_rest_and_loses_no_row(
     rows = 8
     bucket.put_many({f"u{i}.png": png_bytes(i) for i in range(rows)})
     manifest = tmp_path / "m.csv"  # a local manifest of remote photos: the bucket can go, the list stays
-    manifest.write_text("user_id,user_created_at,image_path\n"
-                        + "".join(f"u{i},2021-08-12,s3://e2e-vanish/u{i}.png\n" for i in range(rows)))  # fmt: skip
+    manifest.write_text(
+        "user_id,user_created_at,image_path\n"
+        + "".join(f"u{i},2021-08-12,s3://e2e-vanish/u{i}.png\n" for i in range(rows))
+    )
 
     def vanish(reads: int, _: Fingerprint) -> None:
         if reads == 4:
