@@ -18,43 +18,63 @@ from ...errors import LedgerError
 from ...manifest import Batch, Candidate, Reject
 from ...vocab import Reason
 from .connection import Commit, Database, said
-from .schema import Conn
+from .schema import Conn, integers
 
 HAND_BACK_S = 2.0  # a row another live process is sending is left alone this long before it is claimed again
 log = logging.getLogger("backfill")
 
 # The rows are updated through the primary key (`line = ANY(ARRAY(...))`): joined to the CTE instead, the
-# planner may hash the whole manifest's queue for each batch.
+# planner may hash the whole manifest's queue for each batch. Each kind of row is read through its own index
+# (schema.py's queue_open and queue_leases), which holds no row another process may still be sending.
 _CLAIM = (
     "WITH c AS (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND {which} "
-    " ORDER BY line LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+    " ORDER BY {order} LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
     "UPDATE backfill.queue q SET done = false, finished_by = NULL, claimed_by = %(me)s, "
     " lease_until = now() + make_interval(secs => %(l)s) "
     "WHERE q.manifest_sha256 = %(m)s AND q.line = ANY(ARRAY(SELECT line FROM c)) "
     "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message"
 )
-# Rows no live process holds: never claimed, given back, or their lease ended. Lines this process holds are
-# never claimed again by it, even with their lease run out (an outage longer than the lease): the same row
-# twice in one process would be sent twice at once.
+# Rows whose claim's lease ended (its process died, stalled, or forgot it), the longest ended first. Lines this
+# process holds are never claimed again by it, even with their lease run out (an outage longer than the lease):
+# the same row twice in one process would be sent twice at once.
+_CLAIM_EXPIRED = _CLAIM.format(
+    which="NOT done AND claimed_by IS NOT NULL AND lease_until < now() "
+    "AND NOT (claimed_by = %(me)s AND line = ANY(%(held)s::integer[]))",
+    order="lease_until",
+)
+# Rows no process holds: never claimed, or given back (and no longer left alone).
 _CLAIM_OPEN = _CLAIM.format(
-    which="NOT done AND (lease_until IS NULL OR lease_until < now()) "
-    "AND NOT (claimed_by = %(me)s AND line = ANY(%(held)s))"
+    which="NOT done AND claimed_by IS NULL AND (lease_until IS NULL OR lease_until < now())", order="line"
 )
 # Rows finished by a run that died before its outputs were written: they are in no results.csv.
-_CLAIM_ORPHANED = _CLAIM.format(which="done AND finished_by = ANY(%(dead)s)")
+_CLAIM_ORPHANED = _CLAIM.format(which="done AND finished_by = ANY(%(dead)s)", order="line")
 # Where lines are named, a run's claim is tested as `claimed_by IS NOT DISTINCT FROM`: for a run's id the same
-# as `=`, but not a test the planner answers from the index on claimed_by, which it would otherwise read whole
-# (every line the run holds) for each statement, its statistics having been taken before any line was claimed.
+# as `=`, but not a test from which the planner infers `claimed_by IS NOT NULL`, and so picks the index of held
+# rows (queue_leases) and reads it whole for each statement, its statistics having been taken before any line
+# was claimed.
 # Those of these lines of one manifest this run still holds, locked: while an attempt is being recorded, no
 # other process can take its claim over.
 _CLAIMED = (
-    "SELECT line FROM backfill.queue WHERE manifest_sha256 = %s AND line = ANY(%s) "
+    "SELECT line FROM backfill.queue WHERE manifest_sha256 = %s AND line = ANY(%s::integer[]) "
     "AND claimed_by IS NOT DISTINCT FROM %s "
     "AND NOT done AND lease_until > now() ORDER BY line FOR UPDATE"
 )
 _HAND_BACK = (
     "UPDATE backfill.queue SET claimed_by = NULL, lease_until = now() + make_interval(secs => %s) "
-    "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by IS NOT DISTINCT FROM %s"
+    "WHERE manifest_sha256 = %s AND line = ANY(%s::integer[]) AND claimed_by IS NOT DISTINCT FROM %s"
+)
+
+# Finished: these lines this run holds, except where the row's outcome was lost (see `finish`).
+_FINISH = (
+    "UPDATE backfill.queue q SET done = true, finished_by = %s, claimed_by = NULL, lease_until = NULL "
+    "WHERE q.manifest_sha256 = %s AND q.line = ANY(%s::integer[]) AND q.claimed_by IS NOT DISTINCT FROM %s "
+    "AND NOT EXISTS (SELECT 1 FROM backfill.users u WHERE u.user_id = q.user_id AND u.state = 'sending' "
+    " AND u.run_id = %s) "
+    "RETURNING q.line"
+)
+_GIVE_BACK = (
+    "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL WHERE manifest_sha256 = %s "
+    "AND line = ANY(%s::integer[]) AND claimed_by IS NOT DISTINCT FROM %s AND NOT done"
 )
 
 
@@ -94,7 +114,7 @@ class Queue:
         lines = self.lines_of(user_ids)
         # Every manifest's statement is sent before any result is read: in pipeline mode, one round trip.
         cursors = [
-            (manifest, await conn.execute(_CLAIMED, (manifest, sorted(of), self.run_id)))
+            (manifest, await conn.execute(_CLAIMED, (manifest, integers(of), self.run_id)))
             for manifest, of in sorted(lines.items())
         ]
         still = {(manifest, line) for manifest, cur in cursors for (line,) in await cur.fetchall()}
@@ -103,7 +123,7 @@ class Queue:
     async def hand_back(self, conn: Conn, user_ids: Collection[str]) -> None:
         """Give these rows' claims back to the queue, not to be claimed again for a moment."""
         for manifest, lines in sorted(self.lines_of(user_ids).items()):
-            await conn.execute(_HAND_BACK, (HAND_BACK_S, manifest, sorted(lines), self.run_id))
+            await conn.execute(_HAND_BACK, (HAND_BACK_S, manifest, integers(lines), self.run_id))
 
     def lines_of(self, user_ids: Collection[str]) -> dict[str, set[int]]:
         """The lines this process claimed for these IDs, by manifest."""
@@ -187,17 +207,20 @@ class Queue:
         me = self._require_run()
 
         async def work(conn: Conn, retried: bool) -> Batch:
-            held = sorted(self._held.get(manifest_sha256, ()))
+            held = integers(self._held.get(manifest_sha256, ()))
             params = {"m": manifest_sha256, "n": n, "me": me, "l": self.lease_s, "held": held}
             if retried:
                 # An earlier try may have claimed rows whose answer the outage swallowed: give them back now.
                 await conn.execute(
                     "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL WHERE manifest_sha256 = %s "
-                    "AND claimed_by = %s AND NOT done AND NOT (line = ANY(%s))",
+                    "AND claimed_by = %s AND NOT done AND NOT (line = ANY(%s::integer[]))",
                     (manifest_sha256, me, held),
                 )
-            cur = await conn.execute(_CLAIM_OPEN, params)
+            cur = await conn.execute(_CLAIM_EXPIRED, params)
             found = await cur.fetchall()
+            if len(found) < n:
+                cur = await conn.execute(_CLAIM_OPEN, {**params, "n": n - len(found)})
+                found += await cur.fetchall()
             if len(found) < n:
                 # Claimed again (the ledger then skips the done ones), or they would be lost.
                 dead = await dead_runs(conn, self.lease_s)
@@ -246,19 +269,11 @@ class Queue:
             # A row still `sending` under this run lost its outcome: an asynchronous commit the database dropped
             # in a crash or an immediate restart. Finished, nobody would ever settle it; given back, another
             # attempt settles it (its 2209 is ours), as a re-run after a crash does on SQLite.
-            await conn.execute(
-                "UPDATE backfill.queue q SET done = true, finished_by = %s, claimed_by = NULL, lease_until = NULL "
-                "WHERE q.manifest_sha256 = %s AND q.line = ANY(%s) AND q.claimed_by IS NOT DISTINCT FROM %s "
-                "AND NOT EXISTS ("
-                "SELECT 1 FROM backfill.users u WHERE u.user_id = q.user_id AND u.state = 'sending' "
-                "AND u.run_id = %s)",
-                (me, manifest_sha256, list(lines), me, me),
-            )
-            cur = await conn.execute(
-                "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
-                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by IS NOT DISTINCT FROM %s AND NOT done",
-                (manifest_sha256, list(lines), me),
-            )
+            cur = await conn.execute(_FINISH, (me, manifest_sha256, integers(lines), me, me))
+            left = set(lines).difference(line for (line,) in await cur.fetchall())
+            if not left:
+                return 0
+            cur = await conn.execute(_GIVE_BACK, (manifest_sha256, integers(left), me))
             return cur.rowcount
 
         # Lazy: a finish lost in a crash makes the row claimed again, and the ledger then skips it.
@@ -278,11 +293,7 @@ class Queue:
         me = self._require_run()
 
         async def work(conn: Conn, retried: bool) -> None:
-            await conn.execute(
-                "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL "
-                "WHERE manifest_sha256 = %s AND line = ANY(%s) AND claimed_by IS NOT DISTINCT FROM %s AND NOT done",
-                (manifest_sha256, list(lines), me),
-            )
+            await conn.execute(_GIVE_BACK, (manifest_sha256, integers(lines), me))
 
         await self._db.run(work, commit=Commit.LAZY)  # lost in a crash, the claims simply expire
         self._let_go(manifest_sha256, lines)
@@ -335,9 +346,9 @@ class Queue:
                 for manifest, lines in list(self._held.items()):
                     await conn.execute(
                         "UPDATE backfill.queue SET lease_until = now() + make_interval(secs => %s) "
-                        "WHERE manifest_sha256 = %s AND line = ANY(%s) "
+                        "WHERE manifest_sha256 = %s AND line = ANY(%s::integer[]) "
                         "AND claimed_by IS NOT DISTINCT FROM %s AND NOT done",
-                        (self.lease_s, manifest, sorted(lines), self.run_id),
+                        (self.lease_s, manifest, integers(lines), self.run_id),
                     )
 
             try:

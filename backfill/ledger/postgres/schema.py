@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -16,8 +16,20 @@ from .. import Binding, LedgerRow, RunRecord, row_of, row_values
 # A connection of the ledger's pool: rows come back as plain tuples.
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
+# Schema 1 pinned photos by their plain SHA-256 (2 keyed them); 2 differs from 3 in the queue's indexes alone, so a
+# reader takes schema 2 as it is, while schema 1 is read only once a writer has migrated it.
+READS = frozenset({"2", SCHEMA_VERSION})
 _STATES = ", ".join(f"'{s.value}'" for s in State)
+# How a claim finds its rows without reading the ones other claims hold (queue.py): rows no process holds, in
+# line order, and held rows by the end of their lease. A claim moves its row from the one to the other and a
+# finish out of both, so neither holds a row in flight: a claim reads only rows it may take.
+_QUEUE_INDEXES = """
+CREATE INDEX IF NOT EXISTS queue_open ON backfill.queue (manifest_sha256, line) WHERE NOT done AND claimed_by IS NULL;
+CREATE INDEX IF NOT EXISTS queue_leases ON backfill.queue (manifest_sha256, lease_until)
+    WHERE NOT done AND claimed_by IS NOT NULL;
+CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHERE done;
+"""
 _SCHEMA = f"""
 CREATE SCHEMA IF NOT EXISTS backfill;
 CREATE TABLE IF NOT EXISTS backfill.meta (key text PRIMARY KEY, value text NOT NULL);
@@ -82,9 +94,7 @@ CREATE TABLE IF NOT EXISTS backfill.queue (
     finished_by text,  -- the run whose outputs tell this row; until they are written, the row is not safe
     PRIMARY KEY (manifest_sha256, line)
 );
-CREATE INDEX IF NOT EXISTS queue_todo ON backfill.queue (manifest_sha256, line) WHERE NOT done;
-CREATE INDEX IF NOT EXISTS queue_claims ON backfill.queue (claimed_by) WHERE NOT done;
-CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHERE done;
+{_QUEUE_INDEXES}
 -- The ledger's PhotoKey secret, apart from meta so that a role may be let read meta (status) and not this.
 CREATE TABLE IF NOT EXISTS backfill.secrets (name text PRIMARY KEY, value bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS backfill.rate (
@@ -123,6 +133,19 @@ def values(of: LedgerRow) -> list[Any]:
     return found
 
 
+# Lines a statement names (`line = {LINES}`, its parameter made by `integers`) come through `ARRAY(SELECT ...)`,
+# whose length the planner can't see: it then reads each row through the primary key. Shown a thousand lines on
+# a queue its statistics call small, it read the whole queue instead and held each row against the list, once a
+# generic plan had made the list a parameter (a finish of 1,500 lines cost 20-50 ms on a queue of 8,000 rows).
+LINES = "ANY(ARRAY(SELECT unnest(%s::integer[])))"
+
+
+def integers(values: Iterable[int]) -> str:
+    """Lines as the text of an `integer[]` parameter (see LINES): psycopg adapts a list element by element in
+    Python, and a process holds a few thousand lines."""
+    return "{" + ",".join(map(str, sorted(values))) + "}"
+
+
 def state(value: str) -> State:
     return _STATE_OF[value]
 
@@ -148,7 +171,7 @@ async def _keep_key(conn: Conn, key: PhotoKey) -> None:
 
 
 async def _migrate_v1(conn: Conn) -> None:
-    """Schema 1 (photos pinned by their plain SHA-256) to 2 (pinned by PhotoKey, the ledger's own secret).
+    """Schema 1's photo pins (their plain SHA-256) to schema 2's (keyed by PhotoKey, the ledger's own secret).
 
     Each stored digest is replaced by its pin, computed from the digest alone: no photo is read, and a finished
     row is still skipped exactly as before. Inside prepare's transaction, under its lock: a fleet starting all
@@ -167,7 +190,6 @@ async def _migrate_v1(conn: Conn) -> None:
             "WHERE u.user_id = p.uid",
             ([uid for uid, _ in part], [key.pin(digest) for _, digest in part]),
         )
-    await conn.execute("UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,))
 
 
 async def photo_key(conn: Conn, retried: bool = False) -> PhotoKey:
@@ -179,15 +201,54 @@ async def photo_key(conn: Conn, retried: bool = False) -> PhotoKey:
     return PhotoKey(secret=bytes(found[0]))
 
 
+async def _exists(conn: Conn, relation: str) -> bool:
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation,))
+    found = await cur.fetchone()
+    return found is not None and bool(found[0])
+
+
+async def _meta(conn: Conn) -> dict[str, str]:
+    cur = await conn.execute("SELECT key, value FROM backfill.meta")
+    return dict(await cur.fetchall())
+
+
+async def _migrate_queue(conn: Conn, location: str) -> None:
+    """Schemas 1 and 2's queue indexes to 3's, in place: by what a claim may take (see _QUEUE_INDEXES).
+
+    Under the schema lock, in the opening transaction: a fleet starting all at once migrates once, and a process
+    that dies part-way leaves the schema as it was. The old ones indexed the rows not done, held or not, so each
+    claim read every row in flight before the first it could take.
+    """
+    try:
+        await conn.execute(_QUEUE_INDEXES)
+        await conn.execute("DROP INDEX IF EXISTS backfill.queue_todo, backfill.queue_claims")
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise LedgerError(
+            f"the ledger {location} has the queue of an earlier version of backfill, which this version migrates "
+            f"to schema {SCHEMA_VERSION} (new indexes): the role that owns its tables must "
+            "open it first with this version, in any writing command (`backfill run`)"
+        ) from exc
+
+
 async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, location: str) -> Binding:
     """Create or migrate the schema (writable), then read and check the binding."""
     if writable:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            meta: dict[str, str] = await _meta(conn) if await _exists(conn, "backfill.meta") else {}
+            older = meta.get("schema") in ("1", "2")
+            if meta and not older and meta.get("schema") != SCHEMA_VERSION:
+                raise _unknown(location, meta.get("schema"))  # a newer version's: nothing is created in it
+            # An earlier version's writer makes its indexes again before it refuses a newer schema: they go too.
+            if older or await _exists(conn, "backfill.queue_todo"):
+                await _migrate_queue(conn, location)
             await conn.execute(_SCHEMA)
             await _add_run_note(conn)
-            cur = await conn.execute("SELECT key, value FROM backfill.meta")
-            meta: dict[str, str] = dict(await cur.fetchall())
+            if meta.get("schema") == "1":
+                await _migrate_v1(conn)  # after _SCHEMA: the key goes into its secrets table
+            if older:
+                await conn.execute("UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,))
+                meta["schema"] = SCHEMA_VERSION
             if not meta and binding is not None:
                 for key, value in (
                     ("schema", SCHEMA_VERSION),
@@ -200,26 +261,17 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
                 )
                 await _keep_key(conn, PhotoKey.new())
                 return binding
-            if meta.get("schema") == "1":
-                await _migrate_v1(conn)
-                meta["schema"] = SCHEMA_VERSION
     else:
-        cur = await conn.execute("SELECT to_regclass('backfill.meta') IS NOT NULL")
-        exists = await cur.fetchone()
-        if exists is None or not exists[0]:
+        if not await _exists(conn, "backfill.meta"):
             raise LedgerAbsent(
                 f"no backfill ledger in {location} (its schema `backfill` is absent). "
                 "A run with this --ledger creates it"
             )
-        cur = await conn.execute("SELECT key, value FROM backfill.meta")
-        meta = dict(await cur.fetchall())
+        meta = await _meta(conn)
     if not meta:
         raise LedgerError(f"{location} holds no backfill ledger (it has no binding)")
-    if meta.get("schema") != SCHEMA_VERSION:
-        raise LedgerError(
-            f"the ledger {location} has schema {meta.get('schema')!r}; this version of backfill reads schema "
-            f"{SCHEMA_VERSION}. Upgrade backfill"
-        )
+    if meta.get("schema") not in READS:
+        raise _unknown(location, meta.get("schema"))
     held = Binding(partner_id=meta.get("partner_id", ""), endpoint=meta.get("endpoint", ""))
     if binding is not None and held != binding:
         raise LedgerError(
@@ -228,3 +280,15 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
             "that were sent to another. Use a database (or another --ledger) for this partner and endpoint"
         )
     return held
+
+
+def _unknown(location: str, found: str | None) -> LedgerError:
+    if found == "1":  # an older ledger, whose photo pins a writer migrates (no photo is read)
+        return LedgerError(
+            f"the ledger {location} has schema 1, from an earlier version of backfill: open it once with a writing "
+            f"command (`backfill run` or `retry`) to migrate it to schema {SCHEMA_VERSION}"
+        )
+    return LedgerError(
+        f"the ledger {location} has schema {found!r}; this version of backfill reads schema "
+        f"{SCHEMA_VERSION}. Upgrade backfill"
+    )
