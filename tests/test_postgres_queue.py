@@ -12,7 +12,8 @@ import pytest
 from backfill.errors import LedgerError
 from backfill.ledger import Binding, RunRecord
 from backfill.ledger.postgres import PostgresStore
-from backfill.ledger.postgres.queue import _CLAIM_OPEN
+from backfill.ledger.postgres.queue import _CLAIM_OPEN, _FINISH
+from backfill.ledger.postgres.schema import integers
 from backfill.manifest import Batch, Candidate
 
 from .pg_server import ROLE_PASSWORD, PgCluster
@@ -89,6 +90,27 @@ async def test_a_claim_reads_no_row_that_another_claim_holds(pg_url: str) -> Non
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_finish_reads_the_rows_it_names_and_no_others(pg_url: str) -> None:
+    """A finish names a second's rows (1,500 here), on a queue whose statistics were taken at its load: read row
+    by row, not the whole queue held against the list (which grows with the queue, each half second)."""
+    a = await _process(pg_url, "run-a")
+    try:
+        await a.load("m1", "m.csv", _rows(3_000))
+        lines = [c.line for c in (await a.claim("m1", 1_500)).candidates]
+        with psycopg.connect(pg_url) as conn:
+            found = conn.execute(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {_FINISH}",
+                ("run-a", "m1", integers(lines), "run-a", "run-a"),
+            ).fetchone()
+            conn.rollback()  # EXPLAIN ANALYZE made the finish: undone
+        assert found is not None
+        (plan,) = found[0]
+        assert plan["Plan"]["Actual Rows"] == 1_500
+        assert _filtered(plan["Plan"]) == 0
+    finally:
+        await a.close()
 
 
 async def test_a_schema_1_ledger_is_migrated_in_place_and_its_claims_kept(pg_url: str) -> None:

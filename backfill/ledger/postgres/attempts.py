@@ -82,7 +82,7 @@ _INSERT_NEW = f"{_INSERT} ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
 # The same in a fleet, and only where this run still holds the row's claim, locked until the commit: the check
 # `begin_attempt` makes in the same transaction as its write (queue.py's _CLAIMED, and why IS NOT DISTINCT).
 _INSERT_CLAIMED = (
-    "WITH held AS (SELECT user_id FROM backfill.queue WHERE manifest_sha256 = %s AND line = ANY(%s::integer[]) "
+    f"WITH held AS (SELECT user_id FROM backfill.queue WHERE manifest_sha256 = %s AND line = {schema.LINES} "
     " AND claimed_by IS NOT DISTINCT FROM %s AND NOT done AND lease_until > now() ORDER BY line FOR UPDATE) "
     f"INSERT INTO backfill.users ({_COLUMNS}, attempt_token) SELECT {_COLUMNS}, attempt_token FROM {_ROWS} "
     "WHERE user_id IN (SELECT user_id FROM held) ON CONFLICT (user_id) DO NOTHING RETURNING user_id"

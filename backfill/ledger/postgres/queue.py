@@ -18,7 +18,7 @@ from ...errors import LedgerError
 from ...manifest import Batch, Candidate, Reject
 from ...vocab import Reason
 from .connection import Commit, Database, said
-from .schema import Conn, integers
+from .schema import LINES, Conn, integers
 
 HAND_BACK_S = 2.0  # a row another live process is sending is left alone this long before it is claimed again
 log = logging.getLogger("backfill")
@@ -55,26 +55,27 @@ _CLAIM_ORPHANED = _CLAIM.format(which="done AND finished_by = ANY(%(dead)s)", or
 # Those of these lines of one manifest this run still holds, locked: while an attempt is being recorded, no
 # other process can take its claim over.
 _CLAIMED = (
-    "SELECT line FROM backfill.queue WHERE manifest_sha256 = %s AND line = ANY(%s::integer[]) "
+    f"SELECT line FROM backfill.queue WHERE manifest_sha256 = %s AND line = {LINES} "
     "AND claimed_by IS NOT DISTINCT FROM %s "
     "AND NOT done AND lease_until > now() ORDER BY line FOR UPDATE"
 )
 _HAND_BACK = (
     "UPDATE backfill.queue SET claimed_by = NULL, lease_until = now() + make_interval(secs => %s) "
-    "WHERE manifest_sha256 = %s AND line = ANY(%s::integer[]) AND claimed_by IS NOT DISTINCT FROM %s"
+    f"WHERE manifest_sha256 = %s AND line = {LINES} AND claimed_by IS NOT DISTINCT FROM %s"
 )
 
 # Finished: these lines this run holds, except where the row's outcome was lost (see `finish`).
 _FINISH = (
     "UPDATE backfill.queue q SET done = true, finished_by = %s, claimed_by = NULL, lease_until = NULL "
-    "WHERE q.manifest_sha256 = %s AND q.line = ANY(%s::integer[]) AND q.claimed_by IS NOT DISTINCT FROM %s "
+    f"WHERE q.manifest_sha256 = %s AND q.line = {LINES} "
+    "AND q.claimed_by IS NOT DISTINCT FROM %s "
     "AND NOT EXISTS (SELECT 1 FROM backfill.users u WHERE u.user_id = q.user_id AND u.state = 'sending' "
     " AND u.run_id = %s) "
     "RETURNING q.line"
 )
 _GIVE_BACK = (
     "UPDATE backfill.queue SET claimed_by = NULL, lease_until = NULL WHERE manifest_sha256 = %s "
-    "AND line = ANY(%s::integer[]) AND claimed_by IS NOT DISTINCT FROM %s AND NOT done"
+    f"AND line = {LINES} AND claimed_by IS NOT DISTINCT FROM %s AND NOT done"
 )
 
 
@@ -346,7 +347,7 @@ class Queue:
                 for manifest, lines in list(self._held.items()):
                     await conn.execute(
                         "UPDATE backfill.queue SET lease_until = now() + make_interval(secs => %s) "
-                        "WHERE manifest_sha256 = %s AND line = ANY(%s::integer[]) "
+                        f"WHERE manifest_sha256 = %s AND line = {LINES} "
                         "AND claimed_by IS NOT DISTINCT FROM %s AND NOT done",
                         (self.lease_s, manifest, integers(lines), self.run_id),
                     )
