@@ -263,8 +263,10 @@ class Attempts:
         an ID this process knows nothing of, to no row. Whichever isn't so is read, in the next group.
         """
         writes = Counter(w.user_id for w in group)
+        in_fleet = self._queue.in_fleet
         settled: dict[int, LedgerRow] = {}
         first: dict[int, tuple[_Begin, LedgerRow, Ticket]] = {}
+        claims: dict[str, tuple[list[LedgerRow], list[int]]] = {}  # a fleet's first attempts, by manifest
         for at, write in enumerate(group):
             if write.read or writes[write.user_id] > 1:
                 continue  # two writes to one row are read, and applied in order
@@ -273,12 +275,17 @@ class Attempts:
                 new = None if begun is None else tr.settle(begun[0], write.outcome)
                 if new is not None:
                     settled[at] = new
-            elif begun is None and (
-                not self._queue.in_fleet or self._queue.manifest_of(write.user_id) is not None
-            ):
+            elif begun is None:
+                claim = self._queue.claim_of(write.user_id) if in_fleet else None
+                if in_fleet and claim is None:
+                    continue  # read: its refusal says the claim is lost
                 made = tr.begin(None, write.request)
                 assert not isinstance(made, Refused)  # nothing refuses a first attempt
                 first[at] = (write, *made)
+                if claim is not None:
+                    rows, lines = claims.setdefault(claim[0], ([], []))
+                    rows.append(made[0])
+                    lines.append(claim[1])
         if settled:
             tokens = {row.user_id: self._begun[row.user_id][1] for row in settled.values()}
             applied.held.append(await _write(conn, list(settled.values()), tokens, _SETTLE_BEGUN))
@@ -286,16 +293,11 @@ class Attempts:
             applied.conditional.update({at: row.user_id for at, row in settled.items()})
         if first:
             tokens = {write.user_id: write.token for write, _, _ in first.values()}
-            if not self._queue.in_fleet:
+            if not in_fleet:
                 applied.held.append(
                     await _write(conn, [row for _, row, _ in first.values()], tokens, _INSERT_NEW)
                 )
-            for manifest, lines in sorted(self._queue.lines_of(tokens).items()):
-                rows = [
-                    row
-                    for write, row, _ in first.values()
-                    if self._queue.manifest_of(write.user_id) == manifest
-                ]
+            for manifest, (rows, lines) in sorted(claims.items()):
                 statement = (_INSERT_CLAIMED, manifest, schema.integers(lines), self._queue.run_id)
                 applied.held.append(await _write(conn, rows, tokens, *statement))
             for at, (write, row, ticket) in first.items():

@@ -89,9 +89,10 @@ class Queue:
         self._db = db
         self.heartbeat: asyncio.Task[None] | None = None  # renews the claims and says this run lives
         self._claims: dict[str, tuple[str, int]] = {}  # user_id -> (manifest, line) this process claimed
-        # Every line this process holds a claim on (rejects too), until it is finished or given back: only these
-        # are renewed, so a claim it has forgotten (one whose answer an outage swallowed) expires for others.
-        self._held: dict[str, set[int]] = {}
+        # Every line this process holds a claim on, by manifest, with its user_id (None: a reject), until it is
+        # finished or given back: only these are renewed, so a claim it has forgotten (one whose answer an outage
+        # swallowed) expires for others.
+        self._held: dict[str, dict[int, str | None]] = {}
 
     def started(self, run_id: str) -> None:
         """The run is recorded: its claims are its own from now on, renewed while it lives."""
@@ -105,10 +106,9 @@ class Queue:
 
     # --- inside an attempt's transaction (attempts.py) ---
 
-    def manifest_of(self, user_id: str) -> str | None:
-        """The manifest in which this process claimed `user_id`, as far as it knows."""
-        claim = self._claims.get(user_id)
-        return None if claim is None else claim[0]
+    def claim_of(self, user_id: str) -> tuple[str, int] | None:
+        """The manifest and line in which this process claimed `user_id`, as far as it knows."""
+        return self._claims.get(user_id)
 
     async def claimed(self, conn: Conn, user_ids: Collection[str]) -> set[str]:
         """Those of these IDs whose claim this run still holds, each locked until the transaction ends."""
@@ -138,7 +138,7 @@ class Queue:
         """A claim this process no longer holds: not renewed, not counted as its own."""
         held = self._claims.pop(user_id, None)
         if held is not None:
-            self._held.get(held[0], set()).discard(held[1])
+            self._held.get(held[0], {}).pop(held[1], None)
 
     # --- the Fleet contract ---
 
@@ -242,11 +242,11 @@ class Queue:
 
         # Lazy: a claim lost in a crash only expires, and nothing was sent for it.
         claimed = await self._db.run(work, commit=Commit.LAZY)
+        held = self._held.setdefault(manifest_sha256, {})
         for c in claimed.candidates:
             self._claims[c.user_id] = (manifest_sha256, c.line)
-        self._held.setdefault(manifest_sha256, set()).update(
-            [c.line for c in claimed.candidates] + [r.line for r in claimed.rejects]
-        )
+            held[c.line] = c.user_id
+        held.update(dict.fromkeys([r.line for r in claimed.rejects]))
         return claimed
 
     async def unfinished(self, manifest_sha256: str) -> int:
@@ -330,10 +330,11 @@ class Queue:
 
     def _let_go(self, manifest_sha256: str, lines: Sequence[int]) -> None:
         """These lines are no longer this process's: finished, or given back."""
-        gone = set(lines)
-        self._held.get(manifest_sha256, set()).difference_update(gone)
-        for uid in [u for u, (m, line) in self._claims.items() if m == manifest_sha256 and line in gone]:
-            del self._claims[uid]
+        held = self._held.get(manifest_sha256, {})
+        for line in lines:
+            uid = held.pop(line, None)
+            if uid is not None and self._claims.get(uid) == (manifest_sha256, line):
+                del self._claims[uid]
 
     async def _beat(self) -> None:
         """Renew this process's claims and heartbeat while it lives: a third of the lease at a time."""
