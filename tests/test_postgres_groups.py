@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import fields
 from typing import Any
 
 import psycopg
@@ -13,8 +14,20 @@ from hypothesis import strategies as st
 
 from backfill.errors import LedgerError
 from backfill.images import Fingerprint
-from backfill.ledger import AttemptRequest, Binding, Outcome, RunRecord, Settled, Ticket
+from backfill.ledger import (
+    AttemptRequest,
+    Binding,
+    LedgerRow,
+    Outcome,
+    Refused,
+    RunRecord,
+    Settled,
+    Ticket,
+    evolve,
+)
+from backfill.ledger import transitions as tr
 from backfill.ledger.postgres import PostgresStore
+from backfill.ledger.postgres.attempts import OUTCOME_COLUMNS
 from backfill.ledger.postgres.connection import Conn, Database
 from backfill.run.policy import RetryPolicy
 from backfill.vocab import State
@@ -77,6 +90,35 @@ async def held_row(pg_url: str) -> AsyncIterator[tuple[PostgresStore, psycopg.As
     finally:
         await holder.close()
         await store.close()
+
+
+# --- an outcome of this process's attempt travels as the columns it changes ---
+
+
+@given(
+    doubt=st.booleans(),
+    attempts=st.integers(min_value=1, max_value=5),
+    state=st.sampled_from(sorted(set(State) - {State.SENDING})),
+    may=st.booleans(),
+    proves=st.booleans(),
+    http_status=st.none() | st.sampled_from([200, 500]),
+    ids=st.sampled_from(["", "7"]),
+)
+def test_an_outcome_changes_no_column_its_conditional_write_leaves_out(
+    doubt: bool, attempts: int, state: State, may: bool, proves: bool, http_status: int | None, ids: str
+) -> None:
+    """A settle of an attempt this process began writes `OUTCOME_COLUMNS` alone, over the row its attempt wrote:
+    a column `transitions.settle` changed besides would differ between the ledger and this process's view."""
+    made = tr.begin(None, request("u1"))
+    assert not isinstance(made, Refused)
+    begun = evolve(made[0], doubt=doubt, attempts=attempts, smile_job_id="old", job_id="old")
+    outcome = Outcome(user_id="u1", attempt=attempts, state=state, may_have_enrolled=may,
+                      proves_not_enrolled=proves, http_status=http_status, result_code="0840", result_text="ok",
+                      smile_job_id=ids, job_id=ids, at="2026-01-01T00:00:01.000Z")  # fmt: skip
+    settled = tr.settle(begun, outcome)
+    if settled is not None:
+        changed = {f.name for f in fields(LedgerRow) if getattr(settled, f.name) != getattr(begun, f.name)}
+        assert changed <= set(OUTCOME_COLUMNS)
 
 
 # --- one row's race in a group ---

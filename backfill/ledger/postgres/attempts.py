@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
+import operator
+import secrets
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,10 +71,27 @@ _INSERT = (
     f"INSERT INTO backfill.users ({_COLUMNS}, attempt_token) SELECT {_COLUMNS}, attempt_token FROM {_ROWS}"
 )
 _UPDATE = f"UPDATE backfill.users u {_SET} FROM {_ROWS} AS v WHERE u.user_id = v.user_id"
+# What an outcome changes in its row (`transitions.settle`, held to these by a test of this module).
+OUTCOME_COLUMNS = (
+    "state",
+    "doubt",
+    "photo_sha256",
+    "http_status",
+    "result_code",
+    "result_text",
+    "smile_job_id",
+    "job_id",
+    "finished_at",
+)
+_OUTCOME_KEYS = ("user_id", "attempts", *OUTCOME_COLUMNS, "attempt_token")
+_OUTCOME_OF = operator.attrgetter(*_OUTCOME_KEYS[:-1])
 # Outcomes of attempts this process began, each written only where the row is still the one its attempt
-# wrote (a settle leaves `sending`; only another attempt, with its own token, comes back to it).
+# wrote (a settle leaves `sending`; only another attempt, with its own token, comes back to it). Only what the
+# outcome changed travels: the rest of the row is the attempt's, as the condition checks.
 _SETTLE_BEGUN = (
-    f"{_UPDATE} AND u.state = 'sending' AND u.attempts = v.attempts AND u.attempt_token = v.attempt_token "
+    f"UPDATE backfill.users u SET ({', '.join(OUTCOME_COLUMNS)}) = "
+    f"({', '.join('v.' + c for c in OUTCOME_COLUMNS)}) FROM {_ROWS} AS v WHERE u.user_id = v.user_id "
+    "AND u.state = 'sending' AND u.attempts = v.attempts AND u.attempt_token = v.attempt_token "
     "RETURNING u.user_id"
 )
 # First attempts of IDs this process knows nothing of, each written only where the ledger has no row for it yet
@@ -96,7 +114,8 @@ Answer = Ticket | Refused | Settled
 class _Begin:
     request: AttemptRequest
     done: asyncio.Future[Ticket | Refused]
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # recognises this attempt after an outage
+    # Recognises this attempt after an outage.
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
     read: bool = False  # its row is read first: a write on condition found it wasn't as this process thought
 
     @property
@@ -287,8 +306,11 @@ class Attempts:
                     rows.append(made[0])
                     lines.append(claim[1])
         if settled:
-            tokens = {row.user_id: self._begun[row.user_id][1] for row in settled.values()}
-            applied.held.append(await _write(conn, list(settled.values()), tokens, _SETTLE_BEGUN))
+            outcomes = [
+                dict(zip(_OUTCOME_KEYS, (*_OUTCOME_OF(row), self._begun[row.user_id][1]), strict=True))
+                for row in settled.values()
+            ]
+            applied.held.append(await conn.execute(_SETTLE_BEGUN, (_json(outcomes),)))
             applied.answers.update(dict.fromkeys(settled, Settled.APPLIED))
             applied.conditional.update({at: row.user_id for at, row in settled.items()})
         if first:
@@ -409,7 +431,11 @@ async def _write(
 ) -> AsyncCursor[tuple[Any, ...]]:
     """These rows as they now are, in one statement (whose parameters `before` come first)."""
     objects = [dict(zip(_KEYS, (*schema.values(r), tokens.get(r.user_id)), strict=True)) for r in rows]
-    return await conn.execute(statement, (*before, json.dumps(objects, separators=(",", ":"))))
+    return await conn.execute(statement, (*before, _json(objects)))
+
+
+def _json(objects: list[dict[str, Any]]) -> str:
+    return json.dumps(objects, separators=(",", ":"))
 
 
 def _fail(group: Sequence[_Write], exc: BaseException) -> None:
