@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -182,18 +184,56 @@ async def _one_row(store: Any, user_id: str) -> None:
     await store.settle(_outcome(user_id, ticket.number))
 
 
+class _Rows:
+    """The rows to send, handed to the workers the same way on every path (a deque, no wait while one is
+    ready), so that what differs between the paths is the ledger's cost, not the benchmark's."""
+
+    def __init__(self) -> None:
+        self.ready: deque[str] = deque()
+        self._ended = False
+        self._more = asyncio.Event()
+        self._low = asyncio.Event()
+        self._low_at = -1
+
+    def add(self, user_ids: Iterable[str]) -> None:
+        self.ready.extend(user_ids)
+        self._more.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._more.set()
+
+    async def next(self) -> str | None:
+        """The next row for a worker, or None once every row is handed out."""
+        while not self.ready:
+            if self._ended:
+                return None
+            self._more.clear()
+            await self._more.wait()
+        if len(self.ready) <= self._low_at:
+            self._low.set()
+        return self.ready.popleft()
+
+    async def down_to(self, n: int) -> None:
+        """Wait until no more than `n` rows are ready."""
+        while len(self.ready) > n:
+            self._low_at = n
+            self._low.clear()
+            await self._low.wait()
+
+
 async def _store_path(store: Any, rows: int, workers: int) -> tuple[float, float]:
     """`workers` workers, each recording and settling rows: seconds and client CPU seconds for `rows` rows."""
     from backfill.ledger import RunRecord
 
     await store.start_run(RunRecord(run_id="bench", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for i in range(rows):
-        queue.put_nowait(f"c{i:07d}")
+    ready = _Rows()
+    ready.add(f"c{i:07d}" for i in range(rows))
+    ready.end()
 
     async def worker() -> None:
-        while not queue.empty():
-            await _one_row(store, queue.get_nowait())
+        while (uid := await ready.next()) is not None:
+            await _one_row(store, uid)
 
     began, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(workers)))
@@ -217,22 +257,22 @@ async def _fleet_path(store: Any, rows: int, workers: int) -> tuple[float, float
     manifest = SimpleNamespace(sha256="bench", name="m.csv",
                                batches=lambda: iter([Batch(candidates=candidates, rejects=[])]))  # fmt: skip
     # The engine's claim batch for this many workers: max(16, min(chunk_rows, concurrency * 4)).
-    claims = Claims(store, manifest, batch=workers * 4, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
-    queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=workers * 4)
+    batch_rows = workers * 4
+    claims = Claims(store, manifest, batch=batch_rows, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
+    ready = _Rows()
 
     async def claimer() -> None:
         handed = 0
         # Until every row is handed out, not until the claim stage says the manifest is done: that waits for the
         # last rows to be finished, a nap of up to a second that is no cost of the rows.
         while handed < rows and (batch := await claims.next_batch()) is not None:
-            for c in batch.candidates:
-                await queue.put(c.user_id)
+            ready.add(c.user_id for c in batch.candidates)
             handed += len(batch.candidates)
-        for _ in range(workers):
-            await queue.put(None)
+            await ready.down_to(batch_rows)  # one batch ahead of the workers
+        ready.end()
 
     async def worker() -> None:
-        while (uid := await queue.get()) is not None:
+        while (uid := await ready.next()) is not None:
             await _one_row(store, uid)
             claims.finished((uid,))
 
