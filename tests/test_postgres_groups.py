@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 import psycopg
@@ -27,8 +27,9 @@ from backfill.ledger import (
 )
 from backfill.ledger import transitions as tr
 from backfill.ledger.postgres import PostgresStore
-from backfill.ledger.postgres.attempts import OUTCOME_COLUMNS
+from backfill.ledger.postgres.attempts import FIRST_COLUMNS, OUTCOME_COLUMNS
 from backfill.ledger.postgres.connection import Conn, Database
+from backfill.manifest import Batch, Candidate
 from backfill.run.policy import RetryPolicy
 from backfill.vocab import State
 
@@ -112,13 +113,90 @@ def test_an_outcome_changes_no_column_its_conditional_write_leaves_out(
     made = tr.begin(None, request("u1"))
     assert not isinstance(made, Refused)
     begun = evolve(made[0], doubt=doubt, attempts=attempts, smile_job_id="old", job_id="old")
-    outcome = Outcome(user_id="u1", attempt=attempts, state=state, may_have_enrolled=may,
-                      proves_not_enrolled=proves, http_status=http_status, result_code="0840", result_text="ok",
-                      smile_job_id=ids, job_id=ids, at="2026-01-01T00:00:01.000Z")  # fmt: skip
+    outcome = Outcome(
+        user_id="u1",
+        attempt=attempts,
+        state=state,
+        may_have_enrolled=may,
+        proves_not_enrolled=proves,
+        http_status=http_status,
+        result_code="0840",
+        result_text="ok",
+        smile_job_id=ids,
+        job_id=ids,
+        at="2026-01-01T00:00:01.000Z",
+    )
     settled = tr.settle(begun, outcome)
     if settled is not None:
         changed = {f.name for f in fields(LedgerRow) if getattr(settled, f.name) != getattr(begun, f.name)}
         assert changed <= set(OUTCOME_COLUMNS)
+
+
+@given(
+    image_size=st.none() | st.integers(min_value=0, max_value=10**9),
+    created=st.none() | st.sampled_from(["2021-01-01"]),
+)
+def test_a_first_attempt_sets_no_column_its_conditional_write_leaves_out(
+    image_size: int | None, created: str | None
+) -> None:
+    """A first attempt written on condition sends `FIRST_COLUMNS` alone, the table's defaults making the rest:
+    a column `transitions.begin` set besides would be lost on the way to the ledger."""
+    fp = Fingerprint(ref="/img/u1.png", size=image_size, version=None)
+    first = AttemptRequest(
+        user_id="u1",
+        photo_sha256="a" * 64,
+        fingerprint=fp,
+        user_created_at=created,
+        run_id="r1",
+        at="2026-01-01T00:00:00.000Z",
+    )
+    made = tr.begin(None, first)
+    assert not isinstance(made, Refused)
+    defaults = {f.name: f.default for f in fields(LedgerRow) if f.default is not MISSING}
+    assert defaults.keys() | set(FIRST_COLUMNS) == {f.name for f in fields(LedgerRow)}
+    assert {k: getattr(made[0], k) for k in defaults.keys() - set(FIRST_COLUMNS)} == {
+        k: v for k, v in defaults.items() if k not in FIRST_COLUMNS
+    }
+
+
+@pytest.mark.parametrize("in_fleet", [False, True])
+async def test_rows_written_on_condition_read_back_as_the_transitions_made_them(
+    pg_url: str, in_fleet: bool
+) -> None:
+    """The table's defaults are the LedgerRow's: a first attempt and its outcome, each sent as the columns it
+    sets, read back whole, exactly as `transitions` made them."""
+    store = await PostgresStore.open(pg_url, BINDING, writable=True)
+    try:
+        await store.start_run(RunRecord(run_id="r1", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
+        if in_fleet:
+            rows = [Candidate(line=2, user_id="u1", user_created_at="2021-01-01", image="u1.png")]
+            await store.load("m1", "m.csv", _one_batch(rows))
+            await store.claim("m1", 10)
+        made = tr.begin(None, request("u1"))
+        assert not isinstance(made, Refused)
+        assert isinstance(await store.begin_attempt(request("u1")), Ticket)
+        assert (await store.lookup(["u1"]))["u1"] == made[0]
+        outcome = Outcome(
+            user_id="u1",
+            attempt=1,
+            state=State.ENROLLED,
+            may_have_enrolled=False,
+            proves_not_enrolled=False,
+            http_status=200,
+            result_code="0840",
+            result_text="ok",
+            smile_job_id="7",
+            job_id="j",
+            at="2026-01-01T00:00:01.000Z",
+        )
+        assert await store.settle(outcome) in (Settled.APPLIED, Settled.QUEUED)
+        assert (await store.lookup(["u1"]))["u1"] == tr.settle(made[0], outcome)
+    finally:
+        await store.close()
+
+
+async def _one_batch(candidates: list[Candidate]) -> AsyncIterator[Batch]:
+    yield Batch(candidates=candidates, rejects=[])
 
 
 # --- one row's race in a group ---

@@ -94,16 +94,37 @@ _SETTLE_BEGUN = (
     "AND u.state = 'sending' AND u.attempts = v.attempts AND u.attempt_token = v.attempt_token "
     "RETURNING u.user_id"
 )
+# What a first attempt sets in its new row (`transitions.begin`, held to these by a test of this module): the
+# table's defaults are the rest of a LedgerRow's, so these alone travel.
+FIRST_COLUMNS = (
+    "user_id",
+    "state",
+    "attempts",
+    "doubt",
+    "photo_sha256",
+    "image_ref",
+    "image_size",
+    "image_version",
+    "user_created_at",
+    "first_attempt_at",
+    "last_attempt_at",
+    "run_id",
+)
+_FIRST_KEYS = (*FIRST_COLUMNS, "attempt_token")
+_FIRST_OF = operator.attrgetter(*FIRST_COLUMNS)
+_INSERT_FIRST = (
+    f"INSERT INTO backfill.users ({', '.join(_FIRST_KEYS)}) SELECT {', '.join(_FIRST_KEYS)} FROM {_ROWS}"
+)
 # First attempts of IDs this process knows nothing of, each written only where the ledger has no row for it yet
 # (else it is read, in the next group).
-_INSERT_NEW = f"{_INSERT} ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
+_INSERT_NEW = f"{_INSERT_FIRST} ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
 # The same in a fleet, and only where this run still holds the row's claim, locked until the commit: the check
 # `begin_attempt` makes in the same transaction as its write (queue.py's _CLAIMED, and why IS NOT DISTINCT).
 _INSERT_CLAIMED = (
     f"WITH held AS (SELECT user_id FROM backfill.queue WHERE manifest_sha256 = %s AND line = {schema.LINES} "
     " AND claimed_by IS NOT DISTINCT FROM %s AND NOT done AND lease_until > now() ORDER BY line FOR UPDATE) "
-    f"INSERT INTO backfill.users ({_COLUMNS}, attempt_token) SELECT {_COLUMNS}, attempt_token FROM {_ROWS} "
-    "WHERE user_id IN (SELECT user_id FROM held) ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
+    f"{_INSERT_FIRST} WHERE user_id IN (SELECT user_id FROM held) ON CONFLICT (user_id) DO NOTHING "
+    "RETURNING user_id"
 )
 
 
@@ -113,25 +134,19 @@ Answer = Ticket | Refused | Settled
 @dataclass(slots=True)
 class _Begin:
     request: AttemptRequest
+    user_id: str  # the request's, read a dozen times a write
     done: asyncio.Future[Ticket | Refused]
     # Recognises this attempt after an outage.
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     read: bool = False  # its row is read first: a write on condition found it wasn't as this process thought
 
-    @property
-    def user_id(self) -> str:
-        return self.request.user_id
-
 
 @dataclass(slots=True)
 class _Settle:
     outcome: Outcome
+    user_id: str  # the outcome's
     done: asyncio.Future[Settled]
     read: bool = False
-
-    @property
-    def user_id(self) -> str:
-        return self.outcome.user_id
 
 
 _Write = _Begin | _Settle
@@ -173,12 +188,12 @@ class Attempts:
 
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         done: asyncio.Future[Ticket | Refused] = asyncio.get_running_loop().create_future()
-        self._hand(_Begin(request=request, done=done))
+        self._hand(_Begin(request=request, user_id=request.user_id, done=done))
         return await done
 
     async def settle(self, outcome: Outcome) -> Settled:
         done: asyncio.Future[Settled] = asyncio.get_running_loop().create_future()
-        self._hand(_Settle(outcome=outcome, done=done))
+        self._hand(_Settle(outcome=outcome, user_id=outcome.user_id, done=done))
         return await done
 
     async def drain(self) -> None:
@@ -316,12 +331,11 @@ class Attempts:
         if first:
             tokens = {write.user_id: write.token for write, _, _ in first.values()}
             if not in_fleet:
-                applied.held.append(
-                    await _write(conn, [row for _, row, _ in first.values()], tokens, _INSERT_NEW)
-                )
+                rows = [row for _, row, _ in first.values()]
+                applied.held.append(await conn.execute(_INSERT_NEW, (_firsts(rows, tokens),)))
             for manifest, (rows, lines) in sorted(claims.items()):
-                statement = (_INSERT_CLAIMED, manifest, schema.integers(lines), self._queue.run_id)
-                applied.held.append(await _write(conn, rows, tokens, *statement))
+                params = (manifest, schema.integers(lines), self._queue.run_id, _firsts(rows, tokens))
+                applied.held.append(await conn.execute(_INSERT_CLAIMED, params))
             for at, (write, row, ticket) in first.items():
                 applied.answers[at] = ticket
                 applied.conditional[at] = write.user_id
@@ -432,6 +446,11 @@ async def _write(
     """These rows as they now are, in one statement (whose parameters `before` come first)."""
     objects = [dict(zip(_KEYS, (*schema.values(r), tokens.get(r.user_id)), strict=True)) for r in rows]
     return await conn.execute(statement, (*before, _json(objects)))
+
+
+def _firsts(rows: list[LedgerRow], tokens: Mapping[str, str]) -> str:
+    """New rows as _INSERT_FIRST takes them."""
+    return _json([dict(zip(_FIRST_KEYS, (*_FIRST_OF(r), tokens[r.user_id]), strict=True)) for r in rows])
 
 
 def _json(objects: list[dict[str, Any]]) -> str:
