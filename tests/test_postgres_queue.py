@@ -113,6 +113,44 @@ async def test_a_finish_reads_the_rows_it_names_and_no_others(pg_url: str) -> No
         await a.close()
 
 
+def _cut_connections(url: str) -> None:
+    """Every other connection to the database cut, as a restart or a failover cuts them."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+async def test_a_process_that_joins_as_the_database_restarts_waits_for_it_and_loads(pg_url: str) -> None:
+    a = await _process(pg_url, "run-a")
+    try:
+        _cut_connections(pg_url)  # the connections its pool holds are gone
+        assert await a.load("m1", "m.csv", _rows(10)) is True
+        assert len((await a.claim("m1", 20)).candidates) == 10
+    finally:
+        await a.close()
+
+
+async def test_a_load_cut_part_way_leaves_nothing_and_the_next_process_loads(pg_url: str) -> None:
+    async def cut_once_read() -> AsyncIterator[Batch]:
+        async for batch in _rows(10):
+            yield batch
+        _cut_connections(pg_url)  # every row read, the COPY not yet ended: they can't be read again
+
+    a, b = await _process(pg_url, "run-a"), await _process(pg_url, "run-b")
+    try:
+        with pytest.raises(LedgerError, match="cut part-way"):
+            await a.load("m1", "m.csv", cut_once_read())
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM backfill.queue").fetchone() == (0,)
+        assert await b.load("m1", "m.csv", _rows(10)) is True
+        assert len((await b.claim("m1", 20)).candidates) == 10
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_schema_1_ledger_is_migrated_in_place_and_its_claims_kept(pg_url: str) -> None:
     a = await _process(pg_url, "run-a")
     try:

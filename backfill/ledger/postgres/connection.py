@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from enum import StrEnum
 from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -153,10 +152,6 @@ class Database:
         )
         await pool.open(wait=False)
         return cls(pool, location=location, outage_s=outage_s, retries=retries), held
-
-    def connection(self) -> AbstractAsyncContextManager[Conn]:
-        """A pooled connection for work outside `run` (a manifest's load: one transaction, never retried)."""
-        return self._pool.connection()
 
     async def close(self) -> None:
         self.closed = True

@@ -12,12 +12,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Collection, Sequence
 
-import psycopg
-
 from ...errors import LedgerError
 from ...manifest import Batch, Candidate, Reject
 from ...vocab import Reason
-from .connection import Commit, Database, said
+from .connection import Commit, Database
 from .schema import LINES, Conn, integers
 
 HAND_BACK_S = 2.0  # a row another live process is sending is left alone this long before it is claimed again
@@ -144,45 +142,56 @@ class Queue:
 
     async def load(self, manifest_sha256: str, path: str, rows: AsyncIterator[Batch]) -> bool:
         self.in_fleet = True
-        # One transaction, not retried: if this process dies or the database goes away part-way, nothing of it
-        # stays, and the next process to join loads the manifest instead. Joiners wait on the row's lock.
-        try:
-            async with self._db.connection() as conn, conn.transaction():
-                cur = await conn.execute(
-                    "INSERT INTO backfill.manifests (sha256, path, loaded_by) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (sha256) DO NOTHING RETURNING sha256",
-                    (manifest_sha256, path, self.run_id),
+        started = False  # the manifest's rows are read once: a load cut once they are is not tried again
+
+        async def read() -> AsyncIterator[Batch]:
+            nonlocal started
+            started = True
+            async for batch in rows:
+                yield batch
+
+        # One transaction: if this process dies or the database goes away part-way, nothing of it stays, and the
+        # next process to join loads the manifest instead. Joiners wait on the row's lock. An outage before the
+        # rows are read (a process joining while the database restarts) is waited out, as any other.
+        async def work(conn: Conn, retried: bool) -> bool:
+            if started:
+                raise LedgerError(
+                    f"can't load the manifest into the ledger {self._db.location}: the load was cut part-way, "
+                    "and the manifest's rows are read once. Run again: a load is made whole or not at all"
                 )
-                if await cur.fetchone() is None:
-                    await self._maybe_new_pass(conn, manifest_sha256)
-                    return False
-                loaded = 0
-                async with conn.cursor().copy(
-                    "COPY backfill.queue (manifest_sha256, line, user_id, user_created_at, image, reason, message) "
-                    "FROM STDIN"
-                ) as copy:
-                    async for batch in rows:
-                        for c in batch.candidates:
-                            await copy.write_row(
-                                (manifest_sha256, c.line, c.user_id, c.user_created_at, c.image, None, None)
-                            )
-                        for r in batch.rejects:
-                            await copy.write_row(
-                                (manifest_sha256, r.line, r.user_id, None, None, r.reason.value, r.message)
-                            )
-                        loaded += len(batch.candidates) + len(batch.rejects)
-                await conn.execute(
-                    "UPDATE backfill.manifests SET rows = %s WHERE sha256 = %s", (loaded, manifest_sha256)
-                )
-                # The queue's statistics, now: until autovacuum's next look (up to a minute), the planner would
-                # take a queue of a million rows for an empty one, and scan all of it for each claim. A role that
-                # doesn't own the table is told so in a warning, and the claims wait for autovacuum.
-                await conn.execute("ANALYZE backfill.queue")
-                return True
-        except psycopg.Error as exc:
-            raise LedgerError(
-                f"can't load the manifest into the ledger {self._db.location}: {said(exc)}"
-            ) from exc
+            cur = await conn.execute(
+                "INSERT INTO backfill.manifests (sha256, path, loaded_by) VALUES (%s, %s, %s) "
+                "ON CONFLICT (sha256) DO NOTHING RETURNING sha256",
+                (manifest_sha256, path, self.run_id),
+            )
+            if await cur.fetchone() is None:
+                await self._maybe_new_pass(conn, manifest_sha256)
+                return False
+            loaded = 0
+            async with conn.cursor().copy(
+                "COPY backfill.queue (manifest_sha256, line, user_id, user_created_at, image, reason, message) "
+                "FROM STDIN"
+            ) as copy:
+                async for batch in read():
+                    for c in batch.candidates:
+                        await copy.write_row(
+                            (manifest_sha256, c.line, c.user_id, c.user_created_at, c.image, None, None)
+                        )
+                    for r in batch.rejects:
+                        await copy.write_row(
+                            (manifest_sha256, r.line, r.user_id, None, None, r.reason.value, r.message)
+                        )
+                    loaded += len(batch.candidates) + len(batch.rejects)
+            await conn.execute(
+                "UPDATE backfill.manifests SET rows = %s WHERE sha256 = %s", (loaded, manifest_sha256)
+            )
+            # The queue's statistics, now: until autovacuum's next look (up to a minute), the planner would take
+            # a queue of a million rows for an empty one, and scan all of it for each claim. A role that doesn't
+            # own the table is told so in a warning, and the claims wait for autovacuum.
+            await conn.execute("ANALYZE backfill.queue")
+            return True
+
+        return await self._db.run(work, what="load of the manifest")
 
     async def _maybe_new_pass(self, conn: Conn, manifest_sha256: str) -> None:
         await conn.execute(
