@@ -1,4 +1,4 @@
-"""The PostgreSQL ledger's queue and its schema: what a claim reads, and a ledger of schema 1 migrated in place."""
+"""The PostgreSQL ledger's queue and its schema: what a claim reads, and a ledger of schema 2 migrated in place."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from backfill.manifest import Batch, Candidate
 from .pg_server import ROLE_PASSWORD, PgCluster
 
 BINDING = Binding(partner_id="085", endpoint="http://127.0.0.1:1")
-# Schema 1's queue indexes, as the version before schema 2 made them.
-_SCHEMA_1_INDEXES = """
+# Schema 2's queue indexes (1's too), as the versions before schema 3 made them.
+_SCHEMA_2_INDEXES = """
 CREATE INDEX queue_todo ON backfill.queue (manifest_sha256, line) WHERE NOT done;
 CREATE INDEX queue_claims ON backfill.queue (claimed_by) WHERE NOT done;
 """
@@ -57,12 +57,13 @@ def _schema(url: str) -> str:
     return str(found[0])
 
 
-def _as_schema_1(url: str) -> None:
-    """Turn a ledger into what the version before schema 2 left: the queue's indexes of then, schema 1."""
+def _as_schema_2(url: str) -> None:
+    """Turn a ledger into what the version before schema 3 left: the queue's indexes of then, schema 2 (photo
+    pins already keyed)."""
     with psycopg.connect(url) as conn:
         conn.execute("DROP INDEX backfill.queue_open, backfill.queue_leases")
-        conn.execute(_SCHEMA_1_INDEXES)
-        conn.execute("UPDATE backfill.meta SET value = '1' WHERE key = 'schema'")
+        conn.execute(_SCHEMA_2_INDEXES)
+        conn.execute("UPDATE backfill.meta SET value = '2' WHERE key = 'schema'")
 
 
 def _filtered(plan: dict[str, Any]) -> int:
@@ -73,7 +74,7 @@ def _filtered(plan: dict[str, Any]) -> int:
 
 async def test_a_claim_reads_no_row_that_another_claim_holds(pg_url: str) -> None:
     """With 2,000 rows in flight, a claim reads the rows it takes and no others: each claim would otherwise read
-    every row in flight before the first it may take (the queue's largest cost per row, in schema 1)."""
+    every row in flight before the first it may take (the queue's largest cost per row, in schema 2)."""
     a, b = await _process(pg_url, "run-a"), await _process(pg_url, "run-b")
     try:
         await a.load("m1", "m.csv", _rows(2_100))
@@ -151,7 +152,7 @@ async def test_a_load_cut_part_way_leaves_nothing_and_the_next_process_loads(pg_
         await b.close()
 
 
-async def test_a_schema_1_ledger_is_migrated_in_place_and_its_claims_kept(pg_url: str) -> None:
+async def test_a_schema_2_ledger_is_migrated_in_place_and_its_claims_kept(pg_url: str) -> None:
     a = await _process(pg_url, "run-a")
     try:
         await a.load("m1", "m.csv", _rows(10))
@@ -162,18 +163,18 @@ async def test_a_schema_1_ledger_is_migrated_in_place_and_its_claims_kept(pg_url
     try:
         assert [c.line for c in (await a.claim("m1", 3)).candidates] == [2, 3, 4]
         await a.finish("m1", [2])
-        _as_schema_1(pg_url)
+        _as_schema_2(pg_url)
 
         reader = await PostgresStore.open(pg_url, None, writable=False)
         try:
             assert (await reader.status()).queues[0].claimed == 2
         finally:
             await reader.close()
-        assert _schema(pg_url) == "1"  # a reader never writes, a migration neither
+        assert _schema(pg_url) == "2"  # a reader never writes, a migration neither
 
         b = await _process(pg_url, "run-b")
         try:
-            assert _schema(pg_url) == "2"
+            assert _schema(pg_url) == "3"
             assert _queue_indexes(pg_url) == {"queue_pkey", "queue_open", "queue_leases", "queue_finished_by"}
             # A's claims (lines 3 and 4) held through the migration; line 2 finished; the rest open.
             assert [c.line for c in (await b.claim("m1", 10)).candidates] == [5, 6, 7, 8, 9, 10, 11]
@@ -181,9 +182,9 @@ async def test_a_schema_1_ledger_is_migrated_in_place_and_its_claims_kept(pg_url
             assert await b.unfinished("m1") == 7
         finally:
             await b.close()
-        # A process of the earlier version opens it: it makes its indexes again before it refuses schema 2.
+        # A process of the earlier version opens it: it makes its indexes again before it refuses schema 3.
         with psycopg.connect(pg_url) as conn:
-            conn.execute(_SCHEMA_1_INDEXES)
+            conn.execute(_SCHEMA_2_INDEXES)
         await (await _process(pg_url, "run-c")).close()
         assert _queue_indexes(pg_url) == {"queue_pkey", "queue_open", "queue_leases", "queue_finished_by"}
     finally:
@@ -195,20 +196,20 @@ async def test_a_ledger_of_a_newer_schema_is_refused_and_nothing_is_made_in_it(p
     await store.close()
     with psycopg.connect(pg_url) as conn:
         conn.execute("DROP INDEX backfill.queue_open")
-        conn.execute("UPDATE backfill.meta SET value = '3' WHERE key = 'schema'")
+        conn.execute("UPDATE backfill.meta SET value = '4' WHERE key = 'schema'")
     for writable in (True, False):
-        with pytest.raises(LedgerError, match=r"has schema '3'.*Upgrade backfill"):
+        with pytest.raises(LedgerError, match=r"has schema '4'.*Upgrade backfill"):
             await PostgresStore.open(pg_url, BINDING, writable=writable)
     assert "queue_open" not in _queue_indexes(pg_url)
 
 
-async def test_a_role_that_may_not_migrate_a_schema_1_ledger_is_told_who_may(
+async def test_a_role_that_may_not_migrate_a_schema_2_ledger_is_told_who_may(
     pg_cluster: PgCluster, pg_url: str
 ) -> None:
     """A fleet's processes may run as a role that reads and writes the tables without owning them."""
     store = await _process(pg_url, "r")
     await store.close()
-    _as_schema_1(pg_url)
+    _as_schema_2(pg_url)
     database = pg_url.rsplit("/", 1)[1]
     role = f"backfill_rw_{os.getpid()}"
     pg_cluster.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{ROLE_PASSWORD}'")
@@ -218,7 +219,8 @@ async def test_a_role_that_may_not_migrate_a_schema_1_ledger_is_told_who_may(
         database,
     )
     with pytest.raises(
-        LedgerError, match=r"has the queue of schema 1.*the role that owns its tables must open it first"
+        LedgerError,
+        match=r"has the queue of an earlier version.*the role that owns its tables must open it first",
     ):
         await PostgresStore.open(pg_cluster.url(database, user=role), BINDING, writable=True)
-    assert _schema(pg_url) == "1" and "queue_todo" in _queue_indexes(pg_url)  # left as it was
+    assert _schema(pg_url) == "2" and "queue_todo" in _queue_indexes(pg_url)  # left as it was

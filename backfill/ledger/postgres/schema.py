@@ -247,7 +247,9 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
             if meta.get("schema") == "1":
                 await _migrate_v1(conn)  # after _SCHEMA: the key goes into its secrets table
             if older:
-                await conn.execute("UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,))
+                await conn.execute(
+                    "UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,)
+                )
                 meta["schema"] = SCHEMA_VERSION
             if not meta and binding is not None:
                 for key, value in (
