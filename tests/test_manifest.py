@@ -947,3 +947,19 @@ def test_arbitrary_text_is_read_or_refused_as_a_whole(body: str, chunk_rows: int
             [r.line for b in batches for r in b.rows] + [r.line for b in batches for r in b.rejects]
         )
         assert lines == list(range(2, manifest.total_rows + 2))
+
+
+@given(
+    chunks=st.lists(st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "00123", "123"]), max_size=9)),
+    block=st.integers(min_value=1, max_value=5),
+)
+def test_the_prescan_finds_exactly_the_repeated_ids_across_its_blocks(chunks: list[list[str]], block: int) -> None:
+    # The pre-scan keeps its hashes in blocks (for its peak memory); a chunk may span several blocks, a block
+    # several chunks, and the last block is partly used: whatever the cut, the repeated ids are the same.
+    from backfill.manifest import _Hashes
+
+    hashes = _Hashes(block)
+    for chunk in chunks:
+        hashes.add(chunk)
+    counts = Counter(uid for chunk in chunks for uid in chunk)
+    assert sorted(hashes.repeated().tolist()) == sorted(hash(uid) for uid, n in counts.items() if n > 1)

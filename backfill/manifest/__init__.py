@@ -573,21 +573,57 @@ def _json_kind(value: object) -> str:
 
 def _prescan_records(chunks: Iterator[_Chunk], first: int) -> tuple[_Prescan, dict[int, str]]:
     """Counts rows and hashes every user_id (the first column of each chunk); {line: problem} of bad rows."""
-    hashes: list[npt.NDArray[np.int64]] = []
+    hashes = _Hashes()
     problems: dict[int, str] = {}
     total = 0
     for values, found in chunks:
         uids = values[0]
         for offset, problem in found.items():
             problems[first + total + offset] = problem
-        hashes.append(np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids)))
+        hashes.add(uids)
         total += len(uids)
-    everything = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
-    del hashes
-    everything.sort()
-    repeated = everything[1:][everything[1:] == everything[:-1]]
     lines = np.array(sorted(problems), dtype=np.int64)
-    return _Prescan(total, np.unique(repeated), lines, np.zeros(len(lines), dtype=np.int64)), problems
+    return _Prescan(total, hashes.repeated(), lines, np.zeros(len(lines), dtype=np.int64)), problems
+
+
+class _Hashes:
+    """Every user_id's 64-bit hash, in blocks of a million; then the hashes seen more than once.
+
+    Why blocks: the peak must stay one copy of the hashes (80 MB at 10M rows). Small per-chunk arrays, or a
+    buffer grown by copying, leave the heap holding their freed memory while the sorted whole is built (measured:
+    twice the hashes at 10M rows). A block is big enough for malloc to map it on its own, so each is returned to
+    the system as soon as it is copied into the whole.
+    """
+
+    def __init__(self, block: int = 1 << 20) -> None:
+        self._block = block
+        self._blocks: list[npt.NDArray[np.int64]] = []
+        self._used = block  # of the last block: full, so the first add starts one
+
+    def add(self, uids: list[str]) -> None:
+        hashed = np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids))
+        while len(hashed):
+            if self._used == self._block:
+                self._blocks.append(np.empty(self._block, dtype=np.int64))
+                self._used = 0
+            room = min(self._block - self._used, len(hashed))
+            self._blocks[-1][self._used : self._used + room] = hashed[:room]
+            self._used += room
+            hashed = hashed[room:]
+
+    def repeated(self) -> npt.NDArray[np.int64]:
+        """The hashes that occur more than once, each once, sorted; the blocks are gone after."""
+        total = len(self._blocks) * self._block - (self._block - self._used if self._blocks else 0)
+        everything = np.empty(total, dtype=np.int64)
+        self._blocks.reverse()
+        at = 0
+        while self._blocks:
+            block = self._blocks.pop()[: total - at]
+            everything[at : at + len(block)] = block
+            at += len(block)
+            del block
+        everything.sort()
+        return np.unique(everything[1:][everything[1:] == everything[:-1]])
 
 
 class _RowChecker:
@@ -894,7 +930,7 @@ def _prescan(
     snapshot: _Snapshot, reader: Iterator[list[str]], width: int, uid_at: int, rules: ManifestRules
 ) -> _Prescan:
     """Counts rows, hashes every user_id, finds the rows with extra fields; `reader` is past the header."""
-    hashes: list[npt.NDArray[np.int64]] = []
+    hashes = _Hashes()
     bad_lines: list[int] = []
     bad_fields: list[int] = []
     total = 0
@@ -914,7 +950,7 @@ def _prescan(
             if any(value.strip() for value in row[width:]):
                 bad_lines.append(total + 2 + int(i))
                 bad_fields.append(len(row))
-        hashes.append(np.fromiter(map(hash, uids), dtype=np.int64, count=len(uids)))
+        hashes.add(uids)
         total += len(rows)
     try:
         leftover = next(reader, None)
@@ -922,13 +958,9 @@ def _prescan(
         leftover = []
     if leftover is not None:
         _disagreement(name, total, [""], [])
-    everything = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
-    del hashes
-    everything.sort()
-    repeated = everything[1:][everything[1:] == everything[:-1]]
     return _Prescan(
         total,
-        np.unique(repeated),
+        hashes.repeated(),
         np.array(bad_lines, dtype=np.int64),
         np.array(bad_fields, dtype=np.int64),
     )
