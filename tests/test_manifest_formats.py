@@ -345,9 +345,9 @@ def test_a_manifest_in_a_bucket_is_read_in_its_format(
 
 
 def test_the_formats_benchmark_runs_and_reads_every_row(tmp_path: Path) -> None:
-    # As a user runs it (a process of its own): every child asserts it read all 300 rows.
+    # As a user runs it (a process of its own), at two sizes: every child asserts it read all the rows.
     root = Path(__file__).resolve().parent.parent
-    args = ["--rows", "300", "--data-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")]
+    args = ["--rows", "300,600", "--data-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")]
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.manifests", *args],
         cwd=root,
@@ -359,5 +359,10 @@ def test_the_formats_benchmark_runs_and_reads_every_row(tmp_path: Path) -> None:
     (written,) = (tmp_path / "results").glob("manifests-*.json")
     figures = json.loads(written.read_text())
     formats = ("csv", "jsonl", "parquet")
-    assert all(figures[name]["rows_per_s"] > 0 and figures[name]["peak_rss_mb"] > 0 for name in formats)
-    assert figures["csv"]["wall_over_csv"] == 1.0 and figures["imports_peak_rss_mb"] > 0
+    for size in ("300", "600"):
+        at_size = figures["sizes"][size]
+        assert all(at_size[name]["rows_per_s"] > 0 and at_size[name]["peak_rss_mb"] > 0 for name in formats)
+        assert at_size["csv"]["wall_over_csv"] == 1.0
+    assert figures["imports_peak_rss_mb"] > 0
+    assert {name: figures["growth"][name]["rows"] for name in formats} == {name: [300, 600] for name in formats}
+    assert all(figures["growth"][name]["peak_rss_ratio"] > 0 for name in formats)
