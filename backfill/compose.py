@@ -90,6 +90,7 @@ def _ask(confirm: Confirm, settings: Settings, *, rows: int, source: str) -> Non
 
 
 RETRY_MANIFEST = "the retry manifest backfill wrote"
+EXTRA_PIP = "pip install 'backfill[images]'"  # what --normalize needs
 
 
 def manifest_rules(settings: Settings) -> ManifestRules:
@@ -143,13 +144,38 @@ def image_source(
     where = str(manifest_path)
     remote_base = prefix_of(where) if is_url(where) else None
     base = Path.cwd() if remote_base is not None else Path(manifest_path).absolute().parent
-    local = LocalImageSource(base=base, root=settings.images_root, max_bytes=settings.max_image_bytes)
-    return DispatchingImageSource(
+    local = LocalImageSource(
+        base=base, root=settings.images_root, max_bytes=read_limit(settings), convert=settings.normalize
+    )
+    found = DispatchingImageSource(
         local=local,
         remote=lambda: remote or remote_image_source(settings, policy),
         base=remote_base,
         root=str(settings.images_root) if settings.images_root is not None else None,
     )
+    return normalizing(settings, found) if settings.normalize else found
+
+
+def read_limit(settings: Settings) -> int:
+    """The largest photo read: the API's limit, or with --normalize the larger one of a photo it scales down."""
+    if settings.normalize:
+        return max(settings.max_source_bytes, settings.max_image_bytes)
+    return settings.max_image_bytes
+
+
+def normalizing(settings: Settings, inner: ImageSource) -> ImageSource:
+    """`inner`'s photos normalised on read (Pillow and pillow-heif are loaded only here, only when asked for)."""
+    try:
+        from .images.normalize import NormalizingImageSource
+
+        return NormalizingImageSource(inner, max_bytes=settings.max_image_bytes)
+    except ImportError as exc:
+        raise ConfigError(
+            "normalize",
+            settings.sources.get("normalize", "default"),
+            f"normalising photos needs Pillow and pillow-heif ({exc.name} is missing)",
+            f"install them with {EXTRA_PIP}, or turn normalize off",
+        ) from exc
 
 
 def remote_image_source(settings: Settings, policy: RetryPolicy) -> RemoteImageSource:
@@ -157,7 +183,8 @@ def remote_image_source(settings: Settings, policy: RetryPolicy) -> RemoteImageS
     from .images.remote import RemoteImageSource, StoreOptions  # obstore is loaded only when a URL is used
 
     return RemoteImageSource(
-        max_bytes=settings.max_image_bytes,
+        max_bytes=read_limit(settings),
+        convert=settings.normalize,
         read_concurrency=settings.read_concurrency,
         options=StoreOptions(timeout=settings.timeout, connect_timeout=settings.connect_timeout),
         retries=policy,

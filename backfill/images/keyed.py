@@ -27,7 +27,14 @@ class KeyedImageSource(ImageSource):
 
     async def read(self, fingerprint: Fingerprint) -> Photo:
         photo = await self._inner.read(fingerprint)
-        return Photo(data=photo.data, sha256=self._key.pin(photo.sha256), fingerprint=photo.fingerprint)
+        sent = photo.sent_sha256
+        return Photo(
+            data=photo.data,
+            sha256=self._key.pin(photo.sha256),
+            fingerprint=photo.fingerprint,
+            sent_sha256=None if sent is None else self._key.pin(sent),
+            note=photo.note,
+        )
 
     async def close(self) -> None:
         await self._inner.close()

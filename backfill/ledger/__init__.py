@@ -122,11 +122,14 @@ class AttemptRequest:
     """An attempt about to leave: recorded durably, after its rate slot is taken and its photo read."""
 
     user_id: str
-    photo_sha256: str  # of the exact bytes about to be sent
+    photo_sha256: str  # of the photo as read (with --normalize, its source: the pin follows the user's photo)
     fingerprint: Fingerprint  # of the photo those bytes were read from
     user_created_at: str
     run_id: str
     at: str
+    # With --normalize: the keyed digest of the bytes sent (None: the photo as read) and what was done to them.
+    sent_sha256: str | None = None
+    transform: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -43,6 +43,9 @@ class SandboxState:
     last_smile_job_id: int = 0
     # Foreign user_ids (held by another partner user) that any request arrived for; `requests` has the counts.
     foreign_requested: set[str] = field(default_factory=set)
+    # The photo bytes each user_id was enrolled with, for tests to look at what arrived: in memory only, never
+    # in the state file (whose lines keep just their digest).
+    photos: dict[str, bytes] = field(default_factory=dict)
 
     def snapshot(self) -> dict[str, Any]:
         """The JSON served at {root}/_sandbox/state, for tests that drive the sandbox from another process."""
