@@ -7,25 +7,35 @@ import csv
 import io
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pillow_heif
+import psycopg
 import pytest
 from PIL import Image, PngImagePlugin
 
 from backfill import compose
 from backfill.config import Settings
-from backfill.errors import ConfigError
-from backfill.images import ImageError
+from backfill.errors import ConfigError, LedgerError
+from backfill.images import ImageError, PhotoKey
 from backfill.images import normalize as norm
 from backfill.images.normalize import normalize
-from backfill.sandbox import RunningSandbox
+from backfill.ledger import LedgerRow, Refused
+from backfill.ledger.postgres.schema import SCHEMA_VERSION as PG_SCHEMA
+from backfill.ledger.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
+from backfill.sandbox import Faults, RunningSandbox, start_sandbox
 from backfill.vocab import Reason
+
+from .conftest import API_KEY, PARTNER_ID, Sleeps, simple_rows, write_manifest
+from .test_ledger_contract import BINDING, request
+from .test_promise import CountingImages
 
 pillow_heif.register_heif_opener()
 
@@ -281,3 +291,109 @@ def test_pillow_is_loaded_only_when_normalize_is_on(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+# --- the ledger: the source pinned, the bytes sent and the transform beside it ---------------------------------
+
+
+async def ledger_row(settings: Settings, user_id: str) -> tuple[LedgerRow, PhotoKey]:
+    store = await compose.open_store(settings, writable=False)
+    try:
+        return (await store.lookup([user_id]))[user_id], store.photo_key
+    finally:
+        await store.close()
+
+
+async def test_a_row_retried_with_other_bytes_from_the_same_source_is_sent_and_its_sent_digest_recorded(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps
+) -> None:
+    """The first attempt fails (503, attempts spent): the ledger pins the source photo and records the keyed
+    digest of the bytes sent and the transform. A later run normalises to another limit (other bytes): the
+    ledger lets them go, since the source is the same, and records the new digest and transform."""
+    source = encoded(Image.frombytes("RGB", (320, 240), os.urandom(320 * 240 * 3)), "HEIF", quality=90)
+    manifest = archive(tmp_path / "a", {"heic": source})
+    async with await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script={"user_heic": [503]})) as server:
+        first = await compose.run(
+            make_settings(server, normalize=True, max_attempts=1), manifest, sleep=sleeps
+        )
+        assert first.counts == {"retry_exhausted": 1}
+        row, key = await ledger_row(make_settings(server), "user_heic")
+        assert row.photo_sha256 == key.of(source) and row.transform == "converted from HEIC; metadata removed"
+        assert row.sent_sha256 is not None and row.sent_sha256 != row.photo_sha256
+        first_sent = row.sent_sha256
+
+        second = await compose.run(make_settings(server, normalize=True, max_image_bytes=20_000), manifest)
+        assert second.counts == {"enrolled": 1}, rows(second, "rejects.csv")
+        got = server.state.photos["user_heic"]
+        row, key = await ledger_row(make_settings(server), "user_heic")
+        assert row.photo_sha256 == key.of(source)  # still the source's pin
+        assert row.sent_sha256 == key.of(got) != first_sent and len(got) <= 20_000
+        assert row.transform.startswith("converted from HEIC; scaled 320x240 → ")
+
+
+def as_schema_3(path: Path) -> None:
+    """A ledger as schema 3 left it: no sent_sha256 nor transform column."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("ALTER TABLE users DROP COLUMN sent_sha256")
+        conn.execute("ALTER TABLE users DROP COLUMN transform")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_a_schema_3_ledger_gains_the_columns_in_place_and_its_done_rows_are_skipped_unread(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    settings = make_settings(sandbox)
+    assert (await compose.run(settings, manifest)).counts == {"enrolled": 3}
+    ledger = tmp_path / "checkpoint.sqlite"
+    as_schema_3(ledger)
+    with pytest.raises(LedgerError, match=r"schema '3'.*Open it once with a writable command"):
+        await compose.open_store(settings, writable=False)
+
+    images = CountingImages(tmp_path)
+    again = await compose.run(settings, manifest, images=images)
+    assert again.counts == {"skipped": 3} and images.calls["read"] == 0
+    conn = sqlite3.connect(ledger)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (SQLITE_SCHEMA,)
+        assert conn.execute(
+            "SELECT count(*) FROM users WHERE sent_sha256 IS NULL AND transform = ''"
+        ).fetchone() == (3,)
+    finally:
+        conn.close()
+    row, _ = await ledger_row(settings, "user_0000")
+    assert row.sent_sha256 is None and row.transform == ""
+
+
+async def test_a_postgres_schema_3_ledger_gains_the_columns_in_place(pg_url: str) -> None:
+    from backfill.ledger.postgres import PostgresStore
+
+    store = await PostgresStore.open(pg_url, BINDING, writable=True)
+    try:
+        assert not isinstance(await store.begin_attempt(request("p1")), Refused)
+        await store.flush()
+    finally:
+        await store.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as schema 3 left it
+        conn.execute("ALTER TABLE backfill.users DROP COLUMN sent_sha256, DROP COLUMN transform")
+        conn.execute("UPDATE backfill.meta SET value = '3' WHERE key = 'schema'")
+    with pytest.raises(LedgerError, match=r"has schema 3, from an earlier version.*writing command"):
+        await PostgresStore.open(pg_url, BINDING, writable=False)
+    store = await PostgresStore.open(pg_url, BINDING, writable=True)
+    try:
+        (old,) = (await store.lookup(["p1"])).values()
+        assert old.photo_sha256 == "a" * 64 and old.sent_sha256 is None and old.transform == ""
+        sent = replace(request("p2"), sent_sha256="b" * 64, transform="converted from HEIC")
+        assert not isinstance(await store.begin_attempt(sent), Refused)
+        await store.flush()
+        (new,) = (await store.lookup(["p2"])).values()
+        assert new.sent_sha256 == "b" * 64 and new.transform == "converted from HEIC"
+    finally:
+        await store.close()
+    with psycopg.connect(pg_url) as conn:
+        found = conn.execute("SELECT value FROM backfill.meta WHERE key = 'schema'").fetchone()
+    assert found == (PG_SCHEMA,)

@@ -47,7 +47,7 @@ class LedgerRow:
     # A settled attempt may have enrolled the user without our seeing it (its answer was lost or untrusted).
     # An attempt still SENDING counts too: see `in_doubt`.
     doubt: bool
-    photo_sha256: str | None  # the pin: the bytes this ID was (or is being) sent with; None when released
+    photo_sha256: str | None  # the pin: the photo this ID was (or is being) sent from; None when released
     image_ref: str | None  # the photo's fingerprint as last sent: where it really is,
     image_size: int | None  # its size,
     image_version: str | None  # and its store's change marker (mtime_ns, ETag...)
@@ -61,6 +61,10 @@ class LedgerRow:
     last_attempt_at: str | None = None
     finished_at: str | None = None
     run_id: str | None = None
+    # With --normalize, beside the pin (the source photo's): the keyed digest of the bytes the latest attempt
+    # sent (None: the photo as read), and what was done to them ("converted from HEIC; ...").
+    sent_sha256: str | None = None
+    transform: str = ""
 
     @property
     def in_doubt(self) -> bool:
