@@ -9,8 +9,8 @@ more of any of those forms is caught, since it holds one of the forms' 32-byte a
 Where strace can trace the process (Debian: apt-get install strace; .ci/run installs it), the test also sees
 what a folder listing can't: every file the process opened for writing, anywhere on the machine, and every byte
 it wrote to one, even to a file deleted before the end (SQLite's -wal, a temporary file). Elsewhere, files new
-or changed under the temp folder during the run are scanned instead. Normalised photos join the scan once the
-tool makes them.
+or changed under the temp folder during the run are scanned instead. A run with --normalize is scanned for its
+sources and for the normalised bytes the server received.
 """
 
 from __future__ import annotations
