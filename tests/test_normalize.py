@@ -19,14 +19,14 @@ from typing import Any
 import pillow_heif
 import psycopg
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageCms, PngImagePlugin
 
 from backfill import compose
 from backfill.config import Settings
 from backfill.errors import ConfigError, LedgerError
 from backfill.images import ImageError, PhotoKey
 from backfill.images import normalize as norm
-from backfill.images.normalize import normalize
+from backfill.images.normalize import NormalizingImageSource, normalize
 from backfill.ledger import LedgerRow, Refused
 from backfill.ledger.postgres.schema import SCHEMA_VERSION as PG_SCHEMA
 from backfill.ledger.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
@@ -133,6 +133,14 @@ def test_each_format_becomes_an_upright_jpeg_without_metadata(kind: str) -> None
     assert done.note.startswith(expected.get(kind, "rotated 90")), done.note
 
 
+def test_the_colour_profile_is_kept_and_nothing_else() -> None:
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    done = normalize(encoded(picture(), "WEBP", icc_profile=profile), "p", LIMIT)
+    with Image.open(io.BytesIO(done.data)) as image:
+        assert image.info.get("icc_profile") == profile
+    assert no_metadata(done.data)
+
+
 def test_a_bmp_and_the_first_frame_of_a_gif_become_jpegs() -> None:
     frames = [picture(), Image.new("RGB", (320, 240), (0, 200, 0))]
     gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
@@ -228,8 +236,11 @@ async def test_a_normalised_archive_is_enrolled_upright_small_and_clean_and_a_re
     assert said["user_texted"] == "metadata removed"
 
     before = sandbox.state.total_requests
-    again = await compose.run(make_settings(sandbox, normalize=True), manifest)
+    counting = CountingImages(tmp_path / "a")
+    images = NormalizingImageSource(counting, max_bytes=LIMIT)
+    again = await compose.run(make_settings(sandbox, normalize=True), manifest, images=images)
     assert again.counts == {"skipped": 6} and sandbox.state.total_requests == before
+    assert counting.calls["read"] == 0  # a resume reads no photo of a done row
 
 
 async def test_the_same_sources_elsewhere_or_encoded_otherwise_are_recognised_and_another_photo_is_not(
