@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image, ImageCms, PngImagePlugin
 from backfill import compose
 from backfill.config import Settings
 from backfill.errors import ConfigError, LedgerError
-from backfill.images import ImageError, PhotoKey
+from backfill.images import Fingerprint, ImageError, ImageSource, Photo, PhotoKey
 from backfill.images import normalize as norm
 from backfill.images.normalize import NormalizingImageSource, normalize
 from backfill.ledger import LedgerRow, Refused
@@ -253,15 +254,34 @@ async def test_the_same_sources_elsewhere_or_encoded_otherwise_are_recognised_an
     await compose.run(make_settings(sandbox, normalize=True), manifest)
     before = sandbox.state.total_requests
     shutil.copytree(tmp_path / "a", tmp_path / "b")
+    counting = CountingNormalizer(CountingImages(tmp_path / "b"), max_bytes=200_000)
     elsewhere = await compose.run(
-        make_settings(sandbox, normalize=True, max_image_bytes=200_000), tmp_path / "b" / "manifest.csv"
+        make_settings(sandbox, normalize=True, max_image_bytes=200_000),
+        tmp_path / "b" / "manifest.csv",
+        images=counting,
     )
     assert elsewhere.counts == {"skipped": 6} and sandbox.state.total_requests == before
+    # Each photo read once, to compare its source's digest with the pin; none normalised for nothing.
+    assert counting.calls == {"read_source": 6}
 
     (tmp_path / "b" / "images" / NAMES["heic"]).write_bytes(encoded(picture(330, 240), "HEIF", quality=80))
     swapped = await compose.run(make_settings(sandbox, normalize=True), tmp_path / "b" / "manifest.csv")
     assert rows(swapped, "rejects.csv")["user_heic"]["reason"] == Reason.USER_ID_REUSED
     assert sandbox.state.total_requests == before
+
+
+class CountingNormalizer(NormalizingImageSource):
+    def __init__(self, inner: ImageSource, *, max_bytes: int) -> None:
+        super().__init__(inner, max_bytes=max_bytes)
+        self.calls: Counter[str] = Counter()
+
+    async def read(self, fingerprint: Fingerprint) -> Photo:
+        self.calls["read"] += 1
+        return await super().read(fingerprint)
+
+    async def read_source(self, fingerprint: Fingerprint) -> Photo:
+        self.calls["read_source"] += 1
+        return await super().read_source(fingerprint)
 
 
 def test_without_the_flag_what_it_would_save_is_rejected_naming_it(

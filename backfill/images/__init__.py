@@ -181,5 +181,10 @@ class ImageSource(ABC):
         """The photo's bytes, bounded to the size limit, or ImageError. Never blocks the event loop; refuses
         anything that is not a regular file (or object) at read time."""
 
+    async def read_source(self, fingerprint: Fingerprint) -> Photo:
+        """The photo as stored, for comparing it with its pin: `read`'s, less any normalising (whose result
+        would be thrown away)."""
+        return await self.read(fingerprint)
+
     async def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
         """Release connections or threads; the source is not used again."""

@@ -26,7 +26,12 @@ class KeyedImageSource(ImageSource):
         return await self._inner.check_many(raws)
 
     async def read(self, fingerprint: Fingerprint) -> Photo:
-        photo = await self._inner.read(fingerprint)
+        return self._keyed(await self._inner.read(fingerprint))
+
+    async def read_source(self, fingerprint: Fingerprint) -> Photo:
+        return self._keyed(await self._inner.read_source(fingerprint))
+
+    def _keyed(self, photo: Photo) -> Photo:
         sent = photo.sent_sha256
         return Photo(
             data=photo.data,

@@ -290,6 +290,11 @@ class NormalizingImageSource(ImageSource):
         done = await asyncio.to_thread(normalize, photo.data, fingerprint.ref, self._max_bytes)
         return _as_sent(photo, done.data, done.note)
 
+    async def read_source(self, fingerprint: Fingerprint) -> Photo:
+        return await self._inner.read_source(
+            fingerprint
+        )  # compared by the source's digest: nothing to encode
+
     async def close(self) -> None:
         await self._inner.close()
 
