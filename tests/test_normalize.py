@@ -134,6 +134,24 @@ def test_each_format_becomes_an_upright_jpeg_without_metadata(kind: str) -> None
     assert done.note.startswith(expected.get(kind, "rotated 90")), done.note
 
 
+def test_a_motion_photos_video_and_a_progressive_jpegs_metadata_go_and_its_pixels_stay() -> None:
+    """A phone's motion photo: a JPEG with an MP4 after its end marker, which has a location of its own. And a
+    progressive JPEG (several scans, tables between them): its end is found across them all."""
+    video = b"\x00\x00\x00\x18ftypmp42" + b"\xa9xyz+51.5000-000.1275/" + os.urandom(3000)
+    for options in ({"quality": 90}, {"quality": 90, "progressive": True}):
+        photo = encoded(picture(), "JPEG", exif=exif(), **options)
+        done = normalize(photo + video, "p", LIMIT)
+        assert done.note == f"metadata removed; {len(video):,} bytes after its end removed"
+        assert b"+51.5000-000.1275" not in done.data and done.data.endswith(b"\xff\xd9") and no_metadata(done.data)
+        with Image.open(io.BytesIO(done.data)) as a, Image.open(io.BytesIO(photo)) as b:
+            assert a.tobytes() == b.tobytes()
+    png = texted_png()
+    done = normalize(png + b"trailing", "p", LIMIT)
+    assert done.note == "metadata removed; 8 bytes after its end removed" and done.data.endswith(
+        b"IEND\xaeB`\x82"
+    )
+
+
 def test_the_colour_profile_is_kept_and_nothing_else() -> None:
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     done = normalize(encoded(picture(), "WEBP", icc_profile=profile), "p", LIMIT)

@@ -102,12 +102,11 @@ def _as_given(data: bytes, kind: Format, name: str, max_bytes: int) -> Normalize
         _check_pixels(image, name)
         if _orientation(image) != 1:
             return None
-    stripped = _strip_jpeg(data) if kind is Format.JPEG else _strip_png(data)
-    if stripped is None:
+    found = _strip_jpeg(data) if kind is Format.JPEG else _strip_png(data)
+    if found is None:
         return None  # not walkable as its format says: decoding it tells what is wrong, or fixes it
-    if stripped == data:
-        return Normalized(data=data, note="")
-    return Normalized(data=stripped, note="metadata removed")
+    stripped, said = found
+    return Normalized(data=stripped, note=said)
 
 
 def _reencode(data: bytes, kind: Format | None, name: str, max_bytes: int) -> Normalized:
@@ -220,9 +219,10 @@ def _encode(image: Image, icc: bytes | None) -> bytes:
     return buffer.getvalue()
 
 
-def _strip_jpeg(data: bytes) -> bytes | None:
-    """The JPEG without its metadata segments (_JPEG_STRIP), the rest byte for byte; None if the header
-    segments can't be walked. Stops at the first scan: nothing after it is metadata."""
+def _strip_jpeg(data: bytes) -> tuple[bytes, str] | None:
+    """The JPEG without its metadata segments (_JPEG_STRIP) and without whatever follows its end marker (a
+    phone's "motion photo" video, with its own location and camera atoms), the rest byte for byte, and what
+    was removed; None if it can't be walked to its end marker."""
     pieces = [data[:2]]
     pos = 2
     kept_from = 2
@@ -233,25 +233,63 @@ def _strip_jpeg(data: bytes) -> bytes | None:
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker == 0xDA or marker == 0xD9:
-            break
+        if marker == 0xD9:
+            return None  # no image data at all: decoding it says so
         length = int.from_bytes(data[pos + 2 : pos + 4])
         if length < 2 or pos + 2 + length > len(data):
             return None
+        if marker == 0xDA:
+            break
         if marker in _JPEG_STRIP:
             pieces.append(data[kept_from:pos])
             kept_from = pos + 2 + length
         pos += 2 + length
     else:
         return None
-    if kept_from == 2 and len(pieces) == 1:
-        return data
-    pieces.append(data[kept_from:])
-    return b"".join(pieces)
+    end = _jpeg_end(data, pos)
+    if end is None:
+        return None
+    said = _removed(stripped=len(pieces) > 1, trailing=len(data) - end)
+    if not said:
+        return data, ""
+    pieces.append(data[kept_from:end])
+    return b"".join(pieces), said
 
 
-def _strip_png(data: bytes) -> bytes | None:
-    """The PNG without its metadata chunks (_PNG_STRIP); None if its chunks can't be walked to IEND."""
+def _jpeg_end(data: bytes, pos: int) -> int | None:
+    """Where the JPEG whose first scan header is at `pos` ends (just after its end marker), or None if it has
+    none. In entropy-coded data every FF is followed by 00 or a restart marker, so the next other marker is a
+    table or scan header, skipped by its length, or the end (as content.py's check walks it)."""
+    pos += 2 + int.from_bytes(data[pos + 2 : pos + 4])
+    while True:
+        found = _MARKER.search(data, pos)
+        if found is None:
+            return None
+        at = found.start()
+        marker = data[at + 1]
+        if marker == 0xD9:
+            return at + 2
+        if marker in (0x01, 0xD8):
+            pos = at + 2
+            continue
+        if at + 4 > len(data):
+            return None
+        pos = at + 2 + int.from_bytes(data[at + 2 : at + 4])
+
+
+def _removed(*, stripped: bool, trailing: int) -> str:
+    said = ["metadata removed"] if stripped else []
+    if trailing:
+        said.append(f"{trailing:,} bytes after its end removed")
+    return "; ".join(said)
+
+
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def _strip_png(data: bytes) -> tuple[bytes, str] | None:
+    """The PNG without its metadata chunks (_PNG_STRIP) and whatever follows IEND, and what was removed; None
+    if its chunks can't be walked to IEND."""
     pieces = [data[:8]]
     pos = 8
     dropped = False
@@ -267,7 +305,8 @@ def _strip_png(data: bytes) -> bytes | None:
             pieces.append(data[pos:end])
         pos = end
         if kind == b"IEND":
-            return b"".join(pieces) if dropped else data
+            said = _removed(stripped=dropped, trailing=len(data) - end)
+            return (b"".join(pieces), said) if said else (data, "")
     return None
 
 
