@@ -142,9 +142,17 @@ def test_a_motion_photos_video_and_a_progressive_jpegs_metadata_go_and_its_pixel
         photo = encoded(picture(), "JPEG", exif=exif(), **options)
         done = normalize(photo + video, "p", LIMIT)
         assert done.note == f"metadata removed; {len(video):,} bytes after its end removed"
-        assert b"+51.5000-000.1275" not in done.data and done.data.endswith(b"\xff\xd9") and no_metadata(done.data)
+        assert (
+            b"+51.5000-000.1275" not in done.data
+            and done.data.endswith(b"\xff\xd9")
+            and no_metadata(done.data)
+        )
         with Image.open(io.BytesIO(done.data)) as a, Image.open(io.BytesIO(photo)) as b:
             assert a.tobytes() == b.tobytes()
+    # Over the limit with its video, within it without: cut, not scaled.
+    photo = encoded(picture(), "JPEG", quality=90)
+    done = normalize(photo + bytes(LIMIT), "p", LIMIT)
+    assert done.data == photo and done.note == f"{LIMIT:,} bytes after its end removed"
     png = texted_png()
     done = normalize(png + b"trailing", "p", LIMIT)
     assert done.note == "metadata removed; 8 bytes after its end removed" and done.data.endswith(

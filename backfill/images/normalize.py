@@ -96,8 +96,6 @@ _BUFFER = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 def _as_given(data: bytes, kind: Format, name: str, max_bytes: int) -> Normalized | None:
     """The JPEG or PNG with its metadata removed, if that is all it needs; None if it must be re-encoded."""
-    if len(data) > max_bytes:
-        return None
     with _PIL.open(io.BytesIO(data)) as image:
         _check_pixels(image, name)
         if _orientation(image) != 1:
@@ -106,6 +104,8 @@ def _as_given(data: bytes, kind: Format, name: str, max_bytes: int) -> Normalize
     if found is None:
         return None  # not walkable as its format says: decoding it tells what is wrong, or fixes it
     stripped, said = found
+    if len(stripped) > max_bytes:
+        return None  # over the limit even without its metadata and its video: it must be scaled down
     return Normalized(data=stripped, note=said)
 
 
