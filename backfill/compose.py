@@ -165,10 +165,21 @@ def read_limit(settings: Settings) -> int:
 
 def normalizing(settings: Settings, inner: ImageSource) -> ImageSource:
     """`inner`'s photos normalised on read (Pillow and pillow-heif are loaded only here, only when asked for)."""
-    try:
-        from .images.normalize import NormalizingImageSource
+    check_normalizer(settings)
+    from .images.normalize import NormalizingImageSource
 
-        return NormalizingImageSource(inner, max_bytes=settings.max_image_bytes)
+    return NormalizingImageSource(inner, max_bytes=settings.max_image_bytes)
+
+
+def check_normalizer(settings: Settings) -> None:
+    """With normalize on, a ConfigError unless Pillow and pillow-heif load: asked before a run opens (or makes)
+    its ledger or output folder, so the mistake leaves nothing behind."""
+    if not settings.normalize:
+        return
+    try:
+        from .images.normalize import load
+
+        load()
     except ImportError as exc:
         raise ConfigError(
             "normalize",
@@ -304,6 +315,7 @@ async def _run(
     confirm: Confirm | None,
     on_leave: OnLeave | None,
 ) -> Summary:
+    check_normalizer(settings)
     policy = retry_policy(settings)
     route = api_route(settings)
     manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
@@ -853,6 +865,7 @@ def retry(
     wrong = set(states) - RETRYABLE_STATES
     if wrong or not states:
         raise _bad_states(wrong)
+    check_normalizer(settings)
 
     async def go() -> Summary | None:
         if confirm is not None:

@@ -3,6 +3,7 @@ ledger pins the user's source photo, so the same photo is recognised whatever an
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
@@ -333,6 +334,11 @@ def test_a_missing_extra_is_a_config_error_naming_the_pip_command(
     with pytest.raises(ConfigError) as caught:
         compose.validate(make_settings(normalize=True), manifest)
     assert caught.value.key == "normalize" and "pip install 'backfill[images]'" in caught.value.fix
+    # A run stops before it opens (or makes) its ledger or output folder.
+    settings = make_settings(normalize=True)
+    with pytest.raises(ConfigError, match=r"pip install 'backfill\[images\]'"):
+        asyncio.run(compose.run(settings, manifest))
+    assert not settings.ledger_path().exists() and not settings.out.exists()
 
 
 def test_pillow_is_loaded_only_when_normalize_is_on(tmp_path: Path) -> None:
