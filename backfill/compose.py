@@ -781,6 +781,8 @@ EXPORT_FIELDS = (
     "last_attempt_at",
     "finished_at",
     "run_id",
+    "sent_sha256",
+    "transform",
 )
 
 
@@ -812,6 +814,8 @@ def _export_row(row: LedgerRow, fields: tuple[str, ...]) -> dict[str, Any]:
         row.last_attempt_at,
         row.finished_at,
         row.run_id,
+        row.sent_sha256,
+        row.transform,
     )
     return dict(zip(fields, values, strict=True))
 

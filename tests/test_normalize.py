@@ -392,6 +392,8 @@ async def test_a_row_retried_with_other_bytes_from_the_same_source_is_sent_and_i
         assert row.photo_sha256 == key.of(source)  # still the source's pin
         assert row.sent_sha256 == key.of(got) != first_sent and len(got) <= 20_000
         assert row.transform.startswith("converted from HEIC; scaled 320x240 → ")
+        (exported,) = await asyncio.to_thread(lambda: list(compose.export_rows(make_settings(server), None)))
+        assert (exported["sent_sha256"], exported["transform"]) == (row.sent_sha256, row.transform)
 
 
 def as_schema_3(path: Path) -> None:
