@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import io
 import os
 import shutil
@@ -26,16 +27,18 @@ from PIL import Image, ImageCms, PngImagePlugin
 from backfill import compose
 from backfill.config import Settings
 from backfill.errors import ConfigError, LedgerError
-from backfill.images import Fingerprint, ImageError, ImageSource, Photo, PhotoKey
+from backfill.images import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, PhotoKey
 from backfill.images import normalize as norm
 from backfill.images.normalize import NormalizingImageSource, normalize
+from backfill.images.remote import RemoteImageSource
 from backfill.ledger import LedgerRow, Refused
 from backfill.ledger.postgres.schema import SCHEMA_VERSION as PG_SCHEMA
 from backfill.ledger.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from backfill.sandbox import Faults, RunningSandbox, start_sandbox
 from backfill.vocab import Reason
 
-from .conftest import API_KEY, PARTNER_ID, Sleeps, simple_rows, write_manifest
+from .conftest import API_KEY, PARTNER_ID, Sleeps, default_retry_policy, simple_rows, write_manifest
+from .test_images_remote import Buckets
 from .test_ledger_contract import BINDING, request
 from .test_promise import CountingImages
 
@@ -462,3 +465,32 @@ async def test_a_postgres_schema_3_ledger_gains_the_columns_in_place(pg_url: str
     with psycopg.connect(pg_url) as conn:
         found = conn.execute("SELECT value FROM backfill.meta WHERE key = 'schema'").fetchone()
     assert found == (PG_SCHEMA,)
+
+
+async def test_photos_in_object_storage_are_checked_and_normalised_alike() -> None:
+    """The object-storage source passes what --normalize converts (its own size limit, the source's) only with
+    the setting on, and its photos are normalised on read like local ones."""
+    buckets = Buckets()
+    heic, big = SOURCES["heic"](), big_jpeg()
+    buckets.put("s3://b/a.heic", heic)
+    buckets.put("s3://b/big.jpg", big)
+
+    def remote(*, convert: bool) -> RemoteImageSource:
+        limit = 64 * 1024 * 1024 if convert else LIMIT
+        return RemoteImageSource(
+            max_bytes=limit, stores=buckets, retries=default_retry_policy(), convert=convert
+        )
+
+    plain = await remote(convert=False).check_many(["s3://b/a.heic", "s3://b/big.jpg"])
+    assert [p.reason for p in plain if isinstance(p, ImageProblem)] == [
+        Reason.IMAGE_NOT_JPEG_OR_PNG,
+        Reason.IMAGE_TOO_LARGE,
+    ]
+    assert all(isinstance(p, ImageProblem) and "--normalize" in p.message for p in plain)
+    source = NormalizingImageSource(remote(convert=True), max_bytes=LIMIT)
+    found = await source.check_many(["s3://b/a.heic", "s3://b/big.jpg"])
+    photos = [await source.read(f) for f in found if isinstance(f, Fingerprint)]
+    assert len(photos) == 2
+    assert photos[0].note == "converted from HEIC; metadata removed" and upright(photos[0].data)
+    assert photos[1].note.startswith("scaled 3200x2400 → ") and len(photos[1].data) <= LIMIT
+    assert photos[0].sha256 == hashlib.sha256(heic).hexdigest()  # the source's digest: what the ledger pins
