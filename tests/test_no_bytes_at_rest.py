@@ -361,6 +361,7 @@ def test_a_normalised_run_writes_neither_the_photos_nor_what_they_became_anywher
     rows = [f"n{i},2021-08-12,images/{name}" for i, name in enumerate(made)]
     manifest = folder / "manifest.csv"
     manifest.write_text("user_id,user_created_at,image_path\n" + "\n".join(rows) + "\n")
+    threaded_sandbox.state.keep_photos = True
     watched = Watched.make(tmp_path)
     w = watched.root
     where = ["--env", "local", "--base-url", threaded_sandbox.base_url, "--ledger", str(w / "ledger.sqlite")]

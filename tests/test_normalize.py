@@ -249,6 +249,7 @@ def rows(summary: Any, name: str) -> dict[str, dict[str, str]]:
 async def test_a_normalised_archive_is_enrolled_upright_small_and_clean_and_a_rerun_sends_nothing(
     tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
 ) -> None:
+    sandbox.state.keep_photos = True
     manifest = archive(tmp_path / "a")
     texted = (tmp_path / "a" / "images" / NAMES["texted"]).read_bytes()
     summary = await compose.run(make_settings(sandbox, normalize=True), manifest)
@@ -379,6 +380,7 @@ async def test_a_row_retried_with_other_bytes_from_the_same_source_is_sent_and_i
     source = encoded(Image.frombytes("RGB", (320, 240), os.urandom(320 * 240 * 3)), "HEIF", quality=90)
     manifest = archive(tmp_path / "a", {"heic": source})
     async with await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script={"user_heic": [503]})) as server:
+        server.state.keep_photos = True
         first = await compose.run(
             make_settings(server, normalize=True, max_attempts=1), manifest, sleep=sleeps
         )
