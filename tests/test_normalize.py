@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -22,6 +23,8 @@ from typing import Any
 import pillow_heif
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageCms, PngImagePlugin
 
 from backfill import compose
@@ -496,3 +499,32 @@ async def test_photos_in_object_storage_are_checked_and_normalised_alike() -> No
     assert photos[0].note == "converted from HEIC; metadata removed" and upright(photos[0].data)
     assert photos[1].note.startswith("scaled 3200x2400 → ") and len(photos[1].data) <= LIMIT
     assert photos[0].sha256 == hashlib.sha256(heic).hexdigest()  # the source's digest: what the ledger pins
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.integers(8, 96),
+    height=st.integers(8, 96),
+    progressive=st.booleans(),
+    tagged=st.booleans(),
+    comment=st.binary(max_size=40),
+    trailing=st.binary(max_size=300),
+    seed=st.integers(0, 2**16),
+)
+def test_an_upright_jpeg_loses_exactly_its_metadata_and_tail_and_keeps_every_pixel(
+    width: int, height: int, progressive: bool, tagged: bool, comment: bytes, trailing: bytes, seed: int
+) -> None:
+    rng = random.Random(seed)
+    image = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
+    options: dict[str, Any] = {"quality": 85, "progressive": progressive}
+    if tagged:
+        options["exif"] = exif()
+    if comment:
+        options["comment"] = comment
+    photo = encoded(image, "JPEG", **options)
+    done = normalize(photo + trailing, "p", LIMIT)
+    with Image.open(io.BytesIO(done.data)) as a, Image.open(io.BytesIO(photo)) as b:
+        assert a.tobytes() == b.tobytes()
+        assert "comment" not in a.info and not a.getexif()
+    assert done.data.endswith(b"\xff\xd9") and len(done.data) <= len(photo)
+    assert (done.data == photo + trailing) == (not (tagged or comment or trailing))  # untouched only if clean
