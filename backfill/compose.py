@@ -90,6 +90,7 @@ def _ask(confirm: Confirm, settings: Settings, *, rows: int, source: str) -> Non
 
 
 RETRY_MANIFEST = "the retry manifest backfill wrote"
+EXTRA_PIP = "pip install 'backfill[images]'"  # what --normalize needs
 
 
 def manifest_rules(settings: Settings) -> ManifestRules:
@@ -143,13 +144,49 @@ def image_source(
     where = str(manifest_path)
     remote_base = prefix_of(where) if is_url(where) else None
     base = Path.cwd() if remote_base is not None else Path(manifest_path).absolute().parent
-    local = LocalImageSource(base=base, root=settings.images_root, max_bytes=settings.max_image_bytes)
-    return DispatchingImageSource(
+    local = LocalImageSource(
+        base=base, root=settings.images_root, max_bytes=read_limit(settings), convert=settings.normalize
+    )
+    found = DispatchingImageSource(
         local=local,
         remote=lambda: remote or remote_image_source(settings, policy),
         base=remote_base,
         root=str(settings.images_root) if settings.images_root is not None else None,
     )
+    return normalizing(settings, found) if settings.normalize else found
+
+
+def read_limit(settings: Settings) -> int:
+    """The largest photo read: the API's limit, or with --normalize the larger one of a photo it scales down."""
+    if settings.normalize:
+        return max(settings.max_source_bytes, settings.max_image_bytes)
+    return settings.max_image_bytes
+
+
+def normalizing(settings: Settings, inner: ImageSource) -> ImageSource:
+    """`inner`'s photos normalised on read (Pillow and pillow-heif are loaded only here, only when asked for)."""
+    check_normalizer(settings)
+    from .images.normalize import NormalizingImageSource
+
+    return NormalizingImageSource(inner, max_bytes=settings.max_image_bytes)
+
+
+def check_normalizer(settings: Settings) -> None:
+    """With normalize on, a ConfigError unless Pillow and pillow-heif load: asked before a run opens (or makes)
+    its ledger or output folder, so the mistake leaves nothing behind."""
+    if not settings.normalize:
+        return
+    try:
+        from .images.normalize import load
+
+        load()
+    except ImportError as exc:
+        raise ConfigError(
+            "normalize",
+            settings.sources.get("normalize", "default"),
+            f"normalising photos needs Pillow and pillow-heif ({exc.name} is missing)",
+            f"install them with {EXTRA_PIP}, or turn normalize off",
+        ) from exc
 
 
 def remote_image_source(settings: Settings, policy: RetryPolicy) -> RemoteImageSource:
@@ -157,7 +194,8 @@ def remote_image_source(settings: Settings, policy: RetryPolicy) -> RemoteImageS
     from .images.remote import RemoteImageSource, StoreOptions  # obstore is loaded only when a URL is used
 
     return RemoteImageSource(
-        max_bytes=settings.max_image_bytes,
+        max_bytes=read_limit(settings),
+        convert=settings.normalize,
         read_concurrency=settings.read_concurrency,
         options=StoreOptions(timeout=settings.timeout, connect_timeout=settings.connect_timeout),
         retries=policy,
@@ -277,6 +315,7 @@ async def _run(
     confirm: Confirm | None,
     on_leave: OnLeave | None,
 ) -> Summary:
+    check_normalizer(settings)
     policy = retry_policy(settings)
     route = api_route(settings)
     manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
@@ -742,6 +781,8 @@ EXPORT_FIELDS = (
     "last_attempt_at",
     "finished_at",
     "run_id",
+    "sent_sha256",
+    "transform",
 )
 
 
@@ -773,6 +814,8 @@ def _export_row(row: LedgerRow, fields: tuple[str, ...]) -> dict[str, Any]:
         row.last_attempt_at,
         row.finished_at,
         row.run_id,
+        row.sent_sha256,
+        row.transform,
     )
     return dict(zip(fields, values, strict=True))
 
@@ -826,6 +869,7 @@ def retry(
     wrong = set(states) - RETRYABLE_STATES
     if wrong or not states:
         raise _bad_states(wrong)
+    check_normalizer(settings)
 
     async def go() -> Summary | None:
         if confirm is not None:

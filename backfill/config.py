@@ -685,6 +685,31 @@ class Settings:
             )
         },
     )
+    normalize: bool = field(
+        default=False,
+        metadata={
+            SETTING: Spec(
+                help="Normalise photos in memory before sending: HEIC, WebP, TIFF, BMP and GIF to JPEG, EXIF "
+                "rotation applied, scaled down to fit max_image_bytes, metadata removed (needs "
+                "backfill[images]).",
+                example="true",
+                parse=_boolean,
+                flag=Flag(takes=Takes.SWITCH),
+            )
+        },
+    )
+    max_source_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={
+            SETTING: Spec(
+                help="With normalize: the largest photo read, in bytes of file, before it is normalised.",
+                example="104857600",
+                parse=_positive_int,
+                flag=None,
+                no_flag=MANIFEST_RULE,
+            )
+        },
+    )
     images_root: Path | None = field(
         default=None,
         metadata={

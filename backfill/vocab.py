@@ -60,6 +60,7 @@ class Reason(StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_NOT_JPEG_OR_PNG = "image_not_jpeg_or_png"
     IMAGE_TRUNCATED = "image_truncated"
+    IMAGE_UNDECODABLE = "image_undecodable"  # --normalize: the decoder can't read the photo (damaged, cut)
     USER_ID_REUSED = "user_id_reused"  # the ledger pins another photo to this ID
 
 
@@ -156,6 +157,7 @@ IMAGE_REASONS = frozenset(
         Reason.IMAGE_TOO_LARGE,
         Reason.IMAGE_NOT_JPEG_OR_PNG,
         Reason.IMAGE_TRUNCATED,
+        Reason.IMAGE_UNDECODABLE,
     }
 )
 

@@ -219,3 +219,36 @@ def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_clust
         _positive(cost[k])
         for k in ("sqlite_rows_per_s", "postgres_rows_per_s", "postgres_with_claims_rows_per_s")
     )
+
+
+def test_the_normalize_benchmark_runs_and_writes_its_ratios(tmp_path: Path) -> None:
+    """`python -m benchmarks.normalize --smoke`: a few small phone photos; the figures exist and are sane."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    where = ["--results-dir", str(tmp_path), "--data-dir", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.normalize", "--smoke", *where],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = tmp_path.glob("normalize-*.json")
+    results = json.loads(written.read_text())
+    assert results["meta"]["mode"] == "smoke" and results["meta"]["photos"] == 4
+    for name in (
+        "pillow",
+        "ours",
+        "ours_run",
+        "pillow_upright",
+        "ours_upright",
+        "pillow_rotated",
+        "ours_rotated",
+    ):
+        assert results[name]["rows"] in (2, 4) and _positive(results[name]["rows_per_s"]), name
+        assert _positive(results[name]["cpu_ms_per_row"]), name
+    assert all(_positive(v) for v in results["ratios"].values())

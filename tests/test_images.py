@@ -285,6 +285,10 @@ def test_not_jpeg_or_png(data: bytes, looks_like: str) -> None:
     found = problem(verdict, "'x.jpg'")
     assert found is not None and found.reason is Reason.IMAGE_NOT_JPEG_OR_PNG
     assert "'x.jpg'" in found.message and "convert it to JPEG or PNG" in found.message
+    # What --normalize would convert names the flag, and passes with it on.
+    convertible = looks_like in ("GIF", "WebP", "HEIC")
+    assert ("--normalize" in found.message) is convertible
+    assert (problem(verdict, "'x.jpg'", convert=True) is None) is convertible
 
 
 def test_problem_messages() -> None:

@@ -203,6 +203,8 @@ LIBRARIES: dict[str, tuple[frozenset[str], str]] = {
     "pandas": (frozenset({"manifest"}), "the manifest's pre-scan"),
     "numpy": (frozenset({"manifest"}), "the duplicate scan's hashes, beside pandas"),
     "pyarrow": (frozenset({"manifest.parquet"}), "Parquet manifests"),
+    "PIL": (frozenset({"images.normalize"}), "--normalize: decoding, rotating, scaling, encoding photos"),
+    "pillow_heif": (frozenset({"images.normalize"}), "--normalize: HEIC/HEIF photos"),
     "aiohttp": (
         frozenset({"api.client", "sandbox", "preflight"}),
         "the HTTP exchange and the emulator's server; preflight.py opens its own session to probe "

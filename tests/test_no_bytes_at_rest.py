@@ -9,8 +9,8 @@ more of any of those forms is caught, since it holds one of the forms' 32-byte a
 Where strace can trace the process (Debian: apt-get install strace; .ci/run installs it), the test also sees
 what a folder listing can't: every file the process opened for writing, anywhere on the machine, and every byte
 it wrote to one, even to a file deleted before the end (SQLite's -wal, a temporary file). Elsewhere, files new
-or changed under the temp folder during the run are scanned instead. Normalised photos join the scan once the
-tool makes them.
+or changed under the temp folder during the run are scanned instead. A run with --normalize is scanned for its
+sources and for the normalised bytes the server received.
 """
 
 from __future__ import annotations
@@ -333,6 +333,49 @@ def test_a_run_from_local_photos_writes_no_photo_bytes_anywhere(
     assert watched.backfill("validate", str(manifest), "--out", str(w / "validated")).returncode == 1
 
     assert_no_photo_at_rest(watched, [*made.values(), cut])
+
+
+def test_a_normalised_run_writes_neither_the_photos_nor_what_they_became_anywhere(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    """--normalize: a HEIC is converted, a JPEG stored on its side is rotated, a PNG loses its text; each in
+    memory. Neither the sources nor the bytes sent (as the server received them) are in any file written."""
+    from PIL import Image, PngImagePlugin
+
+    from .test_normalize import encoded, exif
+
+    def grain(size: tuple[int, int]) -> Image.Image:
+        return Image.frombytes("RGB", size, random.Random(size[0]).randbytes(size[0] * size[1] * 3))
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "taken at 12 Acacia Avenue")
+    made = {
+        "a.heic": encoded(grain((160, 120)), "HEIF", quality=90),
+        "b.jpg": encoded(grain((120, 160)), "JPEG", quality=90, exif=exif(6)),
+        "c.png": encoded(grain((150, 100)), "PNG", pnginfo=info),
+    }
+    folder = tmp_path / "photos"
+    (folder / "images").mkdir(parents=True)
+    for name, data in made.items():
+        (folder / "images" / name).write_bytes(data)
+    rows = [f"n{i},2021-08-12,images/{name}" for i, name in enumerate(made)]
+    manifest = folder / "manifest.csv"
+    manifest.write_text("user_id,user_created_at,image_path\n" + "\n".join(rows) + "\n")
+    threaded_sandbox.state.keep_photos = True
+    watched = Watched.make(tmp_path)
+    w = watched.root
+    where = ["--env", "local", "--base-url", threaded_sandbox.base_url, "--ledger", str(w / "ledger.sqlite")]
+    run = ["run", str(manifest), *where, "--out", str(w / "out"), "--no-progress", "--normalize"]
+    run += ["--log-file", str(w / "logs" / "rows.log"), "--log-level", "debug"]
+
+    first = watched.backfill(*run)
+    assert first.returncode == 0, first.stdout + first.stderr
+    sent = [threaded_sandbox.state.photos[f"n{i}"] for i in range(len(made))]
+    assert all(data not in made.values() for data in sent)  # each was normalised, so each is a new form
+    again = watched.backfill(*run)  # a resume: every row skipped, no photo read
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    assert_no_photo_at_rest(watched, [*made.values(), *sent])
 
 
 # --- photos in object storage ---

@@ -323,6 +323,7 @@ def _left(leaving: Leaving) -> None:
 @setting_options("concurrency", "rate", "max_attempts", "timeout", "max_duration", "stop_timeout")
 @metrics_option
 @read_concurrency_option
+@setting_options("normalize")
 @log_options
 @setting_options("progress", "operator")
 @yes_option

@@ -219,7 +219,7 @@ config_option = click.option(
 out_option = setting_options("out")
 log_options = setting_options("log_format", "log_file", "log_level", "log_user_ids")
 # How a command that reads a manifest reads it, as `run` does.
-manifest_options = setting_options("delimiter", "encoding", "manifest_format", "columns")
+manifest_options = setting_options("delimiter", "encoding", "manifest_format", "columns", "normalize")
 
 
 def ledger_options(ledger_help: str | None = None) -> Callable[[F], F]:

@@ -46,6 +46,10 @@ class Photo:
     data: bytes
     sha256: str
     fingerprint: Fingerprint
+    # With --normalize (normalize.py): the digest of `data` as it goes out, when it differs from the source's
+    # (`sha256`, which is what the ledger pins), keyed like it; and what was done ("" for nothing).
+    sent_sha256: str | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,11 +106,14 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def size_problem(name: str, size: int, max_bytes: int, *, changed: bool = False) -> ImageProblem | None:
+def size_problem(
+    name: str, size: int, max_bytes: int, *, changed: bool = False, convert: bool = False
+) -> ImageProblem | None:
     """Why a photo of `size` bytes can't be sent (empty, or over `max_bytes`, which is allowed), or None.
 
     The size rule of every source, with its messages. `name` is the photo as the message shows it; `changed`:
-    the photo passed its checks and is found so now, at read time, so the message says it changed since.
+    the photo passed its checks and is found so now, at read time, so the message says it changed since;
+    `convert` (--normalize): `max_bytes` is max_source_bytes, the limit of a photo before it is normalised.
     """
     if size == 0:
         if changed:
@@ -118,21 +125,29 @@ def size_problem(name: str, size: int, max_bytes: int, *, changed: bool = False)
             message = f"image {name} is empty (0 bytes): export the photo again"
         return ImageProblem(reason=Reason.IMAGE_EMPTY, message=message)
     if size > max_bytes:
-        return too_large(name, f"{size:,} bytes", max_bytes, changed=changed)
+        return too_large(name, f"{size:,} bytes", max_bytes, changed=changed, convert=convert)
     return None
 
 
-def too_large(name: str, size: str, max_bytes: int, *, changed: bool = False) -> ImageProblem:
+def too_large(
+    name: str, size: str, max_bytes: int, *, changed: bool = False, convert: bool = False
+) -> ImageProblem:
     """A photo over the size limit; `size` as the message says it ("6,000,000 bytes", "more than ...")."""
-    if changed:
+    if convert and not changed:
+        message = (
+            f"image {name} is {size}, over max_source_bytes ({max_bytes:,} bytes), the largest photo "
+            "--normalize reads: export it smaller, or raise max_source_bytes"
+        )
+    elif changed:
         message = (
             f"image {name} is now {size}, over the limit of {max_bytes:,} bytes (it grew after it was checked): "
             "put the checked photo back, or resize or recompress it, then run again"
         )
     else:
         message = (
-            f"image {name} is {size}, over the limit of {max_bytes:,} bytes: resize or recompress it (or change "
-            "max_image_bytes if the limit is wrong)"
+            f"image {name} is {size}, over the limit of {max_bytes:,} bytes: run with --normalize (normalize: "
+            "true) to scale it down in memory, or resize or recompress it (or change max_image_bytes if the "
+            "limit is wrong)"
         )
     return ImageProblem(reason=Reason.IMAGE_TOO_LARGE, message=message)
 
@@ -165,6 +180,11 @@ class ImageSource(ABC):
     async def read(self, fingerprint: Fingerprint) -> Photo:
         """The photo's bytes, bounded to the size limit, or ImageError. Never blocks the event loop; refuses
         anything that is not a regular file (or object) at read time."""
+
+    async def read_source(self, fingerprint: Fingerprint) -> Photo:
+        """The photo as stored, for comparing it with its pin: `read`'s, less any normalising (whose result
+        would be thrown away)."""
+        return await self.read(fingerprint)
 
     async def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
         """Release connections or threads; the source is not used again."""

@@ -96,6 +96,7 @@ class Verdict:
     format: Format | None
     complete: bool  # False when format is None
     looks_like: str = ""  # when format is None: a guess at what the file is, for the message
+    convertible: str = ""  # when format is None: the format --normalize converts it from, if it is one
 
 
 # Made once: a frozen dataclass costs a microsecond to build, a noticeable part of checking a small photo.
@@ -124,7 +125,9 @@ def examine(size: int) -> Examination:
         cache.pin(size - TAIL, TAIL, tail)
     kind = sniff(head)
     if kind is None:
-        return Verdict(format=None, complete=False, looks_like=looks_like(head))
+        return Verdict(
+            format=None, complete=False, looks_like=looks_like(head), convertible=convertible(head) or ""
+        )
     complete = yield from (_jpeg(cache) if kind is Format.JPEG else _png(cache))
     return _VERDICTS[kind, complete]
 
@@ -172,9 +175,39 @@ def sniff(head: bytes) -> Format | None:
     return None
 
 
-def problem(verdict: Verdict, name: str) -> ImageProblem | None:
-    """What is wrong with a photo, by its verdict; `name` is how the message names it (e.g. "'a.jpg'")."""
+def convertible(head: bytes) -> str | None:
+    """The format --normalize turns into a JPEG, if the first bytes announce one: HEIC/HEIF, WebP, TIFF, BMP,
+    GIF. Its completeness is left to the decoder, at read time."""
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "HEIC"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    return None
+
+
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def problem(verdict: Verdict, name: str, *, convert: bool = False) -> ImageProblem | None:
+    """What is wrong with a photo, by its verdict; `name` is how the message names it (e.g. "'a.jpg'").
+
+    `convert` (--normalize): a format it converts passes; the decoder checks it whole when it is read.
+    """
     if verdict.format is None:
+        if verdict.convertible:
+            if convert:
+                return None
+            return ImageProblem(
+                reason=Reason.IMAGE_NOT_JPEG_OR_PNG,
+                message=f"image {name} is not a JPEG or PNG ({verdict.looks_like}): run with --normalize "
+                "(normalize: true) to convert it in memory, or convert it to JPEG or PNG yourself",
+            )
         return ImageProblem(
             reason=Reason.IMAGE_NOT_JPEG_OR_PNG,
             message=f"image {name} is not a JPEG or PNG ({verdict.looks_like}): convert it to JPEG or PNG, the "
@@ -203,7 +236,7 @@ def looks_like(head: bytes) -> str:
         return "it looks like a WebP image"
     if head[4:8] == b"ftyp":
         brand = head[8:12]
-        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+        if brand in _HEIF_BRANDS:
             return "it looks like a HEIC/HEIF photo, as iPhones take"
         if brand in (b"avif", b"avis"):
             return "it looks like an AVIF image"

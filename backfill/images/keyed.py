@@ -26,8 +26,20 @@ class KeyedImageSource(ImageSource):
         return await self._inner.check_many(raws)
 
     async def read(self, fingerprint: Fingerprint) -> Photo:
-        photo = await self._inner.read(fingerprint)
-        return Photo(data=photo.data, sha256=self._key.pin(photo.sha256), fingerprint=photo.fingerprint)
+        return self._keyed(await self._inner.read(fingerprint))
+
+    async def read_source(self, fingerprint: Fingerprint) -> Photo:
+        return self._keyed(await self._inner.read_source(fingerprint))
+
+    def _keyed(self, photo: Photo) -> Photo:
+        sent = photo.sent_sha256
+        return Photo(
+            data=photo.data,
+            sha256=self._key.pin(photo.sha256),
+            fingerprint=photo.fingerprint,
+            sent_sha256=None if sent is None else self._key.pin(sent),
+            note=photo.note,
+        )
 
     async def close(self) -> None:
         await self._inner.close()

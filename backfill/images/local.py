@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from ..vocab import Reason
 from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, file_kind, size_problem, too_large
-from .content import examine, examine_bytes, looks_like, problem, run, sniff
+from .content import convertible, examine, examine_bytes, looks_like, problem, run, sniff
 
 _T = TypeVar("_T")
 
@@ -38,18 +38,27 @@ class LocalImageSource(ImageSource):
     """Photos named by paths, relative ones resolved against `base` (the manifest's folder).
 
     With `root` (images_root), a photo must really lie inside it, symbolic links followed. `max_bytes` is the
-    size limit, inclusive. Each batch is checked in one call on `executor` (the loop's default if None),
-    never one thread hop per photo: that is what keeps validation at tens of thousands of photos a second.
+    size limit, inclusive. `convert` (--normalize): the formats normalize.py converts pass too, and
+    `max_bytes` is the limit of the photo as read, before it is normalised. Each batch is checked in one call
+    on `executor` (the loop's default if None), never one thread hop per photo: that is what keeps validation
+    at tens of thousands of photos a second.
     """
 
     def __init__(
-        self, *, base: Path, root: Path | None, max_bytes: int, executor: Executor | None = None
+        self,
+        *,
+        base: Path,
+        root: Path | None,
+        max_bytes: int,
+        executor: Executor | None = None,
+        convert: bool = False,
     ) -> None:
         self._base = str(base)
         self._root = os.path.realpath(root) if root is not None else None
         self._root_prefix = "" if self._root is None else os.path.join(self._root, "")
         self._max_bytes = max_bytes
         self._executor = executor
+        self._convert = convert
         # Folder as written -> its real path. Shared by the batches' threads: a lost update only costs a
         # realpath again, and clear() when full keeps it bounded.
         self._real_dirs: dict[str, str] = {}
@@ -142,7 +151,7 @@ class LocalImageSource(ImageSource):
             return found
         real, st = found
         size = st.st_size
-        wrong_size = size_problem(repr(raw), size, self._max_bytes)
+        wrong_size = size_problem(repr(raw), size, self._max_bytes, convert=self._convert)
         if wrong_size is not None:
             return wrong_size
         try:
@@ -154,7 +163,7 @@ class LocalImageSource(ImageSource):
         except OSError as exc:
             return self._path_problem(raw, real, exc)
         if not verdict.complete:
-            wrong = problem(verdict, repr(raw))
+            wrong = problem(verdict, repr(raw), convert=self._convert)
             if wrong is not None:
                 return wrong
         return Fingerprint(ref=real, size=size, version=str(st.st_mtime_ns))
@@ -300,7 +309,7 @@ class LocalImageSource(ImageSource):
                     "photos during the run, then run again",
                 )
             )
-        if sniff(data) is None:
+        if sniff(data) is None and not (self._convert and convertible(data[:64])):
             raise ImageError(
                 ImageProblem(
                     reason=Reason.IMAGE_NOT_JPEG_OR_PNG,
@@ -313,7 +322,7 @@ class LocalImageSource(ImageSource):
             fingerprint = checked  # the version checked, as nearly every photo is: no new record to compare
         else:
             fingerprint = Fingerprint(ref=ref, size=after.st_size, version=version)
-            wrong = problem(examine_bytes(data), ref)
+            wrong = problem(examine_bytes(data), ref, convert=self._convert)
             if wrong is not None:
                 raise ImageError(
                     ImageProblem(

@@ -373,8 +373,10 @@ class RemoteImageSource(ImageSource):
         options: StoreOptions | None = None,
         retries: Retries,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        convert: bool = False,
     ) -> None:
         self._max_bytes = max_bytes
+        self._convert = convert  # --normalize: as LocalImageSource's
         self._concurrency = read_concurrency
         self._slots = asyncio.Semaphore(read_concurrency)
         options = options or StoreOptions()
@@ -459,7 +461,7 @@ class RemoteImageSource(ImageSource):
         found = Fingerprint(ref=obj.url, size=meta["size"], version=version_of(meta))
         if found != fingerprint:
             # Another version than the one checked: check these very bytes, which are what would go out.
-            wrong = problem(examine_bytes(data), repr(obj.url))
+            wrong = problem(examine_bytes(data), repr(obj.url), convert=self._convert)
             if wrong is not None:
                 raise ImageError(
                     ImageProblem(
@@ -536,7 +538,7 @@ class RemoteImageSource(ImageSource):
         name = repr(obj.url)
         meta, head = await self._first_read(store, obj.key, (0, FIRST_READ))
         size = meta["size"]
-        wrong_size = size_problem(name, size, self._max_bytes)
+        wrong_size = size_problem(name, size, self._max_bytes, convert=self._convert)
         if wrong_size is not None:
             return wrong_size
         etag = meta["e_tag"]
@@ -554,7 +556,7 @@ class RemoteImageSource(ImageSource):
 
         verdict = await run_async(examine(size), read_at)
         if not verdict.complete:
-            wrong = problem(verdict, name)
+            wrong = problem(verdict, name, convert=self._convert)
             if wrong is not None:
                 return wrong
         return Fingerprint(ref=obj.url, size=size, version=version_of(meta))

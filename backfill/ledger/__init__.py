@@ -47,7 +47,7 @@ class LedgerRow:
     # A settled attempt may have enrolled the user without our seeing it (its answer was lost or untrusted).
     # An attempt still SENDING counts too: see `in_doubt`.
     doubt: bool
-    photo_sha256: str | None  # the pin: the bytes this ID was (or is being) sent with; None when released
+    photo_sha256: str | None  # the pin: the photo this ID was (or is being) sent from; None when released
     image_ref: str | None  # the photo's fingerprint as last sent: where it really is,
     image_size: int | None  # its size,
     image_version: str | None  # and its store's change marker (mtime_ns, ETag...)
@@ -61,6 +61,10 @@ class LedgerRow:
     last_attempt_at: str | None = None
     finished_at: str | None = None
     run_id: str | None = None
+    # With --normalize, beside the pin (the source photo's): the keyed digest of the bytes the latest attempt
+    # sent (None: the photo as read), and what was done to them ("converted from HEIC; ...").
+    sent_sha256: str | None = None
+    transform: str = ""
 
     @property
     def in_doubt(self) -> bool:
@@ -122,11 +126,14 @@ class AttemptRequest:
     """An attempt about to leave: recorded durably, after its rate slot is taken and its photo read."""
 
     user_id: str
-    photo_sha256: str  # of the exact bytes about to be sent
+    photo_sha256: str  # of the photo as read (with --normalize, its source: the pin follows the user's photo)
     fingerprint: Fingerprint  # of the photo those bytes were read from
     user_created_at: str
     run_id: str
     at: str
+    # With --normalize: the keyed digest of the bytes sent (None: the photo as read) and what was done to them.
+    sent_sha256: str | None = None
+    transform: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

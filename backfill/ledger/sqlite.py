@@ -38,7 +38,7 @@ from . import (
 )
 from . import transitions as tr
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 _AUDIT_COLUMNS = ("operator", "version", "api_key_id")
 _KEY = "photo_key"  # meta's row holding the ledger's PhotoKey secret, in hex
 log = logging.getLogger("backfill")
@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS users (
     first_attempt_at TEXT,
     last_attempt_at TEXT,
     finished_at TEXT,
-    run_id TEXT
+    run_id TEXT,
+    sent_sha256 TEXT,
+    transform TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -559,6 +561,9 @@ def _connect(
                 _migrate_v2(conn)
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 conn.execute("PRAGMA secure_delete=OFF")
+                meta["schema"] = "3"
+            if meta.get("schema") == "3":
+                _migrate_v4(conn)
             conn.executescript(_SCHEMA)
             present = _run_columns(conn)
             # Added within a schema: older versions name their columns, so they read and write it still.
@@ -662,7 +667,27 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
             "UPDATE users SET photo_sha256 = backfill_pin(photo_sha256) WHERE photo_sha256 IS NOT NULL"
         )
         conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (_KEY, key.secret.hex()))
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _migrate_v4(conn: sqlite3.Connection) -> None:
+    """Schema 3 to 4: beside each pin, the digest of the bytes sent and what --normalize did to them.
+
+    Two columns added in place, empty for every row so far (their photos went as read); no photo is read. A
+    ledger that schema 1's migration just rebuilt has them already.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        present = {name for _, name, *_ in conn.execute("PRAGMA table_info(users)")}
+        if "sent_sha256" not in present:
+            conn.execute("ALTER TABLE users ADD COLUMN sent_sha256 TEXT")
+        if "transform" not in present:
+            conn.execute("ALTER TABLE users ADD COLUMN transform TEXT NOT NULL DEFAULT ''")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
     except BaseException:
         conn.execute("ROLLBACK")
         raise

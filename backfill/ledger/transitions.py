@@ -8,7 +8,8 @@ Rules, each enforced here rather than by callers:
 - A terminal row never changes again; `begin` on it is refused.
 - `settle` applies only to the row's current attempt while it is SENDING: an outcome arriving late (a lost
   lease, a duplicate) can never overwrite a newer attempt or a settled one.
-- The photo pin: the first attempt's SHA-256 is the ID's photo; `begin` with other bytes is refused. Only an
+- The photo pin: the first attempt's SHA-256 is the ID's photo; `begin` with another photo is refused. With
+  --normalize it is the source photo's, so bytes an encoder made otherwise (`sent_sha256`) are no reuse. Only an
   outcome that *proves* the user is not enrolled (a verified non-0840 answer) releases it.
 - Doubt is earned: it grows only from attempts that were recorded before leaving and whose answer may hide an
   enrollment; an attempt left SENDING by a crash counts. ALREADY_ENROLLED and ID_CONFLICT must be the state the
@@ -46,6 +47,8 @@ def begin(row: LedgerRow | None, request: AttemptRequest) -> tuple[LedgerRow, Ti
             first_attempt_at=request.at,
             last_attempt_at=request.at,
             run_id=request.run_id,
+            sent_sha256=request.sent_sha256,
+            transform=request.transform,
         )
         return new, Ticket(user_id=request.user_id, number=1, doubt_before=False)
     if row.state not in BEGIN_FROM:
@@ -68,6 +71,8 @@ def begin(row: LedgerRow | None, request: AttemptRequest) -> tuple[LedgerRow, Ti
         first_attempt_at=row.first_attempt_at or request.at,
         last_attempt_at=request.at,
         run_id=request.run_id,
+        sent_sha256=request.sent_sha256,
+        transform=request.transform,
     )
     return new, Ticket(user_id=row.user_id, number=number, doubt_before=doubt)
 

@@ -44,6 +44,7 @@ RESULT_FIELDS = (
     "error",
     "finished_at",
     "latency_ms",
+    "normalized",
 )
 REJECT_FIELDS = ("line", "user_id", "reason", "message")
 _SIGNATURE_OK_AT = RESULT_FIELDS.index("signature_ok")

@@ -531,6 +531,7 @@ class Engine:
             error="; ".join(filter(None, (v.error if v else "", sent.message))),
             finished_at=now_iso(),
             latency_ms=sent.latency_ms,
+            normalized=sent.normalized,
             unfinished=sent.cut_short or sent.status is Status.PENDING,
         )
         self._result(result)

@@ -197,7 +197,7 @@ async def _compare(
     if not same:
         # Changed by the quick check: only the bytes can say whether it is another photo.
         try:
-            same = (await images.read(found)).sha256 == k.photo_sha256
+            same = (await images.read_source(found)).sha256 == k.photo_sha256
         except ImageError as exc:
             if done:
                 message = f"{NOT_SENT_AGAIN[k.state]} ({exc.problem.reason})"

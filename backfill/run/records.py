@@ -24,6 +24,7 @@ class ResultRow:
     error: str = ""
     finished_at: str = ""
     latency_ms: int | None = None  # the last attempt's round trip
+    normalized: str = ""  # --normalize: what was done to the photo sent ("converted from HEIC; rotated 90")
     # Not a column: a stop left the row's attempts unfinished (pending, or in doubt before its retry), so a
     # fleet hands its claim back for another process instead of counting it finished.
     unfinished: bool = False

@@ -37,6 +37,7 @@ class RowEnd:
     attempts: int = 0  # made in this run
     first_ever: bool = False  # this run made the ID's very first attempt
     latency_ms: int | None = None
+    normalized: str = ""  # what --normalize did to the photo the last attempt sent
     reason: Reason | None = None
     message: str = ""
     # A fleet's row that another process holds now (its claim passed, or it is sending the ID itself): that
@@ -62,6 +63,7 @@ class _Row:
     # said at the last attempt): a stop before the next attempt leaves the row in doubt, not merely pending.
     doubt: bool = False
     verdict: Verdict | None = None  # the last attempt's answer: a row a stop ends still tells it
+    normalized: str = ""  # what --normalize did to the photo the last attempt sent
 
 
 class _Ended(Exception):
@@ -190,6 +192,8 @@ class Sender:
             AttemptRequest(
                 user_id=row.user_id,
                 photo_sha256=photo.sha256,
+                sent_sha256=photo.sent_sha256,
+                transform=photo.note,
                 fingerprint=photo.fingerprint,
                 user_created_at=row.user_created_at,
                 run_id=self._run_id,
@@ -205,6 +209,7 @@ class Sender:
             work.last = await self._withdraw(work, ticket)
             raise _Ended
         work.attempts += 1
+        work.normalized = photo.note
         work.first_ever = work.first_ever or ticket.number == 1
         self.attempts += 1
         self._crash.reached(Boundary.IN_FLIGHT)
@@ -281,6 +286,7 @@ class Sender:
                 attempts=work.attempts,
                 first_ever=work.first_ever,
                 latency_ms=work.latency_ms,
+                normalized=work.normalized,
                 cut_short=answer is None,  # a fleet's other processes may settle it now
             )
             return None
@@ -343,6 +349,7 @@ class Sender:
             attempts=work.attempts,
             first_ever=work.first_ever,
             latency_ms=work.latency_ms,
+            normalized=work.normalized,
             message=said,
             cut_short=True,
         )

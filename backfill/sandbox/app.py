@@ -203,11 +203,14 @@ class _Sandbox:
         )
         # Committed before the first await, so concurrent requests for one user_id see it at once.
         self.state.enrolled[user_id] = user
+        if self.state.keep_photos:
+            self.state.photos[user_id] = image
         if self.state_file is not None:
             try:
                 await self.state_file.append(user)
             except OSError:
                 del self.state.enrolled[user_id]
+                self.state.photos.pop(user_id, None)
                 return error_answer("2201"), "2201"
         return self._result(user_id, created, job_id, smile_job_id, unusable=False), "0840"
 

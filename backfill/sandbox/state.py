@@ -43,6 +43,10 @@ class SandboxState:
     last_smile_job_id: int = 0
     # Foreign user_ids (held by another partner user) that any request arrived for; `requests` has the counts.
     foreign_requested: set[str] = field(default_factory=set)
+    # With `keep_photos` (off: a long rehearsal would hold every photo), the bytes each user_id was enrolled
+    # with, for a test to look at what arrived: in memory only, never in the state file (which keeps a digest).
+    keep_photos: bool = False
+    photos: dict[str, bytes] = field(default_factory=dict)
 
     def snapshot(self) -> dict[str, Any]:
         """The JSON served at {root}/_sandbox/state, for tests that drive the sandbox from another process."""

@@ -109,6 +109,8 @@ FIRST_COLUMNS = (
     "first_attempt_at",
     "last_attempt_at",
     "run_id",
+    "sent_sha256",
+    "transform",
 )
 _FIRST_KEYS = (*FIRST_COLUMNS, "attempt_token")
 _FIRST_OF = operator.attrgetter(*FIRST_COLUMNS)

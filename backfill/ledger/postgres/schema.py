@@ -16,10 +16,12 @@ from .. import Binding, LedgerRow, RunRecord, row_of, row_values
 # A connection of the ledger's pool: rows come back as plain tuples.
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
-SCHEMA_VERSION = "3"
-# Schema 1 pinned photos by their plain SHA-256 (2 keyed them); 2 differs from 3 in the queue's indexes alone, so a
-# reader takes schema 2 as it is, while schema 1 is read only once a writer has migrated it.
-READS = frozenset({"2", SCHEMA_VERSION})
+SCHEMA_VERSION = "4"
+# Schema 1 pinned photos by their plain SHA-256 (2 keyed them); 2 differs from 3 in the queue's indexes alone; 4
+# adds two columns to `users` (sent_sha256, transform), which every read names: a reader takes schema 4 alone,
+# an older one is read once a writer has migrated it.
+READS = frozenset({SCHEMA_VERSION})
+OLDER = ("1", "2", "3")
 _STATES = ", ".join(f"'{s.value}'" for s in State)
 # How a claim finds its rows without reading the ones other claims hold (queue.py): rows no process holds, in
 # line order, and held rows by the end of their lease. A claim moves its row from the one to the other and a
@@ -52,7 +54,9 @@ CREATE TABLE IF NOT EXISTS backfill.users (
     last_attempt_at text,
     finished_at text,
     run_id text,
-    attempt_token text
+    attempt_token text,
+    sent_sha256 text,
+    transform text NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS users_state ON backfill.users (state);
 CREATE TABLE IF NOT EXISTS backfill.runs (
@@ -192,6 +196,31 @@ async def _migrate_v1(conn: Conn) -> None:
         )
 
 
+async def _migrate_v4(conn: Conn, location: str) -> None:
+    """Schema 3 to 4: beside each pin, the digest of the bytes sent and what --normalize did to them.
+
+    Two columns added in place, empty for every row so far (their photos went as read); no photo is read.
+    Inside prepare's transaction, under its lock, like the other steps. Looked up first, as `_add_run_note`
+    does: ALTER TABLE needs the table's owner even when the column is there.
+    """
+    cur = await conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'backfill' "
+        "AND table_name = 'users'"
+    )
+    held = {name for (name,) in await cur.fetchall()}
+    try:
+        if "sent_sha256" not in held:
+            await conn.execute("ALTER TABLE backfill.users ADD COLUMN sent_sha256 text")
+        if "transform" not in held:
+            await conn.execute("ALTER TABLE backfill.users ADD COLUMN transform text NOT NULL DEFAULT ''")
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise LedgerError(
+            f"the ledger {location} has schema 3, which this version migrates to schema {SCHEMA_VERSION} (two new "
+            "columns): the role that owns its tables must open it first with this version, in any writing "
+            "command (`backfill run`)"
+        ) from exc
+
+
 async def photo_key(conn: Conn, retried: bool = False) -> PhotoKey:
     """The ledger's PhotoKey, as `Database.run` reads it."""
     cur = await conn.execute("SELECT value FROM backfill.secrets WHERE name = %s", (_PHOTO_KEY,))
@@ -236,17 +265,18 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             meta: dict[str, str] = await _meta(conn) if await _exists(conn, "backfill.meta") else {}
-            older = meta.get("schema") in ("1", "2")
+            older = meta.get("schema") in OLDER
             if meta and not older and meta.get("schema") != SCHEMA_VERSION:
                 raise _unknown(location, meta.get("schema"))  # a newer version's: nothing is created in it
             # An earlier version's writer makes its indexes again before it refuses a newer schema: they go too.
-            if older or await _exists(conn, "backfill.queue_todo"):
+            if meta.get("schema") in ("1", "2") or await _exists(conn, "backfill.queue_todo"):
                 await _migrate_queue(conn, location)
             await conn.execute(_SCHEMA)
             await _add_run_note(conn)
             if meta.get("schema") == "1":
                 await _migrate_v1(conn)  # after _SCHEMA: the key goes into its secrets table
             if older:
+                await _migrate_v4(conn, location)
                 await conn.execute(
                     "UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,)
                 )
@@ -285,9 +315,9 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
 
 
 def _unknown(location: str, found: str | None) -> LedgerError:
-    if found == "1":  # an older ledger, whose photo pins a writer migrates (no photo is read)
+    if found in OLDER:  # an older ledger, which a writer migrates (no photo is read)
         return LedgerError(
-            f"the ledger {location} has schema 1, from an earlier version of backfill: open it once with a writing "
+            f"the ledger {location} has schema {found}, from an earlier version of backfill: open it once with a writing "
             f"command (`backfill run` or `retry`) to migrate it to schema {SCHEMA_VERSION}"
         )
     return LedgerError(
