@@ -950,10 +950,14 @@ def test_arbitrary_text_is_read_or_refused_as_a_whole(body: str, chunk_rows: int
 
 
 @given(
-    chunks=st.lists(st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "00123", "123"]), max_size=9)),
+    chunks=st.lists(
+        st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "00123", "123"]), max_size=9)
+    ),
     block=st.integers(min_value=1, max_value=5),
 )
-def test_the_prescan_finds_exactly_the_repeated_ids_across_its_blocks(chunks: list[list[str]], block: int) -> None:
+def test_the_prescan_finds_exactly_the_repeated_ids_across_its_blocks(
+    chunks: list[list[str]], block: int
+) -> None:
     # The pre-scan keeps its hashes in blocks (for its peak memory); a chunk may span several blocks, a block
     # several chunks, and the last block is partly used: whatever the cut, the repeated ids are the same.
     from backfill.manifest import _Hashes

@@ -364,5 +364,7 @@ def test_the_formats_benchmark_runs_and_reads_every_row(tmp_path: Path) -> None:
         assert all(at_size[name]["rows_per_s"] > 0 and at_size[name]["peak_rss_mb"] > 0 for name in formats)
         assert at_size["csv"]["wall_over_csv"] == 1.0
     assert figures["imports_peak_rss_mb"] > 0
-    assert {name: figures["growth"][name]["rows"] for name in formats} == {name: [300, 600] for name in formats}
+    assert {name: figures["growth"][name]["rows"] for name in formats} == {
+        name: [300, 600] for name in formats
+    }
     assert all(figures["growth"][name]["peak_rss_ratio"] > 0 for name in formats)
