@@ -13,7 +13,7 @@ from backfill.errors import LedgerError
 from backfill.ledger import Binding, RunRecord
 from backfill.ledger.postgres import PostgresStore
 from backfill.ledger.postgres.queue import _CLAIM_OPEN, _FINISH
-from backfill.ledger.postgres.schema import integers
+from backfill.ledger.postgres.schema import SCHEMA_VERSION, integers
 from backfill.manifest import Batch, Candidate
 
 from .pg_server import ROLE_PASSWORD, PgCluster
@@ -174,7 +174,7 @@ async def test_a_schema_2_ledger_is_migrated_in_place_and_its_claims_kept(pg_url
 
         b = await _process(pg_url, "run-b")
         try:
-            assert _schema(pg_url) == "3"
+            assert _schema(pg_url) == SCHEMA_VERSION
             assert _queue_indexes(pg_url) == {"queue_pkey", "queue_open", "queue_leases", "queue_finished_by"}
             # A's claims (lines 3 and 4) held through the migration; line 2 finished; the rest open.
             assert [c.line for c in (await b.claim("m1", 10)).candidates] == [5, 6, 7, 8, 9, 10, 11]
@@ -196,9 +196,9 @@ async def test_a_ledger_of_a_newer_schema_is_refused_and_nothing_is_made_in_it(p
     await store.close()
     with psycopg.connect(pg_url) as conn:
         conn.execute("DROP INDEX backfill.queue_open")
-        conn.execute("UPDATE backfill.meta SET value = '4' WHERE key = 'schema'")
+        conn.execute("UPDATE backfill.meta SET value = '99' WHERE key = 'schema'")
     for writable in (True, False):
-        with pytest.raises(LedgerError, match=r"has schema '4'.*Upgrade backfill"):
+        with pytest.raises(LedgerError, match=r"has schema '99'.*Upgrade backfill"):
             await PostgresStore.open(pg_url, BINDING, writable=writable)
     assert "queue_open" not in _queue_indexes(pg_url)
 

@@ -16,10 +16,11 @@ from .. import Binding, LedgerRow, RunRecord, row_of, row_values
 # A connection of the ledger's pool: rows come back as plain tuples.
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 # Schema 1 pinned photos by their plain SHA-256 (2 keyed them); 2 differs from 3 in the queue's indexes alone, so a
 # reader takes schema 2 as it is, while schema 1 is read only once a writer has migrated it.
-READS = frozenset({"2", SCHEMA_VERSION})
+# 3 differs from 4 in the tombstones' table alone, which a reader finds absent as empty.
+READS = frozenset({"2", "3", SCHEMA_VERSION})
 _STATES = ", ".join(f"'{s.value}'" for s in State)
 # How a claim finds its rows without reading the ones other claims hold (queue.py): rows no process holds, in
 # line order, and held rows by the end of their lease. A claim moves its row from the one to the other and a
@@ -29,6 +30,18 @@ CREATE INDEX IF NOT EXISTS queue_open ON backfill.queue (manifest_sha256, line) 
 CREATE INDEX IF NOT EXISTS queue_leases ON backfill.queue (manifest_sha256, lease_until)
     WHERE NOT done AND claimed_by IS NOT NULL;
 CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHERE done;
+"""
+# A forgotten user's tombstone (`backfill forget`): its ID's keyed hash, never the ID; no personal data.
+_FORGOTTEN = f"""
+CREATE TABLE IF NOT EXISTS backfill.forgotten (
+    user_key text PRIMARY KEY,
+    state text NOT NULL CHECK (state IN ({_STATES})),
+    doubt boolean NOT NULL,
+    first_attempt_at text,
+    finished_at text,
+    forgotten_at text NOT NULL,
+    forgotten_by text NOT NULL
+);
 """
 _SCHEMA = f"""
 CREATE SCHEMA IF NOT EXISTS backfill;
@@ -95,6 +108,7 @@ CREATE TABLE IF NOT EXISTS backfill.queue (
     PRIMARY KEY (manifest_sha256, line)
 );
 {_QUEUE_INDEXES}
+{_FORGOTTEN}
 -- The ledger's PhotoKey secret, apart from meta so that a role may be let read meta (status) and not this.
 CREATE TABLE IF NOT EXISTS backfill.secrets (name text PRIMARY KEY, value bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS backfill.rate (
@@ -192,6 +206,12 @@ async def _migrate_v1(conn: Conn) -> None:
         )
 
 
+async def _migrate_v3(conn: Conn) -> None:
+    """Schema 3 to 4: the table of tombstones `backfill forget` leaves (no row changes). In prepare's
+    transaction, under its lock; from schemas 1 and 2 too, each step after the one before it."""
+    await conn.execute(_FORGOTTEN)
+
+
 async def photo_key(conn: Conn, retried: bool = False) -> PhotoKey:
     """The ledger's PhotoKey, as `Database.run` reads it."""
     cur = await conn.execute("SELECT value FROM backfill.secrets WHERE name = %s", (_PHOTO_KEY,))
@@ -199,6 +219,11 @@ async def photo_key(conn: Conn, retried: bool = False) -> PhotoKey:
     if found is None:
         raise LedgerError("the ledger holds no photo key (backfill.secrets): it can't check any photo's pin")
     return PhotoKey(secret=bytes(found[0]))
+
+
+async def tombstones_kept(conn: Conn, retried: bool = False) -> bool:
+    """Whether the ledger has the table of tombstones (schema 4): a reader may meet a schema-3 one."""
+    return await _exists(conn, "backfill.forgotten")
 
 
 async def _exists(conn: Conn, relation: str) -> bool:
@@ -236,12 +261,14 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             meta: dict[str, str] = await _meta(conn) if await _exists(conn, "backfill.meta") else {}
-            older = meta.get("schema") in ("1", "2")
+            older = meta.get("schema") in ("1", "2", "3")
             if meta and not older and meta.get("schema") != SCHEMA_VERSION:
                 raise _unknown(location, meta.get("schema"))  # a newer version's: nothing is created in it
             # An earlier version's writer makes its indexes again before it refuses a newer schema: they go too.
-            if older or await _exists(conn, "backfill.queue_todo"):
+            if meta.get("schema") in ("1", "2") or await _exists(conn, "backfill.queue_todo"):
                 await _migrate_queue(conn, location)
+            if older:
+                await _migrate_v3(conn)
             await conn.execute(_SCHEMA)
             await _add_run_note(conn)
             if meta.get("schema") == "1":
