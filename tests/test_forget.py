@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime
 import hashlib
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from backfill import compose
+from backfill.config import Settings
+from backfill.errors import LedgerError
 from backfill.images import Fingerprint
-from backfill.ledger import AttemptRequest, Outcome, Refusal, Refused, Store, Ticket
+from backfill.ledger import AttemptRequest, Outcome, Refusal, Refused, RunRecord, Store, Ticket
 from backfill.ledger.sqlite import SqliteStore
 from backfill.sandbox.server import RunningSandbox
 from backfill.vocab import State
@@ -252,3 +257,47 @@ def test_purge_forgets_what_finished_before_the_date(
     assert code == 0 and "forgot 2 rows (2 enrolled)" in said, err
     code, status, _ = cli("status", *where)
     assert "forgotten on request: 2" in status and f"backfill purge --before {day}" in status
+
+
+async def test_forget_on_a_fleets_ledger_clears_the_queue_and_a_later_pass_says_forgotten(
+    tmp_path: Path, make_settings: Callable[..., Settings], sandbox: RunningSandbox, pg_url: str
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    settings = make_settings(sandbox, ledger=pg_url)
+    first = await compose.run(settings, manifest)
+    assert first.counts == {"enrolled": 3}
+
+    # A live process of a fleet (its heartbeat fresh, not finished): nothing is forgotten meanwhile.
+    from backfill.ledger.postgres import PostgresStore
+
+    other = await PostgresStore.open(pg_url, compose.binding(settings), writable=True)
+    try:
+        await other.start_run(RunRecord(run_id="live", started_at="2026-01-01T00:00:00.000Z", manifest="m"))
+        with pytest.raises(LedgerError, match="1 process"):
+            await asyncio.to_thread(compose.forget, settings, ["user_0001"])
+        await other.finish_run("live", finished_at="2026-01-01T00:00:01.000Z", rows=0, exit_code=0)
+    finally:
+        await other.close()
+
+    erased = await asyncio.to_thread(compose.forget, settings, ["user_0001"])
+    assert erased.done.forgotten == {"enrolled": 1} and erased.run_id is not None
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT user_created_at, image FROM backfill.queue WHERE user_id = 'user_0001'"
+        )
+        assert await cur.fetchall() == [("", "")]  # the line kept, the user's data not
+        cur = await conn.execute("SELECT count(*) FROM backfill.users WHERE user_id = 'user_0001'")
+        assert await cur.fetchone() == (0,)
+        cur = await conn.execute(
+            "SELECT manifest, rows, operator, note FROM backfill.runs WHERE run_id = %s", (erased.run_id,)
+        )
+        record = await cur.fetchone()
+    assert record is not None and record[:2] == ("backfill forget (1 user_id named)", 1) and record[2]
+    assert "user_0001" not in str(record)
+
+    sent = dict(sandbox.state.requests)
+    again = await compose.run(settings, manifest)  # the same manifest: a new pass of its queue
+    assert again.counts == {"skipped": 2, "forgotten": 1} and again.exit_code == 0
+    assert dict(sandbox.state.requests) == sent
