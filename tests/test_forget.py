@@ -229,6 +229,12 @@ def test_forget_then_a_rerun_sends_nothing_for_the_forgotten_and_says_so(
     assert "forgotten on request: 2" in status
     assert "dpo@bank" in status and "backfill forget (3 user_ids named)" in status
     assert "user_0001" not in status
+    report = tmp_path / "ledger-report.html"
+    code, _, err = cli("report", *where, "--output", str(report))
+    assert code == 0, err
+    page = report.read_text()
+    assert "Forgotten on request" in page and "backfill forget (3 user_ids named)" in page
+    assert "user_0001" not in page and "user_0002" not in page
     code, found, _ = cli("find-user", "user_0001", *where)
     conn = sqlite3.connect(tmp_path / "cp.sqlite")
     try:
@@ -301,3 +307,35 @@ async def test_forget_on_a_fleets_ledger_clears_the_queue_and_a_later_pass_says_
     again = await compose.run(settings, manifest)  # the same manifest: a new pass of its queue
     assert again.counts == {"skipped": 2, "forgotten": 1} and again.exit_code == 0
     assert dict(sandbox.state.requests) == sent
+
+
+@pytest.mark.parametrize("said", ["n", "y"])
+def test_forget_at_a_terminal_names_the_count_and_the_ledger_and_asks_once(
+    tmp_path: Path, threaded_sandbox: RunningSandbox, said: str
+) -> None:
+    from .test_check_and_confirm import Terminal
+
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    where = sandbox_ledger(tmp_path, threaded_sandbox)
+    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    terminal = Terminal(["forget", "user_0001", "user_0002", *where], tmp_path)
+    shown = terminal.read_until("Forget them? [y/N]")
+    assert "About to forget 2 rows (2 enrolled) for good" in shown, shown
+    assert f"ledger:  {tmp_path / 'cp.sqlite'}" in shown, shown
+    terminal.answer(said)
+    code, out = terminal.finish()
+    assert out.count("Forget them?") == 1 and "Traceback" not in out, out
+    conn = sqlite3.connect(tmp_path / "cp.sqlite")
+    try:
+        users = {uid for (uid,) in conn.execute("SELECT user_id FROM users")}
+        erasures = conn.execute(
+            "SELECT count(*) FROM runs WHERE manifest LIKE 'backfill forget%'"
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    if said == "y":
+        assert code == 0 and "forgot 2 rows" in out, out
+        assert users == {"user_0000"} and erasures == 1
+    else:
+        assert code == 1 and "nothing forgotten" in out, out
+        assert users == {"user_0000", "user_0001", "user_0002"} and erasures == 0

@@ -36,7 +36,7 @@ from backfill.ledger import (
 )
 from backfill.ledger.memory import MemoryStore
 from backfill.ledger.sqlite import SqliteStore, acquire_lock
-from backfill.vocab import TERMINAL_STATES, State
+from backfill.vocab import FINISHED_STATES, TERMINAL_STATES, State
 
 T = TypeVar("T")
 BINDING = Binding(partner_id="085", endpoint="https://testapi.smileidentity.com:443")
@@ -196,6 +196,21 @@ class LedgerMachine(RuleBasedStateMachine):
             assert done.forgotten == {row.state.value: 1}
             del self.model[uid]
             self.forgotten.add(uid)
+
+    @rule(before=st.sampled_from(["2026-01-01", "2026-01-02"]))
+    def purge(self, before: str) -> None:
+        """Every row finished (FINISHED_STATES) before the date: every settle here finishes at 2026-01-01T00:00:01."""
+        self.run(self.store.flush())
+        done = self.run(self.store.purge(before, at="2026-01-03T00:00:00.000Z", by="p1"))
+        gone = [
+            uid for uid, row in self.model.items() if row.state in FINISHED_STATES and before > "2026-01-01T"
+        ]
+        expected: dict[str, int] = {}
+        for uid in gone:
+            expected[self.model[uid].state.value] = expected.get(self.model[uid].state.value, 0) + 1
+            del self.model[uid]
+            self.forgotten.add(uid)
+        assert (done.forgotten, done.refused) == (dict(sorted(expected.items())), ())
 
     @precondition(lambda self: self.kind in ("sqlite", "postgres"))
     @rule()
