@@ -989,9 +989,12 @@ async def _erase(
     store = await open_store(settings, writable=True, bound=False)
     try:
         found = await work(store, "", True)
-        if dry_run or not found.count:
+        if dry_run:
             return Erased(run_id=None, done=found, ledger=store.location, dry_run=True)
-        if confirm is not None and not confirm(Erasure(command=command, ledger=store.location, found=found)):
+        # Recorded even when it removes nothing (every ID unknown, or forgotten before; a purge with nothing old
+        # enough): the audit trail shows that the request was carried out. Asked only when something goes.
+        asked = Erasure(command=command, ledger=store.location, found=found)
+        if confirm is not None and found.count > 0 and not confirm(asked):
             raise Declined(
                 "nothing forgotten: the answer was not yes. Answer y, or pass --yes to forget unasked"
             )

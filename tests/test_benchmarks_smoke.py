@@ -65,6 +65,7 @@ def test_every_benchmark_reported(smoke: dict[str, Any]) -> None:
         "scale",
         "retry_storm",
         "ledger",
+        "erasure",
     }
     assert smoke["targets"] and all({"name", "value", "target", "met"} <= set(t) for t in smoke["targets"])
 
@@ -219,3 +220,17 @@ def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_clust
         _positive(cost[k])
         for k in ("sqlite_rows_per_s", "postgres_rows_per_s", "postgres_with_claims_rows_per_s")
     )
+
+
+def test_erasure(smoke: dict[str, Any]) -> None:
+    e = smoke["results"]["erasure"]
+    assert (
+        e["forgotten"] == len(range(0, e["users"], 100)) and e["ours"]["forgotten"] == e["floor"]["forgotten"]
+    )
+    for name in (
+        "forget_over_delete_and_vacuum",
+        "forget_over_bare_delete",
+        "tombstone_lookup_over_done_query",
+        "tombstone_lookup_us_per_id",
+    ):
+        assert _positive(e[name]), name

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import datetime
 import hashlib
+import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -251,8 +252,20 @@ def test_purge_forgets_what_finished_before_the_date(
     manifest = write_manifest(tmp_path, simple_rows(2))
     where = sandbox_ledger(tmp_path, threaded_sandbox)
     assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    code, _, err = cli(
+        "purge", "--before", "2020-01-01", "--dry-run", *where, env={"BACKFILL_LOG_FORMAT": "json"}
+    )
+    (line,) = [json.loads(x) for x in err.splitlines() if '"event": "forgotten"' in x]
+    assert code == 0 and (line["dry_run"], line["forgotten"], line["refused"], line["exit_code"]) == (
+        True,
+        {},
+        0,
+        0,
+    )
     code, said, _ = cli("purge", "--before", "2020-01-01", "--yes", *where)
-    assert code == 0 and "forgot 0 rows" in said
+    assert (
+        code == 0 and "forgot 0 rows" in said and "audit trail: run" in said
+    )  # recorded, though it found none
     code, _, err = cli("purge", "--before", "2999-01-01", "--yes", *where)
     assert code == 2 and "in the future" in err
     code, _, err = cli("purge", "--before", "yesterday", "--yes", *where)
