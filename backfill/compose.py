@@ -31,7 +31,7 @@ from .images.dispatch import DispatchingImageSource
 from .images.keyed import KeyedImageSource
 from .images.local import LocalImageSource
 from .images.urls import is_url, prefix_of
-from .ledger import Audit, Binding, Fleet, Forgetting, LedgerRow, LedgerStatus, RunRecord, Store
+from .ledger import Audit, Binding, Fleet, Forgetting, LedgerRow, LedgerStatus, RunRecord, Store, Tombstone
 from .ledger.sqlite import FoundLedger, SqliteStore, find_ledgers
 from .manifest import Manifest, ManifestRules, open_manifest
 from .outputs.files import RunOutput, write_retry_manifest
@@ -698,13 +698,15 @@ def status(settings: Settings) -> LedgerStatus:
     return asyncio.run(go())
 
 
-def find_users(settings: Settings, user_ids: Sequence[str]) -> list[tuple[str, str]]:
-    """`backfill find-user`: each user_id with the name log lines give it under log_user_ids: hashed."""
+def find_users(settings: Settings, user_ids: Sequence[str]) -> list[tuple[str, str, Tombstone | None]]:
+    """`backfill find-user`: each user_id with the name log lines give it under log_user_ids: hashed, which is
+    also its tombstone's key, and that tombstone when it was forgotten (`backfill forget`)."""
 
-    async def go() -> list[tuple[str, str]]:
-        store = await open_store(settings, writable=False, bound=False)  # the key is all it reads
+    async def go() -> list[tuple[str, str, Tombstone | None]]:
+        store = await open_store(settings, writable=False, bound=False)
         try:
-            return [(uid, store.photo_key.user(uid)) for uid in user_ids]
+            gone = await store.forgotten(user_ids)
+            return [(uid, store.photo_key.user(uid), gone.get(uid)) for uid in user_ids]
         finally:
             await store.close()
 

@@ -236,7 +236,11 @@ def test_forget_then_a_rerun_sends_nothing_for_the_forgotten_and_says_so(
     page = report.read_text()
     assert "Forgotten on request" in page and "backfill forget (3 user_ids named)" in page
     assert "user_0001" not in page and "user_0002" not in page
-    code, found, _ = cli("find-user", "user_0001", *where)
+    code, found, _ = cli("find-user", "user_0001", "user_0000", *where)
+    forgotten_line, kept_line = found.splitlines()
+    assert forgotten_line.split("\t")[1:] == ["user_0001", forgotten_line.split("\t")[2]]
+    assert "forgotten 20" in forgotten_line and "(was enrolled; run " in forgotten_line
+    assert kept_line.count("\t") == 1
     conn = sqlite3.connect(tmp_path / "cp.sqlite")
     try:
         keys = {k for (k,) in conn.execute("SELECT user_key FROM forgotten")}

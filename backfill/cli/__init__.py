@@ -552,10 +552,17 @@ def _tell_erased(erased: compose.Erased) -> None:
 @click.argument("user_ids", nargs=-1, required=True, metavar="USER_ID...")
 @guard
 def find_user(config_file: Path | None, user_ids: tuple[str, ...], **flags: Any) -> None:
-    """Each USER_ID's name in log lines written with log_user_ids: hashed (keyed by the ledger's secret)."""
+    """Each USER_ID's name in log lines written with log_user_ids: hashed (keyed by the ledger's secret).
+
+    A user forgotten on request (backfill forget) is found too: a third column says when, and what it was.
+    """
     settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
-    for user_id, hashed in compose.find_users(settings, user_ids):
-        click.echo(f"{hashed}\t{user_id}")
+    for user_id, hashed, tombstone in compose.find_users(settings, user_ids):
+        if tombstone is None:
+            click.echo(f"{hashed}\t{user_id}")
+        else:  # a third column, only then: a reader of the first two reads on as before
+            gone = f"forgotten {tombstone.forgotten_at} (was {tombstone.state}; run {tombstone.forgotten_by})"
+            click.echo(f"{hashed}\t{user_id}\t{gone}")
 
 
 def _status_lines(report: LedgerStatus) -> list[str]:
