@@ -23,6 +23,7 @@ from backfill.sandbox.server import RunningSandbox
 from backfill.vocab import State
 
 from .conftest import cli, sandbox_ledger, simple_rows, write_manifest
+from .pg_server import PgCluster
 from .test_ledger_contract import BINDING, open_store
 
 
@@ -282,13 +283,32 @@ def test_purge_forgets_what_finished_before_the_date(
     assert "forgotten on request: 2" in status and f"backfill purge --before {day}" in status
 
 
+def table_files(cluster: PgCluster, pg_url: str) -> bytes:
+    """The bytes of the files that hold the ledger's users and queue now (after a checkpoint wrote them)."""
+    database = pg_url.rsplit("/", 1)[1]
+    cluster.sql("CHECKPOINT")
+    found = b""
+    for table in ("backfill.users", "backfill.queue"):
+        relative = cluster.sql(f"SELECT pg_relation_filepath('{table}')", dbname=database).strip()
+        found += b"".join(
+            p.read_bytes() for p in (cluster.data / relative).parent.glob(Path(relative).name + "*")
+        )
+    return found
+
+
 async def test_forget_on_a_fleets_ledger_clears_the_queue_and_a_later_pass_says_forgotten(
-    tmp_path: Path, make_settings: Callable[..., Settings], sandbox: RunningSandbox, pg_url: str
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    sandbox: RunningSandbox,
+    pg_cluster: PgCluster,
+    pg_url: str,
 ) -> None:
     manifest = write_manifest(tmp_path, simple_rows(3))
     settings = make_settings(sandbox, ledger=pg_url)
     first = await compose.run(settings, manifest)
     assert first.counts == {"enrolled": 3}
+    photo = b"user_0001.png"  # in her row's image reference, and in the queue's copy of her manifest line
+    assert photo in table_files(pg_cluster, pg_url)  # the control
 
     # A live process of a fleet (its heartbeat fresh, not finished): nothing is forgotten meanwhile.
     from backfill.ledger.postgres import PostgresStore
@@ -318,6 +338,8 @@ async def test_forget_on_a_fleets_ledger_clears_the_queue_and_a_later_pass_says_
         )
         record = await cur.fetchone()
     assert record is not None and record[:2] == ("backfill forget (1 user_id named)", 1) and record[2]
+    # Rewritten (VACUUM FULL): not a byte of her photo's path left in either table's files, old versions included.
+    assert photo not in table_files(pg_cluster, pg_url)
     assert "user_0001" not in str(record)
 
     sent = dict(sandbox.state.requests)
