@@ -214,8 +214,9 @@ def test_forget_then_a_rerun_sends_nothing_for_the_forgotten_and_says_so(
     assert "forgot 2 rows (2 enrolled); 1 never in the ledger" in out_text
 
     sent_before = dict(threaded_sandbox.state.requests)
-    code, _, err = cli("run", str(manifest), *where, *out)
+    code, said, err = cli("run", str(manifest), *where, *out)
     assert code == 0, err  # a forgotten row ends well, as a skipped one does
+    assert "new: 0, skipped (already done): 1, forgotten on request (not sent): 2, rejected: 0" in said
     assert results(tmp_path / "out") == {
         "user_0000": "skipped",
         "user_0001": "forgotten",

@@ -854,7 +854,11 @@ def _report(summary: Summary) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
     click.echo(f"{summary.total_rows} rows: {counts}")
     skipped = summary.counts.get(Status.SKIPPED, 0)
-    click.echo(f"new: {summary.new_rows}, skipped (already done): {skipped}, rejected: {summary.rejected}")
+    forgotten = summary.counts.get(Status.FORGOTTEN, 0)
+    gone = f", forgotten on request (not sent): {forgotten}" if forgotten else ""
+    click.echo(
+        f"new: {summary.new_rows}, skipped (already done): {skipped}{gone}, rejected: {summary.rejected}"
+    )
     in_doubt = summary.counts.get(Status.UNKNOWN, 0)
     if in_doubt:
         click.echo(
