@@ -952,7 +952,8 @@ def _forget(
                 else:
                     tombstones.append(tombstone)
                     forgotten[row.state.value] = forgotten.get(row.state.value, 0) + 1
-            gone = [r.user_id for r in rows if r.user_id not in set(refused)]
+            kept = set(refused)
+            gone = [r.user_id for r in rows if r.user_id not in kept]
             if not dry_run and gone:
                 conn.executemany(
                     f"INSERT OR REPLACE INTO forgotten ({', '.join(_TOMBSTONE_COLUMNS)}) "
