@@ -15,13 +15,15 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .api import network, signing
 from .api.client import Client, request_url
+from .clock import now_iso
 from .config import DERIVED_LEDGER, ENVIRONMENTS, Settings, endpoint_of
 from .errors import BackfillError, ConfigError, Declined, LedgerAbsent, LedgerError
 from .images import ImageSource, PhotoKey
@@ -29,7 +31,7 @@ from .images.dispatch import DispatchingImageSource
 from .images.keyed import KeyedImageSource
 from .images.local import LocalImageSource
 from .images.urls import is_url, prefix_of
-from .ledger import Audit, Binding, Fleet, LedgerRow, LedgerStatus, Store
+from .ledger import Audit, Binding, Fleet, Forgetting, LedgerRow, LedgerStatus, RunRecord, Store, Tombstone
 from .ledger.sqlite import FoundLedger, SqliteStore, find_ledgers
 from .manifest import Manifest, ManifestRules, open_manifest
 from .outputs.files import RunOutput, write_retry_manifest
@@ -49,7 +51,7 @@ from .run.send import Sender
 from .run.stops import Leaving, Stops, on_systemic
 from .run.workers import Workers
 from .version import __version__
-from .vocab import RETRYABLE_STATES, State, UserIds, parse_states
+from .vocab import RETRYABLE_STATES, ExitCode, State, UserIds, parse_states
 
 if TYPE_CHECKING:
     from .images.remote import RemoteImageSource
@@ -735,13 +737,15 @@ def status(settings: Settings) -> LedgerStatus:
     return asyncio.run(go())
 
 
-def find_users(settings: Settings, user_ids: Sequence[str]) -> list[tuple[str, str]]:
-    """`backfill find-user`: each user_id with the name log lines give it under log_user_ids: hashed."""
+def find_users(settings: Settings, user_ids: Sequence[str]) -> list[tuple[str, str, Tombstone | None]]:
+    """`backfill find-user`: each user_id with the name log lines give it under log_user_ids: hashed, which is
+    also its tombstone's key, and that tombstone when it was forgotten (`backfill forget`)."""
 
-    async def go() -> list[tuple[str, str]]:
-        store = await open_store(settings, writable=False, bound=False)  # the key is all it reads
+    async def go() -> list[tuple[str, str, Tombstone | None]]:
+        store = await open_store(settings, writable=False, bound=False)
         try:
-            return [(uid, store.photo_key.user(uid)) for uid in user_ids]
+            gone = await store.forgotten(user_ids)
+            return [(uid, store.photo_key.user(uid), gone.get(uid)) for uid in user_ids]
         finally:
             await store.close()
 
@@ -958,3 +962,122 @@ def stop_on_signals(engine: Engine) -> Callable[[], None]:
                 signal.signal(signum, handler)
 
     return undo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Erasure:
+    """What `forget` or `purge` is about to remove, told before anything is: for the caller that asks first."""
+
+    command: str  # as the audit trail records it: "backfill forget" or "backfill purge --before DATE"
+    ledger: str
+    found: Forgetting  # what it would do, as a dry run found it
+
+
+# Asked before an erasure, which can't be undone; False stops it (Declined) before anything is removed.
+ConfirmErasure = Callable[[Erasure], bool]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Erased:
+    """What a `forget` or `purge` did (`dry_run`: would do), and its record in the runs table."""
+
+    run_id: str | None  # None for a dry run: nothing was done, so nothing is recorded
+    done: Forgetting
+    ledger: str
+    dry_run: bool
+
+    @property
+    def exit_code(self) -> int:
+        # A row refused (an attempt in flight) is still held whole: the erasure is not done.
+        return ExitCode.ROWS_LEFT if self.done.refused else ExitCode.OK
+
+
+def forget(
+    settings: Settings,
+    user_ids: Sequence[str],
+    *,
+    dry_run: bool = False,
+    confirm: ConfirmErasure | None = None,
+) -> Erased:
+    """`backfill forget`: remove these users' personal data from the ledger, each leaving a tombstone."""
+    ids = list(dict.fromkeys(user_ids))
+    what = f"backfill forget ({len(ids):,} user_id{'' if len(ids) == 1 else 's'} named)"
+
+    async def work(store: Store, by: str, dry: bool) -> Forgetting:
+        return await store.forget(ids, at=now_iso(), by=by, dry_run=dry)
+
+    return asyncio.run(_erase(settings, what, work, dry_run=dry_run, confirm=confirm))
+
+
+def purge(
+    settings: Settings, before: str, *, dry_run: bool = False, confirm: ConfirmErasure | None = None
+) -> Erased:
+    """`backfill purge --before DATE`: forget every row finished (FINISHED_STATES) before DATE."""
+
+    async def work(store: Store, by: str, dry: bool) -> Forgetting:
+        return await store.purge(before, at=now_iso(), by=by, dry_run=dry)
+
+    return asyncio.run(
+        _erase(settings, f"backfill purge --before {before}", work, dry_run=dry_run, confirm=confirm)
+    )
+
+
+async def _erase(
+    settings: Settings,
+    command: str,
+    work: Callable[[Store, str, bool], Awaitable[Forgetting]],
+    *,
+    dry_run: bool,
+    confirm: ConfirmErasure | None,
+) -> Erased:
+    if settings.ledger_url is None and not settings.ledger_path().is_file():
+        raise LedgerAbsent(f"no ledger at {settings.ledger_path()}: nothing to forget. Name it with --ledger")
+    store = await open_store(settings, writable=True, bound=False)
+    try:
+        found = await work(store, "", True)
+        if dry_run:
+            return Erased(run_id=None, done=found, ledger=store.location, dry_run=True)
+        # Recorded even when it removes nothing (every ID unknown, or forgotten before; a purge with nothing old
+        # enough): the audit trail shows that the request was carried out. Asked only when something goes.
+        asked = Erasure(command=command, ledger=store.location, found=found)
+        if confirm is not None and found.count > 0 and not confirm(asked):
+            raise Declined(
+                "nothing forgotten: the answer was not yes. Answer y, or pass --yes to forget unasked"
+            )
+        who = audit(settings)
+        run_id = (
+            f"{now_iso().replace('-', '').replace(':', '').replace('.', '')}-forget-{uuid.uuid4().hex[:6]}"
+        )
+        await store.start_run(
+            RunRecord(
+                run_id=run_id,
+                started_at=now_iso(),
+                manifest=command,
+                pid=os.getpid(),
+                host=who.host,
+                operator=who.operator,
+                version=who.version,
+                api_key_id=who.api_key_id or None,
+            )
+        )
+        done = await work(store, run_id, False)
+        code = ExitCode.ROWS_LEFT if done.refused else ExitCode.OK
+        await store.note_run(run_id, erasure_note(done))
+        await store.finish_run(run_id, finished_at=now_iso(), rows=done.count, exit_code=code)
+        await store.flush()
+        return Erased(run_id=run_id, done=done, ledger=store.location, dry_run=False)
+    finally:
+        await store.close()
+
+
+def erasure_note(done: Forgetting) -> str:
+    """What the audit trail says an erasure did: counts only, never a user_id."""
+    states = ", ".join(f"{n:,} {state}" for state, n in done.forgotten.items()) or "none"
+    said = f"forgot {done.count:,} row{'' if done.count == 1 else 's'} ({states})"
+    if done.already:
+        said += f"; {done.already:,} forgotten before"
+    if done.unknown:
+        said += f"; {done.unknown:,} never in the ledger"
+    if done.refused:
+        said += f"; {len(done.refused):,} refused (an attempt in flight: retry them first)"
+    return said

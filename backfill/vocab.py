@@ -33,6 +33,7 @@ class Status(StrEnum):
     ENROLLED = "enrolled"
     ALREADY_ENROLLED = "already_enrolled"
     SKIPPED = "skipped"  # done in the ledger already: not sent again
+    FORGOTTEN = "forgotten"  # erased from the ledger on request (`backfill forget`/`purge`): never sent again
     ID_CONFLICT = "id_conflict"
     FAILED = "failed"
     RETRY_EXHAUSTED = "retry_exhausted"
@@ -106,7 +107,7 @@ class ExitCode(IntEnum):
 # What each exit code means, as the report says it (docs/operating.md's table says more: test_docs keeps the two
 # listing the same codes).
 EXIT_MEANINGS: dict[int, str] = {
-    ExitCode.OK: "every valid row is enrolled, already enrolled or skipped, and nothing was rejected",
+    ExitCode.OK: "every valid row is enrolled, already enrolled, skipped or forgotten, and nothing was rejected",
     ExitCode.ROWS_LEFT: "finished with rejected rows or rows not done",
     ExitCode.LOCAL: "usage or configuration error, unreadable manifest, ledger or output folder: nothing was sent",
     ExitCode.LOCKED: "another run held the ledger",
@@ -137,11 +138,15 @@ EXIT_FIXES: dict[int, str] = {
 DONE_STATES = frozenset({State.ENROLLED, State.ALREADY_ENROLLED})
 # States a terminal write can never leave (the ledger refuses any write over them).
 TERMINAL_STATES = frozenset({State.ENROLLED, State.ALREADY_ENROLLED, State.ID_CONFLICT})
+# What `backfill purge` counts as finished: nothing more will ever be sent for them without a person deciding so.
+# Open rows (pending, unknown, retry_exhausted) are still work to do, and a row SENDING may be on the wire now.
+FINISHED_STATES = TERMINAL_STATES | {State.FAILED}
 # What `backfill retry` re-sends by default, and what it can re-send when named.
 TRANSIENT_STATES = frozenset({State.PENDING, State.SENDING, State.RETRY_EXHAUSTED, State.UNKNOWN})
 RETRYABLE_STATES = TRANSIENT_STATES | {State.FAILED}
 # Statuses that end a row well; a run whose rows all end in these (and no rejects) exits 0.
-OK_STATUSES = frozenset({Status.ENROLLED, Status.ALREADY_ENROLLED, Status.SKIPPED})
+# A forgotten ID ends well as a skipped one does: not sending it is what was asked for.
+OK_STATUSES = frozenset({Status.ENROLLED, Status.ALREADY_ENROLLED, Status.SKIPPED, Status.FORGOTTEN})
 # Statuses a run may end with and still be a success: a dry run's rows too.
 FINE_STATUSES = OK_STATUSES | {Status.DRY_RUN}
 # Statuses the failure breaker counts.

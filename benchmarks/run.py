@@ -36,7 +36,16 @@ RESUME_RSS_FLAT = 1.2
 # for 20 KB photos, where the per-request Python shows most, CPU per request at most this multiple of its.
 OVERHEAD_THROUGHPUT = 0.85
 OVERHEAD_CPU = 1.4
-NAMES = ("rate_fidelity", "client_overhead", "vs_adhoc", "scale", "retry_storm", "ledger", "profile")
+NAMES = (
+    "rate_fidelity",
+    "client_overhead",
+    "vs_adhoc",
+    "scale",
+    "retry_storm",
+    "ledger",
+    "erasure",
+    "profile",
+)
 
 
 def _get(results: dict[str, Any], path: str) -> Any:
@@ -412,6 +421,32 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
                 o["rows_per_s"],
                 led["no_fsync_rows_per_s"],
                 led["over_no_fsync"],
+            ),
+        ]
+    er = results.get("erasure")
+    if er:
+        o, f = er["ours"], er["floor"]
+        rows += [
+            (
+                "7 erasure",
+                f"forget s ({er['forgotten']} of {er['users']} rows; baseline: bare delete + VACUUM)",
+                o["forget_s"],
+                f["delete_s"] + f["vacuum_s"],
+                er["forget_over_delete_and_vacuum"],
+            ),
+            (
+                "7 erasure",
+                "forget s (baseline: a bare delete, which leaves the bytes)",
+                o["forget_s"],
+                f["delete_s"],
+                er["forget_over_bare_delete"],
+            ),
+            (
+                "7 erasure",
+                "resume: tombstone lookup s (baseline: the done-rows query)",
+                o["tombstone_lookup_s"],
+                o["done_query_s"],
+                er["tombstone_lookup_over_done_query"],
             ),
         ]
     return rows

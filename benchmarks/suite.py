@@ -45,6 +45,7 @@ class Plan:
     storm_rows: int
     profile: bool
     ledger_repeats: int = 3  # each a fresh child; the median is reported
+    erasure_users: int = 200_000  # the ledger's rows; `backfill forget` of 1 in ERASE_EVERY of them
     pool: int = 20  # distinct photos per size; rows cycle through them
     run_timeout_s: float = 3600.0
     notes: list[str] = field(default_factory=list)
@@ -71,6 +72,7 @@ PLANS = {
         adhoc_rows=200,
         scale_rows=(100_000,),
         ledger_users=5000,
+        erasure_users=50_000,
         naive_users=300,
         storm_rows=600,
         profile=True,
@@ -83,6 +85,7 @@ PLANS = {
         adhoc_rows=12,
         scale_rows=(60,),
         ledger_users=60,
+        erasure_users=300,
         naive_users=20,
         storm_rows=30,
         profile=False,
@@ -605,6 +608,36 @@ class Suite:
             "over_one_fsync_each": ratio(ours["rows_per_s"], naive_rate),
             "over_no_fsync": ratio(ours["rows_per_s"], bare_rate),
         }
+
+    # --- 7 ---------------------------------------------------------------------------------------------
+
+    def erasure(self) -> dict[str, Any]:
+        """`backfill forget` of 1% of a ledger's rows vs the same rows deleted bare, and VACUUM alone.
+
+        The bare delete leaves the rows' bytes in the file; `forget` adds tombstones, secure_delete and the rewrite
+        (VACUUM) that leave none. Also: what a resume pays per ID to look for tombstones, against the done-rows
+        query it makes already.
+        """
+        users = self.plan.erasure_users
+        folder = self.work / "erasure"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        log(f"erasure: forget 1 in {ERASE_EVERY} of {users} rows, vs a bare delete and VACUUM alone")
+        ours = in_child(workers.erasure_ours, str(folder / "ours.sqlite"), users, ERASE_EVERY)
+        floor = in_child(workers.erasure_floor, str(folder / "floor.sqlite"), users, ERASE_EVERY)
+        return {
+            "users": users,
+            "forgotten": ours["forgotten"],
+            "ours": ours,
+            "floor": floor,
+            "forget_over_delete_and_vacuum": ratio(ours["forget_s"], floor["delete_s"] + floor["vacuum_s"]),
+            "forget_over_bare_delete": ratio(ours["forget_s"], floor["delete_s"]),
+            "tombstone_lookup_over_done_query": ratio(ours["tombstone_lookup_s"], ours["done_query_s"]),
+            "tombstone_lookup_us_per_id": ours["tombstone_lookup_s"] / users * 1e6,
+        }
+
+
+ERASE_EVERY = 100
 
 
 def _child(fn: Any, *args: Any) -> dict[str, Any]:

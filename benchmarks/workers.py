@@ -446,3 +446,90 @@ def ledger_no_fsync(path: str, users: int) -> dict[str, Any]:
     result = _since(start)
     conn.close()
     return {**result, "users": users}
+
+
+# --- erasure --------------------------------------------------------------------------------------------
+
+
+def _erasure_ledger(path: str, users: int) -> None:
+    """A real ledger (its binding and secret made by SqliteStore) of `users` enrolled rows, each written twice
+    (attempt, then outcome) as a run writes it, then closed."""
+
+    async def make() -> None:
+        store = await SqliteStore.open(Path(path), BINDING, writable=True)
+        await store.close()
+
+    asyncio.run(make())
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("BEGIN")
+    pairs = [_rows(i) for i in range(users)]
+    _write_rows(conn, [begun for begun, _ in pairs])
+    _write_rows(conn, [done for _, done in pairs])
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def _forgotten_ids(users: int, every: int) -> list[str]:
+    return [f"u{i:07d}" for i in range(0, users, every)]
+
+
+def erasure_ours(path: str, users: int, every: int) -> dict[str, Any]:
+    """`forget` of every `every`-th user through SqliteStore (secure_delete, VACUUM, the WAL truncated); then what
+    a resume pays to look for tombstones, a chunk of 1,000 IDs at a time, against the done-rows query it already
+    makes per chunk."""
+    _erasure_ledger(path, users)
+    ids = [f"u{i:07d}" for i in range(users)]
+    gone = _forgotten_ids(users, every)
+
+    async def main() -> dict[str, Any]:
+        store = await SqliteStore.open(Path(path), BINDING, writable=True)
+        try:
+            start = _clock()
+            done = await store.forget(gone, at=now_iso(), by="bench")
+            forget = _since(start)
+            assert done.count == len(gone)
+            start = _clock()
+            for at in range(0, users, 1000):
+                await store.forgotten(ids[at : at + 1000])
+            lookup = _since(start)
+            start = _clock()
+            for at in range(0, users, 1000):
+                await store.done(ids[at : at + 1000])
+            done_query = _since(start)
+        finally:
+            await store.close()
+        return {
+            "forget_s": forget["wall_s"],
+            "tombstone_lookup_s": lookup["wall_s"],
+            "done_query_s": done_query["wall_s"],
+        }
+
+    return {**asyncio.run(main()), "users": users, "forgotten": len(gone)}
+
+
+def erasure_floor(path: str, users: int, every: int) -> dict[str, Any]:
+    """The same rows deleted bare (one transaction, no secure_delete, no tombstone), which leaves their bytes in
+    the file; then VACUUM of that file alone, the rewrite `forget` adds so that none is left."""
+    _erasure_ledger(path, users)
+    gone = _forgotten_ids(users, every)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    start = _clock()
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("DELETE FROM users WHERE user_id IN (SELECT value FROM json_each(?))", (json.dumps(gone),))
+    conn.execute("COMMIT")
+    delete = _since(start)
+    start = _clock()
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    vacuum = _since(start)
+    conn.close()
+    return {
+        "delete_s": delete["wall_s"],
+        "vacuum_s": vacuum["wall_s"],
+        "users": users,
+        "forgotten": len(gone),
+    }

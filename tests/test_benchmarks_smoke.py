@@ -65,6 +65,7 @@ def test_every_benchmark_reported(smoke: dict[str, Any]) -> None:
         "scale",
         "retry_storm",
         "ledger",
+        "erasure",
     }
     assert smoke["targets"] and all({"name", "value", "target", "met"} <= set(t) for t in smoke["targets"])
 
@@ -252,3 +253,17 @@ def test_the_normalize_benchmark_runs_and_writes_its_ratios(tmp_path: Path) -> N
         assert results[name]["rows"] in (2, 4) and _positive(results[name]["rows_per_s"]), name
         assert _positive(results[name]["cpu_ms_per_row"]), name
     assert all(_positive(v) for v in results["ratios"].values())
+
+
+def test_erasure(smoke: dict[str, Any]) -> None:
+    e = smoke["results"]["erasure"]
+    assert (
+        e["forgotten"] == len(range(0, e["users"], 100)) and e["ours"]["forgotten"] == e["floor"]["forgotten"]
+    )
+    for name in (
+        "forget_over_delete_and_vacuum",
+        "forget_over_bare_delete",
+        "tombstone_lookup_over_done_query",
+        "tombstone_lookup_us_per_id",
+    ):
+        assert _positive(e[name]), name

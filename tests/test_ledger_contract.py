@@ -36,7 +36,7 @@ from backfill.ledger import (
 )
 from backfill.ledger.memory import MemoryStore
 from backfill.ledger.sqlite import SqliteStore, acquire_lock
-from backfill.vocab import TERMINAL_STATES, State
+from backfill.vocab import FINISHED_STATES, TERMINAL_STATES, State
 
 T = TypeVar("T")
 BINDING = Binding(partner_id="085", endpoint="https://testapi.smileidentity.com:443")
@@ -73,7 +73,15 @@ def request(user_id: str, photo: str = "a", *, run: str = "r1") -> AttemptReques
     )
 
 
-def outcome(user_id: str, attempt: int, state: State, *, may: bool = False, proves: bool = False) -> Outcome:
+def outcome(
+    user_id: str,
+    attempt: int,
+    state: State,
+    *,
+    may: bool = False,
+    proves: bool = False,
+    at: str = "2026-01-01T00:00:01.000Z",
+) -> Outcome:
     return Outcome(
         user_id=user_id,
         attempt=attempt,
@@ -85,7 +93,7 @@ def outcome(user_id: str, attempt: int, state: State, *, may: bool = False, prov
         result_text="t",
         smile_job_id="1",
         job_id="j",
-        at="2026-01-01T00:00:01.000Z",
+        at=at,
     )
 
 
@@ -114,6 +122,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.folder = Path(tempfile.mkdtemp(prefix="ledger-contract-"))
         self.store = self.run(open_store(self.kind, self.folder))
         self.model: dict[str, ModelRow] = {}
+        self.forgotten: set[str] = set()  # IDs forgotten: no row, and never begun again
 
     def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
@@ -127,6 +136,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def begin(self, uid: str, photo: str) -> None:
         result = self.run(self.store.begin_attempt(request(uid, photo)))
         row = self.model.get(uid)
+        if uid in self.forgotten:
+            assert isinstance(result, Refused) and result.why is Refusal.FORGOTTEN
+            return
         if row is not None and row.state in TERMINAL_STATES:
             assert isinstance(result, Refused) and result.why is Refusal.TERMINAL
             return
@@ -169,6 +181,37 @@ class LedgerMachine(RuleBasedStateMachine):
             row.doubt = row.doubt or may
         row.state = state
 
+    @rule(uid=st.sampled_from(ids))
+    def forget(self, uid: str) -> None:
+        """An erasure request: every state but SENDING leaves a tombstone; SENDING is kept whole."""
+        self.run(self.store.flush())
+        done = self.run(self.store.forget([uid], at="2026-01-02T00:00:00.000Z", by="f1"))
+        row = self.model.get(uid)
+        if row is None:
+            assert (done.count, done.refused) == (0, ())
+            assert (done.already, done.unknown) == ((1, 0) if uid in self.forgotten else (0, 1))
+        elif row.state is State.SENDING:
+            assert (done.count, done.refused) == (0, (uid,))
+        else:
+            assert done.forgotten == {row.state.value: 1}
+            del self.model[uid]
+            self.forgotten.add(uid)
+
+    @rule(before=st.sampled_from(["2026-01-01", "2026-01-02"]))
+    def purge(self, before: str) -> None:
+        """Every row finished (FINISHED_STATES) before the date: every settle here finishes at 2026-01-01T00:00:01."""
+        self.run(self.store.flush())
+        done = self.run(self.store.purge(before, at="2026-01-03T00:00:00.000Z", by="p1"))
+        gone = [
+            uid for uid, row in self.model.items() if row.state in FINISHED_STATES and before > "2026-01-01T"
+        ]
+        expected: dict[str, int] = {}
+        for uid in gone:
+            expected[self.model[uid].state.value] = expected.get(self.model[uid].state.value, 0) + 1
+            del self.model[uid]
+            self.forgotten.add(uid)
+        assert (done.forgotten, done.refused) == (dict(sorted(expected.items())), ())
+
     @precondition(lambda self: self.kind in ("sqlite", "postgres"))
     @rule()
     def reopen(self) -> None:
@@ -181,6 +224,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.run(self.store.flush())
         rows = self.run(self.store.lookup(list(self.ids)))
         assert set(rows) == set(self.model)
+        assert set(self.run(self.store.forgotten(list(self.ids)))) == self.forgotten
         for uid, expected in self.model.items():
             got = rows[uid]
             assert (got.state, got.attempts, got.in_doubt, got.photo_sha256) == (
@@ -454,3 +498,75 @@ async def test_sqlite_creates_the_ledgers_folder_owner_only(tmp_path: Path) -> N
     await store.close()
     for folder in (tmp_path / "data", tmp_path / "data" / "backfill", path.parent):
         assert folder.stat().st_mode & 0o777 == 0o700, folder
+
+
+# --- forgetting a user (an erasure request), every backend ---
+
+FORGET_AT = "2026-02-01T00:00:00.000Z"
+
+
+async def finished(store: Store, uid: str, state: State, *, at: str = "2026-01-01T00:00:01.000Z") -> None:
+    assert isinstance(await store.begin_attempt(request(uid)), Ticket)
+    await store.settle(outcome(uid, 1, state, may=state is State.UNKNOWN, at=at))
+    await store.flush()
+
+
+async def test_a_forgotten_user_leaves_a_keyed_tombstone_and_is_never_begun_again(store: Store) -> None:
+    await finished(store, "u1", State.ENROLLED)
+    await finished(store, "u2", State.UNKNOWN)
+    done = await store.forget(["u1", "u2", "u9"], at=FORGET_AT, by="f1")
+    assert (done.forgotten, done.refused, done.already, done.unknown) == (
+        {"enrolled": 1, "unknown": 1},
+        (),
+        0,
+        1,
+    )
+    assert await store.lookup(["u1", "u2"]) == {}
+    assert [r async for r in store.rows()] == []
+    stones = await store.forgotten(["u1", "u2", "u9"])
+    assert set(stones) == {"u1", "u2"}
+    one = stones["u1"]
+    assert (one.user_key, one.state, one.doubt, one.forgotten_at, one.forgotten_by) == (
+        store.photo_key.user("u1"),  # what `backfill find-user u1` prints
+        State.ENROLLED,
+        False,
+        FORGET_AT,
+        "f1",
+    )
+    assert stones["u2"].doubt and stones["u2"].first_attempt_at == "2026-01-01T00:00:00.000Z"
+    for uid in ("u1", "u2"):
+        refused = await store.begin_attempt(request(uid))
+        assert isinstance(refused, Refused) and refused.why is Refusal.FORGOTTEN
+        assert refused.row.user_created_at is None and refused.row.image_ref is None
+    again = await store.forget(["u1"], at=FORGET_AT, by="f2")
+    assert (again.count, again.already) == (0, 1)
+    status = await store.status()
+    assert status.counts == {} and status.forgotten == 2
+
+
+async def test_a_row_being_sent_is_not_forgotten(store: Store) -> None:
+    assert isinstance(await store.begin_attempt(request("u1")), Ticket)
+    done = await store.forget(["u1"], at=FORGET_AT, by="f1")
+    assert (done.count, done.refused) == (0, ("u1",))
+    assert (await store.lookup(["u1"]))["u1"].state is State.SENDING  # kept whole: its outcome still comes
+    assert await store.settle(outcome("u1", 1, State.ENROLLED)) in (Settled.APPLIED, Settled.QUEUED)
+
+
+async def test_purge_forgets_only_rows_finished_before_the_date(store: Store) -> None:
+    await finished(store, "old_ok", State.ENROLLED, at="2026-01-01T00:00:01.000Z")
+    await finished(store, "old_failed", State.FAILED, at="2026-01-02T00:00:01.000Z")
+    await finished(store, "old_unknown", State.UNKNOWN, at="2026-01-01T00:00:01.000Z")  # open: not finished
+    await finished(store, "new_ok", State.ENROLLED, at="2026-03-01T00:00:01.000Z")
+    dry = await store.purge("2026-02-01", at=FORGET_AT, by="", dry_run=True)
+    assert dry.forgotten == {"enrolled": 1, "failed": 1}
+    assert len(await store.lookup(["old_ok", "old_failed"])) == 2  # a dry run changes nothing
+    done = await store.purge("2026-02-01", at=FORGET_AT, by="p1")
+    assert done.forgotten == {"enrolled": 1, "failed": 1}
+    assert set(await store.lookup(["old_ok", "old_failed", "old_unknown", "new_ok"])) == {
+        "old_unknown",
+        "new_ok",
+    }
+    assert set(await store.forgotten(["old_ok", "old_failed", "old_unknown", "new_ok"])) == {
+        "old_ok",
+        "old_failed",
+    }

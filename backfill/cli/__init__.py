@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import datetime
 import importlib.resources
 import json
 import logging
@@ -398,16 +399,171 @@ def status(
         every(draw, watch, screen, rounds=watch_rounds)
 
 
+_ERASE_YES = click.option(
+    "--yes", is_flag=True, help="Forget without asking (required when no one is at a terminal to answer)."
+)
+_ERASE_DRY = click.option("--dry-run", is_flag=True, help="Count what would be forgotten; change nothing.")
+
+
+@main.command()
+@config_option
+@ledger_options()
+@click.argument("user_ids", nargs=-1, metavar="[USER_ID]...")
+@click.option(
+    "--from",
+    "from_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file of user_ids to forget, one a line (blank lines ignored).",
+)
+@_ERASE_DRY
+@_ERASE_YES
+@setting_options("operator")
+@guard
+def forget(
+    config_file: Path | None,
+    user_ids: tuple[str, ...],
+    from_file: Path | None,
+    dry_run: bool,
+    yes: bool,
+    **flags: Any,
+) -> None:
+    """Remove users' personal data from the ledger (an erasure request), leaving a tombstone each.
+
+    The tombstone (the ID's keyed hash, its state and dates) keeps the ID from ever being sent again: a manifest
+    naming it later reports it `forgotten`. Recorded in the audit trail (backfill status). Can't be undone.
+    """
+    ids = list(user_ids)
+    if from_file is not None:
+        try:
+            text = from_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                "--from", str(from_file), f"can't be read ({exc})", "name a readable text file"
+            ) from exc
+        ids += [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise ConfigError(
+            "USER_ID", "the command line", "no user_id is named", "name them: USER_ID... or --from FILE"
+        )
+    settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
+    erased = compose.forget(settings, ids, dry_run=dry_run, confirm=_erasure_question(yes=yes or dry_run))
+    _tell_erased(erased)
+
+
+@main.command()
+@config_option
+@ledger_options()
+@click.option(
+    "--before",
+    required=True,
+    metavar="DATE",
+    help="Forget every row finished (enrolled, already_enrolled, id_conflict, failed) before DATE (YYYY-MM-DD, UTC).",
+)
+@_ERASE_DRY
+@_ERASE_YES
+@setting_options("operator")
+@guard
+def purge(config_file: Path | None, before: str, dry_run: bool, yes: bool, **flags: Any) -> None:
+    """Forget every row finished before a date (a retention period), as `forget` does each one."""
+    try:
+        day = datetime.date.fromisoformat(before)
+    except ValueError:
+        raise ConfigError(
+            "--before", "the command line", f"{before!r} is not a date", "write it as YYYY-MM-DD"
+        ) from None
+    if day > datetime.datetime.now(datetime.UTC).date() + datetime.timedelta(days=1):
+        raise ConfigError(
+            "--before", "the command line", f"{before} is in the future", "name a date no later than tomorrow"
+        )
+    settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
+    erased = compose.purge(
+        settings, day.isoformat(), dry_run=dry_run, confirm=_erasure_question(yes=yes or dry_run)
+    )
+    _tell_erased(erased)
+
+
+def _erasure_question(*, yes: bool) -> compose.ConfirmErasure | None:
+    """The question before an erasure; with no one at a terminal and no --yes, a refusal: it can't be undone."""
+    if yes:
+        return None
+    if not interactive():
+        return _refuse_unasked
+    return _ask_erasure
+
+
+def _refuse_unasked(erasure: compose.Erasure) -> bool:
+    raise ConfigError(
+        "--yes",
+        "the command line",
+        f"{erasure.command} would forget {erasure.found.count:,} rows of {erasure.ledger} for good, and no one is "
+        "at a terminal to confirm",
+        "pass --yes (or --dry-run to count them first)",
+    )
+
+
+def _ask_erasure(erasure: compose.Erasure) -> bool:
+    """Once, on stderr: anything but y or yes is no."""
+    found = erasure.found
+    states = ", ".join(f"{n:,} {state}" for state, n in found.forgotten.items())
+    click.echo(
+        f"About to forget {found.count:,} row{'' if found.count == 1 else 's'} ({states}) for good:\n"
+        f"  ledger:  {erasure.ledger}\n"
+        f"  command: {erasure.command}\n"
+        "Their user_created_at, image reference, photo fingerprint and result text are removed; a keyed hash of "
+        "each user_id stays, so it is never sent again.",
+        err=True,
+    )
+    click.echo("Forget them? [y/N] ", nl=False, err=True)
+    return sys.stdin.readline().strip().lower() in {"y", "yes"}
+
+
+def _tell_erased(erased: compose.Erased) -> None:
+    done = erased.done
+    note = compose.erasure_note(done)
+    said = (
+        f"dry run: would have {note[0].lower()}{note[1:]}" if erased.dry_run else note
+    ) + f" in {erased.ledger}"
+    if erased.run_id is not None:
+        said += f" (audit trail: run {erased.run_id})"
+    if json_lines():
+        say(
+            logging.WARNING if done.refused else logging.INFO,
+            Said.FORGOTTEN,
+            said,
+            run_id=erased.run_id,
+            dry_run=erased.dry_run,
+            forgotten=done.forgotten,
+            already=done.already,
+            unknown=done.unknown,
+            refused=len(done.refused),
+            exit_code=erased.exit_code,
+        )
+    else:
+        click.echo(said)
+        for uid in done.refused:
+            click.echo(
+                f"  not forgotten: {uid} (an attempt is in flight: backfill retry, then forget it)", err=True
+            )
+    sys.exit(erased.exit_code)
+
+
 @main.command("find-user")
 @config_option
 @ledger_options()
 @click.argument("user_ids", nargs=-1, required=True, metavar="USER_ID...")
 @guard
 def find_user(config_file: Path | None, user_ids: tuple[str, ...], **flags: Any) -> None:
-    """Each USER_ID's name in log lines written with log_user_ids: hashed (keyed by the ledger's secret)."""
+    """Each USER_ID's name in log lines written with log_user_ids: hashed (keyed by the ledger's secret).
+
+    A user forgotten on request (backfill forget) is found too: a third column says when, and what it was.
+    """
     settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
-    for user_id, hashed in compose.find_users(settings, user_ids):
-        click.echo(f"{hashed}\t{user_id}")
+    for user_id, hashed, tombstone in compose.find_users(settings, user_ids):
+        if tombstone is None:
+            click.echo(f"{hashed}\t{user_id}")
+        else:  # a third column, only then: a reader of the first two reads on as before
+            gone = f"forgotten {tombstone.forgotten_at} (was {tombstone.state}; run {tombstone.forgotten_by})"
+            click.echo(f"{hashed}\t{user_id}\t{gone}")
 
 
 def _status_lines(report: LedgerStatus) -> list[str]:
@@ -415,6 +571,8 @@ def _status_lines(report: LedgerStatus) -> list[str]:
     lines = [f"ledger {report.location} (partner {b.partner_id}, {b.endpoint})"]
     lines.append(_table(["state", "rows"], [[k, v] for k, v in report.counts.items()] or [["(empty)", 0]]))
     lines.append(f"waiting for a retry: {report.waiting_for_retry}")
+    if report.forgotten:
+        lines.append(f"forgotten on request: {report.forgotten:,} (kept as tombstones: never sent again)")
     if report.oldest_unfinished:
         o = report.oldest_unfinished
         last = f"{o.result_code or '-'} {o.result_text or ''}".strip()
@@ -697,7 +855,11 @@ def _report(summary: Summary) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in summary.counts.items()) or "nothing to do"
     click.echo(f"{summary.total_rows} rows: {counts}")
     skipped = summary.counts.get(Status.SKIPPED, 0)
-    click.echo(f"new: {summary.new_rows}, skipped (already done): {skipped}, rejected: {summary.rejected}")
+    forgotten = summary.counts.get(Status.FORGOTTEN, 0)
+    gone = f", forgotten on request (not sent): {forgotten}" if forgotten else ""
+    click.echo(
+        f"new: {summary.new_rows}, skipped (already done): {skipped}{gone}, rejected: {summary.rejected}"
+    )
     in_doubt = summary.counts.get(Status.UNKNOWN, 0)
     if in_doubt:
         click.echo(

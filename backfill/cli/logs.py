@@ -49,6 +49,9 @@ class Said(StrEnum):
     NOTHING_TO_RETRY = "nothing_to_retry"  # `retry` found no row in the states asked for: states
     LEDGER_CHOSEN = "ledger_chosen"  # the default ledger doesn't exist: the only one for this partner is read
     EXPORT_WRITTEN = "export_written"  # `export --out`: rows, path
+    FORGOTTEN = (
+        "forgotten"  # `forget` or `purge` ended: run_id, dry_run, forgotten, already, unknown, refused
+    )
 
 
 class _Terminal:

@@ -154,6 +154,7 @@ class Refusal(StrEnum):
     # Another live process has an attempt of this ID on the wire now (an overlapping manifest, a retry): this
     # one must not send it at the same time. The claim goes back to the queue, to be taken again shortly.
     SENT_ELSEWHERE = "sent_elsewhere"
+    FORGOTTEN = "forgotten"  # the ID was forgotten on request (`backfill forget`): never sent again
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +179,39 @@ class Outcome:
     smile_job_id: str
     job_id: str
     at: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tombstone:
+    """All a ledger keeps of a forgotten user: enough to keep the promise, nothing that says who it was.
+
+    `user_key` is the keyed hash `log_user_ids: hashed` names the user by (`PhotoKey.user`), so `backfill
+    find-user ID` finds it, and no one without the ledger's secret can tell which ID it is.
+    """
+
+    user_key: str
+    state: State  # the row's state when it was forgotten
+    doubt: bool  # whether an attempt of ours may have enrolled it: the ID is never sent again either way
+    first_attempt_at: str | None
+    finished_at: str | None
+    forgotten_at: str
+    forgotten_by: (
+        str  # the run_id of the `forget` or `purge` that made it, in the runs table (the audit trail)
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forgetting:
+    """What a `forget` or `purge` did (or, a dry run, would do)."""
+
+    forgotten: dict[str, int]  # rows forgotten, by the state they were in
+    refused: tuple[str, ...] = ()  # named IDs with an attempt in flight (SENDING): kept whole, not forgotten
+    already: int = 0  # named IDs forgotten before: nothing more to remove
+    unknown: int = 0  # named IDs the ledger never held: nothing to remove (no tombstone is made for them)
+
+    @property
+    def count(self) -> int:
+        return sum(self.forgotten.values())
 
 
 class Settled(StrEnum):
@@ -235,6 +269,7 @@ class LedgerStatus:
     fleet_rate: float | None = None
     fleet_ceiling: float | None = None
     queues: list[QueueState] = field(default_factory=list)  # the manifests loaded last, newest first
+    forgotten: int = 0  # users forgotten on request: tombstones, in no state's count
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -403,6 +438,22 @@ class Store(ABC):
     async def close(self) -> None:
         """Flush, release the writer's hold, and close."""
 
+    @abstractmethod
+    async def forgotten(self, user_ids: Sequence[str]) -> dict[str, Tombstone]:
+        """The tombstones of those of these IDs that were forgotten, by the ID given."""
+
+    @abstractmethod
+    async def forget(self, user_ids: Sequence[str], *, at: str, by: str, dry_run: bool = False) -> Forgetting:
+        """Remove these users' personal data, leaving a tombstone each (`transitions.forget` decides), durably.
+
+        A row SENDING is refused (kept whole): an attempt of it may be on the wire now, and its outcome and doubt
+        are facts the promise needs. Every byte removed is gone from the backend's files, not only unlinked.
+        """
+
+    @abstractmethod
+    async def purge(self, before: str, *, at: str, by: str, dry_run: bool = False) -> Forgetting:
+        """`forget` every row in FINISHED_STATES whose last attempt finished before `before` (ISO 8601)."""
+
 
 __all__ = [
     "TRANSIENT_STATES",
@@ -410,6 +461,7 @@ __all__ = [
     "Binding",
     "DoneRow",
     "Fleet",
+    "Forgetting",
     "LedgerRow",
     "LedgerStatus",
     "Outcome",
@@ -423,4 +475,5 @@ __all__ = [
     "Settled",
     "Store",
     "Ticket",
+    "Tombstone",
 ]

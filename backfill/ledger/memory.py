@@ -11,6 +11,7 @@ from ..vocab import TRANSIENT_STATES, State
 from . import (
     AttemptRequest,
     Binding,
+    Forgetting,
     LedgerRow,
     LedgerStatus,
     Outcome,
@@ -19,6 +20,7 @@ from . import (
     Settled,
     Store,
     Ticket,
+    Tombstone,
 )
 from . import transitions as tr
 
@@ -32,13 +34,15 @@ class MemoryStore(Store):
         self.photo_key = PhotoKey.new()
         self.users: dict[str, LedgerRow] = {}
         self.runs: dict[str, RunRecord] = {}
+        self.tombstones: dict[str, Tombstone] = {}  # by user_key
         self.closed = False
 
     async def lookup(self, user_ids: Sequence[str]) -> dict[str, LedgerRow]:
         return {uid: self.users[uid] for uid in user_ids if uid in self.users}
 
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
-        result = tr.begin(self.users.get(request.user_id), request)
+        tombstone = self.tombstones.get(self.photo_key.user(request.user_id))
+        result = tr.begin(self.users.get(request.user_id), request, tombstone)
         if isinstance(result, Refused):
             return result
         self.users[request.user_id], ticket = result
@@ -78,6 +82,7 @@ class MemoryStore(Store):
             oldest_unfinished=oldest,
             runs=runs,
             writer_alive=not self.closed,  # in memory, the store lives exactly as long as its writer
+            forgotten=len(self.tombstones),
         )
 
     async def rows(self, states: Collection[State] | None = None) -> AsyncIterator[LedgerRow]:
@@ -88,3 +93,35 @@ class MemoryStore(Store):
 
     async def close(self) -> None:
         self.closed = True
+
+    async def forgotten(self, user_ids: Sequence[str]) -> dict[str, Tombstone]:
+        keyed = {uid: self.photo_key.user(uid) for uid in user_ids}
+        return {uid: self.tombstones[key] for uid, key in keyed.items() if key in self.tombstones}
+
+    async def forget(self, user_ids: Sequence[str], *, at: str, by: str, dry_run: bool = False) -> Forgetting:
+        rows = [self.users[uid] for uid in dict.fromkeys(user_ids) if uid in self.users]
+        absent = [uid for uid in dict.fromkeys(user_ids) if uid not in self.users]
+        already = len(await self.forgotten(absent))
+        return self._forget(
+            rows, at=at, by=by, dry_run=dry_run, already=already, unknown=len(absent) - already
+        )
+
+    async def purge(self, before: str, *, at: str, by: str, dry_run: bool = False) -> Forgetting:
+        rows = [r for r in self.users.values() if tr.purged(r, before)]
+        return self._forget(rows, at=at, by=by, dry_run=dry_run)
+
+    def _forget(
+        self, rows: list[LedgerRow], *, at: str, by: str, dry_run: bool, already: int = 0, unknown: int = 0
+    ) -> Forgetting:
+        forgotten: Counter[str] = Counter()
+        refused: list[str] = []
+        for row in rows:
+            tombstone = tr.forget(row, user_key=self.photo_key.user(row.user_id), at=at, by=by)
+            if tombstone is None:
+                refused.append(row.user_id)
+                continue
+            forgotten[row.state.value] += 1
+            if not dry_run:
+                del self.users[row.user_id]
+                self.tombstones[tombstone.user_key] = tombstone
+        return Forgetting(forgotten=dict(forgotten), refused=tuple(refused), already=already, unknown=unknown)

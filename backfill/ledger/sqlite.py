@@ -21,11 +21,12 @@ from typing import Any
 from ..clock import now_iso
 from ..errors import LedgerError, LedgerLocked
 from ..images import PhotoKey
-from ..vocab import DONE_STATES, TRANSIENT_STATES, State
+from ..vocab import DONE_STATES, FINISHED_STATES, TRANSIENT_STATES, State
 from . import (
     AttemptRequest,
     Binding,
     DoneRow,
+    Forgetting,
     LedgerRow,
     LedgerStatus,
     Outcome,
@@ -34,6 +35,7 @@ from . import (
     Settled,
     Store,
     Ticket,
+    Tombstone,
     row_of,
 )
 from . import transitions as tr
@@ -66,9 +68,21 @@ CREATE TABLE IF NOT EXISTS users (
     sent_sha256 TEXT,
     transform TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID"""
+# A forgotten user's tombstone (`backfill forget`): its ID's keyed hash, never the ID; no personal data.
+_FORGOTTEN = f"""
+CREATE TABLE IF NOT EXISTS forgotten (
+    user_key TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ({_STATES})),
+    doubt INTEGER NOT NULL,
+    first_attempt_at TEXT,
+    finished_at TEXT,
+    forgotten_at TEXT NOT NULL,
+    forgotten_by TEXT NOT NULL
+) WITHOUT ROWID"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 {_USERS};
+{_FORGOTTEN};
 CREATE INDEX IF NOT EXISTS users_state ON users(state);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -177,6 +191,9 @@ class SqliteStore(Store):
         # cost no read in the writer's transaction. Exact for the same reason as `_begun`; touched only on the
         # ledger's thread.
         self._absent: set[str] = set()
+        # The ledger's key while it holds any tombstone, else None: only then is a new ID looked for among the
+        # forgotten before it is begun (this store is the one writer: none is made behind its back).
+        self._forgotten_key: PhotoKey | None = None
 
     @classmethod
     async def open(
@@ -216,7 +233,10 @@ class SqliteStore(Store):
             if lock is not None:
                 os.close(lock)
             raise
-        return cls(conn, executor, binding=held, location=str(path), lock=lock, photo_key=key)
+        store = cls(conn, executor, binding=held, location=str(path), lock=lock, photo_key=key)
+        if await loop.run_in_executor(executor, _any_forgotten, conn):
+            store._forgotten_key = key
+        return store
 
     # --- the contract ---
 
@@ -263,7 +283,9 @@ class SqliteStore(Store):
     async def status(self, *, last_runs: int = 10) -> LedgerStatus:
         self._raise_if_failed()
         counts, oldest, runs = await self._call(_status, self._conn, last_runs)
+        forgotten: int = await self._call(_count_forgotten, self._conn)
         return LedgerStatus(
+            forgotten=forgotten,
             location=self.location,
             binding=self.binding,
             counts=counts,
@@ -284,6 +306,36 @@ class SqliteStore(Store):
             if len(page) < 1000:
                 return
             after = page[-1].user_id
+
+    async def forgotten(self, user_ids: Sequence[str]) -> dict[str, Tombstone]:
+        self._raise_if_failed()
+        if self._lock is not None and self._forgotten_key is None:
+            return {}  # this store is the one writer, and it holds no tombstone: nothing to read
+        found: dict[str, Tombstone] = await self._call(_forgotten, self._conn, self.photo_key, list(user_ids))
+        return found
+
+    async def forget(self, user_ids: Sequence[str], *, at: str, by: str, dry_run: bool = False) -> Forgetting:
+        return await self._forget(list(dict.fromkeys(user_ids)), None, at=at, by=by, dry_run=dry_run)
+
+    async def purge(self, before: str, *, at: str, by: str, dry_run: bool = False) -> Forgetting:
+        return await self._forget(None, before, at=at, by=by, dry_run=dry_run)
+
+    async def _forget(
+        self, user_ids: list[str] | None, before: str | None, *, at: str, by: str, dry_run: bool
+    ) -> Forgetting:
+        if self._lock is None:
+            raise LedgerError(
+                f"the ledger {self.location} was opened to read: nothing can be forgotten in it"
+            )
+        await self.flush()  # every write before it is in, so the rows it reads are the ledger's last word
+        done: Forgetting = await self._call(
+            _forget, self._conn, self.photo_key, user_ids, before, at, by, dry_run
+        )
+        if not dry_run and done.count:
+            self._forgotten_key = self.photo_key
+            self._begun.clear()  # touched on the ledger's thread only: the executor runs one task at a time
+            self._absent.clear()
+        return done
 
     async def close(self) -> None:
         try:
@@ -340,7 +392,7 @@ class SqliteStore(Store):
     def _commit(self, writes: list[_Write], loop: asyncio.AbstractEventLoop) -> None:
         """On the ledger's thread: apply the group, then wake the event loop once to tell every writer in it."""
         try:
-            results = _apply(self._conn, self._begun, self._absent, writes)
+            results = _apply(self._conn, self._begun, self._absent, writes, self._forgotten_key)
         except BaseException as exc:  # any failure: waiters must hear of it, or they wait for ever
             loop.call_soon_threadsafe(self._failed, writes, exc)
         else:
@@ -522,8 +574,8 @@ def _found(path: Path) -> FoundLedger:
         if not meta:
             return unread("not a backfill ledger (it has no binding)")
         if meta.get("schema") != SCHEMA_VERSION:
-            # Schema 1 was bound to an env label, not an endpoint; 2 pinned plain digests: a writable command
-            # migrates either.
+            # Schema 1 was bound to an env label, not an endpoint; 2 pinned plain digests; 3 had no tombstones: a
+            # writable command migrates each.
             endpoint = meta.get("endpoint") or meta.get("env", "")
             old = Binding(partner_id=meta.get("partner_id", ""), endpoint=endpoint)
             return unread(f"schema {meta.get('schema')!r}: run or retry with it once to migrate it", old)
@@ -561,9 +613,8 @@ def _connect(
                 _migrate_v2(conn)
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 conn.execute("PRAGMA secure_delete=OFF")
-                meta["schema"] = "3"
-            if meta.get("schema") == "3":
-                _migrate_v4(conn)
+            if _meta(conn).get("schema") == "3":
+                _migrate_v3(conn)
             conn.executescript(_SCHEMA)
             present = _run_columns(conn)
             # Added within a schema: older versions name their columns, so they read and write it still.
@@ -674,8 +725,9 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-def _migrate_v4(conn: sqlite3.Connection) -> None:
-    """Schema 3 to 4: beside each pin, the digest of the bytes sent and what --normalize did to them.
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    """Schema 3 to 4: beside each pin, the digest of the bytes sent and what --normalize did to them; and the
+    table of tombstones `backfill forget` leaves.
 
     Two columns added in place, empty for every row so far (their photos went as read); no photo is read. A
     ledger that schema 1's migration just rebuilt has them already.
@@ -687,6 +739,7 @@ def _migrate_v4(conn: sqlite3.Connection) -> None:
             conn.execute("ALTER TABLE users ADD COLUMN sent_sha256 TEXT")
         if "transform" not in present:
             conn.execute("ALTER TABLE users ADD COLUMN transform TEXT NOT NULL DEFAULT ''")
+        conn.execute(_FORGOTTEN)
         conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -695,7 +748,11 @@ def _migrate_v4(conn: sqlite3.Connection) -> None:
 
 
 def _apply(
-    conn: sqlite3.Connection, begun: dict[str, LedgerRow], absent: set[str], writes: list[_Write]
+    conn: sqlite3.Connection,
+    begun: dict[str, LedgerRow],
+    absent: set[str],
+    writes: list[_Write],
+    forgotten_key: PhotoKey | None = None,
 ) -> list[object]:
     """Apply one group of writes in one transaction; each one's result, in order (None for a statement or flush).
 
@@ -716,10 +773,21 @@ def _apply(
             if isinstance(w, AttemptRequest | Outcome) and w.user_id not in begun and w.user_id not in absent
         }
         stored = _lookup(conn, list(unknown)) if unknown else {}
+        # A forgotten ID has no row: each attempt of one the ledger holds no row for is checked for a tombstone.
+        tombstones: dict[str, Tombstone] = {}
+        if forgotten_key is not None:
+            rowless = [
+                w.user_id
+                for w, _ in writes
+                if isinstance(w, AttemptRequest) and w.user_id not in begun and w.user_id not in stored
+            ]
+            tombstones = _forgotten(conn, forgotten_key, rowless) if rowless else {}
         for what, _ in writes:
             if isinstance(what, AttemptRequest):
                 uid = what.user_id
-                begin = tr.begin(changed.get(uid) or begun.get(uid) or stored.get(uid), what)
+                begin = tr.begin(
+                    changed.get(uid) or begun.get(uid) or stored.get(uid), what, tombstones.get(uid)
+                )
                 if isinstance(begin, Refused):
                     results.append(begin)
                 else:
@@ -812,3 +880,111 @@ def _status(
         for r in conn.execute(f"SELECT {chosen} FROM runs ORDER BY started_at DESC LIMIT ?", (last_runs,))
     ]
     return counts, (None if found is None else _row(found)), runs
+
+
+_TOMBSTONE_COLUMNS = (
+    "user_key",
+    "state",
+    "doubt",
+    "first_attempt_at",
+    "finished_at",
+    "forgotten_at",
+    "forgotten_by",
+)
+_FINISHED_IN = ", ".join(repr(str(s)) for s in sorted(FINISHED_STATES))
+
+
+def _any_forgotten(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM forgotten LIMIT 1").fetchone() is not None
+
+
+def _count_forgotten(conn: sqlite3.Connection) -> int:
+    found: int = conn.execute("SELECT count(*) FROM forgotten").fetchone()[0]
+    return found
+
+
+def _forgotten(conn: sqlite3.Connection, key: PhotoKey, user_ids: list[str]) -> dict[str, Tombstone]:
+    """The tombstones of those of `user_ids` that were forgotten, by the ID given."""
+    keyed = {key.user(uid): uid for uid in user_ids}
+    sql = (
+        f"SELECT {', '.join(_TOMBSTONE_COLUMNS)} FROM forgotten "
+        "WHERE user_key IN (SELECT value FROM json_each(?))"
+    )
+    found = {}
+    for user_key, state, doubt, first, finished, at, by in conn.execute(sql, (json.dumps(list(keyed)),)):
+        found[keyed[user_key]] = Tombstone(
+            user_key=user_key,
+            state=_STATE_OF[state],
+            doubt=bool(doubt),
+            first_attempt_at=first,
+            finished_at=finished,
+            forgotten_at=at,
+            forgotten_by=by,
+        )
+    return found
+
+
+def _forget(
+    conn: sqlite3.Connection,
+    key: PhotoKey,
+    user_ids: list[str] | None,
+    before: str | None,
+    at: str,
+    by: str,
+    dry_run: bool,
+) -> Forgetting:
+    """Forget the named rows (or, `before`, every row finished before it) in one transaction; then rewrite the
+    file, so that no byte of a forgotten row survives anywhere in it.
+
+    secure_delete zeroes what the transaction frees, but a row updated earlier (SENDING, then settled) may have
+    left older copies of its cells in free space no delete reaches: VACUUM writes the file anew from the live rows
+    alone, and the WAL that held the pages as they were is checkpointed into the file and truncated.
+    """
+    already = unknown = 0
+    conn.execute("PRAGMA secure_delete=ON")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if user_ids is not None:
+                rows = list(_lookup(conn, user_ids).values())
+                absent = [uid for uid in user_ids if uid not in {r.user_id for r in rows}]
+                already = len(_forgotten(conn, key, absent)) if absent else 0
+                unknown = len(absent) - already
+            else:
+                assert before is not None
+                sql = f"{_SELECT} WHERE state IN ({_FINISHED_IN}) AND finished_at < ?"
+                rows = [r for r in map(_row, conn.execute(sql, (before,))) if tr.purged(r, before)]
+            forgotten: dict[str, int] = {}
+            refused: list[str] = []
+            tombstones: list[Tombstone] = []
+            for row in rows:
+                tombstone = tr.forget(row, user_key=key.user(row.user_id), at=at, by=by)
+                if tombstone is None:
+                    refused.append(row.user_id)
+                else:
+                    tombstones.append(tombstone)
+                    forgotten[row.state.value] = forgotten.get(row.state.value, 0) + 1
+            kept = set(refused)
+            gone = [r.user_id for r in rows if r.user_id not in kept]
+            if not dry_run and gone:
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO forgotten ({', '.join(_TOMBSTONE_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_TOMBSTONE_COLUMNS))})",
+                    [tuple(getattr(t, c) for c in _TOMBSTONE_COLUMNS) for t in tombstones],
+                )
+                conn.execute(
+                    "DELETE FROM users WHERE user_id IN (SELECT value FROM json_each(?))", (json.dumps(gone),)
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if not dry_run and gone:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.execute("PRAGMA secure_delete=OFF")
+    return Forgetting(
+        forgotten=dict(sorted(forgotten.items())), refused=tuple(refused), already=already, unknown=unknown
+    )

@@ -11,6 +11,10 @@ Rules, each enforced here rather than by callers:
 - The photo pin: the first attempt's SHA-256 is the ID's photo; `begin` with another photo is refused. With
   --normalize it is the source photo's, so bytes an encoder made otherwise (`sent_sha256`) are no reuse. Only an
   outcome that *proves* the user is not enrolled (a verified non-0840 answer) releases it.
+- Forgetting (an erasure request) turns a row into a Tombstone: the keyed hash of its ID, its state, doubt and
+  dates. A tombstone never changes and `begin` on its ID is refused, whatever the row was: not sending is always
+  safe for the promise. A row SENDING is not forgotten: its attempt may be on the wire, and the outcome and
+  doubt it will bring are what the promise needs (a retry settles it; then it can be forgotten).
 - Doubt is earned: it grows only from attempts that were recorded before leaving and whose answer may hide an
   enrollment; an attempt left SENDING by a crash counts. ALREADY_ENROLLED and ID_CONFLICT must be the state the
   2209 rule (`vocab.state_of_2209`) names for the doubt the row held before the attempt.
@@ -18,8 +22,8 @@ Rules, each enforced here rather than by callers:
 
 from __future__ import annotations
 
-from ..vocab import TERMINAL_STATES, State, state_of_2209
-from . import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Ticket
+from ..vocab import FINISHED_STATES, TERMINAL_STATES, State, state_of_2209
+from . import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Ticket, Tombstone
 from . import evolve as replace  # dataclasses.replace, faster
 
 # What a settled attempt may leave a row in.
@@ -30,9 +34,16 @@ BEGIN_FROM = frozenset(State) - TERMINAL_STATES
 _STATES_OF_2209 = frozenset({State.ALREADY_ENROLLED, State.ID_CONFLICT})
 
 
-def begin(row: LedgerRow | None, request: AttemptRequest) -> tuple[LedgerRow, Ticket] | Refused:
-    """The row after recording `request`, and the ticket to send it; or why it must not be sent."""
+def begin(
+    row: LedgerRow | None, request: AttemptRequest, tombstone: Tombstone | None = None
+) -> tuple[LedgerRow, Ticket] | Refused:
+    """The row after recording `request`, and the ticket to send it; or why it must not be sent.
+
+    `tombstone`: the ID's, when it was forgotten (a forgotten ID has no row).
+    """
     fp = request.fingerprint
+    if row is None and tombstone is not None:
+        return Refused(user_id=request.user_id, why=Refusal.FORGOTTEN, row=gone(request.user_id, tombstone))
     if row is None:
         new = LedgerRow(
             user_id=request.user_id,
@@ -112,3 +123,40 @@ def must_be_durable(outcome: Outcome) -> bool:
     a later 2209 for someone else's ID would be called ours.
     """
     return not outcome.may_have_enrolled and outcome.state not in (State.ENROLLED, State.ALREADY_ENROLLED)
+
+
+def forget(row: LedgerRow, *, user_key: str, at: str, by: str) -> Tombstone | None:
+    """The tombstone `row` leaves when forgotten, or None when it must be kept whole (an attempt is in flight)."""
+    if row.state is State.SENDING:
+        return None
+    return Tombstone(
+        user_key=user_key,
+        state=row.state,
+        doubt=row.in_doubt,
+        first_attempt_at=row.first_attempt_at,
+        finished_at=row.finished_at,
+        forgotten_at=at,
+        forgotten_by=by,
+    )
+
+
+def purged(row: LedgerRow, before: str) -> bool:
+    """Whether `backfill purge --before` forgets `row`: finished (FINISHED_STATES) before `before`."""
+    return row.state in FINISHED_STATES and row.finished_at is not None and row.finished_at < before
+
+
+def gone(user_id: str, tombstone: Tombstone) -> LedgerRow:
+    """What a refusal shows of a forgotten ID: its state and dates, no personal data (there is none left)."""
+    return LedgerRow(
+        user_id=user_id,
+        state=tombstone.state,
+        attempts=0,
+        doubt=tombstone.doubt,
+        photo_sha256=None,
+        image_ref=None,
+        image_size=None,
+        image_version=None,
+        user_created_at=None,
+        first_attempt_at=tombstone.first_attempt_at,
+        finished_at=tombstone.finished_at,
+    )

@@ -69,6 +69,30 @@ async def decide_batch(
     """
     if store is None or not candidates:
         return [], await decide(candidates, {}, images, resend_failed=resend_failed)
+    # A forgotten ID is told as such and nothing else is done for it: no stat, no photo read, no lookup.
+    gone = await store.forgotten([c.user_id for c in candidates])
+    told: list[Decision] = []
+    if gone:
+        told = [
+            NotSent(line=c.line, user_id=c.user_id, status=Status.FORGOTTEN, message=FORGOTTEN_MESSAGE)
+            for c in candidates
+            if c.user_id in gone
+        ]
+        candidates = [c for c in candidates if c.user_id not in gone]
+        if not candidates:
+            return [], told
+    skipped, decisions = await _decide_known(candidates, store, images, resend_failed=resend_failed)
+    if told:
+        decisions = sorted([*told, *decisions], key=lambda d: d.line)
+    return skipped, decisions
+
+
+FORGOTTEN_MESSAGE = "forgotten on request (backfill forget or purge): this ID is never sent again"
+
+
+async def _decide_known(
+    candidates: Sequence[Candidate], store: Store, images: ImageSource, *, resend_failed: bool
+) -> tuple[list[Skipped], list[Decision]]:
     done = await store.done([c.user_id for c in candidates])
     skipped: list[Skipped] = []
     rest: list[Candidate] = []

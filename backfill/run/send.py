@@ -17,7 +17,7 @@ from ..ledger import AttemptRequest, Outcome, Refusal, Refused, Settled, Store, 
 from ..vocab import Kind, Reason, State, Status
 from .crash import Boundary, CrashPoints
 from .observe import NO_OBSERVER, Observer
-from .plan import NOT_SENT_AGAIN, SENT_BYTES_DIFFER, ToSend, reused_message
+from .plan import FORGOTTEN_MESSAGE, NOT_SENT_AGAIN, SENT_BYTES_DIFFER, ToSend, reused_message
 from .policy import RetryPolicy, is_throttled
 from .rate import Gate
 from .status import final_status, ledger_state, unfinished_status
@@ -388,6 +388,13 @@ class Sender:
         if refused.why is Refusal.PHOTO_PINNED:
             message = reused_message(refused.user_id, refused.row) + SENT_BYTES_DIFFER
             return self._reject(work, Reason.USER_ID_REUSED, message)
+        if refused.why is Refusal.FORGOTTEN:  # forgotten since the plan looked
+            return RowEnd(
+                status=Status.FORGOTTEN,
+                attempts=work.attempts,
+                first_ever=work.first_ever,
+                message=FORGOTTEN_MESSAGE,
+            )
         # The ledger holds the ID as done (another run finished it meanwhile): said as a skip in the plan is.
         k = refused.row
         if k.state is State.ID_CONFLICT:

@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TypeVar
 
+from ...errors import LedgerError
 from ...images import PhotoKey
 from ...manifest import Batch
 from ...vocab import State
@@ -30,6 +31,7 @@ from .. import (
     Binding,
     DoneRow,
     Fleet,
+    Forgetting,
     LedgerRow,
     LedgerStatus,
     Outcome,
@@ -39,12 +41,14 @@ from .. import (
     Settled,
     Store,
     Ticket,
+    Tombstone,
 )
 from .attempts import Attempts
 from .connection import Commit, Database, Retries, SteadyRetries, location_of
+from .forgotten import Tombstones
 from .queue import Queue
 from .rate import SharedRate
-from .schema import photo_key
+from .schema import photo_key, tombstones_kept
 from .store import Records
 
 T = TypeVar("T")
@@ -58,7 +62,14 @@ class PostgresStore(Store, Fleet):
     """A ledger in PostgreSQL, shared by any number of runs (see `Fleet` for how they share it)."""
 
     def __init__(
-        self, db: Database, *, binding: Binding, writable: bool, lease_s: float, key: PhotoKey
+        self,
+        db: Database,
+        *,
+        binding: Binding,
+        writable: bool,
+        lease_s: float,
+        key: PhotoKey,
+        tombstones: bool = True,
     ) -> None:
         self.binding = binding
         self.photo_key = key
@@ -67,7 +78,9 @@ class PostgresStore(Store, Fleet):
         self._db = db
         self._writable = writable
         self._queue = Queue(db, lease_s=lease_s)
-        self._attempts = Attempts(db, self._queue, lease_s=lease_s)
+        self._attempts = Attempts(db, self._queue, lease_s=lease_s, key=key)
+        # Read from schema 4 on: a reader of a schema-3 ledger (no table of them) finds none.
+        self._tombstones = Tombstones(db, key, lease_s=lease_s) if tombstones else None
         self._records = Records(db, binding=binding, lease_s=lease_s)
         self._rate = SharedRate(db)
 
@@ -97,10 +110,11 @@ class PostgresStore(Store, Fleet):
         )
         try:
             key = await db.run(photo_key, commit=Commit.READ, what="read")
+            kept = await db.run(tombstones_kept, commit=Commit.READ, what="read")
         except BaseException:
             await db.close()
             raise
-        return cls(db, binding=held, writable=writable, lease_s=lease_s, key=key)
+        return cls(db, binding=held, writable=writable, lease_s=lease_s, key=key, tombstones=kept)
 
     @property
     def _heartbeat(self) -> asyncio.Task[None] | None:
@@ -137,7 +151,7 @@ class PostgresStore(Store, Fleet):
         await self._records.note_run(run_id, note)
 
     async def status(self, *, last_runs: int = 10) -> LedgerStatus:
-        return await self._records.status(last_runs=last_runs)
+        return await self._records.status(last_runs=last_runs, tombstones=self._tombstones is not None)
 
     def rows(self, states: Collection[State] | None = None) -> AsyncIterator[LedgerRow]:
         return self._records.rows(states)
@@ -153,6 +167,27 @@ class PostgresStore(Store, Fleet):
                 await self.flush()
         finally:
             await self._db.close()
+
+    async def forgotten(self, user_ids: Sequence[str]) -> dict[str, Tombstone]:
+        if self._tombstones is None:
+            return {}
+        return await self._tombstones.forgotten(user_ids)
+
+    async def forget(self, user_ids: Sequence[str], *, at: str, by: str, dry_run: bool = False) -> Forgetting:
+        return await self._erase(list(dict.fromkeys(user_ids)), None, at=at, by=by, dry_run=dry_run)
+
+    async def purge(self, before: str, *, at: str, by: str, dry_run: bool = False) -> Forgetting:
+        return await self._erase(None, before, at=at, by=by, dry_run=dry_run)
+
+    async def _erase(
+        self, user_ids: list[str] | None, before: str | None, *, at: str, by: str, dry_run: bool
+    ) -> Forgetting:
+        if not self._writable or self._tombstones is None:
+            raise LedgerError(
+                f"the ledger {self.location} was opened to read: nothing can be forgotten in it"
+            )
+        await self.flush()
+        return await self._tombstones.forget(user_ids, before, at=at, by=by, dry_run=dry_run)
 
     # --- the Fleet contract ---
 

@@ -36,10 +36,11 @@ from typing import Any
 
 from psycopg import AsyncCursor
 
+from ...images import PhotoKey
 from ...vocab import State
-from .. import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Settled, Ticket
+from .. import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Settled, Ticket, Tombstone
 from .. import transitions as tr
-from . import schema
+from . import forgotten, schema
 from .connection import Commit, Database, RefusedByDatabase
 from .queue import Queue
 from .schema import Conn
@@ -117,15 +118,19 @@ _FIRST_OF = operator.attrgetter(*FIRST_COLUMNS)
 _INSERT_FIRST = (
     f"INSERT INTO backfill.users ({', '.join(_FIRST_KEYS)}) SELECT {', '.join(_FIRST_KEYS)} FROM {_ROWS}"
 )
+# None of the group's first attempts is of a forgotten ID (its keyed hash, the second parameter): where one is,
+# none is written, and each is read in the next group, where the forgotten one is refused.
+_NONE_FORGOTTEN = "NOT EXISTS (SELECT 1 FROM backfill.forgotten WHERE user_key = ANY(%s))"
 # First attempts of IDs this process knows nothing of, each written only where the ledger has no row for it yet
 # (else it is read, in the next group).
-_INSERT_NEW = f"{_INSERT_FIRST} ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
+_INSERT_NEW = f"{_INSERT_FIRST} WHERE {_NONE_FORGOTTEN} ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
 # The same in a fleet, and only where this run still holds the row's claim, locked until the commit: the check
 # `begin_attempt` makes in the same transaction as its write (queue.py's _CLAIMED, and why IS NOT DISTINCT).
 _INSERT_CLAIMED = (
     f"WITH held AS (SELECT user_id FROM backfill.queue WHERE manifest_sha256 = %s AND line = {schema.LINES} "
     " AND claimed_by IS NOT DISTINCT FROM %s AND NOT done AND lease_until > now() ORDER BY line FOR UPDATE) "
-    f"{_INSERT_FIRST} WHERE user_id IN (SELECT user_id FROM held) ON CONFLICT (user_id) DO NOTHING "
+    f"{_INSERT_FIRST} WHERE user_id IN (SELECT user_id FROM held) AND {_NONE_FORGOTTEN} "
+    "ON CONFLICT (user_id) DO NOTHING "
     "RETURNING user_id"
 )
 
@@ -176,8 +181,9 @@ class _Applied:
 class Attempts:
     """The group commit of `begin_attempt` and `settle`; `drain` waits for every write handed to it."""
 
-    def __init__(self, db: Database, queue: Queue, *, lease_s: float) -> None:
+    def __init__(self, db: Database, queue: Queue, *, lease_s: float, key: PhotoKey) -> None:
         self._db = db
+        self._key = key  # names a forgotten ID's tombstone
         self._queue = queue
         self._lease_s = lease_s
         self._waiting: list[_Write] = []
@@ -334,9 +340,11 @@ class Attempts:
             tokens = {write.user_id: write.token for write, _, _ in first.values()}
             if not in_fleet:
                 rows = [row for _, row, _ in first.values()]
-                applied.held.append(await conn.execute(_INSERT_NEW, (_firsts(rows, tokens),)))
+                keys = [self._key.user(r.user_id) for r in rows]
+                applied.held.append(await conn.execute(_INSERT_NEW, (_firsts(rows, tokens), keys)))
             for manifest, (rows, lines) in sorted(claims.items()):
-                params = (manifest, schema.integers(lines), self._queue.run_id, _firsts(rows, tokens))
+                keys = [self._key.user(r.user_id) for r in rows]
+                params = (manifest, schema.integers(lines), self._queue.run_id, _firsts(rows, tokens), keys)
                 applied.held.append(await conn.execute(_INSERT_CLAIMED, params))
             for at, (write, row, ticket) in first.items():
                 applied.answers[at] = ticket
@@ -362,6 +370,8 @@ class Attempts:
             if found[_N + 1]:
                 elsewhere.add(uid)
         new_ids = {group[at].user_id for at in todo} - rows.keys()
+        # A forgotten ID has no row: each begun one the ledger holds no row for is looked for among the tombstones.
+        tombstones = await forgotten.read(conn, self._key, sorted(begun & new_ids))
         written: set[str] = set()
         for at in todo:
             write = group[at]
@@ -376,6 +386,7 @@ class Attempts:
                     elsewhere=uid in elsewhere,
                     retried=retried,
                     applied=applied,
+                    tombstone=tombstones.get(uid),
                 )
                 if isinstance(answer, Ticket):
                     tokens[uid] = write.token
@@ -403,6 +414,7 @@ class Attempts:
         elsewhere: bool,
         retried: bool,
         applied: _Applied,
+        tombstone: Tombstone | None = None,
     ) -> tuple[Ticket | Refused, LedgerRow | None]:
         """The answer to one attempt, and the row after it (None: unchanged)."""
         request = write.request
@@ -419,7 +431,7 @@ class Attempts:
             # once. The row is given back for a moment; by then the other attempt has its answer.
             applied.handed_back.add(request.user_id)
             return Refused(user_id=request.user_id, why=Refusal.SENT_ELSEWHERE, row=row), None
-        result = tr.begin(row, request)
+        result = tr.begin(row, request, tombstone)
         if isinstance(result, Refused):
             return result, None
         new, ticket = result

@@ -157,6 +157,11 @@ class Database:
         self.closed = True
         await self._pool.close()
 
+    async def outside(self, statement: str) -> None:
+        """One statement outside any transaction (VACUUM can run in none); psycopg's errors as they come."""
+        async with self._pool.connection() as conn:
+            await conn.execute(statement)
+
     async def run(
         self, work: Work[T], *, commit: Commit = Commit.DURABLE, what: str = "write", pipeline: bool = False
     ) -> T:

@@ -18,8 +18,8 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 SCHEMA_VERSION = "4"
 # Schema 1 pinned photos by their plain SHA-256 (2 keyed them); 2 differs from 3 in the queue's indexes alone; 4
-# adds two columns to `users` (sent_sha256, transform), which every read names: a reader takes schema 4 alone,
-# an older one is read once a writer has migrated it.
+# adds two columns to `users` (sent_sha256, transform), which every read names, and the tombstones' table: a
+# reader takes schema 4 alone, an older one is read once a writer has migrated it.
 READS = frozenset({SCHEMA_VERSION})
 OLDER = ("1", "2", "3")
 _STATES = ", ".join(f"'{s.value}'" for s in State)
@@ -31,6 +31,18 @@ CREATE INDEX IF NOT EXISTS queue_open ON backfill.queue (manifest_sha256, line) 
 CREATE INDEX IF NOT EXISTS queue_leases ON backfill.queue (manifest_sha256, lease_until)
     WHERE NOT done AND claimed_by IS NOT NULL;
 CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHERE done;
+"""
+# A forgotten user's tombstone (`backfill forget`): its ID's keyed hash, never the ID; no personal data.
+_FORGOTTEN = f"""
+CREATE TABLE IF NOT EXISTS backfill.forgotten (
+    user_key text PRIMARY KEY,
+    state text NOT NULL CHECK (state IN ({_STATES})),
+    doubt boolean NOT NULL,
+    first_attempt_at text,
+    finished_at text,
+    forgotten_at text NOT NULL,
+    forgotten_by text NOT NULL
+);
 """
 _SCHEMA = f"""
 CREATE SCHEMA IF NOT EXISTS backfill;
@@ -99,6 +111,7 @@ CREATE TABLE IF NOT EXISTS backfill.queue (
     PRIMARY KEY (manifest_sha256, line)
 );
 {_QUEUE_INDEXES}
+{_FORGOTTEN}
 -- The ledger's PhotoKey secret, apart from meta so that a role may be let read meta (status) and not this.
 CREATE TABLE IF NOT EXISTS backfill.secrets (name text PRIMARY KEY, value bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS backfill.rate (
@@ -196,13 +209,15 @@ async def _migrate_v1(conn: Conn) -> None:
         )
 
 
-async def _migrate_v4(conn: Conn, location: str) -> None:
-    """Schema 3 to 4: beside each pin, the digest of the bytes sent and what --normalize did to them.
+async def _migrate_v3(conn: Conn, location: str) -> None:
+    """Schema 3 to 4: beside each pin, the digest of the bytes sent and what --normalize did to them; and the
+    table of tombstones `backfill forget` leaves. From schemas 1 and 2 too, each step after the one before it.
 
     Two columns added in place, empty for every row so far (their photos went as read); no photo is read.
     Inside prepare's transaction, under its lock, like the other steps. Looked up first, as `_add_run_note`
     does: ALTER TABLE needs the table's owner even when the column is there.
     """
+    await conn.execute(_FORGOTTEN)
     cur = await conn.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_schema = 'backfill' "
         "AND table_name = 'users'"
@@ -216,8 +231,8 @@ async def _migrate_v4(conn: Conn, location: str) -> None:
     except psycopg.errors.InsufficientPrivilege as exc:
         raise LedgerError(
             f"the ledger {location} has schema 3, which this version migrates to schema {SCHEMA_VERSION} (two new "
-            "columns): the role that owns its tables must open it first with this version, in any writing "
-            "command (`backfill run`)"
+            "columns and a table): the role that owns its tables must open it first with this version, in any "
+            "writing command (`backfill run`)"
         ) from exc
 
 
@@ -228,6 +243,11 @@ async def photo_key(conn: Conn, retried: bool = False) -> PhotoKey:
     if found is None:
         raise LedgerError("the ledger holds no photo key (backfill.secrets): it can't check any photo's pin")
     return PhotoKey(secret=bytes(found[0]))
+
+
+async def tombstones_kept(conn: Conn, retried: bool = False) -> bool:
+    """Whether the ledger has the table of tombstones (schema 4): a reader may meet a schema-3 one."""
+    return await _exists(conn, "backfill.forgotten")
 
 
 async def _exists(conn: Conn, relation: str) -> bool:
@@ -276,7 +296,7 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
             if meta.get("schema") == "1":
                 await _migrate_v1(conn)  # after _SCHEMA: the key goes into its secrets table
             if older:
-                await _migrate_v4(conn, location)
+                await _migrate_v3(conn, location)
                 await conn.execute(
                     "UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,)
                 )

@@ -112,8 +112,13 @@ class Records:
 
         await self._db.run(work)
 
-    async def status(self, *, last_runs: int = 10) -> LedgerStatus:
+    async def status(self, *, last_runs: int = 10, tombstones: bool = True) -> LedgerStatus:
         async def work(conn: Conn, retried: bool) -> LedgerStatus:
+            forgotten = 0
+            if tombstones:
+                cur = await conn.execute("SELECT count(*) FROM backfill.forgotten")
+                found = await cur.fetchone()
+                forgotten = 0 if found is None else int(found[0])
             cur = await conn.execute(
                 "SELECT state, count(*) FROM backfill.users GROUP BY state ORDER BY state"
             )
@@ -163,6 +168,7 @@ class Records:
                 fleet_rate=None if rate is None else float(rate[0]),
                 fleet_ceiling=None if rate is None else float(rate[1]),
                 queues=queues,
+                forgotten=forgotten,
             )
 
         return await self._db.run(work, commit=Commit.READ, what="read")

@@ -163,6 +163,8 @@ def build_migration(view: LedgerView, written: datetime) -> MigrationPage:
         Fact(label="Partner", value=b.partner_id),
         Fact(label="API endpoint", value=b.endpoint),
         Fact(label="User IDs", value=fmt.count(total)),
+        # Tombstones, in no state's count: users erased on request (`backfill forget`, `purge`), never sent again.
+        Fact(label="Forgotten on request", value=fmt.count(status.forgotten)),
         Fact(label="Runs", value=fmt.count(len(runs))),
         Fact(label="First run started", value=runs[0].started_at if runs else "(no run)"),
         Fact(label="Last run started", value=runs[-1].started_at if runs else "(no run)"),

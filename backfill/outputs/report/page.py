@@ -16,6 +16,7 @@ _STATUS_MEANINGS: dict[str, str] = {
     Status.ENROLLED: "answered 0840 with a verified signature",
     Status.ALREADY_ENROLLED: "2209 for an ID whose earlier answer was lost: that attempt enrolled it",
     Status.SKIPPED: "already enrolled in the ledger: not sent",
+    Status.FORGOTTEN: "forgotten on request (backfill forget or purge): never sent again",
     Status.ID_CONFLICT: "2209 for an ID this tool never sent: someone else holds it; a person must look",
     Status.FAILED: "a permanent answer: see the error codes below",
     Status.RETRY_EXHAUSTED: "transient errors on every attempt; nothing enrolled; a re-run retries",
