@@ -60,6 +60,9 @@ class Reason(StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_NOT_JPEG_OR_PNG = "image_not_jpeg_or_png"
     IMAGE_TRUNCATED = "image_truncated"
+    SHARED_PHOTO = (
+        "shared_photo"  # the same photo as more than max_ids_per_photo user_ids: which one is right?
+    )
     USER_ID_REUSED = "user_id_reused"  # the ledger pins another photo to this ID
 
 
