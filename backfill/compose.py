@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -466,8 +466,28 @@ def build_engine(
     if settings.max_ids_per_photo:
         keyed, limit = images, settings.max_ids_per_photo
 
-        def census() -> Awaitable[Shared | None]:
-            return take_census(manifest, keyed, max_ids=limit, store=store, stopping=lambda: stops.stopping)
+        async def census() -> Shared | None:
+            shared = await take_census(
+                manifest, keyed, max_ids=limit, store=store, stopping=lambda: stops.stopping
+            )
+            if shared is not None:
+                said = (
+                    f"{shared.groups} photo(s) named by more than {limit} user_id(s) (max_ids_per_photo): "
+                    f"their {shared.rejected} rows not enrolled yet are rejected as shared_photo"
+                    if shared.groups
+                    else f"none named by more than {limit} user_id(s) (max_ids_per_photo)"
+                )
+                events(
+                    logging.WARNING if shared.groups else logging.INFO,
+                    "photos_counted",
+                    f"photos counted: {shared.photos} still to be sent, {shared.read_whole} of them read whole; "
+                    + said,
+                    photos=shared.photos,
+                    read_whole=shared.read_whole,
+                    shared_photos=shared.groups,
+                    rejected=shared.rejected,
+                )
+            return shared
 
         rows = SharedPhotoRows(rows, census)
     journal: Journal = UNRECORDED

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import logging
 import struct
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from backfill import compose
 from backfill.config import Settings
@@ -14,7 +17,7 @@ from backfill.manifest import open_manifest
 from backfill.run.shared import Census
 from backfill.sandbox import RunningSandbox
 
-from .conftest import cli, png_bytes, write_manifest
+from .conftest import cli, png_bytes, sandbox_ledger, write_manifest
 from .test_promise import CountingImages, rejects, results
 
 FACE = png_bytes(999)  # the one photo every shared row names
@@ -47,6 +50,24 @@ def test_validate_flags_fifty_ids_sharing_one_photo(tmp_path: Path) -> None:
     assert "named by 50 rows with different user_ids" in rows[0]["message"]
 
 
+def test_check_lists_the_shared_photos_as_a_problem(tmp_path: Path, threaded_sandbox: RunningSandbox) -> None:
+    manifest = shared_manifest(tmp_path)
+    code, out, err = cli("check", str(manifest), *sandbox_ledger(tmp_path, threaded_sandbox))
+    assert code == 2, out + err
+    [line] = [line for line in out.splitlines() if "shared photos:" in line]
+    assert line.startswith("problem")
+    assert "1 photo(s) named by more than 1 user_id (max_ids_per_photo): `run` rejects their 50 rows" in line
+    assert "largest: 50 rows at lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 40 more" in line
+    code, out, _ = cli(
+        "check",
+        str(manifest),
+        *sandbox_ledger(tmp_path, threaded_sandbox),
+        env={"BACKFILL_MAX_IDS_PER_PHOTO": "50"},
+    )
+    assert code == 0, out
+    assert "ok       shared photos: 53 photos still to be sent, none named by more than 50 user_ids" in out
+
+
 def test_the_setting_allows_a_group_that_size_and_zero_checks_nothing(tmp_path: Path) -> None:
     manifest = shared_manifest(tmp_path, shared=3)
     for setting, valid in (("3", 6), ("2", 3), ("0", 6)):
@@ -65,10 +86,18 @@ def test_a_negative_setting_is_refused_naming_the_key(tmp_path: Path) -> None:
 
 
 async def test_run_sends_no_row_of_a_shared_photo(
-    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     manifest = shared_manifest(tmp_path)
-    summary = await compose.run(make_settings(sandbox), manifest)
+    with caplog.at_level(logging.INFO, logger="backfill"):
+        summary = await compose.run(make_settings(sandbox), manifest)
+    [counted] = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+    assert counted.levelno == logging.WARNING
+    fields = getattr(counted, "fields")  # noqa: B009 - set by the logger's `extra`, unknown to its type
+    assert fields == {"photos": 53, "read_whole": 50, "shared_photos": 1, "rejected": 50}
     assert summary.exit_code == 1
     assert summary.counts == {"enrolled": 3, "rejected": 50}
     assert summary.sent == 3

@@ -188,6 +188,7 @@ class Shared:
         self.photos = photos  # photos counted
         self.read_whole = read_whole  # of which read whole: the candidates
         self.groups, self.rows = db.execute("SELECT count(*), coalesce(sum(rows), 0) FROM grp").fetchone()
+        (self.rejected,) = db.execute("SELECT count(*) FROM shared").fetchone()  # rows not enrolled yet
 
     def listing(self, limit: int) -> list[SharedGroup]:
         """The first `limit` shared photos, largest first (then by first line)."""
