@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import logging
 import struct
@@ -121,7 +122,7 @@ async def test_an_enrolled_id_stays_enrolled_and_new_ids_naming_its_photo_are_re
     first.mkdir()
     earlier = await compose.run(make_settings(sandbox), shared_manifest(first, shared=1, own=1))
     assert earlier.counts == {"enrolled": 2}  # same_000 alone names FACE: nothing shared
-    # Later the export names FACE for two new IDs as well, same_000's row and photo unchanged.
+    # Later the export names FACE for a new ID as well, same_000's row and photo unchanged.
     later = tmp_path / "later"
     later.mkdir()
     (later / "images").symlink_to(first / "images")
@@ -131,16 +132,12 @@ async def test_an_enrolled_id_stays_enrolled_and_new_ids_naming_its_photo_are_re
         writer.writerow(["same_000", "2021-08-12", "images/face_copy.png"])
         writer.writerow(["own_000", "2021-08-12", "images/own_000.png"])
         writer.writerow(["new_001", "2021-08-12", "images/face.png"])
-        writer.writerow(["new_002", "2021-08-12", "images/face_copy.png"])
     again = await compose.run(make_settings(sandbox), later / "manifest.csv")
-    assert again.counts == {"skipped": 2, "rejected": 2}
+    assert again.counts == {"skipped": 2, "rejected": 1}
     assert results(again)["same_000"]["status"] == "skipped"
     refused = rejects(again)
-    assert {uid: r["reason"] for uid, r in refused.items()} == {
-        "new_001": "shared_photo",
-        "new_002": "shared_photo",
-    }
-    assert "named by 3 rows" in refused["new_001"]["message"]
+    assert {uid: r["reason"] for uid, r in refused.items()} == {"new_001": "shared_photo"}
+    assert "named by 2 rows" in refused["new_001"]["message"]
     assert "1 of them enrolled earlier with it, and stay enrolled" in refused["new_001"]["message"]
     # And a re-run of the first manifest rejects nothing: a row is never shared with itself.
     rerun = await compose.run(make_settings(sandbox), first / "manifest.csv")
@@ -184,3 +181,20 @@ async def test_only_photos_alike_in_size_head_and_tail_are_read_whole(tmp_path: 
         assert {r.user_id for r in shared.every_reject()} == {"a1", "a2"}
     finally:
         census.close()
+
+
+async def test_a_fleet_of_two_rejects_each_shared_row_once_and_sends_the_others_once(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings], pg_url: str
+) -> None:
+    manifest = shared_manifest(tmp_path, shared=20, own=10)
+    runs = [make_settings(sandbox, ledger=pg_url, out=tmp_path / f"out-{n}", concurrency=2) for n in (1, 2)]
+    summaries = await asyncio.gather(*(compose.run(s, manifest) for s in runs))
+    refused: dict[str, str] = {}
+    for summary in summaries:
+        for uid, r in rejects(summary).items():
+            assert uid not in refused  # each row told once, by the process that claimed it
+            refused[uid] = r["reason"]
+    assert refused == {f"same_{i:03d}": "shared_photo" for i in range(20)}
+    assert sum(s.sent for s in summaries) == 10
+    assert set(sandbox.state.requests) == {f"own_{i:03d}" for i in range(10)}
+    assert all(n == 1 for n in sandbox.state.requests.values())
