@@ -219,3 +219,46 @@ def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_clust
         _positive(cost[k])
         for k in ("sqlite_rows_per_s", "postgres_rows_per_s", "postgres_with_claims_rows_per_s")
     )
+
+
+def test_the_shared_photo_benchmark_runs_and_writes_its_ratios(tmp_path: Path) -> None:
+    """`python -m benchmarks.shared --smoke`: validation with and without the shared-photo census, tiny."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.shared",
+            "--smoke",
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = (tmp_path / "results").glob("shared-*.json")
+    results = json.loads(written.read_text())
+    clean, shared = results["results"]["clean"], results["results"]["shared"]
+    assert all(_positive(r["after_over_before"]) for r in (clean, shared))
+    assert (clean["after"]["shared_photos"], clean["after"]["read_whole"], clean["after"]["valid"]) == (
+        0,
+        0,
+        200,
+    )
+    # 200 rows, 36 to a photo: 6 photos, every row rejected, every photo read whole.
+    assert (shared["after"]["shared_photos"], shared["after"]["read_whole"], shared["after"]["valid"]) == (
+        6,
+        200,
+        0,
+    )
+    assert shared["before"]["valid"] == 200  # without the census, all of them pass
+    assert results["targets"][0]["name"].startswith("validation with the census")
