@@ -129,22 +129,26 @@ class Census:
                     "INSERT INTO pinned VALUES (?, ?, 1)",
                     [(line, known[uid]) for line, uid in chunk if known.get(uid) is not None],
                 )
-        db.execute("CREATE INDEX pinned_pin ON pinned (pin)")
-        db.execute("CREATE TABLE shared (line INTEGER PRIMARY KEY, grp INTEGER) WITHOUT ROWID")
-        db.execute("CREATE TABLE grp (grp INTEGER PRIMARY KEY, rows INTEGER, done INTEGER, lines TEXT)")
-        # A photo is shared when more rows than allowed name it and at least one of them may be sent.
-        groups = db.execute(
-            "SELECT pin, line, done FROM pinned WHERE pin IN (SELECT pin FROM pinned GROUP BY pin "
-            "HAVING count(*) > ? AND min(done) = 0) ORDER BY pin, line",
+        db.execute("CREATE INDEX pinned_pin ON pinned (pin, line)")
+        # A photo is shared when more rows than allowed name it and at least one of them may be sent. All in
+        # SQL, so that no group is ever held in memory: a placeholder photo may be named by every row.
+        db.execute(
+            "CREATE TABLE grp AS SELECT row_number() OVER (ORDER BY min(line)) AS grp, pin, count(*) AS rows, "
+            "sum(done) AS done, '' AS lines FROM pinned GROUP BY pin HAVING count(*) > ? AND min(done) = 0",
             (self.max_ids,),
         )
-        for numbered, lines in enumerate(_runs(groups), 1):
-            db.executemany(
-                "INSERT INTO shared VALUES (?, ?)", ((line, numbered) for line, done in lines if not done)
-            )
-            shown = ",".join(str(line) for line, _ in lines[:SHOWN_LINES])
-            earlier = sum(done for _, done in lines)
-            db.execute("INSERT INTO grp VALUES (?, ?, ?, ?)", (numbered, len(lines), earlier, shown))
+        db.execute("CREATE UNIQUE INDEX grp_pin ON grp (pin)")
+        db.execute(
+            "UPDATE grp SET lines = (SELECT group_concat(line) FROM "
+            "(SELECT line FROM pinned WHERE pinned.pin = grp.pin ORDER BY line LIMIT ?))",
+            (SHOWN_LINES,),
+        )
+        db.execute("CREATE TABLE shared (line INTEGER PRIMARY KEY, grp INTEGER) WITHOUT ROWID")
+        db.execute(
+            "INSERT INTO shared SELECT p.line, g.grp FROM pinned p JOIN grp g USING (pin) WHERE p.done = 0"
+        )
+        db.execute("CREATE UNIQUE INDEX grp_number ON grp (grp)")
+        db.execute("UPDATE grp SET pin = NULL")
         db.execute("DROP TABLE pinned")  # the digests are not kept past this point
         db.execute("COMMIT")
         return Shared(db, max_ids=self.max_ids, photos=self.photos, read_whole=read)
@@ -155,21 +159,6 @@ class Census:
 
 # The pins the ledger holds for these user_ids (keyed, as a run's photos are), None where it holds none.
 PinsOf = Callable[[list[str]], Awaitable[Mapping[str, str | None]]]
-
-
-def _runs(rows: Iterable[tuple[str, int, int]]) -> Iterator[list[tuple[int, int]]]:
-    """The (line, done) of each pin in turn, from (pin, line, done) rows sorted by pin. One group is held at a
-    time: the largest, a placeholder photo named by every row, is a list of pairs of small ints."""
-    pin: str | None = None
-    lines: list[tuple[int, int]] = []
-    for found, line, done in rows:
-        if found != pin and lines:
-            yield lines
-            lines = []
-        pin = found
-        lines.append((line, done))
-    if lines:
-        yield lines
 
 
 async def _pin(images: ImageSource, fingerprint: Fingerprint) -> str | None:
