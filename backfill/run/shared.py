@@ -40,6 +40,7 @@ from .rows import Rows
 
 SHOWN_LINES = 10  # lines a reject message and a group's listing name
 _READ_AT_ONCE = 32  # candidates read whole at a time (object storage: requests in flight)
+_MESSAGES_KEPT = 4096  # groups' messages kept made (a group's rows come close together, mostly)
 _LOOKUP = 500  # lines asked for in one query (SQLite's limit on parameters is 32,766; small stays quick)
 
 
@@ -133,8 +134,11 @@ class Census:
         # A photo is shared when more rows than allowed name it and at least one of them may be sent. All in
         # SQL, so that no group is ever held in memory: a placeholder photo may be named by every row.
         db.execute(
-            "CREATE TABLE grp AS SELECT row_number() OVER (ORDER BY min(line)) AS grp, pin, count(*) AS rows, "
-            "sum(done) AS done, '' AS lines FROM pinned GROUP BY pin HAVING count(*) > ? AND min(done) = 0",
+            "CREATE TABLE grp (grp INTEGER PRIMARY KEY, pin TEXT, rows INTEGER, done INTEGER, lines TEXT)"
+        )
+        db.execute(
+            "INSERT INTO grp SELECT row_number() OVER (ORDER BY min(line)), pin, count(*), sum(done), '' "
+            "FROM pinned GROUP BY pin HAVING count(*) > ? AND min(done) = 0",
             (self.max_ids,),
         )
         db.execute("CREATE UNIQUE INDEX grp_pin ON grp (pin)")
@@ -147,7 +151,6 @@ class Census:
         db.execute(
             "INSERT INTO shared SELECT p.line, g.grp FROM pinned p JOIN grp g USING (pin) WHERE p.done = 0"
         )
-        db.execute("CREATE UNIQUE INDEX grp_number ON grp (grp)")
         db.execute("UPDATE grp SET pin = NULL")
         db.execute("DROP TABLE pinned")  # the digests are not kept past this point
         db.execute("COMMIT")
@@ -176,6 +179,7 @@ class Shared:
         self.max_ids = max_ids
         self.photos = photos  # photos counted
         self.read_whole = read_whole  # of which read whole: the candidates
+        self._said: dict[int, str] = {}
         self.groups, self.rows = db.execute("SELECT count(*), coalesce(sum(rows), 0) FROM grp").fetchone()
         (self.rejected,) = db.execute("SELECT count(*) FROM shared").fetchone()  # rows not enrolled yet
 
@@ -196,32 +200,35 @@ class Shared:
         for start in range(0, len(lines), _LOOKUP):
             part = lines[start : start + _LOOKUP]
             found = self._db.execute(
-                "SELECT s.line, g.rows, g.done, g.lines FROM shared s JOIN grp g USING (grp) "
+                "SELECT s.line, s.grp, g.rows, g.done, g.lines FROM shared s JOIN grp g USING (grp) "
                 f"WHERE s.line IN ({','.join('?' * len(part))})",
                 part,
             )
-            for line, rows, done, shown in found:
+            for line, number, rows, done, shown in found:
                 c = by_line[line]
-                group = SharedGroup(rows=rows, lines=_lines(shown), enrolled=done)
-                out[line] = Reject(
-                    line=line,
-                    user_id=c.user_id,
-                    reason=Reason.SHARED_PHOTO,
-                    message=message(group, self.max_ids),
-                )
+                said = self._message(number, rows, done, shown)
+                out[line] = Reject(line=line, user_id=c.user_id, reason=Reason.SHARED_PHOTO, message=said)
         return out
 
     def every_reject(self) -> Iterator[Reject]:
         """The reject of every row of a shared photo, in line order."""
         found = self._db.execute(
-            "SELECT s.line, p.user_id, g.rows, g.done, g.lines FROM shared s JOIN grp g USING (grp) "
+            "SELECT s.line, p.user_id, s.grp, g.rows, g.done, g.lines FROM shared s JOIN grp g USING (grp) "
             "JOIN photo p USING (line) ORDER BY s.line"
         )
-        for line, user_id, rows, done, shown in found:
+        for line, user_id, number, rows, done, shown in found:
+            said = self._message(number, rows, done, shown)
+            yield Reject(line=line, user_id=user_id, reason=Reason.SHARED_PHOTO, message=said)
+
+    def _message(self, number: int, rows: int, done: int, shown: str) -> str:
+        """A group's message, made once for its rows (a group's rows are often close together)."""
+        said = self._said.get(number)
+        if said is None:
+            if len(self._said) >= _MESSAGES_KEPT:
+                self._said.clear()
             group = SharedGroup(rows=rows, lines=_lines(shown), enrolled=done)
-            yield Reject(
-                line=line, user_id=user_id, reason=Reason.SHARED_PHOTO, message=message(group, self.max_ids)
-            )
+            said = self._said[number] = message(group, self.max_ids)
+        return said
 
     def split(self, batch: Batch) -> Batch:
         """The batch with the rows of shared photos moved from its candidates to its rejects."""
