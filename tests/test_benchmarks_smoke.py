@@ -262,3 +262,7 @@ def test_the_shared_photo_benchmark_runs_and_writes_its_ratios(tmp_path: Path) -
     )
     assert shared["before"]["valid"] == 200  # without the census, all of them pass
     assert results["targets"][0]["name"].startswith("validation with the census")
+    resume = results["results"]["resume"]
+    assert resume["full_run"]["counts"] == {"enrolled": 100}
+    assert resume["before"]["counts"] == resume["after"]["counts"] == {"skipped": 100}
+    assert _positive(resume["after_over_before_time"])
