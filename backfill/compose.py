@@ -489,7 +489,7 @@ def build_engine(
                 )
             return shared
 
-        rows = SharedPhotoRows(rows, census)
+        rows = SharedPhotoRows(rows, census, done=store.done if store is not None else None)
     journal: Journal = UNRECORDED
     if store is None or settings.dry_run:
         sending = DryRun(images=images, client=client)

@@ -198,3 +198,21 @@ async def test_a_fleet_of_two_rejects_each_shared_row_once_and_sends_the_others_
     assert sum(s.sent for s in summaries) == 10
     assert set(sandbox.state.requests) == {f"own_{i:03d}" for i in range(10)}
     assert all(n == 1 for n in sandbox.state.requests.values())
+
+
+async def test_the_resume_of_a_finished_job_takes_no_census(
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manifest = shared_manifest(tmp_path, shared=1, own=30)
+    with caplog.at_level(logging.INFO, logger="backfill"):
+        first = await compose.run(make_settings(sandbox, chunk_rows=7), manifest)
+        counted = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+        assert first.counts == {"enrolled": 31} and len(counted) == 1
+        caplog.clear()
+        again = await compose.run(make_settings(sandbox, chunk_rows=7), manifest)
+    assert again.counts == {"skipped": 31}
+    # Every row is done: none of them can be rejected for sharing, so the manifest isn't read a second time.
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]

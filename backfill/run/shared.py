@@ -19,8 +19,8 @@ Each candidate row has a user_id of its own: the manifest's text rules already r
 appears twice with another photo (`duplicate_user_id`) and every later exact copy (`duplicate_row`), so rows
 are counted, not IDs. In a run, a row the ledger holds as done (enrolled earlier) is counted by the pin it was
 sent with, its photo never read: it is never rejected for sharing (what is enrolled stays enrolled), but the
-new IDs that name its photo are. Its pin is asked for only when a photo that may be sent has its size, so the
-resume of a finished job reads no photo and asks for no pin. A row is one ID, so a re-run never rejects a row
+new IDs that name its photo are. Its pin is asked for only when a photo that may be sent has its size, and the
+resume of a finished job takes no census at all (`SharedPhotoRows`). A row is one ID, so a re-run never rejects a row
 because of its own pin. Every process of a fleet takes the census of the whole manifest; rows of a shared photo
 are never sent by any of them, so the ones that start later count the same groups.
 """
@@ -28,6 +28,7 @@ are never sent by any of them, so the ones that start later count the same group
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,20 +81,32 @@ class Census:
     def add(self, rows: Iterable[tuple[int, str, Fingerprint]]) -> None:
         """Rows that may be sent, whose photo passed its checks: (line, user_id, the fingerprint it gave)."""
         before = self._db.total_changes
-        self._db.executemany(
-            "INSERT INTO photo VALUES (?, ?, ?, ?, ?, ?, 0)",
-            ((line, uid, f.size, f.sample, f.ref, f.version) for line, uid, f in rows),
-        )
+        with self._transaction():  # one per chunk: a transaction per row costs nearly twice as much
+            self._db.executemany(
+                "INSERT INTO photo VALUES (?, ?, ?, ?, ?, ?, 0)",
+                ((line, uid, f.size, f.sample, f.ref, f.version) for line, uid, f in rows),
+            )
         self.photos += self._db.total_changes - before
 
     def add_done(self, rows: Iterable[tuple[int, str, int | None]]) -> None:
         """Rows the ledger holds as done: (line, user_id, the size of the photo it was sent with). Their photos
         are not read: the ledger's pin says what was sent, and is asked for only if a photo that may be sent
         has the same size."""
-        self._db.executemany(
-            "INSERT INTO photo VALUES (?, ?, ?, NULL, NULL, NULL, 1)",
-            ((line, uid, size) for line, uid, size in rows if size is not None),
-        )
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO photo VALUES (?, ?, ?, NULL, NULL, NULL, 1)",
+                ((line, uid, size) for line, uid, size in rows if size is not None),
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     async def settle(self, images: ImageSource, pins: PinsOf | None = None) -> Shared:
         """Reads the candidates whole (only those), asks `pins` for the pins of the done rows that may share a
@@ -308,12 +321,20 @@ def _pins(store: Store) -> PinsOf:
 
 
 class SharedPhotoRows:
-    """A run's rows (`Rows`), with every row of a shared photo rejected: the census is taken before the first
-    batch is handed out, so no row of a shared photo is ever sent, whichever comes first in the file."""
+    """A run's rows (`Rows`), with every row of a shared photo rejected. The census is taken before the first
+    batch with a row that may be sent is handed out, so no row of a shared photo is ever sent, whichever comes
+    first in the file; batches of rows the ledger holds as done (`done`) go out before it, since none of them
+    is ever rejected for sharing: the resume of a finished job takes no census at all."""
 
-    def __init__(self, inner: Rows, census: Callable[[], Awaitable[Shared | None]]) -> None:
+    def __init__(
+        self,
+        inner: Rows,
+        census: Callable[[], Awaitable[Shared | None]],
+        done: Callable[[list[str]], Awaitable[Collection[str]]] | None = None,
+    ) -> None:
         self._inner = inner
         self._census = census
+        self._done = done
         self._shared: Shared | None = None
         self._stopped = False
 
@@ -325,21 +346,29 @@ class SharedPhotoRows:
     def responsible(self) -> int:
         return self._inner.responsible
 
-    @property
-    def shared(self) -> Shared | None:
-        return self._shared
-
     async def next_batch(self) -> Batch | None:
         if self._stopped:
             return None
+        batch = await self._inner.next_batch()
+        if batch is None:
+            return None
         if self._shared is None:
+            if not batch.candidates or await self._all_done(batch.candidates):
+                return batch
             taken = await self._census()
             if taken is None:
-                self._stopped = True  # a stop came during the census: nothing is handed out
+                # A stop came during the census: nothing more is handed out (this batch's rows are not reached,
+                # and a fleet's claims on them go back with the rest).
+                self._stopped = True
                 return None
             self._shared = taken
-        batch = await self._inner.next_batch()
-        return None if batch is None else self._shared.split(batch)
+        return self._shared.split(batch)
+
+    async def _all_done(self, candidates: list[Candidate]) -> bool:
+        if self._done is None:
+            return False
+        ids = [c.user_id for c in candidates]
+        return len(await self._done(ids)) == len(ids)
 
     def handed_back(self, user_id: str) -> None:
         self._inner.handed_back(user_id)
