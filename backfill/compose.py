@@ -48,6 +48,7 @@ from .run.rate import FleetGate, Gate, RateGate
 from .run.records import RejectRow, Sink, Summary
 from .run.rows import ManifestRows, Rows
 from .run.send import Sender
+from .run.shared import Census, Shared, SharedGroup, SharedPhotoRows, take_census
 from .run.stops import Leaving, Stops, on_systemic
 from .run.workers import Workers
 from .version import __version__
@@ -503,6 +504,33 @@ def build_engine(
     if store is not None:
         # Every pin the run makes or compares is keyed by the ledger's own secret, whatever source it was given.
         images = KeyedImageSource(images, store.photo_key)
+    if settings.max_ids_per_photo:
+        keyed, limit = images, settings.max_ids_per_photo
+
+        async def census() -> Shared | None:
+            shared = await take_census(
+                manifest, keyed, max_ids=limit, store=store, stopping=lambda: stops.stopping
+            )
+            if shared is not None:
+                said = (
+                    f"{shared.groups} photo(s) named by more than {limit} user_id(s) (max_ids_per_photo): "
+                    f"their {shared.rejected} rows not enrolled yet are rejected as shared_photo"
+                    if shared.groups
+                    else f"none named by more than {limit} user_id(s) (max_ids_per_photo)"
+                )
+                events(
+                    logging.WARNING if shared.groups else logging.INFO,
+                    "photos_counted",
+                    f"photos counted: {shared.photos} still to be sent, {shared.read_whole} of them read whole; "
+                    + said,
+                    photos=shared.photos,
+                    read_whole=shared.read_whole,
+                    shared_photos=shared.groups,
+                    rejected=shared.rejected,
+                )
+            return shared
+
+        rows = SharedPhotoRows(rows, census, done=store.done if store is not None else None)
     journal: Journal = UNRECORDED
     if store is None or settings.dry_run:
         sending = DryRun(images=images, client=client)
@@ -623,11 +651,33 @@ def _stop_on_signals(engine: Engine, on_interrupt: OnInterrupt | None) -> None:
 
 def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[RejectRow]]:
     """(number of valid rows, every reject): every rule, text and image, with no ledger and nothing sent."""
+    found = validation(settings, manifest_path)
+    return found.valid, found.rejects
 
-    async def go() -> tuple[int, list[RejectRow]]:
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Validation:
+    """What `backfill validate` finds: the valid rows, every reject, and the photos shared by several IDs."""
+
+    valid: int
+    rejects: list[RejectRow]
+    shared: list[SharedGroup]  # the largest SHOWN_GROUPS shared photos
+    shared_photos: int  # photos named by more IDs than max_ids_per_photo allows
+    read_whole: int  # photos read whole to tell them apart (the candidates; the others only head and tail)
+
+
+SHOWN_GROUPS = 20
+
+
+def validation(settings: Settings, manifest_path: Path | str) -> Validation:
+    """Every rule, text and image, and the shared-photo census (unless max_ids_per_photo is 0); no ledger, so
+    nothing is known done and the digests are plain SHA-256, held in memory only."""
+
+    async def go() -> Validation:
         policy = retry_policy(settings)
         manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
         images = image_source(settings, manifest.name, policy=policy, remote=remote)
+        census = Census(settings.max_ids_per_photo) if settings.max_ids_per_photo else None
         valid, rejects = 0, []
         try:
             for batch in manifest.batches():
@@ -635,17 +685,40 @@ def validate(settings: Settings, manifest_path: Path | str) -> tuple[int, list[R
                     RejectRow(line=r.line, user_id=r.user_id, reason=r.reason, message=r.message)
                     for r in batch.rejects
                 ]
+                sendable = []
                 for d in await plan.decide(batch.candidates, {}, images):
                     if isinstance(d, plan.ToSend):
                         valid += 1
+                        sendable.append(d)
                     elif d.reason is not None:
                         rejects.append(
                             RejectRow(line=d.line, user_id=d.user_id, reason=d.reason, message=d.message)
                         )
+                if census is not None:
+                    census.add((d.line, d.user_id, d.fingerprint) for d in sendable)
+            groups: list[SharedGroup] = []
+            shared_photos = read_whole = 0
+            if census is not None:
+                shared = await census.settle(images)
+                for r in shared.every_reject():
+                    valid -= 1
+                    rejects.append(
+                        RejectRow(line=r.line, user_id=r.user_id, reason=r.reason, message=r.message)
+                    )
+                groups = shared.listing(SHOWN_GROUPS)
+                shared_photos, read_whole = shared.groups, shared.read_whole
         finally:
+            if census is not None:
+                census.close()
             await images.close()
         rejects.sort(key=lambda r: r.line)
-        return valid, rejects
+        return Validation(
+            valid=valid,
+            rejects=rejects,
+            shared=groups,
+            shared_photos=shared_photos,
+            read_whole=read_whole,
+        )
 
     return asyncio.run(go())
 

@@ -53,6 +53,18 @@ def _positive_int(raw: object) -> int:
     return value
 
 
+def _count(raw: object) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected a whole number")
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+    return value
+
+
 def _positive_float(raw: object) -> float:
     if isinstance(raw, bool):
         raise ValueError("expected a number")
@@ -718,6 +730,19 @@ class Settings:
                 example="/data/selfies",
                 parse=_path,
                 text=True,
+                flag=None,
+                no_flag=MANIFEST_RULE,
+            )
+        },
+    )
+    max_ids_per_photo: int = field(
+        default=1,
+        metadata={
+            SETTING: Spec(
+                help="The most user_ids one photo (by content) may be sent for; rows of a photo shared by more "
+                "are rejected as shared_photo (0: no limit, not checked).",
+                example="2",
+                parse=_count,
                 flag=None,
                 no_flag=MANIFEST_RULE,
             )

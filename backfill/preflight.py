@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -30,6 +31,7 @@ from .ledger.sqlite import writer_alive
 from .manifest import Candidate, Manifest
 from .run import plan
 from .run.plan import SENT_BYTES_DIFFER
+from .run.shared import take_census
 from .vocab import ExitCode, Reason
 
 SAMPLE = 20  # photos checked from the head of the manifest, and as many again drawn at random
@@ -90,9 +92,55 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
             checks.append(await _images_check(sample, images))
             if known:
                 checks.append(await _pins_check(sample, known, images))
+            if settings.max_ids_per_photo:
+                checks.append(await _shared_check(settings, manifest, images, ledger=key is not None))
         finally:
             await images.close()
     return checks
+
+
+SHOWN_GROUPS = 5
+
+
+async def _shared_check(
+    settings: Settings, manifest: Manifest, images: ImageSource, *, ledger: bool
+) -> Check:
+    """The census `run` takes before its first row (run/shared.py), on every photo's head and tail: the photos
+    named by more user_ids than max_ids_per_photo allows. `ledger`: one opened, so its done rows count as a
+    run counts them (by their pin; never rejected)."""
+    store = None
+    if ledger:
+        with contextlib.suppress(BackfillError):  # the ledger's own check has said why
+            store = await compose.open_store(settings, writable=False)
+    try:
+        shared = await take_census(manifest, images, max_ids=settings.max_ids_per_photo, store=store)
+    finally:
+        if store is not None:
+            await store.close()
+    assert shared is not None  # nothing stops a check
+    try:
+        allowed = settings.max_ids_per_photo
+        ids = "user_id" if allowed == 1 else "user_ids"
+        if not shared.groups:
+            return Check(
+                name="shared photos",
+                ok=True,
+                detail=f"{shared.photos} photos still to be sent, none named by more than {allowed} {ids} "
+                f"(max_ids_per_photo; {shared.read_whole} alike in size, head and tail read whole)",
+            )
+        largest = "; ".join(f"{g.rows} rows at lines {g.shown()}" for g in shared.listing(SHOWN_GROUPS))
+        more = f" (and {shared.groups - SHOWN_GROUPS} more)" if shared.groups > SHOWN_GROUPS else ""
+        return Check(
+            name="shared photos",
+            ok=False,
+            detail=f"{shared.groups} photo(s) named by more than {allowed} {ids} (max_ids_per_photo): `run` "
+            f"rejects their {shared.rejected} rows not yet enrolled as {Reason.SHARED_PHOTO}; largest: "
+            f"{largest}{more}",
+            fix="give each user their own photo (`backfill validate` lists every row in rejects.csv), or raise "
+            "max_ids_per_photo if those IDs really are one person",
+        )
+    finally:
+        shared.close()
 
 
 def _settings_check(settings: Settings) -> Check:

@@ -62,6 +62,9 @@ class Reason(StrEnum):
     IMAGE_NOT_JPEG_OR_PNG = "image_not_jpeg_or_png"
     IMAGE_TRUNCATED = "image_truncated"
     IMAGE_UNDECODABLE = "image_undecodable"  # --normalize: the decoder can't read the photo (damaged, cut)
+    SHARED_PHOTO = (
+        "shared_photo"  # the same photo as more than max_ids_per_photo user_ids: which one is right?
+    )
     USER_ID_REUSED = "user_id_reused"  # the ledger pins another photo to this ID
 
 

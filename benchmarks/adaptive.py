@@ -37,6 +37,7 @@ async def measure(*, rows: int, server_limit: float, rate: float, concurrency: i
                 "rate": rate,
                 "concurrency": concurrency,
                 "progress": False,
+                "max_ids_per_photo": 0,  # every row names the same tiny photo
             }
             settings = load_settings(None, {"SMILE_PARTNER_ID": PARTNER_ID, "SMILE_API_KEY": API_KEY}, flags)
             began = time.perf_counter()

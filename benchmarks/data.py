@@ -43,13 +43,15 @@ def noisy_png(target_bytes: int, seed: int) -> bytes:
     )
 
 
-def tiny_png() -> bytes:
-    """The smallest useful valid PNG (1x1), for manifests where only the number of files matters."""
+def tiny_png(seed: int = 0x808080) -> bytes:
+    """The smallest useful valid PNG (1x1), for manifests where only the number of files matters; its one
+    pixel's colour is `seed` (below 2**24), so that every user's photo can differ (one photo named by many IDs
+    is rejected as shared_photo)."""
     header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(b"\x00\x80\x80\x80"))
+        + _chunk(b"IDAT", zlib.compress(b"\x00" + seed.to_bytes(3)))
         + _chunk(b"IEND", b"")
     )
 
@@ -72,12 +74,12 @@ def tiny_tree(folder: Path, count: int) -> Path:
     """`count` DISTINCT tiny PNG files under folder/dNNNN/, made once (a marker says the tree is whole).
 
     Distinct files rather than hard links: a hard link shares its inode and cached pages with every other
-    link, so stats and reads of a million links would hit one warm inode and flatter the validator.
+    link, so stats and reads of a million links would hit one warm inode and flatter the validator. Distinct
+    photos too (each its own pixel): a photo named by many IDs is rejected as shared_photo.
     """
-    marker = folder / f".complete-{count}"
+    marker = folder / f".complete-distinct-{count}"  # trees made before the photos differed are made again
     if marker.exists():
         return folder
-    data = tiny_png()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     for start in range(0, count, FILES_PER_DIR):
         sub = folder / f"d{start // FILES_PER_DIR:04d}"
@@ -85,7 +87,7 @@ def tiny_tree(folder: Path, count: int) -> Path:
         for i in range(start, min(count, start + FILES_PER_DIR)):
             fd = os.open(sub / f"u{i:07d}.png", flags, 0o644)
             try:
-                os.write(fd, data)
+                os.write(fd, tiny_png(i))
             finally:
                 os.close(fd)
     marker.touch()

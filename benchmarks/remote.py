@@ -118,7 +118,9 @@ def validate(manifest: str, read_concurrency: int, profile: bool) -> dict[str, A
     from backfill import compose
     from backfill.config import load_settings
 
-    settings = load_settings(None, environ=ENV, flags={"read_concurrency": read_concurrency})
+    # Rows cycle through a pool of photos (POOL): the shared-photo census is off, as in the runs.
+    flags = {"read_concurrency": read_concurrency, "max_ids_per_photo": 0}
+    settings = load_settings(None, environ=ENV, flags=flags)
     profiler = None
     if profile:
         try:

@@ -327,7 +327,7 @@ class Suite:
                 started = time.perf_counter()
                 subprocess.run(
                     [spy, *spy_args, "--", *workers.cli_command(args)],
-                    env={**os.environ, **ENV},
+                    env={**os.environ, **ENV, "BACKFILL_MAX_IDS_PER_PHOTO": "0"},  # a pool of photos, shared
                     cwd=ROOT,
                     capture_output=True,
                     check=True,

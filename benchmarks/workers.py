@@ -90,6 +90,9 @@ def settings_flags(base_url: str, work: Path, **flags: Any) -> dict[str, Any]:
         "checkpoint": work / "checkpoint.sqlite",
         "out": work / "out",
         "progress": False,
+        # The manifests these runs send cycle through a small pool of photos, which the shared-photo census
+        # would reject (every photo named by many IDs): off, unless a benchmark says otherwise.
+        "max_ids_per_photo": 0,
         **flags,
     }
 

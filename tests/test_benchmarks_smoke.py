@@ -267,3 +267,50 @@ def test_erasure(smoke: dict[str, Any]) -> None:
         "tombstone_lookup_us_per_id",
     ):
         assert _positive(e[name]), name
+
+
+def test_the_shared_photo_benchmark_runs_and_writes_its_ratios(tmp_path: Path) -> None:
+    """`python -m benchmarks.shared --smoke`: validation with and without the shared-photo census, tiny."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.shared",
+            "--smoke",
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = (tmp_path / "results").glob("shared-*.json")
+    results = json.loads(written.read_text())
+    clean, shared = results["results"]["clean"], results["results"]["shared"]
+    assert all(_positive(r["after_over_before"]) for r in (clean, shared))
+    assert (clean["after"]["shared_photos"], clean["after"]["read_whole"], clean["after"]["valid"]) == (
+        0,
+        0,
+        200,
+    )
+    # 200 rows, 36 to a photo: 6 photos, every row rejected, every photo read whole.
+    assert (shared["after"]["shared_photos"], shared["after"]["read_whole"], shared["after"]["valid"]) == (
+        6,
+        200,
+        0,
+    )
+    assert shared["before"]["valid"] == 200  # without the census, all of them pass
+    assert results["targets"][0]["name"].startswith("validation with the census")
+    resume = results["results"]["resume"]
+    assert resume["full_run"]["counts"] == {"enrolled": 100}
+    assert resume["before"]["counts"] == resume["after"]["counts"] == {"skipped": 100}
+    assert _positive(resume["after_over_before_time"])

@@ -153,7 +153,8 @@ def validate(manifest: str, config_file: Path | None, **flags: Any) -> None:
     """Validate MANIFEST (a path, or an s3://, gs://, az:// or https:// URL) only: write rejects.csv and print
     counts. Sends nothing."""
     settings = load_settings(config_file, flags=flags, need_credentials=False)
-    valid, rejects = compose.validate(settings, manifest_arg(manifest))
+    found = compose.validation(settings, manifest_arg(manifest))
+    valid, rejects = found.valid, found.rejects
     path = rs.write_rejects(settings.out, rejects)
     click.echo(f"{valid} valid, {len(rejects)} rejected; rejects: {path}")
     counts: dict[str, int] = {}
@@ -161,6 +162,15 @@ def validate(manifest: str, config_file: Path | None, **flags: Any) -> None:
         counts[reject.reason] = counts.get(reject.reason, 0) + 1
     for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         click.echo(f"  {reason}: {count}")
+    if found.shared_photos:
+        allowed = settings.max_ids_per_photo
+        largest = ", the largest" if found.shared_photos > len(found.shared) else ""
+        click.echo(
+            f"{found.shared_photos} photo(s) named by more than {allowed} user_id{'s' if allowed > 1 else ''} "
+            f"(max_ids_per_photo), every row rejected as shared_photo{largest}:"
+        )
+        for group in found.shared:
+            click.echo(f"  {group.rows} rows: lines {group.shown()}")
     sys.exit(0 if not rejects else 1)
 
 

@@ -18,12 +18,16 @@ class Fingerprint:
     """What identifies one version of a photo cheaply, without reading it (the rsync quick check).
 
     `ref` is where the photo really is (a local path with symlinks resolved, or an object URL); `version` is
-    the store's own change marker (a local file's mtime in ns; a remote object's ETag and last-modified time).
+    the store's own change marker (a local file's mtime in ns; a remote object's ETag and last-modified time);
+    `sample`, set by a content check (`check_many`), tells photos apart cheaply for the shared-photo census.
     """
 
     ref: str
     size: int
     version: str
+    # What a content check read first, digested (content.sample_of); 0 where nothing was read (a stat alone).
+    # Not part of the identity: the same version of a photo, sampled or not, is the same photo.
+    sample: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

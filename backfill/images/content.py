@@ -134,29 +134,53 @@ def examine(size: int) -> Examination:
 
 def run(examination: Examination, read_at: Callable[[int, int], bytes]) -> Verdict:
     """Drives an examination with a blocking `read_at(offset, length)`; its errors propagate unchanged."""
-    try:
-        spans = next(examination)
-        while True:
-            spans = examination.send([read_at(offset, length) for offset, length in spans])
-    except StopIteration as done:
-        verdict: Verdict = done.value
-        return verdict
-    finally:
-        examination.close()
+    return run_sampled(examination, read_at)[0]
 
 
-async def run_async(examination: Examination, read_at: Callable[[int, int], Awaitable[bytes]]) -> Verdict:
-    """Drives an examination with an async `read_at`; the reads asked for together run concurrently."""
+def run_sampled(examination: Examination, read_at: Callable[[int, int], bytes]) -> tuple[Verdict, int]:
+    """`run`, and the `sample_of` the bytes it read first (0 if it read none)."""
+    sample = 0
     try:
         spans = next(examination)
+        got = [read_at(offset, length) for offset, length in spans]
+        sample = sample_of(got)
         while True:
-            got = await asyncio.gather(*(read_at(offset, length) for offset, length in spans))
             spans = examination.send(got)
+            got = [read_at(offset, length) for offset, length in spans]
     except StopIteration as done:
         verdict: Verdict = done.value
-        return verdict
+        return verdict, sample
     finally:
         examination.close()
+
+
+async def run_async(
+    examination: Examination, read_at: Callable[[int, int], Awaitable[bytes]]
+) -> tuple[Verdict, int]:
+    """Drives an examination with an async `read_at`; the reads asked for together run concurrently. Returns
+    the verdict and the `sample_of` the bytes read first (0 if none)."""
+    sample = 0
+    try:
+        spans = next(examination)
+        got = await asyncio.gather(*(read_at(offset, length) for offset, length in spans))
+        sample = sample_of(got)
+        while True:
+            spans = examination.send(got)
+            got = await asyncio.gather(*(read_at(offset, length) for offset, length in spans))
+    except StopIteration as done:
+        verdict: Verdict = done.value
+        return verdict, sample
+    finally:
+        examination.close()
+
+
+def sample_of(first: Sequence[bytes]) -> int:
+    """A cheap digest of what every check reads first, whatever stores the photo: the head and the tail (the
+    whole of a small photo), which the size alone decides. Two photos whose sizes or samples differ are
+    different photos; equal ones may be the same, which only a digest of the whole can say (the shared-photo
+    census, run/shared.py, hashes only those). Never 0, which a Fingerprint holds when nothing was sampled.
+    Python's own hash of bytes: the fastest there is, and a census lives in one process, as its seed does."""
+    return hash(tuple(first)) or 1
 
 
 def examine_bytes(data: bytes) -> Verdict:

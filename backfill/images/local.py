@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from ..vocab import Reason
 from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, file_kind, size_problem, too_large
-from .content import convertible, examine, examine_bytes, looks_like, problem, run, sniff
+from .content import convertible, examine, examine_bytes, looks_like, problem, run_sampled, sniff
 
 _T = TypeVar("_T")
 
@@ -31,7 +31,9 @@ _READ_FLAGS = _CHECK_FLAGS | os.O_NOFOLLOW
 # SHA-256 of 64 KB ~43 us (256 KB: ~160 us, too long to hold up every other row's I/O on the loop).
 INLINE_READ_MAX = 64 * 1024
 _DIR_CACHE_MAX = 65_536
-_SET_REF, _SET_SIZE, _SET_VERSION = (getattr(Fingerprint, f).__set__ for f in ("ref", "size", "version"))
+_SET_REF, _SET_SIZE, _SET_VERSION, _SET_SAMPLE = (
+    getattr(Fingerprint, f).__set__ for f in ("ref", "size", "version", "sample")
+)
 
 
 class LocalImageSource(ImageSource):
@@ -107,7 +109,13 @@ class LocalImageSource(ImageSource):
         prefixes = self._real_prefixes
         root, root_prefix = self._root, self._root_prefix
         lstat, is_reg = os.lstat, stat.S_ISREG
-        new, set_ref, set_size, set_version = object.__new__, _SET_REF, _SET_SIZE, _SET_VERSION
+        new, set_ref, set_size, set_version, set_sample = (
+            object.__new__,
+            _SET_REF,
+            _SET_SIZE,
+            _SET_VERSION,
+            _SET_SAMPLE,
+        )
         for raw in raws:
             folder, _, name = raw.rpartition("/")
             prefix = prefixes.get(folder)
@@ -124,6 +132,7 @@ class LocalImageSource(ImageSource):
                         set_ref(fp, real)
                         set_size(fp, st.st_size)
                         set_version(fp, str(st.st_mtime_ns))
+                        set_sample(fp, 0)
                         out.append(fp)
                         continue
             out.append(self._fingerprint(raw))
@@ -157,7 +166,7 @@ class LocalImageSource(ImageSource):
         try:
             fd = os.open(real, _CHECK_FLAGS)
             try:
-                verdict = run(examine(size), functools.partial(_pread, fd))
+                verdict, sample = run_sampled(examine(size), functools.partial(_pread, fd))
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -166,7 +175,7 @@ class LocalImageSource(ImageSource):
             wrong = problem(verdict, repr(raw), convert=self._convert)
             if wrong is not None:
                 return wrong
-        return Fingerprint(ref=real, size=size, version=str(st.st_mtime_ns))
+        return Fingerprint(ref=real, size=size, version=str(st.st_mtime_ns), sample=sample)
 
     def _locate(self, raw: str) -> tuple[str, os.stat_result] | ImageProblem:
         """The real path of a regular file inside images_root, and its stat; or why not."""

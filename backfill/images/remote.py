@@ -554,12 +554,12 @@ class RemoteImageSource(ImageSource):
                 raise _Changed from exc
             return data
 
-        verdict = await run_async(examine(size), read_at)
+        verdict, sample = await run_async(examine(size), read_at)
         if not verdict.complete:
             wrong = problem(verdict, name, convert=self._convert)
             if wrong is not None:
                 return wrong
-        return Fingerprint(ref=obj.url, size=size, version=version_of(meta))
+        return Fingerprint(ref=obj.url, size=size, version=version_of(meta), sample=sample)
 
     async def _first_read(
         self, store: ObjectStore, key: str, span: tuple[int, int]

@@ -1,0 +1,218 @@
+"""Photos shared by several user_ids (max_ids_per_photo): `validate` lists them, `run` sends none of their rows."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import logging
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from backfill import compose
+from backfill.config import Settings
+from backfill.images import Fingerprint
+from backfill.manifest import open_manifest
+from backfill.run.shared import Census
+from backfill.sandbox import RunningSandbox
+
+from .conftest import cli, png_bytes, sandbox_ledger, write_manifest
+from .test_promise import CountingImages, rejects, results
+
+FACE = png_bytes(999)  # the one photo every shared row names
+
+
+def shared_manifest(folder: Path, shared: int = 50, own: int = 3) -> Path:
+    """`shared` rows whose photos are FACE (under two file names: found by content, not by path), then `own`
+    rows with a photo each."""
+    (folder / "images").mkdir(exist_ok=True)
+    (folder / "images" / "face.png").write_bytes(FACE)
+    (folder / "images" / "face_copy.png").write_bytes(FACE)
+    rows = [(f"same_{i:03d}", "2021-08-12", "face.png" if i % 2 else "face_copy.png") for i in range(shared)]
+    rows += [(f"own_{i:03d}", "2021-08-12", f"own_{i:03d}.png") for i in range(own)]
+    return write_manifest(folder, rows)
+
+
+def test_validate_flags_fifty_ids_sharing_one_photo(tmp_path: Path) -> None:
+    manifest = shared_manifest(tmp_path)
+    code, out, err = cli("validate", str(manifest), "--out", str(tmp_path / "out"))
+    assert code == 1, err
+    assert "3 valid, 50 rejected" in out
+    assert "  shared_photo: 50" in out
+    assert "1 photo(s) named by more than 1 user_id (max_ids_per_photo)" in out
+    assert "  50 rows: lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 40 more" in out
+    [found] = (tmp_path / "out").glob("*/rejects.csv")
+    with found.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["user_id"] for r in rows} == {f"same_{i:03d}" for i in range(50)}
+    assert {r["reason"] for r in rows} == {"shared_photo"}
+    assert "named by 50 rows with different user_ids" in rows[0]["message"]
+
+
+def test_check_lists_the_shared_photos_as_a_problem(tmp_path: Path, threaded_sandbox: RunningSandbox) -> None:
+    manifest = shared_manifest(tmp_path)
+    code, out, err = cli("check", str(manifest), *sandbox_ledger(tmp_path, threaded_sandbox))
+    assert code == 2, out + err
+    [line] = [line for line in out.splitlines() if "shared photos:" in line]
+    assert line.startswith("problem")
+    assert "1 photo(s) named by more than 1 user_id (max_ids_per_photo): `run` rejects their 50 rows" in line
+    assert "largest: 50 rows at lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 40 more" in line
+    code, out, _ = cli(
+        "check",
+        str(manifest),
+        *sandbox_ledger(tmp_path, threaded_sandbox),
+        env={"BACKFILL_MAX_IDS_PER_PHOTO": "50"},
+    )
+    assert code == 0, out
+    assert "ok       shared photos: 53 photos still to be sent, none named by more than 50 user_ids" in out
+
+
+def test_the_setting_allows_a_group_that_size_and_zero_checks_nothing(tmp_path: Path) -> None:
+    manifest = shared_manifest(tmp_path, shared=3)
+    for setting, valid in (("3", 6), ("2", 3), ("0", 6)):
+        env = {"BACKFILL_MAX_IDS_PER_PHOTO": setting}
+        code, out, _ = cli("validate", str(manifest), "--out", str(tmp_path / "out"), env=env)
+        assert f"{valid} valid" in out, (setting, out)
+        assert code == (0 if valid == 6 else 1)
+
+
+def test_a_negative_setting_is_refused_naming_the_key(tmp_path: Path) -> None:
+    manifest = shared_manifest(tmp_path, shared=2)
+    code, _, err = cli("validate", str(manifest), env={"BACKFILL_MAX_IDS_PER_PHOTO": "-1"})
+    assert code == 2
+    assert "max_ids_per_photo (from environment BACKFILL_MAX_IDS_PER_PHOTO): -1 is negative" in err
+    assert "Traceback" not in err
+
+
+async def test_run_sends_no_row_of_a_shared_photo(
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manifest = shared_manifest(tmp_path)
+    with caplog.at_level(logging.INFO, logger="backfill"):
+        summary = await compose.run(make_settings(sandbox), manifest)
+    [counted] = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+    assert counted.levelno == logging.WARNING
+    fields = getattr(counted, "fields")  # noqa: B009 - set by the logger's `extra`, unknown to its type
+    assert fields == {"photos": 53, "read_whole": 50, "shared_photos": 1, "rejected": 50}
+    assert summary.exit_code == 1
+    assert summary.counts == {"enrolled": 3, "rejected": 50}
+    assert summary.sent == 3
+    assert {uid: r["reason"] for uid, r in rejects(summary).items()} == {
+        f"same_{i:03d}": "shared_photo" for i in range(50)
+    }
+    assert set(sandbox.state.requests) == {"own_000", "own_001", "own_002"}
+
+
+async def test_the_shared_rows_of_a_dry_run_are_rejected_too(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    summary = await compose.run(make_settings(sandbox, dry_run=True), shared_manifest(tmp_path, shared=2))
+    assert summary.counts == {"dry_run": 3, "rejected": 2}
+
+
+async def test_an_enrolled_id_stays_enrolled_and_new_ids_naming_its_photo_are_rejected(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    earlier = await compose.run(make_settings(sandbox), shared_manifest(first, shared=1, own=1))
+    assert earlier.counts == {"enrolled": 2}  # same_000 alone names FACE: nothing shared
+    # Later the export names FACE for a new ID as well, same_000's row and photo unchanged.
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "images").symlink_to(first / "images")
+    with (later / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "user_created_at", "image_path"])
+        writer.writerow(["same_000", "2021-08-12", "images/face_copy.png"])
+        writer.writerow(["own_000", "2021-08-12", "images/own_000.png"])
+        writer.writerow(["new_001", "2021-08-12", "images/face.png"])
+    again = await compose.run(make_settings(sandbox), later / "manifest.csv")
+    assert again.counts == {"skipped": 2, "rejected": 1}
+    assert results(again)["same_000"]["status"] == "skipped"
+    refused = rejects(again)
+    assert {uid: r["reason"] for uid, r in refused.items()} == {"new_001": "shared_photo"}
+    assert "named by 2 rows" in refused["new_001"]["message"]
+    assert "1 of them enrolled earlier with it, and stay enrolled" in refused["new_001"]["message"]
+    # And a re-run of the first manifest rejects nothing: a row is never shared with itself.
+    rerun = await compose.run(make_settings(sandbox), first / "manifest.csv")
+    assert rerun.exit_code == 0 and rerun.counts == {"skipped": 2}
+
+
+def _padded_png(middle: int) -> bytes:
+    """A 20 KB PNG (complete to the check, which reads its head and tail only) whose byte 10,000 is `middle`:
+    photos made with different values differ in neither size, head nor tail."""
+    data = bytearray(20_000)
+    data[10_000] = middle
+    # The CRC is left 0 (the check never reads it): a true one would differ in the tail.
+    chunk = struct.pack(">I", len(data)) + b"IDAT" + bytes(data) + bytes(4)
+    iend = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    return b"\x89PNG\r\n\x1a\n" + chunk + iend
+
+
+async def test_only_photos_alike_in_size_head_and_tail_are_read_whole(tmp_path: Path) -> None:
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    rows = []
+    for i in range(20):  # twenty photos of their own, several of them the same size
+        (images_dir / f"own_{i}.png").write_bytes(png_bytes(i))
+        rows.append((f"own_{i}", "2021-08-12", f"own_{i}.png"))
+    (images_dir / "a.png").write_bytes(_padded_png(1))
+    (images_dir / "a_again.png").write_bytes(_padded_png(1))
+    (images_dir / "b.png").write_bytes(_padded_png(2))  # like a.png but in the middle
+    rows += [("a1", "2021-08-12", "a.png"), ("a2", "2021-08-12", "a_again.png"), ("b", "2021-08-12", "b.png")]
+    manifest = open_manifest(write_manifest(tmp_path, rows), compose.manifest_rules(Settings()))
+    images = CountingImages(tmp_path)
+    census = Census(1)
+    try:
+        for batch in manifest.batches():
+            checked = await images.check_many([c.image for c in batch.candidates])
+            census.add((c.line, c.user_id, f) for c, f in zip(batch.candidates, checked, strict=True))
+            assert all(isinstance(f, Fingerprint) and f.sample for f in checked)
+        shared = await census.settle(images)
+        assert images.calls["read"] == 3  # a.png, a_again.png and b.png; none of the twenty
+        assert shared.read_whole == 3
+        assert (shared.groups, shared.rows) == (1, 2)
+        assert {r.user_id for r in shared.every_reject()} == {"a1", "a2"}
+    finally:
+        census.close()
+
+
+async def test_a_fleet_of_two_rejects_each_shared_row_once_and_sends_the_others_once(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings], pg_url: str
+) -> None:
+    manifest = shared_manifest(tmp_path, shared=20, own=10)
+    runs = [make_settings(sandbox, ledger=pg_url, out=tmp_path / f"out-{n}", concurrency=2) for n in (1, 2)]
+    summaries = await asyncio.gather(*(compose.run(s, manifest) for s in runs))
+    refused: dict[str, str] = {}
+    for summary in summaries:
+        for uid, r in rejects(summary).items():
+            assert uid not in refused  # each row told once, by the process that claimed it
+            refused[uid] = r["reason"]
+    assert refused == {f"same_{i:03d}": "shared_photo" for i in range(20)}
+    assert sum(s.sent for s in summaries) == 10
+    assert set(sandbox.state.requests) == {f"own_{i:03d}" for i in range(10)}
+    assert all(n == 1 for n in sandbox.state.requests.values())
+
+
+async def test_the_resume_of_a_finished_job_takes_no_census(
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manifest = shared_manifest(tmp_path, shared=1, own=30)
+    with caplog.at_level(logging.INFO, logger="backfill"):
+        first = await compose.run(make_settings(sandbox, chunk_rows=7), manifest)
+        counted = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+        assert first.counts == {"enrolled": 31} and len(counted) == 1
+        caplog.clear()
+        again = await compose.run(make_settings(sandbox, chunk_rows=7), manifest)
+    assert again.counts == {"skipped": 31}
+    # Every row is done: none of them can be rejected for sharing, so the manifest isn't read a second time.
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
