@@ -167,7 +167,7 @@ async def test_a_schema_3_postgres_ledger_is_refused_by_a_reader_and_gains_tombs
         await conn.execute("UPDATE backfill.meta SET value = '3' WHERE key = 'schema'")
     from backfill.ledger.postgres import PostgresStore
 
-    with pytest.raises(LedgerError, match="schema 3.*open it once with a writing command"):
+    with pytest.raises(LedgerError, match=r"schema 3.*open it once with a writing command"):
         await PostgresStore.open(pg_url, None, writable=False)
     store = await open_store("postgres", tmp_path)
     try:
