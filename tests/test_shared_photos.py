@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import logging
 import struct
 from collections.abc import Callable
@@ -216,3 +217,34 @@ async def test_the_resume_of_a_finished_job_takes_no_census(
     assert again.counts == {"skipped": 31}
     # Every row is done: none of them can be rejected for sharing, so the manifest isn't read a second time.
     assert not [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+
+
+def test_a_forgotten_id_is_left_out_of_the_census_and_its_photo_is_not_read(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    # same_000 is enrolled with FACE, then forgotten on request. A later manifest names it again, and a new ID
+    # with FACE: the forgotten row is told `forgotten` (never a shared_photo reject: it is never sent, and its
+    # photo is not read for a user who asked to be forgotten); the new ID is the only one left with FACE.
+    where = sandbox_ledger(tmp_path, threaded_sandbox)
+    out = ["--out", str(tmp_path / "out"), "--no-progress"]
+    first = tmp_path / "first"
+    first.mkdir()
+    assert cli("run", str(shared_manifest(first, shared=1, own=0)), *where, *out)[0] == 0
+    assert cli("forget", "same_000", "--yes", *where)[0] == 0
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "images").symlink_to(first / "images")
+    with (later / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "user_created_at", "image_path"])
+        writer.writerow(["same_000", "2021-08-12", "images/face_copy.png"])
+        writer.writerow(["new_001", "2021-08-12", "images/face.png"])
+    code, said, err = cli("run", str(later / "manifest.csv"), *where, *out, "--log-format", "json")
+    assert code == 0, said + err
+    [counted] = [e for e in map(json.loads, err.splitlines()) if e["event"] == "photos_counted"]
+    assert (counted["photos"], counted["read_whole"], counted["shared_photos"]) == (1, 0, 0)
+    (run,) = sorted(p for p in (tmp_path / "out").iterdir() if p.is_dir())[-1:]
+    with (run / "results.csv").open(newline="") as handle:
+        statuses = {r["user_id"]: r["status"] for r in csv.DictReader(handle)}
+    assert statuses == {"same_000": "forgotten", "new_001": "enrolled"}
+    assert "new_001" in threaded_sandbox.state.requests

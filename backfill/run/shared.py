@@ -283,8 +283,9 @@ async def take_census(
     store: Store | None = None,
     stopping: Callable[[], bool] = lambda: False,
 ) -> Shared | None:
-    """The census of every row of `manifest` that passes its text rules and may be sent (not done in `store`),
-    each photo checked as a run checks it (head and tail read). None if `stopping` said so first."""
+    """The census of every row of `manifest` that passes its text rules and may be sent (neither done nor
+    forgotten in `store`), each photo checked as a run checks it (head and tail read). None if `stopping` said
+    so first."""
     census = Census(max_ids)
     try:
         batches = manifest.batches()
@@ -299,6 +300,11 @@ async def take_census(
                         (c.line, c.user_id, done[c.user_id][2]) for c in rows if c.user_id in done
                     )
                     rows = [c for c in rows if c.user_id not in done]
+                # A forgotten ID is never sent again, so it shares no photo with anyone; and the photo of a user
+                # who asked to be forgotten is not read, not even for a count.
+                gone = await store.forgotten([c.user_id for c in rows]) if rows else {}
+                if gone:
+                    rows = [c for c in rows if c.user_id not in gone]
             if not rows:
                 continue
             checked = await images.check_many([c.image for c in rows])
