@@ -1058,6 +1058,9 @@ class Erased:
     done: Forgetting
     ledger: str
     dry_run: bool
+    # The first of the named IDs the ledger never held (nothing to forget): shown to whoever named them, since a
+    # mistyped or mangled ID would otherwise pass for an erasure done. Never written to the audit trail.
+    never_held: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -1075,11 +1078,31 @@ def forget(
     """`backfill forget`: remove these users' personal data from the ledger, each leaving a tombstone."""
     ids = list(dict.fromkeys(user_ids))
     what = f"backfill forget ({len(ids):,} user_id{'' if len(ids) == 1 else 's'} named)"
+    never: list[str] = []
 
     async def work(store: Store, by: str, dry: bool) -> Forgetting:
-        return await store.forget(ids, at=now_iso(), by=by, dry_run=dry)
+        found = await store.forget(ids, at=now_iso(), by=by, dry_run=dry)
+        if dry and found.unknown and not never:  # the first pass is always a dry one: the ledger as it was
+            never.extend(await _never_held(store, ids))
+        return found
 
-    return asyncio.run(_erase(settings, what, work, dry_run=dry_run, confirm=confirm))
+    erased = asyncio.run(_erase(settings, what, work, dry_run=dry_run, confirm=confirm))
+    return dataclasses.replace(erased, never_held=tuple(never))
+
+
+NEVER_HELD_SHOWN = 20
+
+
+async def _never_held(store: Store, ids: list[str]) -> list[str]:
+    """The first NEVER_HELD_SHOWN of `ids` that the ledger holds neither as a row nor as a tombstone."""
+    never: list[str] = []
+    for start in range(0, len(ids), 1000):
+        part = ids[start : start + 1000]
+        held, gone = await store.lookup(part), await store.forgotten(part)
+        never += [uid for uid in part if uid not in held and uid not in gone]
+        if len(never) >= NEVER_HELD_SHOWN:
+            break
+    return never[:NEVER_HELD_SHOWN]
 
 
 def purge(
@@ -1143,10 +1166,10 @@ async def _erase(
         await store.close()
 
 
-def erasure_note(done: Forgetting) -> str:
-    """What the audit trail says an erasure did: counts only, never a user_id."""
+def erasure_note(done: Forgetting, *, dry: bool = False) -> str:
+    """What the audit trail says an erasure did (`dry`: what it would do): counts only, never a user_id."""
     states = ", ".join(f"{n:,} {state}" for state, n in done.forgotten.items()) or "none"
-    said = f"forgot {done.count:,} row{'' if done.count == 1 else 's'} ({states})"
+    said = f"{'forget' if dry else 'forgot'} {done.count:,} row{'' if done.count == 1 else 's'} ({states})"
     if done.already:
         said += f"; {done.already:,} forgotten before"
     if done.unknown:

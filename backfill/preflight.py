@@ -32,7 +32,7 @@ from .manifest import Candidate, Manifest
 from .run import plan
 from .run.plan import SENT_BYTES_DIFFER
 from .run.shared import take_census
-from .vocab import ExitCode, Reason
+from .vocab import DONE_STATES, ExitCode, Reason
 
 SAMPLE = 20  # photos checked from the head of the manifest, and as many again drawn at random
 MAX_SKEW_S = 60.0  # the server checks each signature's timestamp; no tolerance is documented (API.md)
@@ -81,15 +81,22 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
                 + (" (`backfill validate` lists them)" if rejected else ""),
             )
         )
-    ledger, known, key = await _ledger_checks(settings, ids, sample)
+    ledger, known, forgotten, key = await _ledger_checks(settings, ids, sample)
     checks += ledger
+    # As a run does: a forgotten ID's photo is never read, and a done row's photo is compared with its pin
+    # (below), not checked as one to be sent.
+    to_send = [
+        c
+        for c in sample
+        if c.user_id not in forgotten and not (c.user_id in known and known[c.user_id].state in DONE_STATES)
+    ]
     checks += await _api_checks(settings)
     if manifest is not None:
         images = compose.image_source(settings, manifest.name, policy=policy, remote=remote)
         if key is not None:  # pins compared as the run compares them: keyed by the ledger's secret
             images = KeyedImageSource(images, key)
         try:
-            checks.append(await _images_check(sample, images))
+            checks.append(await _images_check(to_send, images))
             if known:
                 checks.append(await _pins_check(sample, known, images))
             if settings.max_ids_per_photo:
@@ -242,8 +249,14 @@ def _scan(manifest: Manifest) -> tuple[int, int, list[Candidate], list[str]]:
     return manifest.total_rows, rejected, head + drawn, ids
 
 
-# The ledger's checks, its rows for the sampled IDs (what `run` would decide those rows from) and its PhotoKey.
-LedgerChecks = tuple[list[Check], dict[str, LedgerRow], PhotoKey | None]
+# The ledger's checks, its rows for the sampled IDs (what `run` would decide those rows from), the sampled IDs it
+# holds as forgotten, and its PhotoKey.
+LedgerChecks = tuple[list[Check], dict[str, LedgerRow], set[str], PhotoKey | None]
+
+
+async def _sampled(store: Store, sample: list[Candidate]) -> tuple[dict[str, LedgerRow], set[str]]:
+    ids = [c.user_id for c in sample]
+    return await store.lookup(ids), set(await store.forgotten(ids))
 
 
 async def _shared_ledger_checks(
@@ -253,9 +266,14 @@ async def _shared_ledger_checks(
     try:
         store = await compose.open_store(settings, writable=False)
     except LedgerAbsent as exc:
-        return [Check(name="ledger", ok=True, detail=f"{exc}; the first run creates it")], {}, None
+        return [Check(name="ledger", ok=True, detail=f"{exc}; the first run creates it")], {}, set(), None
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}, None
+        return (
+            [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")],
+            {},
+            set(),
+            None,
+        )
     try:
         status = await store.status()
         checks = [
@@ -268,7 +286,8 @@ async def _shared_ledger_checks(
         ]
         if ids is not None:
             checks.append(await _held(store, ids))
-        return checks, await store.lookup([c.user_id for c in sample]), store.photo_key
+        known, forgotten = await _sampled(store, sample)
+        return checks, known, forgotten, store.photo_key
     finally:
         await store.close()
 
@@ -289,6 +308,7 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
                 )
             ],
             {},
+            set(),
             None,
         )
     path = Path(where)
@@ -306,6 +326,7 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
                     )
                 ],
                 {},
+                set(),
                 None,
             )
         bound = (
@@ -323,6 +344,7 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
                 )
             ],
             {},
+            set(),
             None,
         )
     if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
@@ -336,12 +358,18 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
                 )
             ],
             {},
+            set(),
             None,
         )
     try:
         store = await compose.open_store(settings, writable=False)
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}, None
+        return (
+            [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")],
+            {},
+            set(),
+            None,
+        )
     try:
         checks = [
             Check(
@@ -363,9 +391,15 @@ async def _ledger_checks(settings: Settings, ids: list[str] | None, sample: list
             )
         if ids is not None:
             checks.append(await _held(store, ids))
-        return checks, await store.lookup([c.user_id for c in sample]), store.photo_key
+        known, forgotten = await _sampled(store, sample)
+        return checks, known, forgotten, store.photo_key
     except BackfillError as exc:
-        return [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")], {}, None
+        return (
+            [Check(name="ledger", ok=False, detail=str(exc), fix="fix what the message names")],
+            {},
+            set(),
+            None,
+        )
     finally:
         await store.close()
 
@@ -374,8 +408,11 @@ async def _held(store: Store, ids: list[str]) -> Check:
     """What the ledger already holds for this manifest's IDs, per state: what a run will skip or resume."""
     counts: Counter[str] = Counter()
     for start in range(0, len(ids), 1000):
-        found = await store.lookup(ids[start : start + 1000])
+        part = ids[start : start + 1000]
+        found = await store.lookup(part)
         counts.update(row.state.value for row in found.values())
+        counts["forgotten on request"] += len(await store.forgotten(part))
+    counts = +counts  # no zero counts
     new = len(ids) - sum(counts.values())
     held = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     return Check(

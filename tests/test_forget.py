@@ -204,7 +204,7 @@ def test_forget_then_a_rerun_sends_nothing_for_the_forgotten_and_says_so(
     code, _, err = cli("forget", "--from", str(ids), *where)
     assert code == 2 and "--yes" in err
     code, out_text, _ = cli("forget", "--from", str(ids), "--dry-run", *where)
-    assert code == 0 and "would have forgot 2 rows (2 enrolled); 1 never in the ledger" in out_text
+    assert code == 0 and "would forget 2 rows (2 enrolled); 1 never in the ledger" in out_text
     code, out_text, err = cli(
         "forget", "--from", str(ids), "--yes", *where, env={"BACKFILL_OPERATOR": "dpo@bank"}
     )
@@ -377,3 +377,66 @@ def test_forget_at_a_terminal_names_the_count_and_the_ledger_and_asks_once(
     else:
         assert code == 1 and "nothing forgotten" in out, out
         assert users == {"user_0000", "user_0001", "user_0002"} and erasures == 0
+
+
+def test_a_file_of_ids_saved_with_a_bom_forgets_its_first_id_too(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    # Excel's and Notepad's "UTF-8 with BOM": read as plain UTF-8 the first ID was "\ufeffuser_0000", which no
+    # ledger holds, so the erasure said it was done and the user's data stayed.
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    where = sandbox_ledger(tmp_path, threaded_sandbox)
+    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    ids = tmp_path / "erase.txt"
+    ids.write_bytes(b"\xef\xbb\xbfuser_0000\r\nuser_0001\r\n")
+    code, said, err = cli("forget", "--from", str(ids), "--yes", *where)
+    assert code == 0, err
+    assert "forgot 2 rows (2 enrolled)" in said and "never in the ledger" not in said + err
+    assert cli("export", *where)[1].count("user_000") == 0
+
+
+def test_a_line_that_is_no_user_id_forgets_nothing_and_is_named(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    # A manifest given where a list of IDs was meant: its lines match no ID, so an erasure "done" would be false.
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    where = sandbox_ledger(tmp_path, threaded_sandbox)
+    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    code, _, err = cli("forget", "--from", str(manifest), "--yes", *where)
+    assert code == 2, err
+    assert f"line 1 of {manifest}" in err and "'user_id,user_created_at,image_path' is not a user_id" in err
+    assert "Traceback" not in err
+    code, exported, _ = cli("export", *where)
+    assert "user_0000" in exported and "user_0001" in exported  # nothing was forgotten
+
+
+def test_ids_the_ledger_never_held_are_named_to_whoever_named_them(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(1))
+    where = sandbox_ledger(tmp_path, threaded_sandbox)
+    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    code, said, err = cli("forget", "user_0000", "user_O000", "--yes", *where)  # a letter O for a zero
+    assert code == 0, err
+    assert "forgot 1 row (1 enrolled); 1 never in the ledger" in said
+    assert "never in the ledger (nothing to forget): user_O000." in err
+    [line] = [line for line in cli("status", *where)[1].splitlines() if "backfill forget" in line]
+    assert "user_O000" not in line  # the audit trail keeps counts, never the IDs
+
+
+def test_check_counts_forgotten_ids_and_reads_none_of_their_photos(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    manifest = write_manifest(tmp_path, simple_rows(3))
+    where = sandbox_ledger(tmp_path, threaded_sandbox)
+    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    assert cli("forget", "user_0001", "user_0002", "--yes", *where)[0] == 0
+    # Their photos blanked, as an archive's may be after an erasure: check must not read them, nor call them
+    # unusable (a run never reads them).
+    for uid in ("user_0001", "user_0002"):
+        (tmp_path / "images" / f"{uid}.png").write_bytes(b"erased")
+    code, out, err = cli("check", str(manifest), *where)
+    assert code == 0, out + err
+    [held] = [line for line in out.splitlines() if "ledger holds:" in line]
+    assert "of this manifest's 3 IDs: 1 enrolled, 2 forgotten on request; 0 not in the ledger" in held
+    assert not [line for line in out.splitlines() if line.startswith("problem")], out

@@ -10,6 +10,7 @@ import importlib.resources
 import json
 import logging
 import os
+import re
 import resource
 import secrets
 import signal
@@ -442,20 +443,39 @@ def forget(
     The tombstone (the ID's keyed hash, its state and dates) keeps the ID from ever being sent again: a manifest
     naming it later reports it `forgotten`. Recorded in the audit trail (backfill status). Can't be undone.
     """
-    ids = list(user_ids)
+    settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
+    # Each ID as the manifest rules would read it, and one that no manifest could hold refuses the whole request
+    # before anything is removed: an erasure that silently skips a mangled ID would pass for one done.
+    named = [("the command line", uid.strip()) for uid in user_ids]
     if from_file is not None:
         try:
-            text = from_file.read_text(encoding="utf-8")
+            # utf-8-sig: a file saved as "UTF-8 with BOM" (Excel, Notepad) must not hide its first ID behind it.
+            text = from_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 "--from", str(from_file), f"can't be read ({exc})", "name a readable text file"
             ) from exc
-        ids += [line.strip() for line in text.splitlines() if line.strip()]
-    if not ids:
+        named += [
+            (f"line {n} of {from_file}", line.strip())
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip()
+        ]
+    if not named:
         raise ConfigError(
             "USER_ID", "the command line", "no user_id is named", "name them: USER_ID... or --from FILE"
         )
-    settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
+    pattern = re.compile(settings.user_id_pattern)
+    for where, uid in named:
+        if not pattern.fullmatch(uid):
+            raise ConfigError(
+                "USER_ID",
+                where,
+                f"{uid[:80]!r} is not a user_id (user_id_pattern {settings.user_id_pattern}), so no ledger "
+                "holds it; nothing was forgotten",
+                "name one user_id a line (a file of user_ids, not a manifest), or set user_id_pattern as the "
+                "runs had it",
+            )
+    ids = [uid for _, uid in named]
     erased = compose.forget(settings, ids, dry_run=dry_run, confirm=_erasure_question(yes=yes or dry_run))
     _tell_erased(erased)
 
@@ -531,7 +551,7 @@ def _tell_erased(erased: compose.Erased) -> None:
     done = erased.done
     note = compose.erasure_note(done)
     said = (
-        f"dry run: would have {note[0].lower()}{note[1:]}" if erased.dry_run else note
+        f"dry run: would {compose.erasure_note(done, dry=True)}" if erased.dry_run else note
     ) + f" in {erased.ledger}"
     if erased.run_id is not None:
         said += f" (audit trail: run {erased.run_id})"
@@ -544,12 +564,20 @@ def _tell_erased(erased: compose.Erased) -> None:
             dry_run=erased.dry_run,
             forgotten=done.forgotten,
             already=done.already,
-            unknown=done.unknown,
+            never_held=done.unknown,
             refused=len(done.refused),
             exit_code=erased.exit_code,
         )
     else:
         click.echo(said)
+        if erased.never_held:
+            more = done.unknown - len(erased.never_held)
+            click.echo(
+                f"  never in the ledger (nothing to forget): {', '.join(erased.never_held)}"
+                + (f" and {more:,} more" if more > 0 else "")
+                + ". Check that they are spelled as the manifests had them",
+                err=True,
+            )
         for uid in done.refused:
             click.echo(
                 f"  not forgotten: {uid} (an attempt is in flight: backfill retry, then forget it)", err=True
