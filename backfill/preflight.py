@@ -143,8 +143,10 @@ async def _shared_check(
             detail=f"{shared.groups} photo(s) named by more than {allowed} {ids} (max_ids_per_photo): `run` "
             f"rejects their {shared.rejected} rows not yet enrolled as {Reason.SHARED_PHOTO}; largest: "
             f"{largest}{more}",
-            fix="give each user their own photo (`backfill validate` lists every row in rejects.csv), or raise "
-            "max_ids_per_photo if those IDs really are one person",
+            fix="give each user their own photo (`backfill validate` lists every row of each group in rejects.csv; "
+            "it reads no ledger, so it lists IDs enrolled earlier too, which a run never rejects), or raise "
+            "max_ids_per_photo (the config file's key, or BACKFILL_MAX_IDS_PER_PHOTO) if those IDs really are "
+            "one person",
         )
     finally:
         shared.close()

@@ -50,6 +50,8 @@ def test_validate_flags_fifty_ids_sharing_one_photo(tmp_path: Path) -> None:
     assert {r["user_id"] for r in rows} == {f"same_{i:03d}" for i in range(50)}
     assert {r["reason"] for r in rows} == {"shared_photo"}
     assert "named by 50 rows with different user_ids" in rows[0]["message"]
+    # The setting has no flag (a manifest rule): the message says where it can be raised.
+    assert "max_ids_per_photo (the config file's key, or BACKFILL_MAX_IDS_PER_PHOTO)" in rows[0]["message"]
 
 
 def test_check_lists_the_shared_photos_as_a_problem(tmp_path: Path, threaded_sandbox: RunningSandbox) -> None:

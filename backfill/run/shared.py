@@ -271,7 +271,7 @@ def message(group: SharedGroup, max_ids: int) -> str:
         f"{group.shown()}{earlier}), more than max_ids_per_photo allows ({allowed}): one face for several users "
         "is almost always a data error, and there is no telling which user it belongs to, so every one not yet "
         "enrolled is held back. Give each user their own photo; if these IDs really are one person, raise "
-        "max_ids_per_photo"
+        "max_ids_per_photo (the config file's key, or BACKFILL_MAX_IDS_PER_PHOTO)"
     )
 
 
