@@ -416,6 +416,9 @@ def test_ids_the_ledger_never_held_are_named_to_whoever_named_them(
     manifest = write_manifest(tmp_path, simple_rows(1))
     where = sandbox_ledger(tmp_path, threaded_sandbox)
     assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    code, _, err = cli("forget", "user_0000", "user_O000", "--dry-run", "--log-format", "json", *where)
+    [line] = map(json.loads, err.splitlines())  # the flag, as every command that writes lines takes it
+    assert (line["event"], line["never_held"], line["dry_run"], code) == ("forgotten", 1, True, 0)
     code, said, err = cli("forget", "user_0000", "user_O000", "--yes", *where)  # a letter O for a zero
     assert code == 0, err
     assert "forgot 1 row (1 enrolled); 1 never in the ledger" in said

@@ -428,6 +428,7 @@ _ERASE_DRY = click.option("--dry-run", is_flag=True, help="Count what would be f
 )
 @_ERASE_DRY
 @_ERASE_YES
+@log_options
 @setting_options("operator")
 @guard
 def forget(
@@ -491,6 +492,7 @@ def forget(
 )
 @_ERASE_DRY
 @_ERASE_YES
+@log_options
 @setting_options("operator")
 @guard
 def purge(config_file: Path | None, before: str, dry_run: bool, yes: bool, **flags: Any) -> None:

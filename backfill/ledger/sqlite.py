@@ -487,8 +487,9 @@ def acquire_lock(path: Path) -> int:
         except (OSError, ValueError, KeyError, TypeError):
             who = "another process"
         raise LedgerLocked(
-            f"the ledger {path} is in use by {who}. Wait for that run to finish, or stop it; "
-            "two runs on one ledger would send the same users twice"
+            f"the ledger {path} is in use by {who}. Wait for it to finish, or stop it: one process at a time "
+            "writes a SQLite ledger (two runs on one would send the same users twice; a forget would remove rows "
+            "a run is about to settle)"
         ) from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso()}
     try:
