@@ -298,9 +298,14 @@ def from_file(tmp_path: Path, spec: Spec, name: str) -> Settings:
 
 
 def from_flag(spec: Spec, flag: str, name: str) -> Settings:
-    """Through the option the CLI made for it: the first command that has it parses it, as a user gives it."""
+    """Through the option the CLI made for it: the first command that has it (and no option it requires, as
+    purge's --before) parses it, as a user gives it."""
     command, option = next(
-        (c, o) for c, o in setting_options() if flag in o.opts and isinstance(o, SettingOption)
+        (c, o)
+        for c, o in setting_options()
+        if flag in o.opts
+        and isinstance(o, SettingOption)
+        and not any(isinstance(p, click.Option) and p.required for p in c.params)
     )
     switch = spec.flag is not None and spec.flag.takes is Takes.SWITCH
     args = [flag] if switch else [flag, spec.example]

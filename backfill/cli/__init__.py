@@ -413,7 +413,11 @@ def status(
 _ERASE_YES = click.option(
     "--yes", is_flag=True, help="Forget without asking (required when no one is at a terminal to answer)."
 )
-_ERASE_DRY = click.option("--dry-run", is_flag=True, help="Count what would be forgotten; change nothing.")
+# Not the dry_run setting's option: that one is read from a config file and the environment too, and an
+# erasure's count-only pass is asked for on its own command line.
+_ERASE_DRY = click.option(
+    "--dry-run", "count_only", is_flag=True, help="Count what would be forgotten; change nothing."
+)
 
 
 @main.command()
@@ -435,7 +439,7 @@ def forget(
     config_file: Path | None,
     user_ids: tuple[str, ...],
     from_file: Path | None,
-    dry_run: bool,
+    count_only: bool,
     yes: bool,
     **flags: Any,
 ) -> None:
@@ -477,7 +481,9 @@ def forget(
                 "runs had it",
             )
     ids = [uid for _, uid in named]
-    erased = compose.forget(settings, ids, dry_run=dry_run, confirm=_erasure_question(yes=yes or dry_run))
+    erased = compose.forget(
+        settings, ids, dry_run=count_only, confirm=_erasure_question(yes=yes or count_only)
+    )
     _tell_erased(erased)
 
 
@@ -495,7 +501,7 @@ def forget(
 @log_options
 @setting_options("operator")
 @guard
-def purge(config_file: Path | None, before: str, dry_run: bool, yes: bool, **flags: Any) -> None:
+def purge(config_file: Path | None, before: str, count_only: bool, yes: bool, **flags: Any) -> None:
     """Forget every row finished before a date (a retention period), as `forget` does each one."""
     try:
         day = datetime.date.fromisoformat(before)
@@ -509,7 +515,7 @@ def purge(config_file: Path | None, before: str, dry_run: bool, yes: bool, **fla
         )
     settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
     erased = compose.purge(
-        settings, day.isoformat(), dry_run=dry_run, confirm=_erasure_question(yes=yes or dry_run)
+        settings, day.isoformat(), dry_run=count_only, confirm=_erasure_question(yes=yes or count_only)
     )
     _tell_erased(erased)
 
