@@ -7,6 +7,7 @@ import csv
 import datetime
 import hashlib
 import json
+import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +108,39 @@ async def test_a_forgotten_users_data_is_gone_from_every_byte_of_the_sqlite_file
         kept = [s for uid, facts in held.items() if uid not in gone for s in facts]
         assert [s for s in kept if s not in left] == []  # the other users' are all there
         assert [k for k in keys if k not in left] == []  # the tombstones, by the keyed hash find-user prints
+
+
+async def test_an_erasure_whose_rewrite_could_not_finish_is_finished_by_asking_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ledger.sqlite"
+    store = await SqliteStore.open(path, BINDING, writable=True)
+    try:
+        held = {f"user-{i:04d}": await enrol_twice(store, f"user-{i:04d}") for i in range(300)}
+    finally:
+        await store.close()
+    gone = [uid for uid in held if int(uid[-4:]) % 3 == 0]
+    # A reader (a `status --watch`, say) holds a snapshot from before the erasure: the rewritten pages can't be
+    # copied back into the file past it, so the old ones, the forgotten users' cells in them, stay there.
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM users").fetchone()
+    store = await SqliteStore.open(path, BINDING, writable=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="backfill"):
+            done = await store.forget(gone, at="2026-02-01T00:00:00.000Z", by="f1")
+        assert done.forgotten == {"enrolled": len(gone)}  # committed: the erasure itself is done
+        [warned] = [r.getMessage() for r in caplog.records if "rows are forgotten, but" in r.getMessage()]
+        assert "the same command is run again" in warned
+        assert [s for uid in gone for s in held[uid] if s in file_bytes(path)] != []  # the control
+        reader.close()
+        again = await store.forget(gone, at="2026-02-01T00:00:01.000Z", by="f2")
+        assert (again.count, again.already) == (0, len(gone))
+        left = file_bytes(path)  # the ledger still open, as before
+        assert [s for uid in gone for s in held[uid] if s in left] == []
+    finally:
+        reader.close()
+        await store.close()
 
 
 def as_schema_3(path: Path) -> None:
@@ -310,11 +344,21 @@ async def test_forget_on_a_fleets_ledger_clears_the_queue_and_a_later_pass_says_
     assert photo in table_files(pg_cluster, pg_url)  # the control
 
     # A live process of a fleet (its heartbeat fresh, not finished): nothing is forgotten meanwhile.
+    import psycopg
+
     from backfill.ledger.postgres import PostgresStore
 
     other = await PostgresStore.open(pg_url, compose.binding(settings), writable=True)
     try:
         await other.start_run(RunRecord(run_id="live", started_at="2026-01-01T00:00:00.000Z", manifest="m"))
+        with pytest.raises(LedgerError, match="1 process"):
+            await asyncio.to_thread(compose.forget, settings, ["user_0001"])
+        # Alive still between two beats of a fleet run with --lease 120 (one every 40 s), though the erasure's
+        # own lease is the default 30 s: a beat 45 s old is not taken for a dead process.
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE backfill.runs SET heartbeat_at = now() - interval '45 seconds' WHERE run_id = 'live'"
+            )
         with pytest.raises(LedgerError, match="1 process"):
             await asyncio.to_thread(compose.forget, settings, ["user_0001"])
         await other.finish_run("live", finished_at="2026-01-01T00:00:01.000Z", rows=0, exit_code=0)
@@ -323,7 +367,6 @@ async def test_forget_on_a_fleets_ledger_clears_the_queue_and_a_later_pass_says_
 
     erased = await asyncio.to_thread(compose.forget, settings, ["user_0001"])
     assert erased.done.forgotten == {"enrolled": 1} and erased.run_id is not None
-    import psycopg
 
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
         cur = await conn.execute(
@@ -443,3 +486,42 @@ def test_check_counts_forgotten_ids_and_reads_none_of_their_photos(
     [held] = [line for line in out.splitlines() if "ledger holds:" in line]
     assert "of this manifest's 3 IDs: 1 enrolled, 2 forgotten on request; 0 not in the ledger" in held
     assert not [line for line in out.splitlines() if line.startswith("problem")], out
+
+
+async def test_a_write_to_a_fleets_users_waits_for_the_erasure_and_then_sees_its_tombstones(
+    tmp_path: Path, make_settings: Callable[..., Settings], sandbox: RunningSandbox, pg_url: str
+) -> None:
+    # A process the liveness check takes for dead (its beats stalled) may still make a first attempt: PostgreSQL
+    # would evaluate its "no tombstone" test on a snapshot from before the erasure's commit, and insert the ID
+    # anew once the deleted row is gone. So the erasure holds every write to users until it commits, and a
+    # write's snapshot is taken once it has its lock. Seen here from the other side: an open write holds the
+    # erasure back (the lock the erasure waits for is in pg_locks), and the erasure goes on once it commits.
+    import psycopg
+
+    from backfill.ledger.postgres import PostgresStore
+
+    manifest = write_manifest(tmp_path, simple_rows(2))
+    settings = make_settings(sandbox, ledger=pg_url)
+    assert (await compose.run(settings, manifest)).counts == {"enrolled": 2}
+    store = await PostgresStore.open(pg_url, compose.binding(settings), writable=True)
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_url) as writer:
+            await writer.execute("UPDATE backfill.users SET attempts = attempts WHERE user_id = 'user_0000'")
+            erasing = asyncio.create_task(store.forget(["user_0001"], at="2026-02-01T00:00:00.000Z", by="f1"))
+            async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as watch:
+                waiting = 0
+                for _ in range(600):  # the event: the erasure's lock on users, asked for and not granted
+                    cur = await watch.execute(
+                        "SELECT count(*) FROM pg_locks WHERE relation = 'backfill.users'::regclass "
+                        "AND NOT granted AND mode = 'ShareRowExclusiveLock'"
+                    )
+                    (waiting,) = await cur.fetchone() or (0,)
+                    if waiting or erasing.done():
+                        break
+                    await asyncio.sleep(0.05)
+                assert waiting == 1 and not erasing.done()
+            await writer.commit()
+        erased = await erasing
+        assert erased.forgotten == {"enrolled": 1}
+    finally:
+        await store.close()

@@ -925,6 +925,23 @@ def _forgotten(conn: sqlite3.Connection, key: PhotoKey, user_ids: list[str]) -> 
     return found
 
 
+def _rewrite(conn: sqlite3.Connection) -> None:
+    """VACUUM, then the WAL checkpointed and truncated; a failure is a warning, since the erasure is committed."""
+    try:
+        conn.execute("VACUUM")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        problem = "a reader holds the ledger, so its log (WAL) was not emptied" if busy else None
+    except sqlite3.Error as exc:
+        problem = f"rewriting it failed ({exc})"
+    if problem:
+        log.warning(
+            "the ledger %s: the rows are forgotten, but %s: older copies of them may stay in the file until "
+            "the same command is run again (it finishes the rewrite) with no other process reading the ledger",
+            conn.execute("PRAGMA database_list").fetchone()[2],
+            problem,
+        )
+
+
 def _forget(
     conn: sqlite3.Connection,
     key: PhotoKey,
@@ -948,7 +965,8 @@ def _forget(
         try:
             if user_ids is not None:
                 rows = list(_lookup(conn, user_ids).values())
-                absent = [uid for uid in user_ids if uid not in {r.user_id for r in rows}]
+                held = {r.user_id for r in rows}
+                absent = [uid for uid in user_ids if uid not in held]
                 already = len(_forgotten(conn, key, absent)) if absent else 0
                 unknown = len(absent) - already
             else:
@@ -968,8 +986,8 @@ def _forget(
             kept = set(refused)
             gone = [r.user_id for r in rows if r.user_id not in kept]
             if not dry_run and gone:
-                conn.executemany(
-                    f"INSERT OR REPLACE INTO forgotten ({', '.join(_TOMBSTONE_COLUMNS)}) "
+                conn.executemany(  # the first tombstone stays, as on PostgreSQL
+                    f"INSERT OR IGNORE INTO forgotten ({', '.join(_TOMBSTONE_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * len(_TOMBSTONE_COLUMNS))})",
                     [tuple(getattr(t, c) for c in _TOMBSTONE_COLUMNS) for t in tombstones],
                 )
@@ -981,9 +999,10 @@ def _forget(
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        if not dry_run and gone:
-            conn.execute("VACUUM")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # Also when the IDs were forgotten before (or for every purge): if the rewrite after that erasure's commit
+        # failed or was cut, asking again is how it is finished.
+        if not dry_run and (gone or already or user_ids is None):
+            _rewrite(conn)
     finally:
         conn.execute("PRAGMA secure_delete=OFF")
     return Forgetting(

@@ -179,7 +179,8 @@ PinsOf = Callable[[list[str]], Awaitable[Mapping[str, str | None]]]
 
 async def _pin(images: ImageSource, fingerprint: Fingerprint) -> str | None:
     try:
-        return (await images.read(fingerprint)).sha256
+        # The source's pin, as the ledger keeps it: with --normalize, read() would decode and re-encode it too.
+        return (await images.read_source(fingerprint)).sha256
     except ImageError:
         return None  # changed or gone since its check: its own check, when it is sent, says what is wrong
 

@@ -20,11 +20,14 @@ log = logging.getLogger("backfill")
 _COLUMNS = ("user_key", "state", "doubt", "first_attempt_at", "finished_at", "forgotten_at", "forgotten_by")
 _READ = f"SELECT {', '.join(_COLUMNS)} FROM backfill.forgotten WHERE user_key = ANY(%s)"
 _FINISHED = [s.value for s in sorted(FINISHED_STATES)]
-# Live processes of a fleet other than the erasure's own record: while one runs, nothing is forgotten.
+# Live processes of a fleet other than the erasure's own record: while one runs, nothing is forgotten. A process
+# beats every third of its own lease, which the erasure doesn't know (a fleet may run with --lease 120): a beat
+# within the last LIVE_WINDOW_S, or the erasure's own lease if longer, counts as alive.
 _LIVE = (
     "SELECT count(*) FROM backfill.runs WHERE finished_at IS NULL AND run_id <> %s "
     "AND heartbeat_at > now() - make_interval(secs => %s)"
 )
+LIVE_WINDOW_S = 600.0
 _SCRUBBED = "(forgotten on request)"
 
 
@@ -50,13 +53,18 @@ class Tombstones:
             # plans its rows with the tombstones in place; one alive already refuses it (an attempt of a row may
             # be on its way: a fleet is stopped, or finishes, before anything is forgotten).
             await conn.execute("LOCK TABLE backfill.runs IN SHARE ROW EXCLUSIVE MODE")
-            cur = await conn.execute(_LIVE, (by, self._lease_s))
+            cur = await conn.execute(_LIVE, (by, max(self._lease_s, LIVE_WINDOW_S)))
             live = await cur.fetchone()
             if live is not None and live[0]:
                 raise LedgerError(
-                    f"{live[0]} process(es) of a fleet are running on the ledger {self._db.location}: nothing is "
-                    "forgotten while rows may be on their way. Run it when they are done (backfill status)"
+                    f"{live[0]} process(es) of a fleet are running on the ledger {self._db.location} (a heartbeat "
+                    f"in the last {max(self._lease_s, LIVE_WINDOW_S):.0f} s): nothing is forgotten while rows may "
+                    "be on their way. Run it when they are done (backfill status)"
                 )
+            # And every write to users waits for this transaction: a process the check above took for dead (its
+            # beats stalled) can't make a first attempt whose "no tombstone" test reads a snapshot from before
+            # this commit. A write's snapshot is taken once it holds its lock, so it sees the tombstones.
+            await conn.execute("LOCK TABLE backfill.users IN SHARE ROW EXCLUSIVE MODE")
             if user_ids is not None:
                 cur = await conn.execute(
                     schema.SELECT + " WHERE user_id = ANY(%s) FOR UPDATE", (list(user_ids),)
@@ -109,7 +117,9 @@ class Tombstones:
             )
 
         done = await self._db.run(work)
-        if done.count and not dry_run:
+        # Also when the IDs were forgotten before (or for every purge): if the rewrite after that erasure's commit
+        # failed or was cut, asking again is how it is finished.
+        if not dry_run and (done.count or done.already or user_ids is None):
             await self._rewrite()
         return done
 
@@ -126,6 +136,14 @@ class Tombstones:
                 "the ledger %s: the forgotten rows' old versions stay in its files until the tables' owner runs "
                 "VACUUM (FULL) backfill.users, backfill.queue",
                 self._db.location,
+            )
+        except (psycopg.Error, OSError) as exc:  # the erasure is committed: only its rewrite is left to do
+            log.warning(
+                "the ledger %s: the rows are forgotten, but rewriting its tables failed (%s): their old versions "
+                "stay in its files until the same command is run again, or the tables' owner runs VACUUM (FULL) "
+                "backfill.users, backfill.queue",
+                self._db.location,
+                type(exc).__name__,
             )
 
 
