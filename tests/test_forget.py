@@ -80,16 +80,22 @@ def file_bytes(path: Path) -> bytes:
     return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
-async def test_a_forgotten_users_data_is_gone_from_every_byte_of_the_sqlite_file(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite"
+async def three_hundred_enrolled(path: Path) -> tuple[dict[str, list[bytes]], list[str]]:
+    """A SQLite ledger of 300 users, each enrolled at the second try: what it holds of each, and every third ID.
+
+    Enough rows, each written four times, that older copies of some lie in free space a delete never reaches
+    (with a few rows, or without VACUUM at a few hundred, one is found; see _forget)."""
     store = await SqliteStore.open(path, BINDING, writable=True)
     try:
-        # Enough rows, each written four times, that older copies of some lie in free space a delete never
-        # reaches (with a few rows, or without VACUUM at a few hundred, one is found; see _forget).
         held = {f"user-{i:04d}": await enrol_twice(store, f"user-{i:04d}") for i in range(300)}
     finally:
         await store.close()
-    gone = [uid for uid in held if int(uid[-4:]) % 3 == 0]
+    return held, [uid for uid in held if int(uid[-4:]) % 3 == 0]
+
+
+async def test_a_forgotten_users_data_is_gone_from_every_byte_of_the_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    held, gone = await three_hundred_enrolled(path)
     # The control: before, the file holds every one of them (so finding none after means something).
     before = file_bytes(path)
     assert [s for facts in held.values() for s in facts if s not in before] == []
@@ -114,12 +120,7 @@ async def test_an_erasure_whose_rewrite_could_not_finish_is_finished_by_asking_a
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "ledger.sqlite"
-    store = await SqliteStore.open(path, BINDING, writable=True)
-    try:
-        held = {f"user-{i:04d}": await enrol_twice(store, f"user-{i:04d}") for i in range(300)}
-    finally:
-        await store.close()
-    gone = [uid for uid in held if int(uid[-4:]) % 3 == 0]
+    held, gone = await three_hundred_enrolled(path)
     # A reader (a `status --watch`, say) holds a snapshot from before the erasure: the rewritten pages can't be
     # copied back into the file past it, so the old ones, the forgotten users' cells in them, stay there.
     reader = sqlite3.connect(path, isolation_level=None)

@@ -36,6 +36,20 @@ def shared_manifest(folder: Path, shared: int = 50, own: int = 3) -> Path:
     return write_manifest(folder, rows)
 
 
+def later_manifest(tmp_path: Path, first: Path, rows: list[str]) -> Path:
+    """A later export, in tmp_path/later, naming the photos of `first` ("user_id:photo", a .png there)."""
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "images").symlink_to(first / "images")
+    with (later / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["user_id", "user_created_at", "image_path"])
+        for row in rows:
+            uid, photo = row.split(":")
+            writer.writerow([uid, "2021-08-12", f"images/{photo}.png"])
+    return later / "manifest.csv"
+
+
 def test_validate_flags_fifty_ids_sharing_one_photo(tmp_path: Path) -> None:
     manifest = shared_manifest(tmp_path)
     code, out, err = cli("validate", str(manifest), "--out", str(tmp_path / "out"))
@@ -126,16 +140,8 @@ async def test_an_enrolled_id_stays_enrolled_and_new_ids_naming_its_photo_are_re
     earlier = await compose.run(make_settings(sandbox), shared_manifest(first, shared=1, own=1))
     assert earlier.counts == {"enrolled": 2}  # same_000 alone names FACE: nothing shared
     # Later the export names FACE for a new ID as well, same_000's row and photo unchanged.
-    later = tmp_path / "later"
-    later.mkdir()
-    (later / "images").symlink_to(first / "images")
-    with (later / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["user_id", "user_created_at", "image_path"])
-        writer.writerow(["same_000", "2021-08-12", "images/face_copy.png"])
-        writer.writerow(["own_000", "2021-08-12", "images/own_000.png"])
-        writer.writerow(["new_001", "2021-08-12", "images/face.png"])
-    again = await compose.run(make_settings(sandbox), later / "manifest.csv")
+    later = later_manifest(tmp_path, first, ["same_000:face_copy", "own_000:own_000", "new_001:face"])
+    again = await compose.run(make_settings(sandbox), later)
     assert again.counts == {"skipped": 2, "rejected": 1}
     assert results(again)["same_000"]["status"] == "skipped"
     refused = rejects(again)
@@ -233,15 +239,8 @@ def test_a_forgotten_id_is_left_out_of_the_census_and_its_photo_is_not_read(
     first.mkdir()
     assert cli("run", str(shared_manifest(first, shared=1, own=0)), *where, *out)[0] == 0
     assert cli("forget", "same_000", "--yes", *where)[0] == 0
-    later = tmp_path / "later"
-    later.mkdir()
-    (later / "images").symlink_to(first / "images")
-    with (later / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["user_id", "user_created_at", "image_path"])
-        writer.writerow(["same_000", "2021-08-12", "images/face_copy.png"])
-        writer.writerow(["new_001", "2021-08-12", "images/face.png"])
-    code, said, err = cli("run", str(later / "manifest.csv"), *where, *out, "--log-format", "json")
+    later = later_manifest(tmp_path, first, ["same_000:face_copy", "new_001:face"])
+    code, said, err = cli("run", str(later), *where, *out, "--log-format", "json")
     assert code == 0, said + err
     [counted] = [e for e in map(json.loads, err.splitlines()) if e["event"] == "photos_counted"]
     assert (counted["photos"], counted["read_whole"], counted["shared_photos"]) == (1, 0, 0)
