@@ -23,7 +23,7 @@ from backfill.ledger.sqlite import SqliteStore
 from backfill.sandbox.server import RunningSandbox
 from backfill.vocab import State
 
-from .conftest import cli, sandbox_ledger, simple_rows, write_manifest
+from .conftest import cli, enrolled, sandbox_ledger, simple_rows, write_manifest
 from .pg_server import PgCluster
 from .test_ledger_contract import BINDING, open_store
 
@@ -288,9 +288,7 @@ def test_forget_then_a_rerun_sends_nothing_for_the_forgotten_and_says_so(
 def test_purge_forgets_what_finished_before_the_date(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
-    manifest = write_manifest(tmp_path, simple_rows(2))
-    where = sandbox_ledger(tmp_path, threaded_sandbox)
-    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    where = enrolled(tmp_path, threaded_sandbox, 2)
     code, _, err = cli(
         "purge", "--before", "2020-01-01", "--dry-run", *where, env={"BACKFILL_LOG_FORMAT": "json"}
     )
@@ -397,9 +395,7 @@ def test_forget_at_a_terminal_names_the_count_and_the_ledger_and_asks_once(
 ) -> None:
     from .test_check_and_confirm import Terminal
 
-    manifest = write_manifest(tmp_path, simple_rows(3))
-    where = sandbox_ledger(tmp_path, threaded_sandbox)
-    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    where = enrolled(tmp_path, threaded_sandbox, 3)
     terminal = Terminal(["forget", "user_0001", "user_0002", *where], tmp_path)
     shown = terminal.read_until("Forget them? [y/N]")
     assert "About to forget 2 rows (2 enrolled) for good" in shown, shown
@@ -428,9 +424,7 @@ def test_a_file_of_ids_saved_with_a_bom_forgets_its_first_id_too(
 ) -> None:
     # Excel's and Notepad's "UTF-8 with BOM": read as plain UTF-8 the first ID was "\ufeffuser_0000", which no
     # ledger holds, so the erasure said it was done and the user's data stayed.
-    manifest = write_manifest(tmp_path, simple_rows(2))
-    where = sandbox_ledger(tmp_path, threaded_sandbox)
-    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    where = enrolled(tmp_path, threaded_sandbox, 2)
     ids = tmp_path / "erase.txt"
     ids.write_bytes(b"\xef\xbb\xbfuser_0000\r\nuser_0001\r\n")
     code, said, err = cli("forget", "--from", str(ids), "--yes", *where)
@@ -443,9 +437,8 @@ def test_a_line_that_is_no_user_id_forgets_nothing_and_is_named(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
     # A manifest given where a list of IDs was meant: its lines match no ID, so an erasure "done" would be false.
-    manifest = write_manifest(tmp_path, simple_rows(2))
-    where = sandbox_ledger(tmp_path, threaded_sandbox)
-    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    where = enrolled(tmp_path, threaded_sandbox, 2)
+    manifest = tmp_path / "manifest.csv"
     code, _, err = cli("forget", "--from", str(manifest), "--yes", *where)
     assert code == 2, err
     assert f"line 1 of {manifest}" in err and "'user_id,user_created_at,image_path' is not a user_id" in err
@@ -457,9 +450,7 @@ def test_a_line_that_is_no_user_id_forgets_nothing_and_is_named(
 def test_ids_the_ledger_never_held_are_named_to_whoever_named_them(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
-    manifest = write_manifest(tmp_path, simple_rows(1))
-    where = sandbox_ledger(tmp_path, threaded_sandbox)
-    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    where = enrolled(tmp_path, threaded_sandbox, 1)
     code, _, err = cli("forget", "user_0000", "user_O000", "--dry-run", "--log-format", "json", *where)
     [line] = map(json.loads, err.splitlines())  # the flag, as every command that writes lines takes it
     assert (line["event"], line["never_held"], line["dry_run"], code) == ("forgotten", 1, True, 0)
@@ -474,9 +465,8 @@ def test_ids_the_ledger_never_held_are_named_to_whoever_named_them(
 def test_check_counts_forgotten_ids_and_reads_none_of_their_photos(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:
-    manifest = write_manifest(tmp_path, simple_rows(3))
-    where = sandbox_ledger(tmp_path, threaded_sandbox)
-    assert cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")[0] == 0
+    where = enrolled(tmp_path, threaded_sandbox, 3)
+    manifest = tmp_path / "manifest.csv"
     assert cli("forget", "user_0001", "user_0002", "--yes", *where)[0] == 0
     # Their photos blanked, as an archive's may be after an erasure: check must not read them, nor call them
     # unusable (a run never reads them).
