@@ -41,25 +41,24 @@ ARGUMENT = "python argument"
 # --- parsing of single values: each returns the value or raises ValueError with a human reason ---
 
 
-def _positive_int(raw: object) -> int:
+def _whole(raw: object) -> int:
     if isinstance(raw, bool):
         raise ValueError("expected a whole number")
     try:
-        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
+        return int(str(raw).strip()) if not isinstance(raw, int) else raw
     except ValueError:
         raise ValueError(f"{raw!r} is not a whole number") from None
+
+
+def _positive_int(raw: object) -> int:
+    value = _whole(raw)
     if value < 1:
         raise ValueError(f"{value} is not at least 1")
     return value
 
 
 def _count(raw: object) -> int:
-    if isinstance(raw, bool):
-        raise ValueError("expected a whole number")
-    try:
-        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
-    except ValueError:
-        raise ValueError(f"{raw!r} is not a whole number") from None
+    value = _whole(raw)
     if value < 0:
         raise ValueError(f"{value} is negative")
     return value
