@@ -22,32 +22,29 @@ def _positive(value: Any) -> bool:
     )
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    base = tmp_path_factory.mktemp("bench")
-    results = base / "results"
+def run_benchmark(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE --smoke ARGS` as a user runs it, from the checkout; fails the test on a non-zero exit."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--smoke",
-            "--results-dir",
-            str(results),
-            "--data-dir",
-            str(base),
-        ],
+        [sys.executable, "-m", module, "--smoke", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("bench")
+    results = base / "results"
+    done = run_benchmark("benchmarks", "--results-dir", str(results), "--data-dir", str(base))
     written = sorted(p for p in results.glob("*.json") if p.name != "latest.json")
     assert len(written) == 1
     latest: dict[str, Any] = json.loads((results / "latest.json").read_text())
@@ -197,19 +194,7 @@ def test_resume_targets_read_the_figures_they_name() -> None:
 
 def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_cluster: Any) -> None:
     """`python -m benchmarks.fleet --smoke`: tiny sizes, its own PostgreSQL; the figures exist and are sane."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fleet", "--smoke", "--results-dir", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_benchmark("benchmarks.fleet", "--results-dir", str(tmp_path), timeout=600)
     (written,) = tmp_path.glob("fleet-*.json")
     results = json.loads(written.read_text())
     scaling, fidelity, cost = results["scaling"], results["fidelity"], results["ledger_cost"]
@@ -224,20 +209,7 @@ def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_clust
 
 def test_the_normalize_benchmark_runs_and_writes_its_ratios(tmp_path: Path) -> None:
     """`python -m benchmarks.normalize --smoke`: a few small phone photos; the figures exist and are sane."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    where = ["--results-dir", str(tmp_path), "--data-dir", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.normalize", "--smoke", *where],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_benchmark("benchmarks.normalize", "--results-dir", str(tmp_path), "--data-dir", str(tmp_path))
     (written,) = tmp_path.glob("normalize-*.json")
     results = json.loads(written.read_text())
     assert results["meta"]["mode"] == "smoke" and results["meta"]["photos"] == 4
@@ -271,28 +243,8 @@ def test_erasure(smoke: dict[str, Any]) -> None:
 
 def test_the_shared_photo_benchmark_runs_and_writes_its_ratios(tmp_path: Path) -> None:
     """`python -m benchmarks.shared --smoke`: validation with and without the shared-photo census, tiny."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.shared",
-            "--smoke",
-            "--results-dir",
-            str(tmp_path / "results"),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    where = ["--results-dir", str(tmp_path / "results"), "--data-dir", str(tmp_path / "data")]
+    run_benchmark("benchmarks.shared", *where)
     (written,) = (tmp_path / "results").glob("shared-*.json")
     results = json.loads(written.read_text())
     clean, shared = results["results"]["clean"], results["results"]["shared"]
