@@ -113,15 +113,9 @@ class MemoryStore(Store):
     def _forget(
         self, rows: list[LedgerRow], *, at: str, by: str, dry_run: bool, already: int = 0, unknown: int = 0
     ) -> Forgetting:
-        forgotten: Counter[str] = Counter()
-        refused: list[str] = []
-        for row in rows:
-            tombstone = tr.forget(row, user_key=self.photo_key.user(row.user_id), at=at, by=by)
-            if tombstone is None:
-                refused.append(row.user_id)
-                continue
-            forgotten[row.state.value] += 1
-            if not dry_run:
-                del self.users[row.user_id]
+        gone, done = tr.forget_all(rows, self.photo_key.user, at=at, by=by, already=already, unknown=unknown)
+        if not dry_run:
+            for user_id, tombstone in gone:
+                del self.users[user_id]
                 self.tombstones[tombstone.user_key] = tombstone
-        return Forgetting(forgotten=dict(forgotten), refused=tuple(refused), already=already, unknown=unknown)
+        return done

@@ -973,26 +973,16 @@ def _forget(
                 assert before is not None
                 sql = f"{_SELECT} WHERE state IN ({_FINISHED_IN}) AND finished_at < ?"
                 rows = [r for r in map(_row, conn.execute(sql, (before,))) if tr.purged(r, before)]
-            forgotten: dict[str, int] = {}
-            refused: list[str] = []
-            tombstones: list[Tombstone] = []
-            for row in rows:
-                tombstone = tr.forget(row, user_key=key.user(row.user_id), at=at, by=by)
-                if tombstone is None:
-                    refused.append(row.user_id)
-                else:
-                    tombstones.append(tombstone)
-                    forgotten[row.state.value] = forgotten.get(row.state.value, 0) + 1
-            kept = set(refused)
-            gone = [r.user_id for r in rows if r.user_id not in kept]
+            gone, done = tr.forget_all(rows, key.user, at=at, by=by, already=already, unknown=unknown)
             if not dry_run and gone:
                 conn.executemany(  # the first tombstone stays, as on PostgreSQL
                     f"INSERT OR IGNORE INTO forgotten ({', '.join(_TOMBSTONE_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * len(_TOMBSTONE_COLUMNS))})",
-                    [tuple(getattr(t, c) for c in _TOMBSTONE_COLUMNS) for t in tombstones],
+                    [tuple(getattr(t, c) for c in _TOMBSTONE_COLUMNS) for _, t in gone],
                 )
                 conn.execute(
-                    "DELETE FROM users WHERE user_id IN (SELECT value FROM json_each(?))", (json.dumps(gone),)
+                    "DELETE FROM users WHERE user_id IN (SELECT value FROM json_each(?))",
+                    (json.dumps([uid for uid, _ in gone]),),
                 )
             conn.execute("COMMIT")
         except BaseException:
@@ -1005,6 +995,4 @@ def _forget(
             _rewrite(conn)
     finally:
         conn.execute("PRAGMA secure_delete=OFF")
-    return Forgetting(
-        forgotten=dict(sorted(forgotten.items())), refused=tuple(refused), already=already, unknown=unknown
-    )
+    return done

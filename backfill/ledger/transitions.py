@@ -22,8 +22,11 @@ Rules, each enforced here rather than by callers:
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Iterable
+
 from ..vocab import FINISHED_STATES, TERMINAL_STATES, State, state_of_2209
-from . import AttemptRequest, LedgerRow, Outcome, Refusal, Refused, Ticket, Tombstone
+from . import AttemptRequest, Forgetting, LedgerRow, Outcome, Refusal, Refused, Ticket, Tombstone
 from . import evolve as replace  # dataclasses.replace, faster
 
 # What a settled attempt may leave a row in.
@@ -138,6 +141,33 @@ def forget(row: LedgerRow, *, user_key: str, at: str, by: str) -> Tombstone | No
         forgotten_at=at,
         forgotten_by=by,
     )
+
+
+def forget_all(
+    rows: Iterable[LedgerRow],
+    user_key: Callable[[str], str],
+    *,
+    at: str,
+    by: str,
+    already: int = 0,
+    unknown: int = 0,
+) -> tuple[list[tuple[str, Tombstone]], Forgetting]:
+    """(user_id, tombstone) of each row that may be forgotten (`forget`), and what forgetting them does, with the
+    counts the backend found of IDs it holds no row for (`already` a tombstone, `unknown` nothing)."""
+    gone: list[tuple[str, Tombstone]] = []
+    refused: list[str] = []
+    counts: Counter[str] = Counter()
+    for row in rows:
+        tombstone = forget(row, user_key=user_key(row.user_id), at=at, by=by)
+        if tombstone is None:
+            refused.append(row.user_id)
+            continue
+        gone.append((row.user_id, tombstone))
+        counts[row.state.value] += 1
+    done = Forgetting(
+        forgotten=dict(sorted(counts.items())), refused=tuple(refused), already=already, unknown=unknown
+    )
+    return gone, done
 
 
 def purged(row: LedgerRow, before: str) -> bool:

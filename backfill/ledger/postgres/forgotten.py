@@ -83,38 +83,23 @@ class Tombstones:
                 absent = [uid for uid in user_ids if uid not in held]
                 already = len(await read(conn, self._key, absent)) if absent else 0
                 unknown = len(absent) - already
-            forgotten: dict[str, int] = {}
-            refused: list[str] = []
-            tombstones: list[Tombstone] = []
-            gone: list[str] = []
-            for row in rows:
-                tombstone = tr.forget(row, user_key=self._key.user(row.user_id), at=at, by=by)
-                if tombstone is None:
-                    refused.append(row.user_id)
-                    continue
-                tombstones.append(tombstone)
-                gone.append(row.user_id)
-                forgotten[row.state.value] = forgotten.get(row.state.value, 0) + 1
+            gone, done = tr.forget_all(rows, self._key.user, at=at, by=by, already=already, unknown=unknown)
+            ids = [uid for uid, _ in gone]
             if gone and not dry_run:
                 await conn.execute(
                     f"INSERT INTO backfill.forgotten ({', '.join(_COLUMNS)}) SELECT * FROM unnest(%s::text[], "
                     "%s::text[], %s::boolean[], %s::text[], %s::text[], %s::text[], %s::text[]) "
                     "ON CONFLICT (user_key) DO NOTHING",
-                    [[getattr(t, c) for t in tombstones] for c in _COLUMNS],
+                    [[getattr(t, c) for _, t in gone] for c in _COLUMNS],
                 )
-                await conn.execute("DELETE FROM backfill.users WHERE user_id = ANY(%s)", (gone,))
+                await conn.execute("DELETE FROM backfill.users WHERE user_id = ANY(%s)", (ids,))
                 # The queue keeps a manifest's line (so a pass of it says `forgotten`), not the user's data.
                 await conn.execute(
                     "UPDATE backfill.queue SET user_created_at = '', image = '', "
                     "message = CASE WHEN message IS NULL THEN NULL ELSE %s END WHERE user_id = ANY(%s)",
-                    (_SCRUBBED, gone),
+                    (_SCRUBBED, ids),
                 )
-            return Forgetting(
-                forgotten=dict(sorted(forgotten.items())),
-                refused=tuple(refused),
-                already=already,
-                unknown=unknown,
-            )
+            return done
 
         done = await self._db.run(work)
         # Also when the IDs were forgotten before (or for every purge): if the rewrite after that erasure's commit
