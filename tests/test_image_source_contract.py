@@ -14,6 +14,8 @@ The promises, as the run relies on them:
 - `read` returns exactly the bytes it read, their SHA-256, and the fingerprint of *those* bytes: a photo
   replaced since it was fingerprinted comes back under its new fingerprint if it still passes every rule, and
   is refused with that rule's reason if not. Never the new bytes under the old fingerprint;
+- the sample a check takes (`Fingerprint.sample`, which the shared-photo census compares, and the ledger keeps
+  keyed) is a function of the photo's bytes alone, and `read` gives back the one its check took;
 - `close` may be called more than once.
 """
 
@@ -30,6 +32,7 @@ from typing import ClassVar
 import pytest
 
 from backfill.images import Fingerprint, ImageError, ImageProblem, ImageSource, size_problem
+from backfill.images.content import sample_in
 from backfill.images.local import LocalImageSource
 from backfill.images.remote import FIRST_READ, RemoteImageSource
 from backfill.vocab import Reason
@@ -413,3 +416,22 @@ async def test_close_may_be_called_again_before_or_after_use(backend: Backend) -
     assert photo.data == SMALL_JPEG
     await used.close()
     await used.close()
+
+
+# --- the sample the shared-photo census compares ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["small.jpg", "big.jpg", "photo.png", "at-limit.jpg"])
+async def test_the_sample_is_the_contents_whatever_stores_it_and_read_keeps_it(
+    backend: Backend, source: ImageSource, name: str
+) -> None:
+    """The census compares samples across backends and with the ledger's (sent from any of them): the sample
+    of a photo is a function of its bytes alone, and `read` gives back the one its check took."""
+    backend.put(name, PHOTOS[name])
+    (checked,) = await source.check_many([backend.ref(name)])
+    assert isinstance(checked, Fingerprint), checked
+    assert checked.sample == sample_in(PHOTOS[name]) != 0
+    assert (await source.read(checked)).fingerprint.sample == checked.sample
+    backend.replace(name, SAME_SIZE_JPEG if name != "small.jpg" else PNG)
+    new = await source.read(checked)  # another version: the sample of the bytes read, as a check would take
+    assert new.fingerprint.sample == sample_in(new.data) != checked.sample

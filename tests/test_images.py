@@ -8,6 +8,8 @@ import hashlib
 import os
 import socket
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from backfill.images import Fingerprint, ImageError, ImageProblem
 from backfill.images.content import (
+    WHOLE,
     Format,
     Span,
     Verdict,
@@ -28,6 +31,8 @@ from backfill.images.content import (
     problem,
     run,
     run_async,
+    run_sampled,
+    sample_in,
 )
 from backfill.images.local import INLINE_READ_MAX, LocalImageSource
 from backfill.vocab import Reason
@@ -767,3 +772,33 @@ async def test_a_photo_is_one_read_and_a_short_read_is_read_on(
     monkeypatch.setattr(os, "read", short)
     photo = await src.read(fingerprint)
     assert photo.data == data and photo.sha256 == hashlib.sha256(data).hexdigest() and len(reads) > 1
+
+
+# --- the sample (content.sample_of): what the shared-photo census and the ledger compare ---
+
+
+@given(st.binary(min_size=1, max_size=3 * WHOLE))
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_the_sample_of_whole_bytes_is_the_one_their_check_takes(data: bytes) -> None:
+    """`sample_in` (a photo read whole, at send time) and a check's head and tail reads agree at every size,
+    around WHOLE (one read) and past it (a head and a tail, overlapping or not)."""
+    _, sampled = run_sampled(examine(len(data)), lambda offset, length: data[offset : offset + length])
+    assert sampled == sample_in(data) != 0
+
+
+def test_the_sample_is_the_same_in_every_process() -> None:
+    """The ledger keeps samples for later runs, on other machines: not Python's hash, which is seeded per
+    process."""
+    data = bytes(range(256)) * 40
+    code = "from backfill.images.content import sample_in; print(sample_in(bytes(range(256)) * 40))"
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert seen == {str(sample_in(data))}

@@ -78,6 +78,15 @@ class PhotoKey:
         """The keyed digest of a photo whose plain SHA-256 is `sha256` (hex)."""
         return hmac.new(self.secret, bytes.fromhex(sha256), "sha256").hexdigest()
 
+    def sample(self, sample: int) -> int:
+        """The keyed form of a photo's `Fingerprint.sample`, as the ledger keeps it beside the pin, so that a later
+        run's shared-photo census finds the IDs a photo was sent for without reading their photos: a signed 64-bit
+        integer (what SQLite and PostgreSQL hold), never 0. Like the pin, no one without the secret can compute it
+        from a photo. Another label than a pin's or a user's, so none can be told from the others."""
+        message = b"photo sample\0" + sample.to_bytes(8, "big", signed=sample < 0)
+        keyed = int.from_bytes(hmac.new(self.secret, message, "sha256").digest()[:8], "big", signed=True)
+        return keyed or 1
+
     def of(self, data: bytes) -> str:
         """The keyed digest of these bytes."""
         return self.pin(hashlib.sha256(data).hexdigest())

@@ -8,7 +8,9 @@ from . import Fingerprint, ImageProblem, ImageSource, Photo, PhotoKey
 
 
 class KeyedImageSource(ImageSource):
-    """`inner`'s photos, each with its digest replaced by `key.pin` of it: the ledger's key (Store.photo_key).
+    """`inner`'s photos, each with its digest replaced by `key.pin` of it, and its fingerprint's sample by
+    `key.sample` of it: the ledger's key (Store.photo_key). What a check gives (`check_many`) is not keyed: the
+    census compares those samples among themselves, and keys them only to ask the ledger.
 
     compose.py wraps the source of every run that has a ledger in one, so the pin the ledger records and the
     one plan.py compares are keyed alike, and the plain digest never leaves memory. The photo's SHA-256 is
@@ -33,10 +35,13 @@ class KeyedImageSource(ImageSource):
 
     def _keyed(self, photo: Photo) -> Photo:
         sent = photo.sent_sha256
+        fp = photo.fingerprint
+        if fp.sample:  # 0: nothing sampled, nothing to key
+            fp = Fingerprint(ref=fp.ref, size=fp.size, version=fp.version, sample=self._key.sample(fp.sample))
         return Photo(
             data=photo.data,
             sha256=self._key.pin(photo.sha256),
-            fingerprint=photo.fingerprint,
+            fingerprint=fp,
             sent_sha256=None if sent is None else self._key.pin(sent),
             note=photo.note,
         )

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from ..vocab import Reason
 from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, file_kind, size_problem, too_large
-from .content import convertible, examine, examine_bytes, looks_like, problem, run_sampled, sniff
+from .content import convertible, examine, examine_bytes, looks_like, problem, run_sampled, sample_in, sniff
 
 _T = TypeVar("_T")
 
@@ -330,7 +330,7 @@ class LocalImageSource(ImageSource):
         if after.st_size == checked.size and version == checked.version:
             fingerprint = checked  # the version checked, as nearly every photo is: no new record to compare
         else:
-            fingerprint = Fingerprint(ref=ref, size=after.st_size, version=version)
+            fingerprint = Fingerprint(ref=ref, size=after.st_size, version=version, sample=sample_in(data))
             wrong = problem(examine_bytes(data), ref, convert=self._convert)
             if wrong is not None:
                 raise ImageError(

@@ -28,7 +28,7 @@ from .. import redact
 from ..errors import ConfigError
 from ..vocab import Reason
 from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, size_problem
-from .content import examine, examine_bytes, problem, run_async
+from .content import examine, examine_bytes, problem, run_async, sample_in
 from .urls import BadUrl, ObjectUrl, parse
 
 if TYPE_CHECKING:
@@ -459,7 +459,12 @@ class RemoteImageSource(ImageSource):
                 )
             )
         found = Fingerprint(ref=obj.url, size=meta["size"], version=version_of(meta))
-        if found != fingerprint:
+        if found == fingerprint:
+            found = fingerprint  # the version checked, with the sample its check took
+        else:
+            found = Fingerprint(
+                ref=obj.url, size=meta["size"], version=version_of(meta), sample=sample_in(data)
+            )
             # Another version than the one checked: check these very bytes, which are what would go out.
             wrong = problem(examine_bytes(data), repr(obj.url), convert=self._convert)
             if wrong is not None:
