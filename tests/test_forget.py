@@ -19,6 +19,8 @@ from backfill.config import Settings
 from backfill.errors import LedgerError
 from backfill.images import Fingerprint
 from backfill.ledger import AttemptRequest, Outcome, Refusal, Refused, RunRecord, Store, Ticket
+from backfill.ledger.postgres.schema import SCHEMA_VERSION as PG_SCHEMA
+from backfill.ledger.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from backfill.ledger.sqlite import SqliteStore
 from backfill.sandbox.server import RunningSandbox
 from backfill.vocab import State
@@ -179,7 +181,7 @@ async def test_a_schema_3_sqlite_ledger_gains_tombstones_in_place(tmp_path: Path
         await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (SQLITE_SCHEMA,)
     finally:
         conn.close()
 
@@ -213,7 +215,7 @@ async def test_a_schema_3_postgres_ledger_is_refused_by_a_reader_and_gains_tombs
         await store.close()
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
         cur = await conn.execute("SELECT value FROM backfill.meta WHERE key = 'schema'")
-        assert await cur.fetchone() == ("4",)
+        assert await cur.fetchone() == (PG_SCHEMA,)
 
 
 # --- the commands, end to end ---

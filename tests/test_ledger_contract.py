@@ -61,8 +61,12 @@ async def open_store(kind: str, folder: Path, binding: Binding = BINDING) -> Sto
     return await SqliteStore.open(folder / "ledger.sqlite", binding, writable=True)
 
 
-def request(user_id: str, photo: str = "a", *, run: str = "r1") -> AttemptRequest:
-    fp = Fingerprint(ref=f"/img/{user_id}.jpg", size=10, version="1")
+def request(user_id: str, photo: str = "a", *, run: str = "r1", sample: int | None = None) -> AttemptRequest:
+    """An attempt with photo `photo` (a letter): its pin is the letter 64 times, its sample the letter's code
+    unless `sample` says otherwise (0: a photo whose read took no sample)."""
+    fp = Fingerprint(
+        ref=f"/img/{user_id}.jpg", size=10, version="1", sample=ord(photo) if sample is None else sample
+    )
     return AttemptRequest(
         user_id=user_id,
         photo_sha256=photo * 64,
@@ -225,6 +229,11 @@ class LedgerMachine(RuleBasedStateMachine):
         rows = self.run(self.store.lookup(list(self.ids)))
         assert set(rows) == set(self.model)
         assert set(self.run(self.store.forgotten(list(self.ids)))) == self.forgotten
+        # Store.holders: exactly the IDs whose pin stands, by their photo's size and sample.
+        held = self.run(self.store.holders([(10, ord("a")), (10, ord("b"))]))
+        assert sorted(held) == sorted(
+            (uid, 10, ord(m.pin[0]), m.pin) for uid, m in self.model.items() if m.pin is not None
+        )
         for uid, expected in self.model.items():
             got = rows[uid]
             assert (got.state, got.attempts, got.in_doubt, got.photo_sha256) == (
@@ -317,6 +326,23 @@ async def test_2209_is_ours_only_after_doubt(store: Store) -> None:
     await store.settle(outcome("u2", 1, State.UNKNOWN, may=True))
     assert isinstance(await store.begin_attempt(request("u2")), Ticket)
     assert await store.settle(outcome("u2", 2, State.ID_CONFLICT)) is Settled.FENCED
+
+
+async def test_holders_are_found_by_size_and_sample_alone(store: Store) -> None:
+    """`holders` answers by (size, sample): another size or sample finds nothing, and an ID whose photo took no
+    sample (0) holds nothing, since nothing was kept to find it by."""
+    for uid, photo, sample in (("u1", "a", None), ("u2", "a", None), ("u3", "b", None), ("u4", "c", 0)):
+        assert isinstance(await store.begin_attempt(request(uid, photo, sample=sample)), Ticket)
+    await store.flush()
+    assert sorted(await store.holders([(10, ord("a"))])) == [
+        ("u1", 10, 97, "a" * 64),
+        ("u2", 10, 97, "a" * 64),
+    ]
+    assert await store.holders([(11, ord("a")), (10, ord("z")), (10, 0)]) == []
+    assert [h.user_id for h in await store.holders([(10, ord("b")), (10, ord("c"))])] == ["u3"]
+    assert await store.holders([]) == []
+    (row,) = (await store.lookup(["u4"])).values()
+    assert row.photo_sample is None and row.photo_sha256 == "c" * 64
 
 
 async def test_runs_and_status(store: Store) -> None:

@@ -65,6 +65,10 @@ class LedgerRow:
     # sent (None: the photo as read), and what was done to them ("converted from HEIC; ...").
     sent_sha256: str | None = None
     transform: str = ""
+    # The pinned photo's `Fingerprint.sample`, keyed (`PhotoKey.sample`): with `image_size`, how a later run's
+    # shared-photo census finds IDs sent with a photo like one it may send, without reading theirs (`holders`).
+    # None where none was taken (a row sent before schema 5, or a photo that changed after its check).
+    photo_sample: int | None = None
 
     @property
     def in_doubt(self) -> bool:
@@ -119,6 +123,15 @@ def evolve(row: LedgerRow, **changes: Any) -> LedgerRow:
     for name, value in changes.items():
         values[_FIELD_AT[name]] = value  # KeyError for a field that doesn't exist, as replace's TypeError
     return row_of(values)
+
+
+class Holder(NamedTuple):
+    """An ID the ledger pins to a photo of some size and keyed sample (`Store.holders`), and that pin."""
+
+    user_id: str
+    size: int
+    sample: int  # keyed: `PhotoKey.sample`
+    pin: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -403,6 +416,12 @@ class Store(ABC):
         }
 
     @abstractmethod
+    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+        """The IDs the ledger pins to a photo of one of these (size, keyed sample) pairs, whichever manifest
+        named them: what the shared-photo census asks so that photos sent earlier count too. A released pin
+        holds nothing, nor does a forgotten ID (it has no row); nor a row sent before samples were kept."""
+
+    @abstractmethod
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         """Record an attempt, durably, before its bytes leave; or refuse it (pinned to other bytes, terminal)."""
 
@@ -462,6 +481,7 @@ __all__ = [
     "DoneRow",
     "Fleet",
     "Forgetting",
+    "Holder",
     "LedgerRow",
     "LedgerStatus",
     "Outcome",

@@ -12,6 +12,7 @@ from . import (
     AttemptRequest,
     Binding,
     Forgetting,
+    Holder,
     LedgerRow,
     LedgerStatus,
     Outcome,
@@ -39,6 +40,11 @@ class MemoryStore(Store):
 
     async def lookup(self, user_ids: Sequence[str]) -> dict[str, LedgerRow]:
         return {uid: self.users[uid] for uid in user_ids if uid in self.users}
+
+    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+        wanted = set(photos)
+        found = (tr.holder(row) for row in self.users.values())
+        return [h for h in found if h is not None and (h.size, h.sample) in wanted]
 
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         tombstone = self.tombstones.get(self.photo_key.user(request.user_id))

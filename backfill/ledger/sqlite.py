@@ -27,6 +27,7 @@ from . import (
     Binding,
     DoneRow,
     Forgetting,
+    Holder,
     LedgerRow,
     LedgerStatus,
     Outcome,
@@ -40,7 +41,7 @@ from . import (
 )
 from . import transitions as tr
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 _AUDIT_COLUMNS = ("operator", "version", "api_key_id")
 _KEY = "photo_key"  # meta's row holding the ledger's PhotoKey secret, in hex
 log = logging.getLogger("backfill")
@@ -66,8 +67,12 @@ CREATE TABLE IF NOT EXISTS users (
     finished_at TEXT,
     run_id TEXT,
     sent_sha256 TEXT,
-    transform TEXT NOT NULL DEFAULT ''
+    transform TEXT NOT NULL DEFAULT '',
+    photo_sample INTEGER
 ) WITHOUT ROWID"""
+# How the shared-photo census finds the IDs pinned to a photo like one it may send (`Store.holders`).
+_PHOTO_INDEX = """
+CREATE INDEX IF NOT EXISTS users_photo ON users(image_size, photo_sample) WHERE photo_sample IS NOT NULL"""
 # A forgotten user's tombstone (`backfill forget`): its ID's keyed hash, never the ID; no personal data.
 _FORGOTTEN = f"""
 CREATE TABLE IF NOT EXISTS forgotten (
@@ -84,6 +89,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 {_USERS};
 {_FORGOTTEN};
 CREATE INDEX IF NOT EXISTS users_state ON users(state);
+{_PHOTO_INDEX};
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     started_at TEXT NOT NULL,
@@ -248,6 +254,11 @@ class SqliteStore(Store):
     async def done(self, user_ids: Sequence[str]) -> dict[str, DoneRow]:
         self._raise_if_failed()
         found: dict[str, DoneRow] = await self._call(_done, self._conn, list(user_ids))
+        return found
+
+    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+        self._raise_if_failed()
+        found: list[Holder] = await self._call(_holders, self._conn, list(photos))
         return found
 
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
@@ -616,6 +627,8 @@ def _connect(
                 conn.execute("PRAGMA secure_delete=OFF")
             if _meta(conn).get("schema") == "3":
                 _migrate_v3(conn)
+            if _meta(conn).get("schema") == "4":
+                _migrate_v4(conn)
             conn.executescript(_SCHEMA)
             present = _run_columns(conn)
             # Added within a schema: older versions name their columns, so they read and write it still.
@@ -748,6 +761,26 @@ def _migrate_v3(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
+def _migrate_v4(conn: sqlite3.Connection) -> None:
+    """Schema 4 to 5: beside each pin, its photo's sample, keyed, and the index the shared-photo census asks.
+
+    The column is added empty: the rows sent so far keep no sample (none is made up, no photo is read), so a
+    later census finds no photo they share with an ID it may send (docs/manifest.md says so). A ledger that
+    schema 1's migration just rebuilt has the column already.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        present = {name for _, name, *_ in conn.execute("PRAGMA table_info(users)")}
+        if "photo_sample" not in present:
+            conn.execute("ALTER TABLE users ADD COLUMN photo_sample INTEGER")
+        conn.execute(_PHOTO_INDEX)
+        conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema'")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def _apply(
     conn: sqlite3.Connection,
     begun: dict[str, LedgerRow],
@@ -854,6 +887,19 @@ def _done(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, DoneRow]:
             _DONE_SQL, (json.dumps(user_ids),)
         )
     }
+
+
+# `transitions.holder`'s rule in SQL: a pin, a size and a sample, all set (the index holds only sampled rows).
+_HOLDERS_SQL = (
+    "SELECT user_id, image_size, photo_sample, photo_sha256 FROM users WHERE photo_sha256 IS NOT NULL AND "
+    "photo_sample IS NOT NULL AND (image_size, photo_sample) IN "
+    "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+)
+
+
+def _holders(conn: sqlite3.Connection, photos: list[tuple[int, int]]) -> list[Holder]:
+    make = tuple.__new__
+    return [make(Holder, found) for found in conn.execute(_HOLDERS_SQL, (json.dumps(photos),))]
 
 
 def _page(conn: sqlite3.Connection, states: list[str] | None, after: str, size: int) -> list[LedgerRow]:

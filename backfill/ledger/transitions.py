@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from ..vocab import FINISHED_STATES, TERMINAL_STATES, State, state_of_2209
-from . import AttemptRequest, Forgetting, LedgerRow, Outcome, Refusal, Refused, Ticket, Tombstone
+from . import AttemptRequest, Forgetting, Holder, LedgerRow, Outcome, Refusal, Refused, Ticket, Tombstone
 from . import evolve as replace  # dataclasses.replace, faster
 
 # What a settled attempt may leave a row in.
@@ -63,6 +63,7 @@ def begin(
             run_id=request.run_id,
             sent_sha256=request.sent_sha256,
             transform=request.transform,
+            photo_sample=fp.sample or None,
         )
         return new, Ticket(user_id=request.user_id, number=1, doubt_before=False)
     if row.state not in BEGIN_FROM:
@@ -87,6 +88,8 @@ def begin(
         run_id=request.run_id,
         sent_sha256=request.sent_sha256,
         transform=request.transform,
+        # The pinned photo's, unless this read of it took none (kept), or the pin was released (another photo).
+        photo_sample=fp.sample or (row.photo_sample if row.photo_sha256 is not None else None),
     )
     return new, Ticket(user_id=row.user_id, number=number, doubt_before=doubt)
 
@@ -108,6 +111,7 @@ def settle(row: LedgerRow | None, outcome: Outcome) -> LedgerRow | None:
         state=outcome.state,
         doubt=doubt,
         photo_sha256=pin,
+        photo_sample=row.photo_sample if pin is not None else None,  # it goes with the pin
         http_status=outcome.http_status,
         result_code=outcome.result_code,
         result_text=outcome.result_text,
@@ -115,6 +119,15 @@ def settle(row: LedgerRow | None, outcome: Outcome) -> LedgerRow | None:
         job_id=outcome.job_id or row.job_id,
         finished_at=outcome.at,
     )
+
+
+def holder(row: LedgerRow) -> Holder | None:
+    """What `row` tells the shared-photo census (`Store.holders`): its ID holds the photo it is pinned to, by
+    size and keyed sample; None when it holds none (its pin released) or its photo was never sampled. The SQL
+    backends ask the same of their columns: a pin, a size and a sample, all set."""
+    if row.photo_sha256 is None or row.image_size is None or row.photo_sample is None:
+        return None
+    return Holder(user_id=row.user_id, size=row.image_size, sample=row.photo_sample, pin=row.photo_sha256)
 
 
 def must_be_durable(outcome: Outcome) -> bool:

@@ -32,6 +32,7 @@ from .. import (
     DoneRow,
     Fleet,
     Forgetting,
+    Holder,
     LedgerRow,
     LedgerStatus,
     Outcome,
@@ -128,6 +129,9 @@ class PostgresStore(Store, Fleet):
 
     async def done(self, user_ids: Sequence[str]) -> dict[str, DoneRow]:
         return await self._records.done(user_ids)
+
+    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+        return await self._records.holders(photos)
 
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         return await self._attempts.begin_attempt(request)

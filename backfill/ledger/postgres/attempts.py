@@ -77,6 +77,7 @@ OUTCOME_COLUMNS = (
     "state",
     "doubt",
     "photo_sha256",
+    "photo_sample",
     "http_status",
     "result_code",
     "result_text",
@@ -112,6 +113,7 @@ FIRST_COLUMNS = (
     "run_id",
     "sent_sha256",
     "transform",
+    "photo_sample",
 )
 _FIRST_KEYS = (*FIRST_COLUMNS, "attempt_token")
 _FIRST_OF = operator.attrgetter(*FIRST_COLUMNS)

@@ -16,12 +16,13 @@ from .. import Binding, LedgerRow, RunRecord, row_of, row_values
 # A connection of the ledger's pool: rows come back as plain tuples.
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 # Schema 1 pinned photos by their plain SHA-256 (2 keyed them); 2 differs from 3 in the queue's indexes alone; 4
-# adds two columns to `users` (sent_sha256, transform), which every read names, and the tombstones' table: a
-# reader takes schema 4 alone, an older one is read once a writer has migrated it.
+# adds two columns to `users` (sent_sha256, transform) and the tombstones' table; 5 one column (photo_sample)
+# and its index. Every read names every column: a reader takes schema 5 alone, an older one is read once a
+# writer has migrated it.
 READS = frozenset({SCHEMA_VERSION})
-OLDER = ("1", "2", "3")
+OLDER = ("1", "2", "3", "4")
 _STATES = ", ".join(f"'{s.value}'" for s in State)
 # How a claim finds its rows without reading the ones other claims hold (queue.py): rows no process holds, in
 # line order, and held rows by the end of their lease. A claim moves its row from the one to the other and a
@@ -31,6 +32,11 @@ CREATE INDEX IF NOT EXISTS queue_open ON backfill.queue (manifest_sha256, line) 
 CREATE INDEX IF NOT EXISTS queue_leases ON backfill.queue (manifest_sha256, lease_until)
     WHERE NOT done AND claimed_by IS NOT NULL;
 CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHERE done;
+"""
+# How the shared-photo census finds the IDs pinned to a photo like one it may send (`Store.holders`). Made after
+# the migrations, since an older ledger's `users` gains its column in one of them.
+PHOTO_INDEX = """
+CREATE INDEX IF NOT EXISTS users_photo ON backfill.users (image_size, photo_sample) WHERE photo_sample IS NOT NULL
 """
 # A forgotten user's tombstone (`backfill forget`): its ID's keyed hash, never the ID; no personal data.
 _FORGOTTEN = f"""
@@ -68,7 +74,8 @@ CREATE TABLE IF NOT EXISTS backfill.users (
     run_id text,
     attempt_token text,
     sent_sha256 text,
-    transform text NOT NULL DEFAULT ''
+    transform text NOT NULL DEFAULT '',
+    photo_sample bigint
 );
 CREATE INDEX IF NOT EXISTS users_state ON backfill.users (state);
 CREATE TABLE IF NOT EXISTS backfill.runs (
@@ -236,6 +243,28 @@ async def _migrate_v3(conn: Conn, location: str) -> None:
         ) from exc
 
 
+async def _migrate_v4(conn: Conn, location: str) -> None:
+    """Schema 4 to 5: beside each pin, its photo's sample, keyed (the index is made by `prepare`, after).
+
+    The column is added empty: the rows sent so far keep no sample (none is made up, no photo is read), so a
+    later census finds no photo they share with an ID it may send. Inside prepare's transaction, under its lock.
+    """
+    cur = await conn.execute(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = 'backfill' AND table_name = 'users' "
+        "AND column_name = 'photo_sample'"
+    )
+    if await cur.fetchone() is not None:
+        return
+    try:
+        await conn.execute("ALTER TABLE backfill.users ADD COLUMN photo_sample bigint")
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise LedgerError(
+            f"the ledger {location} has an older schema, which this version migrates to schema {SCHEMA_VERSION} "
+            "(a new column): the role that owns its tables must open it first with this version, in any writing "
+            "command (`backfill run`)"
+        ) from exc
+
+
 async def photo_key(conn: Conn, retried: bool = False) -> PhotoKey:
     """The ledger's PhotoKey, as `Database.run` reads it."""
     cur = await conn.execute("SELECT value FROM backfill.secrets WHERE name = %s", (_PHOTO_KEY,))
@@ -297,10 +326,13 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
                 await _migrate_v1(conn)  # after _SCHEMA: the key goes into its secrets table
             if older:
                 await _migrate_v3(conn, location)
+                await _migrate_v4(conn, location)
                 await conn.execute(
                     "UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,)
                 )
                 meta["schema"] = SCHEMA_VERSION
+            if not await _exists(conn, "backfill.users_photo"):  # looked up first: it needs the owner
+                await conn.execute(PHOTO_INDEX)
             if not meta and binding is not None:
                 for key, value in (
                     ("schema", SCHEMA_VERSION),

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 
 from ...vocab import TRANSIENT_STATES, State
-from .. import Binding, DoneRow, LedgerRow, LedgerStatus, Process, QueueState, RunRecord
+from .. import Binding, DoneRow, Holder, LedgerRow, LedgerStatus, Process, QueueState, RunRecord
 from . import schema
 from .connection import Commit, Database
 from .schema import Conn
@@ -21,6 +21,13 @@ _PAGE = 1000
 _DONE = (
     "SELECT user_id, state, image_ref, image_size, image_version, result_code, smile_job_id, job_id "
     f"FROM backfill.users WHERE user_id = ANY(%s) AND state IN ({schema.DONE_IN})"
+)
+# `transitions.holder`'s rule in SQL: a pin, a size and a sample, all set (users_photo holds sampled rows only).
+_HOLDERS = (
+    "SELECT u.user_id, u.image_size, u.photo_sample, u.photo_sha256 FROM backfill.users u "
+    "JOIN unnest(%s::bigint[], %s::bigint[]) AS p(size, sample) "
+    "ON u.image_size = p.size AND u.photo_sample = p.sample "
+    "WHERE u.photo_sha256 IS NOT NULL AND u.photo_sample IS NOT NULL"
 )
 _START = (
     f"INSERT INTO backfill.runs ({', '.join(schema.RUN_COLUMNS)}, heartbeat_at) "
@@ -57,6 +64,15 @@ class Records:
         async def work(conn: Conn, retried: bool) -> dict[str, LedgerRow]:
             cur = await conn.execute(schema.SELECT + " WHERE user_id = ANY(%s)", (list(user_ids),))
             return {r[0]: schema.row(r) for r in await cur.fetchall()}
+
+        return await self._db.run(work, commit=Commit.READ, what="read")
+
+    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+        async def work(conn: Conn, retried: bool) -> list[Holder]:
+            cur = await conn.execute(
+                _HOLDERS, ([size for size, _ in photos], [sample for _, sample in photos])
+            )
+            return [Holder(*found) for found in await cur.fetchall()]
 
         return await self._db.run(work, commit=Commit.READ, what="read")
 
