@@ -135,7 +135,7 @@ async def _shared_check(
                 detail=f"{shared.photos} photos still to be sent, none named by more than {allowed} {ids} "
                 f"(max_ids_per_photo; {shared.read_whole} alike in size, head and tail read whole)",
             )
-        largest = "; ".join(f"{g.rows} rows at lines {g.shown()}" for g in shared.listing(SHOWN_GROUPS))
+        largest = "; ".join(g.described() for g in shared.listing(SHOWN_GROUPS))
         more = f" (and {shared.groups - SHOWN_GROUPS} more)" if shared.groups > SHOWN_GROUPS else ""
         return Check(
             name="shared photos",

@@ -6,15 +6,22 @@ import asyncio
 import csv
 import json
 import logging
+import sqlite3
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from backfill import compose
 from backfill.config import Settings
-from backfill.images import Fingerprint
+from backfill.errors import LedgerError
+from backfill.images import Fingerprint, PhotoKey
+from backfill.images.content import sample_in
+from backfill.ledger import Refused
+from backfill.ledger.postgres.schema import SCHEMA_VERSION as PG_SCHEMA
+from backfill.ledger.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from backfill.manifest import open_manifest
 from backfill.run.shared import Census
 from backfill.sandbox import RunningSandbox
@@ -57,13 +64,13 @@ def test_validate_flags_fifty_ids_sharing_one_photo(tmp_path: Path) -> None:
     assert "3 valid, 50 rejected" in out
     assert "  shared_photo: 50" in out
     assert "1 photo(s) named by more than 1 user_id (max_ids_per_photo)" in out
-    assert "  50 rows: lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 40 more" in out
+    assert "  50 user_ids: lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 40 more" in out
     [found] = (tmp_path / "out").glob("*/rejects.csv")
     with found.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["user_id"] for r in rows} == {f"same_{i:03d}" for i in range(50)}
     assert {r["reason"] for r in rows} == {"shared_photo"}
-    assert "named by 50 rows with different user_ids" in rows[0]["message"]
+    assert "named by 50 different user_ids" in rows[0]["message"]
     # The setting has no flag (a manifest rule): the message says where it can be raised.
     assert "max_ids_per_photo (the config file's key, or BACKFILL_MAX_IDS_PER_PHOTO)" in rows[0]["message"]
 
@@ -75,7 +82,7 @@ def test_check_lists_the_shared_photos_as_a_problem(tmp_path: Path, threaded_san
     [line] = [line for line in out.splitlines() if "shared photos:" in line]
     assert line.startswith("problem")
     assert "1 photo(s) named by more than 1 user_id (max_ids_per_photo): `run` rejects their 50 rows" in line
-    assert "largest: 50 rows at lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 40 more" in line
+    assert "largest: 50 user_ids: lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 40 more" in line
     code, out, _ = cli(
         "check",
         str(manifest),
@@ -146,7 +153,7 @@ async def test_an_enrolled_id_stays_enrolled_and_new_ids_naming_its_photo_are_re
     assert results(again)["same_000"]["status"] == "skipped"
     refused = rejects(again)
     assert {uid: r["reason"] for uid, r in refused.items()} == {"new_001": "shared_photo"}
-    assert "named by 2 rows" in refused["new_001"]["message"]
+    assert "named by 2 different user_ids" in refused["new_001"]["message"]
     assert "1 of them enrolled earlier with it, and stay enrolled" in refused["new_001"]["message"]
     # And a re-run of the first manifest rejects nothing: a row is never shared with itself.
     rerun = await compose.run(make_settings(sandbox), first / "manifest.csv")
@@ -249,3 +256,147 @@ def test_a_forgotten_id_is_left_out_of_the_census_and_its_photo_is_not_read(
         statuses = {r["user_id"]: r["status"] for r in csv.DictReader(handle)}
     assert statuses == {"same_000": "forgotten", "new_001": "enrolled"}
     assert "new_001" in threaded_sandbox.state.requests
+
+
+# --- IDs sent from other manifests: the ledger's samples ---
+
+
+def other_manifest(tmp_path: Path, first: Path) -> Path:
+    """A later export (tmp_path/later) naming FACE, which `first` sent for same_000, for a new ID, and a photo
+    of its own for another."""
+    (first / "images" / "fresh.png").write_bytes(png_bytes(4242))
+    return later_manifest(tmp_path, first, ["new_001:face_copy", "new_002:fresh"])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_an_id_sent_from_another_manifest_counts_and_a_new_id_naming_its_photo_is_rejected(
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+    kind: str,
+) -> None:
+    where = {"ledger": request.getfixturevalue("pg_url")} if kind == "postgres" else {}
+    first = tmp_path / "first"
+    first.mkdir()
+    earlier = await compose.run(make_settings(sandbox, **where), shared_manifest(first, shared=1, own=1))
+    assert earlier.counts == {"enrolled": 2}
+    later = other_manifest(tmp_path, first)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="backfill"):
+        again = await compose.run(make_settings(sandbox, **where), later)
+    # same_000 is on no line of the later file: the ledger's sample of its photo finds it, and only the new
+    # row alike in size and sample (face_copy) is read whole; fresh.png is not.
+    [counted] = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+    fields = getattr(counted, "fields")  # noqa: B009 - set by the logger's `extra`, unknown to its type
+    assert fields == {"photos": 2, "read_whole": 1, "shared_photos": 1, "rejected": 1}
+    assert again.exit_code == 1 and again.counts == {"enrolled": 1, "rejected": 1}
+    refused = rejects(again)
+    assert {uid: r["reason"] for uid, r in refused.items()} == {"new_001": "shared_photo"}
+    said = refused["new_001"]["message"]
+    assert "named by 2 different user_ids (lines 2; and 1 more user_id on no line of this manifest" in said
+    assert "new_001" not in sandbox.state.requests and sandbox.state.requests["new_002"] == 1
+    # same_000 stays enrolled, untouched.
+    rerun = await compose.run(make_settings(sandbox, **where), first / "manifest.csv")
+    assert rerun.exit_code == 0 and rerun.counts == {"skipped": 2}
+
+
+def test_check_counts_the_ids_of_other_manifests_in_a_shared_photo(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    where = sandbox_ledger(tmp_path, threaded_sandbox)
+    first = tmp_path / "first"
+    first.mkdir()
+    code, _, err = cli(
+        "run", str(shared_manifest(first, shared=1, own=0)), *where, "--out", str(tmp_path / "out")
+    )
+    assert code == 0, err
+    code, out, err = cli("check", str(other_manifest(tmp_path, first)), *where)
+    assert code == 2, out + err
+    [line] = [line for line in out.splitlines() if "shared photos:" in line]
+    assert "`run` rejects their 1 rows" in line
+    assert "largest: 2 user_ids: lines 2, and 1 sent earlier from other manifests" in line
+
+
+async def test_ids_sent_before_the_ledger_kept_samples_are_not_found_and_later_ones_are(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    """A schema-4 ledger gains the column empty: nothing is made up for the rows it sent (their photos are not
+    read), so their photos aren't found from another manifest; an ID sent after the migration is."""
+    first = tmp_path / "first"
+    first.mkdir()
+    earlier = await compose.run(make_settings(sandbox), shared_manifest(first, shared=1, own=1))
+    assert earlier.counts == {"enrolled": 2}
+    ledger = tmp_path / "checkpoint.sqlite"
+    conn = sqlite3.connect(ledger)
+    try:  # as schema 4 left it
+        conn.execute("DROP INDEX users_photo")
+        conn.execute("ALTER TABLE users DROP COLUMN photo_sample")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
+        conn.commit()
+    finally:
+        conn.close()
+    with pytest.raises(LedgerError, match=r"schema '4'.*Open it once with a writable command"):
+        await compose.open_store(make_settings(sandbox), writable=False)
+
+    later = other_manifest(tmp_path, first)  # new_001 names same_000's photo, sent before the migration
+    again = await compose.run(make_settings(sandbox), later)
+    assert again.counts == {"enrolled": 2}
+    conn = sqlite3.connect(ledger)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (SQLITE_SCHEMA,)
+        samples = dict(conn.execute("SELECT user_id, photo_sample FROM users").fetchall())
+        assert samples["same_000"] is None and samples["own_000"] is None
+        # Keyed with the ledger's secret, like the pin: the plain sample of FACE is nowhere in it.
+        key = PhotoKey(
+            secret=bytes.fromhex(conn.execute("SELECT value FROM meta WHERE key = 'photo_key'").fetchone()[0])
+        )
+        assert samples["new_001"] == key.sample(sample_in(FACE)) != sample_in(FACE)
+        assert samples["new_002"] is not None
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'users_photo'").fetchone() == (
+            1,
+        )
+    finally:
+        conn.close()
+    # new_001 (sent after the migration, with FACE) is found now, by a third export naming FACE again.
+    third = tmp_path / "third"
+    third.mkdir()
+    (third / "images").symlink_to(first / "images")
+    (third / "manifest.csv").write_text(
+        "user_id,user_created_at,image_path\nnew_003,2021-08-12,images/face.png\n"
+    )
+    last = await compose.run(make_settings(sandbox), third / "manifest.csv")
+    assert {uid: r["reason"] for uid, r in rejects(last).items()} == {"new_003": "shared_photo"}
+    assert "new_003" not in sandbox.state.requests
+
+
+async def test_a_postgres_schema_4_ledger_gains_the_column_and_its_index(pg_url: str) -> None:
+    from backfill.ledger.postgres import PostgresStore
+
+    from .test_ledger_contract import BINDING, request
+
+    store = await PostgresStore.open(pg_url, BINDING, writable=True)
+    try:
+        assert not isinstance(await store.begin_attempt(request("p1")), Refused)
+        await store.flush()
+    finally:
+        await store.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as schema 4 left it
+        conn.execute("DROP INDEX backfill.users_photo")
+        conn.execute("ALTER TABLE backfill.users DROP COLUMN photo_sample")
+        conn.execute("UPDATE backfill.meta SET value = '4' WHERE key = 'schema'")
+    with pytest.raises(LedgerError, match=r"has schema 4, from an earlier version.*writing command"):
+        await PostgresStore.open(pg_url, BINDING, writable=False)
+    store = await PostgresStore.open(pg_url, BINDING, writable=True)
+    try:
+        (old,) = (await store.lookup(["p1"])).values()
+        assert old.photo_sha256 == "a" * 64 and old.photo_sample is None
+        assert not isinstance(await store.begin_attempt(request("p2")), Refused)
+        await store.flush()
+        assert [h.user_id for h in await store.holders([(10, ord("a"))])] == ["p2"]
+    finally:
+        await store.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT value FROM backfill.meta WHERE key = 'schema'").fetchone() == (PG_SCHEMA,)
+        assert conn.execute("SELECT to_regclass('backfill.users_photo') IS NOT NULL").fetchone() == (True,)

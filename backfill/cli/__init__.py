@@ -171,7 +171,7 @@ def validate(manifest: str, config_file: Path | None, **flags: Any) -> None:
             f"(max_ids_per_photo), every row rejected as shared_photo{largest}:"
         )
         for group in found.shared:
-            click.echo(f"  {group.rows} rows: lines {group.shown()}")
+            click.echo(f"  {group.described()}")
     sys.exit(0 if not rejects else 1)
 
 

@@ -16,13 +16,23 @@ Found as a duplicate-file finder finds copies, cheapest test first, without hold
 3. Candidates with the same digest are one photo; a digest named by more rows than allowed is a shared photo.
 
 Each candidate row has a user_id of its own: the manifest's text rules already reject every row of an ID that
-appears twice with another photo (`duplicate_user_id`) and every later exact copy (`duplicate_row`), so rows
-are counted, not IDs. In a run, a row the ledger holds as done (enrolled earlier) is counted by the pin it was
-sent with, its photo never read: it is never rejected for sharing (what is enrolled stays enrolled), but the
-new IDs that name its photo are. Its pin is asked for only when a photo that may be sent has its size, and the
-resume of a finished job takes no census at all (`SharedPhotoRows`). A row is one ID, so a re-run never rejects a row
-because of its own pin. Every process of a fleet takes the census of the whole manifest; rows of a shared photo
-are never sent by any of them, so the ones that start later count the same groups.
+appears twice with another photo (`duplicate_user_id`) and every later exact copy (`duplicate_row`). In a run, a
+row the ledger holds as done (enrolled earlier) is counted by the pin it was sent with, its photo never read: it
+is never rejected for sharing (what is enrolled stays enrolled), but the new IDs that name its photo are. Its
+pin is asked for only when a photo that may be sent has its size, and the resume of a finished job takes no
+census at all (`SharedPhotoRows`).
+
+IDs sent from other manifests count too, though no line names them: the ledger keeps each pinned photo's size
+and sample (keyed, `PhotoKey.sample`), so a run asks it for the IDs pinned to a photo like each one it may send
+(`Store.holders`, one query per chunk of distinct keys), makes the rows that match candidates, and counts those
+IDs by their pins, never reading their photos. Rows the ledger sent before it kept samples (schema 5) are found
+only through this manifest's lines.
+
+IDs are counted once each, by pin: an ID on a line and in the ledger with the same photo is one ID, so a re-run
+never rejects a row because of its own pin; an ID the ledger pins to this photo while its line names another is
+one more ID for this photo (the pin binds it, and `user_id_reused` rejects its line). Every process of a fleet
+takes the census of the whole manifest; rows of a shared photo are never sent by any of them, so the ones that
+start later count the same groups.
 """
 
 from __future__ import annotations
@@ -49,13 +59,23 @@ _LOOKUP = 500  # lines asked for in one query (SQLite's limit on parameters is 3
 class SharedGroup:
     """One photo named by more rows than allowed: how many, and the first lines that name it."""
 
-    rows: int  # user_ids that name it: one row each
+    rows: int  # user_ids that name it
     lines: list[int]
-    enrolled: int = 0  # of them, IDs the ledger holds as done: never rejected for it
+    enrolled: int = (
+        0  # of them, IDs on a line of this manifest the ledger holds as done: never rejected for it
+    )
+    elsewhere: int = 0  # of them, IDs on no line of this manifest that the ledger pins to it: sent earlier
 
     def shown(self) -> str:
-        more = f" and {self.rows - len(self.lines)} more" if self.rows > len(self.lines) else ""
+        """The lines that name it, the first of them, with how many more."""
+        named = self.rows - self.elsewhere
+        more = f" and {named - len(self.lines)} more" if named > len(self.lines) else ""
         return ", ".join(map(str, self.lines)) + more
+
+    def described(self) -> str:
+        """Its size and where it is named, as `check` and `validate` list it."""
+        earlier = f", and {self.elsewhere} sent earlier from other manifests" if self.elsewhere else ""
+        return f"{self.rows} user_ids: lines {self.shown()}{earlier}"
 
 
 class Census:
@@ -108,29 +128,44 @@ class Census:
             raise
         self._db.execute("COMMIT")
 
-    async def settle(self, images: ImageSource, pins: PinsOf | None = None) -> Shared:
-        """Reads the candidates whole (only those), asks `pins` for the pins of the done rows that may share a
-        photo with them, and finds the shared photos; the census is then read-only."""
+    async def settle(
+        self, images: ImageSource, pins: PinsOf | None = None, holders: HoldersOf | None = None
+    ) -> Shared:
+        """Asks `holders` for the IDs the ledger pins to a photo like one that may be sent, reads the candidates
+        whole (only those), asks `pins` for the pins of the done rows that may share a photo with them, and
+        finds the shared photos; the census is then read-only."""
         db = self._db
         db.execute("BEGIN")
         db.execute("CREATE INDEX photo_key ON photo (done, size, sample)")
-        db.execute("CREATE TABLE pinned (line INTEGER PRIMARY KEY, pin TEXT, done INTEGER)")
-        # Candidates: rows that may be sent whose size and sample are shared by more rows than allowed, or
-        # whose size is that of a photo a done row was sent with.
+        # line is NULL for an ID the ledger holds that no line of this manifest names with that photo.
+        db.execute("CREATE TABLE pinned (line INTEGER, user_id TEXT, pin TEXT, done INTEGER)")
+        db.execute("CREATE TABLE held (user_id TEXT, size INTEGER, sample INTEGER, pin TEXT)")
+        if holders is not None:
+            keys = db.execute("SELECT DISTINCT size, sample FROM photo WHERE done = 0 AND sample != 0")
+            while chunk := keys.fetchmany(_LOOKUP):
+                db.executemany("INSERT INTO held VALUES (?, ?, ?, ?)", await holders(chunk))
+        db.execute("CREATE INDEX held_key ON held (size, sample)")
+        # Candidates: rows that may be sent whose size and sample are shared by more rows than allowed, or are
+        # those of a photo the ledger pins to some ID, or whose size is that of a photo a done row was sent with.
         candidates = db.execute(
-            "SELECT line, ref, size, version FROM photo WHERE done = 0 AND ((size, sample) IN "
+            "SELECT line, user_id, ref, size, version FROM photo WHERE done = 0 AND ((size, sample) IN "
             "(SELECT size, sample FROM photo WHERE done = 0 GROUP BY size, sample HAVING count(*) > ?) "
+            "OR (size, sample) IN (SELECT size, sample FROM held) "
             "OR size IN (SELECT size FROM photo WHERE done = 1))",
             (self.max_ids,),
         )
         read = 0
         while chunk := candidates.fetchmany(_READ_AT_ONCE):
-            prints = [Fingerprint(ref=ref, size=size, version=version) for _, ref, size, version in chunk]
+            prints = [Fingerprint(ref=ref, size=size, version=version) for _, _, ref, size, version in chunk]
             found = await asyncio.gather(*(_pin(images, fp) for fp in prints))
             read += len(chunk)
             db.executemany(
-                "INSERT INTO pinned VALUES (?, ?, 0)",
-                [(line, pin) for (line, *_), pin in zip(chunk, found, strict=True) if pin is not None],
+                "INSERT INTO pinned VALUES (?, ?, ?, 0)",
+                [
+                    (line, uid, pin)
+                    for (line, uid, *_), pin in zip(chunk, found, strict=True)
+                    if pin is not None
+                ],
             )
         if pins is not None:
             done = db.execute(
@@ -140,24 +175,29 @@ class Census:
             while chunk := done.fetchmany(_LOOKUP):
                 known = await pins([uid for _, uid in chunk])
                 db.executemany(
-                    "INSERT INTO pinned VALUES (?, ?, 1)",
-                    [(line, known[uid]) for line, uid in chunk if known.get(uid) is not None],
+                    "INSERT INTO pinned VALUES (?, ?, ?, 1)",
+                    [(line, uid, known[uid]) for line, uid in chunk if known.get(uid) is not None],
                 )
+        db.execute("INSERT INTO pinned SELECT NULL, user_id, pin, 1 FROM held")
+        db.execute("DROP TABLE held")
         db.execute("CREATE INDEX pinned_pin ON pinned (pin, line)")
-        # A photo is shared when more rows than allowed name it and at least one of them may be sent. All in
-        # SQL, so that no group is ever held in memory: a placeholder photo may be named by every row.
+        # A photo is shared when more IDs than allowed name it and at least one of them may be sent. All in SQL,
+        # so that no group is ever held in memory: a placeholder photo may be named by every row.
         db.execute(
-            "CREATE TABLE grp (grp INTEGER PRIMARY KEY, pin TEXT, rows INTEGER, done INTEGER, lines TEXT)"
+            "CREATE TABLE grp (grp INTEGER PRIMARY KEY, pin TEXT, rows INTEGER, done INTEGER, elsewhere INTEGER, "
+            "lines TEXT)"
         )
         db.execute(
-            "INSERT INTO grp SELECT row_number() OVER (ORDER BY min(line)), pin, count(*), sum(done), '' "
-            "FROM pinned GROUP BY pin HAVING count(*) > ? AND min(done) = 0",
+            "INSERT INTO grp SELECT row_number() OVER (ORDER BY min(line)), pin, count(DISTINCT user_id), "
+            "count(DISTINCT user_id) FILTER (WHERE done = 1 AND line IS NOT NULL), count(DISTINCT user_id) - "
+            "count(DISTINCT user_id) FILTER (WHERE line IS NOT NULL), '' "
+            "FROM pinned GROUP BY pin HAVING count(DISTINCT user_id) > ? AND min(done) = 0",
             (self.max_ids,),
         )
         db.execute("CREATE UNIQUE INDEX grp_pin ON grp (pin)")
         db.execute(
-            "UPDATE grp SET lines = (SELECT group_concat(line) FROM "
-            "(SELECT line FROM pinned WHERE pinned.pin = grp.pin ORDER BY line LIMIT ?))",
+            "UPDATE grp SET lines = (SELECT group_concat(line) FROM (SELECT DISTINCT line FROM pinned "
+            "WHERE pinned.pin = grp.pin AND line IS NOT NULL ORDER BY line LIMIT ?))",
             (SHOWN_LINES,),
         )
         db.execute("CREATE TABLE shared (line INTEGER PRIMARY KEY, grp INTEGER) WITHOUT ROWID")
@@ -175,6 +215,9 @@ class Census:
 
 # The pins the ledger holds for these user_ids (keyed, as a run's photos are), None where it holds none.
 PinsOf = Callable[[list[str]], Awaitable[Mapping[str, str | None]]]
+# The IDs the ledger pins to a photo of one of these (size, sample) pairs, as (user_id, size, sample, pin): the
+# samples as a check gives them (the ledger's are keyed; take_census's `_holders` translates).
+HoldersOf = Callable[[list[tuple[int, int]]], Awaitable[list[tuple[str, int, int, str]]]]
 
 
 async def _pin(images: ImageSource, fingerprint: Fingerprint) -> str | None:
@@ -200,9 +243,12 @@ class Shared:
     def listing(self, limit: int) -> list[SharedGroup]:
         """The first `limit` shared photos, largest first (then by first line)."""
         found = self._db.execute(
-            "SELECT rows, done, lines FROM grp ORDER BY rows DESC, grp LIMIT ?", (limit,)
+            "SELECT rows, done, elsewhere, lines FROM grp ORDER BY rows DESC, grp LIMIT ?", (limit,)
         )
-        return [SharedGroup(rows=rows, lines=_lines(lines), enrolled=done) for rows, done, lines in found]
+        return [
+            SharedGroup(rows=rows, lines=_lines(lines), enrolled=done, elsewhere=elsewhere)
+            for rows, done, elsewhere, lines in found
+        ]
 
     def rejects(self, candidates: Sequence[Candidate]) -> dict[int, Reject]:
         """{line: its reject} of the candidates whose photo is shared."""
@@ -214,33 +260,33 @@ class Shared:
         for start in range(0, len(lines), _LOOKUP):
             part = lines[start : start + _LOOKUP]
             found = self._db.execute(
-                "SELECT s.line, s.grp, g.rows, g.done, g.lines FROM shared s JOIN grp g USING (grp) "
+                "SELECT s.line, s.grp, g.rows, g.done, g.elsewhere, g.lines FROM shared s JOIN grp g USING (grp) "
                 f"WHERE s.line IN ({','.join('?' * len(part))})",
                 part,
             )
-            for line, number, rows, done, shown in found:
+            for line, number, rows, done, elsewhere, shown in found:
                 c = by_line[line]
-                said = self._message(number, rows, done, shown)
+                said = self._message(number, rows, done, elsewhere, shown)
                 out[line] = Reject(line=line, user_id=c.user_id, reason=Reason.SHARED_PHOTO, message=said)
         return out
 
     def every_reject(self) -> Iterator[Reject]:
         """The reject of every row of a shared photo, in line order."""
         found = self._db.execute(
-            "SELECT s.line, p.user_id, s.grp, g.rows, g.done, g.lines FROM shared s JOIN grp g USING (grp) "
-            "JOIN photo p USING (line) ORDER BY s.line"
+            "SELECT s.line, p.user_id, s.grp, g.rows, g.done, g.elsewhere, g.lines FROM shared s "
+            "JOIN grp g USING (grp) JOIN photo p USING (line) ORDER BY s.line"
         )
-        for line, user_id, number, rows, done, shown in found:
-            said = self._message(number, rows, done, shown)
+        for line, user_id, number, rows, done, elsewhere, shown in found:
+            said = self._message(number, rows, done, elsewhere, shown)
             yield Reject(line=line, user_id=user_id, reason=Reason.SHARED_PHOTO, message=said)
 
-    def _message(self, number: int, rows: int, done: int, shown: str) -> str:
+    def _message(self, number: int, rows: int, done: int, elsewhere: int, shown: str) -> str:
         """A group's message, made once for its rows (a group's rows are often close together)."""
         said = self._said.get(number)
         if said is None:
             if len(self._said) >= _MESSAGES_KEPT:
                 self._said.clear()
-            group = SharedGroup(rows=rows, lines=_lines(shown), enrolled=done)
+            group = SharedGroup(rows=rows, lines=_lines(shown), enrolled=done, elsewhere=elsewhere)
             said = self._said[number] = message(group, self.max_ids)
         return said
 
@@ -267,8 +313,13 @@ def message(group: SharedGroup, max_ids: int) -> str:
     earlier = (
         f"; {group.enrolled} of them enrolled earlier with it, and stay enrolled" if group.enrolled else ""
     )
+    if group.elsewhere:
+        earlier += (
+            f"; and {group.elsewhere} more user_id{'s' if group.elsewhere > 1 else ''} on no line of this "
+            "manifest, sent with it earlier (the ledger pins it to them; they stay as they are)"
+        )
     return (
-        f"the same photo (by content) is named by {group.rows} rows with different user_ids (lines "
+        f"the same photo (by content) is named by {group.rows} different user_ids (lines "
         f"{group.shown()}{earlier}), more than max_ids_per_photo allows ({allowed}): one face for several users "
         "is almost always a data error, and there is no telling which user it belongs to, so every one not yet "
         "enrolled is held back. Give each user their own photo; if these IDs really are one person, raise "
@@ -314,7 +365,9 @@ async def take_census(
                 for c, f in zip(rows, checked, strict=True)
                 if isinstance(f, Fingerprint)
             )
-        return await census.settle(images, None if store is None else _pins(store))
+        if store is None:
+            return await census.settle(images)
+        return await census.settle(images, _pins(store), _holders(store))
     except BaseException:
         census.close()
         raise
@@ -325,6 +378,18 @@ def _pins(store: Store) -> PinsOf:
         return {uid: row.photo_sha256 for uid, row in (await store.lookup(user_ids)).items()}
 
     return pins
+
+
+def _holders(store: Store) -> HoldersOf:
+    """`Store.holders`, asked and answered with samples as a check gives them (the ledger keeps them keyed)."""
+    keyed = store.photo_key.sample
+
+    async def holders(photos: list[tuple[int, int]]) -> list[tuple[str, int, int, str]]:
+        asked = {(size, keyed(sample)): sample for size, sample in photos}
+        found = await store.holders(list(asked))
+        return [(h.user_id, h.size, asked[h.size, h.sample], h.pin) for h in found]
+
+    return holders
 
 
 class SharedPhotoRows:
