@@ -518,8 +518,13 @@ def build_engine(
                     if shared.groups
                     else f"none named by more than {limit} user_id(s) (max_ids_per_photo)"
                 )
+                if shared.unread:
+                    said += (
+                        f"; {shared.unread} row(s) whose photo couldn't be read whole to be counted are held back "
+                        "(rejects.csv says why; run again to send them)"
+                    )
                 events(
-                    logging.WARNING if shared.groups else logging.INFO,
+                    logging.WARNING if shared.groups or shared.unread else logging.INFO,
                     "photos_counted",
                     f"photos counted: {shared.photos} still to be sent, {shared.read_whole} of them read whole; "
                     + said,

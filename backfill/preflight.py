@@ -128,12 +128,26 @@ async def _shared_check(
     try:
         allowed = settings.max_ids_per_photo
         ids = "user_id" if allowed == 1 else "user_ids"
-        if not shared.groups:
+        unread = (
+            f"; {shared.unread} row(s) whose photo is alike in size, head and tail to another's couldn't be read "
+            "whole to be counted: `run` holds them back unless they read then"
+            if shared.unread
+            else ""
+        )
+        if not shared.groups and not shared.unread:
             return Check(
                 name="shared photos",
                 ok=True,
                 detail=f"{shared.photos} photos still to be sent, none named by more than {allowed} {ids} "
                 f"(max_ids_per_photo; {shared.read_whole} alike in size, head and tail read whole)",
+            )
+        if not shared.groups:
+            return Check(
+                name="shared photos",
+                ok=False,
+                detail=f"{shared.photos} photos still to be sent, none named by more than {allowed} {ids} as far "
+                f"as could be read{unread}",
+                fix="make the photos readable (the image lines above, and `backfill validate`, say what is wrong)",
             )
         largest = "; ".join(g.described() for g in shared.listing(SHOWN_GROUPS))
         more = f" (and {shared.groups - SHOWN_GROUPS} more)" if shared.groups > SHOWN_GROUPS else ""
@@ -142,7 +156,7 @@ async def _shared_check(
             ok=False,
             detail=f"{shared.groups} photo(s) named by more than {allowed} {ids} (max_ids_per_photo): `run` "
             f"rejects their {shared.rejected} rows not yet enrolled as {Reason.SHARED_PHOTO}; largest: "
-            f"{largest}{more}",
+            f"{largest}{more}{unread}",
             fix="give each user their own photo (`backfill validate` lists every row of each group in rejects.csv; "
             "it reads no ledger, so it lists IDs enrolled earlier too, which a run never rejects), or raise "
             "max_ids_per_photo (the config file's key, or BACKFILL_MAX_IDS_PER_PHOTO) if those IDs really are "

@@ -17,7 +17,7 @@ import pytest
 from backfill import compose
 from backfill.config import Settings
 from backfill.errors import LedgerError
-from backfill.images import Fingerprint, PhotoKey
+from backfill.images import Fingerprint, ImageError, ImageProblem, Photo, PhotoKey
 from backfill.images.content import sample_in
 from backfill.ledger import Refused
 from backfill.ledger.postgres.schema import SCHEMA_VERSION as PG_SCHEMA
@@ -25,6 +25,7 @@ from backfill.ledger.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from backfill.manifest import open_manifest
 from backfill.run.shared import Census
 from backfill.sandbox import RunningSandbox
+from backfill.vocab import Reason
 
 from .conftest import cli, png_bytes, sandbox_ledger, write_manifest
 from .test_promise import CountingImages, rejects, results
@@ -400,3 +401,49 @@ async def test_a_postgres_schema_4_ledger_gains_the_column_and_its_index(pg_url:
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT value FROM backfill.meta WHERE key = 'schema'").fetchone() == (PG_SCHEMA,)
         assert conn.execute("SELECT to_regclass('backfill.users_photo') IS NOT NULL").fetchone() == (True,)
+
+
+class UnreadableOnce(CountingImages):
+    """The local source, whose first read of `name` fails as storage failing past its retries would."""
+
+    def __init__(self, base: Path, name: str) -> None:
+        super().__init__(base)
+        self.name = name
+        self.failed = False
+
+    async def read_source(self, fingerprint: Fingerprint) -> Photo:
+        if fingerprint.ref.endswith(self.name) and not self.failed:
+            self.failed = True
+            problem = ImageProblem(
+                reason=Reason.IMAGE_UNREADABLE, message=f"image {fingerprint.ref}: I/O error"
+            )
+            raise ImageError(problem)
+        return await super().read_source(fingerprint)
+
+
+async def test_a_photo_that_cant_be_read_to_be_counted_is_held_back_with_the_rows_alike_to_it(
+    tmp_path: Path, sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    """Two IDs share FACE; the census's read of one copy fails, then reads work again. Neither is sent: the one
+    unread is rejected with its read's reason, the one alike to it as a possible shared photo. Sending either
+    would send a shared photo uncounted."""
+    manifest = shared_manifest(tmp_path, shared=2, own=1)
+    images = UnreadableOnce(tmp_path, "face.png")
+    summary = await compose.run(make_settings(sandbox), manifest, images=images)
+    assert images.failed
+    assert summary.counts == {"enrolled": 1, "rejected": 2}
+    refused = rejects(summary)
+    assert {uid: r["reason"] for uid, r in refused.items()} == {
+        "same_001": "image_unreadable",
+        "same_000": "shared_photo",
+    }
+    assert "not sent uncounted" in refused["same_001"]["message"]
+    assert "may be the same as another row's" in refused["same_000"]["message"]
+    assert set(sandbox.state.requests) == {"own_000"}
+    # Run again, every read working: the two are one photo, both rejected as shared.
+    again = await compose.run(make_settings(sandbox), manifest)
+    assert {uid: r["reason"] for uid, r in rejects(again).items()} == {
+        "same_000": "shared_photo",
+        "same_001": "shared_photo",
+    }
+    assert set(sandbox.state.requests) == {"own_000"}

@@ -12,7 +12,10 @@ Found as a duplicate-file finder finds copies, cheapest test first, without hold
    of its head and tail), so the census costs no read of its own.
 2. Only rows whose (size, sample) is shared by more rows than allowed are candidates; only those are read whole
    and digested (`Photo.sha256`: in a run, the ledger's keyed pin). Photos with a size or sample of their own,
-   nearly all of a clean manifest, are never read whole.
+   nearly all of a clean manifest, are never read whole. A candidate that can't be read whole (gone, broken
+   since its check, storage failing past its retries) can't be counted, so it is rejected with the reason its
+   read gave rather than sent uncounted (a read that fails now and works at send time would let a shared photo
+   through), and so are the rows alike to it, which may share its photo (`shared_photo`, saying so).
 3. Candidates with the same digest are one photo; a digest named by more rows than allowed is a shared photo.
 
 Each candidate row has a user_id of its own: the manifest's text rules already reject every row of an ID that
@@ -43,7 +46,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..images import Fingerprint, ImageError, ImageSource
+from ..images import Fingerprint, ImageError, ImageProblem, ImageSource
 from ..ledger import Store
 from ..manifest import Batch, Candidate, Manifest, Reject
 from ..vocab import Reason
@@ -52,6 +55,11 @@ from .rows import Rows
 SHOWN_LINES = 10  # lines a reject message and a group's listing name
 _READ_AT_ONCE = 32  # candidates read whole at a time (object storage: requests in flight)
 _MESSAGES_KEPT = 4096  # groups' messages kept made (a group's rows come close together, mostly)
+_ALIKE_UNREAD = (
+    "its photo may be the same as another row's (alike in size, head and tail), which couldn't be read whole to "
+    "tell (that row's reject says why): held back, since a photo shared by several user_ids is never sent "
+    "uncounted. Run again once that photo reads"
+)
 _LOOKUP = 500  # lines asked for in one query (SQLite's limit on parameters is 32,766; small stays quick)
 
 
@@ -154,17 +162,29 @@ class Census:
             "OR size IN (SELECT size FROM photo WHERE done = 1))",
             (self.max_ids,),
         )
+        # A candidate that can't be read whole can't be counted: it is held back (`unread`), not sent uncounted,
+        # or a storage error at this moment would let a shared photo through when it reads again at send time.
+        db.execute("CREATE TABLE unread (line INTEGER PRIMARY KEY, reason TEXT, message TEXT) WITHOUT ROWID")
         read = 0
         while chunk := candidates.fetchmany(_READ_AT_ONCE):
             prints = [Fingerprint(ref=ref, size=size, version=version) for _, _, ref, size, version in chunk]
             found = await asyncio.gather(*(_pin(images, fp) for fp in prints))
             read += len(chunk)
+            pinned = list(zip(chunk, found, strict=True))
             db.executemany(
                 "INSERT INTO pinned VALUES (?, ?, ?, 0)",
+                [(line, uid, pin) for (line, uid, *_), pin in pinned if isinstance(pin, str)],
+            )
+            db.executemany(
+                "INSERT INTO unread VALUES (?, ?, ?)",
                 [
-                    (line, uid, pin)
-                    for (line, uid, *_), pin in zip(chunk, found, strict=True)
-                    if pin is not None
+                    (
+                        line,
+                        pin.reason.value,
+                        f"{pin.message} (read whole to count shared photos: not sent uncounted)",
+                    )
+                    for (line, *_), pin in pinned
+                    if isinstance(pin, ImageProblem)
                 ],
             )
         if pins is not None:
@@ -204,6 +224,14 @@ class Census:
         db.execute(
             "INSERT INTO shared SELECT p.line, g.grp FROM pinned p JOIN grp g USING (pin) WHERE p.done = 0"
         )
+        # The rows alike in size and sample to one that couldn't be read may share its photo: they can't be
+        # cleared either, and are held back with it.
+        db.execute(
+            "INSERT INTO unread SELECT p.line, ?, ? FROM photo p WHERE p.done = 0 AND (p.size, p.sample) IN "
+            "(SELECT size, sample FROM photo JOIN unread USING (line)) AND p.line NOT IN (SELECT line FROM unread) "
+            "AND p.line NOT IN (SELECT line FROM shared)",
+            (Reason.SHARED_PHOTO.value, _ALIKE_UNREAD),
+        )
         db.execute("UPDATE grp SET pin = NULL")
         db.execute("DROP TABLE pinned")  # the digests are not kept past this point
         db.execute("COMMIT")
@@ -220,12 +248,12 @@ PinsOf = Callable[[list[str]], Awaitable[Mapping[str, str | None]]]
 HoldersOf = Callable[[list[tuple[int, int]]], Awaitable[list[tuple[str, int, int, str]]]]
 
 
-async def _pin(images: ImageSource, fingerprint: Fingerprint) -> str | None:
+async def _pin(images: ImageSource, fingerprint: Fingerprint) -> str | ImageProblem:
     try:
         # The source's pin, as the ledger keeps it: with --normalize, read() would decode and re-encode it too.
         return (await images.read_source(fingerprint)).sha256
-    except ImageError:
-        return None  # changed or gone since its check: its own check, when it is sent, says what is wrong
+    except ImageError as exc:
+        return exc.problem  # gone, broken since its check, or storage still failing after the retries
 
 
 class Shared:
@@ -239,6 +267,7 @@ class Shared:
         self._said: dict[int, str] = {}
         self.groups, self.rows = db.execute("SELECT count(*), coalesce(sum(rows), 0) FROM grp").fetchone()
         (self.rejected,) = db.execute("SELECT count(*) FROM shared").fetchone()  # rows not enrolled yet
+        (self.unread,) = db.execute("SELECT count(*) FROM unread").fetchone()  # candidates held back unread
 
     def listing(self, limit: int) -> list[SharedGroup]:
         """The first `limit` shared photos, largest first (then by first line)."""
@@ -251,14 +280,21 @@ class Shared:
         ]
 
     def rejects(self, candidates: Sequence[Candidate]) -> dict[int, Reject]:
-        """{line: its reject} of the candidates whose photo is shared."""
-        if not self.groups or not candidates:
+        """{line: its reject} of the candidates whose photo is shared, or couldn't be read to be counted."""
+        if not (self.groups or self.unread) or not candidates:
             return {}
         by_line = {c.line: c for c in candidates}
         out: dict[int, Reject] = {}
         lines = list(by_line)
         for start in range(0, len(lines), _LOOKUP):
             part = lines[start : start + _LOOKUP]
+            unread = self._db.execute(
+                f"SELECT line, reason, message FROM unread WHERE line IN ({','.join('?' * len(part))})", part
+            )
+            for line, reason, said in unread:
+                out[line] = Reject(
+                    line=line, user_id=by_line[line].user_id, reason=Reason(reason), message=said
+                )
             found = self._db.execute(
                 "SELECT s.line, s.grp, g.rows, g.done, g.elsewhere, g.lines FROM shared s JOIN grp g USING (grp) "
                 f"WHERE s.line IN ({','.join('?' * len(part))})",
@@ -271,12 +307,18 @@ class Shared:
         return out
 
     def every_reject(self) -> Iterator[Reject]:
-        """The reject of every row of a shared photo, in line order."""
+        """The reject of every row of a shared photo, and of every candidate that couldn't be read to be
+        counted, in line order."""
         found = self._db.execute(
-            "SELECT s.line, p.user_id, s.grp, g.rows, g.done, g.elsewhere, g.lines FROM shared s "
-            "JOIN grp g USING (grp) JOIN photo p USING (line) ORDER BY s.line"
+            "SELECT s.line, p.user_id, s.grp, g.rows, g.done, g.elsewhere, g.lines, NULL, NULL FROM shared s "
+            "JOIN grp g USING (grp) JOIN photo p USING (line) "
+            "UNION ALL SELECT u.line, p.user_id, NULL, NULL, NULL, NULL, NULL, u.reason, u.message FROM unread u "
+            "JOIN photo p USING (line) ORDER BY 1"
         )
-        for line, user_id, number, rows, done, elsewhere, shown in found:
+        for line, user_id, number, rows, done, elsewhere, shown, reason, said in found:
+            if reason is not None:
+                yield Reject(line=line, user_id=user_id, reason=Reason(reason), message=said)
+                continue
             said = self._message(number, rows, done, elsewhere, shown)
             yield Reject(line=line, user_id=user_id, reason=Reason.SHARED_PHOTO, message=said)
 
