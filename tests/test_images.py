@@ -36,6 +36,7 @@ from backfill.images.content import (
 )
 from backfill.images.local import INLINE_READ_MAX, LocalImageSource
 from backfill.vocab import Reason
+from benchmarks.data import tiny_png
 
 from .conftest import png_bytes
 
@@ -802,3 +803,13 @@ def test_the_sample_is_the_same_in_every_process() -> None:
         for seed in ("1", "2")
     }
     assert seen == {str(sample_in(data))}
+
+
+def test_distinct_pngs_of_one_size_have_distinct_samples() -> None:
+    """A PNG's chunks carry their own CRC-32 and Adler-32: a CRC-32 sample, being linear, gave half of the
+    benchmark's distinct 1x1 PNGs the sample of another, and the census read them all whole."""
+    photos = {tiny_png(i) for i in range(5000)}
+    by_size: dict[int, set[int]] = {}
+    for data in photos:
+        by_size.setdefault(len(data), set()).add(sample_in(data))
+    assert sum(len(s) for s in by_size.values()) == len(photos)
