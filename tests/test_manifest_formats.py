@@ -371,3 +371,17 @@ def test_the_formats_benchmark_runs_and_reads_every_row(tmp_path: Path) -> None:
         name: [300, 600] for name in formats
     }
     assert all(figures["growth"][name]["peak_rss_ratio"] > 0 for name in formats)
+
+
+def test_json_lines_not_in_utf_8_gets_advice_for_code_not_for_excel(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"user_id": "a1", "user_created_at": "2021-08-12", "image_path": "caf\xe9.png"}\n')
+    with pytest.raises(ManifestError) as caught:
+        open_manifest(path, ManifestRules())
+    said = str(caught.value)
+    assert "is not UTF-8: byte 0xE9 at offset 69 (line 1)" in said
+    assert "encoding='utf-8'" in said and "Excel" not in said
+    zipped = tmp_path / "z.jsonl"
+    zipped.write_bytes(b"PK\x03\x04" + bytes([0xFF]) * 20)
+    with pytest.raises(ManifestError, match="is a ZIP file or an Excel workbook, not JSON lines"):
+        open_manifest(zipped, ManifestRules())

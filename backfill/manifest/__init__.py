@@ -468,7 +468,7 @@ def _open_records(
         def chunks(names: list[str]) -> Iterator[_Chunk]:
             return ((values, {}) for values in file.chunks(names, rules.chunk_rows))
 
-        with _decoding_errors(snapshot, rules):
+        with _decoding_errors(snapshot, rules, kind):
             scan, problems = _prescan_records(chunks([rules.user_id_column]), 1)
         if scan.total_rows != parquet.total_rows:
             raise ManifestError(
@@ -481,7 +481,7 @@ def _open_records(
         def chunks(names: list[str]) -> Iterator[_Chunk]:
             return _jsonl_chunks(snapshot, names, rules, example)
 
-        with _decoding_errors(snapshot, rules):
+        with _decoding_errors(snapshot, rules, kind):
             scan, problems = _prescan_records(_jsonl_chunks(snapshot, used, rules, example, keys), 1)
         if not scan.total_rows:
             raise ManifestError(f"{name} is empty: it needs one JSON object per line, one line per user")
@@ -493,7 +493,7 @@ def _open_records(
             yield pd.DataFrame(dict(enumerate(values)), dtype=object)
 
     reading = _Reading(kind, 1, frames, header, problems if kind is ManifestFormat.JSONL else None)
-    with _decoding_errors(snapshot, rules):
+    with _decoding_errors(snapshot, rules, kind):
         duplicates = _confirm_duplicates(reading, positions, scan.candidates, pattern)
     return Manifest(name, rules, header, positions, scan, duplicates, now, snapshot, reading)
 
@@ -1062,19 +1062,28 @@ def _frames(snapshot: _Snapshot, usecols: list[int], rules: ManifestRules) -> It
 
 
 @contextmanager
-def _decoding_errors(snapshot: _Snapshot, rules: ManifestRules) -> Iterator[None]:
+def _decoding_errors(
+    snapshot: _Snapshot, rules: ManifestRules, kind: ManifestFormat = ManifestFormat.CSV
+) -> Iterator[None]:
     """Turns a UnicodeError or OSError while reading the manifest into a ManifestError that says where."""
     try:
         yield
     except UnicodeError as exc:  # a codec like idna raises its own UnicodeError, not a UnicodeDecodeError
-        raise _encoding_error(snapshot, rules) from exc
+        raise _encoding_error(snapshot, rules, kind) from exc
     except OSError as exc:
         raise ManifestError(f"{snapshot.name} can't be read: {exc.strerror or exc}") from exc
 
 
-def _encoding_error(snapshot: _Snapshot, rules: ManifestRules) -> ManifestError:
+def _encoding_error(
+    snapshot: _Snapshot, rules: ManifestRules, kind: ManifestFormat = ManifestFormat.CSV
+) -> ManifestError:
     """Finds the first byte that isn't in the encoding read: the parser's own offsets are relative to its buffer."""
-    excel = "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+    # Excel's advice only for a CSV: JSON lines come from code, whose writer can be told its encoding.
+    excel = (
+        "(in Excel: Save As > 'CSV UTF-8 (Comma delimited)')"
+        if kind is ManifestFormat.CSV
+        else "(as JSON lines are meant to be: open the file with encoding='utf-8' where it is written)"
+    )
     named = "UTF-8" if rules.utf8 else rules.encoding
     fix = (
         f"Fix: save the file as UTF-8 {excel}, or name the encoding it is in with --encoding (e.g. cp1252)"
@@ -1092,7 +1101,8 @@ def _encoding_error(snapshot: _Snapshot, rules: ManifestRules) -> ManifestError:
         if start.startswith(b"\x1f\x8b"):
             return ManifestError(f"{snapshot.name} is gzip-compressed: decompress it and give the .csv file")
         if start.startswith(b"PK\x03\x04"):
-            return ManifestError(f"{snapshot.name} is a ZIP file or an Excel workbook, not CSV. {fix}")
+            what = "CSV" if kind is ManifestFormat.CSV else "JSON lines"
+            return ManifestError(f"{snapshot.name} is a ZIP file or an Excel workbook, not {what}. {fix}")
         raw.seek(0)
         decoder = codecs.getincrementaldecoder(rules.encoding)()
         offset, newlines = 0, 0
