@@ -26,7 +26,7 @@ from .api.client import Client, request_url
 from .clock import now_iso
 from .config import DERIVED_LEDGER, ENVIRONMENTS, Settings, endpoint_of
 from .errors import BackfillError, ConfigError, Declined, LedgerAbsent, LedgerError
-from .images import ImageSource, PhotoKey
+from .images import Fingerprint, ImageProblem, ImageSource, PhotoKey
 from .images.dispatch import DispatchingImageSource
 from .images.keyed import KeyedImageSource
 from .images.local import LocalImageSource
@@ -172,6 +172,13 @@ def normalizing(settings: Settings, inner: ImageSource) -> ImageSource:
     from .images.normalize import NormalizingImageSource
 
     return NormalizingImageSource(inner, max_bytes=settings.max_image_bytes)
+
+
+async def trial_reads(images: ImageSource, fingerprints: Sequence[Fingerprint]) -> list[ImageProblem | None]:
+    """With --normalize: what a send's read of each photo would refuse (images/normalize.py's `trial`)."""
+    from .images.normalize import trial
+
+    return await trial(images, fingerprints)
 
 
 def check_normalizer(settings: Settings) -> None:
@@ -699,6 +706,21 @@ def validation(settings: Settings, manifest_path: Path | str) -> Validation:
                         rejects.append(
                             RejectRow(line=d.line, user_id=d.user_id, reason=d.reason, message=d.message)
                         )
+                if settings.normalize and sendable:
+                    # A damaged HEIC passes a check of its head and tail: only decoding it, as a send does, tells.
+                    tried = await trial_reads(images, [d.fingerprint for d in sendable])
+                    for d, problem in zip(sendable, tried, strict=True):
+                        if problem is not None:
+                            valid -= 1
+                            rejects.append(
+                                RejectRow(
+                                    line=d.line,
+                                    user_id=d.user_id,
+                                    reason=problem.reason,
+                                    message=problem.message,
+                                )
+                            )
+                    sendable = [d for d, problem in zip(sendable, tried, strict=True) if problem is None]
                 if census is not None:
                     census.add((d.line, d.user_id, d.fingerprint) for d in sendable)
             groups: list[SharedGroup] = []

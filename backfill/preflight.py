@@ -24,7 +24,7 @@ from .api.network import Route
 from .clock import now_iso
 from .config import Settings
 from .errors import BackfillError, ConfigError, LedgerAbsent
-from .images import ImageError, ImageProblem, ImageSource, PhotoKey
+from .images import Fingerprint, ImageError, ImageProblem, ImageSource, PhotoKey
 from .images.keyed import KeyedImageSource
 from .ledger import AttemptRequest, LedgerRow, Refusal, Refused, Store, transitions
 from .ledger.sqlite import writer_alive
@@ -96,7 +96,7 @@ async def _checks(settings: Settings, manifest_path: Path | str) -> list[Check]:
         if key is not None:  # pins compared as the run compares them: keyed by the ledger's secret
             images = KeyedImageSource(images, key)
         try:
-            checks.append(await _images_check(to_send, images))
+            checks.append(await _images_check(to_send, images, decode=settings.normalize))
             if known:
                 checks.append(await _pins_check(sample, known, images))
             if settings.max_ids_per_photo:
@@ -615,10 +615,18 @@ def _clock_check(date: str | None, local: float) -> Check:
     return Check(name="clock", ok=True, detail=f"{said}, within {MAX_SKEW_S:g}s")
 
 
-async def _images_check(sample: list[Candidate], images: ImageSource) -> Check:
+async def _images_check(sample: list[Candidate], images: ImageSource, *, decode: bool) -> Check:
+    """The sampled photos checked as a run checks them; with `decode` (--normalize) also read whole and
+    normalised as a send would, since a photo damaged inside passes a check of its head and tail."""
     if not sample:
         return Check(name="images", ok=True, detail="no row passes the text rules: no photo to check")
-    results = await images.check_many([c.image for c in sample])
+    results: list[Fingerprint | ImageProblem] = list(await images.check_many([c.image for c in sample]))
+    if decode:
+        passed = [(i, r) for i, r in enumerate(results) if isinstance(r, Fingerprint)]
+        tried = await compose.trial_reads(images, [r for _, r in passed])
+        for (i, _), problem in zip(passed, tried, strict=True):
+            if problem is not None:
+                results[i] = problem
     bad = [(c, r) for c, r in zip(sample, results, strict=True) if isinstance(r, ImageProblem)]
     if bad:
         said = "; ".join(f"line {c.line} ({c.user_id}): {r.reason}: {r.message}" for c, r in bad[:5])
@@ -633,7 +641,11 @@ async def _images_check(sample: list[Candidate], images: ImageSource) -> Check:
         name="images",
         ok=True,
         detail=f"{len(sample)} photos (the first {min(SAMPLE, len(sample))} and a random draw) are "
-        "readable, complete JPEG/PNG within the size limit",
+        + (
+            "readable, and decode and normalise as a send would (--normalize)"
+            if decode
+            else "readable, complete JPEG/PNG within the size limit"
+        ),
     )
 
 

@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, PngImagePlugin
 
-from backfill import compose
+from backfill import compose, preflight
 from backfill.config import Settings
 from backfill.errors import ConfigError, LedgerError
 from backfill.images import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, PhotoKey
@@ -330,6 +330,36 @@ def test_without_the_flag_what_it_would_save_is_rejected_naming_it(
     assert all("--normalize" in r.message for r in rejects)
     n, rejects = compose.validate(make_settings(sandbox, normalize=True), manifest)
     assert n == 6 and not rejects
+
+
+def test_validate_and_check_decode_what_a_send_would_decode(
+    tmp_path: Path, threaded_sandbox: RunningSandbox, make_settings: Callable[..., Settings]
+) -> None:
+    """A HEIC cut in half and a WebP with garbage for pixels pass a check of their head and tail; with
+    --normalize, validate and check decode them as a send would, and say so, as a run would at send time."""
+    heic = SOURCES["heic"]()
+    broken = {"heic": heic[: len(heic) // 2], "webp": b"RIFF\x00\x00\x00\x00WEBPVP8 garbage"}
+    manifest = archive(tmp_path / "a", {**broken, "rotated": rotated_jpeg()})
+    settings = make_settings(threaded_sandbox, normalize=True)
+    n, rejects = compose.validate(settings, manifest)
+    assert n == 1
+    assert {r.user_id: r.reason for r in rejects} == {
+        "user_heic": Reason.IMAGE_UNDECODABLE,
+        "user_webp": Reason.IMAGE_UNDECODABLE,
+    }
+    assert all("can't be decoded" in r.message for r in rejects)
+    checks = preflight.run_checks(settings, manifest)
+    [images] = [c for c in checks if c.name == "images"]
+    assert not images.ok and "2 of 3 sampled photos can't be used" in images.detail
+    assert "image_undecodable" in images.detail
+    assert all(c.ok for c in checks if c.name.startswith("api"))
+    # The run says the same of them, at send time, and sends the photo that decodes.
+    summary = asyncio.run(compose.run(settings, manifest))
+    assert {uid: r["reason"] for uid, r in rows(summary, "rejects.csv").items()} == {
+        "user_heic": "image_undecodable",
+        "user_webp": "image_undecodable",
+    }
+    assert summary.counts == {"enrolled": 1, "rejected": 2}
 
 
 def test_a_missing_extra_is_a_config_error_naming_the_pip_command(

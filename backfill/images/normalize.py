@@ -343,6 +343,27 @@ class NormalizingImageSource(ImageSource):
         await self._inner.close()
 
 
+_TRIED_AT_ONCE = 8  # photos read whole and normalised at a time by `trial`: its memory is this many photos
+
+
+async def trial(source: ImageSource, fingerprints: Sequence[Fingerprint]) -> list[ImageProblem | None]:
+    """What reading each photo to send it would refuse (`source` normalising): `validate` and `check` with
+    --normalize ask this, since a check reads only a photo's head and tail, and a HEIC or WebP that is damaged
+    inside, or too many pixels to decode, is found only by decoding it. Each is read whole and normalised, as
+    a run's send does, a few at a time; the bytes are dropped at once."""
+    gate = asyncio.Semaphore(_TRIED_AT_ONCE)
+
+    async def one(fingerprint: Fingerprint) -> ImageProblem | None:
+        async with gate:
+            try:
+                await source.read(fingerprint)
+            except ImageError as exc:
+                return exc.problem
+            return None
+
+    return list(await asyncio.gather(*(one(f) for f in fingerprints)))
+
+
 def _as_sent(photo: Photo, data: bytes, note: str) -> Photo:
     sent = photo.sha256 if data is photo.data else hashlib.sha256(data).hexdigest()
     return Photo(data=data, sha256=photo.sha256, fingerprint=photo.fingerprint, sent_sha256=sent, note=note)
