@@ -48,7 +48,7 @@ from .run.rate import FleetGate, Gate, RateGate
 from .run.records import RejectRow, Sink, Summary
 from .run.rows import ManifestRows, Rows
 from .run.send import Sender
-from .run.shared import Census, Shared, SharedGroup, SharedPhotoRows, take_census
+from .run.shared import Census, Sampled, Shared, SharedGroup, SharedPhotoRows, sample_pinned, take_census
 from .run.stops import Leaving, Stops, on_systemic
 from .run.workers import Workers
 from .version import __version__
@@ -846,6 +846,25 @@ def find_users(settings: Settings, user_ids: Sequence[str]) -> list[tuple[str, s
         try:
             gone = await store.forgotten(user_ids)
             return [(uid, store.photo_key.user(uid), gone.get(uid)) for uid in user_ids]
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def sample_photos(settings: Settings) -> Sampled:
+    """`backfill sample-photos`: the samples of the photos the ledger pinned before it kept them, taken from
+    where each was sent (run/shared.py's `sample_pinned`), so that later runs' censuses count those IDs."""
+
+    async def go() -> Sampled:
+        store = await open_store(settings, writable=True, bound=False)
+        try:
+            # Refs are absolute paths or URLs: the folder photos resolve against doesn't matter.
+            images = image_source(settings, Path.cwd() / "ledger", policy=retry_policy(settings))
+            try:
+                return await sample_pinned(store, images)
+            finally:
+                await images.close()
         finally:
             await store.close()
 

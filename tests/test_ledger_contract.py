@@ -345,6 +345,20 @@ async def test_holders_are_found_by_size_and_sample_alone(store: Store) -> None:
     assert row.photo_sample is None and row.photo_sha256 == "c" * 64
 
 
+async def test_keep_samples_fills_only_rows_that_still_hold_that_pin_and_no_sample(store: Store) -> None:
+    for uid, photo, sample in (("u1", "a", 0), ("u2", "b", 0), ("u3", "c", None)):
+        assert isinstance(await store.begin_attempt(request(uid, photo, sample=sample)), Ticket)
+    await store.flush()
+    await store.keep_samples(
+        [("u1", "a" * 64, 5), ("u2", "x" * 64, 6), ("u3", "c" * 64, 7), ("u9", "a" * 64, 8)]
+    )
+    await store.keep_samples([])
+    rows = await store.lookup(["u1", "u2", "u3", "u9"])
+    # u2's pin is another photo's, u3 has a sample already, u9 has no row: only u1 takes one.
+    assert {uid: row.photo_sample for uid, row in rows.items()} == {"u1": 5, "u2": None, "u3": ord("c")}
+    assert [h.user_id for h in await store.holders([(10, 5)])] == ["u1"]
+
+
 async def test_runs_and_status(store: Store) -> None:
     await store.start_run(RunRecord(run_id="r1", started_at="2026-01-01T00:00:00Z", manifest="m.csv"))
     assert isinstance(await store.begin_attempt(request("u1")), Ticket)

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import json
 import logging
+import os
 import sqlite3
 import struct
 from collections.abc import Callable
@@ -447,3 +448,37 @@ async def test_a_photo_that_cant_be_read_to_be_counted_is_held_back_with_the_row
         "same_001": "shared_photo",
     }
     assert set(sandbox.state.requests) == {"own_000"}
+
+
+def test_sample_photos_gives_rows_sent_before_schema_5_their_samples_where_their_photos_are_unchanged(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    where = sandbox_ledger(tmp_path, threaded_sandbox)
+    out = ["--out", str(tmp_path / "out"), "--no-progress"]
+    first = tmp_path / "first"
+    first.mkdir()
+    assert cli("run", str(shared_manifest(first, shared=1, own=2)), *where, *out)[0] == 0
+    conn = sqlite3.connect(tmp_path / "cp.sqlite")
+    try:  # as a ledger from before schema 5 holds them once migrated
+        conn.execute("UPDATE users SET photo_sample = NULL")
+        conn.commit()
+    finally:
+        conn.close()
+    os.utime(first / "images" / "own_001.png", ns=(1, 1))  # another version than the one sent
+    (first / "images" / "own_000.png").unlink()  # gone
+    code, said, err = cli("sample-photos", *where)
+    assert code == 0, said + err
+    assert (
+        "1 of 3 photos pinned without a sample are sampled now; 1 have changed since they were sent and 1 "
+        in said
+    )
+    # same_000's photo (FACE) is found now, when another manifest names it for a new ID.
+    code, said, err = cli("run", str(other_manifest(tmp_path, first)), *where, *out)
+    assert code == 1, said + err
+    (run,) = sorted(p for p in (tmp_path / "out").iterdir() if p.is_dir())[-1:]
+    with (run / "rejects.csv").open(newline="") as handle:
+        assert {r["user_id"]: r["reason"] for r in csv.DictReader(handle)} == {"new_001": "shared_photo"}
+    assert "new_001" not in threaded_sandbox.state.requests
+    # Asked again, nothing is left to sample but the two it couldn't.
+    code, said, _ = cli("sample-photos", *where)
+    assert code == 0 and said.startswith("0 of 2 photos pinned without a sample are sampled now")

@@ -612,6 +612,33 @@ def find_user(config_file: Path | None, user_ids: tuple[str, ...], **flags: Any)
             click.echo(f"{hashed}\t{user_id}\t{gone}")
 
 
+@main.command("sample-photos")
+@config_option
+@ledger_options()
+@guard
+def sample_photos(config_file: Path | None, **flags: Any) -> None:
+    """Keep the sample of each photo the ledger pinned before it kept samples (ledgers from before schema 5).
+
+    A run's shared-photo census finds the IDs sent from other manifests by their photos' samples. Rows sent
+    before the ledger kept them have none, so a new ID naming one of their photos isn't found. This reads the
+    head and tail of each such photo where it was sent from and keeps its sample (keyed, like the pin), where
+    the photo is still the version sent. Run it once, when no run is using the ledger.
+    """
+    settings = _reading(load_settings(config_file, flags=flags, need_credentials=False))
+    done = compose.sample_photos(settings)
+    left = done.changed + done.unreadable
+    click.echo(
+        f"{done.sampled:,} of {done.unsampled:,} photos pinned without a sample are sampled now"
+        + (
+            f"; {done.changed:,} have changed since they were sent and {done.unreadable:,} can't be read where "
+            "they were sent from: a photo of those IDs shared with a new ID is found only when a manifest line "
+            "names the ID"
+            if left
+            else ""
+        )
+    )
+
+
 def _status_lines(report: LedgerStatus) -> list[str]:
     b = report.binding
     lines = [f"ledger {report.location} (partner {b.partner_id}, {b.endpoint})"]

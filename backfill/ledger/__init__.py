@@ -422,6 +422,11 @@ class Store(ABC):
         holds nothing, nor does a forgotten ID (it has no row); nor a row sent before samples were kept."""
 
     @abstractmethod
+    async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
+        """Keep each (user_id, pin, keyed sample)'s sample where its row still holds that pin and no sample yet:
+        for rows sent before the ledger kept samples (`backfill sample-photos`), durably once it returns."""
+
+    @abstractmethod
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         """Record an attempt, durably, before its bytes leave; or refuse it (pinned to other bytes, terminal)."""
 

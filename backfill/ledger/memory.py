@@ -46,6 +46,12 @@ class MemoryStore(Store):
         found = (tr.holder(row) for row in self.users.values())
         return [h for h in found if h is not None and (h.size, h.sample) in wanted]
 
+    async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
+        for uid, pin, sample in samples:
+            row = self.users.get(uid)
+            if row is not None and row.photo_sha256 == pin and row.photo_sample is None:
+                self.users[uid] = replace(row, photo_sample=sample)
+
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         tombstone = self.tombstones.get(self.photo_key.user(request.user_id))
         result = tr.begin(self.users.get(request.user_id), request, tombstone)

@@ -261,6 +261,10 @@ class SqliteStore(Store):
         found: list[Holder] = await self._call(_holders, self._conn, list(photos))
         return found
 
+    async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
+        if samples:
+            await self._write((_KEEP_SAMPLES, (json.dumps(list(samples)),)))
+
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         # Waited for: "recorded before sent" is the whole point.
         result: Ticket | Refused = await self._write(request)
@@ -894,6 +898,14 @@ _HOLDERS_SQL = (
     "SELECT user_id, image_size, photo_sample, photo_sha256 FROM users WHERE photo_sha256 IS NOT NULL AND "
     "photo_sample IS NOT NULL AND (image_size, photo_sample) IN "
     "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+)
+
+
+# Only where the row still holds the pin the sample was taken for, and no sample yet.
+_KEEP_SAMPLES = (
+    "UPDATE users SET photo_sample = k.sample FROM (SELECT json_extract(value, '$[0]') AS uid, "
+    "json_extract(value, '$[1]') AS pin, json_extract(value, '$[2]') AS sample FROM json_each(?)) AS k "
+    "WHERE users.user_id = k.uid AND users.photo_sha256 = k.pin AND users.photo_sample IS NULL"
 )
 
 

@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator,
 from dataclasses import dataclass
 
 from ..images import Fingerprint, ImageError, ImageProblem, ImageSource
-from ..ledger import Store
+from ..ledger import LedgerRow, Store
 from ..manifest import Batch, Candidate, Manifest, Reject
 from ..vocab import Reason
 from .rows import Rows
@@ -432,6 +432,58 @@ def _holders(store: Store) -> HoldersOf:
         return [(h.user_id, h.size, asked[h.size, h.sample], h.pin) for h in found]
 
     return holders
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sampled:
+    """What `sample_pinned` did: rows pinned before the ledger kept samples, and what became of each."""
+
+    unsampled: int  # pinned rows the ledger held no sample for
+    sampled: int  # of them, sampled now: their photo is where it was sent from, unchanged
+    changed: int  # their photo is there, but not the version sent (another size or change marker)
+    unreadable: int  # their photo can't be checked there now (gone, moved, denied, broken)
+
+
+_SAMPLED_AT_ONCE = 500  # rows checked, and their samples kept, at a time
+
+
+async def sample_pinned(store: Store, images: ImageSource) -> Sampled:
+    """Keeps the sample of each photo the ledger pinned before it kept samples (schema 5), so that later
+    censuses find the IDs it was sent for: each photo is checked where it was sent from (its head and tail
+    read, as a census's check reads them), and kept only where it is still the version sent (its size and
+    change marker, the resume's own quick check), since only then is its sample the pinned photo's."""
+    unsampled = sampled = changed = unreadable = 0
+    key = store.photo_key
+
+    async def flush(part: list[LedgerRow]) -> None:
+        nonlocal sampled, changed, unreadable
+        checked = await images.check_many([row.image_ref or "" for row in part])
+        keep: list[tuple[str, str, int]] = []
+        for row, found in zip(part, checked, strict=True):
+            if not isinstance(found, Fingerprint) or not found.sample:
+                unreadable += 1
+            elif found != row.fingerprint:
+                changed += 1
+            else:
+                keep.append((row.user_id, row.photo_sha256 or "", key.sample(found.sample)))
+        await store.keep_samples(keep)
+        sampled += len(keep)
+
+    part: list[LedgerRow] = []
+    async for row in store.rows():
+        if row.photo_sha256 is None or row.photo_sample is not None:
+            continue
+        unsampled += 1
+        if row.fingerprint is None:
+            unreadable += 1
+            continue
+        part.append(row)
+        if len(part) >= _SAMPLED_AT_ONCE:
+            await flush(part)
+            part = []
+    if part:
+        await flush(part)
+    return Sampled(unsampled=unsampled, sampled=sampled, changed=changed, unreadable=unreadable)
 
 
 class SharedPhotoRows:

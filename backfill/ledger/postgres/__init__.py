@@ -133,6 +133,9 @@ class PostgresStore(Store, Fleet):
     async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
         return await self._records.holders(photos)
 
+    async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
+        await self._records.keep_samples(samples)
+
     async def begin_attempt(self, request: AttemptRequest) -> Ticket | Refused:
         return await self._attempts.begin_attempt(request)
 

@@ -29,6 +29,11 @@ _HOLDERS = (
     "ON u.image_size = p.size AND u.photo_sample = p.sample "
     "WHERE u.photo_sha256 IS NOT NULL AND u.photo_sample IS NOT NULL"
 )
+# Only where the row still holds the pin the sample was taken for, and no sample yet.
+_KEEP_SAMPLES = (
+    "UPDATE backfill.users u SET photo_sample = k.sample FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+    "AS k(user_id, pin, sample) WHERE u.user_id = k.user_id AND u.photo_sha256 = k.pin AND u.photo_sample IS NULL"
+)
 _START = (
     f"INSERT INTO backfill.runs ({', '.join(schema.RUN_COLUMNS)}, heartbeat_at) "
     f"VALUES ({', '.join(['%s'] * len(schema.RUN_COLUMNS))}, now()) ON CONFLICT (run_id) DO NOTHING"
@@ -75,6 +80,13 @@ class Records:
             return [Holder(*found) for found in await cur.fetchall()]
 
         return await self._db.run(work, commit=Commit.READ, what="read")
+
+    async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute(_KEEP_SAMPLES, tuple(list(column) for column in zip(*samples, strict=True)))
+
+        if samples:
+            await self._db.run(work, commit=Commit.DURABLE, what="write")
 
     async def done(self, user_ids: Sequence[str]) -> dict[str, DoneRow]:
         async def work(conn: Conn, retried: bool) -> dict[str, DoneRow]:
