@@ -12,6 +12,11 @@ the ledger for no pin, but is one more pass over the manifest and the ledger's `
 of --resume-rows distinct photos against the fast fake API, with and without the census, in turns; reported,
 with no target (docs/performance.md's resume target is the scale benchmark's).
 
+Then what asking the ledger costs a run's census (`Store.holders`: IDs sent from other manifests count too): the
+census of the clean manifest, as a run takes it, against a SQLite ledger holding --held IDs sent earlier (each
+with a keyed sample, none of them this manifest's photos), with the ledger and without it, in turns; reported, with
+no target.
+
 Writes `shared-<UTC timestamp>.json` (figures, and `targets` with each target's figure and whether it was met)
 to --results-dir.
 """
@@ -129,6 +134,96 @@ def measure(manifest: Path, repeats: int) -> dict[str, Any]:
     }
 
 
+def census_once(manifest: str, ledger: str | None) -> dict[str, Any]:
+    """The census a run takes of `manifest` (every row still to be sent), with the SQLite `ledger` or none."""
+    import asyncio
+
+    from backfill import compose
+    from backfill.config import load_settings
+    from backfill.images.keyed import KeyedImageSource
+    from backfill.ledger.sqlite import SqliteStore
+    from backfill.manifest import open_manifest
+    from backfill.run.shared import take_census
+
+    settings = load_settings(None, environ=ENV, flags={"env": "local"})
+
+    async def go() -> dict[str, Any]:
+        found = open_manifest(Path(manifest), compose.manifest_rules(settings))
+        images = compose.image_source(settings, manifest, policy=compose.retry_policy(settings))
+        store = None if ledger is None else await SqliteStore.open(Path(ledger), None, writable=False)
+        try:
+            if store is not None:
+                images = KeyedImageSource(images, store.photo_key)
+            start = time.perf_counter()
+            shared = await take_census(found, images, max_ids=1, store=store)
+            seconds = time.perf_counter() - start
+            assert shared is not None
+            shared.close()
+            return {"seconds": seconds, "read_whole": shared.read_whole, "groups": shared.groups}
+        finally:
+            await images.close()
+            if store is not None:
+                await store.close()
+
+    return asyncio.run(go())
+
+
+def held_ledger(path: Path, held: int) -> Path:
+    """A SQLite ledger holding `held` enrolled IDs sent earlier, each pinned with a size and keyed sample of a
+    photo no manifest here names (made with the store's own schema, rows written directly: quick to build)."""
+    import asyncio
+    import random
+    import sqlite3
+
+    from backfill.ledger import Binding
+    from backfill.ledger.sqlite import SqliteStore
+
+    marker = path.with_suffix(f".held-{held}")
+    if marker.exists():
+        return path
+    for old in path.parent.glob(path.name + "*"):
+        old.unlink()
+    binding = Binding(partner_id=ENV["SMILE_PARTNER_ID"], endpoint="http://127.0.0.1:1")
+
+    async def make() -> None:
+        await (await SqliteStore.open(path, binding, writable=True)).close()
+
+    asyncio.run(make())
+    rng = random.Random(7)
+    conn = sqlite3.connect(path)
+    try:
+        conn.executemany(
+            "INSERT INTO users (user_id, state, attempts, doubt, photo_sha256, image_ref, image_size, "
+            "image_version, photo_sample) VALUES (?, 'enrolled', 1, 0, ?, ?, ?, '1', ?)",
+            (
+                (f"earlier{i:08d}", f"{i:064x}", f"/elsewhere/{i}.png", 69, rng.getrandbits(63) or 1)
+                for i in range(held)
+            ),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    marker.touch()
+    return path
+
+
+def measure_ledger_census(manifest: Path, work: Path, held: int, repeats: int) -> dict[str, Any]:
+    """The census of `manifest` with a ledger of `held` earlier IDs and without one, in turns; the best of each."""
+    ledger = held_ledger(work / "held-ledger.sqlite", held)
+    runs: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
+    for _ in range(repeats):
+        runs["without"].append(in_child(census_once, str(manifest), None))
+        runs["with"].append(in_child(census_once, str(manifest), str(ledger)))
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
+    return {
+        "held": held,
+        "without": best["without"],
+        "with": best["with"],
+        "with_over_without_time": best["with"]["seconds"] / best["without"]["seconds"],
+        "seconds_every_turn": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()},
+    }
+
+
 def measure_sample(repeats: int, rows_per_s: float) -> dict[str, Any]:
     """The stable sample (`sample_of`) against the per-process one it replaced (Python's hash), over what the check
     of a photo past 8 KB reads first (a 4 KB head, a 1 KB tail), each on new bytes objects (a bytes object keeps
@@ -164,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resume-rows", type=int, default=20_000, help="rows of the completed job resumed")
+    parser.add_argument("--held", type=int, default=1_000_000, help="IDs sent earlier in the census's ledger")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     parser.add_argument(
         "--data-dir",
@@ -183,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     results: dict[str, Any] = {"clean": measure(clean, repeats), "shared": measure(shared, repeats)}
     results["sample"] = measure_sample(repeats, results["clean"]["after"]["rows_per_s"])
+    held = 1000 if args.smoke else args.held
+    results["ledger_census"] = measure_ledger_census(clean, work, held, repeats)
     resume_rows = 100 if args.smoke else min(args.resume_rows, rows)
     done = data.tiny_manifest(work / f"resume-{resume_rows}.csv", tree, resume_rows)
     results["resume"] = measure_resume(done, work, repeats)
@@ -215,6 +313,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['seeded']['rows_per_s']:,.0f}, {r['after_over_seeded']:.2f}); "
             f"{r['after']['shared_photos']} shared photos, {r['after']['read_whole']} read whole"
         )
+    census = results["ledger_census"]
+    print(
+        f"a run's census of the clean manifest: {census['without']['seconds']:.2f} s without a ledger, "
+        f"{census['with']['seconds']:.2f} s against a ledger of {held:,} IDs sent earlier "
+        f"({census['with_over_without_time']:.2f} x the time)"
+    )
     sample = results["sample"]
     print(
         f"sample of a 4 KB head and 1 KB tail: stable {sample['stable_us']:.2f} us, the per-process hash it "
