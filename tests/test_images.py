@@ -813,3 +813,23 @@ def test_distinct_pngs_of_one_size_have_distinct_samples() -> None:
     for data in photos:
         by_size.setdefault(len(data), set()).add(sample_in(data))
     assert sum(len(s) for s in by_size.values()) == len(photos)
+
+
+async def test_a_photo_rewritten_at_its_size_with_its_mtime_kept_is_read_with_its_own_sample(
+    tmp_path: Path,
+) -> None:
+    """`cp -p` or `rsync -t` over a checked photo: the same size and mtime, other bytes. The read sends these
+    bytes (and the ledger pins them): the sample it gives must be theirs, or a later census would look for the
+    old photo's."""
+    source = LocalImageSource(base=tmp_path, root=None, max_bytes=1 << 20)
+    photo = tmp_path / "a.png"
+    photo.write_bytes(tiny_png(1))
+    (checked,) = await source.check_many(["a.png"])
+    assert isinstance(checked, Fingerprint)
+    stamp = photo.stat().st_mtime_ns
+    photo.write_bytes(tiny_png(2))
+    os.utime(photo, ns=(stamp, stamp))
+    assert len(tiny_png(1)) == len(tiny_png(2))
+    read = await source.read(checked)
+    assert read.data == tiny_png(2) and read.fingerprint == checked  # the same version, by its marks
+    assert read.fingerprint.sample == sample_in(tiny_png(2)) != checked.sample

@@ -82,10 +82,12 @@ class PhotoKey:
         """The keyed form of a photo's `Fingerprint.sample`, as the ledger keeps it beside the pin, so that a later
         run's shared-photo census finds the IDs a photo was sent for without reading their photos: a signed 64-bit
         integer (what SQLite and PostgreSQL hold), never 0. Like the pin, no one without the secret can compute it
-        from a photo. Another label than a pin's or a user's, so none can be told from the others."""
-        message = b"photo sample\0" + sample.to_bytes(8, "big", signed=sample < 0)
-        keyed = int.from_bytes(hmac.new(self.secret, message, "sha256").digest()[:8], "big", signed=True)
-        return keyed or 1
+        from a photo. BLAKE2b in its keyed mode (a MAC by design), personalised apart from the pin's and the
+        user's HMACs: a third of an HMAC's time, since the census keys every photo it counts."""
+        keyed = hashlib.blake2b(
+            sample.to_bytes(8, "big", signed=True), key=self.secret, digest_size=8, person=b"photo sample"
+        )
+        return int.from_bytes(keyed.digest(), "big", signed=True) or 1
 
     def of(self, data: bytes) -> str:
         """The keyed digest of these bytes."""

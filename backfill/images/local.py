@@ -327,10 +327,19 @@ class LocalImageSource(ImageSource):
                 )
             )
         version = str(after.st_mtime_ns)
+        # The sample of the bytes read, always: a file rewritten in place at its size, its mtime kept (cp -p,
+        # rsync -t, a coarse clock), is the version checked by its marks but not by its bytes, and the ledger
+        # keeps this sample beside these bytes' pin.
+        sample = sample_in(data)
         if after.st_size == checked.size and version == checked.version:
-            fingerprint = checked  # the version checked, as nearly every photo is: no new record to compare
+            # The version checked, as nearly every photo is: no new record, unless its bytes say otherwise.
+            fingerprint = (
+                checked
+                if sample == checked.sample
+                else Fingerprint(ref=ref, size=after.st_size, version=version, sample=sample)
+            )
         else:
-            fingerprint = Fingerprint(ref=ref, size=after.st_size, version=version, sample=sample_in(data))
+            fingerprint = Fingerprint(ref=ref, size=after.st_size, version=version, sample=sample)
             wrong = problem(examine_bytes(data), ref, convert=self._convert)
             if wrong is not None:
                 raise ImageError(

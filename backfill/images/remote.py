@@ -458,13 +458,13 @@ class RemoteImageSource(ImageSource):
                     f"{meta['size']:,} bytes: run again",
                 )
             )
-        found = Fingerprint(ref=obj.url, size=meta["size"], version=version_of(meta))
+        # The sample of the bytes read, always (see local.py's read): the ledger keeps it beside their pin.
+        sample = sample_in(data)
+        found = Fingerprint(ref=obj.url, size=meta["size"], version=version_of(meta), sample=sample)
         if found == fingerprint:
-            found = fingerprint  # the version checked, with the sample its check took
+            if sample == fingerprint.sample:
+                found = fingerprint  # the version checked, with the sample its check took
         else:
-            found = Fingerprint(
-                ref=obj.url, size=meta["size"], version=version_of(meta), sample=sample_in(data)
-            )
             # Another version than the one checked: check these very bytes, which are what would go out.
             wrong = problem(examine_bytes(data), repr(obj.url), convert=self._convert)
             if wrong is not None:
