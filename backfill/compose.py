@@ -689,7 +689,8 @@ def validation(settings: Settings, manifest_path: Path | str) -> Validation:
         policy = retry_policy(settings)
         manifest, remote = await load_manifest(settings, manifest_path, policy=policy)
         images = image_source(settings, manifest.name, policy=policy, remote=remote)
-        census = Census(settings.max_ids_per_photo) if settings.max_ids_per_photo else None
+        # Its samples keyed by a key of its own: validate has no ledger, and keeps nothing past its end.
+        census = Census(settings.max_ids_per_photo, PhotoKey.new()) if settings.max_ids_per_photo else None
         valid, rejects = 0, []
         try:
             for batch in manifest.batches():

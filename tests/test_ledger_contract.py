@@ -341,6 +341,11 @@ async def test_holders_are_found_by_size_and_sample_alone(store: Store) -> None:
     assert await store.holders([(11, ord("a")), (10, ord("z")), (10, 0)]) == []
     assert [h.user_id for h in await store.holders([(10, ord("b")), (10, ord("c"))])] == ["u3"]
     assert await store.holders([]) == []
+    # A page at a time, in (size, sample, user_id) order, from the one after the last of the page before.
+    first = await store.holders([(10, ord("a")), (10, ord("b"))], limit=2)
+    assert [h.user_id for h in first] == ["u1", "u2"]
+    rest = await store.holders([(10, ord("a")), (10, ord("b"))], after=first[-1], limit=2)
+    assert [h.user_id for h in rest] == ["u3"]
     (row,) = (await store.lookup(["u4"])).values()
     assert row.photo_sample is None and row.photo_sha256 == "c" * 64
 

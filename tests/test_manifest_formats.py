@@ -385,3 +385,7 @@ def test_json_lines_not_in_utf_8_gets_advice_for_code_not_for_excel(tmp_path: Pa
     zipped.write_bytes(b"PK\x03\x04" + bytes([0xFF]) * 20)
     with pytest.raises(ManifestError, match="is a ZIP file or an Excel workbook, not JSON lines"):
         open_manifest(zipped, ManifestRules())
+    gzipped = tmp_path / "g.jsonl"
+    gzipped.write_bytes(b"\x1f\x8b" + bytes([0xFF]) * 20)
+    with pytest.raises(ManifestError, match=r"gzip-compressed: decompress it and give the \.jsonl file"):
+        open_manifest(gzipped, ManifestRules())

@@ -24,11 +24,12 @@ from backfill.ledger import Refused
 from backfill.ledger.postgres.schema import SCHEMA_VERSION as PG_SCHEMA
 from backfill.ledger.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from backfill.manifest import open_manifest
+from backfill.run import shared
 from backfill.run.shared import Census
-from backfill.sandbox import RunningSandbox
+from backfill.sandbox import Faults, RunningSandbox, start_sandbox
 from backfill.vocab import Reason
 
-from .conftest import cli, png_bytes, sandbox_ledger, write_manifest
+from .conftest import API_KEY, PARTNER_ID, Sleeps, cli, png_bytes, sandbox_ledger, write_manifest
 from .test_promise import CountingImages, rejects, results
 
 FACE = png_bytes(999)  # the one photo every shared row names
@@ -186,7 +187,7 @@ async def test_only_photos_alike_in_size_head_and_tail_are_read_whole(tmp_path: 
     rows += [("a1", "2021-08-12", "a.png"), ("a2", "2021-08-12", "a_again.png"), ("b", "2021-08-12", "b.png")]
     manifest = open_manifest(write_manifest(tmp_path, rows), compose.manifest_rules(Settings()))
     images = CountingImages(tmp_path)
-    census = Census(1)
+    census = Census(1, PhotoKey.new())
     try:
         for batch in manifest.batches():
             checked = await images.check_many([c.image for c in batch.candidates])
@@ -297,7 +298,10 @@ async def test_an_id_sent_from_another_manifest_counts_and_a_new_id_naming_its_p
     refused = rejects(again)
     assert {uid: r["reason"] for uid, r in refused.items()} == {"new_001": "shared_photo"}
     said = refused["new_001"]["message"]
-    assert "named by 2 different user_ids (lines 2; and 1 more user_id on no line of this manifest" in said
+    assert (
+        "named by 2 different user_ids (lines 2; and 1 more user_id sent with it earlier, which no line"
+        in said
+    )
     assert "new_001" not in sandbox.state.requests and sandbox.state.requests["new_002"] == 1
     # same_000 stays enrolled, untouched.
     rerun = await compose.run(make_settings(sandbox, **where), first / "manifest.csv")
@@ -482,3 +486,39 @@ def test_sample_photos_gives_rows_sent_before_schema_5_their_samples_where_their
     # Asked again, nothing is left to sample but the two it couldn't.
     code, said, _ = cli("sample-photos", *where)
     assert code == 0 and said.startswith("0 of 2 photos pinned without a sample are sampled now")
+
+
+async def test_a_row_the_ledger_holds_for_its_own_id_alone_is_not_read_whole_again(
+    tmp_path: Path, make_settings: Callable[..., Settings], sleeps: Sleeps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row sent before and not done (here a 503 its one attempt ended on) is pinned in the ledger to its own
+    ID: alike to its own photo, it is no candidate, and the re-run's census reads no photo whole."""
+    manifest = shared_manifest(tmp_path, shared=0, own=3)
+    async with await start_sandbox(PARTNER_ID, API_KEY, faults=Faults(script={"own_000": [503]})) as server:
+        first = await compose.run(make_settings(server, max_attempts=1), manifest, sleep=sleeps)
+        assert first.counts == {"enrolled": 2, "retry_exhausted": 1}
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="backfill"):
+            again = await compose.run(make_settings(server), manifest, sleep=sleeps)
+    [counted] = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+    fields = getattr(counted, "fields")  # noqa: B009 - set by the logger's `extra`, unknown to its type
+    assert fields == {"photos": 1, "read_whole": 0, "shared_photos": 0, "rejected": 0}
+    assert again.counts == {"skipped": 2, "enrolled": 1}
+
+
+async def test_the_ledgers_ids_come_a_page_at_a_time_and_all_count(
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Five IDs sent with FACE earlier (that run allowed it), a new one now: with pages of two IDs, all five are
+    fetched and counted, none of their photos read."""
+    first = tmp_path / "first"
+    first.mkdir()
+    allowed = make_settings(sandbox, max_ids_per_photo=5)
+    assert (await compose.run(allowed, shared_manifest(first, shared=5, own=0))).counts == {"enrolled": 5}
+    monkeypatch.setattr(shared, "HOLDERS_PAGE", 2)
+    again = await compose.run(make_settings(sandbox), later_manifest(tmp_path, first, ["new_001:face"]))
+    said = rejects(again)["new_001"]["message"]
+    assert "named by 6 different user_ids (lines 2; and 5 more user_ids sent with it earlier" in said

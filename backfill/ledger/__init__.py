@@ -125,6 +125,9 @@ def evolve(row: LedgerRow, **changes: Any) -> LedgerRow:
     return row_of(values)
 
 
+HOLDERS_PAGE = 10_000  # rows `Store.holders` answers at most at a time
+
+
 class Holder(NamedTuple):
     """An ID the ledger pins to a photo of some size and keyed sample (`Store.holders`), and that pin."""
 
@@ -416,10 +419,15 @@ class Store(ABC):
         }
 
     @abstractmethod
-    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+    async def holders(
+        self, photos: Sequence[tuple[int, int]], after: Holder | None = None, limit: int = HOLDERS_PAGE
+    ) -> list[Holder]:
         """The IDs the ledger pins to a photo of one of these (size, keyed sample) pairs, whichever manifest
         named them: what the shared-photo census asks so that photos sent earlier count too. A released pin
-        holds nothing, nor does a forgotten ID (it has no row); nor a row sent before samples were kept."""
+        holds nothing, nor does a forgotten ID (it has no row); nor a row sent before samples were kept.
+
+        At most `limit` of them, in (size, sample, user_id) order, from the one after `after`: a photo may be
+        pinned to a million IDs, and the caller holds one page at a time."""
 
     @abstractmethod
     async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
@@ -480,6 +488,7 @@ class Store(ABC):
 
 
 __all__ = [
+    "HOLDERS_PAGE",
     "TRANSIENT_STATES",
     "AttemptRequest",
     "Binding",

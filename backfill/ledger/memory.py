@@ -9,6 +9,7 @@ from dataclasses import replace
 from ..images import PhotoKey
 from ..vocab import TRANSIENT_STATES, State
 from . import (
+    HOLDERS_PAGE,
     AttemptRequest,
     Binding,
     Forgetting,
@@ -41,10 +42,22 @@ class MemoryStore(Store):
     async def lookup(self, user_ids: Sequence[str]) -> dict[str, LedgerRow]:
         return {uid: self.users[uid] for uid in user_ids if uid in self.users}
 
-    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+    async def holders(
+        self, photos: Sequence[tuple[int, int]], after: Holder | None = None, limit: int = HOLDERS_PAGE
+    ) -> list[Holder]:
         wanted = set(photos)
-        found = (tr.holder(row) for row in self.users.values())
-        return [h for h in found if h is not None and (h.size, h.sample) in wanted]
+        order = tr.holders_order
+        found = sorted(
+            (
+                h
+                for h in map(tr.holder, self.users.values())
+                if h is not None
+                and (h.size, h.sample) in wanted
+                and (after is None or order(h) > order(after))
+            ),
+            key=order,
+        )
+        return found[:limit]
 
     async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
         for uid, pin, sample in samples:

@@ -23,6 +23,7 @@ from ..errors import LedgerError, LedgerLocked
 from ..images import PhotoKey
 from ..vocab import DONE_STATES, FINISHED_STATES, TRANSIENT_STATES, State
 from . import (
+    HOLDERS_PAGE,
     AttemptRequest,
     Binding,
     DoneRow,
@@ -256,9 +257,11 @@ class SqliteStore(Store):
         found: dict[str, DoneRow] = await self._call(_done, self._conn, list(user_ids))
         return found
 
-    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+    async def holders(
+        self, photos: Sequence[tuple[int, int]], after: Holder | None = None, limit: int = HOLDERS_PAGE
+    ) -> list[Holder]:
         self._raise_if_failed()
-        found: list[Holder] = await self._call(_holders, self._conn, list(photos))
+        found: list[Holder] = await self._call(_holders, self._conn, list(photos), after, limit)
         return found
 
     async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
@@ -894,11 +897,15 @@ def _done(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, DoneRow]:
 
 
 # `transitions.holder`'s rule in SQL: a pin, a size and a sample, all set (the index holds only sampled rows).
+# In users_photo's own order, (size, sample) and then user_id (the key of a WITHOUT ROWID table's every index).
 _HOLDERS_SQL = (
     "SELECT user_id, image_size, photo_sample, photo_sha256 FROM users WHERE photo_sha256 IS NOT NULL AND "
     "photo_sample IS NOT NULL AND (image_size, photo_sample) IN "
-    "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+    "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)) "
+    "AND (image_size, photo_sample, user_id) > (?, ?, ?) "
+    "ORDER BY image_size, photo_sample, user_id LIMIT ?"
 )
+_BEFORE_ALL = (-(2**63), -(2**63), "")  # a (size, sample, user_id) below any
 
 
 # Only where the row still holds the pin the sample was taken for, and no sample yet.
@@ -909,9 +916,12 @@ _KEEP_SAMPLES = (
 )
 
 
-def _holders(conn: sqlite3.Connection, photos: list[tuple[int, int]]) -> list[Holder]:
+def _holders(
+    conn: sqlite3.Connection, photos: list[tuple[int, int]], after: Holder | None, limit: int
+) -> list[Holder]:
     make = tuple.__new__
-    return [make(Holder, found) for found in conn.execute(_HOLDERS_SQL, (json.dumps(photos),))]
+    since = _BEFORE_ALL if after is None else tr.holders_order(after)
+    return [make(Holder, found) for found in conn.execute(_HOLDERS_SQL, (json.dumps(photos), *since, limit))]
 
 
 def _page(conn: sqlite3.Connection, states: list[str] | None, after: str, size: int) -> list[LedgerRow]:

@@ -130,6 +130,11 @@ def holder(row: LedgerRow) -> Holder | None:
     return Holder(user_id=row.user_id, size=row.image_size, sample=row.photo_sample, pin=row.photo_sha256)
 
 
+def holders_order(holder: Holder) -> tuple[int, int, str]:
+    """The order `Store.holders` answers in, a page at a time: the index's own, (size, sample, user_id)."""
+    return holder.size, holder.sample, holder.user_id
+
+
 def must_be_durable(outcome: Outcome) -> bool:
     """Whether `settle` must wait for the disk: when losing the outcome in a crash would overstate doubt.
 

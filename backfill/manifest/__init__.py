@@ -1099,7 +1099,10 @@ def _encoding_error(
         if rules.utf8 and start.startswith((b"\xff\xfe", b"\xfe\xff")):
             return ManifestError(f"{snapshot.name} is UTF-16 text, not UTF-8. {fix}")
         if start.startswith(b"\x1f\x8b"):
-            return ManifestError(f"{snapshot.name} is gzip-compressed: decompress it and give the .csv file")
+            plain = ".csv" if kind is ManifestFormat.CSV else ".jsonl"
+            return ManifestError(
+                f"{snapshot.name} is gzip-compressed: decompress it and give the {plain} file"
+            )
         if start.startswith(b"PK\x03\x04"):
             what = "CSV" if kind is ManifestFormat.CSV else "JSON lines"
             return ManifestError(f"{snapshot.name} is a ZIP file or an Excel workbook, not {what}. {fix}")

@@ -46,8 +46,8 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..images import Fingerprint, ImageError, ImageProblem, ImageSource
-from ..ledger import LedgerRow, Store
+from ..images import Fingerprint, ImageError, ImageProblem, ImageSource, PhotoKey
+from ..ledger import HOLDERS_PAGE, Holder, LedgerRow, Store
 from ..manifest import Batch, Candidate, Manifest, Reject
 from ..vocab import Reason
 from .rows import Rows
@@ -87,16 +87,23 @@ class SharedGroup:
 
 
 class Census:
-    """The photos of one manifest's rows, added a chunk at a time; `settle` says which are shared."""
+    """The photos of one manifest's rows, added a chunk at a time; `settle` says which are shared.
 
-    def __init__(self, max_ids: int) -> None:
+    `key` keys every sample the census holds (`PhotoKey.sample`): a run's is the ledger's, so that its samples
+    compare with the ledger's own; `validate`'s a throwaway one. A sample is a plain SHA-256 of a photo's first
+    and last bytes, which anyone holding the photo could compute: keyed, the temporary file that may spill to
+    TMPDIR holds nothing that tells of a photo.
+    """
+
+    def __init__(self, max_ids: int, key: PhotoKey) -> None:
         if max_ids < 1:
             raise ValueError(f"max_ids must be at least 1, not {max_ids}")
         self.max_ids = max_ids
         self.photos = 0
+        self._key = key
         # "": a private temporary database, on disk (SQLite spills it past its small page cache), removed when
-        # closed. It holds lines, user_ids, sizes and paths; never a photo's bytes, nor a digest of one past
-        # `settle`.
+        # closed. It holds lines, user_ids, sizes, keyed samples and paths; never a photo's bytes, nor a digest
+        # of one past `settle`.
         self._db = sqlite3.connect("", isolation_level=None)
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
@@ -109,10 +116,14 @@ class Census:
     def add(self, rows: Iterable[tuple[int, str, Fingerprint]]) -> None:
         """Rows that may be sent, whose photo passed its checks: (line, user_id, the fingerprint it gave)."""
         before = self._db.total_changes
+        keyed = self._key.sample
         with self._transaction():  # one per chunk: a transaction per row costs nearly twice as much
             self._db.executemany(
                 "INSERT INTO photo VALUES (?, ?, ?, ?, ?, ?, 0)",
-                ((line, uid, f.size, f.sample, f.ref, f.version) for line, uid, f in rows),
+                (
+                    (line, uid, f.size, keyed(f.sample) if f.sample else 0, f.ref, f.version)
+                    for line, uid, f in rows
+                ),
             )
         self.photos += self._db.total_changes - before
 
@@ -151,14 +162,21 @@ class Census:
         if holders is not None:
             keys = db.execute("SELECT DISTINCT size, sample FROM photo WHERE done = 0 AND sample != 0")
             while chunk := keys.fetchmany(_LOOKUP):
-                db.executemany("INSERT INTO held VALUES (?, ?, ?, ?)", await holders(chunk))
-        db.execute("CREATE INDEX held_key ON held (size, sample)")
-        # Candidates: rows that may be sent whose size and sample are shared by more rows than allowed, or are
-        # those of a photo the ledger pins to some ID, or whose size is that of a photo a done row was sent with.
+                after: Holder | None = None
+                while True:  # a page at a time: a placeholder photo may be pinned to a million IDs
+                    page = await holders(chunk, after, HOLDERS_PAGE)
+                    db.executemany("INSERT INTO held VALUES (?, ?, ?, ?)", page)
+                    if len(page) < HOLDERS_PAGE:
+                        break
+                    after = page[-1]
+        # Candidates: rows that may be sent whose size and sample are named by more IDs than allowed, counting
+        # this manifest's and the ledger's (an ID both on a line and in the ledger once, so that a row held by
+        # its own ID alone, as every row of a re-run is, is no candidate); or whose size is that of a photo a
+        # done row was sent with.
         candidates = db.execute(
             "SELECT line, user_id, ref, size, version FROM photo WHERE done = 0 AND ((size, sample) IN "
-            "(SELECT size, sample FROM photo WHERE done = 0 GROUP BY size, sample HAVING count(*) > ?) "
-            "OR (size, sample) IN (SELECT size, sample FROM held) "
+            "(SELECT size, sample FROM (SELECT user_id, size, sample FROM photo WHERE done = 0 UNION "
+            "SELECT user_id, size, sample FROM held) GROUP BY size, sample HAVING count(*) > ?) "
             "OR size IN (SELECT size FROM photo WHERE done = 1))",
             (self.max_ids,),
         )
@@ -243,9 +261,8 @@ class Census:
 
 # The pins the ledger holds for these user_ids (keyed, as a run's photos are), None where it holds none.
 PinsOf = Callable[[list[str]], Awaitable[Mapping[str, str | None]]]
-# The IDs the ledger pins to a photo of one of these (size, sample) pairs, as (user_id, size, sample, pin): the
-# samples as a check gives them (the ledger's are keyed; take_census's `_holders` translates).
-HoldersOf = Callable[[list[tuple[int, int]]], Awaitable[list[tuple[str, int, int, str]]]]
+# `Store.holders`: the IDs the ledger pins to a photo of one of these (size, keyed sample) pairs, a page at a time.
+HoldersOf = Callable[[list[tuple[int, int]], "Holder | None", int], Awaitable[list[Holder]]]
 
 
 async def _pin(images: ImageSource, fingerprint: Fingerprint) -> str | ImageProblem:
@@ -357,8 +374,8 @@ def message(group: SharedGroup, max_ids: int) -> str:
     )
     if group.elsewhere:
         earlier += (
-            f"; and {group.elsewhere} more user_id{'s' if group.elsewhere > 1 else ''} on no line of this "
-            "manifest, sent with it earlier (the ledger pins it to them; they stay as they are)"
+            f"; and {group.elsewhere} more user_id{'s' if group.elsewhere > 1 else ''} sent with it earlier, "
+            "which no line here names with it (the ledger pins it to them; they stay as they are)"
         )
     return (
         f"the same photo (by content) is named by {group.rows} different user_ids (lines "
@@ -380,7 +397,7 @@ async def take_census(
     """The census of every row of `manifest` that passes its text rules and may be sent (neither done nor
     forgotten in `store`), each photo checked as a run checks it (head and tail read). None if `stopping` said
     so first."""
-    census = Census(max_ids)
+    census = Census(max_ids, store.photo_key if store is not None else PhotoKey.new())
     try:
         batches = manifest.batches()
         while (batch := await asyncio.to_thread(next, batches, None)) is not None:
@@ -409,7 +426,7 @@ async def take_census(
             )
         if store is None:
             return await census.settle(images)
-        return await census.settle(images, _pins(store), _holders(store))
+        return await census.settle(images, _pins(store), store.holders)
     except BaseException:
         census.close()
         raise
@@ -420,18 +437,6 @@ def _pins(store: Store) -> PinsOf:
         return {uid: row.photo_sha256 for uid, row in (await store.lookup(user_ids)).items()}
 
     return pins
-
-
-def _holders(store: Store) -> HoldersOf:
-    """`Store.holders`, asked and answered with samples as a check gives them (the ledger keeps them keyed)."""
-    keyed = store.photo_key.sample
-
-    async def holders(photos: list[tuple[int, int]]) -> list[tuple[str, int, int, str]]:
-        asked = {(size, keyed(sample)): sample for size, sample in photos}
-        found = await store.holders(list(asked))
-        return [(h.user_id, h.size, asked[h.size, h.sample], h.pin) for h in found]
-
-    return holders
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

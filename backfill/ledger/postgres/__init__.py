@@ -27,6 +27,7 @@ from ...images import PhotoKey
 from ...manifest import Batch
 from ...vocab import State
 from .. import (
+    HOLDERS_PAGE,
     AttemptRequest,
     Binding,
     DoneRow,
@@ -130,8 +131,10 @@ class PostgresStore(Store, Fleet):
     async def done(self, user_ids: Sequence[str]) -> dict[str, DoneRow]:
         return await self._records.done(user_ids)
 
-    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
-        return await self._records.holders(photos)
+    async def holders(
+        self, photos: Sequence[tuple[int, int]], after: Holder | None = None, limit: int = HOLDERS_PAGE
+    ) -> list[Holder]:
+        return await self._records.holders(photos, after, limit)
 
     async def keep_samples(self, samples: Sequence[tuple[str, str, int]]) -> None:
         await self._records.keep_samples(samples)

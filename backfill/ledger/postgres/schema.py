@@ -36,7 +36,8 @@ CREATE INDEX IF NOT EXISTS queue_finished_by ON backfill.queue (finished_by) WHE
 # How the shared-photo census finds the IDs pinned to a photo like one it may send (`Store.holders`). Made after
 # the migrations, since an older ledger's `users` gains its column in one of them.
 PHOTO_INDEX = """
-CREATE INDEX IF NOT EXISTS users_photo ON backfill.users (image_size, photo_sample) WHERE photo_sample IS NOT NULL
+CREATE INDEX IF NOT EXISTS users_photo ON backfill.users (image_size, photo_sample, user_id)
+    WHERE photo_sample IS NOT NULL
 """
 # A forgotten user's tombstone (`backfill forget`): its ID's keyed hash, never the ID; no personal data.
 _FORGOTTEN = f"""

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 
 from ...vocab import TRANSIENT_STATES, State
-from .. import Binding, DoneRow, Holder, LedgerRow, LedgerStatus, Process, QueueState, RunRecord
+from .. import HOLDERS_PAGE, Binding, DoneRow, Holder, LedgerRow, LedgerStatus, Process, QueueState, RunRecord
 from . import schema
 from .connection import Commit, Database
 from .schema import Conn
@@ -27,8 +27,11 @@ _HOLDERS = (
     "SELECT u.user_id, u.image_size, u.photo_sample, u.photo_sha256 FROM backfill.users u "
     "JOIN unnest(%s::bigint[], %s::bigint[]) AS p(size, sample) "
     "ON u.image_size = p.size AND u.photo_sample = p.sample "
-    "WHERE u.photo_sha256 IS NOT NULL AND u.photo_sample IS NOT NULL"
+    "WHERE u.photo_sha256 IS NOT NULL AND u.photo_sample IS NOT NULL "
+    "AND (u.image_size, u.photo_sample, u.user_id) > (%s, %s, %s) "
+    "ORDER BY u.image_size, u.photo_sample, u.user_id LIMIT %s"
 )
+_BEFORE_ALL = (-(2**63), -(2**63), "")  # a (size, sample, user_id) below any
 # Only where the row still holds the pin the sample was taken for, and no sample yet.
 _KEEP_SAMPLES = (
     "UPDATE backfill.users u SET photo_sample = k.sample FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
@@ -72,11 +75,14 @@ class Records:
 
         return await self._db.run(work, commit=Commit.READ, what="read")
 
-    async def holders(self, photos: Sequence[tuple[int, int]]) -> list[Holder]:
+    async def holders(
+        self, photos: Sequence[tuple[int, int]], after: Holder | None = None, limit: int = HOLDERS_PAGE
+    ) -> list[Holder]:
+        since = _BEFORE_ALL if after is None else (after.size, after.sample, after.user_id)
+
         async def work(conn: Conn, retried: bool) -> list[Holder]:
-            cur = await conn.execute(
-                _HOLDERS, ([size for size, _ in photos], [sample for _, sample in photos])
-            )
+            sizes, samples = [size for size, _ in photos], [sample for _, sample in photos]
+            cur = await conn.execute(_HOLDERS, (sizes, samples, *since, limit))
             return [Holder(*found) for found in await cur.fetchall()]
 
         return await self._db.run(work, commit=Commit.READ, what="read")
