@@ -1030,6 +1030,27 @@ async def test_a_row_stopped_before_its_retry_goes_back_to_the_fleet_not_finishe
         ]  # another process retries them
 
 
+async def test_closing_the_claim_stage_tells_its_finished_rows_at_once_not_after_the_flush_delay(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from backfill.run import claims as claim_stage
+    from backfill.run.claims import Claims
+
+    # A delay no test outlives: a close that waited it out fails by the bound below, whatever the machine's speed.
+    monkeypatch.setattr(claim_stage, "FINISH_EVERY_S", 3600.0)
+    async with two_processes(pg_url) as (a, _):
+        rows = [Candidate(line=2, user_id="u0", user_created_at="2021-01-01", image="u0.png")]
+        await a.load("m1", "m.csv", _rows(rows))
+        manifest = SimpleNamespace(sha256="m1", name="m.csv")
+        claims = Claims(a, manifest, batch=10, stopping=lambda: False, nap=asyncio.sleep)  # type: ignore[arg-type]
+        await claims.next_batch()
+        claims.finished(("u0",))  # its flush is now waiting out FINISH_EVERY_S
+        await asyncio.wait_for(claims.close(), timeout=120)
+        assert await a.unfinished("m1") == 0  # told, not given back
+
+
 def test_a_run_that_loses_its_ledger_for_longer_than_the_bound_exits_2_soon_and_says_so(
     tmp_path: Path, own_cluster: PgCluster, threaded_sandboxes: Any
 ) -> None:

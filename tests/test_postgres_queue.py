@@ -12,7 +12,7 @@ import pytest
 from backfill.errors import LedgerError
 from backfill.ledger import Binding, RunRecord
 from backfill.ledger.postgres import PostgresStore
-from backfill.ledger.postgres.queue import _CLAIM_OPEN, _FINISH
+from backfill.ledger.postgres.queue import _CLAIM_EXPIRED_OR_OPEN, _FINISH
 from backfill.ledger.postgres.schema import SCHEMA_VERSION, integers
 from backfill.manifest import Batch, Candidate
 
@@ -75,15 +75,18 @@ def _filtered(plan: dict[str, Any]) -> int:
 
 
 async def test_a_claim_reads_no_row_that_another_claim_holds(pg_url: str) -> None:
-    """With 2,000 rows in flight, a claim reads the rows it takes and no others: each claim would otherwise read
-    every row in flight before the first it may take (the queue's largest cost per row, in schema 2)."""
+    """With 2,000 rows in flight, a claim reads the rows it takes and no others, among the expired ones or the
+    open: each claim would otherwise read every row in flight before the first it may take (the queue's largest
+    cost per row, in schema 2)."""
     a, b = await _process(pg_url, "run-a"), await _process(pg_url, "run-b")
     try:
         await a.load("m1", "m.csv", _rows(2_100))
         assert len((await a.claim("m1", 2_000)).candidates) == 2_000
         params = {"m": "m1", "n": 50, "me": "run-b", "l": 30.0, "held": "{}"}
         with psycopg.connect(pg_url) as conn:
-            found = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {_CLAIM_OPEN}", params).fetchone()
+            found = conn.execute(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {_CLAIM_EXPIRED_OR_OPEN}", params
+            ).fetchone()
             conn.rollback()  # EXPLAIN ANALYZE made the claim: undone
         assert found is not None
         (plan,) = found[0]

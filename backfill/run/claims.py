@@ -178,6 +178,11 @@ class Claims:
         """Tell the ledger every finished row, then give back the claims of rows this process won't finish."""
         self._closing = True
         if self._flusher is not None:
+            # Woken, not left to wait out FINISH_EVERY_S: nothing more is coming for it to gather, and every
+            # process of a fleet would end half a second late.
+            if self._hurry is None:
+                self._hurry = asyncio.Event()
+            self._hurry.set()
             # Waited for, not cancelled: a finish cut off half-way would hand back rows already in results.csv.
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self._flush()

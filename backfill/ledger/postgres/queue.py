@@ -25,27 +25,39 @@ log = logging.getLogger("backfill")
 # planner may hash the whole manifest's queue for each batch. Each kind of row is read through its own index
 # (schema.py's queue_open and queue_leases), which holds no row another process may still be sending.
 _CLAIM = (
-    "WITH c AS (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND {which} "
-    " ORDER BY {order} LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+    "WITH c AS ({take} LIMIT %(n)s) "
     "UPDATE backfill.queue q SET done = false, finished_by = NULL, claimed_by = %(me)s, "
     " lease_until = now() + make_interval(secs => %(l)s) "
     "WHERE q.manifest_sha256 = %(m)s AND q.line = ANY(ARRAY(SELECT line FROM c)) "
     "RETURNING q.line, q.user_id, q.user_created_at, q.image, q.reason, q.message"
 )
+# One kind of row, each locked as it is read: under the LIMIT of the whole claim, no more are read (or locked) than
+# it takes, so a kind is read only while those before it fall short.
+_KIND = (
+    "SELECT line FROM (SELECT line FROM backfill.queue WHERE manifest_sha256 = %(m)s AND {which} "
+    " ORDER BY {order} LIMIT %(n)s FOR UPDATE SKIP LOCKED) {name}"
+)
 # Rows whose claim's lease ended (its process died, stalled, or forgot it), the longest ended first. Lines this
 # process holds are never claimed again by it, even with their lease run out (an outage longer than the lease):
 # the same row twice in one process would be sent twice at once.
-_CLAIM_EXPIRED = _CLAIM.format(
+_EXPIRED = _KIND.format(
     which="NOT done AND claimed_by IS NOT NULL AND lease_until < now() "
     "AND NOT (claimed_by = %(me)s AND line = ANY(%(held)s::integer[]))",
     order="lease_until",
+    name="expired",
 )
 # Rows no process holds: never claimed, or given back (and no longer left alone).
-_CLAIM_OPEN = _CLAIM.format(
-    which="NOT done AND claimed_by IS NULL AND (lease_until IS NULL OR lease_until < now())", order="line"
+_OPEN = _KIND.format(
+    which="NOT done AND claimed_by IS NULL AND (lease_until IS NULL OR lease_until < now())",
+    order="line",
+    name="open",
 )
+# The expired first, then the open, in one statement, sent with its BEGIN in one round trip (its commit in another).
+_CLAIM_EXPIRED_OR_OPEN = _CLAIM.format(take=f"{_EXPIRED} UNION ALL {_OPEN}")
 # Rows finished by a run that died before its outputs were written: they are in no results.csv.
-_CLAIM_ORPHANED = _CLAIM.format(which="done AND finished_by = ANY(%(dead)s)", order="line")
+_CLAIM_ORPHANED = _CLAIM.format(
+    take=_KIND.format(which="done AND finished_by = ANY(%(dead)s)", order="line", name="orphaned")
+)
 # Where lines are named, a run's claim is tested as `claimed_by IS NOT DISTINCT FROM`: for a run's id the same
 # as `=`, but not a test from which the planner infers `claimed_by IS NOT NULL`, and so picks the index of held
 # rows (queue_leases) and reads it whole for each statement, its statistics having been taken before any line
@@ -226,11 +238,8 @@ class Queue:
                     "AND claimed_by = %s AND NOT done AND NOT (line = ANY(%s::integer[]))",
                     (manifest_sha256, me, held),
                 )
-            cur = await conn.execute(_CLAIM_EXPIRED, params)
+            cur = await conn.execute(_CLAIM_EXPIRED_OR_OPEN, params)
             found = await cur.fetchall()
-            if len(found) < n:
-                cur = await conn.execute(_CLAIM_OPEN, {**params, "n": n - len(found)})
-                found += await cur.fetchall()
             if len(found) < n:
                 # Claimed again (the ledger then skips the done ones), or they would be lost.
                 dead = await dead_runs(conn, self.lease_s)
@@ -250,7 +259,7 @@ class Queue:
             return batch
 
         # Lazy: a claim lost in a crash only expires, and nothing was sent for it.
-        claimed = await self._db.run(work, commit=Commit.LAZY)
+        claimed = await self._db.run(work, commit=Commit.LAZY, pipeline=True)
         held = self._held.setdefault(manifest_sha256, {})
         for c in claimed.candidates:
             self._claims[c.user_id] = (manifest_sha256, c.line)
