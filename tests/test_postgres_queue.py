@@ -10,13 +10,14 @@ import psycopg
 import pytest
 
 from backfill.errors import LedgerError
-from backfill.ledger import Binding, RunRecord
+from backfill.ledger import Binding, RunRecord, Ticket
 from backfill.ledger.postgres import PostgresStore
 from backfill.ledger.postgres.queue import _CLAIM_EXPIRED_OR_OPEN, _FINISH
 from backfill.ledger.postgres.schema import SCHEMA_VERSION, integers
 from backfill.manifest import Batch, Candidate
 
 from .pg_server import ROLE_PASSWORD, PgCluster
+from .test_ledger_contract import request
 
 NEWER = str(int(SCHEMA_VERSION) + 1)  # a later version's schema
 
@@ -227,3 +228,27 @@ async def test_a_role_that_may_not_migrate_a_schema_2_ledger_is_told_who_may(
     ):
         await PostgresStore.open(pg_cluster.url(database, user=role), BINDING, writable=True)
     assert _schema(pg_url) == "2" and "queue_todo" in _queue_indexes(pg_url)  # left as it was
+
+
+async def test_a_role_that_reads_and_writes_the_tables_without_owning_them_runs_a_current_ledger(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    """docs/fleet.md's role: USAGE on the schema, read and write on its tables, owner of nothing. Opening a
+    ledger already at this version's schema creates nothing, so it needs no owner."""
+    store = await _process(pg_url, "r")
+    await store.close()
+    database = pg_url.rsplit("/", 1)[1]
+    role = f"backfill_rw_{os.getpid()}"
+    pg_cluster.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{ROLE_PASSWORD}'")
+    pg_cluster.sql(
+        f"GRANT USAGE ON SCHEMA backfill TO {role}; "
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backfill TO {role}",
+        database,
+    )
+    store = await PostgresStore.open(pg_cluster.url(database, user=role), BINDING, writable=True)
+    try:
+        assert isinstance(await store.begin_attempt(request("rw1")), Ticket)
+        await store.flush()
+        assert [h.user_id for h in await store.holders([(10, ord("a"))])] == ["rw1"]
+    finally:
+        await store.close()

@@ -321,7 +321,11 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
             # An earlier version's writer makes its indexes again before it refuses a newer schema: they go too.
             if meta.get("schema") in ("1", "2") or await _exists(conn, "backfill.queue_todo"):
                 await _migrate_queue(conn, location)
-            await conn.execute(_SCHEMA)
+            if meta.get("schema") != SCHEMA_VERSION:
+                # Made or migrated: CREATE ... IF NOT EXISTS checks its privileges before it looks, so a ledger
+                # already at this schema is left alone, and a role that reads and writes its tables without
+                # owning them (or holding CREATE on the database) opens it.
+                await conn.execute(_SCHEMA)
             await _add_run_note(conn)
             if meta.get("schema") == "1":
                 await _migrate_v1(conn)  # after _SCHEMA: the key goes into its secrets table
