@@ -176,7 +176,7 @@ class SqliteStore(Store):
     Group commit: the writes made in one turn of the event loop are handed to the ledger's thread together, and
     that thread, whenever it is free, takes everything handed to it so far and applies it as one transaction. It
     takes its next group itself, as soon as a commit is done, and wakes the event loop once a group to tell its
-    writers: a group waits for the disk, never for the loop to come round. A caller that must know its write is
+    writers: the next group no longer waits for the loop to have heard of the last one. A caller that must know its write is
     on disk waits for that commit, while one fsync is shared by every write that arrived meanwhile; a write nobody
     waits for (an outcome whose loss costs no promise, a note) costs no future at all. Each write goes through
     the pure transition functions of transitions.py, in the order it was made, so this backend can't drift from
