@@ -12,7 +12,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +189,81 @@ async def test_rows_the_cache_dropped_are_read_from_disk(
                 user_id=uid, number=2, doubt_before=False
             )
     finally:
+        await store.close()
+
+
+# --- a caller hears of its write once it is on disk; the writer takes its next group without the loop ---
+
+
+def _on_disk(path: Path, uid: str) -> bool:
+    """Whether another connection sees `uid`'s row: committed, not just written in an open transaction."""
+    with closing(sqlite3.connect(path)) as other:
+        return other.execute("SELECT 1 FROM users WHERE user_id = ?", (uid,)).fetchone() is not None
+
+
+async def test_a_begun_attempt_is_committed_before_its_caller_hears_of_it(tmp_path: Path) -> None:
+    """ "Recorded before sent": just before each COMMIT, the ledger's thread lets the event loop run everything it
+    has been handed and everything that wakes. A caller told before the commit would resume then, and another
+    connection would not see its row."""
+    path = tmp_path / "ledger.sqlite"
+    store = await SqliteStore.open(path, BINDING, writable=True)
+    loop = asyncio.get_running_loop()
+
+    def hold_each_commit(statement: str) -> None:
+        if statement == "COMMIT":
+            turned = threading.Event()
+            # Two hops: the second call_soon comes after any task the first hop's predecessors woke.
+            loop.call_soon_threadsafe(loop.call_soon, turned.set)
+            turned.wait(60)
+
+    seen: list[bool] = []
+
+    async def begin(uid: str) -> None:
+        assert isinstance(await store.begin_attempt(request(uid)), Ticket)
+        seen.append(_on_disk(path, uid))
+
+    try:
+        await store._call(store._conn.set_trace_callback, hold_each_commit)
+        await asyncio.gather(*(begin(f"u{i}") for i in range(8)))
+        await begin("later")
+        assert seen == [True] * 9
+    finally:
+        await store.close()
+
+
+async def test_the_writer_takes_its_next_group_while_the_event_loop_is_busy(tmp_path: Path) -> None:
+    """The ledger's thread takes the next group itself once a commit is done: a loop busy elsewhere (here, held
+    outright) no longer holds the writes handed to the writer. Two groups commit while the loop runs nothing."""
+    store = await SqliteStore.open(tmp_path / "ledger.sqlite", BINDING, writable=True)
+    began, go, both = threading.Event(), threading.Event(), threading.Event()
+    commits = 0
+
+    def trace(statement: str) -> None:
+        nonlocal commits
+        if statement == "BEGIN IMMEDIATE" and not began.is_set():
+            began.set()
+            go.wait(60)  # the first group holds until the second has been handed over
+        elif statement == "COMMIT":
+            commits += 1
+            if commits == 2:
+                both.set()
+
+    try:
+        await store._call(store._conn.set_trace_callback, trace)
+        first = asyncio.ensure_future(store.begin_attempt(request("a")))
+        assert await asyncio.to_thread(began.wait, 60)
+        second = asyncio.ensure_future(store.begin_attempt(request("b")))
+        while store._unconfirmed < 2:
+            await asyncio.sleep(0)  # the second write made and handed over: a turn or two of the loop
+        go.set()
+        # The loop's thread now waits, running nothing, for the second group's commit.
+        assert both.wait(60), "the second group waited for the event loop"
+        assert [await first, await second] == [
+            Ticket(user_id="a", number=1, doubt_before=False),
+            Ticket(user_id="b", number=1, doubt_before=False),
+        ]
+    finally:
+        go.set()
         await store.close()
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import json
 import logging
 import operator
 import os
+import queue
 import socket
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from itertools import chain
 from pathlib import Path
@@ -157,21 +159,40 @@ _Statement = tuple[str, tuple[Any, ...]]
 _Write = tuple[AttemptRequest | Outcome | _Statement | None, asyncio.Future[Any] | None]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Batch:
+    """The writes made in one turn of the event loop, handed to the ledger's thread together."""
+
+    loop: asyncio.AbstractEventLoop
+    writes: list[_Write]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Call:
+    """Anything else the connection does (a read, a forget, closing it): run on the ledger's thread, told back."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    last: bool = False  # the store's closing: the thread ends once it has run
+
+
 class SqliteStore(Store):
     """SQLite in WAL mode with synchronous=FULL, driven by one thread.
 
-    Group commit: callers queue writes; whenever the writer thread is idle it takes everything queued and applies
-    it as one transaction. A caller that must know its write is on disk waits for that commit, while one fsync is
-    shared by every write that arrived meanwhile; a write nobody waits for (an outcome whose loss costs no
-    promise, a note) costs no future at all. Each write goes through the pure transition functions of
-    transitions.py, in the order it was made, so this backend can't drift from the contract; the rows a group
-    changes are then written with one executemany.
+    Group commit: the writes made in one turn of the event loop are handed to the ledger's thread together, and
+    that thread, whenever it is free, takes everything handed to it so far and applies it as one transaction. It
+    takes its next group itself, as soon as a commit is done, and wakes the event loop once a group to tell its
+    writers: the next group no longer waits for the loop to have heard of the last one. A caller that must know its write is
+    on disk waits for that commit, while one fsync is shared by every write that arrived meanwhile; a write nobody
+    waits for (an outcome whose loss costs no promise, a note) costs no future at all. Each write goes through
+    the pure transition functions of transitions.py, in the order it was made, so this backend can't drift from
+    the contract; the rows a group changes are then written by multi-row statements.
     """
 
     def __init__(
         self,
         conn: sqlite3.Connection,
-        executor: ThreadPoolExecutor,
         *,
         binding: Binding,
         location: str,
@@ -182,13 +203,18 @@ class SqliteStore(Store):
         self.location = location
         self.photo_key = photo_key
         self._conn = conn
-        self._executor = executor
         self._lock = lock
-        self._queue: list[_Write] = []
-        # A group is being committed, or is about to be: a new write waits for the next one, which starts as
-        # soon as this one is on disk. False: the writer is idle, and the next write starts a group.
-        self._writing = False
+        # The writes made in this turn of the loop, not yet handed to the ledger's thread (see _enqueue).
+        self._pending: list[_Write] = []
+        # Writes handed over whose group's commit the loop hasn't heard of yet: close() waits for them.
+        self._unconfirmed = 0
+        # Set on the ledger's thread when a group can't be written, before any caller hears of it: from then on
+        # every write fails with it (a plain attribute: one reference stored, atomic under the GIL).
         self._failure: BaseException | None = None
+        # The ledger's thread's work, in the order given: batches of writes and calls. A SimpleQueue, so that the
+        # thread blocks on it between groups and takes its next group without the event loop's help.
+        self._jobs: queue.SimpleQueue[_Batch | _Call] = queue.SimpleQueue()
+        self._closed = False
         # Rows this store left SENDING (begun, not yet settled), as written: a group reads its rows here instead of
         # SELECTing them again. Touched only on the writer thread, after each commit; exact, because this store is
         # the ledger's one writer (the flock) and every write to users goes through begin/settle.
@@ -201,6 +227,9 @@ class SqliteStore(Store):
         # The ledger's key while it holds any tombstone, else None: only then is a new ID looked for among the
         # forgotten before it is begun (this store is the one writer: none is made behind its back).
         self._forgotten_key: PhotoKey | None = None
+        # The connection is only ever used on this thread: reads, groups, forgets, its closing.
+        self._thread = threading.Thread(target=self._serve, name="ledger", daemon=True)
+        self._thread.start()
 
     @classmethod
     async def open(
@@ -229,20 +258,22 @@ class SqliteStore(Store):
             if lock is not None:
                 os.close(lock)
             raise
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         loop = asyncio.get_running_loop()
         try:
             conn, held, key = await loop.run_in_executor(
-                executor, _connect, path, binding, writable, dict(legacy_endpoints)
+                None, _connect, path, binding, writable, dict(legacy_endpoints)
             )
         except BaseException:
-            executor.shutdown(wait=False)
             if lock is not None:
                 os.close(lock)
             raise
-        store = cls(conn, executor, binding=held, location=str(path), lock=lock, photo_key=key)
-        if await loop.run_in_executor(executor, _any_forgotten, conn):
-            store._forgotten_key = key
+        store = cls(conn, binding=held, location=str(path), lock=lock, photo_key=key)
+        try:
+            if await store._call(_any_forgotten, conn):
+                store._forgotten_key = key
+        except BaseException:
+            await store.close()
+            raise
         return store
 
     # --- the contract ---
@@ -346,31 +377,44 @@ class SqliteStore(Store):
                 f"the ledger {self.location} was opened to read: nothing can be forgotten in it"
             )
         await self.flush()  # every write before it is in, so the rows it reads are the ledger's last word
-        done: Forgetting = await self._call(
-            _forget, self._conn, self.photo_key, user_ids, before, at, by, dry_run
-        )
+        done: Forgetting = await self._call(self._forget_here, user_ids, before, at, by, dry_run)
+        return done
+
+    def _forget_here(
+        self, user_ids: list[str] | None, before: str | None, at: str, by: str, dry_run: bool
+    ) -> Forgetting:
+        """On the ledger's thread, as the caches it clears are only ever touched there."""
+        done = _forget(self._conn, self.photo_key, user_ids, before, at, by, dry_run)
         if not dry_run and done.count:
             self._forgotten_key = self.photo_key
-            self._begun.clear()  # touched on the ledger's thread only: the executor runs one task at a time
+            self._begun.clear()
             self._absent.clear()
         return done
 
     async def close(self) -> None:
+        if self._closed:
+            return
         try:
-            if self._writing and self._failure is None:
+            if (self._pending or self._unconfirmed) and self._failure is None:
                 await self.flush()
         finally:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-            self._executor.shutdown(wait=True)
-            if self._lock is not None:
-                os.close(self._lock)  # closing the descriptor releases the flock
-                self._lock = None
+            self._closed = True
+            try:
+                await self._call(self._conn.close, last=True)
+            finally:
+                if self._lock is not None:
+                    os.close(self._lock)  # closing the descriptor releases the flock
+                    self._lock = None
 
-    # --- the writer: queued on the event loop, applied on the ledger's thread, told back once a group ---
+    # --- the writer: queued on the event loop, taken and applied by the ledger's thread, told back once a group ---
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, fn: Callable[..., Any], *args: Any, last: bool = False) -> Any:
+        if self._closed and not last:
+            raise LedgerError(f"the ledger {self.location} is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Call(fn=fn, args=args, future=future, last=last))
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await future
         except sqlite3.Error as exc:
             # A damaged file can open cleanly and fail on the first read of a users page.
             raise LedgerError(
@@ -389,53 +433,111 @@ class SqliteStore(Store):
     ) -> None:
         # A write nobody waits for still fails loudly: every later caller hears of it here.
         self._raise_if_failed()
-        self._queue.append((what, future))
-        if not self._writing:
-            self._writing = True
+        if self._closed:
+            raise LedgerError(f"the ledger {self.location} is closed: nothing more can be written to it")
+        if not self._pending:
             # A turn of the loop later, so that the writes made in this turn (every worker the last commit woke)
-            # go in the same group.
-            asyncio.get_running_loop().call_soon(self._start_group)
+            # are handed over, and go in a group, together: one hand-off a turn, not one a write.
+            asyncio.get_running_loop().call_soon(self._hand_off)
+        self._pending.append((what, future))
 
-    def _start_group(self) -> None:
-        writes, self._queue = self._queue, []
-        try:
-            self._executor.submit(self._commit, writes, asyncio.get_running_loop())
-        except RuntimeError as exc:  # the executor is shut down: the store was closed under these writes
-            self._failed(writes, exc)
+    def _hand_off(self) -> None:
+        writes, self._pending = self._pending, []
+        if not writes:
+            return  # a failure since failed them (_failed)
+        self._unconfirmed += len(writes)
+        self._jobs.put(_Batch(loop=asyncio.get_running_loop(), writes=writes))
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
             raise _unwritable(self._failure)
 
+    def _serve(self) -> None:
+        """The ledger's thread: wait for work, take everything handed over by then, do it; until closed.
+
+        The calls taken (reads) run first, on what is committed, as a read made while a group was being written
+        always did; then the writes taken, from every batch in the order handed over, are one group.
+        """
+        jobs = self._jobs
+        while True:
+            taken = [jobs.get()]
+            try:
+                while True:
+                    taken.append(jobs.get_nowait())
+            except queue.Empty:
+                pass
+            writes: list[_Write] = []
+            loop: asyncio.AbstractEventLoop | None = None
+            last: _Call | None = None
+            for job in taken:
+                if isinstance(job, _Batch):
+                    writes += job.writes
+                    loop = job.loop
+                elif job.last:
+                    last = job  # the store's closing: after this group, whatever it holds
+                else:
+                    _run(job)
+            if loop is not None:
+                self._commit(writes, loop)
+            if last is not None:
+                _run(last)
+                return
+
     def _commit(self, writes: list[_Write], loop: asyncio.AbstractEventLoop) -> None:
         """On the ledger's thread: apply the group, then wake the event loop once to tell every writer in it."""
+        if self._failure is not None:  # a write handed over before its caller could hear of the failure
+            _tell(loop, self._failed, writes, self._failure)
+            return
         try:
             results = _apply(self._conn, self._begun, self._absent, writes, self._forgotten_key)
         except BaseException as exc:  # any failure: waiters must hear of it, or they wait for ever
-            loop.call_soon_threadsafe(self._failed, writes, exc)
+            self._failure = exc
+            _tell(loop, self._failed, writes, exc)
         else:
-            loop.call_soon_threadsafe(self._committed, writes, results)
+            _tell(loop, self._committed, writes, results)
 
     def _committed(self, writes: list[_Write], results: list[object]) -> None:
+        self._unconfirmed -= len(writes)
         for (what, future), result in zip(writes, results, strict=True):
             if future is not None:
                 if not future.done():  # a waiter cancelled (a stop) no longer wants the result
                     future.set_result(result)
             elif result is Settled.FENCED and isinstance(what, Outcome):
                 _tell_fenced(what)
-        if self._queue:
-            self._start_group()  # these have waited a whole commit already: the next group goes now
-        else:
-            self._writing = False
 
     def _failed(self, writes: list[_Write], exc: BaseException) -> None:
-        # The group was rolled back and nothing more is written: every write in it, and every one queued behind
-        # it, fails with the reason; a later call raises it too (_raise_if_failed).
-        self._failure = exc
-        waiting, self._queue = [*writes, *self._queue], []
+        # The group was rolled back and nothing more is written: every write in it, and every one made since,
+        # fails with the reason; a later call raises it too (_raise_if_failed).
+        self._unconfirmed -= len(writes)
+        waiting, self._pending = [*writes, *self._pending], []
         for _, future in waiting:
             if future is not None and not future.done():
                 future.set_exception(_unwritable(exc))
+
+
+def _run(call: _Call) -> None:
+    """Run `call` on the ledger's thread; its result or error goes back to its caller's loop."""
+    try:
+        result = call.fn(*call.args)
+    except BaseException as exc:
+        _tell(call.future.get_loop(), _settle_future, call.future, None, exc)
+    else:
+        _tell(call.future.get_loop(), _settle_future, call.future, result, None)
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def _tell(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """Wake `loop` to run fn(*args): the one hand-back from the ledger's thread."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: no one is left to tell
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _unwritable(exc: BaseException) -> LedgerError:
