@@ -238,7 +238,7 @@ async def test_a_role_that_reads_and_writes_the_tables_without_owning_them_runs_
     store = await _process(pg_url, "r")
     await store.close()
     database = pg_url.rsplit("/", 1)[1]
-    role = f"backfill_rw_{os.getpid()}"
+    role = f"backfill_rw_current_{os.getpid()}"  # roles are the cluster's: one name a test
     pg_cluster.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{ROLE_PASSWORD}'")
     pg_cluster.sql(
         f"GRANT USAGE ON SCHEMA backfill TO {role}; "
