@@ -173,12 +173,17 @@ class Census:
         # this manifest's and the ledger's (an ID both on a line and in the ledger once, so that a row held by
         # its own ID alone, as every row of a re-run is, is no candidate); or whose size is that of a photo a
         # done row was sent with.
+        # The manifest's own keys are counted on photo_key's index; only keys the ledger holds too are counted
+        # with its IDs (a few, nearly always), so that a manifest with no ledger pays what it always did.
+        db.execute("CREATE INDEX held_key ON held (size, sample)")
         candidates = db.execute(
             "SELECT line, user_id, ref, size, version FROM photo WHERE done = 0 AND ((size, sample) IN "
-            "(SELECT size, sample FROM (SELECT user_id, size, sample FROM photo WHERE done = 0 UNION "
+            "(SELECT size, sample FROM photo WHERE done = 0 GROUP BY size, sample HAVING count(*) > ?) "
+            "OR (size, sample) IN (SELECT size, sample FROM (SELECT user_id, size, sample FROM photo "
+            "WHERE done = 0 AND (size, sample) IN (SELECT size, sample FROM held) UNION "
             "SELECT user_id, size, sample FROM held) GROUP BY size, sample HAVING count(*) > ?) "
             "OR size IN (SELECT size FROM photo WHERE done = 1))",
-            (self.max_ids,),
+            (self.max_ids, self.max_ids),
         )
         # A candidate that can't be read whole can't be counted: it is held back (`unread`), not sent uncounted,
         # or a storage error at this moment would let a shared photo through when it reads again at send time.
