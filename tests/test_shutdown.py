@@ -89,6 +89,17 @@ def test_full_disk_mid_run_stops_cleanly_and_resume_finishes(rig: CrashRig) -> N
     rig.verify(rig.resume_until_done())
 
 
+@pytest.mark.parametrize("limit_kb", [8, 24, 40])
+def test_a_disk_too_full_to_make_the_ledger_is_a_ledger_error_not_a_crash(rig: CrashRig, limit_kb: int) -> None:
+    def tiny_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, limit_kb * 1024))
+
+    code = rig.cycle(preexec=tiny_disk, expect=[2])
+    assert code == 2 and "internal error" not in rig.last_output and "Traceback" not in rig.last_output
+    assert "ledger" in rig.last_output
+
+
 def test_summary_is_json_after_a_clean_stop(rig: CrashRig) -> None:
     rig.cycle(signals=[(1.0, signal.SIGTERM)], expect=[143])
     summary = json.loads(sorted(rig.out.glob("*/summary.json"))[-1].read_text())

@@ -738,7 +738,9 @@ def _connect(
                 _migrate_v3(conn)
             if _meta(conn).get("schema") == "4":
                 _migrate_v4(conn)
-            conn.executescript(_SCHEMA)
+            # One transaction: each statement committed on its own wrote the schema's pages to the WAL again and
+            # again (about 100 KB for a new ledger), and a full disk is then met making the ledger.
+            conn.executescript(f"BEGIN;{_SCHEMA}COMMIT;")
             present = _run_columns(conn)
             # Added within a schema: older versions name their columns, so they read and write it still.
             for column in ("note", *_AUDIT_COLUMNS):
@@ -767,7 +769,11 @@ def _connect(
             ("created_at", now_iso()),
             (_KEY, key.secret.hex()),
         ]
-        conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", rows)
+        try:
+            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", rows)
+        except sqlite3.DatabaseError as exc:  # a full disk, say: the ledger's own error, not a crash
+            conn.close()
+            raise LedgerError(f"can't create the ledger {path}: {exc}") from exc
         return conn, binding, key
     if meta.get("schema") != SCHEMA_VERSION:
         conn.close()
