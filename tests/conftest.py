@@ -64,8 +64,12 @@ def png_bytes(seed: int, size: int = 8) -> bytes:
     )
 
 
-def write_manifest(folder: Path, rows: list[tuple[str, str, str]], *, images: bool = True) -> Path:
-    """A manifest of (user_id, user_created_at, image file name); images are created unless told not to."""
+def write_manifest(
+    folder: Path, rows: list[tuple[str, str, str]], *, images: bool = True, first_seed: int = 0
+) -> Path:
+    """A manifest of (user_id, user_created_at, image file name); images are created unless told not to, row i's
+    as png_bytes(first_seed + i). Two manifests written with the same first_seed name the same photos: for other
+    users in one ledger, give the second another (a photo shared by two IDs is rejected as shared_photo)."""
     (folder / "images").mkdir(exist_ok=True)
     path = folder / "manifest.csv"
     with path.open("w", newline="") as handle:
@@ -74,7 +78,7 @@ def write_manifest(folder: Path, rows: list[tuple[str, str, str]], *, images: bo
         for i, (user_id, created, image) in enumerate(rows):
             writer.writerow([user_id, created, f"images/{image}"])
             if images and not (folder / "images" / image).exists():
-                (folder / "images" / image).write_bytes(png_bytes(i))
+                (folder / "images" / image).write_bytes(png_bytes(first_seed + i))
     return path
 
 

@@ -65,7 +65,7 @@ def test_the_operator_is_the_os_user_unless_named_and_status_shows_who_ran_what(
     code, _, err = cli("run", str(manifest), *where, "--out", str(tmp_path / "out"), "--no-progress")
     assert code == 0, err
     (tmp_path / "more").mkdir()
-    more = write_manifest(tmp_path / "more", simple_rows(2, prefix="more_"))
+    more = write_manifest(tmp_path / "more", simple_rows(2, prefix="more_"), first_seed=1000)
     env = {"BACKFILL_OPERATOR": "ops-team"}
     code, _, err = cli("run", str(more), *where, "--out", str(tmp_path / "out"), "--no-progress", env=env)
     assert code == 0, err

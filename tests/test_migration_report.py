@@ -48,7 +48,7 @@ def test_migration_report_across_two_runs_and_a_retry(
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first = write_manifest(tmp_path / "a", [*simple_rows(5), (HOSTILE, "2021-01-01", "hostile.png")])
-    second = write_manifest(tmp_path / "b", simple_rows(3, prefix="late_"))
+    second = write_manifest(tmp_path / "b", simple_rows(3, prefix="late_"), first_seed=1000)
     code, _, _ = cli("run", str(first), *run_flags(tmp_path, server), "--max-attempts", "2", env=env)
     assert code == 1
     code, _, _ = cli("run", str(second), *run_flags(tmp_path, server), env=env)
