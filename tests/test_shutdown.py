@@ -90,7 +90,9 @@ def test_full_disk_mid_run_stops_cleanly_and_resume_finishes(rig: CrashRig) -> N
 
 
 @pytest.mark.parametrize("limit_kb", [8, 24, 40])
-def test_a_disk_too_full_to_make_the_ledger_is_a_ledger_error_not_a_crash(rig: CrashRig, limit_kb: int) -> None:
+def test_a_disk_too_full_to_make_the_ledger_is_a_ledger_error_not_a_crash(
+    rig: CrashRig, limit_kb: int
+) -> None:
     def tiny_disk() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, limit_kb * 1024))
