@@ -132,6 +132,7 @@ class Collaborators:
     run_id: str
     out_dir: str
     observer: Observer = NO_OBSERVER  # metrics, when --metrics-addr is set
+    done_of: plan.DoneOf | None = None  # where the planner asks for done rows, if not `store.done` itself
 
 
 class Engine:
@@ -402,7 +403,11 @@ class Engine:
         if batch is None:
             return None
         skipped, decisions = await plan.decide_batch(
-            batch.candidates, self.parts.store, self.parts.images, resend_failed=self.options.resend_failed
+            batch.candidates,
+            self.parts.store,
+            self.parts.images,
+            resend_failed=self.options.resend_failed,
+            done_of=self.parts.done_of,
         )
         return batch, skipped, decisions
 
