@@ -11,7 +11,8 @@ import pytest
 
 from backfill import compose
 from backfill.config import Settings
-from backfill.images import Fingerprint, ImageProblem
+from backfill.images import Fingerprint, ImageProblem, Pinned
+from backfill.images.local import LocalImageSource
 from backfill.run.plan import unchanged
 from backfill.run.records import Summary
 from backfill.sandbox import RunningSandbox
@@ -37,6 +38,47 @@ def test_the_skip_test_needs_every_fact_of_the_pinned_photo() -> None:
     gone = ImageProblem(reason=Reason.IMAGE_MISSING, message="image 'a.png' doesn't exist: check the path")
     assert not unchanged(gone, *facts(PINNED))
     assert not unchanged(PINNED, None, None, None)  # a row never sent has no pinned photo
+
+
+async def test_the_local_sources_batch_skip_test_is_the_skip_test_of_each_fingerprint(tmp_path: Path) -> None:
+    """`unchanged_many` answers without making fingerprints: it must say what `unchanged` of each would, for
+    photos as found on the first ask (folders not yet resolved) and the next (its common case, one lstat)."""
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    for name in ("same.png", "bigger.png", "touched.png", "target.png"):
+        (root / "a" / name).write_bytes(png_bytes(1))
+    (root / "a" / "link.png").symlink_to(root / "a" / "target.png")
+    (root / "a" / "dir.png").mkdir()
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes(1))
+    (root / "a" / "out.png").symlink_to(outside)
+    source = LocalImageSource(base=root, root=root, max_bytes=1 << 20)
+    raws = [
+        "a/same.png",
+        "a/bigger.png",
+        "a/touched.png",
+        "a/link.png",
+        "a/gone.png",
+        "a/dir.png",
+        "a/out.png",
+    ]
+    pinned: list[Pinned] = []
+    for raw in raws:
+        found = (await source.fingerprint_many([raw]))[0]
+        pinned.append(facts(found) if isinstance(found, Fingerprint) else (str(root / raw), 1, "1"))
+    bigger = (root / "a" / "bigger.png").stat()
+    (root / "a" / "bigger.png").write_bytes(png_bytes(1) + b"\0")
+    os.utime(root / "a" / "bigger.png", ns=(bigger.st_atime_ns, bigger.st_mtime_ns))  # the size alone tells
+    touched = (root / "a" / "touched.png").stat()
+    os.utime(root / "a" / "touched.png", ns=(touched.st_atime_ns, touched.st_mtime_ns + 1))
+    raws += ["a/same.png"]
+    pinned += [(str(root / "a" / "other.png"), pinned[0][1], pinned[0][2])]  # another photo's path pinned
+    found = await LocalImageSource(base=root, root=root, max_bytes=1 << 20).fingerprint_many(raws)
+    expected = [unchanged(f, *p) for f, p in zip(found, pinned, strict=True)]
+    assert expected == [True, False, False, True, False, False, False, False]
+    fresh = LocalImageSource(base=root, root=root, max_bytes=1 << 20)
+    assert await fresh.unchanged_many(raws, pinned) == expected  # the folder resolved at its first row
+    assert await fresh.unchanged_many(raws, pinned) == expected  # and known from the first
 
 
 def rejects(summary: Summary) -> dict[str, str]:

@@ -436,12 +436,7 @@ class Engine:
                 # The batch was settled at once: one timestamp for its settled rows, not a clock read per row.
                 settled_at = now_iso()
                 if skipped:
-                    message = plan.NOT_SENT_AGAIN
-                    told = [
-                        (r.user_id, r.result_code, r.smile_job_id, r.job_id, message[r.state])
-                        for r in skipped
-                    ]
-                    self.parts.sink.skipped(told, settled_at)
+                    self.parts.sink.skipped(skipped, settled_at)
                     self._advance_many(Status.SKIPPED, len(skipped))
                     await asyncio.sleep(0)  # let the next chunk's planning take its next step
                 for n, decision in enumerate(decisions, 1):

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..images import Fingerprint, ImageError, ImageProblem, ImageSource
+from ..images import Fingerprint, ImageError, ImageProblem, ImageSource, unchanged
 from ..ledger import DoneRow, LedgerRow, Store
 from ..manifest import Candidate
 from ..vocab import DONE_STATES, Reason, State, Status
@@ -70,13 +70,14 @@ class DoneOnce:
 
 
 class Skipped(NamedTuple):
-    """A done row whose photo passed the quick check: settled as skipped from the ledger's brief alone."""
+    """A done row whose photo passed the quick check: settled as skipped from the ledger's brief alone, as the
+    sink writes it (`records.SkippedRow`)."""
 
     user_id: str
-    state: State
     result_code: str
     smile_job_id: str
     job_id: str
+    message: str  # NOT_SENT_AGAIN of its state
 
 
 async def decide_batch(
@@ -88,13 +89,17 @@ async def decide_batch(
     done_of: DoneOf | None = None,
 ) -> tuple[list[Skipped], list[Decision]]:
     """A chunk's rows: those done with an unchanged photo (one narrow ledger query and one stat each, no
-    row object built), then a decision for every other row, as `decide` makes them, in order.
+    row object nor fingerprint built: `ImageSource.unchanged_many`), then a decision for every other row, as
+    `decide` makes them, in order.
 
     Why a done row still costs a stat, though it is never sent again whatever its photo: the ledger can't say
     which file the row belongs in. If the manifest now names another photo for the ID (another person given
     a used user_id), that is reported: the row goes to rejects.csv as user_id_reused and the run exits 1,
-    instead of to results.csv as skipped. So the stat can't be dropped, nor deferred past the row's line; it
-    is the cheapest check that notices (the quick check, `unchanged`), batched into one thread hop a chunk.
+    instead of to results.csv as skipped. Comparing the manifest's path with the pinned one, with no stat,
+    would see only a photo named by another path; exports that name each photo after its user_id (as the
+    bundled sample does) keep the path when an ID goes to another person, and only the file's size and mtime
+    tell. So the stat can't be dropped, nor deferred past the row's line; it is the cheapest check that
+    notices (the quick check, `unchanged`), batched into one thread hop a chunk.
     Listing each folder instead (os.scandir) costs no less on Linux, where an entry's size and mtime take
     an lstat each. Rows the ledger settles alone (an ID conflict) take no stat; new rows take the full check.
     `done_of`: where the done rows are asked for (`store.done` if None; a `DoneOnce` shared with the stage
@@ -138,13 +143,17 @@ async def _decide_known(
     rest: list[Candidate] = []
     if done:
         quick = [c for c in candidates if c.user_id in done]
-        prints = await images.fingerprint_many([c.image for c in quick])
+        rows = [done[c.user_id] for c in quick]
+        pinned = [(r.image_ref, r.image_size, r.image_version) for r in rows]
+        same = await images.unchanged_many([c.image for c in quick], pinned)
         make = tuple.__new__  # the NamedTuple built in C, not by its generated __new__
+        said = NOT_SENT_AGAIN
         changed: set[str] = set()
-        for c, found in zip(quick, prints, strict=True):
-            state, ref, size, version, code, smile_job_id, job_id = done[c.user_id]
-            if unchanged(found, ref, size, version):
-                skipped.append(make(Skipped, (c.user_id, state, code, smile_job_id, job_id)))
+        for c, row, kept in zip(quick, rows, same, strict=True):
+            if kept:
+                skipped.append(
+                    make(Skipped, (c.user_id, row.result_code, row.smile_job_id, row.job_id, said[row.state]))
+                )
             else:
                 changed.add(c.user_id)
         if len(skipped) == len(candidates):
@@ -156,17 +165,6 @@ async def _decide_known(
         return skipped, []
     known = await store.lookup([c.user_id for c in rest])
     return skipped, await decide(rest, known, images, resend_failed=resend_failed)
-
-
-def unchanged(
-    found: Fingerprint | ImageProblem, ref: str | None, size: int | None, version: str | None
-) -> bool:
-    """The resume's skip test: whether the photo found now is the one the ledger says the ID was sent with, by
-    the quick check alone (where it really is, its size, its store's version), as rsync trusts a file unchanged.
-
-    A done row that passes is skipped without a byte read; any other has its bytes compared (`_compare`).
-    """
-    return type(found) is Fingerprint and found.ref == ref and found.size == size and found.version == version
 
 
 # The message of a row the ledger holds as done (skipped here, or refused by the ledger at send time), by state.
