@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..images import Fingerprint, ImageError, ImageProblem, ImageSource, unchanged
+from ..images import Fingerprint, ImageError, ImageProblem, ImageSource, Pinned, unchanged
 from ..ledger import DoneRow, LedgerRow, Store
 from ..manifest import Candidate
 from ..vocab import DONE_STATES, Reason, State, Status
@@ -138,13 +138,18 @@ async def _decide_known(
     resend_failed: bool,
     done_of: DoneOf,
 ) -> tuple[list[Skipped], list[Decision]]:
-    done = await done_of([c.user_id for c in candidates])
+    ids = [c.user_id for c in candidates]
+    done = await done_of(ids)
     skipped: list[Skipped] = []
     rest: list[Candidate] = []
     if done:
-        quick = [c for c in candidates if c.user_id in done]
-        rows = [done[c.user_id] for c in quick]
-        pinned = [(r.image_ref, r.image_size, r.image_version) for r in rows]
+        quick: Sequence[Candidate]
+        if len(done) == len(ids):  # every row done (so no ID twice): a finished job's resume, no filtering
+            quick, rows = candidates, list(map(done.__getitem__, ids))
+        else:
+            quick = [c for c in candidates if c.user_id in done]
+            rows = [done[c.user_id] for c in quick]
+        pinned: list[Pinned] = [r[1:4] for r in rows]  # image_ref, image_size, image_version: one C slice
         same = await images.unchanged_many([c.image for c in quick], pinned)
         make = tuple.__new__  # the NamedTuple built in C, not by its generated __new__
         said = NOT_SENT_AGAIN
