@@ -13,7 +13,9 @@ from backfill import compose
 from backfill.config import Settings
 from backfill.images import Fingerprint, ImageProblem, Pinned
 from backfill.images.local import LocalImageSource
-from backfill.run.plan import unchanged
+from backfill.ledger import DoneRow
+from backfill.ledger.sqlite import SqliteStore
+from backfill.run.plan import DoneOnce, unchanged
 from backfill.run.records import Summary
 from backfill.sandbox import RunningSandbox
 from backfill.vocab import Reason
@@ -126,3 +128,33 @@ async def test_a_done_ids_photo_changed_in_one_fact_alone_is_noticed_and_never_s
     assert rejects(again) == {"user_0001": "user_id_reused"}
     assert again.counts == {"skipped": 2, "rejected": 1}
     assert sandbox.state.total_requests == sent
+
+
+async def test_a_done_answer_is_kept_for_the_next_ask_of_the_same_ids_alone(
+    tmp_path: Path,
+    sandbox: RunningSandbox,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """plan.DoneOnce: the answer the shared-photo rows were given is the planner's, and never another chunk's."""
+    settings = make_settings(sandbox)
+    await compose.run(settings, write_manifest(tmp_path, simple_rows(3)))
+    asked: list[list[str]] = []
+    done = SqliteStore.done
+
+    async def counted_done(self: SqliteStore, user_ids: list[str]) -> dict[str, DoneRow]:
+        asked.append(list(user_ids))
+        return await done(self, user_ids)
+
+    monkeypatch.setattr(SqliteStore, "done", counted_done)
+    first, second = ["user_0000", "user_0001"], ["user_0001", "user_0002"]
+    store = await compose.open_store(settings, writable=False)
+    try:
+        once = DoneOnce(store)
+        assert set(await once(first)) == set(first)
+        other = await once(second)  # not the answer kept for `first`
+        assert set(other) == set(second) and asked == [first, second]
+        assert await once(list(second)) is other and asked == [first, second]  # the same IDs: kept
+        assert set(await once(second)) == set(second) and asked == [first, second, second]  # kept for one ask
+    finally:
+        await store.close()
