@@ -85,6 +85,8 @@ class LocalImageSource(ImageSource):
         return await self._in_thread(self._check_batch, raws)
 
     async def unchanged_many(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
+        """`unchanged` of what `_fingerprint_batch` finds, answered by it itself: a subclass that finds photos
+        some other way (its own `fingerprint_many`) must answer this too, or a resume would stat the files."""
         if not raws:
             return []
         loop = asyncio.get_running_loop()
