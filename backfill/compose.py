@@ -491,6 +491,7 @@ def build_engine(
     workers = Workers()
     watcher = observer if observer is not None else NO_OBSERVER
     rows: Rows = ManifestRows(manifest)
+    done_of: plan.DoneOf | None = None
     gate: Gate = RateGate(settings.rate)
     fleet = _fleet_of(store, settings)
     if fleet is not None:
@@ -542,7 +543,10 @@ def build_engine(
                 )
             return shared
 
-        rows = SharedPhotoRows(rows, census, done=store.done if store is not None else None)
+        if store is not None:
+            # Asked by the shared-photo rows of each chunk (all done: no census), then by the planner: one query.
+            done_of = plan.DoneOnce(store)
+        rows = SharedPhotoRows(rows, census, done=done_of)
     journal: Journal = UNRECORDED
     if store is None or settings.dry_run:
         sending = DryRun(images=images, client=client)
@@ -578,6 +582,7 @@ def build_engine(
         run_id=run_id,
         out_dir=out_dir,
         observer=watcher,
+        done_of=done_of,
     )
     return Engine(run_options(settings, resend_failed=resend_failed), parts, progress=progress)
 

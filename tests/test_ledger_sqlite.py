@@ -442,3 +442,16 @@ async def test_a_refused_outcome_queued_without_waiting_is_still_told(
         assert any(getattr(r, "event", "") == "outcome_fenced" for r in caplog.records)
     finally:
         await store.close()
+
+
+async def test_the_done_rows_query_searches_each_id_by_its_primary_key(tmp_path: Path) -> None:
+    """A resume asks it of every manifest row: one search of the key a row, not one of users_state per done
+    state and then the key (told by SQLite's own plan, not by timing it)."""
+    await (await SqliteStore.open(tmp_path / "ledger.sqlite", BINDING, writable=True)).close()
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite")
+    try:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_ledger._DONE_SQL, ("[]",))]
+    finally:
+        conn.close()
+    assert "SEARCH users USING PRIMARY KEY (user_id=?)" in plan, plan
+    assert not [step for step in plan if "users_state" in step], plan

@@ -17,7 +17,7 @@ from backfill import compose
 from backfill.api.client import Client
 from backfill.config import Settings, load_settings
 from backfill.errors import ConfigError, ManifestError, OutputError
-from backfill.images import Fingerprint, ImageProblem, ImageSource, Photo
+from backfill.images import Fingerprint, ImageProblem, ImageSource, Photo, Pinned
 from backfill.images.local import LocalImageSource
 from backfill.ledger import Binding, Store
 from backfill.ledger.memory import MemoryStore
@@ -86,6 +86,10 @@ class CountingImages(LocalImageSource):
         self.calls["check"] += len(raws)
         return await super().check_many(raws)
 
+    async def unchanged_many(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
+        self.calls["unchanged"] += len(raws)
+        return await super().unchanged_many(raws, pinned)
+
     async def read(self, fingerprint: Fingerprint) -> Photo:
         self.calls["read"] += 1
         if self.on_read is not None:
@@ -101,8 +105,8 @@ async def test_resuming_a_finished_job_reads_no_photo(
     images = CountingImages(tmp_path)
     again = await compose.run(make_settings(sandbox), manifest, images=images)
     assert again.counts == {"skipped": 25}
-    # One stat each (the fingerprint), no content check, no read.
-    assert images.calls == Counter({"fingerprint": 25})
+    # One stat each (the quick check against the pinned facts), no content check, no read.
+    assert images.calls == Counter({"unchanged": 25})
 
 
 async def test_an_enrolled_user_whose_photo_is_gone_is_skipped_not_rejected(

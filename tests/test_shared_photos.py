@@ -20,9 +20,10 @@ from backfill.config import Settings
 from backfill.errors import LedgerError
 from backfill.images import Fingerprint, ImageError, ImageProblem, Photo, PhotoKey
 from backfill.images.content import sample_in
-from backfill.ledger import Refused
+from backfill.ledger import DoneRow, Refused
 from backfill.ledger.postgres.schema import SCHEMA_VERSION as PG_SCHEMA
 from backfill.ledger.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
+from backfill.ledger.sqlite import SqliteStore
 from backfill.manifest import open_manifest
 from backfill.run import shared
 from backfill.run.shared import Census
@@ -224,6 +225,7 @@ async def test_the_resume_of_a_finished_job_takes_no_census(
     sandbox: RunningSandbox,
     make_settings: Callable[..., Settings],
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     manifest = shared_manifest(tmp_path, shared=1, own=30)
     with caplog.at_level(logging.INFO, logger="backfill"):
@@ -231,10 +233,21 @@ async def test_the_resume_of_a_finished_job_takes_no_census(
         counted = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
         assert first.counts == {"enrolled": 31} and len(counted) == 1
         caplog.clear()
+        asked: list[int] = []
+        done = SqliteStore.done
+
+        async def counted_done(self: SqliteStore, user_ids: list[str]) -> dict[str, DoneRow]:
+            asked.append(len(user_ids))
+            return await done(self, user_ids)
+
+        monkeypatch.setattr(SqliteStore, "done", counted_done)
         again = await compose.run(make_settings(sandbox, chunk_rows=7), manifest)
     assert again.counts == {"skipped": 31}
     # Every row is done: none of them can be rejected for sharing, so the manifest isn't read a second time.
     assert not [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+    # And the ledger is asked once a chunk which of its rows are done: the answer that spared the census is
+    # the one the planner skips them by.
+    assert asked == [7, 7, 7, 7, 3]
 
 
 def test_a_forgotten_id_is_left_out_of_the_census_and_its_photo_is_not_read(

@@ -30,6 +30,21 @@ class Fingerprint:
     sample: int = field(default=0, compare=False)
 
 
+# A photo as the ledger pinned it, by the quick check's facts: (ref, size, version), each None if never sent.
+Pinned = tuple[str | None, int | None, str | None]
+
+
+def unchanged(
+    found: Fingerprint | ImageProblem, ref: str | None, size: int | None, version: str | None
+) -> bool:
+    """The resume's skip test: whether the photo found now is the one the ledger says the ID was sent with, by
+    the quick check alone (where it really is, its size, its store's version), as rsync trusts a file unchanged.
+
+    A done row that passes is skipped without a byte read; any other has its bytes compared (run/plan.py).
+    """
+    return type(found) is Fingerprint and found.ref == ref and found.size == size and found.version == version
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImageProblem:
     """Why a photo can't be used: a reject reason and a message naming the photo and the fix."""
@@ -195,6 +210,13 @@ class ImageSource(ABC):
     async def read(self, fingerprint: Fingerprint) -> Photo:
         """The photo's bytes, bounded to the size limit, or ImageError. Never blocks the event loop; refuses
         anything that is not a regular file (or object) at read time."""
+
+    async def unchanged_many(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
+        """`unchanged` of each photo's fingerprint against its pinned facts: the resume's skip test of every
+        done row. A source may answer it without making the fingerprints (local.py does, for its common case).
+        """
+        found = await self.fingerprint_many(raws)
+        return [unchanged(f, *p) for f, p in zip(found, pinned, strict=True)]
 
     async def read_source(self, fingerprint: Fingerprint) -> Photo:
         """The photo as stored, for comparing it with its pin: `read`'s, less any normalising (whose result

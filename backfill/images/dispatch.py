@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 from ..vocab import Reason
-from . import Fingerprint, ImageProblem, ImageSource, Photo
+from . import Fingerprint, ImageProblem, ImageSource, Photo, Pinned
 from .urls import is_url, join, local_path_of
 
 
@@ -40,6 +40,11 @@ class DispatchingImageSource(ImageSource):
     async def check_many(self, raws: Sequence[str]) -> list[Fingerprint | ImageProblem]:
         return await self._split(raws, lambda s, part: s.check_many(part))
 
+    async def unchanged_many(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
+        if self._all_local(raws):
+            return await self._local.unchanged_many(raws, pinned)
+        return await super().unchanged_many(raws, pinned)  # each by its own source's fingerprint
+
     async def read(self, fingerprint: Fingerprint) -> Photo:
         if is_url(fingerprint.ref):
             return await self._remote_source().read(fingerprint)
@@ -57,6 +62,9 @@ class DispatchingImageSource(ImageSource):
             self._remote = self._make_remote()
         return self._remote
 
+    def _all_local(self, raws: Sequence[str]) -> bool:
+        return self._base_url is None and not any("://" in raw for raw in raws)
+
     def _route(self, raw: str) -> tuple[bool, str]:
         """(remote?, the value that source is given)."""
         if is_url(raw):
@@ -71,7 +79,7 @@ class DispatchingImageSource(ImageSource):
         raws: Sequence[str],
         call: Callable[[ImageSource, Sequence[str]], Awaitable[list[Fingerprint | ImageProblem]]],
     ) -> list[Fingerprint | ImageProblem]:
-        if self._base_url is None and not any("://" in raw for raw in raws):
+        if self._all_local(raws):
             return await call(self._local, raws)  # all local: the common case, passed on untouched
         local: list[str] = []
         remote: list[str] = []

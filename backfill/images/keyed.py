@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import Fingerprint, ImageProblem, ImageSource, Photo, PhotoKey
+from . import Fingerprint, ImageProblem, ImageSource, Photo, PhotoKey, Pinned
 
 
 class KeyedImageSource(ImageSource):
@@ -26,6 +26,9 @@ class KeyedImageSource(ImageSource):
 
     async def check_many(self, raws: Sequence[str]) -> list[Fingerprint | ImageProblem]:
         return await self._inner.check_many(raws)
+
+    async def unchanged_many(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
+        return await self._inner.unchanged_many(raws, pinned)
 
     async def read(self, fingerprint: Fingerprint) -> Photo:
         return self._keyed(await self._inner.read(fingerprint))

@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..vocab import Reason
-from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, file_kind, size_problem, too_large
+from . import (
+    Fingerprint,
+    ImageError,
+    ImageProblem,
+    ImageSource,
+    Photo,
+    Pinned,
+    file_kind,
+    size_problem,
+    too_large,
+    unchanged,
+)
 from .content import convertible, examine, examine_bytes, looks_like, problem, run_sampled, sample_in, sniff
 
 _T = TypeVar("_T")
@@ -72,6 +83,14 @@ class LocalImageSource(ImageSource):
 
     async def check_many(self, raws: Sequence[str]) -> list[Fingerprint | ImageProblem]:
         return await self._in_thread(self._check_batch, raws)
+
+    async def unchanged_many(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
+        """`unchanged` of what `_fingerprint_batch` finds, answered by it itself: a subclass that finds photos
+        some other way (its own `fingerprint_many`) must answer this too, or a resume would stat the files."""
+        if not raws:
+            return []
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._unchanged_batch, list(raws), list(pinned))
 
     async def read(self, fingerprint: Fingerprint) -> Photo:
         ref = fingerprint.ref
@@ -136,12 +155,45 @@ class LocalImageSource(ImageSource):
                         out.append(fp)
                         continue
             out.append(self._fingerprint(raw))
-            if prefix is None and folder and not folder.endswith("/") and "\x00" not in folder:
-                # The folder as os.path.split would give it (no trailing or repeated slash at its end).
-                if len(prefixes) >= _DIR_CACHE_MAX:
-                    prefixes.clear()
-                prefixes[folder] = os.path.join(os.path.realpath(os.path.join(self._base, folder)), "")
+            if prefix is None:
+                self._learn(folder)
         return out
+
+    def _unchanged_batch(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
+        """`unchanged` of each photo `_fingerprint_batch` would find, without making the fingerprints: a resume
+        asks it of every done row. The common case, as there, is decided here with one lstat; any other is
+        `unchanged` of `_fingerprint` itself."""
+        out: list[bool] = []
+        prefixes = self._real_prefixes
+        root, root_prefix = self._root, self._root_prefix
+        lstat, is_reg = os.lstat, stat.S_ISREG
+        for raw, (ref, size, version) in zip(raws, pinned, strict=True):
+            folder, _, name = raw.rpartition("/")
+            prefix = prefixes.get(folder)
+            if prefix is not None and name not in ("", ".", "..") and "\x00" not in name:
+                real = prefix + name
+                try:
+                    st = lstat(real)
+                except OSError:
+                    pass  # the general path says why
+                else:
+                    inside = root is None or real == root or real.startswith(root_prefix)
+                    if is_reg(st.st_mode) and inside:  # a link is not S_ISREG under lstat
+                        out.append(real == ref and st.st_size == size and str(st.st_mtime_ns) == version)
+                        continue
+            out.append(unchanged(self._fingerprint(raw), ref, size, version))
+            if prefix is None:
+                self._learn(folder)
+        return out
+
+    def _learn(self, folder: str) -> None:
+        """Cache the real path of a folder as written, for the batches' common case."""
+        if folder and not folder.endswith("/") and "\x00" not in folder:
+            # The folder as os.path.split would give it (no trailing or repeated slash at its end).
+            prefixes = self._real_prefixes
+            if len(prefixes) >= _DIR_CACHE_MAX:
+                prefixes.clear()
+            prefixes[folder] = os.path.join(os.path.realpath(os.path.join(self._base, folder)), "")
 
     def _check_batch(self, raws: Sequence[str]) -> list[Fingerprint | ImageProblem]:
         return [self._check(raw) for raw in raws]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..vocab import Reason
-from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo
+from . import Fingerprint, ImageError, ImageProblem, ImageSource, Photo, Pinned
 from .content import Format, sniff
 
 if TYPE_CHECKING:
@@ -328,6 +328,9 @@ class NormalizingImageSource(ImageSource):
 
     async def check_many(self, raws: Sequence[str]) -> list[Fingerprint | ImageProblem]:
         return await self._inner.check_many(raws)
+
+    async def unchanged_many(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
+        return await self._inner.unchanged_many(raws, pinned)
 
     async def read(self, fingerprint: Fingerprint) -> Photo:
         photo = await self._inner.read(fingerprint)

@@ -986,9 +986,11 @@ def _lookup(
 
 
 _DONE_IN = ", ".join(repr(str(s)) for s in sorted(DONE_STATES))
+# `+state`: each ID is one search of the primary key. Left to choose, SQLite searches users_state once per ID
+# and done state, then the row by its key: ~0.5 us more a row of a resume (1M IDs, 2026-12-07).
 _DONE_SQL = (
     "SELECT user_id, state, image_ref, image_size, image_version, result_code, smile_job_id, job_id FROM users "
-    f"WHERE user_id IN (SELECT value FROM json_each(?)) AND state IN ({_DONE_IN})"
+    f"WHERE user_id IN (SELECT value FROM json_each(?)) AND +state IN ({_DONE_IN})"
 )
 
 

@@ -132,6 +132,7 @@ class Collaborators:
     run_id: str
     out_dir: str
     observer: Observer = NO_OBSERVER  # metrics, when --metrics-addr is set
+    done_of: plan.DoneOf | None = None  # where the planner asks for done rows, if not `store.done` itself
 
 
 class Engine:
@@ -402,7 +403,11 @@ class Engine:
         if batch is None:
             return None
         skipped, decisions = await plan.decide_batch(
-            batch.candidates, self.parts.store, self.parts.images, resend_failed=self.options.resend_failed
+            batch.candidates,
+            self.parts.store,
+            self.parts.images,
+            resend_failed=self.options.resend_failed,
+            done_of=self.parts.done_of,
         )
         return batch, skipped, decisions
 
@@ -431,12 +436,7 @@ class Engine:
                 # The batch was settled at once: one timestamp for its settled rows, not a clock read per row.
                 settled_at = now_iso()
                 if skipped:
-                    message = plan.NOT_SENT_AGAIN
-                    told = [
-                        (r.user_id, r.result_code, r.smile_job_id, r.job_id, message[r.state])
-                        for r in skipped
-                    ]
-                    self.parts.sink.skipped(told, settled_at)
+                    self.parts.sink.skipped(skipped, settled_at)
                     self._advance_many(Status.SKIPPED, len(skipped))
                     await asyncio.sleep(0)  # let the next chunk's planning take its next step
                 for n, decision in enumerate(decisions, 1):
