@@ -10,13 +10,14 @@ Found as a duplicate-file finder finds copies, cheapest test first, without hold
 1. Every photo that passed its checks is put in a temporary SQLite table (on disk, deleted when closed: memory
    stays flat at 10M rows) with its size and the sample its check already read (`Fingerprint.sample`: a digest
    of its head and tail), so the census costs no read of its own.
-2. Only rows whose (size, sample) is shared by more rows than allowed are candidates; only those are read whole
-   and digested (`Photo.sha256`: in a run, the ledger's keyed pin). Photos with a size or sample of their own,
-   nearly all of a clean manifest, are never read whole. A candidate that can't be read whole (gone, broken
-   since its check, storage failing past its retries) can't be counted, so it is rejected with the reason its
-   read gave rather than sent uncounted (a read that fails now and works at send time would let a shared photo
-   through), and so are the rows alike to it, which may share its photo (`shared_photo`, saying so).
-3. Candidates with the same digest are one photo; a digest named by more rows than allowed is a shared photo.
+2. Only rows whose (size, sample) is named by more IDs than allowed (this manifest's, and in a run the ledger's,
+   below) are candidates; only those are read whole and digested (`Photo.sha256`: in a run, the ledger's keyed
+   pin). Photos with a size or sample of their own, nearly all of a clean manifest, are never read whole. A
+   candidate that can't be read whole (gone, broken since its check, storage failing past its retries) can't be
+   counted, so it is rejected with the reason its read gave rather than sent uncounted (a read that fails now and
+   works at send time would let a shared photo through), and so are the rows alike to it, which may share its photo
+   (`shared_photo`, saying so).
+3. Candidates with the same digest are one photo; a digest named by more IDs than allowed is a shared photo.
 
 Each candidate row has a user_id of its own: the manifest's text rules already reject every row of an ID that
 appears twice with another photo (`duplicate_user_id`) and every later exact copy (`duplicate_row`). In a run, a
@@ -69,9 +70,8 @@ class SharedGroup:
 
     rows: int  # user_ids that name it
     lines: list[int]
-    enrolled: int = (
-        0  # of them, IDs on a line of this manifest the ledger holds as done: never rejected for it
-    )
+    # Of them, IDs on a line of this manifest the ledger holds as done: never rejected for it.
+    enrolled: int = 0
     elsewhere: int = 0  # of them, IDs on no line of this manifest that the ledger pins to it: sent earlier
 
     def shown(self) -> str:
