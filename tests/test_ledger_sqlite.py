@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
@@ -455,3 +456,55 @@ async def test_the_done_rows_query_searches_each_id_by_its_primary_key(tmp_path:
         conn.close()
     assert "SEARCH users USING PRIMARY KEY (user_id=?)" in plan, plan
     assert not [step for step in plan if "users_state" in step], plan
+
+
+async def test_a_write_made_in_the_turn_the_closing_flush_woke_is_written_not_left_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() flushes, then ends the ledger's thread. A writer woken by the same commit writes before close()
+    runs on: its write, held for the end of that turn, must go in the last group, not to a thread that is gone.
+
+    The hand-off is slowed (the event loop busy elsewhere) so that, were the write handed over only at the end
+    of its turn, the thread would have taken its last job alone and ended: the test then hangs on `late`. With
+    the write handed over by close() itself, no timing matters."""
+    path = tmp_path / "ledger.sqlite"
+    store = await SqliteStore.open(path, BINDING, writable=True)
+    hand_off = store._hand_off
+
+    def slow_hand_off() -> None:
+        time.sleep(0.05)
+        hand_off()
+
+    monkeypatch.setattr(store, "_hand_off", slow_hand_off)
+
+    async def writer() -> Ticket | Refused:
+        await store.flush()  # told by the commit that tells close()'s flush, and first
+        return await store.begin_attempt(request("late"))
+
+    # The ledger's thread is held until the first write, the writer's flush and close()'s flush are all handed
+    # over, so that it takes them as one group and wakes both flushes with one commit.
+    gate = threading.Event()
+    held = asyncio.ensure_future(store._call(gate.wait))
+    first = asyncio.ensure_future(store.begin_attempt(request("first")))
+    late = asyncio.ensure_future(writer())
+    closer = asyncio.ensure_future(store.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gate.set()
+    await held
+    await asyncio.wait_for(closer, 30)
+    assert isinstance(await asyncio.wait_for(late, 30), Ticket)
+    assert isinstance(await first, Ticket)
+    with closing(sqlite3.connect(path)) as conn:
+        assert {uid for (uid,) in conn.execute("SELECT user_id FROM users")} == {"first", "late"}
+
+
+async def test_closing_twice_at_once_closes_once_and_both_return(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "ledger.sqlite", BINDING, writable=True)
+    pending = asyncio.ensure_future(store.begin_attempt(request("a")))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(store.close(), store.close()), 30)
+    assert isinstance(await pending, Ticket)
+    await store.close()  # and again, later: nothing left to do
+    again = await SqliteStore.open(tmp_path / "ledger.sqlite", BINDING, writable=True)  # the flock is free
+    await again.close()

@@ -215,6 +215,7 @@ class SqliteStore(Store):
         # thread blocks on it between groups and takes its next group without the event loop's help.
         self._jobs: queue.SimpleQueue[_Batch | _Call] = queue.SimpleQueue()
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None
         # Rows this store left SENDING (begun, not yet settled), as written: a group reads its rows here instead of
         # SELECTing them again. Touched only on the writer thread, after each commit; exact, because this store is
         # the ledger's one writer (the flock) and every write to users goes through begin/settle.
@@ -392,13 +393,20 @@ class SqliteStore(Store):
         return done
 
     async def close(self) -> None:
-        if self._closed:
-            return
+        # One closing, whoever asks and however often: every caller returns once the flock is released.
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         try:
             if (self._pending or self._unconfirmed) and self._failure is None:
                 await self.flush()
         finally:
-            self._closed = True
+            self._closed = True  # from here a write is refused (_enqueue)
+            # A write made in the turn the flush woke, still held for the end of that turn, goes in the last
+            # group: handed over later, it would wait for ever on a queue whose thread has ended.
+            self._hand_off()
             try:
                 await self._call(self._conn.close, last=True)
             finally:
@@ -455,8 +463,11 @@ class SqliteStore(Store):
     def _serve(self) -> None:
         """The ledger's thread: wait for work, take everything handed over by then, do it; until closed.
 
-        The calls taken (reads) run first, on what is committed, as a read made while a group was being written
-        always did; then the writes taken, from every batch in the order handed over, are one group.
+        The calls taken (reads) run first, on what is committed: a read never sees a write before its commit,
+        and may run ahead of writes handed over before it (nothing relies on more: each write is applied to the
+        row as committed, or as the group before it left it). Then the writes taken, from every batch in the
+        order handed over, are one group; the store's closing, if taken, runs last. The thread holds the store
+        until then: a store must be closed.
         """
         jobs = self._jobs
         while True:
