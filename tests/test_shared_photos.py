@@ -61,6 +61,13 @@ def later_manifest(tmp_path: Path, first: Path, rows: list[str]) -> Path:
     return later / "manifest.csv"
 
 
+def photos_counted(caplog: pytest.LogCaptureFixture) -> tuple[logging.LogRecord, dict[str, int]]:
+    """The one `photos_counted` event a run logged (its census), and its fields."""
+    [record] = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
+    fields: dict[str, int] = getattr(record, "fields")  # noqa: B009 - set by the logger's `extra`
+    return record, fields
+
+
 def test_validate_flags_fifty_ids_sharing_one_photo(tmp_path: Path) -> None:
     manifest = shared_manifest(tmp_path)
     code, out, err = cli("validate", str(manifest), "--out", str(tmp_path / "out"))
@@ -123,9 +130,8 @@ async def test_run_sends_no_row_of_a_shared_photo(
     manifest = shared_manifest(tmp_path)
     with caplog.at_level(logging.INFO, logger="backfill"):
         summary = await compose.run(make_settings(sandbox), manifest)
-    [counted] = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
-    assert counted.levelno == logging.WARNING
-    fields = getattr(counted, "fields")  # noqa: B009 - set by the logger's `extra`, unknown to its type
+    record, fields = photos_counted(caplog)
+    assert record.levelno == logging.WARNING
     assert fields == {"photos": 53, "read_whole": 50, "shared_photos": 1, "rejected": 50}
     assert summary.exit_code == 1
     assert summary.counts == {"enrolled": 3, "rejected": 50}
@@ -304,8 +310,7 @@ async def test_an_id_sent_from_another_manifest_counts_and_a_new_id_naming_its_p
         again = await compose.run(make_settings(sandbox, **where), later)
     # same_000 is on no line of the later file: the ledger's sample of its photo finds it, and only the new
     # row alike in size and sample (face_copy) is read whole; fresh.png is not.
-    [counted] = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
-    fields = getattr(counted, "fields")  # noqa: B009 - set by the logger's `extra`, unknown to its type
+    _, fields = photos_counted(caplog)
     assert fields == {"photos": 2, "read_whole": 1, "shared_photos": 1, "rejected": 1}
     assert again.exit_code == 1 and again.counts == {"enrolled": 1, "rejected": 1}
     refused = rejects(again)
@@ -513,8 +518,7 @@ async def test_a_row_the_ledger_holds_for_its_own_id_alone_is_not_read_whole_aga
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="backfill"):
             again = await compose.run(make_settings(server), manifest, sleep=sleeps)
-    [counted] = [r for r in caplog.records if getattr(r, "event", "") == "photos_counted"]
-    fields = getattr(counted, "fields")  # noqa: B009 - set by the logger's `extra`, unknown to its type
+    _, fields = photos_counted(caplog)
     assert fields == {"photos": 1, "read_whole": 0, "shared_photos": 0, "rejected": 0}
     assert again.counts == {"skipped": 2, "enrolled": 1}
 
