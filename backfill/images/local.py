@@ -117,17 +117,10 @@ class LocalImageSource(ImageSource):
         return await loop.run_in_executor(self._executor, check, list(raws))
 
     def _fingerprint_batch(self, raws: Sequence[str]) -> list[Fingerprint | ImageProblem]:
-        """`_fingerprint` of each; a resume stats every manifest row here, so the common case is inlined.
-
-        The common case: a path whose folder (as written) was resolved before, naming a regular file that is
-        not a symbolic link, inside images_root. Its real path is that folder's real path and the name, as
-        `_resolve` would make it. Anything else (a new folder, an error, a link, another kind of file) takes
-        `_fingerprint` itself, which also teaches the cache the folder.
-        """
+        """`_fingerprint` of each; a resume stats every manifest row here, so the common case is inlined
+        (`_quick_stat`); anything else takes `_fingerprint` itself."""
         out: list[Fingerprint | ImageProblem] = []
-        prefixes = self._real_prefixes
-        root, root_prefix = self._root, self._root_prefix
-        lstat, is_reg = os.lstat, stat.S_ISREG
+        quick = self._quick_stat
         new, set_ref, set_size, set_version, set_sample = (
             object.__new__,
             _SET_REF,
@@ -136,55 +129,57 @@ class LocalImageSource(ImageSource):
             _SET_SAMPLE,
         )
         for raw in raws:
-            folder, _, name = raw.rpartition("/")
-            prefix = prefixes.get(folder)
-            if prefix is not None and name not in ("", ".", "..") and "\x00" not in name:
-                real = prefix + name
-                try:
-                    st = lstat(real)
-                except OSError:
-                    pass  # the general path says why
-                else:
-                    inside = root is None or real == root or real.startswith(root_prefix)
-                    if is_reg(st.st_mode) and inside:  # a link is not S_ISREG under lstat
-                        fp = new(Fingerprint)  # its slots set directly: half the cost of the frozen __init__
-                        set_ref(fp, real)
-                        set_size(fp, st.st_size)
-                        set_version(fp, str(st.st_mtime_ns))
-                        set_sample(fp, 0)
-                        out.append(fp)
-                        continue
-            out.append(self._fingerprint(raw))
-            if prefix is None:
-                self._learn(folder)
+            found = quick(raw)
+            if found is None:
+                out.append(self._fingerprint(raw))
+                continue
+            real, st = found
+            fp = new(Fingerprint)  # its slots set directly: half the cost of the frozen __init__
+            set_ref(fp, real)
+            set_size(fp, st.st_size)
+            set_version(fp, str(st.st_mtime_ns))
+            set_sample(fp, 0)
+            out.append(fp)
         return out
 
     def _unchanged_batch(self, raws: Sequence[str], pinned: Sequence[Pinned]) -> list[bool]:
         """`unchanged` of each photo `_fingerprint_batch` would find, without making the fingerprints: a resume
-        asks it of every done row. The common case, as there, is decided here with one lstat; any other is
-        `unchanged` of `_fingerprint` itself."""
+        asks it of every done row. The common case (`_quick_stat`) is one lstat; any other is `unchanged` of
+        `_fingerprint` itself."""
         out: list[bool] = []
-        prefixes = self._real_prefixes
-        root, root_prefix = self._root, self._root_prefix
-        lstat, is_reg = os.lstat, stat.S_ISREG
+        quick = self._quick_stat
         for raw, (ref, size, version) in zip(raws, pinned, strict=True):
-            folder, _, name = raw.rpartition("/")
-            prefix = prefixes.get(folder)
-            if prefix is not None and name not in ("", ".", "..") and "\x00" not in name:
-                real = prefix + name
-                try:
-                    st = lstat(real)
-                except OSError:
-                    pass  # the general path says why
-                else:
-                    inside = root is None or real == root or real.startswith(root_prefix)
-                    if is_reg(st.st_mode) and inside:  # a link is not S_ISREG under lstat
-                        out.append(real == ref and st.st_size == size and str(st.st_mtime_ns) == version)
-                        continue
-            out.append(unchanged(self._fingerprint(raw), ref, size, version))
-            if prefix is None:
-                self._learn(folder)
+            found = quick(raw)
+            if found is None:
+                out.append(unchanged(self._fingerprint(raw), ref, size, version))
+                continue
+            real, st = found
+            out.append(real == ref and st.st_size == size and str(st.st_mtime_ns) == version)
         return out
+
+    def _quick_stat(self, raw: str) -> tuple[str, os.stat_result] | None:
+        """The real path and lstat of `raw` in the batches' common case: a path whose folder (as written) was
+        resolved before, naming a regular file that is not a symbolic link, inside images_root; its real path
+        is that folder's real path and the name, as `_resolve` would make it. None for anything else (a new
+        folder, an error, a link, another kind of file), which `_fingerprint` then says; a new folder is learnt
+        here, for the rows after it."""
+        folder, _, name = raw.rpartition("/")
+        prefix = self._real_prefixes.get(folder)
+        if prefix is None:
+            self._learn(folder)
+            return None
+        if name in ("", ".", "..") or "\x00" in name:
+            return None
+        real = prefix + name
+        try:
+            st = os.lstat(real)
+        except OSError:
+            return None  # the general path says why
+        root = self._root
+        inside = root is None or real == root or real.startswith(self._root_prefix)
+        if stat.S_ISREG(st.st_mode) and inside:  # a link is not S_ISREG under lstat
+            return real, st
+        return None
 
     def _learn(self, folder: str) -> None:
         """Cache the real path of a folder as written, for the batches' common case."""
