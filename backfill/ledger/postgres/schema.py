@@ -321,10 +321,11 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
             # An earlier version's writer makes its indexes again before it refuses a newer schema: they go too.
             if meta.get("schema") in ("1", "2") or await _exists(conn, "backfill.queue_todo"):
                 await _migrate_queue(conn, location)
-            if meta.get("schema") != SCHEMA_VERSION:
-                # Made or migrated: CREATE ... IF NOT EXISTS checks its privileges before it looks, so a ledger
-                # already at this schema is left alone, and a role that reads and writes its tables without
-                # owning them (or holding CREATE on the database) opens it.
+            # Made or migrated: CREATE ... IF NOT EXISTS checks its privileges before it looks, so a ledger
+            # already at this schema is left alone, and a role that reads and writes its tables without owning
+            # them (or holding CREATE on the database) opens it.
+            making = meta.get("schema") != SCHEMA_VERSION
+            if making:
                 await conn.execute(_SCHEMA)
             await _add_run_note(conn)
             if meta.get("schema") == "1":
@@ -336,7 +337,7 @@ async def prepare(conn: Conn, binding: Binding | None, *, writable: bool, locati
                     "UPDATE backfill.meta SET value = %s WHERE key = 'schema'", (SCHEMA_VERSION,)
                 )
                 meta["schema"] = SCHEMA_VERSION
-            if not await _exists(conn, "backfill.users_photo"):  # looked up first: it needs the owner
+            if making:  # after the migrations: an older ledger's `users` gains the column in one of them
                 await conn.execute(PHOTO_INDEX)
             if not meta and binding is not None:
                 for key, value in (
