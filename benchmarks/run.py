@@ -228,6 +228,20 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
             ),
             (
                 "2 overhead",
+                f"{label}: event loop's thread CPU us/request",
+                o["loop_cpu_us_per_request"],
+                b["loop_cpu_us_per_request"],
+                e["loop_cpu_per_request_ratio"],
+            ),
+            (
+                "2 overhead",
+                f"{label}: event loop's thread busy (fraction of the wall time)",
+                o["loop_busy"],
+                b["loop_busy"],
+                None,
+            ),
+            (
+                "2 overhead",
                 f"{label}: server busy (fraction of a core)",
                 o["server_busy"],
                 b["server_busy"],

@@ -260,6 +260,10 @@ class Suite:
                         "rows_per_s": rows_n / result["wall_s"],
                         "send_phase_rate": steady_rate(stats["times"]),
                         "cpu_us_per_request": result["cpu_s"] / max(1, len(stats["times"])) * 1e6,
+                        # The event loop's thread alone. Its busy share near 1.0 means rows/s is its CPU a row
+                        # and nothing else: a wait moved off a row's path can't raise it, only less work on it.
+                        "loop_cpu_us_per_request": result["loop_cpu_s"] / max(1, len(stats["times"])) * 1e6,
+                        "loop_busy": result["loop_cpu_s"] / result["wall_s"],
                         # ~1.0 means the server was saturated, so the client was not what limited the rate.
                         "server_busy": (stats["cpu_s"] - cpu0) / result["wall_s"],
                         "maxrss_mb": result["maxrss_mb"],
@@ -278,6 +282,9 @@ class Suite:
                 "throughput_ratio": ratio(ours["rows_per_s"], base["rows_per_s"]),
                 "send_phase_ratio": ratio(ours["send_phase_rate"], base["send_phase_rate"]),
                 "cpu_per_request_ratio": ratio(ours["cpu_us_per_request"], base["cpu_us_per_request"]),
+                "loop_cpu_per_request_ratio": ratio(
+                    ours["loop_cpu_us_per_request"], base["loop_cpu_us_per_request"]
+                ),
                 "throughput_ratio_stdlib": ratio(ours["rows_per_s"], stdlib["rows_per_s"]),
                 "cpu_per_request_ratio_stdlib": ratio(
                     ours["cpu_us_per_request"], stdlib["cpu_us_per_request"]
