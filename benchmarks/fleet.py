@@ -8,7 +8,9 @@ Three measurements, each against a baseline measured in the same run:
 - the ledger's cost per row, in one process with 64 workers (--workers): begin + settle against PostgreSQL (its
   store path), and the fleet's path as a run takes it (the engine's claim stage, claims and finishes too), as
   ratios to SQLite's begin + settle (target for the fleet's path: >= 0.5), with the client's CPU per row and
-  the PostgreSQL server's, from which follows how many rows per second one server holds.
+  the PostgreSQL server's, from which follows how many rows per second one server holds, and (where the
+  server has pg_stat_statements) the WAL bytes and blocks a row of PostgreSQL's statements, which other load on
+  the machine doesn't move.
 
 The results file's `targets` says, for each target, the figure measured and whether it was met.
 """
@@ -157,6 +159,32 @@ def _postgres_cpu() -> float:
     return total
 
 
+def _track_statements(cluster: Any) -> bool:
+    """pg_stat_statements loaded into the cluster, for what the server does a row that no other load on the
+    machine moves (the blocks its statements read or wrote, its WAL); False where the server has no such module."""
+    if cluster.sql("SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_stat_statements'") != "1":
+        return False
+    cluster.sql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+    cluster.stop()
+    cluster.start()
+    cluster.sql("CREATE EXTENSION pg_stat_statements")  # its view shows every database's statements
+    return True
+
+
+def _statements(cluster: Any, database: str, *, reset: bool = False) -> tuple[int, int]:
+    """The WAL bytes and the blocks (read or found in memory) of every statement in `database` since its reset."""
+    where = f"(SELECT oid FROM pg_database WHERE datname = '{database}')"
+    if reset:
+        cluster.sql(f"SELECT pg_stat_statements_reset(0, {where}, 0)")
+        return 0, 0
+    found = cluster.sql(
+        "SELECT coalesce(sum(wal_bytes), 0)::bigint, coalesce(sum(shared_blks_hit + shared_blks_read), 0) "
+        f"FROM pg_stat_statements WHERE dbid = {where}"
+    )
+    wal, blocks = found.split("|")
+    return int(wal), int(blocks)
+
+
 def _request(user_id: str) -> Any:
     from backfill.images import Fingerprint
     from backfill.ledger import AttemptRequest
@@ -286,12 +314,15 @@ async def _fleet_path(store: Any, rows: int, workers: int) -> tuple[float, float
 KINDS = ("sqlite", "postgres", "postgres_with_claims")
 
 
-def ledger_cost(cluster: Any, folder: Path, *, rows: int, workers: int, repeats: int) -> dict[str, Any]:
+def ledger_cost(
+    cluster: Any, folder: Path, *, rows: int, workers: int, repeats: int, statements: bool
+) -> dict[str, Any]:
     """The ledger alone, in this process: SQLite's store path (the baseline), PostgreSQL's store path and its
     fleet path, each with `workers` workers as a run at --concurrency `workers` has them.
 
     The three take turns, `repeats` times, each on a ledger of its own, and each one's best is kept: on a
     shared machine, a burst of someone else's work lands on one measurement, not on every turn of one kind.
+    With `statements` (pg_stat_statements loaded), PostgreSQL's WAL bytes and blocks a row are reported too.
     """
     from backfill.ledger import Binding
     from backfill.ledger.postgres import PostgresStore
@@ -302,11 +333,15 @@ def ledger_cost(cluster: Any, folder: Path, *, rows: int, workers: int, repeats:
 
     async def measure(kind: str, turn: int) -> dict[str, Any]:
         store: Any
+        database = f"cost_{kind}_{turn}"
         if kind == "sqlite":
             store = await SqliteStore.open(folder / f"cost{turn}.sqlite", binding, writable=True)
         else:
-            url = cluster.create_database(f"cost_{kind}_{turn}")
+            url = cluster.create_database(database)
             store = await PostgresStore.open(url, binding, writable=True, pool_size=workers + 4)
+        tracked = statements and kind != "sqlite"
+        if tracked:
+            _statements(cluster, database, reset=True)
         try:
             server, stall = _postgres_cpu(), cpu_stall_us()
             took, cpu = await (_fleet_path if kind == "postgres_with_claims" else _store_path)(
@@ -315,8 +350,12 @@ def ledger_cost(cluster: Any, folder: Path, *, rows: int, workers: int, repeats:
             server_cpu, stalled = _postgres_cpu() - server, stall_share(stall, cpu_stall_us(), took)
         finally:
             await store.close()
-        return {"rows_per_s": round(rows / took), "client_cpu_us_per_row": round(cpu / rows * 1e6),
-                "server_cpu_us_per_row": round(server_cpu / rows * 1e6), "cpu_stall_share": stalled}  # fmt: skip
+        found = {"rows_per_s": round(rows / took), "client_cpu_us_per_row": round(cpu / rows * 1e6),
+                 "server_cpu_us_per_row": round(server_cpu / rows * 1e6), "cpu_stall_share": stalled}  # fmt: skip
+        if tracked:
+            wal, blocks = _statements(cluster, database)
+            found.update(wal_bytes_per_row=round(wal / rows), blocks_per_row=round(blocks / rows, 1))
+        return found
 
     async def go() -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
@@ -384,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     cluster = PgCluster.create(fsync=True)  # durable commits, as a partner's server makes them
     results: dict[str, Any] = {}
     try:
+        statements = "ledger_cost" in chosen and _track_statements(cluster)
         with tempfile.TemporaryDirectory(prefix="backfill-fleet-bench-") as scratch:
             folder = Path(scratch)
             os.chmod(folder, 0o755)
@@ -397,7 +437,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if "ledger_cost" in chosen:
                 results["ledger_cost"] = ledger_cost(
-                    cluster, folder, rows=cost_rows, workers=args.workers, repeats=repeats
+                    cluster,
+                    folder,
+                    rows=cost_rows,
+                    workers=args.workers,
+                    repeats=repeats,
+                    statements=statements,
                 )
     finally:
         cluster.destroy()

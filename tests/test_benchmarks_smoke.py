@@ -205,6 +205,12 @@ def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_clust
         _positive(cost[k])
         for k in ("sqlite_rows_per_s", "postgres_rows_per_s", "postgres_with_claims_rows_per_s")
     )
+    # The server's work a row, by pg_stat_statements (Debian's server has it): every row writes WAL and blocks.
+    assert all(
+        _positive(cost[f"{kind}_{measure}"])
+        for kind in ("postgres", "postgres_with_claims")
+        for measure in ("wal_bytes_per_row", "blocks_per_row")
+    )
 
 
 def test_the_normalize_benchmark_runs_and_writes_its_ratios(tmp_path: Path) -> None:

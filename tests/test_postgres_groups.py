@@ -26,8 +26,15 @@ from backfill.ledger import (
     evolve,
 )
 from backfill.ledger import transitions as tr
-from backfill.ledger.postgres import PostgresStore
-from backfill.ledger.postgres.attempts import FIRST_COLUMNS, OUTCOME_COLUMNS
+from backfill.ledger.postgres import PostgresStore, schema
+from backfill.ledger.postgres.attempts import (
+    _OUTCOME_KEYS,
+    _OUTCOME_OF,
+    _SETTLE_BEGUN,
+    FIRST_COLUMNS,
+    OUTCOME_COLUMNS,
+    _json,
+)
 from backfill.ledger.postgres.connection import Conn, Database
 from backfill.manifest import Batch, Candidate
 from backfill.run.policy import RetryPolicy
@@ -193,6 +200,52 @@ async def test_rows_written_on_condition_read_back_as_the_transitions_made_them(
         assert (await store.lookup(["u1"]))["u1"] == tr.settle(made[0], outcome)
     finally:
         await store.close()
+
+
+def _read(plan: dict[str, Any], relation: str) -> int:
+    """Rows a plan's scans of `relation` read, kept or thrown away, over every node and every loop."""
+    below = sum(_read(p, relation) for p in plan.get("Plans", ()))
+    if plan.get("Relation Name") != relation or "Scan" not in plan["Node Type"]:
+        return below
+    return below + (int(plan["Actual Rows"]) + int(plan.get("Rows Removed by Filter", 0))) * int(
+        plan["Actual Loops"]
+    )
+
+
+async def test_a_groups_outcomes_read_their_own_rows_and_no_others(pg_url: str) -> None:
+    """With 2,000 attempts in flight, a group's 50 outcomes read their 50 rows: read by state, each group would
+    read every row still `sending`, and every row ever begun once it has been (the index of states keeps those
+    entries until a vacuum), a cost that grows with the ledger."""
+    store = await PostgresStore.open(pg_url, BINDING, writable=True)
+    try:
+        # Statistics taken while few rows were `sending`, as a long run's autovacuum takes them.
+        await asyncio.gather(*(store.begin_attempt(request(f"a{i:05d}")) for i in range(2_000)))
+        await asyncio.gather(*(store.settle(failed(f"a{i:05d}", 1)) for i in range(2_000)))
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("ANALYZE backfill.users")
+        await asyncio.gather(*(store.begin_attempt(request(f"u{i:05d}")) for i in range(2_000)))
+    finally:
+        await store.close()
+    with psycopg.connect(pg_url) as conn:
+        with_token = schema.SELECT.replace(" FROM", ", attempt_token FROM")
+        begun = conn.execute(f"{with_token} WHERE user_id LIKE 'u%%' ORDER BY user_id LIMIT 50").fetchall()
+        outcomes = []
+        for found in begun:
+            settled = tr.settle(schema.row(found[:-1]), failed(found[0], 1))
+            assert settled is not None
+            outcomes.append(dict(zip(_OUTCOME_KEYS, (*_OUTCOME_OF(settled), found[-1]), strict=True)))
+        # The plan a group's statement gets once prepared (psycopg prepares it at its sixth), for any group.
+        conn.execute(f"PREPARE settle (json) AS {_SETTLE_BEGUN.replace('%s', '$1')}")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        literal = psycopg.sql.Literal(_json(outcomes))
+        explained = conn.execute(
+            psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE settle({})").format(literal)
+        ).fetchone()
+        conn.rollback()  # EXPLAIN ANALYZE wrote the outcomes: undone
+    assert explained is not None
+    (plan,) = explained[0]
+    assert plan["Plan"]["Actual Rows"] == 50  # each outcome written
+    assert _read(plan["Plan"], "users") == 50
 
 
 async def _one_batch(candidates: list[Candidate]) -> AsyncIterator[Batch]:

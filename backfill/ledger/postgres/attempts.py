@@ -89,11 +89,17 @@ _OUTCOME_KEYS = ("user_id", "attempts", *OUTCOME_COLUMNS, "attempt_token")
 _OUTCOME_OF = operator.attrgetter(*_OUTCOME_KEYS[:-1])
 # Outcomes of attempts this process began, each written only where the row is still the one its attempt
 # wrote (a settle leaves `sending`; only another attempt, with its own token, comes back to it). Only what the
-# outcome changed travels: the rest of the row is the attempt's, as the condition checks.
+# outcome changed travels: the rest of the row is the attempt's, as the condition checks. The rows are read
+# through the primary key (`ARRAY(...)`, as schema.LINES), and `IS NOT DISTINCT FROM` (the same as `=` on a
+# column that holds no NULL) keeps the planner off `users_state`: there it read every row ever sent, each first
+# inserted `sending` (the index keeps those entries until a vacuum), and hashed them for each group.
 _SETTLE_BEGUN = (
+    f"WITH v AS (SELECT * FROM {_ROWS}) "
     f"UPDATE backfill.users u SET ({', '.join(OUTCOME_COLUMNS)}) = "
-    f"({', '.join('v.' + c for c in OUTCOME_COLUMNS)}) FROM {_ROWS} AS v WHERE u.user_id = v.user_id "
-    "AND u.state = 'sending' AND u.attempts = v.attempts AND u.attempt_token = v.attempt_token "
+    f"({', '.join('v.' + c for c in OUTCOME_COLUMNS)}) FROM v "
+    "WHERE u.user_id = ANY(ARRAY(SELECT user_id FROM v)) AND u.user_id = v.user_id "
+    "AND u.state IS NOT DISTINCT FROM 'sending' AND u.attempts = v.attempts "
+    "AND u.attempt_token = v.attempt_token "
     "RETURNING u.user_id"
 )
 # What a first attempt sets in its new row (`transitions.begin`, held to these by a test of this module): the
