@@ -454,8 +454,7 @@ async def test_the_done_rows_query_searches_each_id_by_its_primary_key(tmp_path:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_ledger._DONE_SQL, ("[]",))]
     finally:
         conn.close()
-    # One row for each ID asked (a LEFT JOIN from the IDs): the search of the key is the step that joins them.
-    assert [step for step in plan if step.startswith("SEARCH users USING PRIMARY KEY (user_id=?)")], plan
+    assert "SEARCH users USING PRIMARY KEY (user_id=?)" in plan, plan
     assert not [step for step in plan if "users_state" in step], plan
 
 
