@@ -6,12 +6,16 @@ import asyncio
 import base64
 import gzip
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -22,6 +26,9 @@ from backfill.api.answers import Kind, Verdict, classify_answer, classify_transp
 from backfill.api.client import MAX_ANSWER_BYTES, Client
 from backfill.api.signing import sign, verify
 from backfill.redact import Secret
+from backfill.sandbox.server import RunningSandbox
+
+from .conftest import CREDENTIALS, enrolled
 
 PARTNER = "085"
 KEY = Secret("test-key")
@@ -374,3 +381,30 @@ async def measured(work: Awaitable[Verdict]) -> tuple[Verdict, int]:
         return verdict, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_a_run_that_sends_nothing_never_imports_aiohttp(
+    tmp_path: Path, threaded_sandbox: RunningSandbox
+) -> None:
+    """The resume of a finished job opens no session, so it never pays for importing aiohttp (its TLS contexts
+    too): the session is opened by the first request. Checked in a fresh interpreter, as a user runs it."""
+    where = enrolled(tmp_path, threaded_sandbox)
+    code = (
+        "import atexit, sys\n"
+        "from backfill.cli import main\n"
+        "atexit.register(lambda: print('aiohttp imported:', 'aiohttp' in sys.modules))\n"
+        "sys.argv[0] = 'backfill'\n"
+        "main()\n"
+    )
+    args = ["run", str(tmp_path / "manifest.csv"), *where, "--out", str(tmp_path / "again"), "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **CREDENTIALS},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 skipped" in done.stdout
+    assert done.stdout.rstrip().endswith("aiohttp imported: False")

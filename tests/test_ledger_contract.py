@@ -26,6 +26,7 @@ from backfill.images import Fingerprint
 from backfill.ledger import (
     AttemptRequest,
     Binding,
+    DoneRow,
     Outcome,
     Refusal,
     Refused,
@@ -326,6 +327,36 @@ async def test_2209_is_ours_only_after_doubt(store: Store) -> None:
     await store.settle(outcome("u2", 1, State.UNKNOWN, may=True))
     assert isinstance(await store.begin_attempt(request("u2")), Ticket)
     assert await store.settle(outcome("u2", 2, State.ID_CONFLICT)) is Settled.FENCED
+
+
+async def test_done_is_the_done_rows_among_the_ids_asked_and_only_those(store: Store) -> None:
+    """`done`, by which a resume settles a row without sending it: every ID asked that is enrolled (or
+    already_enrolled), each with its own pin and results, whatever the order or repeats of the IDs asked; a row
+    not done (failed, being sent) and an ID the ledger never saw are not in it."""
+    for uid in ("u1", "u2", "u3", "u4", "u5"):
+        assert isinstance(await store.begin_attempt(request(uid)), Ticket)
+    await store.settle(outcome("u1", 1, State.ENROLLED))
+    await store.settle(outcome("u2", 1, State.FAILED))
+    await store.settle(outcome("u4", 1, State.UNKNOWN, may=True))
+    assert isinstance(await store.begin_attempt(request("u4")), Ticket)
+    await store.settle(outcome("u4", 2, State.ALREADY_ENROLLED))
+    await store.settle(outcome("u5", 1, State.ENROLLED))
+    await store.flush()
+    found = await store.done(["u9", "u5", "u3", "u1", "u2", "u4", "u5"])
+    known = await store.lookup(["u1", "u4", "u5"])
+    assert found == {
+        uid: DoneRow(
+            state=k.state,
+            image_ref=k.image_ref,
+            image_size=k.image_size,
+            image_version=k.image_version,
+            result_code=k.result_code,
+            smile_job_id=k.smile_job_id,
+            job_id=k.job_id,
+        )
+        for uid, k in known.items()
+    }
+    assert found["u4"].state is State.ALREADY_ENROLLED and found["u5"].image_ref == "/img/u5.jpg"
 
 
 async def test_holders_are_found_by_size_and_sample_alone(store: Store) -> None:

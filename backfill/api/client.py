@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import aiohttp
 from pybase64 import b64encode
 
 from ..redact import Secret
@@ -23,6 +23,12 @@ from .answers import (
 )
 from .network import Route
 from .signing import sign, utc_timestamp
+
+if TYPE_CHECKING:
+    import aiohttp
+
+# aiohttp is imported where a request is made, never with this module: a run that sends nothing (the resume of a
+# finished job) would pay ~0.15-0.3 s of start-up for it, building its TLS contexts included (docs/performance.md).
 
 # A JSON string as json.dumps writes one (ASCII, escaped): the body's fields, one at a time.
 _dumps: Callable[[str], str] = json.JSONEncoder().encode
@@ -60,26 +66,39 @@ class Client:
         self._partner_id = partner_id
         self._head_start = f'{{"partner_id":{_dumps(partner_id)},"timestamp":'
         self._api_key = api_key
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self._timeout, self._connect_timeout = timeout, connect_timeout
         self._concurrency = concurrency
+        self._entered = False
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Client:
-        # TLS verification stays on (aiohttp's default, or a context trusting ca_bundle's CAs); there is
-        # deliberately no switch to turn it off.
-        connector = aiohttp.TCPConnector(
-            limit=self._concurrency,
-            limit_per_host=self._concurrency,
-            ssl=self._route.tls if self._route is not None else True,
-        )
-        # identity: answers are small, and a compressed one could inflate far past what was sent.
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-        self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector, headers=headers)
+        self._entered = True  # the session itself is opened by the first request (`_opened`)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._entered = False
         if self._session is not None:
-            await self._session.close()
+            session, self._session = self._session, None
+            await session.close()
+
+    def _opened(self) -> aiohttp.ClientSession:
+        """The run's one session, opened by its first request: one that sends nothing never imports aiohttp."""
+        assert self._entered, "use Client as an async context manager"
+        if self._session is None:
+            import aiohttp
+
+            # TLS verification stays on (aiohttp's default, or a context trusting ca_bundle's CAs); there is
+            # deliberately no switch to turn it off.
+            connector = aiohttp.TCPConnector(
+                limit=self._concurrency,
+                limit_per_host=self._concurrency,
+                ssl=self._route.tls if self._route is not None else True,
+            )
+            # identity: answers are small, and a compressed one could inflate far past what was sent.
+            headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+            timeout = aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._connect_timeout)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers)
+        return self._session
 
     def body(
         self, user_id: str, user_created_at: str, photo_b64: bytes, timestamp: str | None = None
@@ -114,11 +133,13 @@ class Client:
 
     async def send(self, user_id: str, user_created_at: str, photo_b64: bytes) -> Verdict:
         """One signed attempt with the image already in base64. Always a Verdict, whatever comes back."""
-        assert self._session is not None, "use Client as an async context manager"
+        import aiohttp  # imported by `_opened` already: this names it for the except clauses
+
+        session = self._opened()
         body = self.body(user_id, user_created_at, photo_b64)
         try:
             # Redirects aren't followed: a 307 would re-send the signed body and photo to wherever it points.
-            async with self._session.post(
+            async with session.post(
                 self.url, data=body, allow_redirects=False, proxy=self._proxy
             ) as response:
                 status, retry_after = response.status, response.headers.get("Retry-After")
@@ -167,6 +188,8 @@ class Client:
 
     def _cant_connect(self, exc: aiohttp.ClientConnectorError) -> str:
         """Why no connection was made, naming the proxy or the CAs when they are the reason, never credentials."""
+        import aiohttp
+
         why = printable(exc.strerror or type(exc.os_error).__name__, limit=200)
         route = self._route
         proxy = route.proxy if route is not None else None
@@ -207,6 +230,8 @@ async def _read_bounded(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
 
 def _failure(exc: BaseException) -> str:
     """The failure's kind, and for a malformed answer what was wrong; never the URL aiohttp's str() shows."""
+    import aiohttp
+
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, aiohttp.ClientResponseError) and exc.message:

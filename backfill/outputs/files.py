@@ -113,6 +113,7 @@ _RESULT_VALUES = operator.attrgetter(*RESULT_FIELDS)
 
 # What makes the csv writer (QUOTE_MINIMAL, "\r\n") quote a field: a delimiter, a quote or a line break.
 _NEEDS_QUOTES = re.compile(r"[,\"\r\n]")
+_QUOTED_CHARS = ',"\r\n'  # what makes the csv writer quote a value: _NEEDS_QUOTES's characters
 
 
 def _csv_line(values: Sequence[Any]) -> str:
@@ -206,11 +207,11 @@ class RunOutput:
         rest is formatted by the csv writer once, around them, and they are quoted by it whenever they need it.
         """
         parts: dict[tuple[str, str], tuple[str, str]] = {}
-        lines = []
-        quoted = _NEEDS_QUOTES.search
-        for user_id, code, smile_job_id, job_id, message in rows:
-            around = parts.get((code, message))
-            if around is None:
+
+        def around(code: str, message: str) -> tuple[str, str]:
+            """The fields between the user_id and the job ids, and those after them, each from its comma."""
+            made = parts.get((code, message))
+            if made is None:
                 values = _result_values(
                     ResultRow(
                         user_id="",
@@ -220,21 +221,47 @@ class RunOutput:
                         finished_at=finished_at,
                     )
                 )
-                # The fields between the user_id and the job ids, and those after them, each from its comma.
-                around = parts[(code, message)] = (
+                made = parts[(code, message)] = (
                     _csv_line(values[:_SMILE_JOB_ID_AT]).rstrip("\r\n"),
                     _csv_line(["", *values[_JOB_ID_AT + 1 :]]),
                 )
-            head, tail = around
-            if user_id and quoted(user_id + smile_job_id + job_id) is None:  # one scan: nearly every row
-                lines.append(f"{user_id}{head},{smile_job_id},{job_id}{tail}")
-            else:
-                # Formatted as a first field, not as a line of its own (where an empty one is quoted).
-                uid = _csv_line([user_id, ""]).rstrip("\r\n")[:-1]
-                lines.append(uid + head + _csv_line(["", smile_job_id, job_id]).rstrip("\r\n") + tail)
+            return made
+
+        n = len(rows)
+        uids = [r[0] for r in rows]
+        smile_job_ids = [r[2] for r in rows]
+        job_ids = [r[3] for r in rows]
+        varying = "".join(uids) + "".join(smile_job_ids) + "".join(job_ids)
+        if (
+            n
+            and [r[1] for r in rows].count(rows[0][1]) == n
+            and [r[4] for r in rows].count(rows[0][4]) == n
+            and not any(c in varying for c in _QUOTED_CHARS)
+        ):
+            # A finished job's chunk: one result code and message, and no value the csv writer would quote (each
+            # searched for once in the chunk's values, not by a regular expression a row: ~0.3 us of 1.1 a row).
+            head, tail = around(rows[0][1], rows[0][4])
+            text = "".join(
+                [
+                    f"{uid}{head},{smile},{job}{tail}"
+                    for uid, smile, job in zip(uids, smile_job_ids, job_ids, strict=True)
+                ]
+            )
+        else:
+            lines = []
+            quoted = _NEEDS_QUOTES.search
+            for user_id, code, smile_job_id, job_id, message in rows:
+                head, tail = around(code, message)
+                if user_id and quoted(user_id + smile_job_id + job_id) is None:  # one scan: nearly every row
+                    lines.append(f"{user_id}{head},{smile_job_id},{job_id}{tail}")
+                else:
+                    # Formatted as a first field, not as a line of its own (where an empty one is quoted).
+                    uid = _csv_line([user_id, ""]).rstrip("\r\n")[:-1]
+                    lines.append(uid + head + _csv_line(["", smile_job_id, job_id]).rstrip("\r\n") + tail)
+            text = "".join(lines)
         try:
             # The chunk through the scrubber at once: every secret within a line is masked as line by line.
-            self._results.handle.write("".join(lines))
+            self._results.handle.write(text)
         except OSError as exc:
             raise OutputError(f"can't write to {self.dir}: {exc.strerror}") from exc
         self._tally.settled(Status.SKIPPED, len(rows), finished_at)
