@@ -647,9 +647,14 @@ def test_a_fleet_killed_at_random_with_the_database_restarted_loses_nothing_and_
     with psycopg.connect(pg_url) as conn:
         dumped = conn.execute("SELECT string_agg(r::text, '') FROM backfill.runs r").fetchone()
     assert dumped is not None and ROLE_PASSWORD not in (dumped[0] or "")
-    # The fleet's worst second at the server, while processes joined, died and the database restarted.
+    # The fleet's worst second at the server, while processes joined, died and the database restarted. Its bound
+    # is the bucket's own on exact time (rate * 1.1 + 1, as the virtual-time test above holds it), plus one slot
+    # for each of the 3 processes alive at once: a process stalled by a busy machine sends the one slot still
+    # within an interval of its time, late, and drops the rest (`FleetGate._take`), so each stall can put one
+    # more request into a second than exact time would. A process off the shared bucket, or a backlog sent at
+    # once, puts far more.
     times = sorted(float(r["t"]) for r in arrivals)
-    assert worst_window(times) <= rate * 1.1, worst_window(times)
+    assert worst_window(times) <= rate * 1.1 + 1 + 3, worst_window(times)
 
 
 # --- every command on a PostgreSQL ledger, as a user meets it ---
