@@ -165,48 +165,6 @@ def test_a_skipped_row_is_written_as_a_result_row_would_be(
     assert next(csv.DictReader(io.StringIO(lines[0].decode())))["job_id"] == job_id
 
 
-def test_a_chunk_of_skipped_rows_is_written_as_result_rows_would_be(tmp_path: Path) -> None:
-    """A chunk whose rows share one result code and message and need no quotes is formatted at once; any other
-    (another message or code, a value with a comma, quote or newline, an empty ID) row by row: either way, every
-    line is the csv writer's, in the chunk's order."""
-    said, other = (
-        "enrolled earlier (the ledger says so); not sent again",
-        "enrolled earlier, said, with a comma",
-    )
-    alike = [(f"u{i}", "0840", f"{i:010d}", f"job-{i}", said) for i in range(3)]
-    odd = [
-        ("u,9", "0840", "1", "j", said),
-        ("u8", "0840", "1", "j", other),
-        ("u7", "2209", "1", "j", said),
-        ("", "0840", "1", "j", said),
-        ("u6", "0840", 'a"b', "j", said),
-        ("u5", "0840", "1", "x\ny", said),
-        ("u4", "0840", "1", "x\ry", said),
-    ]
-    chunks = [alike, [], *([*alike[:2], row, alike[2]] for row in odd)]
-    fast, plain = RunOutput(tmp_path / "fast"), RunOutput(tmp_path / "plain")
-    at = "2026-12-07T00:00:00.000Z"
-    for chunk in chunks:
-        fast.skipped(chunk, at)
-        for user_id, code, smile_job_id, job_id, message in chunk:
-            plain.result(
-                ResultRow(
-                    user_id=user_id,
-                    status=Status.SKIPPED,
-                    result_code=code,
-                    smile_job_id=smile_job_id,
-                    job_id=job_id,
-                    error=message,
-                    finished_at=at,
-                )
-            )
-    for out in (fast, plain):
-        out.close_incomplete()
-    lines = [(out.dir / "results.csv").read_bytes() for out in (fast, plain)]
-    assert lines[0] == lines[1]
-    assert len(list(csv.DictReader(io.StringIO(lines[0].decode(), newline="")))) == sum(map(len, chunks))
-
-
 def test_booleans_are_lower_case_in_results_and_export_and_json_in_jsonl(
     tmp_path: Path, threaded_sandbox: RunningSandbox
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import html.parser
+import io
 import json
 import logging
 import re
@@ -788,30 +789,60 @@ def test_the_figures_a_run_tallies_as_it_writes_are_those_its_files_give_back(wr
         assert TALLY_SECRET not in (output.dir / "report.html").read_text(encoding="utf-8")
 
 
+def _skipped_both_ways(root: Path, batches: Sequence[tuple[Sequence[Any], str]]) -> tuple[bytes, bytes]:
+    """results.csv as `skipped` writes these chunks, and as `result` writes their rows one by one."""
+    fast, plain = RunOutput(root / "fast"), RunOutput(root / "plain")
+    for rows, finished_at in batches:
+        fast.skipped(rows, finished_at)
+        for user_id, code, smile_job_id, job_id, message in rows:
+            plain.result(
+                ResultRow(
+                    user_id=user_id,
+                    status=Status.SKIPPED,
+                    result_code=code,
+                    smile_job_id=smile_job_id,
+                    job_id=job_id,
+                    error=message,
+                    finished_at=finished_at,
+                )
+            )
+    for out in (fast, plain):
+        out.close_incomplete()
+    return (fast.dir / "results.csv").read_bytes(), (plain.dir / "results.csv").read_bytes()
+
+
 @settings(deadline=None)  # files on disk, on a machine whose cores are busy: no timing is asserted
 @given(st.lists(SKIPPED, max_size=4))
 def test_skipped_rows_are_written_as_result_rows_would_be_byte_for_byte(batches: list[Any]) -> None:
     """The fast writer formats most fields once a chunk and scrubs the chunk at once: still the csv writer's."""
     with tempfile.TemporaryDirectory() as root:
-        fast, plain = RunOutput(Path(root) / "fast"), RunOutput(Path(root) / "plain")
-        for rows, finished_at in batches:
-            fast.skipped(rows, finished_at)
-            for user_id, code, smile_job_id, job_id, message in rows:
-                plain.result(
-                    ResultRow(
-                        user_id=user_id,
-                        status=Status.SKIPPED,
-                        result_code=code,
-                        smile_job_id=smile_job_id,
-                        job_id=job_id,
-                        error=message,
-                        finished_at=finished_at,
-                    )
-                )
-        for out in (fast, plain):
-            out.close_incomplete()
-        fast_bytes, plain_bytes = ((out.dir / "results.csv").read_bytes() for out in (fast, plain))
+        fast_bytes, plain_bytes = _skipped_both_ways(Path(root), batches)
         assert fast_bytes == plain_bytes
+
+
+def test_a_chunk_of_skipped_rows_alike_is_written_as_result_rows_would_be(tmp_path: Path) -> None:
+    """A chunk whose rows share one result code and message and need no quotes is formatted at once, which
+    random chunks seldom are; any other (another message or code, a value with a comma, quote or newline, an
+    empty ID) row by row: either way, every line is the csv writer's, in the chunk's order."""
+    said, other = (
+        "enrolled earlier (the ledger says so); not sent again",
+        "enrolled earlier, said, with a comma",
+    )
+    alike = [(f"u{i}", "0840", f"{i:010d}", f"job-{i}", said) for i in range(3)]
+    odd = [
+        ("u,9", "0840", "1", "j", said),
+        ("u8", "0840", "1", "j", other),
+        ("u7", "2209", "1", "j", said),
+        ("", "0840", "1", "j", said),
+        ("u6", "0840", 'a"b', "j", said),
+        ("u5", "0840", "1", "x\ny", said),
+        ("u4", "0840", "1", "x\ry", said),
+    ]
+    chunks = [alike, [], *([*alike[:2], row, alike[2]] for row in odd)]
+    at = "2026-12-07T00:00:00.000Z"
+    fast_bytes, plain_bytes = _skipped_both_ways(tmp_path, [(chunk, at) for chunk in chunks])
+    assert fast_bytes == plain_bytes
+    assert len(list(csv.DictReader(io.StringIO(fast_bytes.decode(), newline="")))) == sum(map(len, chunks))
 
 
 def test_a_run_writes_its_report_without_reading_its_files_back(
