@@ -111,9 +111,10 @@ def new_run_dir(root: Path, suffix: str = "") -> tuple[str, Path]:
 _RESULT_VALUES = operator.attrgetter(*RESULT_FIELDS)
 
 
-# What makes the csv writer (QUOTE_MINIMAL, "\r\n") quote a field: a delimiter, a quote or a line break.
-_NEEDS_QUOTES = re.compile(r"[,\"\r\n]")
-_QUOTED_CHARS = ',"\r\n'  # what makes the csv writer quote a value: _NEEDS_QUOTES's characters
+# What makes the csv writer (QUOTE_MINIMAL, "\r\n") quote a field: a delimiter, a quote or a line break. Searched
+# for as characters in a whole chunk, and by the pattern made of them in a single row.
+_QUOTED_CHARS = ',"\r\n'
+_NEEDS_QUOTES = re.compile(f"[{re.escape(_QUOTED_CHARS)}]")
 
 
 def _csv_line(values: Sequence[Any]) -> str:
