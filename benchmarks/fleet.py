@@ -10,7 +10,7 @@ Three measurements, each against a baseline measured in the same run:
   ratios to SQLite's begin + settle (target for the fleet's path: >= 0.5), with the client's CPU per row and
   the PostgreSQL server's, from which follows how many rows per second one server holds, and (where the
   server has pg_stat_statements) the WAL bytes and blocks a row of PostgreSQL's statements, which other load on
-  the machine doesn't move.
+  the machine doesn't move, in all and statement by statement.
 
 The results file's `targets` says, for each target, the figure measured and whether it was met.
 """
@@ -185,6 +185,29 @@ def _statements(cluster: Any, database: str, *, reset: bool = False) -> tuple[in
     return int(wal), int(blocks)
 
 
+def _by_statement(cluster: Any, database: str, rows: int) -> list[dict[str, Any]]:
+    """Each statement's share of what `_statements` sums, a row, most blocks first: which of a path's writes
+    (attempts, outcomes, claims, finishes) the server's work a row is made of. Its text as pg_stat_statements
+    keeps it, whitespace collapsed, cut at 100 characters."""
+    where = f"(SELECT oid FROM pg_database WHERE datname = '{database}')"
+    found = cluster.sql(
+        "SELECT coalesce(json_agg(s ORDER BY s.blocks DESC, s.statement), '[]') FROM ("
+        "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 100) AS statement, calls, "
+        "total_exec_time AS ms, shared_blks_hit + shared_blks_read AS blocks, wal_bytes::bigint AS wal "
+        f"FROM pg_stat_statements WHERE dbid = {where} AND shared_blks_hit + shared_blks_read + wal_bytes > 0) s"
+    )
+    return [
+        {
+            "statement": s["statement"],
+            "calls": s["calls"],
+            "exec_us_per_row": round(s["ms"] * 1e3 / rows, 1),
+            "blocks_per_row": round(s["blocks"] / rows, 2),
+            "wal_bytes_per_row": round(s["wal"] / rows, 1),
+        }
+        for s in json.loads(found)
+    ]
+
+
 def _request(user_id: str) -> Any:
     from backfill.images import Fingerprint
     from backfill.ledger import AttemptRequest
@@ -322,8 +345,8 @@ def ledger_cost(
 
     The three take turns, `repeats` times, each on a ledger of its own, and each one's best is kept: on a
     shared machine, a burst of someone else's work lands on one measurement, not on every turn of one kind.
-    With `statements` (pg_stat_statements loaded), PostgreSQL's WAL bytes and blocks a row are reported too.
-    """
+    With `statements` (pg_stat_statements loaded), PostgreSQL's WAL bytes and blocks a row are reported too,
+    in all and for each statement (`*_statements`)."""
     from backfill.ledger import Binding
     from backfill.ledger.postgres import PostgresStore
     from backfill.ledger.sqlite import SqliteStore
@@ -355,6 +378,7 @@ def ledger_cost(
         if tracked:
             wal, blocks = _statements(cluster, database)
             found.update(wal_bytes_per_row=round(wal / rows), blocks_per_row=round(blocks / rows, 1))
+            found["statements"] = _by_statement(cluster, database, rows)
         return found
 
     async def go() -> dict[str, Any]:
