@@ -171,41 +171,41 @@ def _track_statements(cluster: Any) -> bool:
     return True
 
 
-def _statements(cluster: Any, database: str, *, reset: bool = False) -> tuple[int, int]:
-    """The WAL bytes and the blocks (read or found in memory) of every statement in `database` since its reset."""
+def _statements(cluster: Any, database: str, *, reset: bool = False) -> list[dict[str, Any]]:
+    """Every statement run in `database` since its reset that read or wrote anything, most blocks first: its
+    text as pg_stat_statements keeps it (whitespace collapsed, cut at 100 characters), calls, execution ms, blocks
+    (read or found in memory) and WAL bytes."""
     where = f"(SELECT oid FROM pg_database WHERE datname = '{database}')"
     if reset:
         cluster.sql(f"SELECT pg_stat_statements_reset(0, {where}, 0)")
-        return 0, 0
-    found = cluster.sql(
-        "SELECT coalesce(sum(wal_bytes), 0)::bigint, coalesce(sum(shared_blks_hit + shared_blks_read), 0) "
-        f"FROM pg_stat_statements WHERE dbid = {where}"
-    )
-    wal, blocks = found.split("|")
-    return int(wal), int(blocks)
-
-
-def _by_statement(cluster: Any, database: str, rows: int) -> list[dict[str, Any]]:
-    """Each statement's share of what `_statements` sums, a row, most blocks first: which of a path's writes
-    (attempts, outcomes, claims, finishes) the server's work a row is made of. Its text as pg_stat_statements
-    keeps it, whitespace collapsed, cut at 100 characters."""
-    where = f"(SELECT oid FROM pg_database WHERE datname = '{database}')"
+        return []
     found = cluster.sql(
         "SELECT coalesce(json_agg(s ORDER BY s.blocks DESC, s.statement), '[]') FROM ("
         "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 100) AS statement, calls, "
         "total_exec_time AS ms, shared_blks_hit + shared_blks_read AS blocks, wal_bytes::bigint AS wal "
         f"FROM pg_stat_statements WHERE dbid = {where} AND shared_blks_hit + shared_blks_read + wal_bytes > 0) s"
     )
-    return [
-        {
-            "statement": s["statement"],
-            "calls": s["calls"],
-            "exec_us_per_row": round(s["ms"] * 1e3 / rows, 1),
-            "blocks_per_row": round(s["blocks"] / rows, 2),
-            "wal_bytes_per_row": round(s["wal"] / rows, 1),
-        }
-        for s in json.loads(found)
-    ]
+    statements: list[dict[str, Any]] = json.loads(found)
+    return statements
+
+
+def _server_work(statements: list[dict[str, Any]], rows: int) -> dict[str, Any]:
+    """The server's work a row, in all and statement by statement: which of a path's writes (attempts, outcomes,
+    claims, finishes) it is made of."""
+    return {
+        "wal_bytes_per_row": round(sum(s["wal"] for s in statements) / rows),
+        "blocks_per_row": round(sum(s["blocks"] for s in statements) / rows, 1),
+        "statements": [
+            {
+                "statement": s["statement"],
+                "calls": s["calls"],
+                "exec_us_per_row": round(s["ms"] * 1e3 / rows, 1),
+                "blocks_per_row": round(s["blocks"] / rows, 2),
+                "wal_bytes_per_row": round(s["wal"] / rows, 1),
+            }
+            for s in statements
+        ],
+    }
 
 
 def _request(user_id: str) -> Any:
@@ -376,9 +376,7 @@ def ledger_cost(
         found = {"rows_per_s": round(rows / took), "client_cpu_us_per_row": round(cpu / rows * 1e6),
                  "server_cpu_us_per_row": round(server_cpu / rows * 1e6), "cpu_stall_share": stalled}  # fmt: skip
         if tracked:
-            wal, blocks = _statements(cluster, database)
-            found.update(wal_bytes_per_row=round(wal / rows), blocks_per_row=round(blocks / rows, 1))
-            found["statements"] = _by_statement(cluster, database, rows)
+            found.update(_server_work(_statements(cluster, database), rows))
         return found
 
     async def go() -> dict[str, Any]:

@@ -211,11 +211,7 @@ def test_the_fleet_benchmark_runs_and_writes_its_ratios(tmp_path: Path, pg_clust
         for kind in ("postgres", "postgres_with_claims")
         for measure in ("wal_bytes_per_row", "blocks_per_row")
     )
-    # Statement by statement, they add up to those totals; only the fleet's path writes to the queue.
-    for kind in ("postgres", "postgres_with_claims"):
-        each = cost[f"{kind}_statements"]
-        for measure, places in (("blocks_per_row", 0.01), ("wal_bytes_per_row", 0.1)):
-            assert abs(sum(s[measure] for s in each) - cost[f"{kind}_{measure}"]) <= places * len(each) + 1
+    # Statement by statement: only the fleet's path writes to the queue, and its finishes are among them.
     queue = [s for s in cost["postgres_with_claims_statements"] if "backfill.queue" in s["statement"]]
     assert any(s["statement"].startswith("UPDATE backfill.queue q SET done") for s in queue)  # the finishes
     assert not any("backfill.queue" in s["statement"] for s in cost["postgres_statements"])
